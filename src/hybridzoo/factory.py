@@ -1,0 +1,145 @@
+"""`create_model`, `model_card` and weight loading.
+
+Pretrained weights are a *path* (nothing is downloaded): a `.safetensors` file, or a checkpoint read
+with `torch.load(weights_only=True)` so that nothing loaded can execute code. A state dict in an
+official layout (Microsoft CvT, facebookresearch DeiT, HuggingFace transformers, ...) is mapped by
+the model file's `convert_official(state_dict, model)` before loading.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybridzoo.registry import ModelCard, get_card, model_entrypoint
+
+__all__ = ["create_model", "model_card", "load_weights", "read_state_dict", "FeatureExtractor"]
+
+
+def model_card(name: str) -> ModelCard:
+    """The paper's facts about a registered model (title, arXiv id, task, reported figures)."""
+    return get_card(name)
+
+
+def create_model(name: str, pretrained: str | os.PathLike | None = None, num_classes: int | None = None,
+                 in_chans: int | None = None, features_only: bool = False, **overrides: Any) -> nn.Module:
+    """Build a registered model, timm style.
+
+    Args:
+        name: a registered name (`hybridzoo.list_models()`).
+        pretrained: path to weights in our layout or an official one (converted on load).
+        num_classes / in_chans: override the head width / input channels.
+        features_only: return a module whose forward gives the multi-scale feature maps.
+        **overrides: any constructor keyword of the model (drop_path_rate, img_size, ...).
+    """
+    fn = model_entrypoint(name)
+    kwargs = dict(overrides)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    try:
+        model = fn(**kwargs)
+    except TypeError as e:
+        params = inspect.signature(fn).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            raise
+        raise TypeError(f"{name}: could not build with {sorted(kwargs)}: {e}") from e
+    model.model_name = name
+    if pretrained is not None:
+        load_weights(model, pretrained)
+    if features_only:
+        model = FeatureExtractor(model)
+    return model
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read weights from a safetensors file or a `torch.save`d checkpoint, safely.
+
+    Checkpoints are opened with `weights_only=True`; a dict wrapping the weights under `model`,
+    `state_dict`, `model_state` or `ema` (the layouts official repositories save) is unwrapped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable checkpoint (loaded with weights_only=True, so only "
+                         f"tensors and plain containers are accepted): {e}") from e
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state", "state_dict_ema", "model_ema"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path!r} does not hold a state dict of tensors")
+    # DataParallel/DDP and torch.compile prefixes
+    for prefix in ("module.", "_orig_mod."):
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """Load weights into `model`, converting official layouts; a mismatch names every bad key."""
+    state = read_state_dict(weights) if not isinstance(weights, dict) else dict(weights)
+    target = model.model if isinstance(model, FeatureExtractor) else model
+    own = target.state_dict()
+    if set(state) != set(own):
+        module = importlib.import_module(type(target).__module__)
+        convert = getattr(module, "convert_official", None)
+        if convert is not None:
+            state = convert(state, target)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if strict and (missing or unexpected or mismatched):
+        name = getattr(target, "model_name", type(target).__name__)
+        lines = [f"checkpoint does not fit {name}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+        if mismatched:
+            lines.append("  shape mismatches: " + ", ".join(
+                f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:20]))
+        raise ValueError("\n".join(lines))
+    target.load_state_dict(state, strict=strict)
+    return model
+
+
+class FeatureExtractor(nn.Module):
+    """`features_only=True`: returns the model's multi-scale maps (a list of B×C×H×W tensors).
+
+    The wrapped model implements `forward_intermediates(x) -> list[Tensor]` and `feature_info`
+    (a list of dicts with `num_chs` and `reduction`). Its classifier is removed so that every
+    remaining parameter takes part in the forward pass.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"{getattr(model, 'model_name', type(model).__name__)} has no multi-scale "
+                             "features (features_only is not supported for it)")
+        if hasattr(model, "prune_for_features"):
+            model.prune_for_features()
+        elif hasattr(model, "reset_classifier"):
+            model.reset_classifier(0)
+        self.model = model
+        self.feature_info = list(model.feature_info)
+        self.model_name = getattr(model, "model_name", type(model).__name__)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x)

@@ -1,0 +1,61 @@
+"""Convolutional building blocks shared by several models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvBnAct(nn.Sequential):
+    """Conv (no bias) → BatchNorm → activation; `act_layer=None` leaves it linear."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None,
+                 groups: int = 1, dilation: int = 1, act_layer: type[nn.Module] | None = nn.ReLU,
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d, bias: bool = False):
+        if padding is None:
+            padding = ((kernel_size - 1) // 2) * dilation
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, groups=groups, bias=bias),
+            norm_layer(out_chs),
+        ]
+        if act_layer is not None:
+            layers.append(act_layer())
+        super().__init__(*layers)
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """Depthwise k×k conv → BN → act → pointwise 1×1 conv → BN (→ act), MobileNet's separable conv."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1,
+                 act_layer: type[nn.Module] = nn.ReLU, pw_act: bool = False):
+        super().__init__()
+        self.conv_dw = ConvBnAct(in_chs, in_chs, kernel_size, stride, groups=in_chs, act_layer=act_layer)
+        self.conv_pw = ConvBnAct(in_chs, out_chs, 1, act_layer=act_layer if pw_act else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_pw(self.conv_dw(x))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention: global pool → 1×1 reduce → act → 1×1 expand → sigmoid gate."""
+
+    def __init__(self, chs: int, rd_chs: int, act_layer: type[nn.Module] = nn.ReLU,
+                 gate_layer: type[nn.Module] = nn.Sigmoid, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Conv2d(chs, rd_chs, 1, bias=bias)
+        self.act = act_layer()
+        self.fc2 = nn.Conv2d(rd_chs, chs, 1, bias=bias)
+        self.gate = gate_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a B×C×H×W map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = super().forward(x)
+        return x.permute(0, 3, 1, 2)

@@ -1,0 +1,95 @@
+"""The contract between the training engine and a task.
+
+The engine (`hybridzoo.engine.trainer`) owns the loop: devices, distributed setup, the optimiser
+and schedule, autocast, checkpoints, progress bars, `metrics.csv`, `summary.json` and `curves.png`.
+A task owns everything that depends on what is being learned: its data, its model defaults, its
+loss, its metrics, its pictures and its `predict`. One file per task in `hybridzoo/tasks/`.
+
+A task registers itself with `@register_task` and is chosen by `hybridzoo train --task NAME`
+(default: the model card's task).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+__all__ = ["Task", "TaskData", "register_task", "get_task", "TASK_REGISTRY"]
+
+TASK_REGISTRY: dict[str, type["Task"]] = {}
+
+
+def register_task(cls: type["Task"]) -> type["Task"]:
+    TASK_REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> "Task":
+    import hybridzoo.tasks  # noqa: F401  (registers every task module)
+
+    if name not in TASK_REGISTRY:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASK_REGISTRY)}")
+    return TASK_REGISTRY[name]()
+
+
+@dataclass
+class TaskData:
+    """What `Task.build_data` returns: datasets plus facts the model and metrics need."""
+
+    train: Dataset
+    val: Dataset
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. num_classes, in_chans, class_names, num_items
+    collate_fn: Any = None  # optional custom collate for both loaders
+
+
+class Task:
+    """Override what the task needs; defaults suit classification-like tasks."""
+
+    name: str = ""
+    default_model: str = ""
+    headline_metric: str = ""          # key in evaluate()'s dict, e.g. "top1", "miou", "psnr_y"
+    higher_is_better: bool = True
+    default_epochs: int = 10
+    default_batch_size: int = 64
+    default_lr: float = 1e-3
+    default_weight_decay: float = 0.05
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Task-specific command-line options (added to `train`, `eval`, `predict`)."""
+
+    def build_data(self, args: argparse.Namespace) -> TaskData:
+        raise NotImplementedError
+
+    def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
+        from hybridzoo.factory import create_model
+
+        return create_model(args.model, pretrained=getattr(args, "pretrained", None))
+
+    def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss on one batch (already on the device), and scalars to log."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
+        """Metrics over a whole loader, keys without the `val_` prefix (`loss`, `top1`, ...)."""
+        raise NotImplementedError
+
+    def build_optimizer(self, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer | None:
+        """Return None for the engine's default (AdamW, no decay on norms/biases/embeddings)."""
+        return None
+
+    def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
+        """A trivial baseline's scores for `summary.json` (e.g. `val_psnr_y_bicubic`)."""
+        return {}
+
+    def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData, args: argparse.Namespace) -> None:
+        """Write the task's pictures (overlays, comparisons, maps) into the run folder."""
+
+    def predict(self, args: argparse.Namespace) -> None:
+        raise NotImplementedError(f"predict is not implemented for task {self.name!r}")
