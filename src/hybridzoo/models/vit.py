@@ -110,7 +110,9 @@ class VisionTransformer(nn.Module):
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
+        self.head_dist = None
+        if distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         self.out_indices = tuple(out_indices) if out_indices is not None else default_out_indices(depth)
         if not all(0 <= i < depth for i in self.out_indices):
@@ -153,7 +155,8 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         pos = self.pos_embed
         if grid != tuple(self.patch_embed.grid_size):
-            pos = resample_abs_pos_embed(pos, grid, self.patch_embed.grid_size, num_prefix_tokens=self.num_prefix_tokens)
+            pos = resample_abs_pos_embed(pos, grid, self.patch_embed.grid_size,
+                                         num_prefix_tokens=self.num_prefix_tokens)
         prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
@@ -184,7 +187,7 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: tuple[int, ...] | None = None) -> list[torch.Tensor]:
-        """Patch-token maps B×D×H/p×W/p after the blocks in `indices` (default `out_indices`), prefix tokens dropped."""
+        """Patch-token maps B×D×H/p×W/p after the blocks in `indices` (default `out_indices`), no prefix tokens."""
         self._check(x)
         indices = self.out_indices if indices is None else tuple(indices)
         H, W = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
@@ -385,4 +388,5 @@ def deit_base_distilled_patch16_224(**kwargs):
                       "params: DeiT-B-384 + dist_token + one position row + head_dist (official layout). "
                       "macs_g: analytic count, as for deit_base_patch16_384.", **_TEST)
 def deit_base_distilled_patch16_384(**kwargs):
-    return _vit(distilled=True, **{**dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12), **kwargs})
+    return _vit(distilled=True,
+                **{**dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12), **kwargs})

@@ -43,7 +43,8 @@ class ConvStem(nn.Module):
     """
 
     def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, widths: Sequence[int] = (24, 48, 96, 192), strides: Sequence[int] = (2, 2, 2, 2)):
+                 embed_dim: int = 768, widths: Sequence[int] = (24, 48, 96, 192),
+                 strides: Sequence[int] = (2, 2, 2, 2)):
         super().__init__()
         if len(widths) != len(strides):
             raise ValueError(f"conv stem: {len(widths)} widths but {len(strides)} strides")
@@ -178,7 +179,8 @@ def _vitc(**kwargs) -> EarlyConvViT:
 
 
 @register_model(paper="ViT_C", arxiv="2106.14881", task="classification",
-                reported=dict(params_m=4.6, gflops=1.1, top1=75.3, resolution=224), params=4_567_936, macs_g=1.0759,
+                reported=dict(params_m=4.6, gflops=1.1, top1=75.3, resolution=224),
+                params=4_567_936, macs_g=1.0759,
                 params_rtol=0.02, flops_rtol=0.02, notes=_CX, **_TEST_C)
 def vitc_1gf(**kwargs):
     return _vitc(**{**dict(embed_dim=192, depth=11, num_heads=3, mlp_ratio=3.0, stem_widths=(24, 48, 96, 192),
@@ -186,7 +188,8 @@ def vitc_1gf(**kwargs):
 
 
 @register_model(paper="ViT_C", arxiv="2106.14881", task="classification",
-                reported=dict(params_m=17.8, gflops=4.0, top1=81.4, resolution=224), params=17_754_136, macs_g=3.9589,
+                reported=dict(params_m=17.8, gflops=4.0, top1=81.4, resolution=224),
+                params=17_754_136, macs_g=3.9589,
                 params_rtol=0.02, flops_rtol=0.02, notes=_CX, **_TEST_C)
 def vitc_4gf(**kwargs):
     return _vitc(**{**dict(embed_dim=384, depth=11, num_heads=6, mlp_ratio=3.0, stem_widths=(48, 96, 192, 384),
@@ -194,42 +197,48 @@ def vitc_4gf(**kwargs):
 
 
 @register_model(paper="ViT_C", arxiv="2106.14881", task="classification",
-                reported=dict(params_m=81.6, gflops=17.7, top1=83.0, resolution=224), params=81_573_160, macs_g=17.7115,
+                reported=dict(params_m=81.6, gflops=17.7, top1=83.0, resolution=224),
+                params=81_573_160, macs_g=17.7115,
                 params_rtol=0.02, flops_rtol=0.02, notes=_CX, **_TEST_C)
 def vitc_18gf(**kwargs):
     return _vitc(**{**dict(embed_dim=768, depth=11, num_heads=12, mlp_ratio=4.0, **_STEM_LARGE), **kwargs})
 
 
 @register_model(paper="ViT_C", arxiv="2106.14881", task="classification",
-                reported=dict(params_m=167.8, gflops=35.0, top1=83.2, resolution=224), params=167_796_008, macs_g=35.002,
+                reported=dict(params_m=167.8, gflops=35.0, top1=83.2, resolution=224),
+                params=167_796_008, macs_g=35.002,
                 params_rtol=0.02, flops_rtol=0.02, notes=_CX, **_TEST_C)
 def vitc_36gf(**kwargs):
     return _vitc(**{**dict(embed_dim=1024, depth=13, num_heads=16, mlp_ratio=4.0, **_STEM_LARGE), **kwargs})
 
 
 @register_model(paper="ViT_C", arxiv="2106.14881", task="classification",
-                reported=dict(params_m=4.8, gflops=1.1, top1=72.3, resolution=224), params=4_830_376, macs_g=1.0794,
+                reported=dict(params_m=4.8, gflops=1.1, top1=72.3, resolution=224),
+                params=4_830_376, macs_g=1.0794,
                 params_rtol=0.02, flops_rtol=0.02, notes="ViT_P baseline (patchify stem). " + _CX, **_TEST_P)
 def vitp_1gf(**kwargs):
     return _vitc(**{**dict(embed_dim=192, depth=12, num_heads=3, mlp_ratio=3.0), **kwargs})
 
 
 @register_model(paper="ViT_C", arxiv="2106.14881", task="classification",
-                reported=dict(params_m=18.5, gflops=3.9, top1=80.4, resolution=224), params=18_507_112, macs_g=3.9017,
+                reported=dict(params_m=18.5, gflops=3.9, top1=80.4, resolution=224),
+                params=18_507_112, macs_g=3.9017,
                 params_rtol=0.02, flops_rtol=0.02, notes="ViT_P baseline (patchify stem). " + _CX, **_TEST_P)
 def vitp_4gf(**kwargs):
     return _vitc(**{**dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=3.0), **kwargs})
 
 
 @register_model(paper="ViT_C", arxiv="2106.14881", task="classification",
-                reported=dict(params_m=86.7, gflops=17.5, top1=82.1, resolution=224), params=86_567_656, macs_g=17.5638,
+                reported=dict(params_m=86.7, gflops=17.5, top1=82.1, resolution=224),
+                params=86_567_656, macs_g=17.5638,
                 params_rtol=0.02, flops_rtol=0.02, notes="ViT_P baseline (patchify stem) = ViT-B/16. " + _CX, **_TEST_P)
 def vitp_18gf(**kwargs):
     return _vitc(**{**dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0), **kwargs})
 
 
 @register_model(paper="ViT_C", arxiv="2106.14881", task="classification",
-                reported=dict(params_m=178.4, gflops=35.9, top1=81.8, resolution=224), params=178_364_392, macs_g=35.9716,
+                reported=dict(params_m=178.4, gflops=35.9, top1=81.8, resolution=224),
+                params=178_364_392, macs_g=35.9716,
                 params_rtol=0.02, flops_rtol=0.02, notes="ViT_P baseline (patchify stem), ViT-L at 14 blocks. " + _CX,
                 **_TEST_P)
 def vitp_36gf(**kwargs):

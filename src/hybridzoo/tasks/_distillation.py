@@ -70,7 +70,8 @@ class DistillationLoss(nn.Module):
             teacher_outputs = self.teacher(inputs)
         if self.distillation_type == "soft":
             T = self.tau
-            distillation_loss = F.kl_div(F.log_softmax(outputs_kd / T, dim=1), F.log_softmax(teacher_outputs / T, dim=1),
+            distillation_loss = F.kl_div(F.log_softmax(outputs_kd / T, dim=1),
+                                         F.log_softmax(teacher_outputs / T, dim=1),
                                          reduction="sum", log_target=True) * (T * T) / outputs_kd.numel()
         else:
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
