@@ -48,7 +48,7 @@ def test_block_adds_normalised_cls_token_through_leff():
 
 
 def test_lca_equals_full_attention_read_at_the_last_token():
-    """Official LCA: self-attention + MLP over all layers' cls tokens, then the last row is kept."""
+    """The first official commit's LCA: self-attention + MLP over all cls tokens, last row kept."""
     torch.manual_seed(0)
     lca = LCABlock(24, num_heads=2).eval()
     t = torch.randn(3, 12, 24)
