@@ -256,8 +256,9 @@ def _convit(dim: int, heads: int, /, **kwargs) -> ConViT:
 
 _TEST = dict(test_kwargs=dict(embed_dim=32, num_heads=4, depth=3, local_up_to_layer=2, img_size=64),
              test_input_size=(3, 64, 64))
-_NOTE = ("macs_g is the official model measured with FlopCounterMode; our count is 1.3–5.9% higher (most for Ti) because the "
-         "positional attention is applied as its own product next to fused SDPA (same function).")
+_NOTE = ("macs_g is the official model measured with FlopCounterMode; our count is 1.3–5.9% higher (most "
+         "for Ti) because the positional attention is applied as its own product next to fused SDPA "
+         "(same function).")
 
 
 @register_model(paper="ConViT", arxiv="2103.10697", task="classification",
