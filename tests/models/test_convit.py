@@ -132,7 +132,8 @@ def _official_keys(depth: int, local_up_to_layer: int) -> list[str]:
     for i in range(depth):
         p = f"blocks.{i}."
         keys += [p + n for n in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight",
-                                 "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "attn.proj.weight", "attn.proj.bias")]
+                                 "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "attn.proj.weight",
+                                 "attn.proj.bias")]
         if i < local_up_to_layer:
             keys += [p + n for n in ("attn.qk.weight", "attn.v.weight", "attn.pos_proj.weight",
                                      "attn.pos_proj.bias", "attn.gating_param")]

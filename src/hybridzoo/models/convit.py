@@ -78,7 +78,8 @@ class GPSA(nn.Module):
     def local_init(self) -> None:
         """Start as a convolution: identity values, head h1 + k·h2 attending to offset (h2−c, h1−c).
 
-        With w = α·(2(h2−c), 2(h1−c), −1), the positional score −α·((Δx−(h2−c))² + (Δy−(h1−c))²) + const
+        With w = α·(2(h2−c), 2(h1−c), −1), the positional score
+        −α·((Δx−(h2−c))² + (Δy−(h1−c))²) + const
         peaks at that offset; α (locality strength) sets how sharply.
         """
         self.v.weight.copy_(torch.eye(self.dim, device=self.v.weight.device))
@@ -170,7 +171,8 @@ class ConViT(nn.Module):
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # one entry per patch: the class token has no position (it enters after the GPSA blocks)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim)) if use_pos_embed else None
+        num_patches = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim)) if use_pos_embed else None
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
