@@ -269,6 +269,8 @@ class ACT(nn.Module):
         if n_feats % 2 or dim % num_heads or num_heads % 2:
             raise ValueError(f"ACT needs an even n_feats ({n_feats}) and an even num_heads ({num_heads}) "
                              f"that divides the token dim {dim}")
+        if n_feats // reduction < 1:
+            raise ValueError(f"ACT: channel-attention reduction {reduction} leaves no channels of n_feats={n_feats}")
         self.upscale = upscale
         self.in_chans = in_chans
         self.n_feats = n_feats
