@@ -30,6 +30,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hybridzoo.layers.attention import Attention
 from hybridzoo.layers.helpers import check_image_input
@@ -347,7 +348,7 @@ class ACT(nn.Module):
         t = t + self.linear_encoding(t)
         for i in range(self.num_stages):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x, t = torch.utils.checkpoint.checkpoint(self._stage, i, x, t, use_reentrant=False)
+                x, t = checkpoint(self._stage, i, x, t, use_reentrant=False)
             else:
                 x, t = self._stage(i, x, t)
         x = self.conv_last(x) + identity  # x is the last stage's fused map f
