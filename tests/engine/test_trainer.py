@@ -28,7 +28,7 @@ def test_run_folder(make_args, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     for key in ("val_top1", "val_loss", "epochs", "model", "task", "params", "val_top1_majority"):
         assert key in summary
-    assert summary["epochs"] == 2 and summary["model"] == "hz_tiny_vit" and summary["params"] == 15146
+    assert summary["epochs"] == 2 and summary["model"] == "hz_tiny_vit" and summary["params"] == 15018
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert list(rows[0])[:4] == ["epoch", "train_loss", "val_loss", "val_top1"] and list(rows[0])[-2:] == ["lr", "seconds"]
