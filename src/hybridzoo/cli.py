@@ -163,7 +163,7 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--task", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, metavar="PATH", help="write predictions as JSON ('-' for stdout)")
-    p.add_argument("images", nargs="+", help="input files")
+    p.add_argument("images", nargs="*", help="input files (what a task expects: images for classification)")
     if task is not None:
         task.add_arguments(p)
     return parser

@@ -93,6 +93,10 @@ def plot_curves(path: str | Path, history: list[dict[str, Any]], headline: str, 
     ax_m.set_title(headline)
     ax_m.legend()
     ax_m.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_l, ax_m):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

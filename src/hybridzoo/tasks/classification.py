@@ -264,6 +264,8 @@ class ClassificationTask(Task):
         from hybridzoo.engine.checkpoint import read_run
         from hybridzoo.engine.distributed import resolve_device
 
+        if not getattr(args, "images", None):
+            raise ValueError("predict needs at least one image file")
         run = read_run(getattr(args, "run", None), getattr(args, "checkpoint", None))
         name = getattr(args, "model", None) or run["model"]
         if not name:
