@@ -96,7 +96,7 @@ class ClassificationTask(Task):
     default_model = "cvt_tiny_demo"
     headline_metric = "top1"
     higher_is_better = True
-    default_epochs = 20
+    default_epochs = 8
     default_batch_size = 64
     default_lr = 2e-3
     default_weight_decay = 0.05
