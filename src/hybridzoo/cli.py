@@ -1,0 +1,492 @@
+"""`hybridzoo list | info | train | eval | bench | predict` — also `python -m hybridzoo` (for torchrun).
+
+    hybridzoo list cvt                      # registered models matching *cvt*
+    hybridzoo info cvt_13                   # the paper's figures next to what this implementation measures
+    hybridzoo train                         # cvt_tiny_demo on the built-in digits, a few minutes on a laptop
+    hybridzoo train --model segnetr         # the model card's task (segmentation) on its built-in data
+    hybridzoo eval --run runs/20250101-120000-cvt_tiny_demo
+    hybridzoo predict --run runs/... img1.png img2.png
+    hybridzoo bench cvt_13 --batch-size 32 --json bench.json
+    torchrun --nproc_per_node=2 -m hybridzoo train --model cvt_13 --data ~/imagenette
+
+`train`, `eval` and `predict` belong to a task (`hybridzoo.tasks`): the task is `--task`, else the
+model card's, else classification, and the task adds its own options (`hybridzoo train --task
+segmentation --help` lists them). `--plugin MODULE_OR_FILE.py` (repeatable, or the environment
+variable HYBRIDZOO_PLUGINS, separated by the path separator) imports code that registers extra
+models or tasks before the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "load_plugin"]
+
+PROG = "hybridzoo"
+
+
+# --------------------------------------------------------------------------------------------- plugins
+def load_plugin(spec: str):
+    """Import a module by name, or a Python file by path (registered under a name derived from it)."""
+    if spec.endswith(".py") or os.sep in spec or (os.altsep and os.altsep in spec):
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"plugin file not found: {spec!r}")
+        mod_name = f"hybridzoo_plugin_{path.stem}"
+        if mod_name in sys.modules:
+            return sys.modules[mod_name]
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(spec)
+
+
+def _pop_plugins(argv: list[str]) -> tuple[list[str], list[str]]:
+    plugins = [p for p in os.environ.get("HYBRIDZOO_PLUGINS", "").split(os.pathsep) if p]
+    rest, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--plugin" and i + 1 < len(argv):
+            plugins.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--plugin="):
+            plugins.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+        i += 1
+    return plugins, rest
+
+
+# --------------------------------------------------------------------------------------------- parser
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--task", default=None, help="task (default: the model card's task, else classification)")
+    g.add_argument("--model", default=None, help="model name (default: the task's demo model)")
+    g.add_argument("--data", default=None, help="dataset path (default: the task's built-in dataset)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None, help="per process")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="per process (default: 2 × batch size)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (not scaled by batch size)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up, per step")
+    g.add_argument("--output", default=None, help="run folder (default: runs/<time>-<model>)")
+    g.add_argument("--resume", default=None, help="last.ckpt of a run to continue exactly")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (also evaluated)")
+    g.add_argument("--ema-decay", type=float, default=0.9998)
+    g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    g.add_argument("--pretrained", default=None, help="initial weights (ours or an official layout)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument("--limit-train-batches", type=int, default=None, help="at most this many steps per epoch")
+    g.add_argument("--limit-val-batches", type=int, default=None)
+    g.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="stop after this many epochs of this invocation (then --resume), e.g. for time-limited jobs")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--config", default=None, help="YAML file of option defaults (keys as the long options)")
+
+
+def build_parser(task=None) -> argparse.ArgumentParser:
+    """The full parser; `task` (a Task) adds its options to train / eval / predict."""
+    parser = argparse.ArgumentParser(prog=PROG, description="CNN–Transformer hybrid networks, faithful to their papers.",
+                                     epilog="Global option: --plugin MODULE_OR_FILE.py imports extra models/tasks.")
+    from hybridzoo import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], help="module or .py file registering models/tasks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list registered models")
+    p.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern or substring (cvt, 'deit_*')")
+    p.add_argument("--task", default=None)
+    p.add_argument("--no-demo", action="store_true", help="hide demo/test variants")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("info", help="a model's card: the paper's figures next to what we measure")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-measure", action="store_true", help="skip building the model")
+
+    p = sub.add_parser("train", help="train a model (see --task)")
+    _add_engine_arguments(p)
+    if task is not None:
+        task.add_arguments(p)
+
+    p = sub.add_parser("eval", help="evaluate trained weights on the task's validation set")
+    p.add_argument("--task", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--checkpoint", default=None, help="model.safetensors, last.ckpt or an official checkpoint")
+    p.add_argument("--run", default=None, help="a run folder (model and weights from it)")
+    p.add_argument("--data", default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--limit-val-batches", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON")
+    if task is not None:
+        task.add_arguments(p)
+
+    p = sub.add_parser("bench", help="params, MACs, latency and throughput (inference and training)")
+    p.add_argument("name")
+    p.add_argument("--batch-size", type=int, default=None, help="throughput batch (default 32 on GPU, 8 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--resolution", type=int, default=None, help="input side (default: the card's)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+
+    p = sub.add_parser("predict", help="run a trained model on files")
+    p.add_argument("--run", default=None, help="a run folder")
+    p.add_argument("--checkpoint", default=None, help="model.safetensors or last.ckpt")
+    p.add_argument("--model", default=None, help="model name (default: from the run/checkpoint)")
+    p.add_argument("--task", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, metavar="PATH", help="write predictions as JSON ('-' for stdout)")
+    p.add_argument("images", nargs="*", help="input files (what a task expects: images for classification)")
+    if task is not None:
+        task.add_arguments(p)
+    return parser
+
+
+def _pre_parse(argv: list[str]) -> argparse.Namespace:
+    """Just enough of the command line to know the task (before its options can be added)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("command", nargs="?")
+    for opt in ("--task", "--model", "--resume", "--run", "--checkpoint", "--config"):
+        pre.add_argument(opt, default=None)
+    known, _ = pre.parse_known_args(argv)
+    return known
+
+
+def _task_name(pre: argparse.Namespace) -> str:
+    if pre.task:
+        return pre.task
+    if pre.config:
+        cfg = _read_config(pre.config)
+        if cfg.get("task"):
+            return cfg["task"]
+        if cfg.get("model") and not pre.model:
+            pre.model = cfg["model"]
+    if pre.model:
+        from hybridzoo.registry import get_card
+
+        return get_card(pre.model).task
+    if pre.command == "train" and pre.resume:
+        from hybridzoo.engine.checkpoint import load_checkpoint
+
+        return load_checkpoint(pre.resume).get("task") or "classification"
+    if pre.command in ("eval", "predict") and (pre.run or pre.checkpoint):
+        from hybridzoo.engine.checkpoint import read_run
+
+        try:
+            return read_run(pre.run, pre.checkpoint).get("task") or "classification"
+        except Exception:  # reported properly by the command itself
+            return "classification"
+    return "classification"
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {path!r}")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path!r} should hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in cfg.items()}
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_list(args) -> int:
+    from hybridzoo.registry import get_card, list_models
+
+    pattern = args.pattern
+    if pattern and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+    names = list_models(pattern, task=args.task, include_demo=not args.no_demo)
+    if args.json:
+        print(json.dumps([get_card(n).as_dict() for n in names], indent=2))
+        return 0
+    if not names:
+        print("no model matches" + (f" {args.pattern!r}" if args.pattern else "") + (f" for task {args.task}" if args.task else ""))
+        return 0
+    rows = []
+    for n in names:
+        c = get_card(n)
+        rep = c.reported
+        metric = next(((k, v) for k, v in rep.items() if k not in ("params_m", "gflops", "resolution")), None)
+        rows.append((n, c.task, c.paper, _num(rep.get("params_m"), "M"), _num(rep.get("gflops"), "G"),
+                     f"{metric[0]} {metric[1]}" if metric else "", "demo" if c.demo else ""))
+    header = ("model", "task", "paper", "params", "MACs", "reported", "")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(f"{len(names)} model(s)")
+    return 0
+
+
+def _num(v, unit: str) -> str:
+    return "" if v is None else f"{v:g}{unit}"
+
+
+def cmd_info(args) -> int:
+    from hybridzoo.profile import measure_model
+    from hybridzoo.registry import get_card
+
+    card = get_card(args.name)
+    measured = None if args.no_measure else measure_model(args.name)
+    if args.json:
+        out = card.as_dict()
+        out["measured"] = None if measured is None else {"params": measured["params"], "macs_g": measured["macs"] / 1e9,
+                                                         "input_size": measured["input_size"]}
+        print(json.dumps(out, indent=2))
+        return 0
+    rep = card.reported
+    print(f"{card.name} — {card.paper}" + (f" (arXiv {card.arxiv})" if card.arxiv else "") + f"; task {card.task}"
+          + ("; demo variant" if card.demo else ""))
+    print(f"module {card.module}; input {tuple(card.input_size)}")
+    res = rep.get("resolution", card.input_size[-1] if len(card.input_size) == 3 else None)
+    rows = [("", "paper", "this implementation")]
+    official = f" (official {card.params:,})" if card.params is not None else ""
+    rows.append(("params", _num(rep.get("params_m"), "M"),
+                 "—" if measured is None else f"{measured['params']:,} = {measured['params'] / 1e6:.2f}M{official}"))
+    ref = f" (official measured {card.macs_g} G)" if card.macs_g is not None else ""
+    rows.append((f"MACs @{res}" if res else "MACs", _num(rep.get("gflops"), " G"),
+                 "—" if measured is None else f"{measured['macs'] / 1e9:.3f} G{ref}"))
+    for k, v in rep.items():
+        if k not in ("params_m", "gflops", "resolution"):
+            rows.append((k, str(v), "train/eval to measure"))
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    for r in rows:
+        print(f"  {r[0].ljust(w0)}  {r[1].ljust(w1)}  {r[2]}")
+    if card.notes:
+        print(f"notes: {card.notes}")
+    return 0
+
+
+class _WithKwargs:
+    """Binds forward keyword arguments (a bench config) to a model for hybridzoo.profile.benchmark."""
+
+    @staticmethod
+    def wrap(model, kwargs: dict):
+        import torch.nn as nn
+
+        if not kwargs:
+            return model
+
+        class Bound(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, *x):
+                return self.model(*x, **kwargs)
+
+        bound = Bound()
+        if hasattr(model, "example_input"):
+            bound.example_input = model.example_input
+        return bound
+
+
+def bench_rows(model, name: str, input_size: tuple[int, ...], args, device) -> list[dict[str, Any]]:
+    """One row per bench config: the model's `bench_configs()` if it has one, else its default input."""
+    import torch
+
+    from hybridzoo.profile import benchmark, count_macs, count_params, example_input
+    from hybridzoo.engine.trainer import AMP_DTYPES
+
+    configs = model.bench_configs() if hasattr(model, "bench_configs") else [{"input_size": tuple(input_size)}]
+    amp = AMP_DTYPES[args.amp]
+    bs = args.batch_size or (32 if device.type == "cuda" else 8)
+    params = count_params(model)
+    rows = []
+    for cfg in configs:
+        cfg = dict(cfg)
+        size = tuple(cfg.pop("input_size", input_size))
+        label = cfg.pop("name", None)
+        runner = _WithKwargs.wrap(model, cfg)
+        runner.eval()
+        with torch.no_grad():
+            macs = count_macs(runner, example_input(runner, size, 1, device=device))
+        row: dict[str, Any] = {"model": name, "config": label or (", ".join(f"{k}={v}" for k, v in cfg.items()) or "default"),
+                               "input_size": list(size), "params": params, "macs_g": macs / 1e9,
+                               "device": str(device), "amp": args.amp, "threads": torch.get_num_threads()}
+        common = dict(device=str(device), warmup=args.warmup, iters=args.iters, amp_dtype=amp)
+        lat = benchmark(runner, size, batch_size=1, **common)
+        row["latency_ms_bs1"] = lat["seconds_per_iter"] * 1e3
+        thr = benchmark(runner, size, batch_size=bs, **common)
+        row[f"infer_samples_per_s_bs{bs}"] = thr["samples_per_second"]
+        if not args.no_train:
+            tr = benchmark(runner, size, batch_size=bs, train=True, **common)
+            row[f"train_samples_per_s_bs{bs}"] = tr["samples_per_second"]
+        rows.append(row)
+    return rows
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from hybridzoo.engine.distributed import resolve_device
+    from hybridzoo.factory import create_model
+    from hybridzoo.registry import get_card
+
+    card = get_card(args.name)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    size = tuple(card.input_size)
+    overrides = {}
+    if args.resolution and len(size) == 3:
+        size = (size[0], args.resolution, args.resolution)
+        overrides["img_size"] = args.resolution
+    try:
+        model = create_model(args.name, **overrides)
+    except TypeError:
+        model = create_model(args.name)  # resolution-agnostic models take no img_size
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    rows = bench_rows(model, args.name, size, args, device)
+    for row in rows:
+        print(f"{row['model']} [{row['config']}] input {tuple(row['input_size'])} on {row['device']}"
+              f" ({row['threads']} threads, amp {row['amp']})")
+        for k, v in row.items():
+            if k in ("model", "config", "input_size", "device", "amp", "threads"):
+                continue
+            print(f"  {k:<28} {v:,.3f}" if isinstance(v, float) else f"  {k:<28} {v:,}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _merge_resume_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Options not given on the command line are taken from the checkpoint's run."""
+    from hybridzoo.engine.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(args.resume).get("args", {})
+    keep = {"resume", "output", "device", "workers", "progress", "config", "plugin", "command"}
+    for k, v in saved.items():
+        if k in keep or not hasattr(args, k):
+            continue
+        if getattr(args, k) == parser.get_default(k):
+            setattr(args, k, v)
+
+
+def cmd_train(args, task, parser) -> int:
+    from hybridzoo.engine.trainer import train
+
+    if args.resume:
+        _merge_resume_args(args, parser)
+    train(args, task)
+    return 0
+
+
+def cmd_eval(args, task) -> int:
+    from hybridzoo.engine.checkpoint import read_run
+    from hybridzoo.engine.trainer import evaluate
+
+    if args.run or (args.checkpoint and not args.model):
+        run = read_run(args.run, args.checkpoint)
+        args.model = args.model or run["model"]
+        args.checkpoint = run["weights"]
+    if not args.model or not args.checkpoint:
+        raise ValueError("eval needs --model NAME --checkpoint PATH, or --run DIR")
+    metrics = evaluate(args, task)
+    print("  ".join(f"val_{k} {v:.4f}" for k, v in metrics.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"val_{k}": v for k, v in metrics.items()}, indent=2) + "\n")
+    return 0
+
+
+def cmd_predict(args, task) -> int:
+    if not args.run and not args.checkpoint:
+        raise ValueError("predict needs --run DIR or --checkpoint PATH")
+    task.predict(args)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    from hybridzoo.engine.checkpoint import CheckpointError
+    from hybridzoo.engine.trainer import NonFiniteLossError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        plugins, argv = _pop_plugins(argv)
+        for p in plugins:
+            load_plugin(p)
+        pre = _pre_parse(argv)
+        task = None
+        if pre.command in ("train", "eval", "predict"):
+            from hybridzoo.tasks.base import get_task
+
+            task = get_task(_task_name(pre))
+        parser = build_parser(task)
+        if pre.command == "train" and pre.config:
+            train_parser = parser._subparsers._group_actions[0].choices["train"]
+            cfg = _read_config(pre.config)
+            known = {a.dest for a in train_parser._actions}
+            unknown = sorted(set(cfg) - known)
+            if unknown:
+                raise ValueError(f"{pre.config!r}: unknown options {unknown}")
+            train_parser.set_defaults(**cfg)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command == "info":
+            return cmd_info(args)
+        if args.command == "bench":
+            return cmd_bench(args)
+        if args.command == "train":
+            args.task = task.name
+            return cmd_train(args, task, parser._subparsers._group_actions[0].choices["train"])
+        if args.command == "eval":
+            args.task = task.name
+            return cmd_eval(args, task)
+        if args.command == "predict":
+            return cmd_predict(args, task)
+    except NonFiniteLossError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, CheckpointError, NotImplementedError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Training checkpoints: written atomically, read with `torch.load(weights_only=True)`.
+
+A checkpoint is a dict of tensors and plain Python values only (so the safe loader accepts it):
+model, optimizer, schedule, grad scaler, EMA, the random-number-generator states of every process
+(torch, CUDA, numpy, Python — converted to tensors), epoch, step, the metrics history and the
+command-line arguments. `atomic_write` writes next to the target, fsyncs, then `os.replace`s it, so
+a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "atomic_write", "atomic_save", "load_checkpoint", "save_weights",
+           "get_rng_state", "set_rng_state", "plain_args", "read_run"]
+
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "step")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupt, or not a hybridzoo training checkpoint."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Call `write(file)` on a temporary file in the target's folder, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, atomically. Tensors are cloned so tied weights are stored once per key."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {os.fspath(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a readable checkpoint (truncated or corrupt? it is "
+                              f"loaded with weights_only=True, so only tensors and plain values are accepted): {e}") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{os.fspath(path)!r} is not a hybridzoo training checkpoint (expected keys "
+                              f"{', '.join(CHECKPOINT_KEYS)}); to start from weights only, use --pretrained")
+    return ckpt
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values (what weights_only loading accepts)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
+    """The arguments as plain values (paths to strings, anything exotic dropped)."""
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    out = {}
+    for k, v in items:
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+    return out
+
+
+def read_run(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a trained model needs to be rebuilt: {model, task, data_info, weights (path)}.
+
+    `run` is a run folder (summary.json + model.safetensors); `checkpoint` a `model.safetensors`
+    written by the engine (its metadata names the model) or a `last.ckpt`.
+    """
+    import json
+
+    if run is not None:
+        run = Path(run)
+        summary_path, weights = run / "summary.json", run / "model.safetensors"
+        if not summary_path.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"{os.fspath(run)!r} is not a run folder (expected summary.json and "
+                                    "model.safetensors, as `hybridzoo train` writes them)")
+        summary = json.loads(summary_path.read_text())
+        ckpt = read_run(checkpoint=weights)
+        ckpt.update({k: summary[k] for k in ("model", "task") if summary.get(k)})
+        return ckpt
+    if checkpoint is None:
+        raise ValueError("give a run folder (--run DIR) or a checkpoint (--checkpoint PATH)")
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {os.fspath(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"{os.fspath(path)!r} is not a readable safetensors file: {e}") from e
+        info = json.loads(meta["data_info"]) if "data_info" in meta else {}
+        return {"model": meta.get("model"), "task": meta.get("task"), "data_info": info, "weights": os.fspath(path)}
+    ckpt = load_checkpoint(path)
+    return {"model": ckpt.get("args", {}).get("model"), "task": ckpt.get("task"),
+            "data_info": ckpt.get("data_info", {}), "weights": os.fspath(path)}

@@ -1,0 +1,124 @@
+"""Optimiser, learning-rate schedule and weight EMA of the default recipe (DeiT / timm style).
+
+- AdamW with two parameter groups: no weight decay on norms, biases and other 1-D parameters,
+  embeddings (position embeddings, class / distillation / global tokens, relative-position
+  tables, `nn.Embedding` tables) and whatever the model lists in `no_weight_decay()`.
+- Cosine decay with linear warm-up, updated every optimisation step (not every epoch), so short
+  runs and resumed runs follow the same curve.
+- EMA of the weights (Polyak averaging), updated after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["param_groups_weight_decay", "build_optimizer", "CosineWarmupSchedule", "ModelEma"]
+
+_NO_DECAY_WORDS = ("token", "pos_embed", "position", "rel_pos", "embedding", "pos_emb")
+
+
+def _norm_or_embedding(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                           nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)):
+        return True
+    return "norm" in type(module).__name__.lower()
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    no_decay_ids = set()
+    for mod_name, module in model.named_modules():
+        if _norm_or_embedding(module):
+            for p in module.parameters(recurse=False):
+                no_decay_ids.add(id(p))
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if (p.ndim <= 1 or id(p) in no_decay_ids or name in skip or leaf in skip
+                or any(w in leaf for w in _NO_DECAY_WORDS)):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=fused)
+
+
+class CosineWarmupSchedule:
+    """lr(step) = base·(step+1)/warmup during warm-up, then cosine from base down to min_lr.
+
+    Works on any optimiser: each group's own starting lr (`initial_lr`) is scaled by the same factor,
+    so tasks that give some groups a different lr keep the ratio.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.0):
+        self.optimizer, self.total_steps = optimizer, max(1, total_steps)
+        self.warmup_steps, self.min_lr_ratio = max(0, min(warmup_steps, self.total_steps)), min_lr_ratio
+        for g in optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        self.step_count = 0
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def set_step(self, step: int) -> float:
+        """Set every group's lr for optimisation step `step` (0-based); returns the base group's lr."""
+        self.step_count = step
+        f = self.factor(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "min_lr_ratio": self.min_lr_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+
+
+class ModelEma:
+    """An exponential moving average of the weights: ema ← decay·ema + (1 − decay)·model after each step."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9998):
+        self.module = copy.deepcopy(model).eval()
+        self.decay = decay
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_state = self.module.state_dict()
+        src = model.state_dict()
+        floats_e, floats_m = [], []
+        for k, v in ema_state.items():
+            if v.is_floating_point():
+                floats_e.append(v)
+                floats_m.append(src[k].detach())
+            else:
+                v.copy_(src[k])
+        if floats_e:
+            torch._foreach_lerp_(floats_e, floats_m, 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)

@@ -1,0 +1,109 @@
+"""The training loop: run folder, exact resume, non-finite loss, options (EMA, bf16, clipping)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import hybridzoo
+from hybridzoo.engine.checkpoint import load_checkpoint
+from hybridzoo.engine.trainer import NonFiniteLossError, train
+
+# A tiny run: 3 steps of 16 digits per epoch, 2 val batches.
+FAST = ("--model", "hz_tiny_vit", "--batch-size", 16, "--limit-train-batches", 3, "--limit-val-batches", 2,
+        "--warmup-epochs", 0.5)
+
+
+def _rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+def test_run_folder(make_args, tmp_path):
+    args, task = make_args(*FAST, "--epochs", 2, "--output", tmp_path / "run")
+    result = train(args, task)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"summary.json", "metrics.csv", "model.safetensors", "last.ckpt", "curves.png"}
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("val_top1", "val_loss", "epochs", "model", "task", "params", "val_top1_majority"):
+        assert key in summary
+    assert summary["epochs"] == 2 and summary["model"] == "hz_tiny_vit" and summary["params"] == 15018
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0])[:4] == ["epoch", "train_loss", "val_loss", "val_top1"] and list(rows[0])[-2:] == ["lr", "seconds"]
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # model.safetensors loads through the public factory and reproduces the trained model
+    model = hybridzoo.create_model("hz_tiny_vit", pretrained=run / "model.safetensors", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), result.model.eval()(x))
+
+
+def test_resume_is_exact(make_args, tmp_path):
+    # augmentation, mixup/cutmix, random erasing and EMA all draw random numbers: resume must restore them
+    aug = ("--mixup", 0.8, "--cutmix", 1.0, "--reprob", 0.25, "--ema", "--ema-decay", 0.9, "--seed", 7)
+    straight, task = make_args(*FAST, *aug, "--epochs", 2, "--output", tmp_path / "a")
+    a = train(straight, task)
+
+    first, task = make_args(*FAST, *aug, "--epochs", 2, "--stop-after-epochs", 1, "--output", tmp_path / "b")
+    b1 = train(first, task)
+    assert b1.summary["completed"] is False and load_checkpoint(tmp_path / "b" / "last.ckpt")["epoch"] == 1
+    resumed, task = make_args(*FAST, *aug, "--epochs", 2, "--resume", tmp_path / "b" / "last.ckpt")
+    b = train(resumed, task)
+
+    assert b.run_dir == tmp_path / "b"
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    ea, eb = a.ema_model.state_dict(), b.ema_model.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert _rows(tmp_path / "a" / "metrics.csv") == _rows(tmp_path / "b" / "metrics.csv")
+    ca, cb = load_checkpoint(tmp_path / "a" / "last.ckpt"), load_checkpoint(tmp_path / "b" / "last.ckpt")
+    assert ca["step"] == cb["step"] == 6
+    for k, v in ca["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], cb["optimizer"]["state"][k]["exp_avg_sq"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_args, tmp_path, tiny):
+    tiny.Exploding.explode_after = 4  # forwards 1-4 fine (epoch 1 has 3 steps), step 5 is NaN
+    args, task = make_args(*FAST, "--model", "hz_tiny_exploding", "--epochs", 3, "--output", tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"step 5 \(epoch 2, batch 2\).*last.ckpt \(end of epoch 1\) is kept"):
+        train(args, task)
+    ckpt = load_checkpoint(tmp_path / "last.ckpt")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_non_finite_loss_through_the_cli(make_args, tmp_path, tiny, capsys):
+    from hybridzoo.cli import main
+
+    tiny.Exploding.explode_after = 1
+    rc = main(["--plugin", str(tiny.__file__), "train", "--no-progress", *map(str, FAST),
+               "--model", "hz_tiny_exploding", "--epochs", "1", "--output", str(tmp_path)])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 2" in err and "no checkpoint had been written yet" in err
+
+
+def test_bf16_ema_clip_and_channels_last(make_args, tmp_path):
+    args, task = make_args(*FAST, "--epochs", 1, "--amp", "bf16", "--ema", "--clip-grad", 1.0, "--channels-last",
+                           "--output", tmp_path)
+    result = train(args, task)
+    assert "val_ema_top1" in result.summary and (tmp_path / "model_ema.safetensors").is_file()
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_fp16_on_cpu_is_refused(make_args, tmp_path):
+    args, task = make_args(*FAST, "--epochs", 1, "--amp", "fp16", "--device", "cpu", "--output", tmp_path)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train(args, task)
+
+
+def test_resume_from_corrupt_checkpoint(make_args, tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"\x80\x02garbage")
+    args, task = make_args(*FAST, "--epochs", 1, "--resume", bad)
+    from hybridzoo.engine.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="last.ckpt"):
+        train(args, task)

@@ -1,0 +1,111 @@
+"""Tiny models for the engine / CLI / task tests — registered only when a test loads this file
+(`hybridzoo.cli.load_plugin(path)` or `hybridzoo --plugin tests/hz_tiny_models.py ...`).
+
+No batch norm (so 2 processes × half a batch equal 1 process × the batch) and no dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybridzoo import register_model
+from hybridzoo.layers import check_image_input
+
+
+class TinyViT(nn.Module):
+    """Patch embedding → one pre-norm attention block → mean pool → head (optionally a distillation head)."""
+
+    def __init__(self, *, num_classes: int = 10, in_chans: int = 3, dim: int = 32, patch: int = 8,
+                 distilled: bool = False, drop_path_rate: float = 0.0, img_size: int | None = None):
+        super().__init__()
+        self.num_classes, self.num_features, self.in_chans, self.distilled = num_classes, dim, in_chans, distilled
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, bias=False, batch_first=True)  # no key bias: its true gradient is 0, and Adam would amplify float noise
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.head_dist = nn.Linear(dim, num_classes) if distilled else None
+        self.distilled_training = False
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        self.distilled_training = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes)
+        if self.distilled:
+            self.head_dist = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x):
+        check_image_input(x, self, self.in_chans)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = x.mean(1)
+        if pre_logits:
+            return x
+        if self.distilled:
+            a, b = self.head(x), self.head_dist(x)
+            return (a, b) if self.training and self.distilled_training else (a + b) / 2
+        return self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+_CARD = dict(paper="engine test model", arxiv=None, task="classification", input_size=(3, 32, 32),
+             test_input_size=(3, 32, 32), demo=True, notes="test-only; registered by tests/hz_tiny_models.py")
+
+
+@register_model(reported=dict(params_m=0.015018, gflops=None), params=15018, **_CARD)
+def hz_tiny_vit(**kwargs):
+    return TinyViT(**kwargs)
+
+
+@register_model(reported=dict(params_m=0.015348, gflops=None), params=15348, **_CARD)
+def hz_tiny_vit_distilled(**kwargs):
+    return TinyViT(distilled=True, **kwargs)
+
+
+class Exploding(TinyViT):
+    """Returns NaN logits once its `explode_after` counter of training forwards runs out."""
+
+    explode_after = 3
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            Exploding.explode_after -= 1
+            if Exploding.explode_after < 0:
+                return out * float("nan")
+        return out
+
+
+@register_model(reported=dict(params_m=0.015018, gflops=None), params=15018, **_CARD)
+def hz_tiny_exploding(**kwargs):
+    return Exploding(**kwargs)
+
+
+class BenchTiny(TinyViT):
+    """Declares its own bench rows (the hook SuperViT uses for (resolution, keep-rate) pairs)."""
+
+    def forward(self, x, pool: str = "mean"):
+        feats = self.forward_features(x)
+        return self.head(feats[:, 0] if pool == "cls" else feats.mean(1))
+
+    def bench_configs(self):
+        return [{"input_size": (3, 32, 32), "pool": "mean"}, {"input_size": (3, 64, 64), "pool": "cls", "name": "64px cls"}]
+
+
+@register_model(reported=dict(params_m=0.015018, gflops=None), params=15018, **_CARD)
+def hz_tiny_bench(**kwargs):
+    return BenchTiny(**kwargs)
