@@ -96,6 +96,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit-val-batches", type=int, default=None)
     g.add_argument("--stop-after-epochs", type=int, default=None,
                    help="stop after this many epochs of this invocation (then --resume), e.g. for time-limited jobs")
+    g.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+                   help="stop when the task's headline metric has not improved for PATIENCE epochs; the best "
+                        "epoch's weights are kept (model.safetensors) and used for the final report")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--config", default=None, help="YAML file of option defaults (keys as the long options)")
 

@@ -64,7 +64,9 @@ class CosineWarmupSchedule:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.0):
+                 min_lr_ratio: float = 0.0, decay_fn=None):
+        # decay_fn(step) -> factor replaces the cosine after warm-up (a task's poly or step schedule)
+        self.decay_fn = decay_fn
         self.optimizer, self.total_steps = optimizer, max(1, total_steps)
         self.warmup_steps, self.min_lr_ratio = max(0, min(warmup_steps, self.total_steps)), min_lr_ratio
         for g in optimizer.param_groups:
@@ -74,6 +76,8 @@ class CosineWarmupSchedule:
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
+        if self.decay_fn is not None:
+            return float(self.decay_fn(step))
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -48,6 +48,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 0, "device": "auto", "workers": None, "amp": "none", "compile": False, "ema": False,
     "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": False,
     "limit_train_batches": None, "limit_val_batches": None, "stop_after_epochs": None, "progress": True,
+    "early_stop": None,
 }
 
 
@@ -216,9 +217,15 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
         raise ValueError(f"no training batches: {len(data.train)} samples, batch size {args.batch_size} on "
                          f"{info.world_size} process(es)")
     optimizer = task.build_optimizer(model, args) or build_optimizer(model, args.lr, args.weight_decay)
-    schedule = CosineWarmupSchedule(optimizer, total_steps=args.epochs * steps_per_epoch,
+    total_steps = args.epochs * steps_per_epoch
+    decay_fn = None
+    if task.lr_factor(0, total_steps, steps_per_epoch, args) is not None:
+        def decay_fn(s: int) -> float:
+            return task.lr_factor(s, total_steps, steps_per_epoch, args)
+    schedule = CosineWarmupSchedule(optimizer, total_steps=total_steps,
                                     warmup_steps=int(round(args.warmup_epochs * steps_per_epoch)),
-                                    min_lr_ratio=min(1.0, args.min_lr / args.lr) if args.lr > 0 else 0.0)
+                                    min_lr_ratio=min(1.0, args.min_lr / args.lr) if args.lr > 0 else 0.0,
+                                    decay_fn=decay_fn)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     ema = ModelEma(model, args.ema_decay) if args.ema else None
 
@@ -270,6 +277,8 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
     headline = task.headline_metric
     completed = True
     epoch = start_epoch
+    # --early-stop N: stop when the headline metric has not improved for N epochs, keep the best weights
+    best_score, best_state, since_best = None, None, 0
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         train_sampler.set_epoch(epoch)
@@ -348,19 +357,41 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
             plot_curves(run_dir / "curves.png", history, headline, title=f"{args.model} — {task.name}")
             print(format_row(row, args.epochs), flush=True)
         distributed.barrier()
+        if args.early_stop:
+            score = metrics.get(headline)
+            if score is not None and (best_score is None or (score > best_score if task.higher_is_better
+                                                              else score < best_score)):
+                best_score, since_best = score, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+            if since_best >= args.early_stop and epoch + 1 < args.epochs:
+                if main:
+                    print(f"early stop: val_{headline} has not improved for {args.early_stop} epochs "
+                          f"(best {best_score:.4f}); keeping the best epoch's weights")
+                break
         if args.stop_after_epochs and epoch + 1 - start_epoch >= args.stop_after_epochs and epoch + 1 < args.epochs:
             completed = False
             if main:
                 print(f"stopped after epoch {epoch + 1} (--stop-after-epochs); continue with --resume {ckpt_path}")
             break
 
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        if main:
+            save_weights(model.state_dict(), run_dir / "model.safetensors", metadata=meta)
     summary = _summary(args, task, data, history, n_params, info, completed)
     if main:
         if completed:
-            summary.update(task.baselines(data, args) or {})
+            # a trivial baseline's scores next to the model's: val_<metric>_<baseline>
+            summary.update({(k if k.startswith("val_") else f"val_{k}"): v
+                            for k, v in (task.baselines(data, args) or {}).items()})
         write_summary(run_dir / "summary.json", summary)
         if completed:
-            task.on_train_end(run_dir, model, data, args)
+            extra = task.on_train_end(run_dir, model, data, args)
+            if extra:
+                summary.update(extra)
+                write_summary(run_dir / "summary.json", summary)
         if completed and history:
             shown = {k: v for k, v in summary.items() if k.startswith("val_")}
             print("done: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f"  → {run_dir}")

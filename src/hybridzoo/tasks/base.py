@@ -59,6 +59,10 @@ class Task:
     default_batch_size: int = 64
     default_lr: float = 1e-3
     default_weight_decay: float = 0.05
+    default_warmup_epochs: float = 0
+    # True: evaluate() receives a per-process shard and reduces across processes itself; False: rank 0
+    # evaluates the whole validation set (metrics such as pooled mIoU are not averages of shards).
+    distributed_eval: bool = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task-specific command-line options (added to `train`, `eval`, `predict`)."""
@@ -84,12 +88,24 @@ class Task:
         """Return None for the engine's default (AdamW, no decay on norms/biases/embeddings)."""
         return None
 
+    def lr_factor(self, step: int, total_steps: int, steps_per_epoch: int, args: argparse.Namespace) -> float | None:
+        """The learning-rate multiplier at `step` after warm-up, or None for the engine's cosine decay.
+
+        A pure function of the step, so resuming restores it exactly (poly for segmentation, step decay
+        for super-resolution).
+        """
+        return None
+
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
-        """A trivial baseline's scores for `summary.json` (e.g. `val_psnr_y_bicubic`)."""
+        """A trivial baseline's scores, `<metric>_<baseline>` (e.g. `psnr_y_bicubic`); the engine writes
+        them to `summary.json` with the `val_` prefix."""
         return {}
 
-    def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData, args: argparse.Namespace) -> None:
-        """Write the task's pictures (overlays, comparisons, maps) into the run folder."""
+    def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData,
+                     args: argparse.Namespace) -> dict[str, Any] | None:
+        """Write the task's pictures (overlays, comparisons, maps) into the run folder; a returned dict
+        (e.g. test-split metrics) is added to `summary.json`."""
+        return None
 
     def predict(self, args: argparse.Namespace) -> None:
         raise NotImplementedError(f"predict is not implemented for task {self.name!r}")

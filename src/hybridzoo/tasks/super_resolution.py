@@ -312,10 +312,10 @@ class SuperResolutionTask(Task):
         params = [p for p in model.parameters() if p.requires_grad]  # the mean shifts are frozen
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
-    def build_scheduler(self, optimizer: torch.optim.Optimizer, args: argparse.Namespace):
-        """ACT's StepLR(50, 0.5) over 150 epochs, scaled to the run: halve at 1/3 and 2/3 (stepped per epoch)."""
-        epochs = getattr(args, "epochs", None) or self.default_epochs
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(epochs / 3)), gamma=0.5)
+    def lr_factor(self, step: int, total_steps: int, steps_per_epoch: int, args: argparse.Namespace) -> float:
+        """ACT's StepLR(50, 0.5) over 150 epochs, scaled to the run: halve at 1/3 and 2/3 of the epochs."""
+        epochs = max(1, total_steps // max(1, steps_per_epoch))
+        return 0.5 ** ((step // max(1, steps_per_epoch)) // max(1, round(epochs / 3)))
 
     # -- evaluation ----------------------------------------------------------------------------
 
