@@ -127,8 +127,8 @@ class SegTransform:
     ignore_index: int = IGNORE_INDEX
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()  # 3×H×W, 0..255
-        lab = torch.from_numpy(np.ascontiguousarray(label)).long()
+        img = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)  # 3×H×W, 0..255
+        lab = torch.from_numpy(np.array(label, dtype=np.int64))
         mask_hw = tuple(lab.shape)
         if self.train:
             img, lab = self._rescale(img, lab, rng)

@@ -167,10 +167,17 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def whole_inference(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits at the images' size; images are zero-padded (the mean colour after normalisation) to
+    the model's `size_divisor` when it has one (U-Net: 16, SegNetr: 32) and the logits cropped."""
+    h, w = images.shape[-2:]
+    d = int(getattr(model, "size_divisor", 1))
+    ph, pw = (-h) % d, (-w) % d
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph))
     logits = _logits(model(images))
     if logits.shape[-2:] != images.shape[-2:]:
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    return logits
+    return logits[..., :h, :w]
 
 
 def slide_inference(model: nn.Module, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int],
