@@ -337,6 +337,12 @@ class SegmentationTask(Task):
 
     def _transforms(self, args, kind):
         crop, base, ratio, test = _DATA_DEFAULTS[kind]
+        model = str(getattr(args, "model", "") or "")
+        if kind == "cityscapes" and model.startswith("sctnet"):
+            # SCTNet's Seg50/75/100 *is* the test resolution (512×1024, 768×1536, 1024×2048): its card's input size
+            from hybridzoo.registry import get_card
+
+            test = tuple(get_card(model).input_size[1:])
         crop = _pair(self._arg(args, "crop_size", None), "crop-size") or crop
         base = _pair(self._arg(args, "base_scale", None), "base-scale") or base
         test = _pair(self._arg(args, "test_scale", None), "test-scale") or test
@@ -450,6 +456,15 @@ class SegmentationTask(Task):
                 n_pix += int((target != IGNORE_INDEX).sum())
                 metrics.update(lg.argmax(1)[0], target[0])
         model.train(was_training)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # pooled counts are sums, so sharded evaluation reduces exactly (an unsharded one only
+            # multiplies every count by the world size, which leaves every ratio unchanged)
+            packed = torch.cat([metrics.inter, metrics.union, metrics.area_pred, metrics.area_label,
+                                torch.tensor([loss_sum, float(n_pix)], dtype=torch.float64)]).to(device)
+            torch.distributed.all_reduce(packed)
+            packed = packed.cpu()
+            metrics.inter, metrics.union, metrics.area_pred, metrics.area_label = packed[:4 * k].reshape(4, k)
+            loss_sum, n_pix = float(packed[-2]), int(packed[-1])
         out = metrics.compute()
         out["loss"] = loss_sum / max(n_pix, 1)
         return out
