@@ -1,0 +1,579 @@
+"""Semantic segmentation: data, losses, mmsegmentation-style metrics, inference, pictures, predict.
+
+Metrics follow mmsegmentation's `IoUMetric`: per class, intersections and unions are *summed over
+the whole dataset* (pixels labelled 255 excluded) before dividing; mIoU is the mean over classes
+whose union is not empty; `acc` is pixel accuracy (aAcc). For two classes the task also reports
+the foreground Dice and IoU, pooled over the dataset (smp's "micro") and per image averaged
+("micro-imagewise", empty/empty = 1).
+
+Models return logits (B, K, H, W) at the input size in eval. In training they may return a dict:
+`logits`, optional `aux_logits` (a tensor or a list, weighted by the model's `aux_loss_weights`,
+default 0.4 each as SCTNet's auxiliary head) and any number of ready-made `loss_*` terms (SCTNet's
+SIAM alignment loss), which are added as they are.
+
+Inference: whole image (the SCTNet configs' `test_cfg=dict(mode='whole')`) or sliding window
+(`--inference slide`, crop and stride as mmseg's `slide_inference`); logits are resized to the
+label's original resolution before the argmax.
+
+Training launch recipes are the engine's (`hybridzoo train --task segmentation --model sctnet_s_seg50`).
+The poly learning-rate schedule (power 1.0, linear warm-up) is offered by `build_scheduler`; the
+engine uses it when it supports a task-supplied scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridzoo.data.segmentation import (
+    IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ADE20KSegmentation, CityscapesSegmentation, FolderSegmentation,
+    SegTransform, SyntheticScenes, collate_segmentation, dataset_info, detect_layout, palette, read_image,
+)
+from hybridzoo.tasks.base import Task, TaskData, register_task
+
+__all__ = [
+    "SegmentationTask", "SegMetrics", "intersect_and_union", "segmentation_loss", "slide_inference",
+    "whole_inference", "poly_lr_lambda", "colorize", "overlay",
+]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def intersect_and_union(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
+                        ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, ...]:
+    """Per-class (intersection, union, predicted area, label area) of one prediction, as mmseg.
+
+    Pixels labelled `ignore_index` (or outside 0..K-1) are excluded from every count.
+    """
+    pred, label = pred.reshape(-1).long(), label.reshape(-1).long()
+    keep = (label != ignore_index) & (label >= 0) & (label < num_classes)
+    pred, label = pred[keep], label[keep]
+    inter = torch.bincount(label[pred == label], minlength=num_classes)[:num_classes]
+    area_pred = torch.bincount(pred.clamp(0, num_classes - 1), minlength=num_classes)[:num_classes]
+    area_label = torch.bincount(label, minlength=num_classes)[:num_classes]
+    union = area_pred + area_label - inter
+    return inter.double(), union.double(), area_pred.double(), area_label.double()
+
+
+class SegMetrics:
+    """Accumulates pooled intersections/unions over a dataset (and per-image Dice for binary tasks)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_names=None):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.inter = torch.zeros(num_classes, dtype=torch.float64)
+        self.union = torch.zeros_like(self.inter)
+        self.area_pred = torch.zeros_like(self.inter)
+        self.area_label = torch.zeros_like(self.inter)
+        self.image_dice: list[float] = []
+        self.image_iou: list[float] = []
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        """pred, label: one image (H×W) or a batch (B×H×W) of class indices."""
+        if pred.ndim == 2:
+            pred, label = pred[None], label[None]
+        for p, l in zip(pred, label):
+            i, u, ap, al = (t.cpu() for t in intersect_and_union(p, l, self.num_classes, self.ignore_index))
+            self.inter += i
+            self.union += u
+            self.area_pred += ap
+            self.area_label += al
+            if self.num_classes == 2:
+                denom = ap[1] + al[1]
+                self.image_dice.append(1.0 if denom == 0 else float(2 * i[1] / denom))
+                self.image_iou.append(1.0 if u[1] == 0 else float(i[1] / u[1]))
+
+    def compute(self) -> dict[str, float]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = (self.inter / self.union).numpy()          # NaN where a class is absent from both
+            acc_per_class = (self.inter / self.area_label).numpy()
+        out = {
+            "miou": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan"),
+            "acc": float(self.inter.sum() / self.area_label.sum().clamp(min=1) * 100),
+            "macc": float(np.nanmean(acc_per_class) * 100) if np.isfinite(acc_per_class).any() else float("nan"),
+        }
+        if self.num_classes == 2:
+            i, ap, al, u = self.inter[1], self.area_pred[1], self.area_label[1], self.union[1]
+            out["dice"] = float(2 * i / (ap + al) * 100) if ap + al > 0 else 100.0
+            out["iou_fg"] = float(i / u * 100) if u > 0 else 100.0
+            out["dice_img"] = float(np.mean(self.image_dice) * 100) if self.image_dice else float("nan")
+            out["iou_img"] = float(np.mean(self.image_iou) * 100) if self.image_iou else float("nan")
+        if self.num_classes <= 32:
+            for name, v in zip(self.class_names, iou):
+                out[f"iou_{_safe(name)}"] = float(v * 100)
+        return out
+
+    def per_class_iou(self) -> list[float]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return [float(v * 100) for v in (self.inter / self.union).numpy()]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower())
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                  avg_non_ignore: bool = False) -> torch.Tensor:
+    """Pixel-wise CE; logits are resized to the target first (bilinear, as mmseg's decode heads).
+
+    avg_non_ignore=False divides by all pixels, ignored ones included: mmseg 0.26's default, which
+    the SCTNet recipes train with.
+    """
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    if avg_non_ignore:
+        return loss.sum() / (target != ignore_index).sum().clamp(min=1)
+    return loss.mean()
+
+
+def segmentation_loss(output: Any, target: torch.Tensor, model: nn.Module | None = None,
+                      ignore_index: int = IGNORE_INDEX, avg_non_ignore: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss of a model output (tensor or dict, see the module docstring) and its parts."""
+    if isinstance(output, torch.Tensor):
+        loss = cross_entropy(output, target, ignore_index, avg_non_ignore)
+        return loss, {"loss_ce": float(loss.detach())}
+    logs: dict[str, float] = {}
+    loss = cross_entropy(output["logits"], target, ignore_index, avg_non_ignore)
+    logs["loss_ce"] = float(loss.detach())
+    aux = output.get("aux_logits")
+    if aux is not None:
+        aux = [aux] if isinstance(aux, torch.Tensor) else list(aux)
+        weights = list(getattr(model, "aux_loss_weights", None) or [0.4] * len(aux))
+        for k, (a, w) in enumerate(zip(aux, weights)):
+            la = cross_entropy(a, target, ignore_index, avg_non_ignore)
+            loss = loss + w * la
+            logs[f"loss_aux{k}"] = float(la.detach())
+    for key, value in output.items():
+        if key.startswith("loss_"):
+            loss = loss + value
+            logs[key] = float(value.detach())
+    return loss, logs
+
+
+# ---------------------------------------------------------------------------------------- inference
+
+def _logits(out: Any) -> torch.Tensor:
+    return out["logits"] if isinstance(out, dict) else out
+
+
+def whole_inference(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits at the images' size; images are zero-padded (the mean colour after normalisation) to
+    the model's `size_divisor` when it has one (U-Net: 16, SegNetr: 32) and the logits cropped."""
+    h, w = images.shape[-2:]
+    d = int(getattr(model, "size_divisor", 1))
+    ph, pw = (-h) % d, (-w) % d
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph))
+    logits = _logits(model(images))
+    if logits.shape[-2:] != images.shape[-2:]:
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return logits[..., :h, :w]
+
+
+def slide_inference(model: nn.Module, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int],
+                    num_classes: int) -> torch.Tensor:
+    """mmseg's slide_inference: overlapping crops, logits averaged where they overlap."""
+    b, _, h, w = images.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    sh, sw = stride
+    rows = max(h - ch + sh - 1, 0) // sh + 1
+    cols = max(w - cw + sw - 1, 0) // sw + 1
+    out = images.new_zeros((b, num_classes, h, w))
+    count = images.new_zeros((1, 1, h, w))
+    for r in range(rows):
+        for c in range(cols):
+            y1, x1 = min(r * sh, h - ch), min(c * sw, w - cw)
+            out[:, :, y1:y1 + ch, x1:x1 + cw] += whole_inference(model, images[:, :, y1:y1 + ch, x1:x1 + cw])
+            count[:, :, y1:y1 + ch, x1:x1 + cw] += 1
+    return out / count
+
+
+def poly_lr_lambda(total_steps: int, warmup_steps: int = 0, power: float = 1.0, warmup_ratio: float = 1e-6,
+                   min_lr_ratio: float = 0.0):
+    """mmcv's poly policy with linear warm-up, as a LambdaLR factor of the base learning rate."""
+    total = max(int(total_steps), 1)
+
+    def factor(step: int) -> float:
+        poly = (1 - min(step, total) / total) ** power * (1 - min_lr_ratio) + min_lr_ratio
+        if step < warmup_steps:
+            k = (1 - step / warmup_steps) * (1 - warmup_ratio)
+            return poly * (1 - k)
+        return poly
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------------ pictures
+
+def colorize(mask: np.ndarray, pal: np.ndarray) -> np.ndarray:
+    out = np.zeros((*mask.shape, 3), dtype=np.uint8)
+    valid = mask < len(pal)
+    out[valid] = pal[mask[valid]]
+    return out
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a colour-coded mask over an RGB image (ignored pixels keep the image)."""
+    col = colorize(mask, pal).astype(np.float32)
+    img = image.astype(np.float32)
+    blend = np.where((mask < len(pal))[..., None], (1 - alpha) * img + alpha * col, img)
+    return blend.clip(0, 255).astype(np.uint8)
+
+
+def _denormalize(img: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN, device=img.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=img.device).view(3, 1, 1)
+    return (img * std + mean).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------- task
+
+def _pair(v, name: str) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    vals = [int(x) for x in (v.replace("x", ",").split(",") if isinstance(v, str) else v)]
+    if len(vals) == 1:
+        return (vals[0], vals[0])
+    if len(vals) != 2:
+        raise ValueError(f"--{name}: expected H,W or a single size, got {v!r}")
+    return (vals[0], vals[1])
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# defaults per dataset layout: (crop, base scale (short, long), ratio range, test scale)
+_DATA_DEFAULTS = {
+    "cityscapes": ((512, 1024), (1024, 2048), (0.5, 2.0), (512, 1024)),
+    "ade20k": ((512, 512), (512, 2048), (0.5, 2.0), (512, 2048)),
+    "folder": ((256, 256), None, (0.5, 2.0), None),
+    "synthetic": ((96, 96), None, (0.5, 2.0), None),
+}
+
+
+@register_task
+class SegmentationTask(Task):
+    """Semantic segmentation (SCTNet, SegFormer, SegNetr, U-Net) on Cityscapes, ADE20K, folders or built-in scenes."""
+
+    name = "segmentation"
+    default_model = "sctnet_s_seg50"
+    headline_metric = "miou"
+    higher_is_better = True
+    default_epochs = 10
+    default_batch_size = 8
+    default_lr = 4e-4                # SCTNet Cityscapes recipe: AdamW 4e-4, wd 0.0125, heads ×10
+    default_weight_decay = 0.0125
+
+    # -------------------------------------------------------------------------------- arguments
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        # Options the engine already defines (--output, --pretrained, ...) are left to it.
+        g = parser.add_argument_group("segmentation")
+        for names, kw in (
+            (("--dataset",), dict(default="auto", choices=["auto", "synthetic", "cityscapes", "ade20k", "folder"],
+                                  help="layout under --data (auto-detected); synthetic when --data is not given")),
+            (("--num-classes",), dict(type=int, default=None, help="classes of a folder dataset / synthetic scenes")),
+            (("--crop-size",), dict(default=None, help="training crop H,W (default per dataset)")),
+            (("--base-scale",), dict(default=None, help="short,long size the random ratio applies to")),
+            (("--ratio-range",), dict(default="0.5,2.0", help="random rescale ratio range")),
+            (("--test-scale",), dict(default=None, help="short,long size validation images are resized to")),
+            (("--inference",), dict(default="whole", choices=["whole", "slide"], help="whole-image or sliding-window")),
+            (("--slide-stride",), dict(default=None, help="sliding-window stride H,W (default 2/3 of the crop)")),
+            (("--no-photometric",), dict(action="store_true", help="disable photometric distortion")),
+            (("--avg-non-ignore",), dict(action="store_true", help="average CE over labelled pixels only")),
+            (("--teacher",), dict(default=None, help="SCTNet: SegFormer teacher weights; enables SIAM alignment")),
+            (("--teacher-model",), dict(default=None, help="SCTNet teacher (default segformer-b2 for S, b3 for B)")),
+            (("--synthetic-size",), dict(type=int, default=128, help="side of a built-in scene")),
+            (("--synthetic-train",), dict(type=int, default=256, help="built-in training scenes")),
+            (("--synthetic-val",), dict(type=int, default=64, help="built-in validation scenes")),
+            (("--head-lr-mult",), dict(type=float, default=10.0, help="lr multiplier of parameters under a 'head'")),
+            (("--warmup-steps",), dict(type=int, default=None, help="poly schedule warm-up steps")),
+        ):
+            if not any(n in parser._option_string_actions for n in names):
+                g.add_argument(*names, **kw)
+        for names, kw in ((("--input",), dict(default=None, help="predict: an image or a folder of images")),
+                          (("--output",), dict(default=None, help="predict: folder for overlays")),
+                          (("--pretrained",), dict(default=None, help="weights to load"))):
+            if not any(n in parser._option_string_actions for n in names):
+                g.add_argument(*names, **kw)
+
+    @staticmethod
+    def _arg(args, name, default=None):
+        v = getattr(args, name, default)
+        return default if v is None else v
+
+    # ------------------------------------------------------------------------------------- data
+    def _layout(self, args) -> str:
+        kind = self._arg(args, "dataset", "auto")
+        data = getattr(args, "data", None)
+        if kind == "auto":
+            kind = "synthetic" if not data else detect_layout(data)
+        if kind != "synthetic" and not data:
+            raise ValueError(f"--dataset {kind} needs --data PATH")
+        return kind
+
+    def _transforms(self, args, kind):
+        crop, base, ratio, test = _DATA_DEFAULTS[kind]
+        model = str(getattr(args, "model", "") or "")
+        if kind == "cityscapes" and model.startswith("sctnet"):
+            # SCTNet's Seg50/75/100 *is* the test resolution (512×1024, 768×1536, 1024×2048): its card's input size
+            from hybridzoo.registry import get_card
+
+            test = tuple(get_card(model).input_size[1:])
+        crop = _pair(self._arg(args, "crop_size", None), "crop-size") or crop
+        base = _pair(self._arg(args, "base_scale", None), "base-scale") or base
+        test = _pair(self._arg(args, "test_scale", None), "test-scale") or test
+        r = self._arg(args, "ratio_range", "0.5,2.0")
+        ratio = tuple(float(x) for x in r.split(",")) if isinstance(r, str) else tuple(r)
+        photometric = not self._arg(args, "no_photometric", False)
+        train = SegTransform(train=True, crop_size=crop, scale=base, ratio_range=ratio, photometric=photometric)
+        val = SegTransform(train=False, test_scale=test)
+        return train, val
+
+    def build_data(self, args: argparse.Namespace) -> TaskData:
+        kind = self._layout(args)
+        train_tf, val_tf = self._transforms(args, kind)
+        seed = int(self._arg(args, "seed", 0))
+        if kind == "synthetic":
+            k = int(self._arg(args, "num_classes", 5))
+            size = int(self._arg(args, "synthetic_size", 128))
+            train = SyntheticScenes(int(self._arg(args, "synthetic_train", 256)), size, k, "train", seed, train_tf)
+            val = SyntheticScenes(int(self._arg(args, "synthetic_val", 64)), size, k, "val", seed, val_tf)
+        elif kind == "cityscapes":
+            train = CityscapesSegmentation(args.data, "train", train_tf, seed)
+            val = CityscapesSegmentation(args.data, "val", val_tf, seed)
+        elif kind == "ade20k":
+            train = ADE20KSegmentation(args.data, "train", train_tf, seed)
+            val = ADE20KSegmentation(args.data, "val", val_tf, seed)
+        else:
+            k = getattr(args, "num_classes", None)
+            train = FolderSegmentation(args.data, "train", train_tf, seed, num_classes=k)
+            val = FolderSegmentation(args.data, "val", val_tf, seed, num_classes=k or train.num_classes)
+        info = dataset_info(train)
+        info["layout"] = kind
+        return TaskData(train=train, val=val, info=info, collate_fn=collate_segmentation)
+
+    # ------------------------------------------------------------------------------------ model
+    def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
+        from hybridzoo.factory import create_model, load_weights
+
+        k = int(data_info.get("num_classes", 19))
+        model = create_model(args.model, num_classes=k, in_chans=int(data_info.get("in_chans", 3)))
+        weights = getattr(args, "pretrained", None)
+        if weights:
+            load_weights(model, weights)
+        teacher = getattr(args, "teacher", None)
+        if teacher:
+            if not hasattr(model, "enable_siam"):
+                raise ValueError(f"--teacher is only used by SCTNet models, not {args.model}")
+            model.enable_siam(teacher=teacher, teacher_model=getattr(args, "teacher_model", None))
+        return model
+
+    def build_optimizer(self, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer | None:
+        """AdamW as the SCTNet recipes: every parameter decays; names containing 'head' get lr × 10.
+
+        mmcv's `custom_keys` match substrings of the full name, so the official ×10 reaches the
+        decode head, the auxiliary head and the SIAM projections (ours are named `siam.*`).
+        """
+        lr = float(self._arg(args, "lr", self.default_lr))
+        wd = float(self._arg(args, "weight_decay", self.default_weight_decay))
+        mult = float(self._arg(args, "head_lr_mult", 10.0))
+        heads, rest = [], []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                (heads if "head" in n or n.startswith("siam.") else rest).append(p)
+        groups = [{"params": rest, "lr": lr, "lr_mult": 1.0}]
+        if heads:
+            groups.append({"params": heads, "lr": lr * mult, "lr_mult": mult})
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, args: argparse.Namespace, total_steps: int):
+        """Poly (power 1) with linear warm-up (the SCTNet recipes: 1500 of 160k iterations), per step."""
+        warm = self._arg(args, "warmup_steps", None)
+        warm = int(warm) if warm is not None else min(1500, total_steps // 20)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(total_steps, warm, 1.0, 1e-6))
+
+    # ---------------------------------------------------------------------------------- training
+    def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = _to_device(batch, _model_device(model))
+        images, masks = batch[0], batch[1]
+        out = model(images)
+        loss, logs = segmentation_loss(out, masks, model, avg_non_ignore=bool(self._arg(args, "avg_non_ignore", False)))
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+    @torch.no_grad()
+    def predict_logits(self, model: nn.Module, images: torch.Tensor, args: argparse.Namespace, num_classes: int) -> torch.Tensor:
+        if self._arg(args, "inference", "whole") == "slide":
+            crop = _pair(self._arg(args, "crop_size", None), "crop-size") or (512, 512)
+            stride = _pair(self._arg(args, "slide_stride", None), "slide-stride") or (crop[0] * 2 // 3, crop[1] * 2 // 3)
+            return slide_inference(model, images, crop, stride, num_classes)
+        return whole_inference(model, images)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        ds = loader.dataset
+        k = int(getattr(ds, "num_classes", 0) or getattr(args, "num_classes", 0))
+        metrics = SegMetrics(k, IGNORE_INDEX, getattr(ds, "class_names", None))
+        device = _model_device(model)
+        loss_sum, n_pix = 0.0, 0
+        for batch in loader:
+            images, masks, meta = _to_device(batch, device)
+            logits = self.predict_logits(model, images, args, k)
+            for j in range(images.shape[0]):
+                ih, iw, mh, mw = (int(v) for v in meta[j])
+                lg = logits[j:j + 1, :, :ih, :iw]
+                if (ih, iw) != (mh, mw):
+                    lg = F.interpolate(lg, size=(mh, mw), mode="bilinear", align_corners=False)
+                target = masks[j:j + 1, :mh, :mw]
+                ce = F.cross_entropy(lg.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+                loss_sum += float(ce)
+                n_pix += int((target != IGNORE_INDEX).sum())
+                metrics.update(lg.argmax(1)[0], target[0])
+        model.train(was_training)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # pooled counts are sums, so sharded evaluation reduces exactly (an unsharded one only
+            # multiplies every count by the world size, which leaves every ratio unchanged)
+            packed = torch.cat([metrics.inter, metrics.union, metrics.area_pred, metrics.area_label,
+                                torch.tensor([loss_sum, float(n_pix)], dtype=torch.float64)]).to(device)
+            torch.distributed.all_reduce(packed)
+            packed = packed.cpu()
+            metrics.inter, metrics.union, metrics.area_pred, metrics.area_label = packed[:4 * k].reshape(4, k)
+            loss_sum, n_pix = float(packed[-2]), int(packed[-1])
+        out = metrics.compute()
+        out["loss"] = loss_sum / max(n_pix, 1)
+        return out
+
+    def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
+        """mIoU of two trivial predictors fitted on raw training labels (at most 500 images).
+
+        majority: the most frequent training class at every pixel. prior: per pixel position, the
+        most frequent training class at that (relative) position, on a 64×64 grid.
+        """
+        train, val = data.train, data.val
+        k = int(data.info["num_classes"])
+        grid = 64
+        counts = torch.zeros(k, dtype=torch.float64)
+        pos = torch.zeros(k, grid, grid, dtype=torch.float64)
+        for i in range(min(len(train), 500)):
+            m = torch.from_numpy(train.raw_mask(i).astype(np.int64))
+            valid = m[m != IGNORE_INDEX]
+            counts += torch.bincount(valid, minlength=k)[:k].double()
+            small = F.interpolate(m[None, None].float(), size=(grid, grid), mode="nearest")[0, 0].long()
+            ok = small != IGNORE_INDEX
+            pos += F.one_hot(small.clamp(0, k - 1), k).permute(2, 0, 1).double() * ok
+        majority = int(counts.argmax())
+        prior = pos.argmax(0)
+        m_major, m_prior = SegMetrics(k), SegMetrics(k)
+        for i in range(min(len(val), 500)):
+            m = torch.from_numpy(val.raw_mask(i).astype(np.int64))
+            m_major.update(torch.full_like(m, majority), m)
+            p = F.interpolate(prior[None, None].float(), size=m.shape, mode="nearest")[0, 0].long()
+            m_prior.update(p, m)
+        out = {"val_miou_majority": m_major.compute()["miou"], "val_miou_prior": m_prior.compute()["miou"],
+               "val_acc_majority": m_major.compute()["acc"]}
+        if k == 2:
+            out["val_dice_majority"] = m_major.compute()["dice"]
+        return out
+
+    # ---------------------------------------------------------------------------------- pictures
+    @torch.no_grad()
+    def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData, args: argparse.Namespace) -> None:
+        """`overlays.png`: image, ground truth and prediction overlays for the first validation images."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        val = data.val
+        n = min(4, len(val))
+        if n == 0:
+            return
+        k = int(data.info["num_classes"])
+        pal = palette(k, data.info.get("class_names"))
+        was_training = model.training
+        model.eval()
+        device = _model_device(model)
+        fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+        for r in range(n):
+            img, mask, meta = val[r]
+            logits = self.predict_logits(model, img[None].to(device), args, k)
+            mh, mw = int(meta[2]), int(meta[3])
+            pred = F.interpolate(logits, size=(mh, mw), mode="bilinear", align_corners=False).argmax(1)[0].cpu().numpy()
+            raw = val.raw_image(r)
+            gt = mask.numpy().astype(np.int64)
+            for c, (title, pic) in enumerate((("image", raw), ("ground truth", overlay(raw, gt, pal)),
+                                              ("prediction", overlay(raw, pred, pal)))):
+                axes[r][c].imshow(pic)
+                axes[r][c].set_title(title, fontsize=9)
+                axes[r][c].axis("off")
+        fig.tight_layout()
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(run_dir) / "overlays.png", dpi=100)
+        plt.close(fig)
+        model.train(was_training)
+
+    # ----------------------------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(self, args: argparse.Namespace) -> None:
+        """Segment an image or a folder: writes `<stem>_overlay.png` and `<stem>_mask.png` (class indices)."""
+        from PIL import Image
+
+        from hybridzoo.factory import create_model, load_weights
+
+        src = getattr(args, "input", None) or getattr(args, "data", None)
+        if not src:
+            raise ValueError("predict needs --input IMAGE_OR_FOLDER")
+        src = Path(src)
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")) \
+            if src.is_dir() else [src]
+        if not files:
+            raise FileNotFoundError(f"no images in {src}")
+        out_dir = Path(getattr(args, "output", None) or "predictions")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        k = getattr(args, "num_classes", None)
+        kwargs = {"num_classes": int(k)} if k else {}
+        model = create_model(args.model, **kwargs)
+        weights = getattr(args, "pretrained", None) or getattr(args, "weights", None) or getattr(args, "checkpoint", None)
+        if weights:
+            load_weights(model, weights)
+        device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device).eval()
+        k = int(getattr(model, "num_classes", k or 19))
+        names = getattr(model, "class_names", None)
+        pal = palette(k, names)
+        test = _pair(self._arg(args, "test_scale", None), "test-scale")
+        tf = SegTransform(train=False, test_scale=test)
+        for f in files:
+            raw = read_image(f)
+            img, _, meta = tf(raw, np.zeros(raw.shape[:2], np.uint8), np.random.default_rng(0))
+            logits = self.predict_logits(model, img[None].to(device), args, k)
+            logits = F.interpolate(logits, size=raw.shape[:2], mode="bilinear", align_corners=False)
+            pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            Image.fromarray(overlay(raw, pred, pal)).save(out_dir / f"{f.stem}_overlay.png")
+            Image.fromarray(pred).save(out_dir / f"{f.stem}_mask.png")

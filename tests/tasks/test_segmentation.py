@@ -1,0 +1,142 @@
+"""The segmentation task: metrics on hand-computed cases, losses, inference, a tiny training loop,
+pictures and predict."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hybridzoo.tasks.base import get_task
+from hybridzoo.tasks.segmentation import (
+    SegMetrics, intersect_and_union, poly_lr_lambda, segmentation_loss, slide_inference, whole_inference,
+)
+
+
+def test_iou_hand_computed_with_ignore():
+    pred = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    label = torch.tensor([[0, 1, 1], [255, 2, 0]])
+    inter, union, ap, al = intersect_and_union(pred, label, 3)
+    # the pixel labelled 255 (predicted 1) counts nowhere
+    assert inter.tolist() == [1, 1, 1] and union.tolist() == [3, 2, 2]
+    assert ap.tolist() == [2, 1, 2] and al.tolist() == [2, 2, 1]
+    m = SegMetrics(3)
+    m.update(pred, label)
+    out = m.compute()
+    assert out["miou"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 1 / 2) / 3)
+    assert out["acc"] == pytest.approx(60.0)
+    assert out["iou_0"] == pytest.approx(100 / 3)
+
+
+def test_iou_is_pooled_over_the_dataset_not_averaged_per_image():
+    m = SegMetrics(2)
+    m.update(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long))        # perfect, class 0 absent
+    m.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[1, 0], [0, 0]]))          # misses the one fg pixel
+    out = m.compute()
+    assert out["miou"] == pytest.approx(100 * (3 / 4 + 4 / 5) / 2)     # pooled: 77.5, per-image mean would be 68.75
+    assert out["dice"] == pytest.approx(100 * 8 / 9)
+    assert out["iou_fg"] == pytest.approx(80.0)
+    assert out["dice_img"] == pytest.approx(50.0)                       # smp "micro-imagewise"
+
+
+def test_class_absent_from_prediction_and_label_is_skipped():
+    m = SegMetrics(3)
+    m.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    out = m.compute()
+    assert math.isnan(out["iou_2"])
+    assert out["miou"] == pytest.approx(100 * (1 / 2 + 1 / 2) / 2)
+
+
+def test_loss_adds_weighted_aux_and_ready_made_terms():
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, 0] = 255
+    main, aux = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    extra = torch.tensor(0.25)
+    loss, logs = segmentation_loss({"logits": main, "aux_logits": aux, "loss_siam": extra}, target)
+    ce = lambda x: nn.functional.cross_entropy(  # noqa: E731
+        nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False), target,
+        ignore_index=255, reduction="sum") / target.numel()
+    assert loss.item() == pytest.approx((ce(main) + 0.4 * ce(aux) + 0.25).item(), rel=1e-5)
+    assert set(logs) == {"loss_ce", "loss_aux0", "loss_siam"}
+
+
+def test_slide_inference_equals_whole_for_a_pointwise_model():
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 1).eval()
+    x = torch.randn(1, 3, 37, 50)
+    whole = whole_inference(model, x)
+    slid = slide_inference(model, x, crop=(16, 24), stride=(10, 13), num_classes=4)
+    torch.testing.assert_close(slid, whole)
+
+
+def test_poly_schedule_with_warmup():
+    f = poly_lr_lambda(total_steps=100, warmup_steps=10, power=1.0, warmup_ratio=1e-6)
+    assert f(0) == pytest.approx(1e-6, abs=1e-6)
+    assert f(10) == pytest.approx(0.9)
+    assert f(50) == pytest.approx(0.5)
+    assert f(100) == 0.0
+
+
+def _args(tmp_path, **kw):
+    base = dict(model="sctnet_s_seg50", data=None, dataset="auto", num_classes=3, synthetic_size=48, synthetic_train=8,
+                synthetic_val=4, crop_size="32", seed=0, lr=2e-3, weight_decay=0.0, inference="whole", output=str(tmp_path),
+                pretrained=None, teacher=None, head_lr_mult=10.0, base_scale=None, ratio_range="0.75,1.25",
+                test_scale=None, slide_stride=None, no_photometric=False, avg_non_ignore=False, warmup_steps=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_task_trains_evaluates_and_draws(tmp_path):
+    torch.manual_seed(0)
+    task = get_task("segmentation")
+    assert task.headline_metric == "miou"
+    parser = argparse.ArgumentParser()
+    task.add_arguments(parser)
+    assert parser.parse_args(["--inference", "slide"]).inference == "slide"
+    args = _args(tmp_path, model="sctnet_s_seg50")
+    data = task.build_data(args)
+    assert data.info["num_classes"] == 3 and len(data.train) == 8
+    model = task.build_model(args, data.info)
+    model.backbone.apply(lambda m: setattr(m, "drop_prob", 0.0) if hasattr(m, "drop_prob") else None)
+    opt = task.build_optimizer(model, args)
+    assert [g["lr_mult"] for g in opt.param_groups] == [1.0, 10.0]
+    sched = task.build_scheduler(opt, args, total_steps=30)
+    loader = DataLoader(data.train, batch_size=4, shuffle=False, collate_fn=data.collate_fn)
+    batch = next(iter(loader))
+    model.train()
+    losses = []
+    for _ in range(12):          # overfit one batch: the loss (main + 0.4 aux) must fall
+        loss, logs = task.training_step(model, batch, args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert "loss_aux0" in logs and losses[-1] < 0.7 * losses[0]
+    val_loader = DataLoader(data.val, batch_size=2, collate_fn=data.collate_fn)
+    metrics = task.evaluate(model, val_loader, args)
+    assert {"miou", "acc", "loss", "iou_background"} <= set(metrics) and 0 <= metrics["miou"] <= 100
+    base = task.baselines(data, args)
+    assert 0 <= base["val_miou_majority"] <= 100 / 3 + 1e-6   # one class predicted: at most its IoU / K
+    task.on_train_end(tmp_path, model, data, args)
+    assert (tmp_path / "overlays.png").stat().st_size > 0
+
+
+def test_predict_writes_overlay_and_mask(tmp_path):
+    task = get_task("segmentation")
+    img_dir = tmp_path / "in"
+    img_dir.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(img_dir / "x.png")
+    args = _args(tmp_path, model="unet", input=str(img_dir), output=str(tmp_path / "out"), num_classes=2,
+                 device="cpu")
+    task.predict(args)
+    mask = np.asarray(Image.open(tmp_path / "out" / "x_mask.png"))
+    assert mask.shape == (40, 56) and mask.max() <= 1
+    assert np.asarray(Image.open(tmp_path / "out" / "x_overlay.png")).shape == (40, 56, 3)
