@@ -1,7 +1,8 @@
-"""Print a Markdown table of every registered model: our params/MACs (measured on the meta device)
-next to the paper's reported figures and the official exact count.
+"""A Markdown table of every registered model: our params/MACs (measured on the meta device) next to
+the paper's reported figures and the official exact count.
 
-    python benchmarks/model_table.py [pattern] > table.md
+    python benchmarks/model_table.py [pattern]          # print it
+    python benchmarks/model_table.py --readme README.md # rewrite the table between the README's markers
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from hybridzoo.profile import measure_model
 from hybridzoo.registry import get_card
 
 
-def main(pattern: str | None = None) -> None:
+def table(pattern: str | None = None) -> list[str]:
+    lines = []
+    print = lines.append  # noqa: A001  (collect the rows)
     print("| model | task | res | params (ours) | params (official / paper) | GMACs (ours) | GMACs (paper) | headline (paper) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
     for name in hybridzoo.list_models(pattern):
@@ -29,7 +32,23 @@ def main(pattern: str | None = None) -> None:
         demo = " (demo)" if card.demo else ""
         print(f"| `{name}`{demo} | {card.task} | {res} | {m['params']:,} | {ref_params} | {m['macs'] / 1e9:.3f} | {ref_macs} | "
               + ", ".join(f"{k} {v}" for k, v in metric.items()) + " |")
+    return lines
+
+
+START, END = "<!-- models:start -->", "<!-- models:end -->"
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--readme"]:
+        path = argv[1]
+        text = open(path, encoding="utf-8").read()
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        body = "\n".join(table())
+        open(path, "w", encoding="utf-8").write(f"{head}{START}\n{body}\n{END}{tail}")
+    else:
+        print("\n".join(table(argv[0] if argv else None)))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    main(sys.argv[1:])

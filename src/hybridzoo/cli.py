@@ -157,6 +157,8 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    p.add_argument("--onednn", action="store_true",
+                   help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
 
     p = sub.add_parser("predict", help="run a trained model on files")
@@ -327,24 +329,37 @@ def bench_rows(model, name: str, input_size: tuple[int, ...], args, device) -> l
     params = count_params(model)
     rows = []
     for cfg in configs:
+        # config keys: input_size, name, module (another network to time, e.g. a teacher), batch_size,
+        # train (False: inference only); the rest are forward keyword arguments
         cfg = dict(cfg)
         size = tuple(cfg.pop("input_size", input_size))
         label = cfg.pop("name", None)
-        runner = _WithKwargs.wrap(model, cfg)
+        module = cfg.pop("module", None)
+        cfg_bs = cfg.pop("batch_size", None)
+        cfg_train = cfg.pop("train", True)
+        target = module.to(device) if module is not None else model
+        runner = _WithKwargs.wrap(target, cfg)
         runner.eval()
+        if args.onednn:
+            from hybridzoo.layers.onednn import optimize_for_cpu_inference
+            runner = optimize_for_cpu_inference(runner)
         with torch.no_grad():
             macs = count_macs(runner, example_input(runner, size, 1, device=device))
         row: dict[str, Any] = {"model": name, "config": label or (", ".join(f"{k}={v}" for k, v in cfg.items()) or "default"),
-                               "input_size": list(size), "params": params, "macs_g": macs / 1e9,
-                               "device": str(device), "amp": args.amp, "threads": torch.get_num_threads()}
+                               "input_size": list(size), "params": count_params(target) if module is not None else params,
+                               "macs_g": macs / 1e9, "device": str(device), "amp": args.amp,
+                               "threads": torch.get_num_threads()}
         common = dict(device=str(device), warmup=args.warmup, iters=args.iters, amp_dtype=amp)
         lat = benchmark(runner, size, batch_size=1, **common)
         row["latency_ms_bs1"] = lat["seconds_per_iter"] * 1e3
-        thr = benchmark(runner, size, batch_size=bs, **common)
-        row[f"infer_samples_per_s_bs{bs}"] = thr["samples_per_second"]
-        if not args.no_train:
-            tr = benchmark(runner, size, batch_size=bs, train=True, **common)
-            row[f"train_samples_per_s_bs{bs}"] = tr["samples_per_second"]
+        row["fps_bs1"] = 1.0 / lat["seconds_per_iter"]
+        n = cfg_bs or bs
+        if n != 1:
+            thr = benchmark(runner, size, batch_size=n, **common)
+            row[f"infer_samples_per_s_bs{n}"] = thr["samples_per_second"]
+        if not args.no_train and cfg_train and not args.onednn:
+            tr = benchmark(runner, size, batch_size=n, train=True, **common)
+            row[f"train_samples_per_s_bs{n}"] = tr["samples_per_second"]
         rows.append(row)
     return rows
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hybridzoo
-from hybridzoo.models.sctnet import CFBlock, ConvolutionalAttention, bench_configs, channel_wise_divergence
+from hybridzoo.models.sctnet import CFBlock, ConvolutionalAttention, channel_wise_divergence, official_fps_settings
 from hybridzoo.profile import count_params
 
 from _seg_layouts import sctnet_to_official
@@ -147,6 +147,11 @@ def test_official_checkpoint_layout_loads(tmp_path):
 
 
 def test_bench_configs_cover_the_official_fps_settings():
-    cfgs = {(c["model"], tuple(c["input_size"])) for c in bench_configs()}
+    cfgs = {(c["model"], tuple(c["input_size"])) for c in official_fps_settings()}
     assert ("sctnet_b_seg100", (3, 1024, 2048)) in cfgs and ("sctnet_s_seg50", (3, 512, 1024)) in cfgs
     assert all(m in hybridzoo.list_models("sctnet*") for m, _ in cfgs)
+    rows = _small().bench_configs()
+    assert [r["input_size"] for r in rows] == [(3, 1024, 2048)] * 2 + [(3, 512, 1024)] * 2
+    deployed, teacher = rows[0]["module"], rows[1]["module"]
+    assert deployed.auxiliary_head is None and deployed.siam is None
+    assert type(teacher).__name__ != type(deployed).__name__

@@ -107,7 +107,8 @@ def test_task_trains_evaluates_and_draws(tmp_path):
     model.backbone.apply(lambda m: setattr(m, "drop_prob", 0.0) if hasattr(m, "drop_prob") else None)
     opt = task.build_optimizer(model, args)
     assert [g["lr_mult"] for g in opt.param_groups] == [1.0, 10.0]
-    sched = task.build_scheduler(opt, args, total_steps=30)
+    from hybridzoo.engine.optim import CosineWarmupSchedule
+    sched = CosineWarmupSchedule(opt, total_steps=30, decay_fn=lambda s: task.lr_factor(s, 30, 10, args))
     loader = DataLoader(data.train, batch_size=4, shuffle=False, collate_fn=data.collate_fn)
     batch = next(iter(loader))
     model.train()
@@ -117,7 +118,7 @@ def test_task_trains_evaluates_and_draws(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
+        sched.set_step(sched.step_count + 1)
         losses.append(loss.item())
     assert "loss_aux0" in logs and losses[-1] < 0.7 * losses[0]
     val_loader = DataLoader(data.val, batch_size=2, collate_fn=data.collate_fn)

@@ -32,7 +32,7 @@ from hybridzoo.layers import DropPath, check_image_input
 from hybridzoo.registry import register_model
 
 __all__ = ["SCTNet", "SCTNetBackbone", "CFBlock", "ConvolutionalAttention", "DAPPM", "SCTHead", "SIAM",
-           "channel_wise_divergence", "convert_official", "bench_configs", "sctnet_s_seg50", "sctnet_s_seg75",
+           "channel_wise_divergence", "convert_official", "official_fps_settings", "sctnet_s_seg50", "sctnet_s_seg75",
            "sctnet_b_seg50", "sctnet_b_seg75", "sctnet_b_seg100"]
 
 
@@ -350,6 +350,19 @@ class SCTNet(nn.Module):
         model = copy.deepcopy(model)
         return model.eval()
 
+    def bench_configs(self) -> list[dict[str, Any]]:
+        """What `hybridzoo bench` times: the deployed network at 1024×2048 and 512×1024, batch 1 (the
+        paper's FPS setting), each next to the SegFormer teacher it learned from at the same size."""
+        deployed = self.deploy()
+        teacher = build_teacher(self.base_channels, self.num_classes, self.in_chans)
+        teacher_name = "segformer_b2" if self.base_channels <= 32 else "segformer_b3"
+        rows = []
+        for h, w in ((1024, 2048), (512, 1024)):
+            rows.append(dict(name=f"deployed {h}x{w}", module=deployed, input_size=(3, h, w), batch_size=1, train=False))
+            rows.append(dict(name=f"teacher {teacher_name} {h}x{w}", module=teacher, input_size=(3, h, w),
+                             batch_size=1, train=False))
+        return rows
+
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_image_input(x, self, self.in_chans)
         return self.backbone(x)
@@ -402,8 +415,8 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: SCTNet) -> dict
 
 # ------------------------------------------------------------------------------------- variants
 
-def bench_configs() -> list[dict[str, Any]]:
-    """What `hybridzoo bench` times for SCTNet: the official FPS settings (batch 1, FP32, eval model
+def official_fps_settings() -> list[dict[str, Any]]:
+    """The official FPS settings (batch 1, FP32, eval model
     = backbone + SCTHead + final resize, as `speed/torch_speed.py`); FPS reported on an RTX 3090."""
     return [
         dict(model="sctnet_b_seg100", input_size=(3, 1024, 2048), batch_size=1, reported_fps=62.8, device="RTX 3090"),

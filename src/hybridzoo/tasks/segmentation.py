@@ -410,11 +410,11 @@ class SegmentationTask(Task):
             groups.append({"params": heads, "lr": lr * mult, "lr_mult": mult})
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
 
-    def build_scheduler(self, optimizer: torch.optim.Optimizer, args: argparse.Namespace, total_steps: int):
-        """Poly (power 1) with linear warm-up (the SCTNet recipes: 1500 of 160k iterations), per step."""
+    def lr_factor(self, step: int, total_steps: int, steps_per_epoch: int, args: argparse.Namespace) -> float:
+        """Poly (power 1) with mmcv's linear warm-up (the SCTNet recipes: 1500 of 160k iterations), per step."""
         warm = self._arg(args, "warmup_steps", None)
         warm = int(warm) if warm is not None else min(1500, total_steps // 20)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(total_steps, warm, 1.0, 1e-6))
+        return poly_lr_lambda(total_steps, warm, 1.0, 1e-6)(step)
 
     # ---------------------------------------------------------------------------------- training
     def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
