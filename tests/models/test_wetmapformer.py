@@ -116,14 +116,14 @@ def test_multiscale_positional_mixing_uses_1_3_5_depthwise():
 
 def test_fextractor_is_spectral_then_spatial():
     fe = FExtractor(in_chans=6, spectral_filters=(4, 8), width=16).eval()
-    assert fe.spectral1.kernel_size == (3, 1, 1) and fe.spectral2.kernel_size == (5, 1, 1)
+    assert fe.spectral1.kernel_size == (3, 1) and fe.spectral2.kernel_size == (5, 1)   # along the bands
     x = torch.randn(2, 6, 8, 8)
     assert fe(x).shape == (2, 16, 8, 8)
     # spectral convs mix bands only: changing pixel (0, 0) leaves the spectral features of (7, 7) alone
     y = x.clone()
     y[:, :, 0, 0] += 5
-    s = lambda t: fe.spectral2(torch.relu(fe.spectral1(t.unsqueeze(1))))
-    assert torch.equal(s(x)[..., 7, 7], s(y)[..., 7, 7])
+    s = lambda t: fe.spectral2(torch.relu(fe.spectral1(t.reshape(2, 1, 6, 64)))).reshape(2, -1, 6, 8, 8)
+    assert torch.equal(s(x)[..., 7, 7], s(y)[..., 7, 7]) and not torch.equal(s(x)[..., 0, 0], s(y)[..., 0, 0])
 
 
 @pytest.mark.parametrize("in_chans", [4, 16, 21])
@@ -140,6 +140,14 @@ def test_center_pool_reads_the_labelled_pixels_token():
     feats = m.forward_features(x)
     # labelled pixel (4, 4) lies in token (2, 2) of the 4×4 map at stride 2
     torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feats[:, :, 2, 2])
+
+
+def test_channels_last():
+    m = WetMapFormer(**SMALL).eval()
+    x = torch.randn(2, 16, 8, 8)
+    ref = m(x)
+    m = m.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_grad_checkpointing_same_output():

@@ -149,10 +149,12 @@ def test_predict_command_writes_png_and_geotiff(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
               metadata={"model": "cnn2d_landcover", "task": "land-cover", "data_info": json.dumps(data.info)})
     scene = lc.make_synthetic_scene(20, 24, seed=5)
-    tifffile.imwrite(tmp_path / "scene.tif", scene.image, photometric="minisblack", planarconfig="contig", extratags=GEO)
+    tifffile.imwrite(tmp_path / "scene.tif", scene.image, photometric="minisblack", planarconfig="contig",
+                     extratags=GEO)
     np.save(tmp_path / "plain.npy", scene.image)
     pargs = _args(task, ["--map-dir", str(tmp_path / "maps"), "--tile-pixels", "100"])
-    pargs.run, pargs.checkpoint, pargs.model, pargs.device, pargs.json = None, str(weights), None, "cpu", str(tmp_path / "p.json")
+    pargs.run, pargs.checkpoint, pargs.model, pargs.device = None, str(weights), None, "cpu"
+    pargs.json = str(tmp_path / "p.json")
     pargs.images = [str(tmp_path / "scene.tif"), str(tmp_path / "plain.npy")]
     task.predict(pargs)
     out = json.loads((tmp_path / "p.json").read_text())

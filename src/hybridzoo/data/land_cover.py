@@ -429,8 +429,9 @@ def make_synthetic_scene(height: int = 160, width: int = 160, seed: int = 0, loo
 
     Class regions: argmax over seven smoothed Gaussian noise fields plus class priors (smooth blobs).
     Optical bands: class spectrum × (1 + 10 % smooth brightness variation) + 0.005 smooth per-band
-    variation + Gaussian sensor noise (`optical_noise`, 0.02 reflectance). SAR bands: class σ⁰ (dB → linear) × smooth ±1 dB
-    variation × Gamma(L, 1/L) speckle (L = `looks`, independent per band and pixel), back in dB.
+    variation + Gaussian sensor noise (`optical_noise`, 0.02 reflectance). SAR bands: class σ⁰
+    (dB → linear) × smooth ±1 dB variation × Gamma(L, 1/L) speckle (L = `looks`, independent per
+    band and pixel), back in dB.
     Labels: "field survey" regions (a thresholded smooth field covering `label_fraction` of the
     scene) carry their class value 1..7; the rest is 0.
     """

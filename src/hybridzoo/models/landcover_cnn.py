@@ -20,7 +20,10 @@ __all__ = ["LandCoverCNN", "convert_official"]
 
 
 class LandCoverCNN(nn.Module):
-    """[conv3×3-BN-ReLU ×2] → max-pool 2 → [conv3×3-BN-ReLU ×2] → global average pool → dropout → linear."""
+    """[conv3×3-BN-ReLU ×2] → max-pool 2 → [conv3×3-BN-ReLU ×2] → global average pool → dropout → linear.
+
+    `widths` sets the stages (one conv group per entry); any number of bands and classes.
+    """
 
     def __init__(self, *, in_chans: int = 16, num_classes: int = 7, widths: tuple[int, ...] = (64, 128),
                  convs_per_stage: int = 2, drop_rate: float = 0.2, img_size: int | tuple[int, int] | None = None):

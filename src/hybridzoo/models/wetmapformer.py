@@ -106,8 +106,10 @@ class FExtractor(nn.Module):
         super().__init__()
         f1, f2 = spectral_filters
         self.in_chans = in_chans
-        self.spectral1 = nn.Conv3d(1, f1, (3, 1, 1), padding=(1, 0, 0))
-        self.spectral2 = nn.Conv3d(f1, f2, (5, 1, 1), padding=(2, 0, 0))
+        # Keras Conv3D with (1, 1, k) kernels on (H, W, bands, 1): a k-tap filter along the bands only, run
+        # here as a 2-D conv over (bands, pixels) — the same weights, and rank-4 so channels-last works
+        self.spectral1 = nn.Conv2d(1, f1, (3, 1), padding=(1, 0))
+        self.spectral2 = nn.Conv2d(f1, f2, (5, 1), padding=(2, 0))
         flat = in_chans * f2
         self.bn_in = nn.BatchNorm2d(flat, **_KERAS_BN)
         self.sep1 = SeparableConv2d(flat, width)
@@ -122,8 +124,8 @@ class FExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        x = F.relu(self.spectral1(x.unsqueeze(1)))
-        x = F.relu(self.spectral2(x))                        # B, f2, C, H, W
+        x = F.relu(self.spectral1(x.reshape(B, 1, C, H * W)))
+        x = F.relu(self.spectral2(x))                        # B, f2, C, H·W
         # Keras flattens (H, W, C, f2) → band-major channels; keep that order for weight conversion
         x = x.transpose(1, 2).reshape(B, -1, H, W)
         x = F.relu(self.bn_in(x))
@@ -376,7 +378,7 @@ class WetMapFormer(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         # Keras defaults: glorot-uniform kernels, zero biases; the LWA bias trunc-normal(0.02)
-        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -444,10 +446,11 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> d
 # --------------------------------------------------------------------------- 5. variants
 _PAPER = "WetMapFormer (Jamali et al., JAG 2023, doi 10.1016/j.jag.2023.103333)"
 _TEST = dict(out_channels=(32, 64), spectral_filters=(4, 8), fe_width=16)
-_NOTE = ("Paper figures (params, FLOPs, OA/AA/kappa) are not retrievable here, so none are quoted. params / params_m "
-         "are OUR exact count of this re-implementation at 16 bands, 7 classes, 8×8 patches (a regression check, not a "
-         "paper figure); {macs} M MACs by FlopCounterMode. Deviations from the notebook (1×1 stem so LWA runs at 4×4, "
-         "k=3, MLP ratio 4, pre-norm residuals{extra}) are listed in the module docstring.")
+_NOTE = ("Paper figures (params, FLOPs, OA/AA/kappa) are not retrievable here, so none are quoted. "
+         "params / params_m are OUR exact count of this re-implementation at 16 bands, 7 classes, 8×8 "
+         "patches (a regression check, not a paper figure); {macs} M MACs by FlopCounterMode. Deviations "
+         "from the notebook (1×1 stem so LWA runs at 4×4, k=3, MLP ratio 4, pre-norm residuals{extra}) "
+         "are listed in the module docstring.")
 
 
 def _create(cfg: dict, kwargs: dict) -> WetMapFormer:

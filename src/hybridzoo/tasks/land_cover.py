@@ -335,7 +335,8 @@ class LandCoverTask(Task):
         except TypeError:
             return create_model(args.model, **kw)
 
-    def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, model: nn.Module, batch: Any,
+                      args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
         x, y = batch
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -464,7 +465,8 @@ class LandCoverTask(Task):
                 written["geotiff"] = str(tif)
             results.append(written)
             print(f"{path}: {source.height}×{source.width} px in {stats['seconds']:.1f} s "
-                  f"({stats['pixels_per_second']:,.0f} px/s) → {png}" + (f", {written['geotiff']}" if source.geo else ""))
+                  f"({stats['pixels_per_second']:,.0f} px/s) → {png}"
+                  + (f", {written['geotiff']}" if source.geo else ""))
         if getattr(args, "json", None):
             text = json.dumps(results, indent=2)
             if args.json == "-":
