@@ -13,7 +13,10 @@ defines it; see `hybridzoo.data.land_cover`).
 
 Official code: aj1365/WetMapFormer `WetMapFormer.ipynb` @ 903a7de (Keras, built on
 keras_cv_attention_models; the LWA is adapted from Neighborhood Attention Transformer). No weights
-and no data were released. We implement the paper's design where the notebook's graph has faults:
+and no data were released. The paper's full text was not available to us: "the paper's design" below
+is its described architecture (CNN extractor, multi-scale depthwise positional mixing, LWA with a
+k×k window, MLP ratio 4) and the evident intent of the UniFormer-derived code, where the notebook's
+graph has faults:
 
 1. Stem patch 4 → 1. The notebook patchifies the 8×8 extractor output with a 4×4/stride-4 conv and
    downsamples 2×2/stride 2 before the transformer stage, so LWA runs on a 1×1 map (a single token:
@@ -36,15 +39,24 @@ and no data were released. We implement the paper's design where the notebook's 
    carry the qkv bias); we shrink the window to the map instead. On maps ≥ k the two agree: the
    window is clamped at the borders exactly as NAT defines it (always k×k keys), and the bias index
    is (key − query) + k − 1 on a (2k − 1)² table.
+6. Extractor BN running averages: momentum 0.1 (torch's default, decay 0.9) instead of Keras's decay
+   0.99. A training-dynamics default rather than design; with 0.99 our 2-epoch check on the built-in
+   scene gave val OA 0.735 instead of 0.853 (eval-mode statistics lag far behind).
 
 Kept from the notebook: the extractor as written (ReLU twice after its first BN, Keras BN
-momentum/epsilon, TF "same" padding — extra row/column at the bottom/right — for the strided
+epsilon 1e-3, TF "same" padding — extra row/column at the bottom/right — for the strided
 max-pool and conv, and the decoder fed from the pooled map while the residual sum feeds only the
 upsampled shortcut), biases on every conv/dense, GELU in the MLP, BN → global average pool →
 linear head (an optional `global_pool="center"` reads the token holding the labelled pixel
 instead), Keras glorot-uniform init with zero biases and a truncated-normal(0.02) position bias.
 The notebook's normalisation and augmentation layers live in the data pipeline
-(`hybridzoo.data.land_cover`), not in the model.
+(`hybridzoo.data.land_cover`), not in the model. Not implemented: its token-labelling / MixToken
+head (`token_label_top`, `mix_token`), off by default there and never used.
+
+Implementation notes: the spectral 3-D convolutions run as (k × 1) 2-D convolutions over
+(bands, pixels) — the same weights, rank 4 so `channels_last` works. LWA gathers each pixel's k×k
+neighbours (no loop over pixels); on maps of ≤ 256 tokens (always, for 8×8 patches) the same
+neighbourhoods are written into a dense −inf/bias mask for `scaled_dot_product_attention`.
 
 Parameter counts: the paper's figures could not be retrieved, so each card's `params` is OUR
 exact count of this re-implementation (16 bands, 7 classes), a regression check, not a paper
@@ -65,9 +77,11 @@ from hybridzoo.registry import register_model
 __all__ = ["WetMapFormer", "FExtractor", "MultiScalePosEmbed", "ConvAttention", "LocalWindowAttention",
            "WetMapFormerBlock", "neighbourhood_indices", "convert_official"]
 
-# Keras BatchNormalization defaults (momentum 0.99 → torch 0.01, epsilon 1e-3) in the extractor; the
-# transformer part sets momentum 0.9 / epsilon 1e-5 explicitly (BATCH_NORM_DECAY/EPSILON in the notebook).
-_KERAS_BN = dict(momentum=0.01, eps=1e-3)
+# The extractor's BNs keep Keras's epsilon 1e-3 but not its running-average decay 0.99 (torch momentum
+# 0.01): with it the running statistics of the 512-channel BN still lean on their initial values after a
+# few hundred steps and eval accuracy collapses in short runs (deviation 6). The transformer part sets
+# decay 0.9 / epsilon 1e-5 itself (BATCH_NORM_DECAY/EPSILON in the notebook) = torch's defaults.
+_KERAS_BN = dict(momentum=0.1, eps=1e-3)
 _LN_EPS = 1e-6
 
 
