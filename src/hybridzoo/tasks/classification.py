@@ -68,10 +68,12 @@ def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: i
         kwargs["img_size"] = img_size
     try:
         model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    except TypeError:
-        if "img_size" not in kwargs:
+    except (TypeError, ValueError) as e:
+        if "img_size" not in kwargs or (isinstance(e, ValueError) and "img_size" not in str(e)):
             raise
-        kwargs.pop("img_size")  # a model that accepts any input size has no img_size argument
+        # a model that accepts any input size has no img_size argument; one that resizes its input to a
+        # trained resolution (SuperViT) refuses others and is built at its default
+        kwargs.pop("img_size")
         model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if pretrained:
         try:
