@@ -155,3 +155,18 @@ def test_bench_configs_cover_the_official_fps_settings():
     deployed, teacher = rows[0]["module"], rows[1]["module"]
     assert deployed.auxiliary_head is None and deployed.siam is None
     assert type(teacher).__name__ != type(deployed).__name__
+
+
+def test_teacher_trained_with_the_registered_segformer_config_loads(tmp_path):
+    # `hybridzoo train --model segformer_b0` saves the registered (MLP-head) decoder; SIAM accepts it
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    trained = hybridzoo.create_model("segformer_b0", num_classes=5)
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    model = _small().enable_siam(teacher=str(path), teacher_model="segformer_b0").train()
+    teacher = model.siam.teacher
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in trained.state_dict().items())
+    out = model(torch.randn(2, 3, 64, 64))
+    assert torch.isfinite(out["loss_siam"])

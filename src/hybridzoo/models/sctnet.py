@@ -335,7 +335,19 @@ class SCTNet(nn.Module):
 
             model = build_teacher(self.base_channels, self.num_classes, self.in_chans, teacher_model, **teacher_kwargs)
             if teacher is not None:
-                load_weights(model, teacher)
+                try:
+                    load_weights(model, teacher)
+                except ValueError as official_error:
+                    # a teacher trained with `hybridzoo train --model segformer_bX` has the registered
+                    # decoder (its width, the MLP head); SIAM reads either head style
+                    from hybridzoo.factory import create_model
+
+                    name = (teacher_model or ("segformer_b2" if self.base_channels <= 32 else "segformer_b3"))
+                    model = create_model(name.replace("-", "_"), num_classes=self.num_classes, in_chans=self.in_chans)
+                    try:
+                        load_weights(model, teacher)
+                    except ValueError:
+                        raise official_error from None
         device = next(self.parameters()).device
         self.siam = SIAM(model, self.base_channels).to(device)
         self.siam.train(self.training)
