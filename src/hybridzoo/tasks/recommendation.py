@@ -86,9 +86,9 @@ class RecommendationTask(Task):
     default_model = "adamct_beauty"
     headline_metric = "ndcg@10"
     higher_is_better = True
-    default_epochs = 30
-    default_batch_size = 256
-    default_lr = 1e-3
+    default_epochs = 10
+    default_batch_size = 512
+    default_lr = 2e-3
     default_weight_decay = 0.0
 
     def __init__(self) -> None:
@@ -111,7 +111,7 @@ class RecommendationTask(Task):
             users, items, times = read_interactions(args.data, getattr(args, "format", None))
             kcore = 5 if getattr(args, "kcore", None) is None else args.kcore
         else:
-            users, items, times = synthetic_interactions(seed=0)
+            users, items, times = synthetic_interactions(num_users=1500, seed=0)
             kcore = 0 if getattr(args, "kcore", None) is None else args.kcore
         return SequenceData.from_interactions(users, items, times, kcore=kcore)
 
