@@ -23,15 +23,21 @@ def table(pattern: str | None = None) -> list[str]:
         card = get_card(name)
         m = measure_model(name)
         rep = card.reported
-        ref_params = f"{card.params:,}" if card.params is not None else f"{rep.get('params_m', float('nan'))}M"
-        metric = {k: v for k, v in rep.items() if k not in ("params_m", "gflops", "resolution")}
-        ref_macs = rep.get("gflops")
+        if card.params is not None:
+            ref_params = f"{card.params:,}" + (" (ours: none published)" if card.params_source == "ours" else "")
+        elif rep.get("params_m") is not None:
+            ref_params = f"{rep['params_m']}M" + (" (ours: none published)" if card.params_source == "ours" else "")
+        else:
+            ref_params = "—"
+        metric = {k: v for k, v in rep.items() if k not in ("params_m", "gflops", "resolution") and v is not None}
+        paper_macs = "—" if rep.get("gflops") is None else f"{rep['gflops']}"
         if card.macs_g is not None:
-            ref_macs = f"{ref_macs} (official measured {card.macs_g})"
-        res = "×".join(str(s) for s in m["input_size"][1:]) or str(m["input_size"])
+            paper_macs += f" (official model measured: {card.macs_g})" if card.params_source != "ours" else f" (ours: {card.macs_g})"
+        size = m["input_size"]
+        res = "×".join(str(s) for s in size[1:]) if len(size) == 3 else f"L={size[0]}"
         demo = " (demo)" if card.demo else ""
-        print(f"| `{name}`{demo} | {card.task} | {res} | {m['params']:,} | {ref_params} | {m['macs'] / 1e9:.3f} | {ref_macs} | "
-              + ", ".join(f"{k} {v}" for k, v in metric.items()) + " |")
+        print(f"| `{name}`{demo} | {card.task} | {res} | {m['params']:,} | {ref_params} | {m['macs'] / 1e9:.3f} | "
+              f"{paper_macs} | " + ", ".join(f"{k} {v}" for k, v in metric.items()) + " |")
     return lines
 
 

@@ -275,10 +275,12 @@ def cmd_info(args) -> int:
     print(f"module {card.module}; input {tuple(card.input_size)}")
     res = rep.get("resolution", card.input_size[-1] if len(card.input_size) == 3 else None)
     rows = [("", "paper", "this implementation")]
-    official = f" (official {card.params:,})" if card.params is not None else ""
+    official = ("" if card.params is None else f" (official {card.params:,})" if card.params_source != "ours"
+                else " (no published count; pinned to this implementation's)")
     rows.append(("params", _num(rep.get("params_m"), "M"),
                  "—" if measured is None else f"{measured['params']:,} = {measured['params'] / 1e6:.2f}M{official}"))
-    ref = f" (official measured {card.macs_g} G)" if card.macs_g is not None else ""
+    ref = (f" (official measured {card.macs_g} G)" if card.macs_g is not None and card.params_source != "ours"
+           else "")
     rows.append((f"MACs @{res}" if res else "MACs", _num(rep.get("gflops"), " G"),
                  "—" if measured is None else f"{measured['macs'] / 1e9:.3f} G{ref}"))
     for k, v in rep.items():

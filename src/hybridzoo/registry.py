@@ -39,6 +39,7 @@ class ModelCard:
     task: str
     reported: dict[str, Any]
     params: int | None = None
+    params_source: str = "official"   # where `params` comes from; "ours" where no published count exists
     params_rtol: float = 0.01
     macs_g: float | None = None
     flops_rtol: float = 0.10
@@ -53,7 +54,8 @@ class ModelCard:
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "paper": self.paper, "arxiv": self.arxiv, "task": self.task,
-            "reported": dict(self.reported), "params_exact": self.params, "macs_g": self.macs_g,
+            "reported": dict(self.reported), "params_exact": self.params, "params_source": self.params_source,
+            "macs_g": self.macs_g,
             "input_size": list(self.input_size), "demo": self.demo, "notes": self.notes,
         }
 

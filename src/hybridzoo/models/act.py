@@ -473,7 +473,7 @@ _TINY = dict(n_feats=16, num_stages=2, n_resblocks=2, reduction=4, num_heads=4, 
 @register_model(paper="ACT", arxiv="2203.07682", task="super-resolution",
                 reported=dict(resolution=48, scale=2), params=884_075,  # our own count: no paper figure
                 input_size=(3, 48, 48), test_kwargs=_TEST_KWARGS, test_input_size=(3, 12, 12),
-                unused_params=("unused_conv",), demo=True,
+                params_source="ours", unused_params=("unused_conv",), demo=True,
                 notes="Reduced ACT for demos and the default built-in training run: 16 features, token dim "
                       "144, 2 stages of (MHSA, CSTA, residual group of 2 RCABs, fusion), 4 heads.")
 def act_tiny_x2(**kwargs) -> ACT:

@@ -87,7 +87,7 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> d
 @register_model(paper="2-D CNN baseline (hybridzoo; no paper)", arxiv=None, task="land-cover",
                 reported=dict(params_m=0.269, gflops=None, oa=None, aa=None, kappa=None, resolution=8),
                 params=268_935, input_size=(16, 8, 8), test_kwargs=dict(widths=(8, 16)), test_input_size=(16, 8, 8),
-                notes="hybridzoo's convolution-only baseline for the land-cover task (not from the WetMapFormer paper, "
+                params_source="ours", notes="hybridzoo's convolution-only baseline for the land-cover task (not from the WetMapFormer paper, "
                       "whose baselines could not be retrieved). params / params_m are OUR exact count at 16 bands, "
                       "7 classes; 6.49 M MACs per 8×8 patch.")
 def cnn2d_landcover(**kwargs):

@@ -474,7 +474,7 @@ def _create(cfg: dict, kwargs: dict) -> WetMapFormer:
 @register_model(paper=_PAPER, arxiv=None, task="land-cover",
                 reported=dict(params_m=1.313, gflops=None, oa=None, aa=None, kappa=None, resolution=8),
                 params=1_313_167, input_size=(16, 8, 8), test_kwargs=_TEST, test_input_size=(16, 8, 8),
-                notes=_NOTE.format(macs="33.5", extra="; 8 heads of 32"))
+                params_source="ours", notes=_NOTE.format(macs="33.5", extra="; 8 heads of 32"))
 def wetmapformer_small(**kwargs):
     return _create(dict(num_blocks=(1, 1), head_dim=32), kwargs)
 
@@ -482,7 +482,7 @@ def wetmapformer_small(**kwargs):
 @register_model(paper=_PAPER, arxiv=None, task="land-cover",
                 reported=dict(params_m=4.058, gflops=None, oa=None, aa=None, kappa=None, resolution=8),
                 params=4_058_411, input_size=(16, 8, 8), test_kwargs=_TEST, test_input_size=(16, 8, 8),
-                notes=_NOTE.format(macs="94.1", extra="; 1 head of 256"))
+                params_source="ours", notes=_NOTE.format(macs="94.1", extra="; 1 head of 256"))
 def wetmapformer_medium(**kwargs):
     return _create(dict(num_blocks=(3, 4), head_dim=256), kwargs)
 
@@ -490,6 +490,6 @@ def wetmapformer_medium(**kwargs):
 @register_model(paper=_PAPER, arxiv=None, task="land-cover",
                 reported=dict(params_m=7.777, gflops=None, oa=None, aa=None, kappa=None, resolution=8),
                 params=7_776_783, input_size=(16, 8, 8), test_kwargs=_TEST, test_input_size=(16, 8, 8),
-                notes=_NOTE.format(macs="178.4", extra="; 1 head of 256 where the notebook's 1024-dim heads give 0"))
+                params_source="ours", notes=_NOTE.format(macs="178.4", extra="; 1 head of 256 where the notebook's 1024-dim heads give 0"))
 def wetmapformer_large(**kwargs):
     return _create(dict(num_blocks=(6, 8), head_dim=1024), kwargs)
