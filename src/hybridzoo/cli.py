@@ -339,6 +339,7 @@ def bench_rows(model, name: str, input_size: tuple[int, ...], args, device) -> l
         module = cfg.pop("module", None)
         cfg_bs = cfg.pop("batch_size", None)
         cfg_train = cfg.pop("train", True)
+        cfg.update(cfg.pop("forward_kwargs", {}))
         target = module.to(device) if module is not None else model
         runner = _WithKwargs.wrap(target, cfg)
         runner.eval()
@@ -401,6 +402,13 @@ def cmd_bench(args) -> int:
             if k in ("model", "config", "input_size", "device", "amp", "threads"):
                 continue
             print(f"  {k:<28} {v:,.3f}" if isinstance(v, float) else f"  {k:<28} {v:,}")
+    if len(rows) > 1:  # e.g. SuperViT's 12 (resolution, keep-rate) pairs, SCTNet vs its teacher
+        keys = [k for k in rows[0] if k.startswith(("latency", "fps", "infer", "train_samples"))]
+        print("\n| config | input | GMACs | " + " | ".join(keys) + " |")
+        print("| --- | --- | ---: | " + " | ".join("---:" for _ in keys) + " |")
+        for r in rows:
+            print(f"| {r['config']} | {'×'.join(map(str, r['input_size'][1:]))} | {r['macs_g']:.3f} | "
+                  + " | ".join(f"{r[k]:.2f}" if isinstance(r.get(k), float) else "—" for k in keys) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -116,3 +116,17 @@ def test_image_folder_and_missing_data(task, tmp_path):
     args = _args(task, "--model", "hz_tiny_vit", "--data", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="missing.*train/<class>"):
         task.build_data(args)
+
+
+def test_eval_selects_a_supervit_subnetwork(monkeypatch):
+    import argparse
+
+    import hybridzoo
+    from hybridzoo.tasks.classification import _subnetwork_kwargs
+
+    model = hybridzoo.create_model("supervit_deit_small", embed_dim=48, depth=10, num_heads=2, num_classes=3)
+    kw = _subnetwork_kwargs(model, argparse.Namespace(resolution=160, keep_rate=0.7))
+    assert kw == {"img_size": 160, "keep_rate": 0.7}
+    other = hybridzoo.create_model("cvt_tiny_demo")
+    with pytest.raises(ValueError, match="--keep-rate"):
+        _subnetwork_kwargs(other, argparse.Namespace(resolution=None, keep_rate=0.7))

@@ -51,6 +51,24 @@ def _logits(out) -> torch.Tensor:
     return out
 
 
+def _subnetwork_kwargs(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """--resolution / --keep-rate select a sub-network of a model that has them (SuperViT)."""
+    import inspect
+
+    wanted = {"img_size": getattr(args, "resolution", None), "keep_rate": getattr(args, "keep_rate", None)}
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    if not wanted:
+        return {}
+    core = model.module if hasattr(model, "module") else model
+    accepted = inspect.signature(core.forward).parameters
+    missing = [k for k in wanted if k not in accepted]
+    if missing:
+        flags = {"img_size": "--resolution", "keep_rate": "--keep-rate"}
+        raise ValueError(f"{getattr(core, 'model_name', type(core).__name__)} has no sub-networks to select with "
+                         f"{', '.join(flags[k] for k in missing)} (SuperViT models do)")
+    return wanted
+
+
 def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: int | None = None,
                      pretrained: str | None = None, **overrides: Any) -> nn.Module:
     """Build `name` for `num_classes` at `img_size`, loading `pretrained` weights if given.
@@ -119,6 +137,10 @@ class ClassificationTask(Task):
                        help="how to read --data (auto: digits without --data, else CIFAR or image folder by layout)")
         g.add_argument("--img-size", type=int, default=None, help="input resolution (default: 32 for digits/CIFAR, "
                        "the model card's for image folders)")
+        g.add_argument("--resolution", type=int, default=None,
+                       help="SuperViT: evaluate the sub-network at this resolution (128/160/192/224)")
+        g.add_argument("--keep-rate", type=float, default=None,
+                       help="SuperViT: evaluate the sub-network with this token keep-rate (0.5/0.7/1.0)")
         g.add_argument("--crop-scale", type=float, default=None,
                        help="smallest area fraction of the random resized crop (default 0.08; 0.7 for digits)")
         g.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (default 0.5; 0 for digits)")
@@ -238,10 +260,11 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
         device = next(model.parameters()).device
+        sub = _subnetwork_kwargs(model, args)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            logits = _logits(model(x)).float()
+            logits = _logits(model(x, **sub)).float()
             k = min(5, logits.shape[1])
             topk = logits.topk(k, dim=1).indices
             hit = topk == y[:, None]
