@@ -97,7 +97,9 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.
     state = read_state_dict(weights) if not isinstance(weights, dict) else dict(weights)
     target = model.model if isinstance(model, FeatureExtractor) else model
     own = target.state_dict()
-    if set(state) != set(own):
+    shapes_differ = any(k in state and tuple(state[k].shape) != tuple(v.shape) for k, v in own.items())
+    if set(state) != set(own) or shapes_differ:
+        # an official layout, or ours saved at another resolution (position tables to resample)
         module = importlib.import_module(type(target).__module__)
         convert = getattr(module, "convert_official", None)
         if convert is not None:

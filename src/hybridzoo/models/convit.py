@@ -1,0 +1,319 @@
+"""ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases — d'Ascoli et al.,
+ICML 2021, arXiv 2103.10697.
+
+What is hybrid: the first ten blocks use gated positional self-attention (GPSA), in which every head
+mixes content attention with a purely positional attention initialised as a convolution: head h
+attends to one offset of a k×k neighbourhood, so the network starts as a soft CNN and each head's
+gate σ(λ_h) learns how much of that locality to keep. The last two blocks are plain multi-head
+self-attention, and the class token joins only then.
+
+Official code: facebookresearch/convit `convit.py` + `models.py` (timm's `convit.py` is a faithful
+port with the same parameter names). Deviations from it:
+- Without attention dropout, the content softmax goes through `scaled_dot_product_attention` and the
+  positional one is applied as a separate product: (1−σ)·softmax(qkᵀ)v + σ·softmax(pos)v. The
+  official renormalisation divides by a row sum that is exactly 1, so this is the same function; it
+  costs one extra N²·d product per GPSA layer in the MAC count (+5.9% for Ti, +1.3% for B+).
+  With attention dropout in training the official explicit mixture is used, dropout applied to it.
+- Relative indices are rebuilt for any H×W token grid (the official code assumes a square one) and
+  the position embedding is interpolated (bicubic) when the input size differs from `img_size`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridzoo.layers import (Attention, DropPath, Mlp, PatchEmbed, check_image_input, checkpoint_seq,
+                              drop_path_rates, init_weights_vit, resample_abs_pos_embed, trunc_normal_)
+from hybridzoo.registry import register_model
+
+__all__ = ["GPSA", "ConViT", "convert_official", "relative_indices"]
+
+
+def relative_indices(grid_size: tuple[int, int], device=None) -> torch.Tensor:
+    """(1, N, N, 3) tensor of (Δx, Δy, Δx²+Δy²) from query patch to key patch, row-major patches.
+
+    Δx is the column offset and Δy the row offset of the key relative to the query, as the official
+    `get_rel_indices` orders them.
+    """
+    gh, gw = grid_size
+    rows = torch.arange(gh, device=device).repeat_interleave(gw)
+    cols = torch.arange(gw, device=device).repeat(gh)
+    dx = cols[None, :] - cols[:, None]
+    dy = rows[None, :] - rows[:, None]
+    rel = torch.stack([dx, dy, dx * dx + dy * dy], dim=-1)
+    return rel.unsqueeze(0).float()
+
+
+class GPSA(nn.Module):
+    """Gated positional self-attention.
+
+    attn_h = (1 − σ(λ_h))·softmax(q kᵀ/√d) + σ(λ_h)·softmax(v_posᵀ r_ij), renormalised per row, where
+    r_ij = (Δx, Δy, Δx²+Δy²) and v_pos is the row of `pos_proj` for head h.
+    """
+
+    def __init__(self, dim: int, *, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, locality_strength: float = 1.0, use_local_init: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.locality_strength = locality_strength
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.pos_proj = nn.Linear(3, num_heads)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.gating_param = nn.Parameter(torch.ones(num_heads))
+        self.use_local_init = use_local_init
+
+    @torch.no_grad()
+    def local_init(self) -> None:
+        """Start as a convolution: identity values, head h1 + k·h2 attending to offset (h2−c, h1−c).
+
+        With w = α·(2(h2−c), 2(h1−c), −1), the positional score
+        −α·((Δx−(h2−c))² + (Δy−(h1−c))²) + const
+        peaks at that offset; α (locality strength) sets how sharply.
+        """
+        self.v.weight.copy_(torch.eye(self.dim, device=self.v.weight.device))
+        k = int(self.num_heads ** 0.5)
+        center = (k - 1) / 2 if k % 2 == 0 else k // 2
+        rows = [[0.0, 0.0, 0.0] for _ in range(self.num_heads)]
+        for h1 in range(k):
+            for h2 in range(k):
+                rows[h1 + k * h2] = [2.0 * (h2 - center), 2.0 * (h1 - center), -1.0]
+        local = torch.tensor(rows, device=self.pos_proj.weight.device, dtype=self.pos_proj.weight.dtype)
+        # heads beyond the k×k grid keep their random init, as in the official code
+        mask = torch.zeros(self.num_heads, 1, device=local.device, dtype=local.dtype)
+        mask[: k * k] = 1.0
+        self.pos_proj.weight.copy_(mask * local + (1 - mask) * self.pos_proj.weight)
+        self.pos_proj.weight.mul_(self.locality_strength)
+
+    def positional_attention(self, rel_indices: torch.Tensor) -> torch.Tensor:
+        """(1, heads, N, N) softmax of the positional scores."""
+        return self.pos_proj(rel_indices).permute(0, 3, 1, 2).softmax(dim=-1)
+
+    def get_attention(self, x: torch.Tensor, rel_indices: torch.Tensor) -> torch.Tensor:
+        """The full gated, renormalised attention map (B, heads, N, N), as the official code forms it."""
+        B, N, C = x.shape
+        q, k = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        content = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        gate = torch.sigmoid(self.gating_param).view(1, -1, 1, 1)
+        attn = (1.0 - gate) * content + gate * self.positional_attention(rel_indices)
+        return attn / attn.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, rel_indices: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.training and self.attn_drop.p > 0:
+            x = self.attn_drop(self.get_attention(x, rel_indices)) @ v
+        else:
+            # both softmaxes sum to one per row, so the official renormalisation is the identity here
+            q, k = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            gate = torch.sigmoid(self.gating_param).view(1, -1, 1, 1)
+            content = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            x = (1.0 - gate) * content + gate * (self.positional_attention(rel_indices) @ v)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose attention is GPSA (local stage) or MHSA (last blocks)."""
+
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, use_gpsa: bool = True,
+                 locality_strength: float = 1.0, norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or (lambda d: nn.LayerNorm(d, eps=1e-6))
+        self.use_gpsa = use_gpsa
+        self.norm1 = norm_layer(dim)
+        if use_gpsa:
+            self.attn = GPSA(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                             locality_strength=locality_strength)
+        else:
+            self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, rel_indices: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        y = self.attn(y, rel_indices) if self.use_gpsa else self.attn(y)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ConViT(nn.Module):
+    """ViT with `local_up_to_layer` GPSA blocks on patch tokens, then MHSA blocks with the class token."""
+
+    def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 192, depth: int = 12, num_heads: int = 4,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, local_up_to_layer: int = 10,
+                 locality_strength: float = 1.0, use_pos_embed: bool = True):
+        super().__init__()
+        if not 0 <= local_up_to_layer <= depth:
+            raise ValueError(f"local_up_to_layer must be in [0, depth={depth}], got {local_up_to_layer}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.embed_dim = embed_dim
+        self.local_up_to_layer = local_up_to_layer
+        self.locality_strength = locality_strength
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # one entry per patch: the class token has no position (it enters after the GPSA blocks)
+        num_patches = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim)) if use_pos_embed else None
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], use_gpsa=i < local_up_to_layer,
+                  locality_strength=locality_strength)
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_weights_vit)
+        for m in self.modules():
+            if isinstance(m, GPSA) and m.use_local_init:
+                m.local_init()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.pos_embed is None:
+            return x
+        pos = resample_abs_pos_embed(self.pos_embed, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=0)
+        return x + pos
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_embed.patch_size
+        check_image_input(x, self, self.in_chans, divisor=p, min_size=p)
+        x = self.patch_embed.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        x = self.pos_drop(self._pos_embed(x.flatten(2).transpose(1, 2), grid))
+        rel = relative_indices(grid, device=x.device).to(x.dtype)
+        local, rest = self.blocks[: self.local_up_to_layer], self.blocks[self.local_up_to_layer:]
+        x = checkpoint_seq(local, x, rel, enabled=self.grad_checkpointing)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = checkpoint_seq(rest, x, rel, enabled=self.grad_checkpointing)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def convert_official(state_dict: dict[str, torch.Tensor], model: ConViT) -> dict[str, torch.Tensor]:
+    """facebookresearch/convit (and timm `convit_*`) checkpoints → ours.
+
+    The parameter names are the same; what changes is the position embedding when the checkpoint was
+    trained at another resolution (resampled to this model's grid) and stray non-parameter entries
+    (`rel_indices` caches) that some exports carry.
+    """
+    out = {k: v for k, v in state_dict.items() if not k.endswith("rel_indices")}
+    if not any(k.startswith("blocks.0.attn.") for k in out):
+        raise ValueError("not a ConViT checkpoint: no 'blocks.0.attn.*' keys")
+    pos = out.get("pos_embed")
+    if pos is not None and model.pos_embed is not None and pos.shape != model.pos_embed.shape:
+        n = pos.shape[1]
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"cannot resample a non-square pos_embed with {n} entries")
+        out["pos_embed"] = resample_abs_pos_embed(pos, model.patch_embed.grid_size, old_size=(side, side),
+                                                  num_prefix_tokens=0)
+    return out
+
+
+def _convit(dim: int, heads: int, /, **kwargs) -> ConViT:
+    return ConViT(**{"embed_dim": dim, "num_heads": heads, **kwargs})
+
+
+_TEST = dict(test_kwargs=dict(embed_dim=32, num_heads=4, depth=3, local_up_to_layer=2, img_size=64),
+             test_input_size=(3, 64, 64))
+_NOTE = ("macs_g is the official model measured with FlopCounterMode; our count is 1.3–5.9% higher (most "
+         "for Ti) because the positional attention is applied as its own product next to fused SDPA "
+         "(same function).")
+
+
+@register_model(paper="ConViT", arxiv="2103.10697", task="classification",
+                reported=dict(params_m=6.0, gflops=1.0, top1=73.1, resolution=224),
+                params=5_710_512, macs_g=1.2524, notes=_NOTE, **_TEST)
+def convit_tiny(**kwargs) -> ConViT:
+    """ConViT-Ti: 4 heads × 48 dims."""
+    return _convit(192, 4, **kwargs)
+
+
+@register_model(paper="ConViT", arxiv="2103.10697", task="classification",
+                reported=dict(params_m=10.0, gflops=2.0, top1=76.7, resolution=224),
+                params=9_972_912, macs_g=2.1311, notes=_NOTE, **_TEST)
+def convit_tiny_plus(**kwargs) -> ConViT:
+    """ConViT-Ti+: 4 heads × 64 dims."""
+    return _convit(256, 4, **kwargs)
+
+
+@register_model(paper="ConViT", arxiv="2103.10697", task="classification",
+                reported=dict(params_m=27.0, gflops=5.4, top1=81.3, resolution=224),
+                params=27_777_322, macs_g=5.7466, notes=_NOTE,
+                test_kwargs=dict(embed_dim=36, num_heads=9, depth=3, local_up_to_layer=2, img_size=64),
+                test_input_size=(3, 64, 64))
+def convit_small(**kwargs) -> ConViT:
+    """ConViT-S: 9 heads × 48 dims."""
+    return _convit(432, 9, **kwargs)
+
+
+@register_model(paper="ConViT", arxiv="2103.10697", task="classification",
+                reported=dict(params_m=48.0, gflops=10.0, top1=82.2, resolution=224),
+                params=48_979_882, macs_g=10.0016, notes=_NOTE,
+                test_kwargs=dict(embed_dim=36, num_heads=9, depth=3, local_up_to_layer=2, img_size=64),
+                test_input_size=(3, 64, 64))
+def convit_small_plus(**kwargs) -> ConViT:
+    """ConViT-S+: 9 heads × 64 dims."""
+    return _convit(576, 9, **kwargs)
+
+
+@register_model(paper="ConViT", arxiv="2103.10697", task="classification",
+                reported=dict(params_m=86.0, gflops=17.0, top1=82.4, resolution=224),
+                params=86_540_040, macs_g=17.5055, notes=_NOTE,
+                test_kwargs=dict(embed_dim=32, num_heads=16, depth=3, local_up_to_layer=2, img_size=64),
+                test_input_size=(3, 64, 64))
+def convit_base(**kwargs) -> ConViT:
+    """ConViT-B: 16 heads × 48 dims."""
+    return _convit(768, 16, **kwargs)
+
+
+@register_model(paper="ConViT", arxiv="2103.10697", task="classification",
+                reported=dict(params_m=152.0, gflops=30.0, top1=82.5, resolution=224),
+                params=153_134_856, macs_g=30.7395, notes=_NOTE,
+                test_kwargs=dict(embed_dim=32, num_heads=16, depth=3, local_up_to_layer=2, img_size=64),
+                test_input_size=(3, 64, 64))
+def convit_base_plus(**kwargs) -> ConViT:
+    """ConViT-B+: 16 heads × 64 dims."""
+    return _convit(1024, 16, **kwargs)

@@ -1,0 +1,483 @@
+"""Mobile-Former: Bridging MobileNet and Transformer — Chen et al., CVPR 2022, arXiv 2108.05895.
+
+What is hybrid: a MobileNet-style "Mobile" branch on the image and a tiny "Former" transformer on a
+handful of learnable global tokens run in parallel, joined by a two-way cross-attention bridge
+(Mobile→Former reads the local map with no key/value projection, Former→Mobile writes back with no
+query projection); the tokens also drive the Mobile branch's dynamic ReLU.
+Official code: AAboys/MobileFormer `mobile_former.py`, `dna_blocks.py` (timm-0.3-style; its
+checkpoints load through `convert_official`).
+Deviations from it: tokens are kept batch-first (B×T×d, official T×B×d), so stochastic depth on the
+bridge drops whole samples where the official code drops whole tokens across the batch; the attention
+products go through `scaled_dot_product_attention` (same arithmetic up to rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridzoo.layers.conv import ConvBnAct
+from hybridzoo.layers.drop import DropPath
+from hybridzoo.layers.helpers import check_image_input, checkpoint_seq
+from hybridzoo.registry import register_model
+
+__all__ = ["MobileFormer", "convert_official"]
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle: (g, C/g) → (C/g, g) over the channel axis."""
+    if groups <= 1:
+        return x
+    B, C, H, W = x.shape
+    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
+
+
+class DynamicReLU(nn.Module):
+    """Dynamic ReLU whose two per-channel slopes come from the first global token.
+
+    An MLP (d → d/4 → 2C, hard sigmoid) gives h1, h2 ∈ [0, 1]; the slopes are a1 = 2·h1 ∈ [0, 2] and
+    a2 = 2·h2 − 1 ∈ [−1, 1], and the output is max(a1·x, a2·x) (no intercepts, as the official code).
+    """
+
+    def __init__(self, channels: int, token_dim: int, reduction: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(token_dim, token_dim // reduction)
+        self.fc2 = nn.Linear(token_dim // reduction, 2 * channels)
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        h = F.hardsigmoid(self.fc2(F.relu(self.fc1(token))))
+        a1, a2 = h[:, :, None, None].chunk(2, dim=1)
+        return torch.maximum(x * ((a1 - 0.5) * 2.0 + 1.0), x * ((a2 - 0.5) * 2.0))
+
+
+class MobileToFormer(nn.Module):
+    """Mobile→Former bridge: the tokens query the local map; keys = values = the raw map (no projection).
+
+    Heads split the map's channels; the attended result is gated by 2·hsigmoid(Linear(tokens)) (the
+    official `gbr_dynamic[0]`), projected to the token width, added and post-LayerNormed.
+    """
+
+    def __init__(self, channels: int, token_dim: int, num_heads: int = 2, dynamic: bool = True,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (channels // num_heads) ** -0.5
+        self.q = nn.Linear(token_dim, channels)
+        self.alpha = nn.Linear(token_dim, channels) if dynamic else None
+        self.proj = nn.Linear(channels, token_dim)
+        self.norm = nn.LayerNorm(token_dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        T = z.shape[1]
+        q = self.q(z).view(B, T, self.num_heads, -1).transpose(1, 2)                # B×h×T×c
+        kv = x.flatten(2).view(B, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2)  # B×h×HW×c
+        out = F.scaled_dot_product_attention(q, kv, kv, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, T, C)
+        if self.alpha is not None:
+            out = out * (2.0 * F.hardsigmoid(self.alpha(z)))
+        return self.norm(z + self.drop_path(self.proj(out)))
+
+
+class Former(nn.Module):
+    """The Former: post-LN self-attention over the tokens (only queries projected) and an FFN (×2, GELU)."""
+
+    def __init__(self, token_dim: int, num_heads: int = 4, mlp_ratio: int = 2, drop_path: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (token_dim // num_heads) ** -0.5
+        self.q = nn.Linear(token_dim, token_dim)
+        self.proj = nn.Linear(token_dim, token_dim)
+        self.norm1 = nn.LayerNorm(token_dim)
+        self.fc1 = nn.Linear(token_dim, token_dim * mlp_ratio)
+        self.fc2 = nn.Linear(token_dim * mlp_ratio, token_dim)
+        self.norm2 = nn.LayerNorm(token_dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        B, T, D = z.shape
+        q = self.q(z).view(B, T, self.num_heads, -1).transpose(1, 2)
+        kv = z.view(B, T, self.num_heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, kv, kv, scale=self.scale).transpose(1, 2).reshape(B, T, D)
+        z = self.norm1(z + self.drop_path(self.proj(out)))
+        # the official FFN residual has no stochastic depth
+        return self.norm2(z + self.fc2(F.gelu(self.fc1(z))))
+
+
+class FormerToMobile(nn.Module):
+    """Former→Mobile bridge: every pixel queries the tokens with its raw features (no query projection)."""
+
+    def __init__(self, channels: int, token_dim: int, num_heads: int = 2, drop_path: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (channels // num_heads) ** -0.5
+        self.k = nn.Linear(token_dim, channels)
+        self.v = nn.Linear(token_dim, channels)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        T = z.shape[1]
+        q = x.flatten(2).view(B, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2)
+        k = self.k(z).view(B, T, self.num_heads, -1).transpose(1, 2)
+        v = self.v(z).view(B, T, self.num_heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)                   # B×h×HW×c
+        # back to B×C×H×W in channels-last memory (one copy)
+        out = out.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        return x + self.drop_path(out)
+
+
+class Mobile(nn.Module):
+    """The Mobile sub-block: pw expand → dynamic ReLU → k×k depthwise (stride) → dynamic ReLU → pw linear."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, expand: int, token_dim: int, groups: int = 1):
+        super().__init__()
+        hidden = round(in_chs * expand)
+        self.groups = groups
+        self.pw1 = ConvBnAct(in_chs, hidden, 1, groups=groups, act_layer=None)
+        self.act1 = DynamicReLU(hidden, token_dim)
+        self.dw = ConvBnAct(hidden, hidden, 3, stride, groups=hidden, act_layer=None)
+        self.act2 = DynamicReLU(hidden, token_dim)
+        self.pw2 = ConvBnAct(hidden, out_chs, 1, groups=groups, act_layer=None)
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        x = self.act1(channel_shuffle(self.pw1(x), self.groups), token)
+        x = self.act2(self.dw(x), token)
+        return channel_shuffle(self.pw2(x), self.groups)
+
+
+class MobileDown(nn.Module):
+    """The downsampling Mobile sub-block: dw (stride, ×e1) → dyReLU → pw → dw (×e2) → dyReLU → pw.
+
+    As in the official `DnaBlock3`, the second dw–pw pair is residual around the first pw's output.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, expand: tuple[int, int], token_dim: int,
+                 groups: int = 1, drop_path: float = 0.0):
+        super().__init__()
+        hidden1, hidden2 = round(in_chs * expand[0]), round(out_chs * expand[1])
+        self.groups, self.in_chs, self.out_chs = groups, in_chs, out_chs
+        self.dw1 = ConvBnAct(in_chs, hidden1, 3, stride, groups=in_chs, act_layer=None)
+        self.act1 = DynamicReLU(hidden1, token_dim)
+        self.pw1 = ConvBnAct(hidden1, out_chs, 1, groups=groups, act_layer=None)
+        self.dw2 = ConvBnAct(out_chs, hidden2, 3, 1, groups=out_chs, act_layer=None)
+        self.act2 = DynamicReLU(hidden2, token_dim)
+        self.pw2 = ConvBnAct(hidden2, out_chs, 1, groups=groups, act_layer=None)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        # with grouped pw convs, the dw expansions are interleaved across the groups (official quirk)
+        shuffle = self.groups > 1
+        x = self.dw1(x)
+        x = self.pw1(self.act1(channel_shuffle(x, self.in_chs) if shuffle else x, token))
+        y = self.dw2(x)
+        y = self.pw2(self.act2(channel_shuffle(y, self.out_chs) if shuffle else y, token))
+        return x + self.drop_path(y)
+
+
+class LiteBottleneck(nn.Module):
+    """The first block: depthwise 3×3 (×e) → BN → ReLU6 → pointwise linear; no bridge, tokens untouched."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, expand: int, groups: int = 1):
+        super().__init__()
+        self.in_chs, self.groups = in_chs, groups
+        self.dw = ConvBnAct(in_chs, in_chs * expand, 3, stride, groups=in_chs, act_layer=nn.ReLU6)
+        self.pw = ConvBnAct(in_chs * expand, out_chs, 1, groups=groups, act_layer=None)
+        self.identity = stride == 1 and in_chs == out_chs
+
+    def forward(self, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, z = state
+        out = self.dw(x)
+        out = self.pw(channel_shuffle(out, self.in_chs) if self.groups > 1 else out)
+        return (out + x if self.identity else out), z
+
+
+class MobileFormerBlock(nn.Module):
+    """Mobile→Former, Former, Mobile (dynamic ReLU driven by the updated first token), Former→Mobile."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, expand: tuple[int, int], downsample: bool,
+                 token_dim: int, groups: int = 1, bridge_heads: int = 2, former_heads: int = 4,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.downsample = downsample
+        self.identity = stride == 1 and in_chs == out_chs
+        self.mobile_former = MobileToFormer(in_chs, token_dim, bridge_heads, dynamic=True, drop_path=drop_path)
+        self.former = Former(token_dim, former_heads, drop_path=drop_path)
+        if downsample:
+            self.mobile = MobileDown(in_chs, out_chs, stride, expand, token_dim, groups, drop_path)
+        else:
+            self.mobile = Mobile(in_chs, out_chs, stride, expand[0], token_dim, groups)
+        self.former_mobile = FormerToMobile(out_chs, token_dim, bridge_heads, drop_path=drop_path)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, z = state
+        z = self.former(self.mobile_former(x, z))
+        out = self.mobile(x, z[:, 0])
+        # the two official block types place the block residual on either side of Former→Mobile
+        if self.downsample:
+            out = self.former_mobile(out, z)
+            if self.identity:
+                out = out + x
+        else:
+            if self.identity:
+                out = x + self.drop_path(out)
+            out = self.former_mobile(out, z)
+        return out, z
+
+
+class MobileFormer(nn.Module):
+    """Mobile-Former: a MobileNet branch and a few-token transformer in parallel, bridged both ways.
+
+    blocks: rows (type, e1, out_chs, stride, e2) with type "lite" (the first block), "down"
+    (dw→pw→dw→pw, official `DnaBlock3`) or "mobile" (pw→dw→pw, official `DnaBlock`).
+    `forward_features` returns the pair (local map, tokens) that the head merges.
+    """
+
+    def __init__(self, *, blocks: tuple, stem_chs: int, num_tokens: int, token_dim: int, num_features: int,
+                 groups: int = 1, head_expand: int = 6, bridge_heads: int = 2, former_heads: int = 4,
+                 num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = num_features
+        self.token_dim = token_dim
+        self.grad_checkpointing = False
+
+        self.tokens = nn.Parameter(torch.empty(num_tokens, token_dim))
+        self.stem = ConvBnAct(in_chans, stem_chs, 3, 2, act_layer=nn.ReLU6)
+
+        layers, chs, reduction = [], stem_chs, 2
+        stage_ends = {2: (-1, stem_chs)}          # reduction → (index of the last block there, channels)
+        for i, (kind, e1, out_chs, stride, e2) in enumerate(blocks):
+            dpr = drop_path_rate * (i + 1) / len(blocks)
+            if kind == "lite":
+                layers.append(LiteBottleneck(chs, out_chs, stride, e1, groups))
+            else:
+                layers.append(MobileFormerBlock(chs, out_chs, stride, (e1, e2), kind == "down", token_dim,
+                                                groups, bridge_heads, former_heads, dpr))
+            chs, reduction = out_chs, reduction * stride
+            stage_ends[reduction] = (i, out_chs)
+        self.blocks = nn.ModuleList(layers)
+        self._feature_blocks = [stage_ends[r][0] for r in sorted(stage_ends)]
+        self.feature_info = [dict(num_chs=stage_ends[r][1], reduction=r) for r in sorted(stage_ends)]
+
+        self.bridge = MobileToFormer(chs, token_dim, bridge_heads, dynamic=True, drop_path=drop_path_rate)
+        self.head_groups = groups
+        self.conv_head = ConvBnAct(chs, chs * head_expand, 1, groups=groups, act_layer=nn.ReLU6)
+        self.pre_logits = nn.Sequential(nn.Linear(chs * head_expand + token_dim, num_features),
+                                        nn.BatchNorm1d(num_features), nn.Hardswish())
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # official init: conv N(0, √(2/(k²·out))) without dividing by groups, Linear N(0, 0.01),
+        # the tokens N(0, 1) (nn.Embedding's default), norms at identity
+        nn.init.normal_(self.tokens, 0.0, 1.0)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- contract -------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def prune_for_features(self) -> None:
+        """For `features_only`: drop the last bridge and the head, which the feature maps never reach."""
+        self.bridge = self.conv_head = self.pre_logits = self.head = None
+
+    def _check(self, x: torch.Tensor) -> None:
+        check_image_input(x, self, self.in_chans, min_size=32)
+
+    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # a copy, not a view: a view of a parameter made under no_grad confuses autograd hooks
+        z = self.tokens.unsqueeze(0).repeat(x.shape[0], 1, 1)
+        return self.stem(x), z
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(x)
+        x, z = checkpoint_seq(self.blocks, self._stem(x), enabled=self.grad_checkpointing)
+        return x, self.bridge(x, z)
+
+    def forward_head(self, feats: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        x, z = feats
+        x = self.conv_head(channel_shuffle(x, self.head_groups))
+        x = F.hardswish(x.mean((2, 3)))
+        # the head sees the pooled local features next to the first global token
+        x = self.pre_logits(torch.cat([x, z[:, 0]], dim=1))
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The Mobile branch's maps at strides 2, 4, 8, 16, 32 (the last block at each stride)."""
+        self._check(x)
+        state = self._stem(x)
+        feats = [state[0]] if self._feature_blocks[0] == -1 else []
+        for i, blk in enumerate(self.blocks):
+            state = checkpoint_seq([blk], state, enabled=self.grad_checkpointing)
+            if i in self._feature_blocks:
+                feats.append(state[0])
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# -- official checkpoint conversion ---------------------------------------------------------------
+
+_BRIDGE_M2F = {"q": "q", "alpha.0": "alpha", "proj": "proj", "layer_norm": "norm"}
+_FORMER = {"q": "q", "channel_mlp": "proj", "layer_norm": "norm1", "ffn.0": "fc1", "ffn.2": "fc2",
+           "ffn_norm": "norm2"}
+_BRIDGE_F2M = {"k": "k", "proj": "v"}
+_DOWN = {"conv1": "dw1", "conv2": "pw1", "conv3": "dw2", "conv4": "pw2", "hyper1": "act1", "hyper3": "act2"}
+_MOBILE = {"conv1": "pw1", "conv2": "dw", "conv3": "pw2", "hyper1": "act1", "hyper2": "act2"}
+_HEAD = {"classifier.conv.1.": "conv_head.0.", "classifier.conv.2.": "conv_head.1.",
+         "classifier.fc.0.": "pre_logits.0.", "classifier.fc.1.": "pre_logits.1.",
+         "classifier.classifier.1.": "head.", "local_global.": "bridge."}
+
+
+def _sub(rest: str, table: dict[str, str]) -> str | None:
+    for old, new in table.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return None
+
+
+def _convert_block_key(blk: nn.Module, rest: str) -> str | None:
+    if isinstance(blk, LiteBottleneck):
+        if not rest.startswith("conv."):
+            return None
+        idx, _, tail = rest[len("conv."):].partition(".")
+        sub = {"0": "dw.0", "1": "dw.1", "4": "pw.0", "5": "pw.1"}.get(idx)
+        return sub and f"{sub}.{tail}"
+    part, _, tail = rest.partition(".")
+    for name, ours, table in (("local_global", "mobile_former", _BRIDGE_M2F), ("global_block", "former", _FORMER),
+                              ("global_local", "former_mobile", _BRIDGE_F2M)):
+        if part == name:
+            sub = _sub(tail, table)
+            return sub and f"{ours}.{sub}"
+    sub = _sub(rest, _DOWN if blk.downsample else _MOBILE)
+    # the dynamic-ReLU hyper-networks: official `hyperN.hyper.0/2` → our `actN.fc1/fc2`
+    return sub and "mobile." + sub.replace(".hyper.0.", ".fc1.").replace(".hyper.2.", ".fc2.")
+
+
+def convert_official(state_dict: dict[str, torch.Tensor], model: MobileFormer) -> dict[str, torch.Tensor]:
+    """Map an AAboys/MobileFormer checkpoint (timm 0.3 layout: `features.N.conv1.0.weight`, ...) to ours."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = None
+        if key == "tokens.weight":
+            new = "tokens"
+        elif key.startswith("stem."):
+            new = key
+        elif key.startswith("features."):
+            _, idx, rest = key.split(".", 2)
+            if int(idx) < len(model.blocks):
+                sub = _convert_block_key(model.blocks[int(idx)], rest)
+                new = sub and f"blocks.{idx}.{sub}"
+        else:
+            for old, repl in _HEAD.items():
+                if key.startswith(old):
+                    rest = key[len(old):]
+                    new = repl + (_sub(rest, _BRIDGE_M2F) or rest) if old == "local_global." else repl + rest
+                    break
+        out[new or key] = value
+    return out
+
+
+# -- variants ---------------------------------------------------------------------------------------
+# rows: (type, e1, out_chs, stride, e2) as in the official tables; "lite" is the first block, "down" the
+# official DnaBlock3 (dw→pw→dw→pw), "mobile" the official DnaBlock (pw→dw→pw, which ignores e2)
+
+_MF_CARD = dict(paper="Mobile-Former", arxiv="2108.05895", task="classification", flops_rtol=0.01,
+                test_input_size=(3, 64, 64))
+
+
+def _test_kwargs(groups: int = 1) -> dict:
+    blocks = (("lite", 2, 8, 1, 0), ("down", 3, 16, 2, 2), ("mobile", 2, 16, 1, 2), ("down", 3, 24, 2, 2),
+              ("mobile", 2, 32, 1, 2))
+    return dict(blocks=blocks, stem_chs=8, num_tokens=3, token_dim=32, num_features=64, groups=groups)
+
+
+def _build(cfg: dict, kwargs: dict) -> MobileFormer:
+    return MobileFormer(**{**cfg, **kwargs})
+
+
+_MF_9_BLOCKS = (("lite", 3, 12, 2, 0), ("mobile", 3, 12, 1, 3), ("down", 6, 24, 2, 4), ("mobile", 3, 24, 1, 3),
+                ("down", 6, 48, 2, 4), ("mobile", 4, 48, 1, 4), ("mobile", 6, 64, 1, 4), ("down", 6, 96, 2, 4),
+                ("mobile", 6, 96, 1, 4))
+
+
+@register_model(**_MF_CARD, reported=dict(params_m=14.0, gflops=0.508, top1=79.3, resolution=224),
+                params=13_976_976, macs_g=0.4985, test_kwargs=_test_kwargs())
+def mobile_former_508m(**kwargs):
+    blocks = (("lite", 2, 24, 1, 0), ("down", 6, 40, 2, 4), ("mobile", 3, 40, 1, 3), ("down", 6, 72, 2, 4),
+              ("mobile", 3, 72, 1, 3), ("down", 6, 128, 2, 4), ("mobile", 4, 128, 1, 4), ("mobile", 6, 176, 1, 4),
+              ("mobile", 6, 176, 1, 4), ("down", 6, 240, 2, 4), ("mobile", 6, 240, 1, 4), ("mobile", 6, 240, 1, 4))
+    return _build(dict(blocks=blocks, stem_chs=24, num_tokens=6, token_dim=192, num_features=1920), kwargs)
+
+
+@register_model(**_MF_CARD, reported=dict(params_m=11.4, gflops=0.294, top1=77.9, resolution=224),
+                params=11_422_648, macs_g=0.2867, test_kwargs=_test_kwargs())
+def mobile_former_294m(**kwargs):
+    blocks = (("lite", 2, 16, 1, 0), ("down", 6, 24, 2, 4), ("mobile", 4, 24, 1, 4), ("down", 6, 48, 2, 4),
+              ("mobile", 4, 48, 1, 4), ("down", 6, 96, 2, 4), ("mobile", 4, 96, 1, 4), ("mobile", 6, 128, 1, 4),
+              ("mobile", 6, 128, 1, 4), ("down", 6, 192, 2, 4), ("mobile", 6, 192, 1, 4), ("mobile", 6, 192, 1, 4))
+    return _build(dict(blocks=blocks, stem_chs=16, num_tokens=6, token_dim=192, num_features=1920), kwargs)
+
+
+@register_model(**_MF_CARD, reported=dict(params_m=9.4, gflops=0.214, top1=76.7, resolution=224),
+                params=9_425_920, macs_g=0.2084, test_kwargs=_test_kwargs())
+def mobile_former_214m(**kwargs):
+    blocks = (("lite", 2, 12, 1, 0), ("down", 6, 20, 2, 4), ("mobile", 3, 20, 1, 4), ("down", 6, 40, 2, 4),
+              ("mobile", 4, 40, 1, 4), ("down", 6, 80, 2, 4), ("mobile", 4, 80, 1, 4), ("mobile", 6, 112, 1, 4),
+              ("mobile", 6, 112, 1, 4), ("down", 6, 160, 2, 4), ("mobile", 6, 160, 1, 4), ("mobile", 6, 160, 1, 4))
+    return _build(dict(blocks=blocks, stem_chs=12, num_tokens=6, token_dim=192, num_features=1600), kwargs)
+
+
+@register_model(**_MF_CARD, reported=dict(params_m=7.6, gflops=0.151, top1=75.2, resolution=224),
+                params=7_595_828, macs_g=0.1462, test_kwargs=_test_kwargs())
+def mobile_former_151m(**kwargs):
+    blocks = (("lite", 2, 12, 1, 0), ("down", 6, 16, 2, 4), ("mobile", 3, 16, 1, 3), ("down", 6, 32, 2, 4),
+              ("mobile", 3, 32, 1, 3), ("down", 6, 64, 2, 4), ("mobile", 4, 64, 1, 4), ("mobile", 6, 88, 1, 4),
+              ("mobile", 6, 88, 1, 4), ("down", 6, 128, 2, 4), ("mobile", 6, 128, 1, 4), ("mobile", 6, 128, 1, 4))
+    return _build(dict(blocks=blocks, stem_chs=12, num_tokens=6, token_dim=192, num_features=1280), kwargs)
+
+
+@register_model(**_MF_CARD, reported=dict(params_m=4.6, gflops=0.096, top1=72.8, resolution=224),
+                params=4_585_252, macs_g=0.0920, test_kwargs=_test_kwargs())
+def mobile_former_96m(**kwargs):
+    blocks = (("lite", 2, 12, 1, 0), ("down", 6, 16, 2, 4), ("down", 6, 32, 2, 4), ("mobile", 3, 32, 1, 3),
+              ("down", 6, 64, 2, 4), ("mobile", 4, 64, 1, 4), ("mobile", 6, 88, 1, 4), ("down", 6, 128, 2, 4),
+              ("mobile", 6, 128, 1, 4))
+    return _build(dict(blocks=blocks, stem_chs=12, num_tokens=4, token_dim=128, num_features=1280), kwargs)
+
+
+@register_model(**_MF_CARD, reported=dict(params_m=3.5, gflops=0.052, top1=68.7, resolution=224),
+                params=3_469_092, macs_g=0.0493, test_kwargs=_test_kwargs())
+def mobile_former_52m(**kwargs):
+    return _build(dict(blocks=_MF_9_BLOCKS, stem_chs=8, num_tokens=3, token_dim=128, num_features=1024), kwargs)
+
+
+@register_model(**_MF_CARD, reported=dict(params_m=3.2, gflops=0.026, top1=64.0, resolution=224),
+                params=3_232_788, macs_g=0.0236, test_kwargs=_test_kwargs(groups=4),
+                notes="grouped (4) pointwise convolutions with channel shuffle")
+def mobile_former_26m(**kwargs):
+    return _build(dict(blocks=_MF_9_BLOCKS, stem_chs=8, num_tokens=3, token_dim=128, num_features=1024, groups=4),
+                  kwargs)

@@ -1,0 +1,255 @@
+"""Sequential recommendation: next-item prediction from a user's chronological history.
+
+Protocol (RecBole's `LS: valid_and_test`, `order: TO`): per user, the last item is the test target, the
+second-to-last the validation target, and every prefix of the rest is a training sample; histories are
+truncated to the most recent `max_len` items and padded to exactly `max_len` (AdaMCT's squeeze-excitation
+layers need the fixed length). Training is full-softmax cross-entropy over all items.
+
+Evaluation always reports two protocols, and their keys say which:
+- `hr@K`, `ndcg@K`, `mrr@K`: full ranking over every item, the user's earlier items excluded (the target
+  itself is never excluded) — the modern standard;
+- `uni100_hr@K`, ...: the target ranked against 100 items drawn uniformly from those the user never
+  interacted with (fixed by seed) — the protocol of the AdaMCT paper, roughly an order of magnitude higher.
+Metrics follow RecBole: HR@K = 1 if the target ranks in the top K, NDCG@K = 1/log2(rank+2), MRR@K = 1/(rank+1)
+(0-based rank, 0 outside the top K). Ties are broken against the target, so a constant scorer earns nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from hybridzoo.data.recommendation import FORMATS, SequenceData, read_interactions, synthetic_interactions
+from hybridzoo.tasks.base import Task, TaskData, register_task
+
+__all__ = ["RecommendationTask", "rank_metrics", "full_ranking_ranks", "sampled_ranks", "KS"]
+
+KS = (1, 5, 10, 20)
+
+
+def rank_metrics(ranks: torch.Tensor, ks=KS, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Per-user HR@K, NDCG@K, MRR@K from 0-based ranks (summed over users: divide by the count)."""
+    ranks = ranks.double()
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"{prefix}hr@{k}"] = hit.double().sum()
+        out[f"{prefix}ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2), 0.0).sum()
+        out[f"{prefix}mrr@{k}"] = torch.where(hit, 1.0 / (ranks + 1), 0.0).sum()
+    return out
+
+
+def full_ranking_ranks(scores: torch.Tensor, target: torch.Tensor, hist_rows: torch.Tensor,
+                       hist_items: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among all items; padding and history (but not the target) excluded."""
+    scores = scores.float().clone()
+    scores[:, 0] = -torch.inf
+    target_score = scores.gather(1, target[:, None])
+    scores[hist_rows, hist_items] = -torch.inf
+    scores.scatter_(1, target[:, None], target_score)
+    greater = (scores > target_score).sum(1)
+    ties = (scores == target_score).sum(1) - 1
+    return greater + ties
+
+
+def sampled_ranks(target_score: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target against its sampled negatives (ties counted against the target)."""
+    return (negative_scores >= target_score[:, None]).sum(1)
+
+
+class _EvalSet(Dataset):
+    """One sample per user: (user index, history, history length, target); knows its split."""
+
+    def __init__(self, data: SequenceData, split: str, max_len: int):
+        self.split = split
+        users, seq, lengths, target = data.eval_samples(split, max_len)
+        self.tensors = tuple(torch.from_numpy(a) for a in (users, seq, lengths, target))
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i: int):
+        return tuple(t[i] for t in self.tensors)
+
+
+@register_task
+class RecommendationTask(Task):
+    name = "recommendation"
+    default_model = "adamct_beauty"
+    headline_metric = "ndcg@10"
+    higher_is_better = True
+    default_epochs = 30
+    default_batch_size = 256
+    default_lr = 1e-3
+    default_weight_decay = 0.0
+
+    def __init__(self) -> None:
+        self.data: SequenceData | None = None
+        self.negatives: torch.Tensor | None = None
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("recommendation")
+        g.add_argument("--max-len", type=int, default=50, help="history length the model sees (AdaMCT: 50)")
+        g.add_argument("--kcore", type=int, default=None,
+                       help="iterative k-core filter on users and items (default 5 for files, 0 for the built-in set)")
+        g.add_argument("--format", choices=FORMATS, default=None, help="interaction file format (default: detected)")
+        g.add_argument("--num-negatives", type=int, default=100, help="negatives of the sampled protocol")
+        g.add_argument("--history", nargs="*", default=None, help="predict: item ids of a history, oldest first")
+        g.add_argument("--topk", type=int, default=10, help="predict: how many next items to list")
+
+    # ---- data -------------------------------------------------------------------------------------
+    def load_sequences(self, args: argparse.Namespace) -> SequenceData:
+        if getattr(args, "data", None):
+            users, items, times = read_interactions(args.data, getattr(args, "format", None))
+            kcore = 5 if getattr(args, "kcore", None) is None else args.kcore
+        else:
+            users, items, times = synthetic_interactions(seed=0)
+            kcore = 0 if getattr(args, "kcore", None) is None else args.kcore
+        return SequenceData.from_interactions(users, items, times, kcore=kcore)
+
+    def build_data(self, args: argparse.Namespace) -> TaskData:
+        max_len = getattr(args, "max_len", 50)
+        self.data = data = self.load_sequences(args)
+        self.negatives = torch.from_numpy(data.sample_negatives(getattr(args, "num_negatives", 100), seed=0))
+        seq, lengths, target = data.train_samples(max_len)
+        train = TensorDataset(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(target))
+        info = {"num_items": data.num_items, "num_users": data.num_users, "num_interactions": data.num_interactions,
+                "max_len": max_len, "num_train_samples": len(train),
+                "source": args.data if getattr(args, "data", None) else "built-in synthetic interaction log"}
+        return TaskData(train=train, val=_EvalSet(data, "valid", max_len), info=info)
+
+    def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
+        from hybridzoo.factory import create_model
+
+        return create_model(args.model, pretrained=getattr(args, "pretrained", None),
+                            num_items=data_info["num_items"], max_len=data_info["max_len"])
+
+    # ---- training and evaluation ------------------------------------------------------------------
+    def training_step(self, model: nn.Module, batch, args: argparse.Namespace):
+        seq, lengths, target = batch
+        core = model.module if hasattr(model, "module") else model
+        scores = core.scores(model(seq, lengths))
+        loss = nn.functional.cross_entropy(scores, target)
+        return loss, {}
+
+    @torch.no_grad()
+    def _evaluate_scorer(self, scorer, loader, with_loss: bool = False) -> dict[str, float]:
+        """Both protocols over a loader; `scorer(seq, lengths)` gives (B, num_items) scores."""
+        split = getattr(loader.dataset, "split", "valid")
+        sums: dict[str, torch.Tensor] = {}
+        n, ce = 0, 0.0
+        for users, seq, lengths, target in loader:
+            scores = scorer(seq, lengths).float()
+            target = target.to(scores.device)
+            rows, items = self.data.history(users.cpu().numpy(), split)
+            full = full_ranking_ranks(scores, target, torch.from_numpy(rows).to(scores.device),
+                                      torch.from_numpy(items).to(scores.device))
+            negs = self.negatives[users.cpu()].to(scores.device)
+            sampled = sampled_ranks(scores.gather(1, target[:, None]).squeeze(1), scores.gather(1, negs))
+            for key, v in {**rank_metrics(full), **rank_metrics(sampled, prefix="uni100_")}.items():
+                sums[key] = sums.get(key, 0.0) + v.cpu()
+            if with_loss:
+                ce += float(nn.functional.cross_entropy(scores, target, reduction="sum"))
+            n += len(target)
+        out = {k: float(v) / max(n, 1) for k, v in sums.items()}
+        if with_loss:
+            out["loss"] = ce / max(n, 1)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
+        core = model.module if hasattr(model, "module") else model
+        device = next(core.parameters()).device
+
+        def scorer(seq, lengths):
+            return core.scores(core(seq.to(device), lengths.to(device)))
+
+        return self._evaluate_scorer(scorer, loader, with_loss=True)
+
+    def popularity_metrics(self, loader) -> dict[str, float]:
+        pop = torch.from_numpy(self.data.item_popularity()).double()
+
+        def scorer(seq, lengths):
+            return pop.expand(seq.shape[0], -1)
+
+        return self._evaluate_scorer(scorer, loader)
+
+    def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
+        loader = torch.utils.data.DataLoader(data.val, batch_size=512)
+        pop = self.popularity_metrics(loader)
+        return {f"{k}_pop": v for k, v in pop.items() if k.endswith(("hr@10", "ndcg@10"))}
+
+    def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData, args: argparse.Namespace):
+        """Test-split metrics (model and popularity, both protocols), the item vocabulary, and a chart."""
+        max_len = data.info["max_len"]
+        test = torch.utils.data.DataLoader(_EvalSet(self.data, "test", max_len), batch_size=512)
+        model.eval()
+        ours = self.evaluate(model, test, args)
+        pop = self.popularity_metrics(test)
+        run_dir = Path(run_dir)
+        (run_dir / "items.json").write_text(json.dumps(self.data.item_tokens))
+        report = {"protocols": {"hr@K, ndcg@K, mrr@K": "full ranking over all items, history excluded",
+                                "uni100_*": "target vs 100 uniformly sampled unseen items (the AdaMCT paper's)"},
+                  "test": ours, "test_popularity": pop}
+        (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
+        _plot_metrics(run_dir / "recommendation.png", ours, pop, getattr(model, "model_name", args.model))
+        return {f"test_{k}": v for k, v in ours.items() if k.endswith(("hr@10", "ndcg@10"))} | \
+               {f"test_{k}_pop": v for k, v in pop.items() if k.endswith(("hr@10", "ndcg@10"))}
+
+    # ---- predict ----------------------------------------------------------------------------------
+    def predict(self, args: argparse.Namespace) -> None:
+        from hybridzoo.factory import create_model
+
+        run = Path(args.run) if getattr(args, "run", None) else None
+        if run is None or not (run / "items.json").is_file():
+            raise ValueError("predict for recommendation needs --run DIR, a folder written by "
+                             "`hybridzoo train --task recommendation` (it holds items.json and model.safetensors)")
+        summary = json.loads((run / "summary.json").read_text())
+        tokens = json.loads((run / "items.json").read_text())
+        index = {t: i for i, t in enumerate(tokens)}
+        history = args.history or []
+        unknown = [h for h in history if h not in index]
+        if not history or unknown:
+            raise ValueError(f"--history needs item ids seen in training; unknown: {unknown[:10]}" if unknown
+                             else "--history needs at least one item id, oldest first")
+        max_len = summary.get("max_len", 50)
+        model = create_model(summary["model"], pretrained=str(run / "model.safetensors"),
+                             num_items=len(tokens), max_len=max_len).eval()
+        ids = [index[h] for h in history][-max_len:]
+        seq = torch.zeros(1, max_len, dtype=torch.long)
+        seq[0, : len(ids)] = torch.tensor(ids)
+        with torch.no_grad():
+            scores = model.scores(model(seq, torch.tensor([len(ids)])))[0]
+        scores[0] = -torch.inf
+        scores[torch.tensor(ids)] = -torch.inf
+        top = scores.topk(min(args.topk, len(tokens) - 1))
+        for rank, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            print(f"{rank:3d}. {tokens[i]}  (score {s:.3f})")
+
+
+def _plot_metrics(path: Path, ours: dict[str, float], pop: dict[str, float], name: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, prefix, title in ((axes[0], "", "full ranking (all items)"), (axes[1], "uni100_", "100 sampled negatives")):
+        x = np.arange(len(KS))
+        for off, (label, src) in zip((-0.2, 0.2), ((name, ours), ("popularity", pop))):
+            ax.bar(x + off - 0.1, [src[f"{prefix}hr@{k}"] for k in KS], 0.2, label=f"{label} HR")
+            ax.bar(x + off + 0.1, [src[f"{prefix}ndcg@{k}"] for k in KS], 0.2, label=f"{label} NDCG", alpha=0.6)
+        ax.set_xticks(x, [f"@{k}" for k in KS])
+        ax.set_title(f"test, {title}")
+        ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,403 @@
+"""Single-image super-resolution: data, L1 loss, Y-channel PSNR/SSIM, bicubic baseline, pictures, predict.
+
+Conventions (those of EDSR, RCAN, ACT and the SR literature):
+- images are RGB in [0, 255]; LR inputs are MATLAB bicubic downsamplings (see hybridzoo.data.super_resolution);
+- outputs are rounded to uint8 values before scoring; PSNR and SSIM are computed on the Y channel of
+  ITU-R BT.601 (MATLAB ``rgb2ycbcr``: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255) after cropping
+  `scale` pixels from every border, per image, then averaged over the images;
+- SSIM is Wang et al.'s with an 11×11 Gaussian window (σ = 1.5, valid positions only) and
+  C1 = (0.01·255)², C2 = (0.03·255)², as MATLAB's reference `ssim_index` and BasicSR;
+- training follows ACT's recipe: L1 loss, Adam (lr 1e-4, betas 0.9/0.999, no weight decay), lr halved
+  at one and two thirds of the run (the official StepLR(50 epochs, 0.5) over 150 epochs).
+
+Inference on large images runs on overlapping LR tiles (`--tile`, `--tile-overlap`; the official code
+evaluates on 48×48 tiles, the size ACT is trained on), blended with weights that fall off towards tile
+borders, a bounded number of tiles at a time; `--self-ensemble` averages the 8 flips/transposes (ACT+).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridzoo.data.super_resolution import (
+    HRImageDataset, bicubic_upsample, build_sr_datasets, builtin_images, quantize, read_image, save_image,
+    sr_collate, to_tensor,
+)
+from hybridzoo.tasks.base import Task, TaskData, register_task
+
+__all__ = ["SuperResolutionTask", "rgb_to_y", "psnr_y", "ssim_y", "super_resolve", "tiled_forward",
+           "self_ensemble_forward"]
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+_Y_WEIGHTS = (65.481, 128.553, 24.966)  # ITU-R BT.601 studio swing, for R, G, B in [0, 255] (÷255)
+
+
+def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB in [0, 255] → (..., H, W) luma Y in [16, 235], float64."""
+    w = img.new_tensor(_Y_WEIGHTS, dtype=torch.float64) / 255.0
+    return 16.0 + torch.einsum("...chw,c->...hw", img.double(), w)
+
+
+def _crop(x: torch.Tensor, border: int) -> torch.Tensor:
+    return x[..., border:-border, border:-border] if border > 0 else x
+
+
+def psnr_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
+    """Per-image PSNR (dB) on Y, `border` pixels cropped from each side. B×3×H×W → (B,); identical images → inf."""
+    if sr.shape != hr.shape:
+        raise ValueError(f"psnr_y: shapes differ, {tuple(sr.shape)} vs {tuple(hr.shape)}")
+    sr, hr = sr.reshape(-1, *sr.shape[-3:]), hr.reshape(-1, *hr.shape[-3:])
+    mse = _crop(rgb_to_y(sr) - rgb_to_y(hr), border).pow(2).mean((-2, -1))
+    return 10 * torch.log10(255.0 ** 2 / mse)  # mse 0 → +inf
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
+    """Per-image SSIM on Y (MATLAB `ssim_index` settings), `border` pixels cropped. B×3×H×W → (B,)."""
+    if sr.shape != hr.shape:
+        raise ValueError(f"ssim_y: shapes differ, {tuple(sr.shape)} vs {tuple(hr.shape)}")
+    x = _crop(rgb_to_y(sr.reshape(-1, *sr.shape[-3:])), border)[:, None]
+    y = _crop(rgb_to_y(hr.reshape(-1, *hr.shape[-3:])), border)[:, None]
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"ssim_y needs at least 11×11 pixels after cropping, got {tuple(x.shape[-2:])}")
+    win = _gaussian_window(device=x.device)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_x, mu_y = F.conv2d(x, win), F.conv2d(y, win)
+    sxx = F.conv2d(x * x, win) - mu_x ** 2
+    syy = F.conv2d(y * y, win) - mu_y ** 2
+    sxy = F.conv2d(x * y, win) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    return ssim_map.mean((-3, -2, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference helpers: tiles with overlap, ×8 self-ensemble
+# ---------------------------------------------------------------------------------------------
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def _ramp(n: int, ramp: int, device) -> torch.Tensor:
+    i = torch.arange(n, device=device, dtype=torch.float32)
+    return torch.minimum(i + 1, n - i).clamp(max=max(ramp, 1))
+
+
+@torch.no_grad()
+def tiled_forward(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int, tile: int = 48,
+                  overlap: int = 24, tile_batch: int = 16) -> torch.Tensor:
+    """Run `model` on overlapping `tile`×`tile` crops of `x` (B×C×H×W), at most `tile_batch` crops at a time.
+
+    Overlapping outputs are blended with weights that rise linearly over `overlap·scale/2` pixels from
+    each tile border, so seams carry little weight; memory is bounded by the tile batch, not the image.
+    tile <= 0, or an image no larger than one tile, runs in one call.
+    """
+    B, C, H, W = x.shape
+    if tile <= 0 or (H <= tile and W <= tile):
+        return model(x)
+    if overlap >= tile:
+        raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile})")
+    th, tw = min(tile, H), min(tile, W)
+    stride = tile - overlap
+    coords = [(i, j) for i in _starts(H, th, stride) for j in _starts(W, tw, stride)]
+    s = scale
+    out = x.new_zeros(B, C, H * s, W * s)
+    norm = x.new_zeros(1, 1, H * s, W * s)
+    ramp = overlap * s // 2
+    w = (_ramp(th * s, ramp, x.device)[:, None] * _ramp(tw * s, ramp, x.device)[None, :]).to(x.dtype)
+    for k in range(0, len(coords), tile_batch):  # chunks of tiles (bounded memory), not pixels
+        chunk = coords[k:k + tile_batch]
+        y = model(torch.cat([x[..., i:i + th, j:j + tw] for i, j in chunk]))
+        for n, (i, j) in enumerate(chunk):
+            out[..., i * s:(i + th) * s, j * s:(j + tw) * s] += y[n * B:(n + 1) * B] * w
+            norm[..., i * s:(i + th) * s, j * s:(j + tw) * s] += w
+    return out / norm
+
+
+def _transform(x: torch.Tensor, k: int) -> torch.Tensor:
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    if k & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
+def _inverse(x: torch.Tensor, k: int) -> torch.Tensor:
+    if k & 4:
+        x = x.transpose(-1, -2)
+    if k & 2:
+        x = x.flip(-2)
+    if k & 1:
+        x = x.flip(-1)
+    return x
+
+
+@torch.no_grad()
+def self_ensemble_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """×8 geometric self-ensemble (EDSR+/RCAN+/ACT+): mean of fn over the 8 flips/transposes, undone."""
+    return torch.stack([_inverse(fn(_transform(x, k).contiguous()), k) for k in range(8)]).mean(0)
+
+
+AUTO_TILE = 96
+AUTO_TILE_PIXELS = 192 * 192
+
+
+@torch.no_grad()
+def super_resolve(model: nn.Module, lr: torch.Tensor, scale: int, tile: int | None = None, tile_overlap: int = 24,
+                  self_ensemble: bool = False, tile_batch: int = 16) -> torch.Tensor:
+    """Upscale a B×3×h×w batch in [0, 255] (unrounded output), optionally with ×8 self-ensemble.
+
+    tile None: the whole image when it has at most AUTO_TILE_PIXELS pixels, else AUTO_TILE-pixel tiles
+    (global attention over a large image is slow and far from ACT's 48×48 training crops); 0: whole image.
+    """
+    if tile is None:
+        tile = 0 if lr.shape[-2] * lr.shape[-1] <= AUTO_TILE_PIXELS else AUTO_TILE
+
+    def fn(t):
+        return tiled_forward(model, t, scale, tile, tile_overlap, tile_batch)
+    return self_ensemble_forward(fn, lr) if self_ensemble else fn(lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+def _save_panels(path: Path, rows: Sequence[Sequence[tuple[str, torch.Tensor]]], max_side: int = 320) -> None:
+    """A grid of titled images (rows of (title, 3×H×W in [0, 255])), centre-cropped to `max_side`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.4 * ncols, 3.6 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c >= len(row):
+                continue
+            title, img = row[c]
+            H, W = img.shape[-2:]
+            top, left = max(0, (H - max_side) // 2), max(0, (W - max_side) // 2)
+            crop = img[:, top:top + max_side, left:left + max_side]
+            ax.imshow(quantize(crop.float().cpu()).to(torch.uint8).permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------
+
+def _add(parser: argparse.ArgumentParser, *flags: str, **kw: Any) -> None:
+    if not any(f in parser._option_string_actions for f in flags):  # the engine may define it already
+        parser.add_argument(*flags, **kw)
+
+
+def model_scale(name: str) -> int:
+    """The upscale factor a registered SR model is built for (card `reported['scale']`, else `_xN` in the name)."""
+    from hybridzoo.registry import get_card
+
+    try:
+        s = get_card(name).reported.get("scale")
+    except ValueError:
+        s = None
+    if s is None:
+        m = re.search(r"x(\d)(?:_|$)", name)
+        s = int(m.group(1)) if m else 4
+    return int(s)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _pairs(batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    lr, hr = batch
+    if isinstance(lr, torch.Tensor):
+        return [(lr, hr)]
+    return [(a[None], b[None]) for a, b in zip(lr, hr)]
+
+
+@register_task
+class SuperResolutionTask(Task):
+    name = "super-resolution"
+    default_model = "act_tiny_x2"
+    headline_metric = "psnr_y"
+    higher_is_better = True
+    default_epochs = 20
+    default_batch_size = 16
+    default_lr = 2e-4
+    default_weight_decay = 0.0
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _add(parser, "--scale", type=int, default=None, help="upscale factor (default: the model's)")
+        _add(parser, "--patch-size", type=int, default=48, help="LR training patch side (HR = patch · scale)")
+        _add(parser, "--train-repeat", type=int, default=None,
+             help="random patches per training image and epoch (default: 64 built-in, 20 for folders)")
+        _add(parser, "--val-data", type=str, default=None,
+             help="validation folder (e.g. benchmark/Set14; HR/ + LR_bicubic/X{s}/ or HR images)")
+        _add(parser, "--self-ensemble", action="store_true", help="×8 flip/transpose self-ensemble at evaluation")
+        _add(parser, "--tile", type=int, default=None,
+             help="LR tile side for inference (0: whole image; 48: the official chop; default: whole image "
+                  f"up to {AUTO_TILE_PIXELS} LR pixels, else {AUTO_TILE}-pixel tiles)")
+        _add(parser, "--tile-overlap", type=int, default=24, help="overlap between LR tiles, pixels")
+
+    # -- data and model ------------------------------------------------------------------------
+
+    def scale(self, args: argparse.Namespace) -> int:
+        return getattr(args, "scale", None) or model_scale(getattr(args, "model", None) or self.default_model)
+
+    def build_data(self, args: argparse.Namespace) -> TaskData:
+        scale = self.scale(args)
+        patch = getattr(args, "patch_size", 48) or 48
+        data = getattr(args, "data", None)
+        repeat = getattr(args, "train_repeat", None)
+        if data is None:
+            train_imgs, train_names = builtin_images("train")
+            test_imgs, test_names = builtin_images("test")
+            train = HRImageDataset(train_imgs, scale, patch, train=True, repeat=repeat or 64, names=train_names)
+            val = HRImageDataset(test_imgs, scale, train=False, names=test_names)
+            source = "built-in scikit-image photographs"
+        else:
+            train, val = build_sr_datasets(data, scale, patch, repeat or 20, getattr(args, "val_data", None))
+            source = str(data)
+        return TaskData(train=train, val=val, collate_fn=sr_collate,
+                        info={"scale": scale, "in_chans": 3, "data": source})
+
+    def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
+        from hybridzoo.factory import create_model
+
+        model = create_model(args.model, pretrained=getattr(args, "pretrained", None))
+        scale = data_info.get("scale", self.scale(args))
+        if getattr(model, "upscale", scale) != scale:
+            raise ValueError(f"{args.model} upscales ×{model.upscale} but the data is ×{scale}: "
+                             f"pick the matching model (e.g. act_x{scale}) or --scale {model.upscale}")
+        return model
+
+    # -- training ------------------------------------------------------------------------------
+
+    def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace):
+        lr, hr = batch
+        loss = F.l1_loss(model(lr), hr)
+        return loss, {"l1": float(loss.detach())}
+
+    def build_optimizer(self, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+        lr = getattr(args, "lr", None) or self.default_lr
+        params = [p for p in model.parameters() if p.requires_grad]  # the mean shifts are frozen
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+        """ACT's StepLR(50, 0.5) over 150 epochs, scaled to the run: halve at 1/3 and 2/3 (stepped per epoch)."""
+        epochs = getattr(args, "epochs", None) or self.default_epochs
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(epochs / 3)), gamma=0.5)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def _infer_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
+        return dict(tile=getattr(args, "tile", None), tile_overlap=getattr(args, "tile_overlap", 24) or 0,
+                    self_ensemble=bool(getattr(args, "self_ensemble", False)))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
+        scale = getattr(model, "upscale", None) or self.scale(args)
+        device = _device_of(model)
+        was_training = model.training
+        model.eval()
+        psnrs, ssims, l1 = [], [], []
+        for batch in loader:
+            for lr, hr in _pairs(batch):
+                lr, hr = lr.to(device).float(), hr.to(device).float()
+                sr = super_resolve(model, lr, scale, **self._infer_kwargs(args)).float()
+                l1.append(float(F.l1_loss(sr, hr)))
+                sr = quantize(sr)
+                psnrs.append(psnr_y(sr, hr, scale).cpu())
+                ssims.append(ssim_y(sr, hr, scale).cpu())
+        model.train(was_training)
+        psnr = torch.cat(psnrs)
+        return {"loss": sum(l1) / len(l1), "psnr_y": float(psnr.mean()), "ssim_y": float(torch.cat(ssims).mean())}
+
+    def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
+        scale = data.info.get("scale", self.scale(args))
+        psnrs, ssims = [], []
+        for i in range(len(data.val)):
+            lr, hr = data.val[i]
+            up = bicubic_upsample(lr, scale)[None]
+            psnrs.append(float(psnr_y(up, hr[None], scale)))
+            ssims.append(float(ssim_y(up, hr[None], scale)))
+        return {"psnr_y_bicubic": sum(psnrs) / len(psnrs), "ssim_y_bicubic": sum(ssims) / len(ssims)}
+
+    # -- pictures and prediction ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData, args: argparse.Namespace) -> None:
+        scale = data.info.get("scale", self.scale(args))
+        device = _device_of(model)
+        was_training = model.training
+        model.eval()
+        rows = []
+        names = getattr(data.val, "names", None)
+        for i in range(min(3, len(data.val))):
+            lr, hr = data.val[i]
+            bic = bicubic_upsample(lr, scale)
+            sr = quantize(super_resolve(model, lr[None].to(device), scale, **self._infer_kwargs(args))[0].float().cpu())
+            name = names[i] if names else f"image {i}"
+            rows.append([
+                (f"{name}: bicubic ×{scale}  {float(psnr_y(bic[None], hr[None], scale)):.2f} dB", bic),
+                (f"{getattr(model, 'model_name', 'model')}  {float(psnr_y(sr[None], hr[None], scale)):.2f} dB", sr),
+                ("ground truth", hr),
+            ])
+        model.train(was_training)
+        _save_panels(Path(run_dir) / "comparison.png", rows)
+
+    @torch.no_grad()
+    def predict(self, args: argparse.Namespace) -> None:
+        from hybridzoo.factory import create_model
+
+        inputs = next((getattr(args, k) for k in ("inputs", "input", "images", "image", "paths")
+                       if getattr(args, k, None)), None)
+        if not inputs:
+            raise ValueError("predict needs one or more image paths")
+        inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+        weights = getattr(args, "checkpoint", None) or getattr(args, "pretrained", None)
+        model = create_model(args.model, pretrained=weights).eval()
+        device = torch.device(getattr(args, "device", None) or "cpu")
+        model.to(device)
+        scale = getattr(model, "upscale", None) or self.scale(args)
+        kw = self._infer_kwargs(args)
+        out_dir = getattr(args, "output", None)
+        for path in map(Path, inputs):
+            lr = to_tensor(read_image(path))
+            sr = super_resolve(model, lr[None].to(device), scale, **kw)[0].float().cpu()
+            folder = Path(out_dir) if out_dir else path.parent
+            out = folder / f"{path.stem}_x{scale}.png"
+            save_image(out, sr)
+            bic = bicubic_upsample(lr, scale)
+            _save_panels(folder / f"{path.stem}_x{scale}_comparison.png",
+                         [[(f"bicubic ×{scale}", bic), (f"{args.model} ×{scale}", quantize(sr))]], max_side=512)
+            print(f"{path} → {out} ({lr.shape[-1]}×{lr.shape[-2]} → {sr.shape[-1]}×{sr.shape[-2]})")

@@ -1,0 +1,154 @@
+"""MATLAB-compatible bicubic resizing and the super-resolution readers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hybridzoo.data.super_resolution import (
+    HRImageDataset, PairedImageDataset, bicubic_downsample, benchmark_dataset, build_sr_datasets, builtin_images,
+    imresize, quantize, save_image, sr_collate,
+)
+
+
+def _keys_cubic(t: float) -> float:
+    a = abs(t)
+    if a <= 1:
+        return 1.5 * a ** 3 - 2.5 * a ** 2 + 1
+    if a <= 2:
+        return -0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2
+    return 0.0
+
+
+def _matlab_resize_1d(x: list[float], scale: float) -> list[float]:
+    """MATLAB imresize along one axis, pixel by pixel: pad symmetrically, then weight each output."""
+    n = len(x)
+    out_len = math.ceil(n * scale)
+    aa = scale < 1
+    half = (2.0 / scale if aa else 2.0)
+
+    def sample(k: int) -> float:  # 1-based index with symmetric (edge-repeating) extension
+        period = 2 * n
+        m = (k - 1) % period
+        return x[m] if m < n else x[period - 1 - m]
+
+    out = []
+    for j in range(1, out_len + 1):
+        u = j / scale + 0.5 * (1 - 1 / scale)
+        ks = range(math.floor(u - half), math.ceil(u + half) + 1)
+        w = [(scale * _keys_cubic(scale * (u - k)) if aa else _keys_cubic(u - k)) for k in ks]
+        s = sum(w)
+        out.append(sum(wi * sample(k) for wi, k in zip(w, ks)) / s)
+    return out
+
+
+def _matlab_resize_2d(img: np.ndarray, scale: float) -> np.ndarray:
+    rows = np.array([_matlab_resize_1d(list(col), scale) for col in img.T]).T   # along H first
+    return np.array([_matlab_resize_1d(list(r), scale) for r in rows])
+
+
+def test_hand_computed_border_value():
+    # imresize((1:16)', 0.5): first output, u = 1.5, weights 0.5·cubic(0.5·(u - k)) for k = -2..5,
+    # samples 3 2 1 1 2 3 4 5 after symmetric padding → 371/256
+    y = imresize(torch.arange(1, 17, dtype=torch.float64)[:, None].repeat(1, 4), 0.5)[:, 0]
+    assert y[0].item() == pytest.approx(371 / 256, abs=1e-12)
+    # far from the borders the antialiased cubic reproduces a ramp: output j sits at input 2j - 0.5
+    torch.testing.assert_close(y[2:6], torch.tensor([5.5, 7.5, 9.5, 11.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape,scale", [((9, 11), 0.5), ((13, 10), 1 / 3), ((12, 17), 0.25), ((5, 7), 2.0),
+                                         ((4, 6), 3.0), ((3, 3), 0.5)])
+def test_imresize_matches_reference(shape, scale):
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, size=shape)
+    ref = _matlab_resize_2d(img, scale)
+    got = imresize(torch.from_numpy(img)[None], scale)[0].numpy()
+    assert got.shape == (math.ceil(shape[0] * scale), math.ceil(shape[1] * scale))
+    np.testing.assert_allclose(got, ref, atol=1e-9)
+
+
+def test_constant_stays_constant_and_uint8_rounding():
+    x = torch.full((3, 20, 30), 77.0)
+    torch.testing.assert_close(imresize(x, 0.25), torch.full((3, 5, 8), 77.0))
+    assert torch.equal(quantize(torch.tensor([0.5, 1.5, 2.4999, -3.0, 300.0])), torch.tensor([1.0, 2.0, 2.0, 0.0, 255.0]))
+    lr = bicubic_downsample(torch.rand(3, 24, 24) * 255, 4)
+    assert lr.shape == (3, 6, 6) and torch.equal(lr, lr.round())
+
+
+def _rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def test_hr_dataset_patches_and_full_images():
+    imgs = [_rgb(50, 61), _rgb(31, 40, 1)]
+    torch.manual_seed(0)
+    train = HRImageDataset(imgs, scale=2, patch_size=12, train=True, repeat=3)
+    assert len(train) == 6
+    lr, hr = train[1]
+    assert lr.shape == (3, 12, 12) and hr.shape == (3, 24, 24)
+    torch.testing.assert_close(lr, bicubic_downsample(hr, 2))
+    val = HRImageDataset(imgs, scale=3, train=False)
+    lr, hr = val[0]
+    assert hr.shape == (3, 48, 60) and lr.shape == (3, 16, 20)  # modcrop to a multiple of the scale
+    small = HRImageDataset([_rgb(10, 10)], scale=2, patch_size=12, train=True)
+    assert small[0][1].shape == (3, 24, 24)  # enlarged first, like the official code
+
+
+def test_paired_dataset_aligned_patches():
+    hr = torch.rand(3, 40, 60) * 255
+    lr = bicubic_downsample(hr, 2)
+    torch.manual_seed(1)
+    ds = PairedImageDataset([hr.permute(1, 2, 0).round().byte().numpy()], [lr.permute(1, 2, 0).byte().numpy()],
+                            scale=2, patch_size=8, train=True, augment=False)
+    lp, hp = ds[0]
+    # the LR patch is the same region as the HR patch: compare against downsampling the full HR again
+    full_lr = ds.lr.get(0)
+    ys = [(y, x) for y in range(20 - 8 + 1) for x in range(30 - 8 + 1)
+          if torch.equal(full_lr[:, y:y + 8, x:x + 8], lp)]
+    y, x = ys[0]
+    assert torch.equal(ds.hr.get(0)[:, 2 * y:2 * y + 16, 2 * x:2 * x + 16], hp)
+
+
+def _write_set(root, names, scale, with_lr=True, hw=(24, 36)):
+    for i, n in enumerate(names):
+        img = torch.from_numpy(_rgb(*hw, seed=i)).permute(2, 0, 1).float()
+        save_image(root / "HR" / f"{n}.png", img)
+        if with_lr:
+            save_image(root / "LR_bicubic" / f"X{scale}" / f"{n}x{scale}.png", bicubic_downsample(img, scale))
+
+
+def test_benchmark_layouts(tmp_path):
+    _write_set(tmp_path / "benchmark" / "Set5", ["baby", "bird"], 3)
+    ds = benchmark_dataset(tmp_path, "set5", 3)
+    assert isinstance(ds, PairedImageDataset) and ds.names == ["baby", "bird"]
+    lr, hr = ds[1]
+    assert lr.shape == (3, 8, 12) and hr.shape == (3, 24, 36)
+    _write_set(tmp_path / "BSD100", ["3096"], 2, with_lr=False)
+    ds = benchmark_dataset(tmp_path, "B100", 2)  # alias, LR made on the fly
+    assert isinstance(ds, HRImageDataset) and ds[0][0].shape == (3, 12, 18)
+    with pytest.raises(FileNotFoundError, match="Urban100"):
+        benchmark_dataset(tmp_path, "urban100", 2)
+
+
+def test_div2k_layout_and_collate(tmp_path):
+    for split, n in (("train", 3), ("valid", 2)):
+        for i in range(n):
+            img = torch.from_numpy(_rgb(30, 30, seed=i)).permute(2, 0, 1).float()
+            save_image(tmp_path / f"DIV2K_{split}_HR" / f"{i:04d}.png", img)
+            save_image(tmp_path / f"DIV2K_{split}_LR_bicubic" / "X2" / f"{i:04d}x2.png", bicubic_downsample(img, 2))
+    train, val = build_sr_datasets(tmp_path, scale=2, patch_size=6, repeat=2)
+    assert isinstance(train, PairedImageDataset) and len(train) == 6 and len(val) == 2
+    lr, hr = sr_collate([train[0], train[1]])
+    assert lr.shape == (2, 3, 6, 6) and hr.shape == (2, 3, 12, 12)
+    lrs, hrs = sr_collate([val[0], (torch.zeros(3, 4, 4), torch.zeros(3, 8, 8))])
+    assert isinstance(lrs, list) and len(hrs) == 2
+
+
+def test_builtin_split_is_disjoint():
+    train, train_names = builtin_images("train")
+    test, test_names = builtin_images("test")
+    assert not set(train_names) & set(test_names) and len(test) >= 3
+    assert all(a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 for a in train + test)
