@@ -101,15 +101,15 @@ def measure_peak(threads: int = 2, rounds: int = 5, min_seconds: float = 0.25, s
     methods = [k for k in rows[0] if k not in ("M", "K", "N")]
     best = {m: max(r[m] for r in rows) for m in methods}
     onednn = max((best[m] for m in ("onednn_packed_linear", "conv1x1_channels_last") if m in best), default=None)
-    return {"threads": threads, "clock": clock, "cpu": cpu_name(), "torch": torch.__version__, "loadavg": load_average(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "best_gflops": best,
+    return {"threads": threads, "clock": clock, "cpu": cpu_name(), "torch": torch.__version__,
+            "loadavg": load_average(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "best_gflops": best,
             "onednn_peak_gflops": onednn, "mkl_peak_gflops": best.get("mkl_linear")}
 
 
 def print_peak(res: dict) -> None:
     methods = list(res["best_gflops"])
-    print(f"# fp32 matmul GFLOP/s — {res['cpu']}, {res['threads']} threads, {res['clock']} clock, torch {res['torch']}, "
-          f"load average {res['loadavg']}")
+    print(f"# fp32 matmul GFLOP/s — {res['cpu']}, {res['threads']} threads, {res['clock']} clock, "
+          f"torch {res['torch']}, load average {res['loadavg']}")
     print("| M × K × N | " + " | ".join(methods) + " |")
     print("| --- | " + " | ".join("---:" for _ in methods) + " |")
     for r in res["rows"]:

@@ -11,6 +11,10 @@ import sys
 from _common import print_table
 
 
+def _fmt(d: dict | None) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in (d or {}).items()) or "–"
+
+
 def ratio_table(rows: list[dict]) -> None:
     """One line per architecture: ours / reference images/s (wall / CPU time), per scenario (eager and oneDNN)."""
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
@@ -24,7 +28,8 @@ def ratio_table(rows: list[dict]) -> None:
         cells = []
         for s, impl in cols:
             r = next((r for r in rows if r["group"] == g and r["scenario"] == s and r["impl"] == impl), None)
-            cells.append(f"{r['ratio_vs_ref']:.2f} / {r['ratio_vs_ref_cpu']:.2f}" if r and "ratio_vs_ref" in r else "–")
+            ok = r is not None and "ratio_vs_ref" in r
+            cells.append(f"{r['ratio_vs_ref']:.2f} / {r['ratio_vs_ref_cpu']:.2f}" if ok else "–")
         print(f"| {g} | {ref} | " + " | ".join(cells) + " |")
 
 
@@ -37,7 +42,7 @@ def main(paths: list[str]) -> None:
         print(f"### {path}\n")
         print(f"{env['date']} · {env['cpu']} · {env['threads']} threads · {versions} · load average "
               f"{env['loadavg_start']} → {env.get('loadavg_end')} · fp32 matmul peak in the same run: "
-              f"{peak.get('wall')} GFLOP/s wall-clock, {peak.get('cpu')} per CPU-second\n")
+              f"{_fmt(peak.get('wall'))} GFLOP/s wall-clock; {_fmt(peak.get('cpu'))} per CPU-second\n")
         if env.get("skipped"):
             print("Skipped: " + "; ".join(env["skipped"]) + "\n")
         ratio_table(res["results"])
