@@ -1,0 +1,214 @@
+"""Shared machinery of the comparison benchmarks: interleaved timing, MAC counting, tables, JSON.
+
+Every contestant of a scenario (inference / training / batch-1 latency) runs in the same process with
+the same thread count and input; rounds go A, B, C, A, B, C, ... and each contestant's figure is the
+median over all its timed steps, so background load that comes and goes hits every contestant alike.
+Both the wall-clock time (the figure that matters on a quiet machine) and the process CPU time of each
+step are recorded: on a machine shared with other jobs the wall-clock medians still give usable
+*ratios*, but not usable absolute numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:  # this checkout's hybridzoo, whichever interpreter runs us
+    sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak import cpu_name, load_average, measure_peak  # noqa: E402
+
+
+@dataclass
+class Contestant:
+    """One model in one mode. `step()` runs one timed iteration; `group` names what it is compared with."""
+    name: str
+    group: str
+    impl: str  # "ours", "ours+onednn", "timm", "hf-transformers"
+    step: Callable[[], Any]
+    macs_per_image: int | None = None
+    params: int | None = None
+    note: str = ""
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def make_inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    model.eval()
+
+    def step():
+        with torch.inference_mode():
+            return model(x)
+    return step
+
+
+def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, call=None) -> Callable[[], Any]:
+    """Forward in train mode, cross-entropy on fixed random labels, backward, SGD step."""
+    model.train()
+    target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    call = call or model
+
+    def step():
+        loss = F.cross_entropy(logits_of(call(x)), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def count_macs_safe(model: nn.Module, x: torch.Tensor) -> int | None:
+    """Forward MACs of one image, counted on a meta-device copy.
+
+    On real CPU tensors `scaled_dot_product_attention` dispatches to a fused kernel that FlopCounterMode
+    does not count (the attention products would be missing); on `meta` it decomposes into counted
+    matrix products, as in `hybridzoo.profile.measure_model`."""
+    from hybridzoo.profile import count_macs
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()
+        return count_macs(meta, x[:1].to("meta"))
+    except Exception as e:  # a counter failure must not stop the timing
+        print(f"  (MAC count failed: {type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def run_interleaved(contestants: list[Contestant], rounds: int, steps_per_round: int = 1, warmup: int = 1,
+                    log: Callable[[str], None] = print) -> None:
+    """Warm every contestant up, then time `steps_per_round` steps of each, round-robin, `rounds` times."""
+    for c in contestants:
+        for _ in range(warmup):
+            c.step()
+    for r in range(rounds):
+        for c in contestants:
+            for _ in range(steps_per_round):
+                w0, c0 = time.perf_counter(), time.process_time()
+                c.step()
+                c.wall.append(time.perf_counter() - w0)
+                c.cpu.append(time.process_time() - c0)
+        log(f"  round {r + 1}/{rounds} done, load average {load_average()}")
+
+
+def summarise(c: Contestant, batch_size: int, flops_per_mac: float) -> dict[str, Any]:
+    wall, cpu = statistics.median(c.wall), statistics.median(c.cpu)
+    res = {"name": c.name, "group": c.group, "impl": c.impl, "batch_size": batch_size, "note": c.note,
+           "params": c.params, "macs_per_image": c.macs_per_image, "steps": len(c.wall),
+           "median_wall_s": wall, "median_cpu_s": cpu, "min_wall_s": min(c.wall),
+           "images_per_s": batch_size / wall, "images_per_cpu_s": batch_size / cpu}
+    if c.macs_per_image:
+        res["gflops_per_s"] = c.macs_per_image * flops_per_mac * batch_size / wall / 1e9
+        res["gflops_per_cpu_s"] = c.macs_per_image * flops_per_mac * batch_size / cpu / 1e9
+    return res
+
+
+def environment(threads: int) -> dict[str, Any]:
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu_name(), "machine": platform.machine(),
+            "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__, "loadavg_start": load_average()}
+    for mod in ("timm", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def quick_peak(threads: int) -> dict[str, Any]:
+    """A short fp32 matmul peak measurement in this process (two DeiT-S shapes), for "share of peak".
+
+    `peak_gflops` is the best of MKL / oneDNN / 1×1 conv on the wall clock; `peak_gflops_cpu` the same
+    per second of process CPU time (the denominator for the CPU-time figures on a loaded machine)."""
+    shapes = [(32 * 197, 384, 1536), (32 * 197, 1536, 384)]
+    wall = measure_peak(threads, rounds=3, min_seconds=0.15, shapes=shapes, clock="wall")
+    cpu = measure_peak(threads, rounds=2, min_seconds=0.15, shapes=shapes, clock="cpu")
+    return {"peak_gflops": max(wall["best_gflops"].values()), "peak_gflops_cpu": max(cpu["best_gflops"].values()),
+            "onednn_peak_gflops": wall["onednn_peak_gflops"], "mkl_peak_gflops": wall["mkl_peak_gflops"],
+            "wall": wall["best_gflops"], "cpu": cpu["best_gflops"], "loadavg": wall["loadavg"]}
+
+
+def add_ratios(rows: list[dict[str, Any]], peak: dict[str, Any]) -> None:
+    """ratio_vs_ref: images/s over the reference implementation's (timm or HF) in the same group and scenario;
+    share_of_peak: achieved GFLOP/s over the matmul peak (wall clock), share_of_peak_cpu: the same on CPU time."""
+    for r in rows:
+        refs = [o for o in rows if o["group"] == r["group"] and o["scenario"] == r["scenario"]
+                and o["impl"] not in ("ours", "ours+onednn")]
+        if refs:
+            r["ratio_vs_ref"] = r["images_per_s"] / refs[0]["images_per_s"]
+            r["ref"] = refs[0]["name"]
+            r["ratio_vs_ref_cpu"] = r["images_per_cpu_s"] / refs[0]["images_per_cpu_s"]
+        if peak.get("peak_gflops") and r.get("gflops_per_s"):
+            r["share_of_peak"] = r["gflops_per_s"] / peak["peak_gflops"]
+            r["share_of_peak_cpu"] = r["gflops_per_cpu_s"] / peak["peak_gflops_cpu"]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("| scenario | model | impl | batch | img/s (wall) | img/s per CPU-s | ms/step | GMAC/img | GFLOP/s | "
+          "share of peak (wall / CPU) | ours / ref (wall / CPU) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        macs = f"{r['macs_per_image'] / 1e9:.2f}" if r.get("macs_per_image") else "–"
+        gf = f"{r['gflops_per_s']:.0f}" if r.get("gflops_per_s") else "–"
+        share = (f"{100 * r['share_of_peak']:.0f}% / {100 * r['share_of_peak_cpu']:.0f}%"
+                 if r.get("share_of_peak") else "–")
+        ratio = (f"{r['ratio_vs_ref']:.2f} / {r['ratio_vs_ref_cpu']:.2f}"
+                 if "ratio_vs_ref" in r and r["impl"].startswith("ours") else "")
+        print(f"| {r['scenario']} | {r['name']} | {r['impl']} | {r['batch_size']} | {r['images_per_s']:.2f} | "
+              f"{r['images_per_cpu_s']:.2f} | {1000 * r['median_wall_s']:.0f} | {macs} | {gf} | {share} | {ratio} |")
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+        print(f"wrote {path}")
+
+
+def run_scenarios(scenarios: list[tuple[str, int, float, Callable[[], list[Contestant]], int, int]], threads: int,
+                  env_extra: dict[str, Any] | None = None, out: str | None = None, peak: bool = True) -> dict:
+    """scenarios: (name, batch_size, flops_per_mac, make_contestants, rounds, steps_per_round).
+
+    Contestants are built when their scenario starts (a training step puts its model in train mode,
+    an inference step in eval mode), and dropped after it."""
+    env = environment(threads)
+    env.update(env_extra or {})
+    peak_res = quick_peak(threads) if peak else {}
+    print(f"# {env['cpu']}, {threads} threads, torch {env['torch']}, load average {env['loadavg_start']}; "
+          f"matmul peak {peak_res.get('wall')} GFLOP/s (wall), {peak_res.get('cpu')} (per CPU-second)", flush=True)
+    rows = []
+    for name, bs, fpm, make_contestants, rounds, spr in scenarios:
+        contestants = make_contestants()
+        print(f"[{name}] batch {bs}: " + ", ".join(c.name for c in contestants), flush=True)
+        run_interleaved(contestants, rounds, spr, log=lambda s: print(s, flush=True))
+        for c in contestants:
+            rows.append({"scenario": name, **summarise(c, bs, fpm)})
+    env["loadavg_end"] = load_average()
+    add_ratios(rows, peak_res)
+    print()
+    print_table(rows)
+    print(f"\nload average at start {env['loadavg_start']}, at end {env['loadavg_end']}")
+    payload = {"environment": env, "peak": peak_res, "results": rows}
+    write_json(out, payload)
+    return payload

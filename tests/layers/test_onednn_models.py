@@ -1,0 +1,126 @@
+"""The oneDNN frozen inference path (`optimize_for_cpu_inference`) on whole models: same outputs as eager.
+
+Every parameter and BatchNorm statistic is perturbed first, so zero-initialised heads or residual
+gammas (DeiT-style heads, BoTNet's last BN γ) cannot hide a wrong fused layer behind a zero output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hybridzoo
+from hybridzoo.layers.mlp import Mlp, QuickGELU
+from hybridzoo.layers.onednn import OneDNNLinear, onednn_available, optimize_for_cpu_inference
+from hybridzoo.registry import get_card
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+
+# the brief's four, then the other image classifiers that take the path today
+MODELS = ["deit_small_patch16_224", "cvt_13", "vvt_tiny", "botnet_t3", "vit_small_patch16_224",
+          "deit_small_distilled_patch16_224", "vitc_1gf", "convit_tiny", "coatnet_0", "ceit_tiny",
+          "mobile_former_26m"]
+
+
+@torch.no_grad()
+def _perturb(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _compare(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model.eval()
+    fast = optimize_for_cpu_inference(model)
+    with torch.inference_mode():
+        ref, out = model(x), fast(x)
+    ref = ref if isinstance(ref, torch.Tensor) else ref[0]
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    assert out.shape == ref.shape
+    assert ref.abs().max() > 1e-3, "degenerate reference output; the comparison would prove nothing"
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    return fast
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reduced_model_matches_eager(name):
+    if name not in hybridzoo.list_models():
+        pytest.skip(f"{name} is not registered in this checkout")
+    card = get_card(name)
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **card.test_kwargs)
+    _perturb(model)
+    x = torch.randn(2, *(card.test_input_size or card.input_size))
+    fast = _compare(model, x)
+    assert any(isinstance(m, OneDNNLinear) for m in fast.modules())
+    assert not any(isinstance(m, nn.Linear) for m in fast.modules())
+    # the original is untouched and still trainable
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "cvt_13"])
+def test_full_size_model_matches_eager(name):
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name)
+    _perturb(model)
+    _compare(model, torch.randn(1, 3, 64, 64))
+
+
+def test_activations_are_fused_into_fc1():
+    torch.manual_seed(0)
+    deit = optimize_for_cpu_inference(hybridzoo.create_model("deit_small_patch16_224", **get_card(
+        "deit_small_patch16_224").test_kwargs))
+    mlp = deit.blocks[0].mlp
+    assert (mlp.fc1.act, mlp.fc1.algorithm) == ("gelu", "none") and isinstance(mlp.act, nn.Identity)
+    cvt = optimize_for_cpu_inference(hybridzoo.create_model("cvt_13", **get_card("cvt_13").test_kwargs))
+    mlp = cvt.stages[0].blocks[0].mlp
+    assert mlp.fc1.act == "swish" and mlp.fc1.scale == pytest.approx(1.702)
+    assert mlp.fc2.scale == pytest.approx(1 / 1.702)
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), QuickGELU()])
+def test_every_fusable_activation(act):
+    torch.manual_seed(0)
+    mlp = Mlp(24, 96, act_layer=lambda: act)
+    x = 3 * torch.randn(2, 7, 24)
+    fast = optimize_for_cpu_inference(nn.Sequential(mlp))
+    assert fast[0].fc1.act != "none" and isinstance(fast[0].act, nn.Identity)
+    # the plain weights stay readable, unscaled
+    torch.testing.assert_close(fast[0].fc1.weight, mlp.fc1.weight)
+    torch.testing.assert_close(fast[0].fc2.weight, mlp.fc2.weight)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), mlp.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_subclass_is_not_fused():
+    class DwMlp(Mlp):  # something between fc1 and act: fusing would skip it
+        def forward(self, x):
+            return self.fc2(self.act(2 * self.fc1(x)))
+
+    torch.manual_seed(0)
+    m = DwMlp(8, 16)
+    fast = optimize_for_cpu_inference(m)
+    assert fast.fc1.act == "none" and isinstance(fast.act, nn.GELU)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), m.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_quick_gelu_without_autograd_is_bitwise_the_autograd_formula():
+    x = 4 * torch.randn(3, 257)
+    ref = x * torch.sigmoid(1.702 * x)
+    with torch.inference_mode():
+        assert torch.equal(QuickGELU()(x), ref)
+    with torch.no_grad():
+        assert torch.equal(QuickGELU()(x), ref)
+    xr = x.clone().requires_grad_()
+    y = QuickGELU()(xr)
+    assert torch.equal(y.detach(), ref)
+    y.sum().backward()
+    assert xr.grad is not None
