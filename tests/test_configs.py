@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 import hybridzoo
-from hybridzoo.cli import build_parser
+from hybridzoo.cli import _read_config, build_parser
 from hybridzoo.tasks.base import get_task
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -18,7 +18,8 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_recipe_is_valid(path):
-    cfg = yaml.safe_load(path.read_text())
+    cfg = _read_config(str(path))  # keys as the long options, '-' or '_'
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
     assert cfg["model"] in hybridzoo.list_models()
     task = get_task(cfg.get("task") or hybridzoo.model_card(cfg["model"]).task)
     train = build_parser(task)._subparsers._group_actions[0].choices["train"]
