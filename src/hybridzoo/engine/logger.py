@@ -53,6 +53,16 @@ def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def write_json_results(dest: str, results: Any) -> None:
+    """`--json DEST` of the predict commands: '-' prints the JSON, anything else is a file path."""
+    text = json.dumps(results, indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n")
+        print(f"wrote {dest}")
+
+
 def format_row(row: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
     for k, v in row.items():

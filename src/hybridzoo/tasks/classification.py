@@ -14,7 +14,6 @@ Metrics: `loss` (plain cross-entropy), `top1`, `top5` as fractions; the baseline
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -317,12 +316,9 @@ class ClassificationTask(Task):
                 for t in top:
                     print(f"  {t['prob']:.4f}  {t['class']}")
         if getattr(args, "json", None):
-            text = json.dumps(results, indent=2)
-            if args.json == "-":
-                print(text)
-            else:
-                Path(args.json).write_text(text + "\n")
-                print(f"wrote {args.json}")
+            from hybridzoo.engine.logger import write_json_results
+
+            write_json_results(args.json, results)
 
 
 def _targets(ds) -> list[int]:

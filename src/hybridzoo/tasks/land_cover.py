@@ -468,11 +468,9 @@ class LandCoverTask(Task):
                   f"({stats['pixels_per_second']:,.0f} px/s) → {png}"
                   + (f", {written['geotiff']}" if source.geo else ""))
         if getattr(args, "json", None):
-            text = json.dumps(results, indent=2)
-            if args.json == "-":
-                print(text)
-            else:
-                Path(args.json).write_text(text + "\n")
+            from hybridzoo.engine.logger import write_json_results
+
+            write_json_results(args.json, results)
 
 
 def _resolve_device(device: str | None) -> torch.device:
