@@ -41,6 +41,37 @@ def _args(**kw):
     return argparse.Namespace(**base)
 
 
+def test_full_ranking_matches_a_direct_count_with_ties_duplicates_and_target_in_history():
+    g = torch.Generator().manual_seed(0)
+    B, N = 40, 30
+    scores = torch.randint(0, 6, (B, N), generator=g).float()  # many ties
+    target = torch.randint(1, N, (B,), generator=g)
+    rows = torch.repeat_interleave(torch.arange(B), 8)
+    items = torch.randint(1, N, (B * 8,), generator=g)
+    items[::5] = target[rows[::5]]  # the target is sometimes in the history (a repeat purchase)
+    expected = []
+    for b in range(B):
+        excluded = {0} | {int(i) for r, i in zip(rows, items) if r == b} - {int(target[b])}
+        t = scores[b, target[b]]
+        others = [j for j in range(N) if j not in excluded and j != int(target[b])]
+        expected.append(sum(bool(scores[b, j] >= t) for j in others))
+    assert full_ranking_ranks(scores, target, rows, items).tolist() == expected
+
+
+def test_datasets_fetch_whole_batches_and_still_work_with_the_default_collate():
+    from hybridzoo.tasks.recommendation import _Rows, _Tensors, _as_batch
+
+    ds = _Tensors(torch.arange(10).view(5, 2), torch.arange(5))
+    rows = ds.__getitems__([3, 1])
+    assert isinstance(rows, _Rows) and len(rows) == 2
+    seq, n = _as_batch(rows)
+    assert seq.tolist() == [[6, 7], [2, 3]] and n.tolist() == [3, 1]
+    # a plain DataLoader (PyTorch's default collate), also through a Subset
+    sub = torch.utils.data.Subset(ds, [4, 0, 2])
+    seq, n = next(iter(torch.utils.data.DataLoader(sub, batch_size=3)))
+    assert seq.tolist() == [[8, 9], [0, 1], [4, 5]] and n.tolist() == [4, 0, 2]
+
+
 def test_task_data_model_and_evaluation_on_the_builtin_log():
     task = RecommendationTask()
     args = _args()

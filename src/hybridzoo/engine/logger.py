@@ -19,7 +19,7 @@ __all__ = ["metric_columns", "write_metrics_csv", "write_summary", "plot_curves"
 
 
 def metric_columns(history: list[dict[str, Any]]) -> list[str]:
-    """epoch, train_loss, val_loss, val_<metric>..., lr, seconds — then anything else, in first-seen order."""
+    """epoch, train_loss, val_loss, val_<metric>..., anything else in first-seen order, lr, train_seconds, seconds."""
     keys: list[str] = []
     for row in history:
         for k in row:
@@ -27,7 +27,7 @@ def metric_columns(history: list[dict[str, Any]]) -> list[str]:
                 keys.append(k)
     head = [k for k in ("epoch", "train_loss", "val_loss") if k in keys]
     vals = [k for k in keys if k.startswith("val_") and k not in head]
-    tail = [k for k in ("lr", "seconds") if k in keys]
+    tail = [k for k in ("lr", "train_seconds", "seconds") if k in keys]
     rest = [k for k in keys if k not in head + vals + tail]
     return head + vals + rest + tail
 
@@ -67,7 +67,7 @@ def format_row(row: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
     for k, v in row.items():
         if k != "epoch" and isinstance(v, float):
-            parts.append(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.1f}s" if k == "seconds" else f"{k} {v:.4f}")
+            parts.append(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.1f}s" if k.endswith("seconds") else f"{k} {v:.4f}")
     return "  ".join(parts)
 
 

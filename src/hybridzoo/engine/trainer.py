@@ -324,6 +324,7 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
             if bar.enabled:
                 bar.update(loss.detach(), lr)
         bar.close()
+        train_seconds = time.perf_counter() - t0
 
         # --- epoch end: all-reduced train loss, the task's metrics, the run folder
         totals = distributed.all_reduce_sum(torch.tensor([loss_sum.item(), n_steps], dtype=torch.float64, device=device))
@@ -337,6 +338,7 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
             row.update({f"val_ema_{k}": v for k, v in ema_metrics.items()})
         row["lr"] = float(lr)
         row["seconds"] = time.perf_counter() - t0
+        row["train_seconds"] = train_seconds
         history.append(row)
 
         rng_states = distributed.all_gather_object(get_rng_state())

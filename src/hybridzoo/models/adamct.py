@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridzoo.layers.fused import FastDropout
 from hybridzoo.models.sasrec import MultiHeadAttention, SequentialRecommender, _act, recbole_attention_mask
 from hybridzoo.registry import register_model
 
@@ -58,7 +59,7 @@ class AdaptiveMixtureUnits(nn.Module):
         self.linear = nn.Linear(hidden_size, 1)
         self.linear_out = nn.Linear(hidden_size, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(hidden_dropout_prob)
+        self.dropout = FastDropout(hidden_dropout_prob)
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
         # The mean runs over all N positions, padding included, as in the official code.
@@ -76,7 +77,7 @@ class AdaMCTLayer(nn.Module):
         super().__init__()
         self.linear_en = nn.Linear(hidden_size, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(hidden_dropout_prob)
+        self.dropout = FastDropout(hidden_dropout_prob)
         self.multi_head_attention = MultiHeadAttention(
             n_heads=n_heads, hidden_size=hidden_size, hidden_dropout_prob=hidden_dropout_prob,
             attn_dropout_prob=attn_dropout_prob, layer_norm_eps=layer_norm_eps, residual=False)
@@ -122,7 +123,7 @@ class AdaMCT(SequentialRecommender):
             reduction_ratio=reduction_ratio, hidden_dropout_prob=hidden_dropout_prob,
             attn_dropout_prob=attn_dropout_prob, hidden_act=hidden_act, layer_norm_eps=layer_norm_eps)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(hidden_dropout_prob)
+        self.dropout = FastDropout(hidden_dropout_prob)
         self.apply(self._init_weights)
 
     def mixture_gates(self, item_seq: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
+from hybridzoo.layers.fused import linear_cross_entropy
 from hybridzoo.data.recommendation import FORMATS, SequenceData, read_interactions, synthetic_interactions
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
@@ -49,15 +51,23 @@ def rank_metrics(ranks: torch.Tensor, ks=KS, prefix: str = "") -> dict[str, torc
 
 def full_ranking_ranks(scores: torch.Tensor, target: torch.Tensor, hist_rows: torch.Tensor,
                        hist_items: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target among all items; padding and history (but not the target) excluded."""
-    scores = scores.float().clone()
-    scores[:, 0] = -torch.inf
+    """0-based rank of each target among all items; padding and history (but not the target) excluded.
+
+    One pass over the (B, N) scores: count the items scoring at least the target's, then take back the
+    excluded items (padding and the deduplicated history, the target itself never) that were counted.
+    """
+    scores = scores.float()
+    B, N = scores.shape
     target_score = scores.gather(1, target[:, None])
-    scores[hist_rows, hist_items] = -torch.inf
-    scores.scatter_(1, target[:, None], target_score)
-    greater = (scores > target_score).sum(1)
-    ties = (scores == target_score).sum(1) - 1
-    return greater + ties
+    # a float-valued compare: the bool path of `>=` is ~5x slower on the CPU
+    at_least = torch.ge(scores, target_score, out=torch.empty_like(scores)).sum(1).long()
+    rows = torch.cat([torch.arange(B, device=scores.device), hist_rows.long()])
+    items = torch.cat([torch.zeros(B, dtype=torch.long, device=scores.device), hist_items.long()])
+    keep = items != target[rows]
+    key = torch.unique(rows[keep] * N + items[keep])
+    rows, items = key // N, key % N
+    counted = (scores[rows, items] >= target_score[rows, 0]).long()
+    return at_least - 1 - torch.zeros(B, dtype=torch.long, device=scores.device).index_add_(0, rows, counted)
 
 
 def sampled_ranks(target_score: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
@@ -65,19 +75,50 @@ def sampled_ranks(target_score: torch.Tensor, negative_scores: torch.Tensor) -> 
     return (negative_scores >= target_score[:, None]).sum(1)
 
 
-class _EvalSet(Dataset):
-    """One sample per user: (user index, history, history length, target); knows its split."""
+class _Rows(Sequence):
+    """A batch fetched in one gather per tensor that still reads as a list of samples.
 
-    def __init__(self, data: SequenceData, split: str, max_len: int):
-        self.split = split
-        users, seq, lengths, target = data.eval_samples(split, max_len)
-        self.tensors = tuple(torch.from_numpy(a) for a in (users, seq, lengths, target))
+    `_as_batch` takes the gathered tensors as they are; any other collate (a user's DataLoader with
+    PyTorch's default) sees an ordinary sequence of per-sample tuples.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.tensors)
+
+
+class _Tensors(Dataset):
+    """Rows of a few aligned tensors, fetched a whole batch at a time (`__getitems__`): per-sample
+    indexing and collation would cost more than the model does here."""
+
+    def __init__(self, *tensors: torch.Tensor, split: str | None = None):
+        self.tensors, self.split = tensors, split
 
     def __len__(self) -> int:
         return len(self.tensors[0])
 
     def __getitem__(self, i: int):
         return tuple(t[i] for t in self.tensors)
+
+    def __getitems__(self, indices) -> _Rows:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return _Rows(tuple(t[idx] for t in self.tensors))
+
+
+def _as_batch(samples):
+    if isinstance(samples, _Rows):
+        return samples.tensors
+    return tuple(torch.stack(col) for col in zip(*samples))
+
+
+def _eval_set(data: SequenceData, split: str, max_len: int) -> _Tensors:
+    """One sample per user: (user index, history, history length, target), labelled with its split."""
+    return _Tensors(*(torch.from_numpy(a) for a in data.eval_samples(split, max_len)), split=split)
 
 
 @register_task
@@ -120,11 +161,11 @@ class RecommendationTask(Task):
         self.data = data = self.load_sequences(args)
         self.negatives = torch.from_numpy(data.sample_negatives(getattr(args, "num_negatives", 100), seed=0))
         seq, lengths, target = data.train_samples(max_len)
-        train = TensorDataset(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(target))
+        train = _Tensors(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(target))
         info = {"num_items": data.num_items, "num_users": data.num_users, "num_interactions": data.num_interactions,
                 "max_len": max_len, "num_train_samples": len(train),
                 "source": args.data if getattr(args, "data", None) else "built-in synthetic interaction log"}
-        return TaskData(train=train, val=_EvalSet(data, "valid", max_len), info=info)
+        return TaskData(train=train, val=_eval_set(data, "valid", max_len), info=info, collate_fn=_as_batch)
 
     def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
         from hybridzoo.factory import create_model
@@ -136,8 +177,8 @@ class RecommendationTask(Task):
     def training_step(self, model: nn.Module, batch, args: argparse.Namespace):
         seq, lengths, target = batch
         core = model.module if hasattr(model, "module") else model
-        scores = core.scores(model(seq, lengths))
-        loss = nn.functional.cross_entropy(scores, target)
+        # the full-softmax CE without storing (B, num_items) logits on the CPU (exact; see layers/fused.py)
+        loss = linear_cross_entropy(model(seq, lengths), core.item_embedding.weight, target)
         return loss, {}
 
     @torch.no_grad()
@@ -183,14 +224,14 @@ class RecommendationTask(Task):
         return self._evaluate_scorer(scorer, loader)
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
-        loader = torch.utils.data.DataLoader(data.val, batch_size=512)
+        loader = torch.utils.data.DataLoader(data.val, batch_size=512, collate_fn=_as_batch)
         pop = self.popularity_metrics(loader)
         return {f"{k}_pop": v for k, v in pop.items() if k.endswith(("hr@10", "ndcg@10"))}
 
     def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData, args: argparse.Namespace):
         """Test-split metrics (model and popularity, both protocols), the item vocabulary, and a chart."""
         max_len = data.info["max_len"]
-        test = torch.utils.data.DataLoader(_EvalSet(self.data, "test", max_len), batch_size=512)
+        test = torch.utils.data.DataLoader(_eval_set(self.data, "test", max_len), batch_size=512, collate_fn=_as_batch)
         model.eval()
         ours = self.evaluate(model, test, args)
         pop = self.popularity_metrics(test)
