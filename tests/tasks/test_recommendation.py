@@ -90,3 +90,36 @@ def test_task_data_model_and_evaluation_on_the_builtin_log():
     assert m["uni100_hr@10"] < 0.3  # untrained: about 10/101 against sampled negatives
     pop = task.baselines(data, args)
     assert pop["uni100_hr@10_pop"] > pop["hr@10_pop"] > 0
+
+
+def test_train_and_predict_end_to_end_through_the_cli(tmp_path, capsys):
+    """`hybridzoo train --task recommendation --data <csv>` then `hybridzoo predict --history ...`."""
+    import json
+
+    from hybridzoo.cli import main
+
+    rows = ["user,item,timestamp"]
+    for u in range(40):
+        for t in range(8):
+            rows.append(f"u{u},i{(u + 3 * t) % 25},{1000 + t}")
+    data = tmp_path / "log.csv"
+    data.write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--task", "recommendation", "--model", "adamct_beauty", "--data", str(data), "--kcore", "0",
+                 "--max-len", "10", "--epochs", "2", "--batch-size", "64", "--output", str(run), "--no-progress",
+                 "--valid-metric", "uni100_hr@10", "--num-negatives", "10"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["num_items"] == 26 and summary["data"]["max_len"] == 10
+    assert "best_val_uni100_hr@10" in summary and "test_ndcg@10" in summary and "test_uni100_hr@10_pop" in summary
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert set(metrics) >= {"protocols", "test", "test_popularity"}
+    assert (run / "recommendation.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["predict", "--task", "recommendation", "--run", str(run), "--history", "i1", "i4", "i7",
+                 "--topk", "5"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 5 and lines[0].lstrip().startswith("1.")
+    listed = [ln.split()[1] for ln in lines]
+    assert not {"i1", "i4", "i7", "[PAD]"} & set(listed)  # the history and padding are never recommended
+    assert main(["predict", "--task", "recommendation", "--run", str(run), "--history", "nope"]) != 0
+    assert "unknown: ['nope']" in capsys.readouterr().err

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hybridzoo.layers.fused import linear_cross_entropy
 from hybridzoo.data.recommendation import FORMATS, SequenceData, read_interactions, synthetic_interactions
+from hybridzoo.layers.fused import linear_cross_entropy
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
 __all__ = ["RecommendationTask", "rank_metrics", "full_ranking_ranks", "sampled_ranks", "KS"]
@@ -143,6 +143,10 @@ class RecommendationTask(Task):
                        help="iterative k-core filter on users and items (default 5 for files, 0 for the built-in set)")
         g.add_argument("--format", choices=FORMATS, default=None, help="interaction file format (default: detected)")
         g.add_argument("--num-negatives", type=int, default=100, help="negatives of the sampled protocol")
+        g.add_argument("--valid-metric", default="ndcg@10",
+                       choices=[f"{p}{m}@{k}" for p in ("", "uni100_") for m in ("hr", "ndcg", "mrr") for k in KS],
+                       help="validation metric for --early-stop and the best epoch (the AdaMCT configs: "
+                            "uni100_hr@10; HR@K is RecBole's Recall@K under leave-one-out)")
         g.add_argument("--history", nargs="*", default=None, help="predict: item ids of a history, oldest first")
         g.add_argument("--topk", type=int, default=10, help="predict: how many next items to list")
 
@@ -157,6 +161,7 @@ class RecommendationTask(Task):
         return SequenceData.from_interactions(users, items, times, kcore=kcore)
 
     def build_data(self, args: argparse.Namespace) -> TaskData:
+        self.headline_metric = getattr(args, "valid_metric", None) or type(self).headline_metric
         max_len = getattr(args, "max_len", 50)
         self.data = data = self.load_sequences(args)
         self.negatives = torch.from_numpy(data.sample_negatives(getattr(args, "num_negatives", 100), seed=0))
@@ -261,7 +266,7 @@ class RecommendationTask(Task):
         if not history or unknown:
             raise ValueError(f"--history needs item ids seen in training; unknown: {unknown[:10]}" if unknown
                              else "--history needs at least one item id, oldest first")
-        max_len = summary.get("max_len", 50)
+        max_len = int(summary.get("data", {}).get("max_len", 50))  # the length the model was trained at
         model = create_model(summary["model"], pretrained=str(run / "model.safetensors"),
                              num_items=len(tokens), max_len=max_len).eval()
         ids = [index[h] for h in history][-max_len:]
