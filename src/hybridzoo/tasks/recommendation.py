@@ -147,6 +147,8 @@ class RecommendationTask(Task):
                        choices=[f"{p}{m}@{k}" for p in ("", "uni100_") for m in ("hr", "ndcg", "mrr") for k in KS],
                        help="validation metric for --early-stop and the best epoch (the AdaMCT configs: "
                             "uni100_hr@10; HR@K is RecBole's Recall@K under leave-one-out)")
+        g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                       help="the engine's warm-up + cosine, or a constant rate as RecBole trains")
         g.add_argument("--history", nargs="*", default=None, help="predict: item ids of a history, oldest first")
         g.add_argument("--topk", type=int, default=10, help="predict: how many next items to list")
 
@@ -179,6 +181,9 @@ class RecommendationTask(Task):
                             num_items=data_info["num_items"], max_len=data_info["max_len"])
 
     # ---- training and evaluation ------------------------------------------------------------------
+    def lr_factor(self, step: int, total_steps: int, steps_per_epoch: int, args: argparse.Namespace) -> float | None:
+        return 1.0 if getattr(args, "lr_schedule", "cosine") == "constant" else None  # None: the engine's cosine
+
     def training_step(self, model: nn.Module, batch, args: argparse.Namespace):
         seq, lengths, target = batch
         core = model.module if hasattr(model, "module") else model
