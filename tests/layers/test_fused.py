@@ -16,11 +16,16 @@ def _mask(B, L, seed=0):
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 2 * 7 * 7 * 8, 1 << 20])
-def test_chunked_attention_matches_sdpa_forward_and_backward(chunk_bytes):
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_attention_matches_sdpa_forward_and_backward(chunk_bytes, causal):
+    """Groups of sequences sorted by length and cut to their visible keys give SDPA's values and gradients."""
     torch.manual_seed(0)
     B, H, L, d = 11, 2, 7, 4
     q, k, v = (torch.randn(B, H, L, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    mask = _mask(B, L).double()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    seq = torch.randint(1, 9, (B, L), generator=g).masked_fill(torch.arange(L)[None] >= lengths[:, None], 0)
+    mask = recbole_attention_mask(seq, causal=causal).double()
     ours = chunked_attention(q, k, v, mask, 0.0, chunk_bytes=chunk_bytes)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(ours, ref)
@@ -39,13 +44,19 @@ def test_chunked_attention_with_dropout_is_differentiated_exactly():
         return chunked_attention(q, k, v, mask, 0.5, chunk_bytes=2 * H * L * L * 8)
 
     assert torch.autograd.gradcheck(f, (q, k, v))
-    # dropout is applied to the attention probabilities, scaled by 1/keep
-    torch.manual_seed(3)
-    out = chunked_attention(q, k, v, mask, 0.5)
-    torch.manual_seed(3)
-    keep = _draws((B, H, L, L), "cpu").double().ge(_threshold(0.5)[0]).double() / 0.5
-    probs = (q @ k.transpose(-2, -1) / d ** 0.5 + mask).softmax(-1) * keep
-    torch.testing.assert_close(out, probs @ v)
+    # dropout acts on the attention probabilities, scaled by 1/keep: with v = identity the output *is*
+    # the dropped probability matrix, whatever order the groups were drawn in
+    B, H, L = 64, 2, 6
+    q, k = torch.randn(B, H, L, 4, dtype=torch.float64), torch.randn(B, H, L, 4, dtype=torch.float64)
+    v = torch.eye(L, dtype=torch.float64).expand(B, H, L, L)
+    mask = _mask(B, L, seed=2).double()
+    probs = (q @ k.transpose(-2, -1) / 2 + mask).softmax(-1)
+    out = chunked_attention(q, k, v, mask, 0.5, chunk_bytes=5 * H * L * L * 8)
+    visible = mask.expand(B, H, L, L) == 0
+    kept = out[visible] != 0
+    torch.testing.assert_close(out[visible][kept], probs[visible][kept] / 0.5)
+    assert abs(kept.double().mean().item() - 0.5) < 0.05
+    assert torch.all(out[~visible] == 0)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.43, 0.57, 0.9])

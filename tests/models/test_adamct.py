@@ -125,3 +125,22 @@ def test_input_validation_names_the_model_and_max_len():
         model(torch.ones(2, 20, dtype=torch.long), torch.ones(2, dtype=torch.long))
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         AdaMCT(num_items=10, kernel_size=4)
+
+
+def test_sasrec_length_groups_are_exact():
+    """Encoding groups of similar-length histories cut to their longest member changes no output or gradient."""
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("sasrec", num_items=50, max_len=12, hidden_size=16, inner_size=32,
+                                   hidden_dropout_prob=0.0, attn_dropout_prob=0.0).double()
+    seq, lengths = model.example_input(40)
+    grouped = model(seq, lengths)
+    full = model._encode(seq, lengths)
+    torch.testing.assert_close(grouped, full)
+    assert grouped.shape[0] >= 2 * model.length_groups  # the grouped path ran
+    g = torch.randn_like(full)
+    for a, b in zip(torch.autograd.grad(grouped, list(model.parameters()), g, allow_unused=True),
+                    torch.autograd.grad(full, list(model.parameters()), g, allow_unused=True)):
+        if a is None:  # a position no history reaches (its embedding row) gets no gradient either way
+            assert b is None or torch.all(b == 0)
+        else:
+            torch.testing.assert_close(a, b)

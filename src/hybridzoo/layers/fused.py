@@ -9,8 +9,9 @@ each computing the same function and gradient as the plain PyTorch ops they stan
   probability is resolved to 1/65536 and the kept values are scaled by the exact inverse keep rate,
   so the expectation is preserved exactly.
 - `chunked_attention`: softmax attention with an additive mask and dropout on the probabilities
-  (RecBole's layer), evaluated a few sequences at a time so the (L, L) score tiles stay in L2 cache;
-  the backward pass recomputes the probabilities per chunk instead of storing them.
+  (RecBole's layer), evaluated a group of sequences at a time so the score tiles stay in L2 cache, each
+  group cut to the keys its queries can see (short left-aligned histories skip their padding keys);
+  the backward pass recomputes the probabilities per group instead of storing them.
 - `linear_cross_entropy`: full-softmax cross-entropy of `h @ weight.T` that never materialises the
   (B, num_items) logits: it works through row chunks and forms both gradients in the forward pass.
 
@@ -75,62 +76,92 @@ class FastDropout(nn.Dropout):
 
 
 class _ChunkedAttention(torch.autograd.Function):
+    """Attention over groups of sequences, each cut to the keys any of its queries can see.
+
+    `order` sorts the batch by key extent and `bounds` lists (start, stop, extent) of each group in that
+    order, so a group of short histories works on (b, H, extent, L) score tiles instead of (b, H, S, L).
+    Scores are kept keys-by-queries, so the softmax runs over a middle axis: PyTorch's CPU softmax over a
+    short last axis is ~15x slower than over one with a long contiguous inner axis.
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, mask, p: float, chunk: int):
-        B, H, L, d = q.shape
-        qs = q * d ** -0.5
-        kt = k.transpose(-2, -1)
-        # the dropout draws of the whole batch (2 bytes per score), kept to rebuild the mask in backward
-        draws = _draws((B, H, L, k.shape[2]) if p > 0.0 else (0,), q.device)
-        outs = []
-        for b0 in range(0, B, chunk):
-            sl = slice(b0, b0 + chunk)
-            probs = torch.matmul(qs[sl], kt[sl]).add_(mask[sl]).softmax(-1)
+    def forward(ctx, q, k, v, mask, p: float, order, bounds):
+        qs = q * q.shape[-1] ** -0.5
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        draws = []  # per group, to rebuild the dropout mask in backward
+        for b0, b1, ext in bounds:
+            idx = order[b0:b1]
+            probs_t = _scores_t(qs, k, mask, idx, ext).softmax(-2)  # (b, H, ext, L)
             if p > 0.0:
-                probs.mul_(_scaled_keep(draws[sl], p, probs.dtype))
-            outs.append(torch.matmul(probs, v[sl]))
-        ctx.save_for_backward(qs, k, v, mask, draws)
-        ctx.p, ctx.chunk = p, chunk
-        return torch.cat(outs)
+                draws.append(_draws(tuple(probs_t.shape), q.device))
+                probs_t.mul_(_scaled_keep(draws[-1], p, probs_t.dtype))
+            out[idx] = torch.matmul(probs_t.transpose(-2, -1), v[idx, :, :ext])
+        ctx.save_for_backward(qs, k, v, mask, order)
+        ctx.draws, ctx.p, ctx.bounds = draws, p, bounds
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qs, k, v, mask, draws = ctx.saved_tensors
-        scale = qs.shape[-1] ** -0.5
+        qs, k, v, mask, order = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        kt, vt = k.transpose(-2, -1), v.transpose(-2, -1)
-        dqs, dks, dvs = [], [], []
-        for b0 in range(0, qs.shape[0], ctx.chunk):
-            sl = slice(b0, b0 + ctx.chunk)
-            probs = torch.matmul(qs[sl], kt[sl]).add_(mask[sl]).softmax(-1)  # recomputed, not stored
-            d_probs = torch.matmul(grad_out[sl], vt[sl])
+        dq = torch.empty_like(qs)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys no query sees get no gradient
+        for i, (b0, b1, ext) in enumerate(ctx.bounds):
+            idx = order[b0:b1]
+            q_i, k_i, v_i, g_i = qs[idx], k[idx, :, :ext], v[idx, :, :ext], grad_out[idx]
+            probs_t = _scores_t(qs, k, mask, idx, ext).softmax(-2)  # recomputed, not stored
+            d_probs_t = torch.matmul(v_i, g_i.transpose(-2, -1))
             if ctx.p > 0.0:
-                keep = _scaled_keep(draws[sl], ctx.p, probs.dtype)
-                dvs.append(torch.matmul((probs * keep).transpose(-2, -1), grad_out[sl]))
-                d_probs.mul_(keep)
+                keep = _scaled_keep(ctx.draws[i], ctx.p, probs_t.dtype)
+                dv[idx, :, :ext] = torch.matmul(probs_t * keep, g_i)
+                d_probs_t.mul_(keep)
             else:
-                dvs.append(torch.matmul(probs.transpose(-2, -1), grad_out[sl]))
-            # softmax backward: dS = P * (dP - sum(dP * P)); the 1/sqrt(d) of q is applied once at the end
-            d_scores = d_probs.sub_((d_probs * probs).sum(-1, keepdim=True)).mul_(probs)
-            dqs.append(torch.matmul(d_scores, k[sl]))
-            dks.append(torch.matmul(d_scores.transpose(-2, -1), qs[sl]))
-        return torch.cat(dqs).mul_(scale), torch.cat(dks), torch.cat(dvs), None, None, None
+                dv[idx, :, :ext] = torch.matmul(probs_t, g_i)
+            # softmax backward over the keys: dS = P * (dP - sum_keys(dP * P)); q's 1/sqrt(d) is applied at the end
+            d_scores_t = d_probs_t.sub_((d_probs_t * probs_t).sum(-2, keepdim=True)).mul_(probs_t)
+            dq[idx] = torch.matmul(d_scores_t.transpose(-2, -1), k_i)
+            dk[idx, :, :ext] = torch.matmul(d_scores_t, q_i)
+        return dq.mul_(qs.shape[-1] ** -0.5), dk, dv, None, None, None, None
+
+
+def _scores_t(qs: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, ext: int) -> torch.Tensor:
+    """Masked scores of the sequences `idx` against their first `ext` keys, keys by queries: (b, H, ext, L)."""
+    return torch.matmul(k[idx, :, :ext], qs[idx].transpose(-2, -1)).add_(mask[idx, :, :, :ext].transpose(-2, -1))
+
+
+# An additive mask at or below this value removes a key: exp(-1e4 + s - max) is exactly 0 in float32/64
+# for any realistic score, so skipping such keys changes nothing (RecBole masks with -10000).
+_DEAD = -1e4
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       dropout_p: float = 0.0, chunk_bytes: int = 1 << 20) -> torch.Tensor:
     """softmax(q kᵀ/√d + mask) with dropout on the probabilities, times v.
 
-    q, k, v: (B, H, L, d); mask: additive, broadcastable to (B, H, L, L) with a leading B (or 1).
-    Rows of the batch are processed `chunk_bytes` of score tiles at a time.
+    q, k, v: (B, H, L, d) / (B, H, S, d); mask: additive, (B or 1, 1 or H, L, S). Sequences are sorted by
+    how many leading keys any of their queries may see (keys masked with <= -1e4 for every query lie
+    beyond) and processed in groups of about `chunk_bytes` of (L, extent) score tiles: left-aligned
+    short histories cost in proportion to their length, and every tile stays in L2 cache.
     """
     B, H, L, _ = q.shape
     S = k.shape[-2]
-    chunk = max(1, chunk_bytes // (H * L * S * q.element_size()))
     mask = mask.to(q.dtype)
     if mask.shape[0] == 1 and B > 1:
         mask = mask.expand(B, *mask.shape[1:])
-    return _ChunkedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, float(dropout_p), chunk)
+    live = mask.flatten(1, 2).amax(1) > _DEAD  # (B, S): keys some query may attend to
+    extent = (live * torch.arange(1, S + 1, device=q.device)).amax(1).clamp(min=1)
+    extent, order = torch.sort(extent, stable=True)
+    per_key = H * L * q.element_size()
+    bounds, b0, ext = [], 0, extent.tolist()
+    while b0 < B:
+        # the largest group whose widest member still fits the budget (extents ascend within `order`)
+        b1 = min(B, b0 + max(1, chunk_bytes // (per_key * ext[min(B - 1, b0)])))
+        while b1 - 1 > b0 and (b1 - b0) * ext[b1 - 1] * per_key > chunk_bytes:
+            b1 = b0 + max(1, (b1 - b0) // 2)
+        bounds.append((b0, b1, ext[b1 - 1]))
+        b0 = b1
+    return _ChunkedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, float(dropout_p), order,
+                                   bounds)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
