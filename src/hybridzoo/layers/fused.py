@@ -154,7 +154,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     per_key = H * L * q.element_size()
     bounds, b0, ext = [], 0, extent.tolist()
     while b0 < B:
-        # the largest group whose widest member still fits the budget (extents ascend within `order`)
+        # a group whose widest member still fits the budget (extents ascend within `order`)
         b1 = min(B, b0 + max(1, chunk_bytes // (per_key * ext[min(B - 1, b0)])))
         while b1 - 1 > b0 and (b1 - b0) * ext[b1 - 1] * per_key > chunk_bytes:
             b1 = b0 + max(1, (b1 - b0) // 2)
