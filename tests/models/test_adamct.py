@@ -144,3 +144,13 @@ def test_sasrec_length_groups_are_exact():
             assert b is None or torch.all(b == 0)
         else:
             torch.testing.assert_close(a, b)
+
+
+def test_local_conv_is_the_official_conv1d():
+    from hybridzoo.models.adamct import LocalConv
+
+    torch.manual_seed(0)
+    m = LocalConv(8, 5, "gelu", 1e-12)
+    x = torch.randn(3, 11, 8)
+    ref = torch.nn.functional.gelu(m.LayerNorm(m.conv_1_3(x.transpose(1, 2)).transpose(1, 2)))
+    torch.testing.assert_close(m(x), ref)

@@ -87,7 +87,7 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, p: float, order, bounds):
         qs = q * q.shape[-1] ** -0.5
-        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        out = _heads_last(q, v.shape[-1])
         draws = []  # per group, to rebuild the dropout mask in backward
         for b0, b1, ext in bounds:
             idx = order[b0:b1]
@@ -103,9 +103,8 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qs, k, v, mask, order = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        dq = torch.empty_like(qs)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys no query sees get no gradient
+        dq = _heads_last(qs, qs.shape[-1])
+        dk, dv = _heads_last(k, k.shape[-1]).zero_(), _heads_last(v, v.shape[-1]).zero_()  # unseen keys: 0
         for i, (b0, b1, ext) in enumerate(ctx.bounds):
             idx = order[b0:b1]
             q_i, k_i, v_i, g_i = qs[idx], k[idx, :, :ext], v[idx, :, :ext], grad_out[idx]
@@ -122,6 +121,12 @@ class _ChunkedAttention(torch.autograd.Function):
             dq[idx] = torch.matmul(d_scores_t.transpose(-2, -1), k_i)
             dk[idx, :, :ext] = torch.matmul(d_scores_t, q_i)
         return dq.mul_(qs.shape[-1] ** -0.5), dk, dv, None, None, None, None
+
+
+def _heads_last(like: torch.Tensor, dim: int) -> torch.Tensor:
+    """An empty (B, H, L, dim) tensor stored as (B, L, H, dim): merging the heads afterwards is free."""
+    B, H, L, _ = like.shape
+    return like.new_empty((B, L, H, dim)).transpose(1, 2)
 
 
 def _scores_t(qs: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, ext: int) -> torch.Tensor:
@@ -160,8 +165,8 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
             b1 = b0 + max(1, (b1 - b0) // 2)
         bounds.append((b0, b1, ext[b1 - 1]))
         b0 = b1
-    return _ChunkedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, float(dropout_p), order,
-                                   bounds)
+    # q, k, v are usually head views of (B, L, D) projections: the per-group gathers read them as they are
+    return _ChunkedAttention.apply(q, k, v, mask, float(dropout_p), order, bounds)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

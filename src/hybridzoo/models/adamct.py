@@ -48,7 +48,11 @@ class LocalConv(nn.Module):
         self.act = _act(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.LayerNorm(self.conv_1_3(x.transpose(1, 2)).transpose(1, 2)))
+        # The Conv1d over positions, run as a (1, k) conv2d on the (B, L, D) tensor viewed channels-last
+        # (B, D, 1, L): oneDNN reads and writes that layout directly, so neither side is transposed in memory.
+        conv = self.conv_1_3
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias, padding=(0, conv.padding[0]))
+        return self.act(self.LayerNorm(y.squeeze(2).transpose(1, 2)))
 
 
 class AdaptiveMixtureUnits(nn.Module):
