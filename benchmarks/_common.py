@@ -10,6 +10,7 @@ step are recorded: on a machine shared with other jobs the wall-clock medians st
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -17,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -212,3 +214,26 @@ def run_scenarios(scenarios: list[tuple[str, int, float, Callable[[], list[Conte
     payload = {"environment": env, "peak": peak_res, "results": rows}
     write_json(out, payload)
     return payload
+
+
+def base_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every comparison script shares; each adds its own model choices."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
+    ap.add_argument("--batch", type=int, default=32, help="inference batch")
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=rounds, help="timed rounds")
+    ap.add_argument("--scenarios", nargs="+", default=["infer", "train", "latency"],
+                    choices=["infer", "train", "latency"])
+    ap.add_argument("--no-peak", action="store_true")
+    ap.add_argument("--out", default=None)
+    return ap
+
+
+def parse_and_setup(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, then fix threads and seed and silence warnings, identically for both sides."""
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore")
+    return args

@@ -24,13 +24,11 @@ interleaving and the figures; `bench_transformers.py` for the scenarios.
 
 from __future__ import annotations
 
-import argparse
-import os
-import warnings
 
 import torch
 
-from _common import (Contestant, count_macs_safe, make_inference_step, make_train_step,  # noqa: I001
+from _common import (Contestant, base_parser, count_macs_safe, make_inference_step, make_train_step,  # noqa: I001
+                     parse_and_setup,
                      run_scenarios)
 
 import hybridzoo
@@ -71,22 +69,11 @@ def build_pairs(keys: list[str]):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
-    ap.add_argument("--batch", type=int, default=32, help="inference batch")
-    ap.add_argument("--train-batch", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (training: one fewer, at least 2)")
+    ap = base_parser(__doc__.split("\n")[0], rounds=3)
     ap.add_argument("--pairs", nargs="+", default=DEFAULT, choices=list(PAIRS))
-    ap.add_argument("--scenarios", nargs="+", default=["infer", "train", "latency"],
-                    choices=["infer", "train", "latency"])
     ap.add_argument("--channels-last", action="store_true",
                     help="convert every model and input to channels-last (both sides)")
-    ap.add_argument("--no-peak", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    warnings.filterwarnings("ignore")
+    args = parse_and_setup(ap)
 
     pairs, skipped = build_pairs(args.pairs)
     for s in skipped:

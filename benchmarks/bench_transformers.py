@@ -27,14 +27,12 @@ of the same run. Each figure is given on the wall clock and per second of proces
 
 from __future__ import annotations
 
-import argparse
-import os
-import warnings
 
 import torch
 from torch import nn
 
-from _common import (Contestant, count_macs_safe, make_inference_step, make_train_step,  # noqa: I001
+from _common import (Contestant, base_parser, count_macs_safe, make_inference_step, make_train_step,  # noqa: I001
+                     parse_and_setup,
                      run_scenarios)
 
 import hybridzoo  # noqa: F401  (registers the models)
@@ -84,24 +82,13 @@ def build_pairs(models: list[str], hf_deit_too: bool, cvt_gelu: bool = True):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
-    ap.add_argument("--batch", type=int, default=32, help="inference batch")
-    ap.add_argument("--train-batch", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap = base_parser(__doc__.split("\n")[0], rounds=4)
     ap.add_argument("--models", nargs="+", default=["deit", "cvt"], choices=["deit", "cvt"])
-    ap.add_argument("--scenarios", nargs="+", default=["infer", "train", "latency"],
-                    choices=["infer", "train", "latency"])
     ap.add_argument("--hf-deit", action="store_true",
                     help="also run HF DeiTForImageClassification (198 tokens: it always has a distillation token)")
     ap.add_argument("--no-cvt-gelu", action="store_true",
                     help="leave out our CvT-13 built with HF's exact GELU instead of the official QuickGELU")
-    ap.add_argument("--no-peak", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    warnings.filterwarnings("ignore")
+    args = parse_and_setup(ap)
 
     pairs = build_pairs(args.models, args.hf_deit, not args.no_cvt_gelu)
     x_inf = torch.randn(args.batch, 3, 224, 224)
