@@ -74,6 +74,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def collective_device() -> torch.device:
+    """Where tensors for a collective must live: the current CUDA device under nccl, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place; returns `t` (unchanged on a single process)."""
     if is_distributed():

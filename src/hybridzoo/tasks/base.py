@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from hybridzoo.engine.metrics import Metric
+
 __all__ = ["Task", "TaskData", "register_task", "get_task", "TASK_REGISTRY"]
 
 TASK_REGISTRY: dict[str, type["Task"]] = {}
@@ -79,10 +81,27 @@ class Task:
         """Loss on one batch (already on the device), and scalars to log."""
         raise NotImplementedError
 
+    # --- evaluation: the metric contract (hybridzoo.engine.metrics) ------------------------------
+    def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> "Metric":
+        """A fresh `hybridzoo.engine.metrics.Metric` that accumulates this task's state."""
+        raise NotImplementedError(f"task {self.name!r} defines no metric")
+
+    def eval_step(self, model: nn.Module, batch: Any, metric: "Metric", args: argparse.Namespace) -> None:
+        """Run the model on one validation batch (already on the device) and `metric.update(...)`."""
+        raise NotImplementedError(f"task {self.name!r} defines no eval_step")
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
-        """Metrics over a whole loader, keys without the `val_` prefix (`loss`, `top1`, ...)."""
-        raise NotImplementedError
+    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace,
+                 data_info: dict[str, Any] | None = None) -> dict[str, float]:
+        """Metrics over a whole loader on this process, keys without the `val_` prefix (`loss`, `top1`, ...).
+
+        The engine does the same with a sharded loader and `metric.sync()` between the two halves.
+        """
+        metric = self.build_metric(args, data_info or {})
+        for batch in loader:
+            self.eval_step(model, batch, metric, args)
+        metric.sync()
+        return metric.compute()
 
     def build_optimizer(self, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer | None:
         """Return None for the engine's default (AdamW, no decay on norms/biases/embeddings)."""
