@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from hybridzoo.engine import distributed
 from hybridzoo.engine.checkpoint import (CheckpointError, atomic_save, get_rng_state, load_checkpoint, plain_args,
@@ -137,7 +137,7 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
-def _build_loaders(data, args, info: distributed.DistInfo, task) -> tuple[DataLoader, DistributedSampler, DataLoader | None]:
+def _build_loaders(data, args, info: distributed.DistInfo, task=None) -> tuple[DataLoader, DistributedSampler, DataLoader]:
     pin = info.device.type == "cuda"
     # The same sampler on one or many processes: the order is a function of (seed, epoch) only, so a
     # resumed run and an N-process run see exactly what the straight single-process run sees.
@@ -146,36 +146,48 @@ def _build_loaders(data, args, info: distributed.DistInfo, task) -> tuple[DataLo
     train_loader = DataLoader(data.train, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                               pin_memory=pin, drop_last=len(sampler) > args.batch_size, collate_fn=data.collate_fn,
                               persistent_workers=False)
+    return train_loader, sampler, _val_loader(data, args, info)
+
+
+def _val_loader(data, args, info: distributed.DistInfo) -> DataLoader:
+    """Every process gets its shard of the same evaluation set, every sample exactly once.
+
+    `--limit-val-batches N` cuts the *whole* set to its first N × eval-batch-size samples before
+    sharding, so the scores do not depend on the number of processes."""
     eval_bs = args.eval_batch_size or 2 * args.batch_size
-    if getattr(task, "distributed_eval", False):
-        val_sampler = distributed.ShardSampler(data.val, info.world_size, info.rank)
-    elif info.is_main:
-        val_sampler = None
-    else:
-        return train_loader, sampler, None
-    val_loader = DataLoader(data.val, batch_size=eval_bs, sampler=val_sampler, shuffle=False, num_workers=args.workers,
-                            pin_memory=pin, collate_fn=data.collate_fn)
-    return train_loader, sampler, val_loader
+    val = data.val
+    if args.limit_val_batches:
+        val = Subset(val, range(min(len(val), args.limit_val_batches * eval_bs)))
+    return DataLoader(val, batch_size=eval_bs, sampler=distributed.ShardSampler(val, info.world_size, info.rank),
+                      num_workers=args.workers, pin_memory=info.device.type == "cuda", collate_fn=data.collate_fn)
 
 
-def _evaluate(task, model: nn.Module, loader: DataLoader | None, args, info: distributed.DistInfo,
-              amp_dtype: torch.dtype | None) -> dict[str, float]:
+def _evaluate(task, model: nn.Module, loader: DataLoader, args, info: distributed.DistInfo,
+              amp_dtype: torch.dtype | None, data_info: dict[str, Any] | None = None) -> dict[str, float]:
     """The task's metrics on the validation set, the same dict on every process.
 
-    Tasks with `distributed_eval = True` reduce over processes themselves (each sees a shard);
-    for the others rank 0 evaluates the whole set and broadcasts the result.
-    """
+    Each process runs `task.eval_step` on its shard; the metric's state is reduced once (`sync`) and
+    `compute` runs on the whole set's state."""
+    if data_info is None:
+        ds = _base_dataset(loader.dataset)
+        data_info = {k: getattr(ds, k) for k in ("num_classes", "class_names") if getattr(ds, k, None) is not None}
+    metric = task.build_metric(args, data_info)
     was_training = model.training
     model.eval()
-    metrics = None
-    if loader is not None:
-        dl = DeviceLoader(loader, info.device, args.limit_val_batches, args.channels_last)
+    try:
         with torch.no_grad(), torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            metrics = {k: float(v) for k, v in task.evaluate(model, dl, args).items()}
-    if not getattr(task, "distributed_eval", False):
-        metrics = distributed.broadcast_object(metrics)
-    model.train(was_training)
-    return metrics
+            for batch in DeviceLoader(loader, info.device, None, args.channels_last):
+                task.eval_step(model, batch, metric, args)
+    finally:
+        model.train(was_training)
+    metric.sync()
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def _base_dataset(ds):
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -331,10 +343,10 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(1.0, float(totals[1])))}
         for k, v in log_sums.items():
             row[f"train_{k}"] = v / max(1, n_steps)
-        metrics = _evaluate(task, model, val_loader, args, info, amp_dtype)
+        metrics = _evaluate(task, model, val_loader, args, info, amp_dtype, data.info)
         row.update({f"val_{k}": v for k, v in metrics.items()})
         if ema is not None:
-            ema_metrics = _evaluate(task, ema.module, val_loader, args, info, amp_dtype)
+            ema_metrics = _evaluate(task, ema.module, val_loader, args, info, amp_dtype, data.info)
             row.update({f"val_ema_{k}": v for k, v in ema_metrics.items()})
         row["lr"] = float(lr)
         row["seconds"] = time.perf_counter() - t0
@@ -463,6 +475,6 @@ def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
         data = task.build_data(args)
         model = task.build_model(args, data.info).to(info.device)
         _, _, val_loader = _build_loaders(data, args, info, task)
-        return _evaluate(task, model, val_loader, args, info, amp_dtype)
+        return _evaluate(task, model, val_loader, args, info, amp_dtype, data.info)
     finally:
         distributed.cleanup(info)
