@@ -7,10 +7,14 @@
 
 The engine owns what every task shares — devices, the process group, the optimiser and its
 schedule, autocast, EMA, gradient clipping, checkpoints and the run folder — and asks the task
-(`hybridzoo.tasks.base.Task`) for data, model, loss and metrics. It reads top to bottom:
-set up → build → (resume) → for each epoch: train steps, evaluate, write the run folder.
+(`hybridzoo.tasks.base.Task`) for data, model, loss and metrics. `_train` reads as phases:
+set up → resume → for each epoch: one epoch of steps, end of epoch (evaluate, early-stop state,
+last.ckpt and the run folder) → finish. Everything that changes lives in one `TrainState`
+(`hybridzoo.engine.state`), which is exactly what last.ckpt holds.
 
-`--batch-size` is per process: under torchrun the global batch is batch-size × processes.
+`--batch-size` is per process: under torchrun the global batch is batch-size × processes
+(× `--accum-steps`). Evaluation runs on every process over its shard of the validation set; the
+task's metric state is reduced once, so every process gets the single-process scores.
 """
 
 from __future__ import annotations
