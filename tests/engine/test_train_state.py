@@ -1,6 +1,8 @@
 """The TrainState: a run stopped and resumed equals the straight run for every task, early stopping
 included; the early stop restores the best epoch's weights; gradient accumulation equals the larger batch."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -128,3 +130,11 @@ def test_accumulated_steps_equal_the_larger_batch(tiny, tmp_path, monkeypatch, a
     for k in sb:
         torch.testing.assert_close(sa[k], sb[k], atol=2e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
     assert acc.history[0]["train_loss"] == pytest.approx(big.history[0]["train_loss"], rel=1e-5)
+
+
+def test_accum_steps_must_be_positive(tiny, tmp_path, capsys):
+    from hybridzoo.cli import main
+
+    assert main(["--plugin", str(Path(__file__).resolve().parents[1] / "hz_tiny_models.py"), "train", "--model", "hz_tiny_vit", "--accum-steps", "0",
+                 "--no-progress", "--output", str(tmp_path / "run")]) == 2
+    assert "--accum-steps must be at least 1, got 0" in capsys.readouterr().err
