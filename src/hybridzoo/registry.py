@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["ModelCard", "register_model", "get_card", "list_models", "model_entrypoint", "task_names", "TASKS"]
+__all__ = ["ModelCard", "register_model", "get_card", "list_models", "model_entrypoint", "task_names"]
 
 # the tasks of hybridzoo.tasks, known before that package is imported (model files register first)
 _BUILTIN_TASKS = ("classification", "segmentation", "super-resolution", "recommendation", "land-cover")
