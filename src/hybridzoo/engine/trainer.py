@@ -353,6 +353,8 @@ def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace
     bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=info.is_main and args.progress)
     lr = optimizer.param_groups[0]["lr"]
     batches = iter(run.train_loader)
+    ddp = getattr(train_model, "_orig_mod", train_model)  # under --compile, DDP is inside
+    ddp = ddp if isinstance(ddp, nn.parallel.DistributedDataParallel) else None
     for i in range(run.steps_per_epoch):
         lr = state.schedule.set_step(state.step)
         optimizer.zero_grad(set_to_none=True)
@@ -360,8 +362,7 @@ def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace
         for micro in range(accum):
             batch = move_to_device(next(batches), device, args.channels_last)
             # gradients are all-reduced once per step, on the last accumulated batch
-            sync = micro == accum - 1 or not isinstance(train_model, nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else train_model.no_sync():
+            with ddp.no_sync() if ddp is not None and micro < accum - 1 else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
                     loss, logs = task.training_step(train_model, batch, args)
                 # Checked before backward, on every process at once (one tiny all-reduce), so a NaN on any
