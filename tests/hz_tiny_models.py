@@ -109,3 +109,91 @@ class BenchTiny(TinyViT):
 @register_model(reported=dict(params_m=0.015018, gflops=None), params=15018, **_CARD)
 def hz_tiny_bench(**kwargs):
     return BenchTiny(**kwargs)
+
+
+# --- one tiny model per other task (no batch norm, no dropout), for the engine tests of every task ---
+
+class TinySeg(nn.Module):
+    """Two convolutions at half resolution → per-pixel logits resized to the input."""
+
+    def __init__(self, *, num_classes: int = 3, in_chans: int = 3, dim: int = 8):
+        super().__init__()
+        self.num_classes = num_classes
+        self.stem = nn.Conv2d(in_chans, dim, 3, 2, 1)
+        self.body = nn.Conv2d(dim, dim, 3, 1, 1)
+        self.head = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.body(torch.relu(self.stem(x)))))
+        return nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class TinySR(nn.Module):
+    """Nearest upscaling plus a learned pixel-shuffle residual; RGB in [0, 255]."""
+
+    def __init__(self, *, upscale: int = 2, dim: int = 8):
+        super().__init__()
+        self.upscale = upscale
+        self.body = nn.Conv2d(3, dim, 3, 1, 1)
+        self.tail = nn.Conv2d(dim, 3 * upscale * upscale, 3, 1, 1)
+
+    def forward(self, x):
+        res = nn.functional.pixel_shuffle(self.tail(torch.relu(self.body(x / 255.0))), self.upscale) * 255.0
+        return nn.functional.interpolate(x, scale_factor=self.upscale, mode="nearest") + res
+
+
+class TinyRec(nn.Module):
+    """Mean of the history's item + position embeddings → a linear layer (the SequentialRecommender contract)."""
+
+    def __init__(self, *, num_items: int, max_len: int = 10, hidden_size: int = 16):
+        super().__init__()
+        self.num_items, self.max_len = num_items, max_len
+        self.item_embedding = nn.Embedding(num_items, hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_len, hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, item_seq, item_seq_len):
+        mask = (item_seq > 0).unsqueeze(-1).float()
+        h = (self.item_embedding(item_seq) + self.position_embedding.weight[: item_seq.shape[1]]) * mask
+        return torch.tanh(self.proj(h.sum(1) / mask.sum(1).clamp(min=1)))
+
+    def scores(self, seq_output, items=None):
+        if items is None:
+            return seq_output @ self.item_embedding.weight.t()
+        return torch.einsum("bd,bkd->bk", seq_output, self.item_embedding(items))
+
+
+class TinyLandCover(nn.Module):
+    """One convolution over the patch → mean pool → class logits."""
+
+    def __init__(self, *, num_classes: int = 5, in_chans: int = 4, img_size: int = 8, dim: int = 8):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(in_chans, dim, 3, 1, 1)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((-2, -1)))
+
+
+_OTHER = dict(paper="engine test model", arxiv=None, demo=True, notes="test-only; registered by tests/hz_tiny_models.py")
+
+
+@register_model(reported=dict(params_m=None, gflops=None), task="segmentation", input_size=(3, 32, 32), **_OTHER)
+def hz_tiny_seg(**kwargs):
+    return TinySeg(**kwargs)
+
+
+@register_model(reported=dict(params_m=None, gflops=None), task="super-resolution", input_size=(3, 16, 16), **_OTHER)
+def hz_tiny_sr_x2(**kwargs):
+    return TinySR(upscale=2, **kwargs)
+
+
+@register_model(reported=dict(params_m=None, gflops=None), task="recommendation", input_size=(10,), **_OTHER)
+def hz_tiny_rec(**kwargs):
+    return TinyRec(**kwargs)
+
+
+@register_model(reported=dict(params_m=None, gflops=None), task="land-cover", input_size=(4, 8, 8), **_OTHER)
+def hz_tiny_lc(**kwargs):
+    return TinyLandCover(**kwargs)

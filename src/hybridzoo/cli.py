@@ -90,9 +90,12 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (also evaluated)")
     g.add_argument("--ema-decay", type=float, default=0.9998)
     g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    g.add_argument("--accum-steps", type=int, default=1, metavar="N",
+                   help="accumulate gradients over N batches per optimiser step (effective batch N × batch size)")
     g.add_argument("--pretrained", default=None, help="initial weights (ours or an official layout)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    g.add_argument("--limit-train-batches", type=int, default=None, help="at most this many steps per epoch")
+    g.add_argument("--limit-train-batches", type=int, default=None,
+                   help="at most this many optimiser steps per epoch (each of --accum-steps batches)")
     g.add_argument("--limit-val-batches", type=int, default=None)
     g.add_argument("--stop-after-epochs", type=int, default=None,
                    help="stop after this many epochs of this invocation (then --resume), e.g. for time-limited jobs")

@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["ModelCard", "register_model", "get_card", "list_models", "model_entrypoint", "TASKS"]
+__all__ = ["ModelCard", "register_model", "get_card", "list_models", "model_entrypoint", "task_names"]
 
-TASKS = ("classification", "segmentation", "super-resolution", "recommendation", "land-cover")
+# the tasks of hybridzoo.tasks, known before that package is imported (model files register first)
+_BUILTIN_TASKS = ("classification", "segmentation", "super-resolution", "recommendation", "land-cover")
+
+
+def task_names() -> tuple[str, ...]:
+    """The built-in tasks and every task registered since (`hybridzoo.tasks.base.register_task`, e.g. by a
+    `--plugin`), so a plugin can register a task and then models for it."""
+    base = sys.modules.get("hybridzoo.tasks.base")  # not imported here: model files register before the tasks load
+    registered = tuple(base.TASK_REGISTRY) if base is not None else ()
+    return tuple(dict.fromkeys(_BUILTIN_TASKS + registered))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TASKS":  # read at use, not import: plugins add tasks
+        return task_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -67,8 +83,9 @@ _CARDS: dict[str, ModelCard] = {}
 def register_model(*, paper: str, arxiv: str | None, task: str, reported: dict[str, Any],
                    **card_fields: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a model variant under its function's name, with the paper's figures."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task not in task_names():
+        raise ValueError(f"unknown task {task!r}; expected one of {task_names()} (register a new task with "
+                         "hybridzoo.tasks.base.register_task first)")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         name = fn.__name__
@@ -110,8 +127,8 @@ def get_card(name: str) -> ModelCard:
 def list_models(pattern: str | None = None, task: str | None = None, include_demo: bool = True) -> list[str]:
     """Registered model names, sorted; `pattern` uses fnmatch wildcards (``"cvt*"``)."""
     _ensure_loaded()
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task is not None and task not in task_names():
+        raise ValueError(f"unknown task {task!r}; expected one of {task_names()}")
     names = sorted(_ENTRYPOINTS)
     if pattern:
         names = [n for n in names if fnmatch.fnmatch(n, pattern)]

@@ -2,7 +2,8 @@
 
 1. both ranks hold identical weights after training;
 2. 2 processes × half the batch give the same weights as 1 process × the whole batch
-   (the tiny model has no batch norm, augmentation is off, so only the gradient averaging differs).
+   (the tiny model has no batch norm, augmentation is off, so only the gradient averaging differs);
+   so do 2 processes × a quarter of the batch × 2 accumulated batches (gradients all-reduced once per step).
 """
 
 import os
@@ -26,31 +27,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _args(batch_size, out):
+def _args(batch_size, out, accum=1):
     from hybridzoo.cli import build_parser, load_plugin
     from hybridzoo.tasks.base import get_task
 
     load_plugin(str(TINY))
     task = get_task("classification")
-    return build_parser(task).parse_args(["train", *COMMON, "--batch-size", str(batch_size), "--output", str(out)]), task
+    argv = ["train", *COMMON, "--batch-size", str(batch_size), "--accum-steps", str(accum), "--output", str(out)]
+    return build_parser(task).parse_args(argv), task
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, accum):
     sys.path.insert(0, str(SRC))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from hybridzoo.engine.trainer import train
 
-    args, task = _args(8, out)
+    args, task = _args(8 // accum, out, accum)
     result = train(args, task)
     torch.save({k: v.clone() for k, v in result.model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
     torch.save(result.summary, Path(out) / f"summary{rank}.pt")
 
 
 @pytest.mark.timeout(300)
-def test_two_gloo_processes_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_gloo_processes_match_one_process(tmp_path, accum):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), accum), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
     for k in r0:

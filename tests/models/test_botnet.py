@@ -192,7 +192,7 @@ def test_features_only_and_channels_last():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_head_contract_and_grad_checkpointing():
+def test_head_contract_and_gradients():
     torch.manual_seed(0)
     m = hybridzoo.create_model("botnet_t3", num_classes=5, **TEST_KW).eval()
     for p in m.parameters():   # the zero-initialised last BN γ would hide the attention path
@@ -201,10 +201,7 @@ def test_head_contract_and_grad_checkpointing():
     x = torch.randn(2, 3, 64, 64)
     ref = m(x)
     assert ref.shape == (2, 5)
-    m.set_grad_checkpointing(True)
-    out = m(x)
-    torch.testing.assert_close(out, ref)
-    out.sum().backward()
+    ref.sum().backward()
     assert all(p.grad is not None for p in m.parameters())
     assert m.stages[3][0].mhsa.pos.rel_height.grad.abs().sum() > 0
     m.reset_classifier(0)

@@ -137,18 +137,13 @@ def test_features_only_returns_stem_and_four_stages():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_channels_last_and_checkpointing_match():
+def test_channels_last_matches():
     model = _reduced().eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
         cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(ref, cl, rtol=1e-4, atol=1e-5)
-    model.train()
-    a = model(x)
-    model.set_grad_checkpointing(True)
-    b = model(x)
-    torch.testing.assert_close(a, b)
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
 
 

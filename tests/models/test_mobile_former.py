@@ -135,20 +135,13 @@ def test_features_only_returns_mobile_stages(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_variable_resolution_channels_last_and_checkpointing():
+def test_variable_resolution_channels_last():
     model = _reduced("mobile_former_26m").eval()
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
         ref = model(x)
         cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(ref, cl, rtol=1e-5, atol=1e-5)
-    model.train()
-    torch.manual_seed(0)
-    a = model(x)
-    model.set_grad_checkpointing(True)
-    torch.manual_seed(0)
-    b = model(x)
-    torch.testing.assert_close(a, b)
 
 
 # -- official checkpoint layout (AAboys/MobileFormer) -----------------------------------------------

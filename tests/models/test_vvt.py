@@ -120,17 +120,6 @@ def test_variable_resolution_and_head_contract():
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
-def test_grad_checkpointing_matches():
-    m = _small()
-    x = torch.randn(2, 3, 64, 64)
-    ref = m(x)
-    m.set_grad_checkpointing(True)
-    out = m(x)
-    torch.testing.assert_close(out, ref)
-    out.sum().backward()
-    assert all(p.grad is not None for p in m.parameters())
-
-
 def _to_official_key(k: str) -> str:
     # the OpenNLPLab layout: patch_embed{1..4}, block{1..4}.{j}, norm{1..4}; SE as se_fc.{0,2};
     # the FFN's depthwise conv wrapped in a DWConv module (dwconv.dwconv)

@@ -51,6 +51,26 @@ def test_digits_data_and_metrics(task):
     assert task.baselines(data, args)["val_top1_majority"] == pytest.approx(0.1, abs=0.01)
 
 
+@pytest.mark.parametrize("num_classes", [2, 5, 6, 10])
+def test_top5_only_with_more_than_five_classes(task, num_classes):
+    # with 5 or fewer classes top-5 is 1.0 by construction: it must not be reported
+    from hybridzoo.tasks.classification import ClassificationMetric
+
+    g = torch.Generator().manual_seed(num_classes)
+    logits, y = torch.randn(50, num_classes, generator=g), torch.randint(0, num_classes, (50,), generator=g)
+    for metric in (task.build_metric(argparse.Namespace(), {"num_classes": num_classes}), ClassificationMetric()):
+        metric.update(logits[:20], y[:20])
+        metric.update(logits[20:], y[20:])
+        m = metric.compute()
+        assert m["top1"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+        if num_classes <= 5:
+            assert set(m) == {"loss", "top1"}
+        else:
+            assert set(m) == {"loss", "top1", "top5"}
+            top5 = (logits.topk(5, 1).indices == y[:, None]).any(1).float().mean().item()
+            assert m["top5"] == pytest.approx(top5) and m["top5"] < 1.0
+
+
 def _save(model, path):
     from safetensors.torch import save_file
 

@@ -7,18 +7,22 @@
 
 The engine owns what every task shares — devices, the process group, the optimiser and its
 schedule, autocast, EMA, gradient clipping, checkpoints and the run folder — and asks the task
-(`hybridzoo.tasks.base.Task`) for data, model, loss and metrics. It reads top to bottom:
-set up → build → (resume) → for each epoch: train steps, evaluate, write the run folder.
+(`hybridzoo.tasks.base.Task`) for data, model, loss and metrics. `_train` reads as phases:
+set up → resume → for each epoch: one epoch of steps, end of epoch (evaluate, early-stop state,
+last.ckpt and the run folder) → finish. Everything that changes lives in one `TrainState`
+(`hybridzoo.engine.state`), which is exactly what last.ckpt holds.
 
-`--batch-size` is per process: under torchrun the global batch is batch-size × processes.
+`--batch-size` is per process: under torchrun the global batch is batch-size × processes
+(× `--accum-steps`). Evaluation runs on every process over its shard of the validation set; the
+task's metric state is reduced once, so every process gets the single-process scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,13 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from hybridzoo.engine import distributed
 from hybridzoo.engine.checkpoint import (CheckpointError, atomic_save, get_rng_state, load_checkpoint, plain_args,
-                                         save_weights, set_rng_state)
+                                         save_weights)
 from hybridzoo.engine.logger import format_row, plot_curves, write_metrics_csv, write_summary
 from hybridzoo.engine.optim import CosineWarmupSchedule, ModelEma, build_optimizer
+from hybridzoo.engine.state import TrainState
 
 __all__ = ["train", "evaluate", "TrainResult", "NonFiniteLossError", "ENGINE_DEFAULTS", "fill_defaults",
            "default_run_dir", "seed_everything", "move_to_device", "AMP_DTYPES"]
@@ -48,7 +53,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 0, "device": "auto", "workers": None, "amp": "none", "compile": False, "ema": False,
     "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": False,
     "limit_train_batches": None, "limit_val_batches": None, "stop_after_epochs": None, "progress": True,
-    "early_stop": None,
+    "early_stop": None, "accum_steps": 1,
 }
 
 
@@ -137,7 +142,7 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
-def _build_loaders(data, args, info: distributed.DistInfo, task) -> tuple[DataLoader, DistributedSampler, DataLoader | None]:
+def _build_loaders(data, args, info: distributed.DistInfo, task=None) -> tuple[DataLoader, DistributedSampler, DataLoader]:
     pin = info.device.type == "cuda"
     # The same sampler on one or many processes: the order is a function of (seed, epoch) only, so a
     # resumed run and an N-process run see exactly what the straight single-process run sees.
@@ -146,36 +151,48 @@ def _build_loaders(data, args, info: distributed.DistInfo, task) -> tuple[DataLo
     train_loader = DataLoader(data.train, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                               pin_memory=pin, drop_last=len(sampler) > args.batch_size, collate_fn=data.collate_fn,
                               persistent_workers=False)
+    return train_loader, sampler, _val_loader(data, args, info)
+
+
+def _val_loader(data, args, info: distributed.DistInfo) -> DataLoader:
+    """Every process gets its shard of the same evaluation set, every sample exactly once.
+
+    `--limit-val-batches N` cuts the *whole* set to its first N × eval-batch-size samples before
+    sharding, so the scores do not depend on the number of processes."""
     eval_bs = args.eval_batch_size or 2 * args.batch_size
-    if getattr(task, "distributed_eval", False):
-        val_sampler = distributed.ShardSampler(data.val, info.world_size, info.rank)
-    elif info.is_main:
-        val_sampler = None
-    else:
-        return train_loader, sampler, None
-    val_loader = DataLoader(data.val, batch_size=eval_bs, sampler=val_sampler, shuffle=False, num_workers=args.workers,
-                            pin_memory=pin, collate_fn=data.collate_fn)
-    return train_loader, sampler, val_loader
+    val = data.val
+    if args.limit_val_batches:
+        val = Subset(val, range(min(len(val), args.limit_val_batches * eval_bs)))
+    return DataLoader(val, batch_size=eval_bs, sampler=distributed.ShardSampler(val, info.world_size, info.rank),
+                      num_workers=args.workers, pin_memory=info.device.type == "cuda", collate_fn=data.collate_fn)
 
 
-def _evaluate(task, model: nn.Module, loader: DataLoader | None, args, info: distributed.DistInfo,
-              amp_dtype: torch.dtype | None) -> dict[str, float]:
+def _evaluate(task, model: nn.Module, loader: DataLoader, args, info: distributed.DistInfo,
+              amp_dtype: torch.dtype | None, data_info: dict[str, Any] | None = None) -> dict[str, float]:
     """The task's metrics on the validation set, the same dict on every process.
 
-    Tasks with `distributed_eval = True` reduce over processes themselves (each sees a shard);
-    for the others rank 0 evaluates the whole set and broadcasts the result.
-    """
+    Each process runs `task.eval_step` on its shard; the metric's state is reduced once (`sync`) and
+    `compute` runs on the whole set's state."""
+    if data_info is None:
+        ds = _base_dataset(loader.dataset)
+        data_info = {k: getattr(ds, k) for k in ("num_classes", "class_names") if getattr(ds, k, None) is not None}
+    metric = task.build_metric(args, data_info)
     was_training = model.training
     model.eval()
-    metrics = None
-    if loader is not None:
-        dl = DeviceLoader(loader, info.device, args.limit_val_batches, args.channels_last)
+    try:
         with torch.no_grad(), torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            metrics = {k: float(v) for k, v in task.evaluate(model, dl, args).items()}
-    if not getattr(task, "distributed_eval", False):
-        metrics = distributed.broadcast_object(metrics)
-    model.train(was_training)
-    return metrics
+            for batch in DeviceLoader(loader, info.device, None, args.channels_last):
+                task.eval_step(model, batch, metric, args)
+    finally:
+        model.train(was_training)
+    metric.sync()
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def _base_dataset(ds):
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -197,10 +214,68 @@ def train(args: argparse.Namespace, task=None) -> TrainResult:
 
 
 def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainResult:
-    device, main = info.device, info.is_main
-    amp_dtype = _amp_dtype(args.amp, device)
+    """The phases, in the manner of nanoGPT's loop: set up → resume → (one epoch → end of epoch)* → finish."""
+    run = _set_up(args, task, info)
+    state = run.state
+    if args.resume:
+        _resume(run, args, info)
+    train_model = _wrap(state.model, args, info)
+    if info.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"{task.name}: {args.model} ({run.n_params / 1e6:.2f}M params) on {info.device}"
+              f"{f' × {info.world_size} processes' if info.world_size > 1 else ''}; "
+              f"{len(run.data.train)} train / {len(run.data.val)} val samples; {run.steps_per_epoch} steps/epoch"
+              f"{f' of {args.accum_steps} accumulated batches' if args.accum_steps > 1 else ''}; "
+              f"run folder {run.run_dir}")
 
-    # --- build: the same seed on every process gives the same initial weights (DDP checks them too)
+    completed, start_epoch = True, state.epoch
+    # (a resumed run that had already stopped early stays stopped)
+    while state.epoch < args.epochs and not _early_stopped(state, args):
+        t0 = time.perf_counter()
+        row = _train_one_epoch(run, train_model, args, task, info)
+        row["train_seconds"] = time.perf_counter() - t0
+        _end_of_epoch(run, row, t0, args, task, info)
+        if _early_stopped(state, args):
+            if info.is_main:
+                print(f"early stop: val_{task.headline_metric} has not improved for {args.early_stop} epochs "
+                      f"(best {state.early_stop.best_score:.4f} at epoch {state.early_stop.best_epoch}); "
+                      "keeping the best epoch's weights")
+            break
+        if args.stop_after_epochs and state.epoch - start_epoch >= args.stop_after_epochs and state.epoch < args.epochs:
+            completed = False
+            if info.is_main:
+                print(f"stopped after epoch {state.epoch} (--stop-after-epochs); continue with --resume {run.ckpt_path}")
+            break
+    return _finish(run, args, task, info, completed)
+
+
+@dataclass
+class _Run:
+    """What one invocation sets up around the `TrainState`: data, loaders, the run folder."""
+
+    state: TrainState
+    data: Any
+    n_params: int
+    train_loader: DataLoader
+    train_sampler: DistributedSampler
+    val_loader: DataLoader
+    steps_per_epoch: int
+    run_dir: Path
+    amp_dtype: torch.dtype | None
+    meta: dict[str, str]
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "last.ckpt"
+
+
+def _set_up(args: argparse.Namespace, task, info: distributed.DistInfo) -> _Run:
+    """Data, model, loaders, optimiser, schedule, scaler and EMA, identical on every process."""
+    device = info.device
+    amp_dtype = _amp_dtype(args.amp, device)
+    if args.accum_steps < 1:
+        raise ValueError(f"--accum-steps must be at least 1, got {args.accum_steps}")
+    # the same seed on every process gives the same initial weights (DDP checks them too)
     seed_everything(args.seed)
     data = task.build_data(args)
     model = task.build_model(args, data.info).to(device)
@@ -208,13 +283,15 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
         model = model.to(memory_format=torch.channels_last)
     from hybridzoo.profile import count_params
     n_params = count_params(model)
-    # different augmentation streams per process
-    seed_everything(args.seed + info.rank)
+    seed_everything(args.seed + info.rank)  # different augmentation streams per process
 
     train_loader, train_sampler, val_loader = _build_loaders(data, args, info, task)
-    steps_per_epoch = len(train_loader) if not args.limit_train_batches else min(len(train_loader), args.limit_train_batches)
+    steps_per_epoch = len(train_loader) // args.accum_steps
+    if args.limit_train_batches:
+        steps_per_epoch = min(steps_per_epoch, args.limit_train_batches)
     if steps_per_epoch == 0:
-        raise ValueError(f"no training batches: {len(data.train)} samples, batch size {args.batch_size} on "
+        raise ValueError(f"no training steps: {len(data.train)} samples, batch size {args.batch_size}"
+                         f"{f' × {args.accum_steps} accumulated' if args.accum_steps > 1 else ''} on "
                          f"{info.world_size} process(es)")
     optimizer = task.build_optimizer(model, args) or build_optimizer(model, args.lr, args.weight_decay)
     total_steps = args.epochs * steps_per_epoch
@@ -228,161 +305,149 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
                                     decay_fn=decay_fn)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     ema = ModelEma(model, args.ema_decay) if args.ema else None
+    state = TrainState(model, optimizer, schedule, scaler, ema)
 
     run_dir = Path(args.output) if args.output else (Path(args.resume).parent if args.resume else default_run_dir(args.model))
     args.output = str(run_dir)
-    ckpt_path = run_dir / "last.ckpt"
+    meta = {"model": args.model, "task": task.name, "data_info": json.dumps(_plain_info(data.info))}
+    return _Run(state, data, n_params, train_loader, train_sampler, val_loader, steps_per_epoch, run_dir,
+                amp_dtype, meta)
 
-    # --- resume: every piece of state, including each process's random generators
-    start_epoch, step, history = 0, 0, []
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        saved_model = ckpt.get("args", {}).get("model")
-        if saved_model and saved_model != args.model:
-            raise CheckpointError(f"{args.resume!r} was trained with --model {saved_model}, not {args.model}")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{args.resume!r} does not fit this model/optimizer: {e}") from e
-        schedule.load_state_dict(ckpt.get("schedule", {"step_count": ckpt["step"]}))
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        start_epoch, step, history = int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt.get("history", []))
-        rngs = ckpt.get("rng", [])
-        if len(rngs) == info.world_size:
-            set_rng_state(rngs[info.rank])
-        elif main:
-            print(f"note: {args.resume} was written by {len(rngs)} process(es), this run has {info.world_size}; "
-                  "random streams restart from the seed, so the resumed run is not bitwise identical")
-        if main:
-            print(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
 
-    train_model: nn.Module = model
+def _resume(run: _Run, args: argparse.Namespace, info: distributed.DistInfo) -> None:
+    """Every piece of the `TrainState`, including each process's random generators."""
+    ckpt = load_checkpoint(args.resume)
+    saved_model = ckpt.get("args", {}).get("model")
+    if saved_model and saved_model != args.model:
+        raise CheckpointError(f"{args.resume!r} was trained with --model {saved_model}, not {args.model}")
+    try:
+        exact = run.state.load_state_dict(ckpt, info.rank, info.world_size)
+    except CheckpointError as e:
+        raise CheckpointError(f"{args.resume!r}: {e}") from e
+    if info.is_main:
+        if not exact:
+            print(f"note: {args.resume} was written by {len(ckpt.get('rng', []))} process(es), this run has "
+                  f"{info.world_size}; random streams restart from the seed, so the resumed run is not bitwise identical")
+        print(f"resumed from {args.resume} at epoch {run.state.epoch}, step {run.state.step}")
+
+
+def _wrap(model: nn.Module, args: argparse.Namespace, info: distributed.DistInfo) -> nn.Module:
     if info.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if args.compile:
-        train_model = torch.compile(train_model)
+        model = torch.compile(model)
+    return model
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{task.name}: {args.model} ({n_params / 1e6:.2f}M params) on {device}"
-              f"{f' × {info.world_size} processes' if info.world_size > 1 else ''}; "
-              f"{len(data.train)} train / {len(data.val)} val samples; {steps_per_epoch} steps/epoch; "
-              f"run folder {run_dir}")
 
-    headline = task.headline_metric
-    completed = True
-    epoch = start_epoch
-    # --early-stop N: stop when the headline metric has not improved for N epochs, keep the best weights
-    best_score, best_state, since_best = None, None, 0
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.perf_counter()
-        train_sampler.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        log_sums: dict[str, float] = {}
-        n_steps = 0
-        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=main and args.progress)
-        lr = optimizer.param_groups[0]["lr"]
-        for i, batch in enumerate(train_loader):
-            if i >= steps_per_epoch:
-                break
-            batch = move_to_device(batch, device, args.channels_last)
-            lr = schedule.set_step(step)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, logs = task.training_step(train_model, batch, args)
-
-            # Checked before backward, on every process at once (one tiny all-reduce), so a NaN on any
-            # process stops all of them before the weights or the last good checkpoint are touched.
-            bad = distributed.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-            if bad.item() > 0:
-                bar.close()
-                kept = (f"the last good checkpoint {ckpt_path} (end of epoch {epoch}) is kept"
-                        if main and ckpt_path.is_file() else "no checkpoint had been written yet")
-                raise NonFiniteLossError(f"non-finite loss ({loss.detach().float().item()}) at step {step + 1} "
-                                         f"(epoch {epoch + 1}, batch {i + 1}); training stopped and {kept}. "
-                                         "Try a lower --lr, --clip-grad 1.0, or --amp none.")
-
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            n_steps += 1
-            loss_sum += loss.detach().double()
+def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace, task,
+                     info: distributed.DistInfo) -> dict[str, Any]:
+    """`steps_per_epoch` optimiser steps, each over `--accum-steps` batches; returns the epoch's train row."""
+    state, device, accum = run.state, info.device, args.accum_steps
+    model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    epoch = state.epoch
+    run.train_sampler.set_epoch(epoch)
+    model.train()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    log_sums: dict[str, float] = {}
+    bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=info.is_main and args.progress)
+    lr = optimizer.param_groups[0]["lr"]
+    batches = iter(run.train_loader)
+    ddp = getattr(train_model, "_orig_mod", train_model)  # under --compile, DDP is inside
+    ddp = ddp if isinstance(ddp, nn.parallel.DistributedDataParallel) else None
+    for i in range(run.steps_per_epoch):
+        lr = state.schedule.set_step(state.step)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        for micro in range(accum):
+            batch = move_to_device(next(batches), device, args.channels_last)
+            # gradients are all-reduced once per step, on the last accumulated batch
+            with ddp.no_sync() if ddp is not None and micro < accum - 1 else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+                    loss, logs = task.training_step(train_model, batch, args)
+                # Checked before backward, on every process at once (one tiny all-reduce), so a NaN on any
+                # process stops all of them before the weights or the last good checkpoint are touched.
+                bad = distributed.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+                if bad.item() > 0:
+                    bar.close()
+                    kept = (f"the last good checkpoint {run.ckpt_path} (end of epoch {epoch}) is kept"
+                            if info.is_main and run.ckpt_path.is_file() else "no checkpoint had been written yet")
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.detach().float().item()}) at step {state.step + 1} (epoch {epoch + 1}, "
+                        f"batch {i * accum + micro + 1}); training stopped and {kept}. "
+                        "Try a lower --lr, --clip-grad 1.0, or --amp none.")
+                # each batch's loss is a mean over its samples: 1/accum makes the step the mean over all of them
+                scaler.scale(loss / accum if accum > 1 else loss).backward()
+            step_loss += loss.detach().double() / accum
             for k, v in (logs or {}).items():
-                log_sums[k] = log_sums.get(k, 0.0) + float(v)
-            if bar.enabled:
-                bar.update(loss.detach(), lr)
-        bar.close()
-        train_seconds = time.perf_counter() - t0
+                log_sums[k] = log_sums.get(k, 0.0) + float(v) / accum
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        if state.ema is not None:
+            state.ema.update(model)
+        state.step += 1
+        loss_sum += step_loss
+        if bar.enabled:
+            bar.update(step_loss, lr)
+    bar.close()
+    n_steps = run.steps_per_epoch
+    totals = distributed.all_reduce_sum(torch.tensor([loss_sum.item(), n_steps], dtype=torch.float64, device=device))
+    row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(1.0, float(totals[1])))}
+    for k, v in log_sums.items():
+        row[f"train_{k}"] = v / max(1, n_steps)
+    row["lr"] = float(lr)
+    return row
 
-        # --- epoch end: all-reduced train loss, the task's metrics, the run folder
-        totals = distributed.all_reduce_sum(torch.tensor([loss_sum.item(), n_steps], dtype=torch.float64, device=device))
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(1.0, float(totals[1])))}
-        for k, v in log_sums.items():
-            row[f"train_{k}"] = v / max(1, n_steps)
-        metrics = _evaluate(task, model, val_loader, args, info, amp_dtype)
-        row.update({f"val_{k}": v for k, v in metrics.items()})
-        if ema is not None:
-            ema_metrics = _evaluate(task, ema.module, val_loader, args, info, amp_dtype)
-            row.update({f"val_ema_{k}": v for k, v in ema_metrics.items()})
-        row["lr"] = float(lr)
-        row["seconds"] = time.perf_counter() - t0
-        row["train_seconds"] = train_seconds
-        history.append(row)
 
-        rng_states = distributed.all_gather_object(get_rng_state())
+def _end_of_epoch(run: _Run, row: dict[str, Any], t0: float, args: argparse.Namespace, task,
+                  info: distributed.DistInfo) -> None:
+    """Evaluate, update the early-stop state, then write `last.ckpt` and the run folder (rank 0)."""
+    state = run.state
+    lr = row.pop("lr")
+    train_seconds = row.pop("train_seconds")
+    metrics = _evaluate(task, state.model, run.val_loader, args, info, run.amp_dtype, run.data.info)
+    row.update({f"val_{k}": v for k, v in metrics.items()})
+    if state.ema is not None:
+        ema_metrics = _evaluate(task, state.ema.module, run.val_loader, args, info, run.amp_dtype, run.data.info)
+        row.update({f"val_ema_{k}": v for k, v in ema_metrics.items()})
+    row["lr"] = lr
+    row["seconds"] = time.perf_counter() - t0
+    row["train_seconds"] = train_seconds
+    state.history.append(row)
+    state.epoch += 1
+    if args.early_stop:
+        state.early_stop.update(metrics.get(task.headline_metric), state.epoch, state.model, task.higher_is_better)
+
+    state.rng = distributed.all_gather_object(get_rng_state())
+    if info.is_main:
+        atomic_save({**state.state_dict(), "args": plain_args(args), "data_info": _plain_info(run.data.info),
+                     "task": task.name, "world_size": info.world_size}, run.ckpt_path)
+        save_weights(state.model.state_dict(), run.run_dir / "model.safetensors", metadata=run.meta)
+        if state.ema is not None:
+            save_weights(state.ema.state_dict(), run.run_dir / "model_ema.safetensors", metadata=run.meta)
+        write_metrics_csv(run.run_dir / "metrics.csv", state.history)
+        plot_curves(run.run_dir / "curves.png", state.history, task.headline_metric,
+                    title=f"{args.model} — {task.name}")
+        print(format_row(row, args.epochs), flush=True)
+    distributed.barrier()
+
+
+def _early_stopped(state: TrainState, args: argparse.Namespace) -> bool:
+    return bool(args.early_stop) and state.early_stop.since_best >= args.early_stop and state.epoch < args.epochs
+
+
+def _finish(run: _Run, args: argparse.Namespace, task, info: distributed.DistInfo, completed: bool) -> TrainResult:
+    """Restore the best weights under --early-stop; the summary, the baseline and the task's pictures."""
+    state, data, run_dir, main = run.state, run.data, run.run_dir, info.is_main
+    model, history = state.model, state.history
+    if args.early_stop and state.early_stop.best_weights is not None and completed:
+        model.load_state_dict(state.early_stop.best_weights)
         if main:
-            atomic_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "rng": rng_states, "epoch": epoch + 1, "step": step, "history": history,
-                "args": plain_args(args), "data_info": _plain_info(data.info), "task": task.name,
-                "world_size": info.world_size,
-            }, ckpt_path)
-            meta = {"model": args.model, "task": task.name, "data_info": json.dumps(_plain_info(data.info))}
-            save_weights(model.state_dict(), run_dir / "model.safetensors", metadata=meta)
-            if ema is not None:
-                save_weights(ema.state_dict(), run_dir / "model_ema.safetensors", metadata=meta)
-            write_metrics_csv(run_dir / "metrics.csv", history)
-            plot_curves(run_dir / "curves.png", history, headline, title=f"{args.model} — {task.name}")
-            print(format_row(row, args.epochs), flush=True)
-        distributed.barrier()
-        if args.early_stop:
-            score = metrics.get(headline)
-            if score is not None and (best_score is None or (score > best_score if task.higher_is_better
-                                                              else score < best_score)):
-                best_score, since_best = score, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                since_best += 1
-            if since_best >= args.early_stop and epoch + 1 < args.epochs:
-                if main:
-                    print(f"early stop: val_{headline} has not improved for {args.early_stop} epochs "
-                          f"(best {best_score:.4f}); keeping the best epoch's weights")
-                break
-        if args.stop_after_epochs and epoch + 1 - start_epoch >= args.stop_after_epochs and epoch + 1 < args.epochs:
-            completed = False
-            if main:
-                print(f"stopped after epoch {epoch + 1} (--stop-after-epochs); continue with --resume {ckpt_path}")
-            break
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        if main:
-            save_weights(model.state_dict(), run_dir / "model.safetensors", metadata=meta)
-    summary = _summary(args, task, data, history, n_params, info, completed)
+            save_weights(model.state_dict(), run_dir / "model.safetensors", metadata=run.meta)
+    summary = _summary(args, task, data, history, run.n_params, info, completed)
     if main:
         if completed:
             # a trivial baseline's scores next to the model's: val_<metric>_<baseline>
@@ -398,7 +463,7 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
             shown = {k: v for k, v in summary.items() if k.startswith("val_")}
             print("done: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f"  → {run_dir}")
     return TrainResult(model=model, history=history, summary=summary, run_dir=run_dir if main else None,
-                       ema_model=ema.module if ema is not None else None)
+                       ema_model=state.ema.module if state.ema is not None else None)
 
 
 def _plain_info(info: dict[str, Any]) -> dict[str, Any]:
@@ -463,6 +528,6 @@ def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
         data = task.build_data(args)
         model = task.build_model(args, data.info).to(info.device)
         _, _, val_loader = _build_loaders(data, args, info, task)
-        return _evaluate(task, model, val_loader, args, info, amp_dtype)
+        return _evaluate(task, model, val_loader, args, info, amp_dtype, data.info)
     finally:
         distributed.cleanup(info)

@@ -5,6 +5,14 @@ and schedule, autocast, checkpoints, progress bars, `metrics.csv`, `summary.json
 A task owns everything that depends on what is being learned: its data, its model defaults, its
 loss, its metrics, its pictures and its `predict`. One file per task in `hybridzoo/tasks/`.
 
+Evaluation is split the same way. The task's `build_metric(args, data_info)` returns a
+`hybridzoo.engine.metrics.Metric` whose state is plain tensors, and `eval_step(model, batch, metric,
+args)` runs the model on one batch and calls `metric.update(...)`. The engine shards the validation
+set over the processes (every sample exactly once), calls `eval_step` on each process's shard,
+`metric.sync()` once (one all-reduce) and `metric.compute()`: the same dict on every process, equal to
+a single-process evaluation. A task never calls `torch.distributed`. `evaluate(model, loader, args)`
+does the same on one process for callers that hold a loader.
+
 A task registers itself with `@register_task` and is chosen by `hybridzoo train --task NAME`
 (default: the model card's task).
 """
@@ -62,9 +70,6 @@ class Task:
     default_lr: float = 1e-3
     default_weight_decay: float = 0.05
     default_warmup_epochs: float = 0
-    # True: evaluate() receives a per-process shard and reduces across processes itself; False: rank 0
-    # evaluates the whole validation set (metrics such as pooled mIoU are not averages of shards).
-    distributed_eval: bool = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task-specific command-line options (added to `train`, `eval`, `predict`)."""
@@ -95,13 +100,23 @@ class Task:
                  data_info: dict[str, Any] | None = None) -> dict[str, float]:
         """Metrics over a whole loader on this process, keys without the `val_` prefix (`loss`, `top1`, ...).
 
-        The engine does the same with a sharded loader and `metric.sync()` between the two halves.
+        The engine does the same with a sharded loader and `metric.sync()` between the two halves; this
+        method never communicates, so rank 0 alone may call it (pictures, test-split scores).
+        Without `data_info`, the facts a metric needs (`num_classes`, `class_names`) are read from the
+        loader's dataset where it carries them.
         """
-        metric = self.build_metric(args, data_info or {})
-        for batch in loader:
-            self.eval_step(model, batch, metric, args)
-        metric.sync()
-        return metric.compute()
+        if data_info is None:
+            ds = getattr(loader, "dataset", None)
+            data_info = {k: getattr(ds, k) for k in ("num_classes", "class_names") if getattr(ds, k, None) is not None}
+        metric = self.build_metric(args, data_info)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in loader:
+                self.eval_step(model, batch, metric, args)
+        finally:
+            model.train(was_training)
+        return metric.compute()  # no sync: this is one process's view (rank 0 alone may call it)
 
     def build_optimizer(self, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer | None:
         """Return None for the engine's default (AdamW, no decay on norms/biases/embeddings)."""

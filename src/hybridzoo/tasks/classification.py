@@ -8,7 +8,8 @@
 
 Data (`--data`): nothing or `digits` → scikit-learn's handwritten digits (32×32 RGB, fixed 80/20
 split); a CIFAR python folder → CIFAR-10/100; otherwise an image folder with train/ and val/.
-Metrics: `loss` (plain cross-entropy), `top1`, `top5` as fractions; the baseline is the majority class.
+Metrics: `loss` (plain cross-entropy), `top1`, `top5` (only with more than 5 classes) as fractions; the
+baseline is the majority class.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, Mixup, RandomErasing, TrainTransform
-from hybridzoo.engine import distributed
+from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
-__all__ = ["ClassificationTask", "ClassificationLoss", "build_classifier"]
+__all__ = ["ClassificationTask", "ClassificationLoss", "ClassificationMetric", "build_classifier"]
 
 
 class ClassificationLoss(nn.Module):
@@ -41,6 +42,35 @@ class ClassificationLoss(nn.Module):
         if target.ndim == 2:
             return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, target, label_smoothing=self.smoothing)
+
+
+class ClassificationMetric(Metric):
+    """Summed cross-entropy, top-1 and top-5 hits over the samples.
+
+    Top-5 is reported only with more than 5 classes: with 5 or fewer it is 1.0 by construction.
+    The class count comes from the data (`num_classes`), else from the width of the logits.
+    """
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("sums", torch.zeros(4, dtype=torch.float64))  # loss, top1, top5, count
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        logits = logits.float()
+        if self.num_classes is None:
+            self.num_classes = logits.shape[1]
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]
+        self.sums += torch.stack([F.cross_entropy(logits, target, reduction="sum").double(),
+                                  hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
+                                  torch.tensor(float(target.numel()), dtype=torch.float64, device=logits.device)]).cpu()
+
+    def compute(self) -> dict[str, float]:
+        n = max(1.0, float(self.sums[3]))
+        out = {"loss": float(self.sums[0]) / n, "top1": float(self.sums[1]) / n}
+        if self.num_classes is not None and self.num_classes > 5:
+            out["top5"] = float(self.sums[2]) / n
+        return out
 
 
 def _logits(out) -> torch.Tensor:
@@ -121,7 +151,6 @@ class ClassificationTask(Task):
     default_weight_decay = 0.05
     default_warmup_epochs = 1
     default_workers = 0
-    distributed_eval = True  # evaluate() sums over processes itself (each gets a shard)
 
     def __init__(self):
         self.mixup: Mixup | None = None
@@ -256,23 +285,14 @@ class ClassificationTask(Task):
             loss = self.criterion(out, target)
         return loss, {}
 
+    def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> "ClassificationMetric":
+        return ClassificationMetric(data_info.get("num_classes"))
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
-        device = next(model.parameters()).device
-        sub = _subnetwork_kwargs(model, args)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = _logits(model(x, **sub)).float()
-            k = min(5, logits.shape[1])
-            topk = logits.topk(k, dim=1).indices
-            hit = topk == y[:, None]
-            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                                 hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
-                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
-        distributed.all_reduce_sum(sums)
-        n = max(1.0, float(sums[3]))
-        return {"loss": float(sums[0]) / n, "top1": float(sums[1]) / n, "top5": float(sums[2]) / n}
+    def eval_step(self, model: nn.Module, batch, metric: "ClassificationMetric", args: argparse.Namespace) -> None:
+        x, y = batch
+        logits = _logits(model(x, **_subnetwork_kwargs(model, args))).float()
+        metric.update(logits, y)
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
         train_targets = torch.as_tensor(_targets(data.train))

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.data import land_cover as lc
+from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
-__all__ = ["LandCoverTask", "confusion_matrix", "land_cover_metrics", "predict_scene", "save_class_map_png",
+__all__ = ["LandCoverTask", "LandCoverMetric", "confusion_matrix", "land_cover_metrics", "predict_scene", "save_class_map_png",
            "class_colours", "metric_key"]
 
 # colours for the wetland classes (water blue, marsh light green, bog brown, fen yellow, forested
@@ -86,6 +87,33 @@ def land_cover_metrics(cm: np.ndarray | torch.Tensor, class_names: Sequence[str]
     for name, v in zip(names, f1):
         out[f"f1_{metric_key(name)}"] = float(v)
     return out
+
+
+class LandCoverMetric(Metric):
+    """The confusion matrix and the summed cross-entropy over the validation pixels."""
+
+    def __init__(self, num_classes: int | None, class_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.num_classes, self.class_names = None, class_names
+        self.add_state("loss_sums", torch.zeros(2, dtype=torch.float64))  # summed CE, pixels
+        if num_classes is not None:
+            self.set_num_classes(int(num_classes))
+
+    def set_num_classes(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+        self.add_state("cm", torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64))
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.loss_sums += torch.tensor([float(F.cross_entropy(logits, target, reduction="sum")), float(len(target))],
+                                       dtype=torch.float64)
+        self.cm += confusion_matrix(logits.argmax(1), target, self.num_classes).cpu()
+
+    def compute(self) -> dict[str, float]:
+        if self.num_classes is None or float(self.loss_sums[1]) == 0:
+            raise ValueError("land-cover evaluation: the validation set is empty")
+        out = land_cover_metrics(self.cm, self.class_names)
+        out["loss"] = float(self.loss_sums[0]) / float(self.loss_sums[1])
+        return out
 
 
 # --------------------------------------------------------------------------------------- pictures
@@ -342,24 +370,15 @@ class LandCoverTask(Task):
         loss = F.cross_entropy(logits, y)
         return loss, {"acc": float((logits.detach().argmax(1) == y).float().mean())}
 
+    def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> "LandCoverMetric":
+        return LandCoverMetric(data_info.get("num_classes"), data_info.get("class_names"))
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
-        ds = getattr(loader, "dataset", None)
-        K = getattr(ds, "num_classes", None) or _unwrap(model).num_classes
-        names = getattr(ds, "class_names", None)
-        cm = None
-        loss_sum, n = 0.0, 0
-        for x, y in loader:
-            logits = model(x).float()
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            n += len(y)
-            c = confusion_matrix(logits.argmax(1), y, K)
-            cm = c if cm is None else cm + c
-        if cm is None:
-            raise ValueError("land-cover evaluate: the validation loader is empty")
-        out = land_cover_metrics(cm, names)
-        out["loss"] = loss_sum / max(1, n)
-        return out
+    def eval_step(self, model: nn.Module, batch: Any, metric: "LandCoverMetric", args: argparse.Namespace) -> None:
+        x, y = batch
+        if metric.num_classes is None:
+            metric.set_num_classes(_unwrap(model).num_classes)
+        metric.update(model(x).float(), y)
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
         """Trivial references on the same validation pixels: the majority class, and a spectral-only

@@ -30,9 +30,10 @@ from torch.utils.data import Dataset
 
 from hybridzoo.data.recommendation import FORMATS, SequenceData, read_interactions, synthetic_interactions
 from hybridzoo.layers.fused import linear_cross_entropy
+from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
-__all__ = ["RecommendationTask", "rank_metrics", "full_ranking_ranks", "sampled_ranks", "KS"]
+__all__ = ["RecommendationTask", "RankingMetric", "rank_metrics", "full_ranking_ranks", "sampled_ranks", "KS"]
 
 KS = (1, 5, 10, 20)
 
@@ -73,6 +74,33 @@ def full_ranking_ranks(scores: torch.Tensor, target: torch.Tensor, hist_rows: to
 def sampled_ranks(target_score: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target against its sampled negatives (ties counted against the target)."""
     return (negative_scores >= target_score[:, None]).sum(1)
+
+
+_RANK_KEYS = tuple(f"{p}{m}@{k}" for p in ("", "uni100_") for k in KS for m in ("hr", "ndcg", "mrr"))
+
+
+class RankingMetric(Metric):
+    """Sums of the per-user ranking metrics of both protocols (and the full-softmax cross-entropy), and
+    the user count. `split` names whose histories the task excludes ("valid" or "test")."""
+
+    def __init__(self, split: str = "valid", with_loss: bool = True) -> None:
+        super().__init__()
+        self.split, self.with_loss = split, with_loss
+        self.add_state("sums", torch.zeros(len(_RANK_KEYS) + 2, dtype=torch.float64))  # metrics, ce, users
+
+    def update(self, full_ranks: torch.Tensor, sampled: torch.Tensor, ce: torch.Tensor | float = 0.0) -> None:
+        values = {**rank_metrics(full_ranks), **rank_metrics(sampled, prefix="uni100_")}
+        add = torch.stack([values[k].double().cpu() for k in _RANK_KEYS]
+                          + [torch.as_tensor(float(ce), dtype=torch.float64),
+                             torch.as_tensor(float(len(full_ranks)), dtype=torch.float64)])
+        self.sums += add
+
+    def compute(self) -> dict[str, float]:
+        n = max(float(self.sums[-1]), 1.0)
+        out = {k: float(self.sums[i]) / n for i, k in enumerate(_RANK_KEYS)}
+        if self.with_loss:
+            out["loss"] = float(self.sums[-2]) / n
+        return out
 
 
 class _Rows(Sequence):
@@ -191,47 +219,43 @@ class RecommendationTask(Task):
         loss = linear_cross_entropy(model(seq, lengths), core.item_embedding.weight, target)
         return loss, {}
 
-    @torch.no_grad()
-    def _evaluate_scorer(self, scorer, loader, with_loss: bool = False) -> dict[str, float]:
-        """Both protocols over a loader; `scorer(seq, lengths)` gives (B, num_items) scores."""
-        split = getattr(loader.dataset, "split", "valid")
-        sums: dict[str, torch.Tensor] = {}
-        n, ce = 0, 0.0
-        for users, seq, lengths, target in loader:
-            scores = scorer(seq, lengths).float()
-            target = target.to(scores.device)
-            rows, items = self.data.history(users.cpu().numpy(), split)
-            full = full_ranking_ranks(scores, target, torch.from_numpy(rows).to(scores.device),
-                                      torch.from_numpy(items).to(scores.device))
-            negs = self.negatives[users.cpu()].to(scores.device)
-            sampled = sampled_ranks(scores.gather(1, target[:, None]).squeeze(1), scores.gather(1, negs))
-            for key, v in {**rank_metrics(full), **rank_metrics(sampled, prefix="uni100_")}.items():
-                sums[key] = sums.get(key, 0.0) + v.cpu()
-            if with_loss:
-                ce += float(nn.functional.cross_entropy(scores, target, reduction="sum"))
-            n += len(target)
-        out = {k: float(v) / max(n, 1) for k, v in sums.items()}
-        if with_loss:
-            out["loss"] = ce / max(n, 1)
-        return out
+    def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> "RankingMetric":
+        """`data_info["eval_split"]`: whose histories are excluded from the ranking ("valid" or "test")."""
+        return RankingMetric(data_info.get("eval_split", "valid"), with_loss=True)
+
+    def _rank_step(self, scores: torch.Tensor, batch, metric: "RankingMetric") -> None:
+        users, _, _, target = batch
+        scores = scores.float()
+        target = target.to(scores.device)
+        rows, items = self.data.history(users.cpu().numpy(), metric.split)
+        full = full_ranking_ranks(scores, target, torch.from_numpy(rows).to(scores.device),
+                                  torch.from_numpy(items).to(scores.device))
+        negs = self.negatives[users.cpu()].to(scores.device)
+        sampled = sampled_ranks(scores.gather(1, target[:, None]).squeeze(1), scores.gather(1, negs))
+        ce = nn.functional.cross_entropy(scores, target, reduction="sum") if metric.with_loss else 0.0
+        metric.update(full, sampled, ce)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
+    def eval_step(self, model: nn.Module, batch, metric: "RankingMetric", args: argparse.Namespace) -> None:
         core = model.module if hasattr(model, "module") else model
         device = next(core.parameters()).device
+        _, seq, lengths, _ = batch
+        self._rank_step(core.scores(core(seq.to(device), lengths.to(device))), batch, metric)
 
-        def scorer(seq, lengths):
-            return core.scores(core(seq.to(device), lengths.to(device)))
+    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace,
+                 data_info: dict[str, Any] | None = None) -> dict[str, float]:
+        # the loader's split decides whose histories are excluded
+        info = {**(data_info or {}), "eval_split": getattr(loader.dataset, "split", "valid")}
+        return super().evaluate(model, loader, args, info)
 
-        return self._evaluate_scorer(scorer, loader, with_loss=True)
-
+    @torch.no_grad()
     def popularity_metrics(self, loader) -> dict[str, float]:
+        """Both protocols for the popularity ranking (every user gets the training counts as scores)."""
         pop = torch.from_numpy(self.data.item_popularity()).double()
-
-        def scorer(seq, lengths):
-            return pop.expand(seq.shape[0], -1)
-
-        return self._evaluate_scorer(scorer, loader)
+        metric = RankingMetric(getattr(loader.dataset, "split", "valid"), with_loss=False)
+        for batch in loader:
+            self._rank_step(pop.expand(batch[1].shape[0], -1), batch, metric)
+        return metric.compute()  # one process's view, no sync (called on rank 0 alone)
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
         loader = torch.utils.data.DataLoader(data.val, batch_size=512, collate_fn=_as_batch)

@@ -36,6 +36,7 @@ from hybridzoo.data.segmentation import (
     IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ADE20KSegmentation, CityscapesSegmentation, FolderSegmentation,
     SegTransform, SyntheticScenes, collate_segmentation, dataset_info, detect_layout, palette, read_image,
 )
+from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
 __all__ = [
@@ -62,18 +63,21 @@ def intersect_and_union(pred: torch.Tensor, label: torch.Tensor, num_classes: in
     return inter.double(), union.double(), area_pred.double(), area_label.double()
 
 
-class SegMetrics:
-    """Accumulates pooled intersections/unions over a dataset (and per-image Dice for binary tasks)."""
+class SegMetrics(Metric):
+    """Pooled intersections/unions over a dataset (and per-image Dice/IoU sums for binary tasks), plus
+    the summed pixel cross-entropy when `update` is given logits' loss (`loss`, per labelled pixel)."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_names=None):
+        super().__init__()
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.inter = torch.zeros(num_classes, dtype=torch.float64)
-        self.union = torch.zeros_like(self.inter)
-        self.area_pred = torch.zeros_like(self.inter)
-        self.area_label = torch.zeros_like(self.inter)
-        self.image_dice: list[float] = []
-        self.image_iou: list[float] = []
+        zeros = torch.zeros(num_classes, dtype=torch.float64)
+        for name in ("inter", "union", "area_pred", "area_label"):
+            self.add_state(name, zeros)
+        # binary tasks: per-image Dice and IoU summed, and the image count
+        self.add_state("image_sums", torch.zeros(3, dtype=torch.float64))
+        # summed cross-entropy over labelled pixels, and their count (filled by the task's eval_step)
+        self.add_state("loss_sums", torch.zeros(2, dtype=torch.float64))
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """pred, label: one image (H×W) or a batch (B×H×W) of class indices."""
@@ -87,8 +91,12 @@ class SegMetrics:
             self.area_label += al
             if self.num_classes == 2:
                 denom = ap[1] + al[1]
-                self.image_dice.append(1.0 if denom == 0 else float(2 * i[1] / denom))
-                self.image_iou.append(1.0 if u[1] == 0 else float(i[1] / u[1]))
+                dice = 1.0 if denom == 0 else float(2 * i[1] / denom)
+                iou = 1.0 if u[1] == 0 else float(i[1] / u[1])
+                self.image_sums += torch.tensor([dice, iou, 1.0], dtype=torch.float64)
+
+    def add_loss(self, loss_sum: float, n_pixels: int) -> None:
+        self.loss_sums += torch.tensor([float(loss_sum), float(n_pixels)], dtype=torch.float64)
 
     def compute(self) -> dict[str, float]:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -103,8 +111,9 @@ class SegMetrics:
             i, ap, al, u = self.inter[1], self.area_pred[1], self.area_label[1], self.union[1]
             out["dice"] = float(2 * i / (ap + al) * 100) if ap + al > 0 else 100.0
             out["iou_fg"] = float(i / u * 100) if u > 0 else 100.0
-            out["dice_img"] = float(np.mean(self.image_dice) * 100) if self.image_dice else float("nan")
-            out["iou_img"] = float(np.mean(self.image_iou) * 100) if self.image_iou else float("nan")
+            n_img = float(self.image_sums[2])
+            out["dice_img"] = float(self.image_sums[0]) / n_img * 100 if n_img else float("nan")
+            out["iou_img"] = float(self.image_sums[1]) / n_img * 100 if n_img else float("nan")
         if self.num_classes <= 32:
             for name, v in zip(self.class_names, iou):
                 out[f"iou_{_safe(name)}"] = float(v * 100)
@@ -113,6 +122,15 @@ class SegMetrics:
     def per_class_iou(self) -> list[float]:
         with np.errstate(divide="ignore", invalid="ignore"):
             return [float(v * 100) for v in (self.inter / self.union).numpy()]
+
+
+class _SegEvalMetric(SegMetrics):
+    """SegMetrics with the validation loss (cross-entropy per labelled pixel) among its results."""
+
+    def compute(self) -> dict[str, float]:
+        out = super().compute()
+        out["loss"] = float(self.loss_sums[0]) / max(float(self.loss_sums[1]), 1.0)
+        return out
 
 
 def _safe(name: str) -> str:
@@ -433,41 +451,25 @@ class SegmentationTask(Task):
             return slide_inference(model, images, crop, stride, num_classes)
         return whole_inference(model, images)
 
+    def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> SegMetrics:
+        k = int(data_info.get("num_classes") or getattr(args, "num_classes", 0) or 0)
+        if k < 1:
+            raise ValueError("segmentation metric: the number of classes is unknown (give --num-classes)")
+        return _SegEvalMetric(k, IGNORE_INDEX, data_info.get("class_names"))
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        ds = loader.dataset
-        k = int(getattr(ds, "num_classes", 0) or getattr(args, "num_classes", 0))
-        metrics = SegMetrics(k, IGNORE_INDEX, getattr(ds, "class_names", None))
-        device = _model_device(model)
-        loss_sum, n_pix = 0.0, 0
-        for batch in loader:
-            images, masks, meta = _to_device(batch, device)
-            logits = self.predict_logits(model, images, args, k)
-            for j in range(images.shape[0]):
-                ih, iw, mh, mw = (int(v) for v in meta[j])
-                lg = logits[j:j + 1, :, :ih, :iw]
-                if (ih, iw) != (mh, mw):
-                    lg = F.interpolate(lg, size=(mh, mw), mode="bilinear", align_corners=False)
-                target = masks[j:j + 1, :mh, :mw]
-                ce = F.cross_entropy(lg.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-                loss_sum += float(ce)
-                n_pix += int((target != IGNORE_INDEX).sum())
-                metrics.update(lg.argmax(1)[0], target[0])
-        model.train(was_training)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # pooled counts are sums, so sharded evaluation reduces exactly (an unsharded one only
-            # multiplies every count by the world size, which leaves every ratio unchanged)
-            packed = torch.cat([metrics.inter, metrics.union, metrics.area_pred, metrics.area_label,
-                                torch.tensor([loss_sum, float(n_pix)], dtype=torch.float64)]).to(device)
-            torch.distributed.all_reduce(packed)
-            packed = packed.cpu()
-            metrics.inter, metrics.union, metrics.area_pred, metrics.area_label = packed[:4 * k].reshape(4, k)
-            loss_sum, n_pix = float(packed[-2]), int(packed[-1])
-        out = metrics.compute()
-        out["loss"] = loss_sum / max(n_pix, 1)
-        return out
+    def eval_step(self, model: nn.Module, batch: Any, metric: SegMetrics, args: argparse.Namespace) -> None:
+        images, masks, meta = _to_device(batch, _model_device(model))
+        logits = self.predict_logits(model, images, args, metric.num_classes)
+        for j in range(images.shape[0]):
+            ih, iw, mh, mw = (int(v) for v in meta[j])
+            lg = logits[j:j + 1, :, :ih, :iw]
+            if (ih, iw) != (mh, mw):
+                lg = F.interpolate(lg, size=(mh, mw), mode="bilinear", align_corners=False)
+            target = masks[j:j + 1, :mh, :mw]
+            ce = F.cross_entropy(lg.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+            metric.add_loss(float(ce), int((target != IGNORE_INDEX).sum()))
+            metric.update(lg.argmax(1)[0], target[0])
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
         """mIoU of two trivial predictors fitted on raw training labels (at most 500 images).

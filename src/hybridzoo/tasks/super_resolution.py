@@ -30,9 +30,10 @@ from hybridzoo.data.super_resolution import (
     HRImageDataset, bicubic_upsample, build_sr_datasets, builtin_images, quantize, read_image, save_image,
     sr_collate, to_tensor,
 )
+from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
-__all__ = ["SuperResolutionTask", "rgb_to_y", "psnr_y", "ssim_y", "super_resolve", "tiled_forward",
+__all__ = ["SuperResolutionTask", "SRMetric", "rgb_to_y", "psnr_y", "ssim_y", "super_resolve", "tiled_forward",
            "self_ensemble_forward"]
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +233,26 @@ def model_scale(name: str) -> int:
     return int(s)
 
 
+class SRMetric(Metric):
+    """Per-image PSNR-Y and SSIM-Y summed, and the per-batch L1 loss summed; `compute` averages over images
+    (PSNR and SSIM) and over the pairs given to `update` (loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("sums", torch.zeros(5, dtype=torch.float64))  # l1, pairs, psnr, ssim, images
+
+    def update(self, l1: torch.Tensor | float, psnr: torch.Tensor, ssim: torch.Tensor) -> None:
+        psnr, ssim = psnr.detach().double().cpu().reshape(-1), ssim.detach().double().cpu().reshape(-1)
+        self.sums += torch.stack([torch.tensor(float(l1), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
+                                  psnr.sum(), ssim.sum(), torch.tensor(float(psnr.numel()), dtype=torch.float64)])
+
+    def compute(self) -> dict[str, float]:
+        pairs, n = float(self.sums[1]), float(self.sums[4])
+        if n == 0:
+            raise ValueError("super-resolution evaluation: no validation images")
+        return {"loss": float(self.sums[0]) / pairs, "psnr_y": float(self.sums[2]) / n, "ssim_y": float(self.sums[3]) / n}
+
+
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -323,24 +344,19 @@ class SuperResolutionTask(Task):
         return dict(tile=getattr(args, "tile", None), tile_overlap=getattr(args, "tile_overlap", 24) or 0,
                     self_ensemble=bool(getattr(args, "self_ensemble", False)))
 
+    def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> "SRMetric":
+        return SRMetric()
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
+    def eval_step(self, model: nn.Module, batch: Any, metric: "SRMetric", args: argparse.Namespace) -> None:
         scale = getattr(model, "upscale", None) or self.scale(args)
         device = _device_of(model)
-        was_training = model.training
-        model.eval()
-        psnrs, ssims, l1 = [], [], []
-        for batch in loader:
-            for lr, hr in _pairs(batch):
-                lr, hr = lr.to(device).float(), hr.to(device).float()
-                sr = super_resolve(model, lr, scale, **self._infer_kwargs(args)).float()
-                l1.append(float(F.l1_loss(sr, hr)))
-                sr = quantize(sr)
-                psnrs.append(psnr_y(sr, hr, scale).cpu())
-                ssims.append(ssim_y(sr, hr, scale).cpu())
-        model.train(was_training)
-        psnr = torch.cat(psnrs)
-        return {"loss": sum(l1) / len(l1), "psnr_y": float(psnr.mean()), "ssim_y": float(torch.cat(ssims).mean())}
+        for lr, hr in _pairs(batch):
+            lr, hr = lr.to(device).float(), hr.to(device).float()
+            sr = super_resolve(model, lr, scale, **self._infer_kwargs(args)).float()
+            l1 = F.l1_loss(sr, hr)
+            sr = quantize(sr)
+            metric.update(l1, psnr_y(sr, hr, scale), ssim_y(sr, hr, scale))
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
         scale = data.info.get("scale", self.scale(args))
