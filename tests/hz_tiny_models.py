@@ -109,3 +109,25 @@ class BenchTiny(TinyViT):
 @register_model(reported=dict(params_m=0.015018, gflops=None), params=15018, **_CARD)
 def hz_tiny_bench(**kwargs):
     return BenchTiny(**kwargs)
+
+
+class TinySeg(nn.Module):
+    """Two 3×3 convolutions and a 1×1 classifier: per-pixel logits at the input size (segmentation tests)."""
+
+    def __init__(self, *, num_classes: int = 19, in_chans: int = 3, dim: int = 8):
+        super().__init__()
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.body = nn.Sequential(nn.Conv2d(in_chans, dim, 3, padding=1), nn.GELU(), nn.Conv2d(dim, dim, 3, padding=1),
+                                  nn.GELU())
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, x):
+        check_image_input(x, self, self.in_chans)
+        return self.classifier(self.body(x))
+
+
+@register_model(paper="engine test model", arxiv=None, task="segmentation", input_size=(3, 32, 32),
+                test_input_size=(3, 32, 32), demo=True, notes="test-only; registered by tests/hz_tiny_models.py",
+                reported=dict(params_m=0.000979, gflops=None), params=979)
+def hz_tiny_seg(**kwargs):
+    return TinySeg(**kwargs)

@@ -363,7 +363,8 @@ def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.Path
         built = {k: info[k] for k in ("num_classes", "in_chans", "img_size", "patch_size", "scale", "num_items",
                                       "max_len") if k in info}
         raise ValueError(f"{spec.weights!r} does not fit {name} as built from the run's saved options "
-                         f"({', '.join(f'{k}={v}' for k, v in built.items()) or 'no saved data facts'}): {e}") from e
+                         f"({', '.join(f'{k}={v}' for k, v in built.items()) or 'no saved data facts'}): "
+                         + str(e).replace(":\n  ", ": ").replace("\n  ", "; ")) from e
     dev = _resolve_device(device)
     net = net.to(dev).eval()
     return Run(task=task, model_name=name, model=net, device=dev, data_info=info, args=args, weights=spec.weights,
@@ -382,7 +383,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 
 
 def expand_inputs(paths, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, what: str = "image") -> list[Path]:
-    """Files as given, folders replaced by their files with `suffixes` (sorted); missing paths are an error."""
+    """Files as given, folders replaced by their files with `suffixes` (sorted). A missing path, or (for
+    images) a file Pillow cannot identify, is an error naming it — before any model is loaded."""
     if not paths:
         raise ValueError(f"predict needs at least one {what} file: hybridzoo predict --run DIR FILE...")
     out: list[Path] = []
@@ -396,6 +398,16 @@ def expand_inputs(paths, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, what: str =
             out.append(p)
         else:
             raise FileNotFoundError(f"input file not found: {os.fspath(p)!r}")
+    if what == "image":
+        from PIL import Image, UnidentifiedImageError
+
+        for p in out:
+            try:
+                with Image.open(p):  # reads the header only
+                    pass
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise ValueError(f"{os.fspath(p)!r} is not an image Pillow can read (PNG, JPEG, BMP, TIFF, ...): "
+                                 f"{e}") from None
     return out
 
 
