@@ -307,13 +307,14 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _drop_empty_slots(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys under a training-only submodule the inference build leaves empty (an attribute set to None,
+    """Keys under a training-only submodule the inference build leaves empty (an attribute that is None,
     e.g. SCTNet's `siam` with its teacher) are not part of the deployed model."""
     own = model.state_dict()
-    empty = {k.split(".", 1)[0] for k in state if k not in own and "." in k
-             and k.split(".", 1)[0] in model.__dict__.get("_modules", {})
-             and model._modules[k.split(".", 1)[0]] is None}
-    return {k: v for k, v in state.items() if k.split(".", 1)[0] not in empty} if empty else state
+    empty = {k.split(".", 1)[0] for k in state if k not in own and "." in k}
+    empty = {name for name in empty if getattr(model, name, False) is None}
+    if not empty:
+        return state
+    return {k: v for k, v in state.items() if k.split(".", 1)[0] not in empty}
 
 
 def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
