@@ -298,3 +298,21 @@ def test_eval_and_predict_help_list_only_the_options_they_use(capsys):
     assert "--history" in rec and "--max-len" not in rec and "--lr-schedule" not in rec
     for text in (_help(capsys, "eval"), _help(capsys, "predict")):
         assert "--run DIR" in text and "--weights" in text and "--device" in text
+
+
+def test_weights_of_a_training_only_branch_left_empty_are_skipped():
+    """SCTNet keeps its SIAM branch (with the teacher) in `siam`, None when built for inference."""
+    from torch import nn
+
+    from hybridzoo.engine.run import _drop_empty_slots
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(2, 2)
+            self.siam = None
+
+    net = Net()
+    trained = {**net.state_dict(), "siam.teacher.weight": torch.zeros(3), "other.weight": torch.zeros(1)}
+    # the empty branch's keys go; anything else unexpected stays, so the strict load still names it
+    assert set(_drop_empty_slots(net, trained)) == {"body.weight", "body.bias", "other.weight"}
