@@ -303,7 +303,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         return resolve_device(device)
     except RuntimeError as e:  # e.g. --device cuda on a machine without CUDA: bad input, not a crash
-        raise ValueError(f"--device {device}: {e}") from e
+        raise ValueError(str(e) if "--device" in str(e) else f"--device {device}: {e}") from e
 
 
 def _drop_empty_slots(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

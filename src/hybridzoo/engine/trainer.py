@@ -467,7 +467,10 @@ def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
         task = get_task(getattr(args, "task", None) or spec.task or (get_card(name).task if name else "classification"))
     options = vars(args)
     args = merge_args(options, spec.args, task, model=name)
-    info = distributed.setup(args.device)
+    try:
+        info = distributed.setup(args.device)
+    except RuntimeError as e:  # e.g. --device cuda without CUDA: bad input, one line
+        raise ValueError(str(e) if "--device" in str(e) else f"--device {args.device}: {e}") from e
     try:
         amp_dtype = _amp_dtype(args.amp, info.device)
         seed_everything(args.seed)
