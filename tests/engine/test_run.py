@@ -127,6 +127,7 @@ def test_weights_choice_follows_the_summary(cls_run, tmp_path):
         assert torch.equal(load_run(run, weights="model").model(x), _trained("hz_tiny_vit", run, num_classes=3)(x))
     last = load_run(run, weights="last")
     assert last.weights.endswith("last.ckpt") and last.data_info["class_names"] == list(CLASSES)
+    assert last.input_size == (3, 32, 32) and last.task_name == "classification" and last.model_name == "hz_tiny_vit"
 
 
 def test_weights_that_do_not_fit_the_saved_options_are_a_clear_error(cls_run, tmp_path, capsys):
@@ -221,6 +222,7 @@ def test_recommendation_eval_and_predict_use_the_trained_model(rec_run, tmp_path
     assert main(["predict", "--run", str(rec_run), "--history", "i1", "i4", "i7", "--topk", "5", "--json", "-"]) == 0
     top = json.loads(capsys.readouterr().out)["top"]
     tokens = json.loads((rec_run / "items.json").read_text())
+    assert load_run(rec_run).input_size == (10,)          # what export feeds: a history of the trained length
     model = _trained("adamct_beauty", rec_run, num_items=len(tokens), max_len=10)
     ids = [tokens.index(t) for t in ("i1", "i4", "i7")]
     seq = torch.zeros(1, 10, dtype=torch.long)

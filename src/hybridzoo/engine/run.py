@@ -87,13 +87,16 @@ class Run:
 
     @property
     def input_size(self) -> tuple[int, ...]:
-        """One sample's input shape as trained (C, H, W) — images and patches — else the model card's."""
+        """One sample's input shape as trained — (C, H, W) for images and patches, (max_len,) for item
+        sequences — else the model card's."""
         from hybridzoo.registry import get_card
 
         info = self.data_info
         side = info.get("img_size") or info.get("patch_size")
         if side and "in_chans" in info:
             return (int(info["in_chans"]), int(side), int(side))
+        if info.get("max_len"):
+            return (int(info["max_len"]),)
         return tuple(get_card(self.model_name).input_size)
 
     def describe(self) -> str:
