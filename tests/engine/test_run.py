@@ -323,3 +323,22 @@ def test_weights_of_a_training_only_branch_left_empty_are_skipped():
     trained = {**net.state_dict(), "siam.teacher.weight": torch.zeros(3), "other.weight": torch.zeros(1)}
     # the empty branch's keys go; anything else unexpected stays, so the strict load still names it
     assert set(_drop_empty_slots(net, trained)) == {"body.weight", "body.bias", "other.weight"}
+
+
+def test_eval_of_foreign_weights_takes_the_classes_from_the_data(cls_run, tmp_path, capsys):
+    """An official-style checkpoint (a bare state dict) names no model and carries no data facts."""
+    pth = tmp_path / "weights.pth"
+    torch.save(load_file(str(cls_run / "model.safetensors")), pth)
+    data = json.loads((cls_run / "summary.json").read_text())["args"]["data"]
+    out = tmp_path / "m.json"
+    assert main(["--plugin", TINY, "eval", "--checkpoint", str(pth), "--model", "hz_tiny_vit", "--data", data,
+                 "--json", str(out)]) == 0
+    summary = json.loads((cls_run / "summary.json").read_text())
+    assert json.loads(out.read_text())["val_top1"] == pytest.approx(summary["val_top1"])
+    assert json.loads(out.read_text())["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    capsys.readouterr()
+    assert main(["--plugin", TINY, "eval", "--checkpoint", str(pth), "--data", data]) == 2
+    _one_error_line(capsys, "does not name its model", "--model")
+    img = _image(tmp_path / "x.png", 32, 32)
+    assert main(["--plugin", TINY, "predict", "--checkpoint", str(pth), "--model", "hz_tiny_vit", str(img)]) == 2
+    _one_error_line(capsys, "weights.pth", "num_classes")
