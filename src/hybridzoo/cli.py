@@ -132,21 +132,19 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     if task is not None:
         task.add_arguments(p)
 
-    p = sub.add_parser("eval", help="evaluate trained weights on the task's validation set")
-    p.add_argument("--task", default=None)
-    p.add_argument("--model", default=None)
-    p.add_argument("--checkpoint", default=None, help="model.safetensors, last.ckpt or an official checkpoint")
-    p.add_argument("--run", default=None, help="a run folder (model and weights from it)")
-    p.add_argument("--data", default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    p.add_argument("--limit-val-batches", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("eval", help="evaluate trained weights on the task's validation set",
+                       description="The task's validation metrics for a trained model. --run DIR alone is enough: "
+                                   "task, model, data and options are the run's; options given here override them.")
+    _add_run_arguments(p, "evaluate")
+    p.add_argument("--data", default=None, help="evaluate on this dataset (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="per process (evaluation uses twice this)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    p.add_argument("--limit-val-batches", type=int, default=None, help="at most this many validation batches")
+    p.add_argument("--seed", type=int, default=None, help="data seed (default: the run's)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON")
     if task is not None:
-        task.add_arguments(p)
+        _add_task_arguments(p, task, "eval")
 
     p = sub.add_parser("bench", help="params, MACs, latency and throughput (inference and training)")
     p.add_argument("name")
@@ -164,17 +162,53 @@ def build_parser(task=None) -> argparse.ArgumentParser:
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
 
-    p = sub.add_parser("predict", help="run a trained model on files")
-    p.add_argument("--run", default=None, help="a run folder")
-    p.add_argument("--checkpoint", default=None, help="model.safetensors or last.ckpt")
-    p.add_argument("--model", default=None, help="model name (default: from the run/checkpoint)")
-    p.add_argument("--task", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None, metavar="PATH", help="write predictions as JSON ('-' for stdout)")
-    p.add_argument("images", nargs="*", help="input files (what a task expects: images for classification)")
+    p = sub.add_parser("predict", help="run a trained model on files",
+                       description="Run a trained model on files and write or print its outputs. --run DIR alone "
+                                   "is enough: task, model and options are the run's.")
+    _add_run_arguments(p, "run")
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="folder for the files predict writes (default: DIR/predictions with --run, else ./predictions)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the predictions as JSON ('-' for stdout)")
+    p.add_argument("inputs", nargs="*", metavar="FILE",
+                   help="input files or folders (images; land-cover rasters); recommendation takes --history instead")
     if task is not None:
-        task.add_arguments(p)
+        _add_task_arguments(p, task, "predict")
     return parser
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    """How eval and predict find a trained model (hybridzoo.engine.run.load_run)."""
+    from hybridzoo.engine.run import WEIGHTS_CHOICES
+
+    p.add_argument("--run", default=None, metavar="DIR", help="a run folder written by `hybridzoo train`")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a weights file instead: model.safetensors, last.ckpt, or official weights (with --model)")
+    p.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
+                   help="which weights of the run: auto (EMA when the run used --ema and scored it at least as "
+                        "well, else model.safetensors), model, ema, last (last.ckpt)")
+    p.add_argument("--model", default=None, help="model name, for weights that do not name it")
+    p.add_argument("--task", default=None, help="task, for weights that do not name it (default: the model card's)")
+    p.add_argument("--device", default="auto", help=f"device to {verb} on: auto (CUDA if available), cpu, cuda:1 ...")
+
+
+def _add_task_arguments(p: argparse.ArgumentParser, task, command: str) -> None:
+    """The task's options that `command` uses: `task.eval_options` / `task.predict_options` name them (all of
+    them for a task that does not say). Their defaults become None so that the run's saved values apply."""
+    scratch = argparse.ArgumentParser(add_help=False)
+    for a in p._actions:  # options the command defines itself stay its own
+        for opt in a.option_strings:
+            scratch._option_string_actions[opt] = a
+    task.add_arguments(scratch)
+    wanted = getattr(task, f"{command}_options", None)
+    own = {id(a) for a in p._actions}
+    actions = [a for a in scratch._actions if id(a) not in own and a.option_strings
+               and (wanted is None or a.dest in wanted)]
+    if not actions:
+        return
+    g = p.add_argument_group(f"{task.name} ({command})")
+    for a in actions:
+        a.default = None
+        g._add_action(a)
 
 
 def _pre_parse(argv: list[str]) -> argparse.Namespace:
@@ -205,10 +239,10 @@ def _task_name(pre: argparse.Namespace) -> str:
 
         return load_checkpoint(pre.resume).get("task") or "classification"
     if pre.command in ("eval", "predict") and (pre.run or pre.checkpoint):
-        from hybridzoo.engine.checkpoint import read_run
+        from hybridzoo.engine.run import read_run
 
         try:
-            return read_run(pre.run, pre.checkpoint).get("task") or "classification"
+            return read_run(pre.run, pre.checkpoint).task or "classification"
         except Exception:  # reported properly by the command itself
             return "classification"
     return "classification"
@@ -441,25 +475,25 @@ def cmd_train(args, task, parser) -> int:
 
 
 def cmd_eval(args, task) -> int:
-    from hybridzoo.engine.checkpoint import read_run
     from hybridzoo.engine.trainer import evaluate
 
-    if args.run or (args.checkpoint and not args.model):
-        run = read_run(args.run, args.checkpoint)
-        args.model = args.model or run["model"]
-        args.checkpoint = run["weights"]
-    if not args.model or not args.checkpoint:
-        raise ValueError("eval needs --model NAME --checkpoint PATH, or --run DIR")
+    if not args.run and not args.checkpoint:
+        raise ValueError("eval needs --run DIR (a run folder), or --checkpoint PATH [--model NAME]")
     metrics = evaluate(args, task)
     print("  ".join(f"val_{k} {v:.4f}" for k, v in metrics.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({f"val_{k}": v for k, v in metrics.items()}, indent=2) + "\n")
+        from hybridzoo.engine.checkpoint import atomic_write
+
+        text = json.dumps({f"val_{k}": v for k, v in metrics.items()}, indent=2) + "\n"
+        atomic_write(args.json, lambda f: f.write(text.encode()))
+        print(f"wrote {args.json}")
     return 0
 
 
 def cmd_predict(args, task) -> int:
     if not args.run and not args.checkpoint:
-        raise ValueError("predict needs --run DIR or --checkpoint PATH")
+        raise ValueError("predict needs --run DIR (a run folder), or --checkpoint PATH [--model NAME]: "
+                         "hybridzoo predict --run DIR FILE...")
     task.predict(args)
     return 0
 
@@ -506,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             args.task = task.name
             return cmd_eval(args, task)
         if args.command == "predict":
+            args.task = task.name
             return cmd_predict(args, task)
     except NonFiniteLossError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

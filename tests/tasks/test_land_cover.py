@@ -152,10 +152,10 @@ def test_predict_command_writes_png_and_geotiff(tmp_path):
     tifffile.imwrite(tmp_path / "scene.tif", scene.image, photometric="minisblack", planarconfig="contig",
                      extratags=GEO)
     np.save(tmp_path / "plain.npy", scene.image)
-    pargs = _args(task, ["--map-dir", str(tmp_path / "maps"), "--tile-pixels", "100"])
+    pargs = _args(task, ["--tile-pixels", "100"])
     pargs.run, pargs.checkpoint, pargs.model, pargs.device = None, str(weights), None, "cpu"
-    pargs.json = str(tmp_path / "p.json")
-    pargs.images = [str(tmp_path / "scene.tif"), str(tmp_path / "plain.npy")]
+    pargs.json, pargs.output = str(tmp_path / "p.json"), str(tmp_path / "maps")
+    pargs.inputs = [str(tmp_path / "scene.tif"), str(tmp_path / "plain.npy")]
     task.predict(pargs)
     out = json.loads((tmp_path / "p.json").read_text())
     assert (tmp_path / "maps" / "scene_classmap.png").is_file() and (tmp_path / "maps" / "plain_classmap.png").is_file()
@@ -168,6 +168,6 @@ def test_predict_command_writes_png_and_geotiff(tmp_path):
     assert values <= set(data.info["class_values"])
     assert sum(out[0]["class_counts"].values()) == 20 * 24
     np.save(tmp_path / "few.npy", scene.image[..., :12])
-    pargs.images = [str(tmp_path / "few.npy")]
+    pargs.inputs = [str(tmp_path / "few.npy")]
     with pytest.raises(ValueError, match="12 bands"):
         task.predict(pargs)

@@ -128,16 +128,3 @@ def test_task_trains_evaluates_and_draws(tmp_path):
     assert 0 <= base["val_miou_majority"] <= 100 / 3 + 1e-6   # one class predicted: at most its IoU / K
     task.on_train_end(tmp_path, model, data, args)
     assert (tmp_path / "overlays.png").stat().st_size > 0
-
-
-def test_predict_writes_overlay_and_mask(tmp_path):
-    task = get_task("segmentation")
-    img_dir = tmp_path / "in"
-    img_dir.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(img_dir / "x.png")
-    args = _args(tmp_path, model="unet", input=str(img_dir), output=str(tmp_path / "out"), num_classes=2,
-                 device="cpu")
-    task.predict(args)
-    mask = np.asarray(Image.open(tmp_path / "out" / "x_mask.png"))
-    assert mask.shape == (40, 56) and mask.max() <= 1
-    assert np.asarray(Image.open(tmp_path / "out" / "x_overlay.png")).shape == (40, 56, 3)

@@ -186,8 +186,8 @@ def test_pictures_and_predict(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     img = tmp_path / "in.png"
     save_image(img, torch.rand(3, 14, 17) * 255)
-    task.predict(argparse.Namespace(model="act_tiny_x2", checkpoint=str(ckpt), inputs=[str(img)], output=None,
-                                    tile=None, tile_overlap=24, self_ensemble=False))
+    task.predict(argparse.Namespace(model="act_tiny_x2", checkpoint=str(ckpt), inputs=[str(img)], output=str(tmp_path),
+                                    tile=None, tile_overlap=24, self_ensemble=False, device="cpu"))
     from PIL import Image
 
     with Image.open(tmp_path / "in_x2.png") as im:

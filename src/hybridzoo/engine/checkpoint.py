@@ -122,38 +122,10 @@ def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
 
 
 def read_run(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
-    """What a trained model needs to be rebuilt: {model, task, data_info, weights (path)}.
+    """{model, task, data_info, weights} of a run folder or an engine-written file.
 
-    `run` is a run folder (summary.json + model.safetensors); `checkpoint` a `model.safetensors`
-    written by the engine (its metadata names the model) or a `last.ckpt`.
+    Kept for existing callers; `hybridzoo.engine.run` (read_run / load_run) is the one way to load a run.
     """
-    import json
+    from hybridzoo.engine.run import read_run as _read
 
-    if run is not None:
-        run = Path(run)
-        summary_path, weights = run / "summary.json", run / "model.safetensors"
-        if not summary_path.is_file() or not weights.is_file():
-            raise FileNotFoundError(f"{os.fspath(run)!r} is not a run folder (expected summary.json and "
-                                    "model.safetensors, as `hybridzoo train` writes them)")
-        summary = json.loads(summary_path.read_text())
-        ckpt = read_run(checkpoint=weights)
-        ckpt.update({k: summary[k] for k in ("model", "task") if summary.get(k)})
-        return ckpt
-    if checkpoint is None:
-        raise ValueError("give a run folder (--run DIR) or a checkpoint (--checkpoint PATH)")
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {os.fspath(path)!r}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(os.fspath(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:
-            raise CheckpointError(f"{os.fspath(path)!r} is not a readable safetensors file: {e}") from e
-        info = json.loads(meta["data_info"]) if "data_info" in meta else {}
-        return {"model": meta.get("model"), "task": meta.get("task"), "data_info": info, "weights": os.fspath(path)}
-    ckpt = load_checkpoint(path)
-    return {"model": ckpt.get("args", {}).get("model"), "task": ckpt.get("task"),
-            "data_info": ckpt.get("data_info", {}), "weights": os.fspath(path)}
+    return _read(run, checkpoint).as_dict()

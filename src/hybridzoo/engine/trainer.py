@@ -514,20 +514,48 @@ class _progress:
 
 
 def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
-    """`hybridzoo eval`: the task's validation metrics for `args.model` with weights `args.checkpoint`."""
+    """`hybridzoo eval`: the task's validation metrics for trained weights.
+
+    `args.run` (a run folder) alone is enough: the task, model, data and options are the run's
+    (`hybridzoo.engine.run`), and options given in `args` (not None) override them — `--data`
+    evaluates on other data. `args.checkpoint` is an engine-written file, or official weights with
+    `args.model` (and `args.task`, else the model card's). The model is the one `load_run` rebuilds.
+    """
+    from hybridzoo.engine.run import load_run, merge_args, read_run
     from hybridzoo.tasks.base import get_task
 
-    task = task if task is not None else get_task(args.task or "classification")
-    args = fill_defaults(args, task)
-    if getattr(args, "checkpoint", None):
-        args.pretrained = args.checkpoint
-    info = distributed.setup(args.device)
+    spec = read_run(getattr(args, "run", None), getattr(args, "checkpoint", None), getattr(args, "weights", None) or "auto")
+    name = spec.model or getattr(args, "model", None)
+    if task is None:
+        from hybridzoo.registry import get_card
+
+        task = get_task(getattr(args, "task", None) or spec.task or (get_card(name).task if name else "classification"))
+    options = vars(args)
+    args = merge_args(options, spec.args, task, model=name)
+    try:
+        info = distributed.setup(args.device)
+    except RuntimeError as e:  # e.g. --device cuda without CUDA: bad input, one line
+        raise ValueError(str(e) if "--device" in str(e) else f"--device {args.device}: {e}") from e
     try:
         amp_dtype = _amp_dtype(args.amp, info.device)
         seed_everything(args.seed)
         data = task.build_data(args)
-        model = task.build_model(args, data.info).to(info.device)
+        run = load_run(spec=spec, model=name, device=info.device, task=task, data_info=data.info, options=options)
+        _check_same_classes(run.data_info, data.info, spec.weights)
+        if info.is_main:
+            print(f"{run.describe()}; {len(data.val)} validation samples")
         _, _, val_loader = _build_loaders(data, args, info, task)
-        return _evaluate(task, model, val_loader, args, info, amp_dtype, data.info)
+        return _evaluate(task, run.model, val_loader, args, info, amp_dtype, data.info)
     finally:
         distributed.cleanup(info)
+
+
+def _check_same_classes(trained: dict[str, Any], data: dict[str, Any], weights: str) -> None:
+    """Scores against other classes than the model predicts would be silently wrong."""
+    a, b = trained.get("class_names"), data.get("class_names")
+    if a is not None and b is not None and list(a) != list(b):
+        def show(names):
+            names = list(names)
+            return ", ".join(map(str, names[:12])) + (f", ... ({len(names)} classes)" if len(names) > 12 else "")
+        raise ValueError(f"the evaluation data's classes differ from those {weights!r} was trained on: "
+                         f"trained [{show(a)}], data [{show(b)}]")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -303,35 +304,38 @@ class ClassificationTask(Task):
         return {"val_top1_majority": float((val_targets == majority).double().mean())}
 
     # --- predict ------------------------------------------------------------------------------
-    def predict(self, args: argparse.Namespace) -> None:
-        from hybridzoo.data.folder import load_image
-        from hybridzoo.engine.checkpoint import read_run
-        from hybridzoo.engine.distributed import resolve_device
+    eval_options = ("dataset", "crop_pct", "resolution", "keep_rate")
+    predict_options = ("topk",)
 
-        if not getattr(args, "images", None):
-            raise ValueError("predict needs at least one image file")
-        run = read_run(getattr(args, "run", None), getattr(args, "checkpoint", None))
-        name = getattr(args, "model", None) or run["model"]
-        if not name:
-            raise ValueError("the checkpoint does not name its model; pass --model NAME")
-        info = run["data_info"] or {}
-        n = info.get("num_classes") or _head_width(run["weights"])
+    def predict(self, args: argparse.Namespace) -> None:
+        """Top-k classes of each image, printed (and with `--json`, written); the run's eval transform."""
+        from hybridzoo.data.folder import load_image
+        from hybridzoo.engine.run import expand_inputs, load_run_from_args
+
+        files = expand_inputs(getattr(args, "inputs", None))
+        run = load_run_from_args(args, self)
+        info, model, device = run.data_info, run.model, run.device
+        if "num_classes" not in info:
+            raise ValueError(f"{run.weights!r} does not say its classes; use a run folder or weights written by "
+                             "`hybridzoo train`")
+        n = int(info["num_classes"])
         classes = info.get("class_names") or [str(i) for i in range(n)]
-        img_size = getattr(args, "img_size", None) or info.get("img_size") or 224
-        device = resolve_device(getattr(args, "device", None))
-        model = build_classifier(name, n, info.get("in_chans", 3), img_size, run["weights"]).to(device).eval()
+        img_size = int(info.get("img_size") or run.input_size[-1])
         tf = EvalTransform(img_size, crop_pct=info.get("crop_pct", 0.875), mean=tuple(info.get("mean", IMAGENET_MEAN)),
                            std=tuple(info.get("std", IMAGENET_STD)))
-        topk = max(1, min(getattr(args, "topk", 5), n))
+        mode = "RGB" if int(info.get("in_chans", 3)) == 3 else "L"
+        topk = max(1, min(int(run.args.topk or 5), n))
+        to_stdout = getattr(args, "json", None) == "-"
+        print(run.describe(), file=sys.stderr)
         results = []
-        for path in args.images:
-            x = tf(load_image(path, "RGB" if info.get("in_chans", 3) == 3 else "L"))[None].to(device)
+        for path in files:
+            x = tf(load_image(path, mode))[None].to(device)
             with torch.no_grad():
                 probs = _logits(model(x)).float().softmax(-1)[0]
             p, idx = probs.topk(topk)
             top = [{"class": classes[i], "index": int(i), "prob": float(q)} for q, i in zip(p.tolist(), idx.tolist())]
             results.append({"image": os.fspath(path), "top": top})
-            if not getattr(args, "json", None):
+            if not to_stdout:
                 print(path)
                 for t in top:
                     print(f"  {t['prob']:.4f}  {t['class']}")
@@ -345,13 +349,3 @@ def _targets(ds) -> list[int]:
     if hasattr(ds, "targets"):
         return list(ds.targets)
     return [int(ds[i][1]) for i in range(len(ds))]
-
-
-def _head_width(weights: str) -> int:
-    from hybridzoo.factory import read_state_dict
-
-    state = read_state_dict(weights)
-    heads = [v for k, v in state.items() if k.endswith("head.weight") or k.endswith("classifier.weight")]
-    if not heads:
-        raise ValueError(f"cannot tell the number of classes of {weights!r}; train with hybridzoo or pass a run folder")
-    return int(heads[-1].shape[0])

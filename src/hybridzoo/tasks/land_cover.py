@@ -23,7 +23,6 @@ epochs on its (unreleased) scenes; the default here is 10, enough for the built-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -273,7 +272,6 @@ class LandCoverTask(Task):
         g.add_argument("--tile-pixels", type=int, default=None,
                        help="predict: pixels normalised at once (bounds memory; default 1,048,576)")
         g.add_argument("--predict-batch-size", type=int, default=None, help="predict: patches per forward (2048)")
-        g.add_argument("--map-dir", default=None, help="predict: folder for the class maps (default: the run folder)")
 
     # --- data
     def build_data(self, args: argparse.Namespace) -> TaskData:
@@ -437,40 +435,41 @@ class LandCoverTask(Task):
         return {"map": str(run_dir / "class_map.png"), "predict_pixels_per_second": stats["pixels_per_second"]}
 
     # --- predict
-    def predict(self, args: argparse.Namespace) -> None:
-        from hybridzoo.factory import create_model, load_weights
+    eval_options = ("label", "split", "val_fraction", "split_seed", "block_size", "block_buffer")
+    predict_options = ("tile_pixels", "predict_batch_size")
 
-        run = _read_run(getattr(args, "run", None), getattr(args, "checkpoint", None))
-        info = run["data_info"] or {}
+    def predict(self, args: argparse.Namespace) -> None:
+        """Whole-scene class maps of rasters: `<stem>_classmap.png` (and `.tif` for georeferenced input), with
+        the run's band statistics and patch size; no file (or `builtin`) maps the run's built-in scene."""
+        from hybridzoo.engine.run import load_run_from_args, output_dir, report_stream
+
+        run = load_run_from_args(args, self)
+        info, model, device, name = run.data_info, run.model, run.device, run.model_name
         for key in ("num_classes", "in_chans", "mean", "std", "patch_size"):
             if key not in info:
-                raise ValueError(f"{run['weights']!r} lacks the land-cover data facts ({key!r}); predict needs a "
+                raise ValueError(f"{run.weights!r} lacks the land-cover data facts ({key!r}); predict needs a "
                                  "run folder or weights written by `hybridzoo train --task land-cover`")
-        name = getattr(args, "model", None) or run["model"]
-        if not name:
-            raise ValueError("the checkpoint does not name its model; pass --model NAME")
-        model = create_model(name, num_classes=info["num_classes"], in_chans=info["in_chans"])
-        load_weights(model, run["weights"])
-        device = _resolve_device(getattr(args, "device", None))
-        model.to(device).eval()
         class_names = info.get("class_names") or [str(i) for i in range(info["num_classes"])]
         values = np.asarray(info.get("class_values") or list(range(1, info["num_classes"] + 1)))
-        out_dir = Path(_opt(args, "map_dir", None) or (getattr(args, "run", None) or "."))
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = output_dir(args, run)
+        log = report_stream(args)
+        print(run.describe(), file=log)
         results = []
-        for path in getattr(args, "images", None) or ["builtin"]:
+        for path in getattr(args, "inputs", None) or ["builtin"]:
             if str(path) in ("builtin", "synthetic"):
                 syn = info.get("synthetic") or dict(height=160, width=160, seed=0)
                 scene = lc.make_synthetic_scene(**syn)
                 img = scene.image if not info.get("bands") else np.ascontiguousarray(scene.image[..., info["bands"]])
                 source, stem = _ArraySource(img), scene.name
             else:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"input raster not found: {os.fspath(path)!r}")
                 source, stem = lc.RasterSource(path, info.get("bands")), Path(path).stem
             if source.num_bands != info["in_chans"]:
                 raise ValueError(f"{path}: {source.num_bands} bands, but {name} was trained on {info['in_chans']}")
             pred, stats = predict_scene(model, source, info["mean"], info["std"], info["patch_size"],
-                                        batch_size=int(_opt(args, "predict_batch_size", 2048)),
-                                        tile_pixels=int(_opt(args, "tile_pixels", 1 << 20)), device=device,
+                                        batch_size=int(_opt(run.args, "predict_batch_size", 2048)),
+                                        tile_pixels=int(_opt(run.args, "tile_pixels", 1 << 20)), device=device,
                                         progress=bool(getattr(args, "progress", False)))
             png = out_dir / f"{stem}_classmap.png"
             save_class_map_png(png, [(f"{name}: {stem}", pred)], class_names,
@@ -485,41 +484,8 @@ class LandCoverTask(Task):
             results.append(written)
             print(f"{path}: {source.height}×{source.width} px in {stats['seconds']:.1f} s "
                   f"({stats['pixels_per_second']:,.0f} px/s) → {png}"
-                  + (f", {written['geotiff']}" if source.geo else ""))
+                  + (f", {written['geotiff']}" if source.geo else ""), file=log)
         if getattr(args, "json", None):
             from hybridzoo.engine.logger import write_json_results
 
             write_json_results(args.json, results)
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _read_run(run: str | None, checkpoint: str | None) -> dict[str, Any]:
-    """{model, data_info, weights} of a run folder or engine-written weights (the engine's reader if present)."""
-    try:
-        from hybridzoo.engine.checkpoint import read_run
-    except ImportError:
-        read_run = None
-    if read_run is not None:
-        return read_run(run, checkpoint)
-    if run is not None:
-        summary, weights = Path(run) / "summary.json", Path(run) / "model.safetensors"
-        if not summary.is_file() or not weights.is_file():
-            raise FileNotFoundError(f"{run!r} is not a run folder (expected summary.json and model.safetensors)")
-        out = _read_run(None, str(weights))
-        out["model"] = json.loads(summary.read_text()).get("model") or out["model"]
-        return out
-    if checkpoint is None:
-        raise ValueError("give a run folder (--run DIR) or a checkpoint (--checkpoint PATH)")
-    if not str(checkpoint).endswith(".safetensors") or not os.path.isfile(checkpoint):
-        raise ValueError(f"{checkpoint!r}: expected a model.safetensors written by hybridzoo train")
-    from safetensors import safe_open
-
-    with safe_open(str(checkpoint), framework="pt") as f:
-        meta = f.metadata() or {}
-    info = json.loads(meta["data_info"]) if "data_info" in meta else {}
-    return {"model": meta.get("model"), "task": meta.get("task"), "data_info": info, "weights": str(checkpoint)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -280,34 +281,51 @@ class RecommendationTask(Task):
                {f"test_{k}_pop": v for k, v in pop.items() if k.endswith(("hr@10", "ndcg@10"))}
 
     # ---- predict ----------------------------------------------------------------------------------
-    def predict(self, args: argparse.Namespace) -> None:
-        from hybridzoo.factory import create_model
+    eval_options = ("format", "kcore", "num_negatives", "valid_metric")
+    predict_options = ("history", "topk")
 
-        run = Path(args.run) if getattr(args, "run", None) else None
-        if run is None or not (run / "items.json").is_file():
-            raise ValueError("predict for recommendation needs --run DIR, a folder written by "
-                             "`hybridzoo train --task recommendation` (it holds items.json and model.safetensors)")
-        summary = json.loads((run / "summary.json").read_text())
-        tokens = json.loads((run / "items.json").read_text())
-        index = {t: i for i, t in enumerate(tokens)}
-        history = args.history or []
+    def predict(self, args: argparse.Namespace) -> None:
+        """The top-K next items after a history (`--history ITEM...`, oldest first), printed (and `--json`)."""
+        from hybridzoo.engine.run import load_run_from_args
+
+        if getattr(args, "inputs", None):
+            raise ValueError("recommendation predicts from item ids, not files: hybridzoo predict --run DIR "
+                             "--history ITEM [ITEM ...] (the ids are listed in DIR/items.json)")
+        history = list(getattr(args, "history", None) or [])
+        if not history:
+            raise ValueError("--history needs at least one item id, oldest first (the ids are listed in the run "
+                             "folder's items.json)")
+        run = load_run_from_args(args, self)
+        tokens = run.data_info.get("item_tokens")
+        if tokens is None:
+            raise ValueError(f"{run.weights!r} comes without the run's item vocabulary (items.json); pass --run DIR, "
+                             "a folder written by `hybridzoo train --task recommendation`")
+        index = {str(t): i for i, t in enumerate(tokens)}
         unknown = [h for h in history if h not in index]
-        if not history or unknown:
-            raise ValueError(f"--history needs item ids seen in training; unknown: {unknown[:10]}" if unknown
-                             else "--history needs at least one item id, oldest first")
-        max_len = int(summary.get("data", {}).get("max_len", 50))  # the length the model was trained at
-        model = create_model(summary["model"], pretrained=str(run / "model.safetensors"),
-                             num_items=len(tokens), max_len=max_len).eval()
+        if unknown:
+            raise ValueError(f"--history needs item ids seen in training; unknown: {unknown[:10]} "
+                             "(the ids are listed in the run folder's items.json)")
+        print(run.describe(), file=sys.stderr)
+        model, device = run.model, run.device
+        max_len = int(run.data_info.get("max_len") or run.args.max_len)  # the length the model was trained at
         ids = [index[h] for h in history][-max_len:]
-        seq = torch.zeros(1, max_len, dtype=torch.long)
-        seq[0, : len(ids)] = torch.tensor(ids)
+        seq = torch.zeros(1, max_len, dtype=torch.long, device=device)
+        seq[0, : len(ids)] = torch.tensor(ids, device=device)
         with torch.no_grad():
-            scores = model.scores(model(seq, torch.tensor([len(ids)])))[0]
-        scores[0] = -torch.inf
-        scores[torch.tensor(ids)] = -torch.inf
-        top = scores.topk(min(args.topk, len(tokens) - 1))
-        for rank, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-            print(f"{rank:3d}. {tokens[i]}  (score {s:.3f})")
+            scores = model.scores(model(seq, torch.tensor([len(ids)], device=device)))[0].float().cpu()
+        scores[0] = -torch.inf                  # padding
+        scores[torch.tensor(ids)] = -torch.inf  # what the user already has
+        topk = int(run.args.topk or 10)
+        top = scores.topk(min(topk, len(tokens) - 1 - len(set(ids))))
+        results = [{"rank": r, "item": str(tokens[i]), "score": float(v)}
+                   for r, (v, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
+        if getattr(args, "json", None) != "-":
+            for row in results:
+                print(f"{row['rank']:3d}. {row['item']}  (score {row['score']:.3f})")
+        if getattr(args, "json", None):
+            from hybridzoo.engine.logger import write_json_results
+
+            write_json_results(args.json, {"history": history, "top": results})
 
 
 def _plot_metrics(path: Path, ours: dict[str, float], pop: dict[str, float], name: str) -> None:

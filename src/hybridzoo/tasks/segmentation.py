@@ -34,7 +34,7 @@ from torch import nn
 
 from hybridzoo.data.segmentation import (
     IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ADE20KSegmentation, CityscapesSegmentation, FolderSegmentation,
-    SegTransform, SyntheticScenes, collate_segmentation, dataset_info, detect_layout, palette, read_image,
+    SegTransform, SyntheticScenes, collate_segmentation, dataset_info, detect_layout, palette,
 )
 from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task
@@ -332,9 +332,7 @@ class SegmentationTask(Task):
         ):
             if not any(n in parser._option_string_actions for n in names):
                 g.add_argument(*names, **kw)
-        for names, kw in ((("--input",), dict(default=None, help="predict: an image or a folder of images")),
-                          (("--output",), dict(default=None, help="predict: folder for overlays")),
-                          (("--pretrained",), dict(default=None, help="weights to load"))):
+        for names, kw in ((("--pretrained",), dict(default=None, help="weights to load")),):
             if not any(n in parser._option_string_actions for n in names):
                 g.add_argument(*names, **kw)
 
@@ -541,41 +539,45 @@ class SegmentationTask(Task):
         model.train(was_training)
 
     # ----------------------------------------------------------------------------------- predict
+    eval_options = ("dataset", "test_scale", "inference", "crop_size", "slide_stride")
+    predict_options = ("test_scale", "inference", "crop_size", "slide_stride")
+
     @torch.no_grad()
     def predict(self, args: argparse.Namespace) -> None:
-        """Segment an image or a folder: writes `<stem>_overlay.png` and `<stem>_mask.png` (class indices)."""
+        """Segment images (files or folders): `<stem>_mask.png` (class indices) and `<stem>_overlay.png`
+        in the output folder, with the run's validation transform and inference mode."""
         from PIL import Image
 
-        from hybridzoo.factory import create_model, load_weights
+        from hybridzoo.engine.run import expand_inputs, load_run_from_args, output_dir, read_image_file, report_stream
 
-        src = getattr(args, "input", None) or getattr(args, "data", None)
-        if not src:
-            raise ValueError("predict needs --input IMAGE_OR_FOLDER")
-        src = Path(src)
-        files = sorted(p for p in src.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")) \
-            if src.is_dir() else [src]
-        if not files:
-            raise FileNotFoundError(f"no images in {src}")
-        out_dir = Path(getattr(args, "output", None) or "predictions")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        k = getattr(args, "num_classes", None)
-        kwargs = {"num_classes": int(k)} if k else {}
-        model = create_model(args.model, **kwargs)
-        weights = getattr(args, "pretrained", None) or getattr(args, "weights", None) or getattr(args, "checkpoint", None)
-        if weights:
-            load_weights(model, weights)
-        device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model.to(device).eval()
-        k = int(getattr(model, "num_classes", k or 19))
-        names = getattr(model, "class_names", None)
+        files = expand_inputs(getattr(args, "inputs", None))
+        run = load_run_from_args(args, self)
+        info, model, device = run.data_info, run.model, run.device
+        k = int(info.get("num_classes") or getattr(model, "num_classes", 0))
+        if not k:
+            raise ValueError(f"{run.weights!r} does not say its classes; use a run folder or weights written by "
+                             "`hybridzoo train`")
+        names = info.get("class_names")
         pal = palette(k, names)
-        test = _pair(self._arg(args, "test_scale", None), "test-scale")
-        tf = SegTransform(train=False, test_scale=test)
+        _, tf = self._transforms(run.args, info.get("layout", "folder"))
+        out_dir = output_dir(args, run)
+        log = report_stream(args)
+        print(run.describe(), file=log)
+        results = []
         for f in files:
-            raw = read_image(f)
-            img, _, meta = tf(raw, np.zeros(raw.shape[:2], np.uint8), np.random.default_rng(0))
-            logits = self.predict_logits(model, img[None].to(device), args, k)
+            raw = np.asarray(read_image_file(f, "RGB"))
+            img, _, _ = tf(raw, np.zeros(raw.shape[:2], np.uint8), np.random.default_rng(0))
+            logits = self.predict_logits(model, img[None].to(device), run.args, k)
             logits = F.interpolate(logits, size=raw.shape[:2], mode="bilinear", align_corners=False)
-            pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
-            Image.fromarray(overlay(raw, pred, pal)).save(out_dir / f"{f.stem}_overlay.png")
-            Image.fromarray(pred).save(out_dir / f"{f.stem}_mask.png")
+            pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8 if k <= 256 else np.int32)
+            mask_path, overlay_path = out_dir / f"{f.stem}_mask.png", out_dir / f"{f.stem}_overlay.png"
+            Image.fromarray(pred).save(mask_path)
+            Image.fromarray(overlay(raw, pred, pal)).save(overlay_path)
+            counts = np.bincount(pred.ravel(), minlength=k)
+            results.append({"image": str(f), "mask": str(mask_path), "overlay": str(overlay_path),
+                            "class_pixels": {str(names[c] if names else c): int(counts[c]) for c in range(k)}})
+            print(f"{f} → {mask_path}, {overlay_path}", file=log)
+        if getattr(args, "json", None):
+            from hybridzoo.engine.logger import write_json_results
+
+            write_json_results(args.json, results)

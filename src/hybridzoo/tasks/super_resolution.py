@@ -22,12 +22,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.data.super_resolution import (
-    HRImageDataset, bicubic_upsample, build_sr_datasets, builtin_images, quantize, read_image, save_image,
+    HRImageDataset, bicubic_upsample, build_sr_datasets, builtin_images, quantize, save_image,
     sr_collate, to_tensor,
 )
 from hybridzoo.engine.metrics import Metric
@@ -391,29 +392,38 @@ class SuperResolutionTask(Task):
         model.train(was_training)
         _save_panels(Path(run_dir) / "comparison.png", rows)
 
+    eval_options = ("val_data", "self_ensemble", "tile", "tile_overlap")
+    predict_options = ("self_ensemble", "tile", "tile_overlap")
+
     @torch.no_grad()
     def predict(self, args: argparse.Namespace) -> None:
-        from hybridzoo.factory import create_model
+        """Upscale images (files or folders): `<stem>_x<s>.png` and a bicubic comparison in the output folder."""
+        from hybridzoo.engine.run import expand_inputs, load_run_from_args, output_dir, read_image_file, report_stream
 
-        inputs = next((getattr(args, k) for k in ("inputs", "input", "images", "image", "paths")
-                       if getattr(args, k, None)), None)
-        if not inputs:
-            raise ValueError("predict needs one or more image paths")
-        inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-        weights = getattr(args, "checkpoint", None) or getattr(args, "pretrained", None)
-        model = create_model(args.model, pretrained=weights).eval()
-        device = torch.device(getattr(args, "device", None) or "cpu")
-        model.to(device)
-        scale = getattr(model, "upscale", None) or self.scale(args)
-        kw = self._infer_kwargs(args)
-        out_dir = getattr(args, "output", None)
-        for path in map(Path, inputs):
-            lr = to_tensor(read_image(path))
+        files = expand_inputs(getattr(args, "inputs", None))
+        run = load_run_from_args(args, self)
+        model, device = run.model, run.device
+        scale = int(getattr(model, "upscale", None) or run.data_info.get("scale") or self.scale(run.args))
+        kw = self._infer_kwargs(run.args)
+        folder = output_dir(args, run)
+        log = report_stream(args)
+        print(run.describe(), file=log)
+        results = []
+        for path in files:
+            lr = to_tensor(np.asarray(read_image_file(path, "RGB")))
             sr = super_resolve(model, lr[None].to(device), scale, **kw)[0].float().cpu()
-            folder = Path(out_dir) if out_dir else path.parent
             out = folder / f"{path.stem}_x{scale}.png"
             save_image(out, sr)
             bic = bicubic_upsample(lr, scale)
-            _save_panels(folder / f"{path.stem}_x{scale}_comparison.png",
-                         [[(f"bicubic ×{scale}", bic), (f"{args.model} ×{scale}", quantize(sr))]], max_side=512)
-            print(f"{path} → {out} ({lr.shape[-1]}×{lr.shape[-2]} → {sr.shape[-1]}×{sr.shape[-2]})")
+            comparison = folder / f"{path.stem}_x{scale}_comparison.png"
+            _save_panels(comparison, [[(f"bicubic ×{scale}", bic), (f"{run.model_name} ×{scale}", quantize(sr))]],
+                         max_side=512)
+            results.append({"image": str(path), "output": str(out), "comparison": str(comparison), "scale": scale,
+                            "input_size": [int(lr.shape[-1]), int(lr.shape[-2])],
+                            "output_size": [int(sr.shape[-1]), int(sr.shape[-2])]})
+            print(f"{path} → {out}, {comparison} ({lr.shape[-1]}×{lr.shape[-2]} → {sr.shape[-1]}×{sr.shape[-2]})",
+                  file=log)
+        if getattr(args, "json", None):
+            from hybridzoo.engine.logger import write_json_results
+
+            write_json_results(args.json, results)
