@@ -5,7 +5,7 @@ MATLAB-generated benchmark PNGs are), ``hr`` exactly ``scale`` times the size of
 
 Layouts read:
 - HR images only (DIV2K_train_HR, Flickr2K_HR, any folder): LR made on the fly by MATLAB `imresize`
-  bicubic with antialiasing, rounded to integers like MATLAB's uint8 output;
+  bicubic with antialiasing on uint8, bit-exact (rounded after each one-dimensional pass, as MATLAB);
 - paired folders: DIV2K (`DIV2K_train_HR/0001.png` + `DIV2K_train_LR_bicubic/X2/0001x2.png`) and the
   EDSR benchmark layout (`Set5/HR/baby.png` + `Set5/LR_bicubic/X2/babyx2.png`);
 - Set5 / Set14 / B100 / Urban100 / Manga109 by name under a benchmark root;
@@ -87,11 +87,22 @@ def _resize_dim(x: torch.Tensor, dim: int, out_len: int, scale: float, antialias
 
 
 def imresize(x: torch.Tensor, scale: float | None = None, size: tuple[int, int] | None = None,
-             antialias: bool = True) -> torch.Tensor:
-    """MATLAB ``imresize(x, scale, 'bicubic')`` on the last two dims of a float tensor (no rounding).
+             antialias: bool = True, uint8: bool | None = None) -> torch.Tensor:
+    """MATLAB ``imresize(x, scale, 'bicubic')`` on the last two dims.
 
     `size` (H, W) overrides `scale`; MATLAB's output size is ``ceil(scale · in)``. Computed in float64.
+    The two one-dimensional passes run in MATLAB's order: imresize.m's `dimensionOrder` is
+    ``[~, order] = sort(scale)``, the smallest scale factor first, rows first on ties (a stable sort).
+
+    `uint8` (default: whether `x` is a uint8 tensor) emulates MATLAB on a uint8 image: `imresizemex`
+    writes each pass's output in the input's class, so the intermediate image is rounded (halves away
+    from zero) and clipped to [0, 255] before the second pass, and the result holds uint8 values.
+    Returned as uint8 for uint8 input, else in `x`'s float dtype. With uint8 False it is MATLAB on a
+    double image: no rounding at all (the float path, e.g. for resizing model outputs).
     """
+    if uint8 is None:
+        uint8 = x.dtype == torch.uint8
+    in_dtype = x.dtype
     if not x.is_floating_point():
         x = x.float()
     H, W = x.shape[-2:]
@@ -105,13 +116,14 @@ def imresize(x: torch.Tensor, scale: float | None = None, size: tuple[int, int] 
         raise ValueError("imresize needs `scale` or `size`")
     dtype = x.dtype
     y = x.double()
-    # MATLAB resizes the dimension with the smaller scale first (rows first on ties)
     order = [(-2, oh, sh), (-1, ow, sw)]
     if sw < sh:
         order.reverse()
     for dim, n, s in order:
         y = _resize_dim(y, dim, n, s, antialias)
-    return y.to(dtype)
+        if uint8:
+            y = quantize(y)
+    return y.to(torch.uint8) if in_dtype == torch.uint8 else y.to(dtype)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +132,17 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 def bicubic_downsample(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    """The standard SR degradation: MATLAB bicubic ×1/scale of a (modcropped) HR image, as uint8 values."""
-    return quantize(imresize(hr, 1.0 / scale))
+    """The standard SR degradation: MATLAB ``imresize(hr, 1/scale, 'bicubic')`` of a (modcropped) uint8 HR
+    image, rounded after each pass exactly as MATLAB does on uint8 (bit-exact with the benchmark LR files).
+
+    `hr` holds uint8 values (any dtype); the result is in `hr`'s dtype.
+    """
+    return imresize(hr, 1.0 / scale, uint8=True)
 
 
 def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    """The bicubic baseline: MATLAB bicubic ×scale, as uint8 values."""
-    return quantize(imresize(lr, float(scale)))
+    """The bicubic baseline: MATLAB ``imresize(lr, scale, 'bicubic')`` on uint8, rounded after each pass."""
+    return imresize(lr, float(scale), uint8=True)
 
 
 def modcrop(img: torch.Tensor, scale: int) -> torch.Tensor:
