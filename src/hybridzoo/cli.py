@@ -441,6 +441,12 @@ def cmd_eval(args, task) -> int:
     from hybridzoo.engine.checkpoint import read_run
     from hybridzoo.engine.trainer import evaluate
 
+    if getattr(args, "baseline", None):  # the task's reference method (super-resolution: bicubic), no weights
+        scores = {f"val_{k}": v for k, v in task.evaluate_baseline(args).items()}
+        print("  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if args.json:
+            Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
+        return 0
     if args.run or (args.checkpoint and not args.model):
         run = read_run(args.run, args.checkpoint)
         args.model = args.model or run["model"]

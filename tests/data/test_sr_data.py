@@ -11,7 +11,7 @@ import torch
 
 from hybridzoo.data.super_resolution import (
     HRImageDataset, PairedImageDataset, benchmark_dataset, bicubic_downsample, bicubic_upsample, build_sr_datasets,
-    builtin_images, imresize, quantize, save_image, sr_collate,
+    builtin_images, describe, eval_dataset, imresize, quantize, save_image, sr_collate,
 )
 
 
@@ -225,3 +225,90 @@ def test_builtin_split_is_disjoint():
     test, test_names = builtin_images("test")
     assert not set(train_names) & set(test_names) and len(test) >= 3
     assert all(a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 for a in train + test)
+
+
+# -- folders given for evaluation are evaluated whole ------------------------------------------------
+
+def _write_png(path, img):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def _noisy_lr(hr: np.ndarray, scale: int, seed: int) -> np.ndarray:
+    """MATLAB-bicubic LR plus noise: a file that recomputing the LR from HR cannot reproduce."""
+    lr = bicubic_downsample(torch.from_numpy(hr).permute(2, 0, 1).float(), scale).permute(1, 2, 0).numpy()
+    noise = np.random.default_rng(seed).integers(-20, 21, size=lr.shape)
+    return np.clip(lr + noise, 0, 255).astype(np.uint8)
+
+
+SET5 = ["baby", "bird", "butterfly", "head", "woman"]
+
+
+def _edsr_set5(root, scale=2):
+    """Set5 in the EDSR/BasicSR benchmark layout: Set5/HR/baby.png + Set5/LR_bicubic/X2/babyx2.png."""
+    lrs = {}
+    for i, n in enumerate(SET5):
+        hr = _rgb(24 + 6 * i, 30, seed=i)
+        _write_png(root / "HR" / f"{n}.png", hr)
+        lrs[n] = _noisy_lr(hr, scale, i)
+        _write_png(root / "LR_bicubic" / f"X{scale}" / f"{n}x{scale}.png", lrs[n])
+    return lrs
+
+
+def test_eval_dataset_edsr_layout_reads_lr_files(tmp_path):
+    lrs = _edsr_set5(tmp_path / "Set5")
+    ds = eval_dataset(tmp_path / "Set5", 2)
+    assert isinstance(ds, PairedImageDataset) and len(ds) == 5 and ds.names == sorted(SET5)
+    assert describe(ds).startswith("5 HR/LR pairs")
+    for i, name in enumerate(ds.names):
+        lr, hr = ds[i]
+        assert torch.equal(lr, torch.from_numpy(lrs[name]).permute(2, 0, 1).float())  # from the file
+        assert hr.shape[-2:] == (2 * lr.shape[-2], 2 * lr.shape[-1])
+    # the same folder by benchmark name under a root, and as --val-data of a training folder
+    assert len(eval_dataset("set5", 2, root=tmp_path)) == 5
+    _write_set(tmp_path / "train", ["t0", "t1"], 2, with_lr=False)
+    _, val = build_sr_datasets(tmp_path / "train", 2, patch_size=6, val_data=tmp_path / "Set5")
+    assert isinstance(val, PairedImageDataset) and len(val) == 5
+
+
+def test_eval_dataset_div2k_valid_layout(tmp_path):
+    for i in (801, 802, 803):
+        hr = _rgb(30, 36, seed=i)
+        _write_png(tmp_path / "DIV2K_valid_HR" / f"{i:04d}.png", hr)
+        _write_png(tmp_path / "DIV2K_valid_LR_bicubic" / "X2" / f"{i:04d}x2.png", _noisy_lr(hr, 2, i))
+    for folder in (tmp_path / "DIV2K_valid_HR", tmp_path):  # the HR folder or the DIV2K root
+        ds = eval_dataset(folder, 2)
+        assert isinstance(ds, PairedImageDataset) and ds.names == ["0801", "0802", "0803"]
+        lr, hr = ds[2]
+        assert lr.shape == (3, 15, 18) and hr.shape == (3, 30, 36)
+        assert not torch.equal(lr, bicubic_downsample(hr, 2))  # read, not recomputed
+
+
+def test_eval_dataset_flat_folder_is_whole_but_training_split_says_so(tmp_path):
+    for i in range(5):
+        _write_png(tmp_path / "flat" / f"img{i}.png", _rgb(20, 26, seed=i))
+    ds = eval_dataset(tmp_path / "flat", 2)
+    assert isinstance(ds, HRImageDataset) and len(ds) == 5 and "5 HR images" in describe(ds)
+    lr, hr = ds[4]
+    assert torch.equal(lr, bicubic_downsample(hr, 2))
+    train, val = build_sr_datasets(tmp_path / "flat", 2, patch_size=6)  # training: one image held out ...
+    assert len(val) == 1 and "1 of the 5 HR images" in describe(val) and "held out" in describe(val)
+
+
+def test_eval_dataset_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Set5"):
+        eval_dataset(tmp_path / "Set5", 2)
+    with pytest.raises(FileNotFoundError, match="Urban100"):
+        eval_dataset("urban100", 2, root=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        eval_dataset(tmp_path / "empty", 2)
+    _edsr_set5(tmp_path / "Set5", scale=2)
+    (tmp_path / "Set5" / "LR_bicubic" / "X3").mkdir()
+    for p in (tmp_path / "Set5" / "LR_bicubic" / "X2").iterdir():  # ×2 files filed under X3
+        p.rename(tmp_path / "Set5" / "LR_bicubic" / "X3" / p.name.replace("x2", "x3"))
+    ds = eval_dataset(tmp_path / "Set5", 3)
+    with pytest.raises(ValueError, match=r"not ×3 of LR"):
+        ds[0]

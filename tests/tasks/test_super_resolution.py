@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridzoo.data.super_resolution import HRImageDataset, bicubic_upsample, save_image, sr_collate
+from hybridzoo.data.super_resolution import HRImageDataset, bicubic_downsample, bicubic_upsample, save_image, sr_collate
 from hybridzoo.tasks.base import TaskData, get_task
 from hybridzoo.tasks.super_resolution import (
     psnr_y, rgb_to_y, self_ensemble_forward, ssim_y, super_resolve, tiled_forward,
@@ -193,3 +193,79 @@ def test_pictures_and_predict(tmp_path):
     with Image.open(tmp_path / "in_x2.png") as im:
         assert im.size == (34, 28)
     assert (tmp_path / "in_x2_comparison.png").is_file()
+
+
+# -- benchmark folders through `hybridzoo eval`, evaluated whole; the bicubic baseline as published ----
+
+def _write_png(path, a):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def _read_png(path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float()
+
+
+def _set5(root, scale=2, lr_noise=True):
+    """Five images in the EDSR/BasicSR layout (Set5/HR/x.png + Set5/LR_bicubic/X2/xx2.png); the LR files
+    are bicubic plus noise, so scores from recomputed LR would differ."""
+    rng = np.random.default_rng(5)
+    for i, name in enumerate(["baby", "bird", "butterfly", "head", "woman"]):
+        hr = rng.integers(0, 256, size=(24 + 6 * i, 30, 3), dtype=np.uint8)
+        hr = np.ascontiguousarray(np.cumsum(hr, axis=1) // np.arange(1, 31)[None, :, None]).astype(np.uint8)
+        _write_png(root / "HR" / f"{name}.png", hr)
+        lr = bicubic_downsample(torch.from_numpy(hr).permute(2, 0, 1).float(), scale)
+        if lr_noise:
+            lr = (lr + torch.from_numpy(rng.integers(-6, 7, size=tuple(lr.shape)))).clamp(0, 255)
+        _write_png(root / "LR_bicubic" / f"X{scale}" / f"{name}x{scale}.png",
+                   lr.permute(1, 2, 0).numpy().astype(np.uint8))
+    return sorted((root / "HR").iterdir()), sorted((root / "LR_bicubic" / f"X{scale}").iterdir())
+
+
+def _metrics_line(out: str) -> dict[str, float]:
+    line = [ln for ln in out.splitlines() if ln.startswith("val_")][-1].split()
+    return {k: float(v) for k, v in zip(line[::2], line[1::2])}
+
+
+def test_eval_val_data_benchmark_layout_is_evaluated_whole(tmp_path, capsys):
+    import hybridzoo
+    from safetensors.torch import save_file
+
+    from hybridzoo.cli import main
+    from hybridzoo.tasks.super_resolution import quantize
+
+    hrs, lrs = _set5(tmp_path / "Set5")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("act_tiny_x2").eval()
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    common = ["eval", "--model", "act_tiny_x2", "--checkpoint", str(ckpt), "--device", "cpu", "--tile", "0"]
+    assert main(common + ["--val-data", str(tmp_path / "Set5")]) == 0
+    out = capsys.readouterr().out
+    assert "validation: 5 HR/LR pairs, LR read from" in out
+    got = _metrics_line(out)
+    # by hand: the model on each LR file, rounded, Y-PSNR against its HR with 2 pixels cropped
+    psnrs = []
+    with torch.no_grad():
+        for h, l in zip(hrs, lrs):
+            hr, lr = _read_png(h), _read_png(l)
+            sr = quantize(model(lr[None]))
+            psnrs.append(float(psnr_y(sr, hr[None, :, : 2 * lr.shape[-2], : 2 * lr.shape[-1]], 2)))
+    assert got["val_psnr_y"] == pytest.approx(sum(psnrs) / 5, abs=1e-4)
+    # a flat folder of five HR images given as --data: all five, LR made by MATLAB bicubic
+    assert main(common + ["--data", str(tmp_path / "Set5" / "HR")]) == 0
+    assert "validation: 5 HR images, LR by MATLAB bicubic" in capsys.readouterr().out
+
+
+def test_train_on_builtins_validates_on_val_data(tmp_path):
+    from hybridzoo.data.super_resolution import PairedImageDataset
+
+    _set5(tmp_path / "Set5")
+    data = get_task("super-resolution").build_data(_args(val_data=str(tmp_path / "Set5")))
+    assert isinstance(data.val, PairedImageDataset) and len(data.val) == 5 and data.info["val_images"] == 5
+    assert len(data.train) > 5  # the built-in photographs still train

@@ -18,6 +18,7 @@ borders, a bounded number of tiles at a time; `--self-ensemble` averages the 8 f
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.data.super_resolution import (
-    HRImageDataset, bicubic_upsample, build_sr_datasets, builtin_images, quantize, read_image, save_image,
-    sr_collate, to_tensor,
+    HRImageDataset, bicubic_upsample, build_sr_datasets, builtin_images, describe, eval_dataset, quantize,
+    read_image, save_image, sr_collate, to_tensor,
 )
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
@@ -244,6 +245,12 @@ def _pairs(batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(a[None], b[None]) for a, b in zip(lr, hr)]
 
 
+# The default run (`hybridzoo train --task super-resolution`): small LR patches keep the attention
+# cheap, so that it finishes in minutes on a 2-core CPU; the paper's 48 is one option away.
+DEFAULT_PATCH = 48
+DEFAULT_BUILTIN_REPEAT = 64
+
+
 @register_task
 class SuperResolutionTask(Task):
     name = "super-resolution"
@@ -257,16 +264,21 @@ class SuperResolutionTask(Task):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         _add(parser, "--scale", type=int, default=None, help="upscale factor (default: the model's)")
-        _add(parser, "--patch-size", type=int, default=48, help="LR training patch side (HR = patch · scale)")
+        _add(parser, "--patch-size", type=int, default=DEFAULT_PATCH, help="LR training patch side (HR = patch · scale)")
         _add(parser, "--train-repeat", type=int, default=None,
-             help="random patches per training image and epoch (default: 64 built-in, 20 for folders)")
+             help=f"random patches per training image and epoch (default: {DEFAULT_BUILTIN_REPEAT} built-in, "
+                  "20 for folders)")
         _add(parser, "--val-data", type=str, default=None,
-             help="validation folder (e.g. benchmark/Set14; HR/ + LR_bicubic/X{s}/ or HR images)")
+             help="validation folder, evaluated whole (benchmark/Set14: HR/ + LR_bicubic/X{s}/, DIV2K_valid_HR, "
+                  "or HR images), or a benchmark name (Set5, B100, ...) under --data")
         _add(parser, "--self-ensemble", action="store_true", help="×8 flip/transpose self-ensemble at evaluation")
         _add(parser, "--tile", type=int, default=None,
              help="LR tile side for inference (0: whole image; 48: the official chop; default: whole image "
                   f"up to {AUTO_TILE_PIXELS} LR pixels, else {AUTO_TILE}-pixel tiles)")
         _add(parser, "--tile-overlap", type=int, default=24, help="overlap between LR tiles, pixels")
+        if parser.prog.split()[-1:] == ["eval"]:
+            _add(parser, "--baseline", choices=("bicubic",), default=None,
+                 help="score MATLAB bicubic upsampling instead of a model (no --run/--checkpoint needed)")
 
     # -- data and model ------------------------------------------------------------------------
 
@@ -274,21 +286,39 @@ class SuperResolutionTask(Task):
         return getattr(args, "scale", None) or model_scale(getattr(args, "model", None) or self.default_model)
 
     def build_data(self, args: argparse.Namespace) -> TaskData:
+        """Training patches and validation images.
+
+        `hybridzoo eval` evaluates what it is given whole: `--val-data` (a folder, or a benchmark name
+        under `--data`), else `--data`, else the built-in test photographs; nothing is held out there.
+        """
         scale = self.scale(args)
-        patch = getattr(args, "patch_size", 48) or 48
+        patch = getattr(args, "patch_size", None) or DEFAULT_PATCH
         data = getattr(args, "data", None)
+        val_data = getattr(args, "val_data", None)
         repeat = getattr(args, "train_repeat", None)
-        if data is None:
+        if getattr(args, "command", None) == "eval" and (data is not None or val_data is not None):
+            val = eval_dataset(val_data if val_data is not None else data, scale, root=data)
+            train, source = val, str(val_data if val_data is not None else data)
+        elif data is None:
             train_imgs, train_names = builtin_images("train")
-            test_imgs, test_names = builtin_images("test")
-            train = HRImageDataset(train_imgs, scale, patch, train=True, repeat=repeat or 64, names=train_names)
-            val = HRImageDataset(test_imgs, scale, train=False, names=test_names)
-            source = "built-in scikit-image photographs"
+            train = HRImageDataset(train_imgs, scale, patch, train=True, repeat=repeat or DEFAULT_BUILTIN_REPEAT,
+                                   names=train_names)
+            if val_data is not None:
+                val, source = eval_dataset(val_data, scale), f"built-in scikit-image photographs, validation {val_data}"
+            else:
+                test_imgs, test_names = builtin_images("test")
+                val = HRImageDataset(test_imgs, scale, train=False, names=test_names)
+                val.layout = f"the {len(test_names)} built-in test photographs, LR by MATLAB bicubic ×1/{scale}"
+                source = "built-in scikit-image photographs"
         else:
-            train, val = build_sr_datasets(data, scale, patch, repeat or 20, getattr(args, "val_data", None))
+            train, val = build_sr_datasets(data, scale, patch, repeat or 20, val_data)
             source = str(data)
+        if len(val) == 0:
+            raise ValueError(f"no validation images in {source}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"super-resolution ×{scale} validation: {describe(val)}", flush=True)
         return TaskData(train=train, val=val, collate_fn=sr_collate,
-                        info={"scale": scale, "in_chans": 3, "data": source})
+                        info={"scale": scale, "in_chans": 3, "data": source, "val_images": len(val)})
 
     def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
         from hybridzoo.factory import create_model
@@ -343,14 +373,25 @@ class SuperResolutionTask(Task):
         return {"loss": sum(l1) / len(l1), "psnr_y": float(psnr.mean()), "ssim_y": float(torch.cat(ssims).mean())}
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
+        """Bicubic as the field publishes it: MATLAB bicubic ×s (uint8) of the LR the data holds (the
+        benchmark's LR file, or MATLAB bicubic ×1/s of HR), PSNR-Y / SSIM-Y with `scale` pixels cropped."""
+        from tqdm import tqdm
+
         scale = data.info.get("scale", self.scale(args))
         psnrs, ssims = [], []
-        for i in range(len(data.val)):
+        show = bool(getattr(args, "progress", True)) and len(data.val) > 4
+        for i in tqdm(range(len(data.val)), desc=f"bicubic ×{scale}", leave=False, disable=not show):
             lr, hr = data.val[i]
             up = bicubic_upsample(lr, scale)[None]
             psnrs.append(float(psnr_y(up, hr[None], scale)))
             ssims.append(float(ssim_y(up, hr[None], scale)))
         return {"psnr_y_bicubic": sum(psnrs) / len(psnrs), "ssim_y_bicubic": sum(ssims) / len(ssims)}
+
+    def evaluate_baseline(self, args: argparse.Namespace) -> dict[str, float]:
+        """`hybridzoo eval --baseline bicubic`: the baseline's scores on the evaluation data, no model."""
+        if getattr(args, "baseline", None) != "bicubic":
+            raise ValueError(f"unknown baseline {getattr(args, 'baseline', None)!r}; expected 'bicubic'")
+        return self.baselines(self.build_data(args), args)
 
     # -- pictures and prediction ---------------------------------------------------------------
 
