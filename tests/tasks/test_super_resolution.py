@@ -269,3 +269,27 @@ def test_train_on_builtins_validates_on_val_data(tmp_path):
     data = get_task("super-resolution").build_data(_args(val_data=str(tmp_path / "Set5")))
     assert isinstance(data.val, PairedImageDataset) and len(data.val) == 5 and data.info["val_images"] == 5
     assert len(data.train) > 5  # the built-in photographs still train
+
+
+def test_comparison_zooms_on_the_highest_error_region():
+    from hybridzoo.tasks.super_resolution import comparison_panels, zoom_window
+
+    err = torch.zeros(60, 80)
+    err[30:40, 48:58] = 1.0  # a 10×10 blob of error; elsewhere a weaker spread
+    err[5:15, 5:15] = 0.3
+    assert zoom_window(err, 12) == (30, 48)  # the only 12-pixel window on the stride-3 grid covering the blob
+    torch.manual_seed(0)
+    hr = torch.rand(3, 60, 80) * 255
+    bic, sr = hr.clone(), hr.clone()
+    bic[:, 40:56, 8:24] = 128.0  # bicubic lost the detail here ...
+    sr[:, 40:56, 8:24] = hr[:, 40:56, 8:24] * 0.9 + 12  # ... the model recovered most of it
+    c = comparison_panels([("bicubic ×2", bic), ("act", sr)], hr, zoom=16)
+    assert c["box"] == (40, 8, 16)
+    y, x, s = c["box"]
+    titles = [t for t, _ in c["crops"]]
+    expect = float(psnr_y(sr[None, :, y:y + s, x:x + s], hr[None, :, y:y + s, x:x + s], 0))
+    assert titles[1] == f"zoom: act  {expect:.2f} dB" and titles[2] == "zoom: ground truth"
+    assert torch.equal(c["crops"][0][1], bic[:, 40:56, 8:24])
+    assert c["full"][0][0].startswith("bicubic ×2  ") and c["full"][0][0].endswith(" dB")
+    # without ground truth (predict): where the model departs most from bicubic
+    assert comparison_panels([("bicubic ×2", bic), ("act", sr)], zoom=16)["box"] == (40, 8, 16)

@@ -34,7 +34,7 @@ from hybridzoo.data.super_resolution import (
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
 __all__ = ["SuperResolutionTask", "rgb_to_y", "psnr_y", "ssim_y", "super_resolve", "tiled_forward",
-           "self_ensemble_forward"]
+           "self_ensemble_forward", "zoom_window", "comparison_panels", "save_comparison"]
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
@@ -183,30 +183,80 @@ def super_resolve(model: nn.Module, lr: torch.Tensor, scale: int, tile: int | No
 # Pictures
 # ---------------------------------------------------------------------------------------------
 
-def _save_panels(path: Path, rows: Sequence[Sequence[tuple[str, torch.Tensor]]], max_side: int = 320) -> None:
-    """A grid of titled images (rows of (title, 3×H×W in [0, 255])), centre-cropped to `max_side`."""
+def zoom_window(err: torch.Tensor, side: int) -> tuple[int, int]:
+    """Top-left (y, x) of the `side`×`side` window of an H×W error map with the largest total error."""
+    H, W = err.shape[-2:]
+    side = max(1, min(side, H, W))
+    stride = max(1, side // 4)
+    win = F.avg_pool2d(err.double().reshape(1, 1, H, W), side, stride=stride)[0, 0]
+    i = int(win.argmax())
+    y, x = (i // win.shape[1]) * stride, (i % win.shape[1]) * stride
+    return y, x
+
+
+def comparison_panels(outputs: Sequence[tuple[str, torch.Tensor]], hr: torch.Tensor | None = None,
+                      zoom: int | None = None, border: int = 0) -> dict[str, Any]:
+    """What an SR comparison shows: full images and zoomed crops of the region where the difference is largest.
+
+    `outputs`: (label, 3×H×W in [0, 255]) with the bicubic image first. With `hr`, the zoom goes where
+    the bicubic Y error against it is largest (where detail was lost; how much each method recovers
+    is visible there) and every panel is labelled with its PSNR-Y, on the whole image and on the crop;
+    without it (predict), where the last output departs most from bicubic. `zoom`: crop side in HR
+    pixels (default a quarter of the shorter side, 24–96); `border`: pixels cropped for the whole-image
+    PSNR (the scale, as the metric).
+    """
+    H, W = outputs[0][1].shape[-2:]
+    side = zoom or max(min(96, min(H, W) // 4), min(24, H, W))
+    ref = hr if hr is not None else outputs[-1][1]
+    err = (rgb_to_y(outputs[0][1].float()) - rgb_to_y(ref.float())) ** 2
+    y, x = zoom_window(err, side)
+    side = min(side, H, W)
+    box = (y, x, side)
+    panels = list(outputs) + ([("ground truth", hr)] if hr is not None else [])
+    full, crops = [], []
+    for label, img in panels:
+        crop = img[..., y:y + side, x:x + side]
+        if hr is not None and img is not hr:
+            p_full = float(psnr_y(img[None].float(), hr[None].float(), border))
+            p_crop = float(psnr_y(crop[None].float(), hr[None, :, y:y + side, x:x + side].float(), 0))
+            full.append((f"{label}  {p_full:.2f} dB", img))
+            crops.append((f"zoom: {label}  {p_crop:.2f} dB", crop))
+        else:
+            full.append((label, img))
+            crops.append((f"zoom: {label}", crop))
+    return {"box": box, "full": full, "crops": crops}
+
+
+def save_comparison(path: Path, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """One pair of rows per image (name, `comparison_panels(...)`): full images with the zoom region
+    outlined, then the zoomed crops enlarged (nearest neighbour, so pixels stay visible)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
-    ncols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.4 * ncols, 3.6 * len(rows)), squeeze=False)
-    for r, row in enumerate(rows):
-        for c in range(ncols):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c >= len(row):
-                continue
-            title, img = row[c]
-            H, W = img.shape[-2:]
-            top, left = max(0, (H - max_side) // 2), max(0, (W - max_side) // 2)
-            crop = img[:, top:top + max_side, left:left + max_side]
-            ax.imshow(quantize(crop.float().cpu()).to(torch.uint8).permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_title(title, fontsize=9)
+    ncols = max(len(c["full"]) for _, c in items)
+    fig, axes = plt.subplots(2 * len(items), ncols, figsize=(3.6 * ncols, 3.5 * 2 * len(items)), squeeze=False)
+    for r, (name, c) in enumerate(items):
+        y, x, side = c["box"]
+        for row, panels in ((2 * r, c["full"]), (2 * r + 1, c["crops"])):
+            for col in range(ncols):
+                ax = axes[row][col]
+                ax.axis("off")
+                if col >= len(panels):
+                    continue
+                title, img = panels[col]
+                ax.imshow(quantize(img.float().cpu()).to(torch.uint8).permute(1, 2, 0).numpy(),
+                          interpolation="nearest")
+                ax.set_title((f"{name}: " if col == 0 and row == 2 * r else "") + title, fontsize=9)
+                if row == 2 * r:
+                    ax.add_patch(Rectangle((x - 0.5, y - 0.5), side, side, fill=False, edgecolor="yellow", lw=1.2))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from hybridzoo.engine.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -401,20 +451,17 @@ class SuperResolutionTask(Task):
         device = _device_of(model)
         was_training = model.training
         model.eval()
-        rows = []
+        items = []
         names = getattr(data.val, "names", None)
+        label = getattr(model, "model_name", None) or getattr(args, "model", None) or "model"
         for i in range(min(3, len(data.val))):
             lr, hr = data.val[i]
             bic = bicubic_upsample(lr, scale)
             sr = quantize(super_resolve(model, lr[None].to(device), scale, **self._infer_kwargs(args))[0].float().cpu())
             name = names[i] if names else f"image {i}"
-            rows.append([
-                (f"{name}: bicubic ×{scale}  {float(psnr_y(bic[None], hr[None], scale)):.2f} dB", bic),
-                (f"{getattr(model, 'model_name', 'model')}  {float(psnr_y(sr[None], hr[None], scale)):.2f} dB", sr),
-                ("ground truth", hr),
-            ])
+            items.append((name, comparison_panels([(f"bicubic ×{scale}", bic), (label, sr)], hr, border=scale)))
         model.train(was_training)
-        _save_panels(Path(run_dir) / "comparison.png", rows)
+        save_comparison(Path(run_dir) / "comparison.png", items)
 
     @torch.no_grad()
     def predict(self, args: argparse.Namespace) -> None:
@@ -439,6 +486,7 @@ class SuperResolutionTask(Task):
             out = folder / f"{path.stem}_x{scale}.png"
             save_image(out, sr)
             bic = bicubic_upsample(lr, scale)
-            _save_panels(folder / f"{path.stem}_x{scale}_comparison.png",
-                         [[(f"bicubic ×{scale}", bic), (f"{args.model} ×{scale}", quantize(sr))]], max_side=512)
+            save_comparison(folder / f"{path.stem}_x{scale}_comparison.png",
+                            [(path.name, comparison_panels([(f"bicubic ×{scale}", bic), (f"{args.model} ×{scale}",
+                                                                                        quantize(sr))]))])
             print(f"{path} → {out} ({lr.shape[-1]}×{lr.shape[-2]} → {sr.shape[-1]}×{sr.shape[-2]})")
