@@ -293,3 +293,38 @@ def test_comparison_zooms_on_the_highest_error_region():
     assert c["full"][0][0].startswith("bicubic ×2  ") and c["full"][0][0].endswith(" dB")
     # without ground truth (predict): where the model departs most from bicubic
     assert comparison_panels([("bicubic ×2", bic), ("act", sr)], zoom=16)["box"] == (40, 8, 16)
+
+
+def test_eval_baseline_bicubic_cli_matches_independent_metrics(tmp_path, capsys):
+    """`hybridzoo eval --task super-resolution --baseline bicubic --val-data Set5 --scale 2`: MATLAB bicubic
+    ×2 of each LR file, scored by PSNR / SSIM written independently here (numpy; scikit-image's SSIM with
+    the MATLAB settings) on Y with 2 pixels cropped."""
+    import json
+
+    from skimage.metrics import structural_similarity
+
+    from hybridzoo.cli import main
+
+    hrs, lrs = _set5(tmp_path / "Set5")
+    out = tmp_path / "bicubic.json"
+    assert main(["eval", "--task", "super-resolution", "--baseline", "bicubic", "--val-data", str(tmp_path / "Set5"),
+                 "--scale", "2", "--json", str(out)]) == 0
+    assert "validation: 5 HR/LR pairs" in capsys.readouterr().out
+    got = json.loads(out.read_text())
+
+    def y(a: np.ndarray) -> np.ndarray:  # BT.601 luma of an H×W×3 uint8-valued array, as MATLAB rgb2ycbcr
+        return 16 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255
+
+    psnrs, ssims = [], []
+    for h, l in zip(hrs, lrs):
+        lr = _read_png(l)
+        up = bicubic_upsample(lr, 2).permute(1, 2, 0).numpy().astype(np.float64)
+        hr = _read_png(h).permute(1, 2, 0).numpy().astype(np.float64)[: up.shape[0], : up.shape[1]]
+        a, b = y(up)[2:-2, 2:-2], y(hr)[2:-2, 2:-2]
+        psnrs.append(10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)))
+        ssims.append(structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                           data_range=255))
+    assert got["val_psnr_y_bicubic"] == pytest.approx(np.mean(psnrs), abs=1e-9)
+    assert got["val_ssim_y_bicubic"] == pytest.approx(np.mean(ssims), abs=1e-9)
+    # without --baseline, eval still wants weights
+    assert main(["eval", "--task", "super-resolution", "--val-data", str(tmp_path / "Set5")]) == 2
