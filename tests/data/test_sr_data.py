@@ -293,7 +293,7 @@ def test_eval_dataset_flat_folder_is_whole_but_training_split_says_so(tmp_path):
     assert isinstance(ds, HRImageDataset) and len(ds) == 5 and "5 HR images" in describe(ds)
     lr, hr = ds[4]
     assert torch.equal(lr, bicubic_downsample(hr, 2))
-    train, val = build_sr_datasets(tmp_path / "flat", 2, patch_size=6)  # training: one image held out ...
+    _, val = build_sr_datasets(tmp_path / "flat", 2, patch_size=6)  # training: one image held out ...
     assert len(val) == 1 and "1 of the 5 HR images" in describe(val) and "held out" in describe(val)
 
 

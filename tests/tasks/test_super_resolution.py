@@ -233,9 +233,9 @@ def _metrics_line(out: str) -> dict[str, float]:
 
 
 def test_eval_val_data_benchmark_layout_is_evaluated_whole(tmp_path, capsys):
-    import hybridzoo
     from safetensors.torch import save_file
 
+    import hybridzoo
     from hybridzoo.cli import main
     from hybridzoo.tasks.super_resolution import quantize
 
