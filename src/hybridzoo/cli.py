@@ -477,6 +477,12 @@ def cmd_train(args, task, parser) -> int:
 def cmd_eval(args, task) -> int:
     from hybridzoo.engine.trainer import evaluate
 
+    if getattr(args, "baseline", None):  # the task's reference method (super-resolution: bicubic), no weights
+        scores = {f"val_{k}": v for k, v in task.evaluate_baseline(args).items()}
+        print("  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if args.json:
+            Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
+        return 0
     if not args.run and not args.checkpoint:
         raise ValueError("eval needs --run DIR (a run folder), or --checkpoint PATH [--model NAME]")
     metrics = evaluate(args, task)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridzoo.data.super_resolution import HRImageDataset, bicubic_upsample, save_image, sr_collate
+from hybridzoo.data.super_resolution import HRImageDataset, bicubic_downsample, bicubic_upsample, save_image, sr_collate
 from hybridzoo.tasks.base import TaskData, get_task
 from hybridzoo.tasks.super_resolution import (
     psnr_y, rgb_to_y, self_ensemble_forward, ssim_y, super_resolve, tiled_forward,
@@ -193,3 +193,138 @@ def test_pictures_and_predict(tmp_path):
     with Image.open(tmp_path / "in_x2.png") as im:
         assert im.size == (34, 28)
     assert (tmp_path / "in_x2_comparison.png").is_file()
+
+
+# -- benchmark folders through `hybridzoo eval`, evaluated whole; the bicubic baseline as published ----
+
+def _write_png(path, a):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def _read_png(path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float()
+
+
+def _set5(root, scale=2, lr_noise=True):
+    """Five images in the EDSR/BasicSR layout (Set5/HR/x.png + Set5/LR_bicubic/X2/xx2.png); the LR files
+    are bicubic plus noise, so scores from recomputed LR would differ."""
+    rng = np.random.default_rng(5)
+    for i, name in enumerate(["baby", "bird", "butterfly", "head", "woman"]):
+        hr = rng.integers(0, 256, size=(24 + 6 * i, 30, 3), dtype=np.uint8)
+        hr = np.ascontiguousarray(np.cumsum(hr, axis=1) // np.arange(1, 31)[None, :, None]).astype(np.uint8)
+        _write_png(root / "HR" / f"{name}.png", hr)
+        lr = bicubic_downsample(torch.from_numpy(hr).permute(2, 0, 1).float(), scale)
+        if lr_noise:
+            lr = (lr + torch.from_numpy(rng.integers(-6, 7, size=tuple(lr.shape)))).clamp(0, 255)
+        _write_png(root / "LR_bicubic" / f"X{scale}" / f"{name}x{scale}.png",
+                   lr.permute(1, 2, 0).numpy().astype(np.uint8))
+    return sorted((root / "HR").iterdir()), sorted((root / "LR_bicubic" / f"X{scale}").iterdir())
+
+
+def _metrics_line(out: str) -> dict[str, float]:
+    line = [ln for ln in out.splitlines() if ln.startswith("val_")][-1].split()
+    return {k: float(v) for k, v in zip(line[::2], line[1::2])}
+
+
+def test_eval_val_data_benchmark_layout_is_evaluated_whole(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    import hybridzoo
+    from hybridzoo.cli import main
+    from hybridzoo.tasks.super_resolution import quantize
+
+    hrs, lrs = _set5(tmp_path / "Set5")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("act_tiny_x2").eval()
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    common = ["eval", "--model", "act_tiny_x2", "--checkpoint", str(ckpt), "--device", "cpu", "--tile", "0"]
+    assert main(common + ["--val-data", str(tmp_path / "Set5")]) == 0
+    out = capsys.readouterr().out
+    assert "validation: 5 HR/LR pairs, LR read from" in out
+    got = _metrics_line(out)
+    # by hand: the model on each LR file, rounded, Y-PSNR against its HR with 2 pixels cropped
+    psnrs = []
+    with torch.no_grad():
+        for h, l in zip(hrs, lrs):
+            hr, lr = _read_png(h), _read_png(l)
+            sr = quantize(model(lr[None]))
+            psnrs.append(float(psnr_y(sr, hr[None, :, : 2 * lr.shape[-2], : 2 * lr.shape[-1]], 2)))
+    assert got["val_psnr_y"] == pytest.approx(sum(psnrs) / 5, abs=1e-4)
+    # a flat folder of five HR images given as --data: all five, LR made by MATLAB bicubic
+    assert main(common + ["--data", str(tmp_path / "Set5" / "HR")]) == 0
+    assert "validation: 5 HR images, LR by MATLAB bicubic" in capsys.readouterr().out
+
+
+def test_train_on_builtins_validates_on_val_data(tmp_path):
+    from hybridzoo.data.super_resolution import PairedImageDataset
+
+    _set5(tmp_path / "Set5")
+    data = get_task("super-resolution").build_data(_args(val_data=str(tmp_path / "Set5")))
+    assert isinstance(data.val, PairedImageDataset) and len(data.val) == 5 and data.info["val_images"] == 5
+    assert len(data.train) > 5  # the built-in photographs still train
+
+
+def test_comparison_zooms_on_the_highest_error_region():
+    from hybridzoo.tasks.super_resolution import comparison_panels, zoom_window
+
+    err = torch.zeros(60, 80)
+    err[30:40, 48:58] = 1.0  # a 10×10 blob of error; elsewhere a weaker spread
+    err[5:15, 5:15] = 0.3
+    assert zoom_window(err, 12) == (30, 48)  # the only 12-pixel window on the stride-3 grid covering the blob
+    torch.manual_seed(0)
+    hr = torch.rand(3, 60, 80) * 255
+    bic, sr = hr.clone(), hr.clone()
+    bic[:, 40:56, 8:24] = 128.0  # bicubic lost the detail here ...
+    sr[:, 40:56, 8:24] = hr[:, 40:56, 8:24] * 0.9 + 12  # ... the model recovered most of it
+    c = comparison_panels([("bicubic ×2", bic), ("act", sr)], hr, zoom=16)
+    assert c["box"] == (40, 8, 16)
+    y, x, s = c["box"]
+    titles = [t for t, _ in c["crops"]]
+    expect = float(psnr_y(sr[None, :, y:y + s, x:x + s], hr[None, :, y:y + s, x:x + s], 0))
+    assert titles[1] == f"zoom: act  {expect:.2f} dB" and titles[2] == "zoom: ground truth"
+    assert torch.equal(c["crops"][0][1], bic[:, 40:56, 8:24])
+    assert c["full"][0][0].startswith("bicubic ×2  ") and c["full"][0][0].endswith(" dB")
+    # without ground truth (predict): where the model departs most from bicubic
+    assert comparison_panels([("bicubic ×2", bic), ("act", sr)], zoom=16)["box"] == (40, 8, 16)
+
+
+def test_eval_baseline_bicubic_cli_matches_independent_metrics(tmp_path, capsys):
+    """`hybridzoo eval --task super-resolution --baseline bicubic --val-data Set5 --scale 2`: MATLAB bicubic
+    ×2 of each LR file, scored by PSNR / SSIM written independently here (numpy; scikit-image's SSIM with
+    the MATLAB settings) on Y with 2 pixels cropped."""
+    import json
+
+    from skimage.metrics import structural_similarity
+
+    from hybridzoo.cli import main
+
+    hrs, lrs = _set5(tmp_path / "Set5")
+    out = tmp_path / "bicubic.json"
+    assert main(["eval", "--task", "super-resolution", "--baseline", "bicubic", "--val-data", str(tmp_path / "Set5"),
+                 "--scale", "2", "--json", str(out)]) == 0
+    assert "validation: 5 HR/LR pairs" in capsys.readouterr().out
+    got = json.loads(out.read_text())
+
+    def y(a: np.ndarray) -> np.ndarray:  # BT.601 luma of an H×W×3 uint8-valued array, as MATLAB rgb2ycbcr
+        return 16 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255
+
+    psnrs, ssims = [], []
+    for h, l in zip(hrs, lrs):
+        lr = _read_png(l)
+        up = bicubic_upsample(lr, 2).permute(1, 2, 0).numpy().astype(np.float64)
+        hr = _read_png(h).permute(1, 2, 0).numpy().astype(np.float64)[: up.shape[0], : up.shape[1]]
+        a, b = y(up)[2:-2, 2:-2], y(hr)[2:-2, 2:-2]
+        psnrs.append(10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)))
+        ssims.append(structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                           data_range=255))
+    assert got["val_psnr_y_bicubic"] == pytest.approx(np.mean(psnrs), abs=1e-9)
+    assert got["val_ssim_y_bicubic"] == pytest.approx(np.mean(ssims), abs=1e-9)
+    # without --baseline, eval still wants weights
+    assert main(["eval", "--task", "super-resolution", "--val-data", str(tmp_path / "Set5")]) == 2

@@ -5,7 +5,7 @@ MATLAB-generated benchmark PNGs are), ``hr`` exactly ``scale`` times the size of
 
 Layouts read:
 - HR images only (DIV2K_train_HR, Flickr2K_HR, any folder): LR made on the fly by MATLAB `imresize`
-  bicubic with antialiasing, rounded to integers like MATLAB's uint8 output;
+  bicubic with antialiasing on uint8, bit-exact (rounded after each one-dimensional pass, as MATLAB);
 - paired folders: DIV2K (`DIV2K_train_HR/0001.png` + `DIV2K_train_LR_bicubic/X2/0001x2.png`) and the
   EDSR benchmark layout (`Set5/HR/baby.png` + `Set5/LR_bicubic/X2/babyx2.png`);
 - Set5 / Set14 / B100 / Urban100 / Manga109 by name under a benchmark root;
@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset
 __all__ = [
     "imresize", "bicubic_downsample", "bicubic_upsample", "quantize", "modcrop", "read_image", "save_image",
     "to_tensor", "list_images", "HRImageDataset", "PairedImageDataset", "sr_collate", "benchmark_dataset",
-    "builtin_images", "build_sr_datasets", "BUILTIN_TRAIN", "BUILTIN_TEST", "BENCHMARKS",
+    "builtin_images", "build_sr_datasets", "eval_dataset", "describe", "BUILTIN_TRAIN", "BUILTIN_TEST", "BENCHMARKS",
 ]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -87,11 +87,22 @@ def _resize_dim(x: torch.Tensor, dim: int, out_len: int, scale: float, antialias
 
 
 def imresize(x: torch.Tensor, scale: float | None = None, size: tuple[int, int] | None = None,
-             antialias: bool = True) -> torch.Tensor:
-    """MATLAB ``imresize(x, scale, 'bicubic')`` on the last two dims of a float tensor (no rounding).
+             antialias: bool = True, uint8: bool | None = None) -> torch.Tensor:
+    """MATLAB ``imresize(x, scale, 'bicubic')`` on the last two dims.
 
     `size` (H, W) overrides `scale`; MATLAB's output size is ``ceil(scale · in)``. Computed in float64.
+    The two one-dimensional passes run in MATLAB's order: imresize.m's `dimensionOrder` is
+    ``[~, order] = sort(scale)``, the smallest scale factor first, rows first on ties (a stable sort).
+
+    `uint8` (default: whether `x` is a uint8 tensor) emulates MATLAB on a uint8 image: `imresizemex`
+    writes each pass's output in the input's class, so the intermediate image is rounded (halves away
+    from zero) and clipped to [0, 255] before the second pass, and the result holds uint8 values.
+    Returned as uint8 for uint8 input, else in `x`'s float dtype. With uint8 False it is MATLAB on a
+    double image: no rounding at all (the float path, e.g. for resizing model outputs).
     """
+    if uint8 is None:
+        uint8 = x.dtype == torch.uint8
+    in_dtype = x.dtype
     if not x.is_floating_point():
         x = x.float()
     H, W = x.shape[-2:]
@@ -105,13 +116,14 @@ def imresize(x: torch.Tensor, scale: float | None = None, size: tuple[int, int] 
         raise ValueError("imresize needs `scale` or `size`")
     dtype = x.dtype
     y = x.double()
-    # MATLAB resizes the dimension with the smaller scale first (rows first on ties)
     order = [(-2, oh, sh), (-1, ow, sw)]
     if sw < sh:
         order.reverse()
     for dim, n, s in order:
         y = _resize_dim(y, dim, n, s, antialias)
-    return y.to(dtype)
+        if uint8:
+            y = quantize(y)
+    return y.to(torch.uint8) if in_dtype == torch.uint8 else y.to(dtype)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +132,17 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 def bicubic_downsample(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    """The standard SR degradation: MATLAB bicubic ×1/scale of a (modcropped) HR image, as uint8 values."""
-    return quantize(imresize(hr, 1.0 / scale))
+    """The standard SR degradation: MATLAB ``imresize(hr, 1/scale, 'bicubic')`` of a (modcropped) uint8 HR
+    image, rounded after each pass exactly as MATLAB does on uint8 (bit-exact with the benchmark LR files).
+
+    `hr` holds uint8 values (any dtype); the result is in `hr`'s dtype.
+    """
+    return imresize(hr, 1.0 / scale, uint8=True)
 
 
 def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    """The bicubic baseline: MATLAB bicubic ×scale, as uint8 values."""
-    return quantize(imresize(lr, float(scale)))
+    """The bicubic baseline: MATLAB ``imresize(lr, scale, 'bicubic')`` on uint8, rounded after each pass."""
+    return imresize(lr, float(scale), uint8=True)
 
 
 def modcrop(img: torch.Tensor, scale: int) -> torch.Tensor:
@@ -233,6 +249,7 @@ class HRImageDataset(Dataset):
         self.src = _ImageSource(images, names, cache)
         self.names = self.src.names
         self.scale, self.patch_size, self.train, self.repeat, self.augment = scale, patch_size, train, repeat, augment
+        self.layout = f"{len(self.src)} HR images, LR by MATLAB bicubic ×1/{scale}"
 
     def __len__(self) -> int:
         return len(self.src) * (self.repeat if self.train else 1)
@@ -267,6 +284,8 @@ class PairedImageDataset(Dataset):
         self.lr = _ImageSource(lr_paths, cache=cache)
         self.names = self.hr.names
         self.scale, self.patch_size, self.train, self.repeat, self.augment = scale, patch_size, train, repeat, augment
+        lr_dir = Path(lr_paths[0]).parent if lr_paths and isinstance(lr_paths[0], (str, os.PathLike)) else None
+        self.layout = f"{len(self.hr)} HR/LR pairs" + (f", LR read from {lr_dir}" if lr_dir else "")
 
     def __len__(self) -> int:
         return len(self.hr) * (self.repeat if self.train else 1)
@@ -276,8 +295,9 @@ class PairedImageDataset(Dataset):
         lr, hr = self.lr.get(i), self.hr.get(i)
         s = self.scale
         h, w = lr.shape[-2:]
-        if hr.shape[-2] < h * s or hr.shape[-1] < w * s:
-            raise ValueError(f"{self.names[i]}: HR {tuple(hr.shape[-2:])} is smaller than {s}× LR {(h, w)}")
+        if hr.shape[-2] // s != h or hr.shape[-1] // s != w:  # MATLAB's LR is the modcropped HR ÷ s, exactly
+            raise ValueError(f"{self.names[i]}: HR {tuple(hr.shape[-2:])} is not ×{s} of LR {(h, w)} "
+                             f"(expected LR {(hr.shape[-2] // s, hr.shape[-1] // s)}): wrong scale folder?")
         hr = hr[:, : h * s, : w * s]
         if self.train:
             p = self.patch_size
@@ -358,6 +378,43 @@ def benchmark_dataset(root: str | os.PathLike, name: str, scale: int) -> Dataset
     raise FileNotFoundError(f"benchmark {name!r} not found under {root} (looked for {', '.join(names)})")
 
 
+def eval_dataset(path: str | os.PathLike, scale: int, root: str | os.PathLike | None = None) -> Dataset:
+    """A folder given for evaluation, evaluated whole (no image held out or skipped).
+
+    Read: `HR/` + `LR_bicubic/X{s}/` (EDSR/BasicSR benchmark layout; pairs matched by name, LR read
+    from the files), `*_HR` + `*_LR_bicubic/X{s}/` (DIV2K_valid_HR), a DIV2K root (its
+    `DIV2K_valid_HR`), a root whose only split is `val/` / `valid/` / `test/`, or a flat folder of HR
+    images (LR made by MATLAB bicubic). A name that is not a folder (`Set5`, `B100`) is looked up as a
+    benchmark under `root`.
+    """
+    p = Path(path)
+    if not p.exists():
+        if root is not None and Path(root).is_dir():
+            return benchmark_dataset(root, str(path), scale)
+        raise FileNotFoundError(
+            f"evaluation folder not found: {p} (expected a folder of HR images, HR/ + LR_bicubic/X{scale}/, "
+            f"or a benchmark name such as Set5 with --data pointing at the folder that holds it)")
+    if not p.is_dir():
+        raise ValueError(f"{p} is a file; evaluation takes a folder of images (HR/ + LR_bicubic/X{scale}/ or HR images)")
+    if (p / "DIV2K_valid_HR").is_dir():
+        p = p / "DIV2K_valid_HR"
+    elif not (p / "HR").is_dir() and not list_images(p):
+        sub = {q.name.lower(): q for q in p.iterdir() if q.is_dir()}
+        split = next((sub[v] for v in ("val", "valid", "validation", "test") if v in sub), None)
+        if split is None:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {p}, and no HR/, DIV2K_valid_HR/ "
+                                    f"or val/ folder in it")
+        p = split
+    return _folder_dataset(p, scale, train=False)
+
+
+def describe(ds: Dataset) -> str:
+    """How many images a dataset holds and where its LR comes from ('5 HR/LR pairs, LR read from ...')."""
+    if isinstance(ds, ConcatDataset):
+        return " + ".join(describe(d) for d in ds.datasets)
+    return getattr(ds, "layout", f"{len(ds)} images")
+
+
 def build_sr_datasets(data: str | os.PathLike | Sequence, scale: int, patch_size: int = 48, repeat: int = 1,
                       val_data: str | os.PathLike | None = None) -> tuple[Dataset, Dataset]:
     """Train and validation datasets from one or more folders.
@@ -397,11 +454,14 @@ def build_sr_datasets(data: str | os.PathLike | Sequence, scale: int, patch_size
             held = paths[9::10] or paths[-1:]
             kept = [p for p in paths if p not in held]
             train_sets.append(HRImageDataset(kept, scale, train=True, **kw))
-            val_sets.append(HRImageDataset(held, scale, train=False))
+            held_out = HRImageDataset(held, scale, train=False)
+            held_out.layout = (f"{len(held)} of the {len(paths)} HR images in {root} held out (every tenth; "
+                               f"pass --val-data to validate elsewhere), LR by MATLAB bicubic ×1/{scale}")
+            val_sets.append(held_out)
         else:
             train_sets.append(ds)
     if val_data is not None:
-        val_sets = [_folder_dataset(Path(val_data), scale, False)]
+        val_sets = [eval_dataset(val_data, scale, root=roots[0])]
     if not val_sets:
         raise ValueError(f"no validation images found in {[str(r) for r in roots]}: pass a validation folder")
     train = train_sets[0] if len(train_sets) == 1 else ConcatDataset(train_sets)
