@@ -141,3 +141,45 @@ def test_predict_writes_overlay_and_mask(tmp_path):
     mask = np.asarray(Image.open(tmp_path / "out" / "x_mask.png"))
     assert mask.shape == (40, 56) and mask.max() <= 1
     assert np.asarray(Image.open(tmp_path / "out" / "x_overlay.png")).shape == (40, 56, 3)
+
+
+def _camvid_folder(root, n=4, size=32):
+    """Indexed masks with classes 0..10 and CamVid's void value 11 (a 12th value, not a class)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"f{i}.png")
+        Image.fromarray(rng.integers(0, 12, (size, size), dtype=np.uint8)).save(root / "masks" / f"f{i}.png")
+
+
+def test_ignore_index_trains_where_the_raw_void_value_crashed(tmp_path):
+    # today: `IndexError: Target 11 is out of bounds` in the loss with --num-classes 11
+    _camvid_folder(tmp_path / "camvid")
+    task = get_task("segmentation")
+    args = _args(tmp_path, data=str(tmp_path / "camvid"), num_classes=11, ignore_index=11, reduce_zero_label=False)
+    data = task.build_data(args)
+    assert data.info["num_classes"] == 11
+    model = task.build_model(args, data.info)
+    batch = next(iter(DataLoader(data.train, batch_size=2, collate_fn=data.collate_fn)))
+    assert (batch[1] == 255).any() and batch[1][batch[1] != 255].max() <= 10
+    loss, _ = task.training_step(model, batch, args)
+    assert torch.isfinite(loss)
+
+
+def test_void_options_are_refused_where_the_layout_defines_its_own(tmp_path):
+    task = get_task("segmentation")
+    with pytest.raises(ValueError, match="--ignore-index applies to images/ \\+ masks/ folders"):
+        task.build_data(_args(tmp_path, ignore_index=11))
+
+
+def test_cli_out_of_range_label_is_one_error_line(tmp_path, capsys):
+    from hybridzoo.cli import main
+
+    _camvid_folder(tmp_path / "camvid", n=3, size=8)
+    code = main(["train", "--task", "segmentation", "--model", "segformer_b0", "--data", str(tmp_path / "camvid"),
+                 "--num-classes", "11", "--epochs", "1", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("hybridzoo: error: ") and "label value 11" in err[0] and "--ignore-index 11" in err[0]
+    assert "f0.png" in err[0]

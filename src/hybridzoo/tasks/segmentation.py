@@ -296,6 +296,12 @@ class SegmentationTask(Task):
             (("--dataset",), dict(default="auto", choices=["auto", "synthetic", "cityscapes", "ade20k", "folder"],
                                   help="layout under --data (auto-detected); synthetic when --data is not given")),
             (("--num-classes",), dict(type=int, default=None, help="classes of a folder dataset / synthetic scenes")),
+            (("--ignore-index",), dict(type=int, default=None, metavar="V",
+                                       help="folder masks: the value that marks void pixels in the mask files "
+                                            "(CamVid: 11); excluded from loss and metrics (default: 255)")),
+            (("--reduce-zero-label",), dict(action="store_true",
+                                            help="folder masks: 0 is void and labels 1..K become 0..K-1 "
+                                                 "(mmsegmentation's option; ADE20K does this already)")),
             (("--crop-size",), dict(default=None, help="training crop H,W (default per dataset)")),
             (("--base-scale",), dict(default=None, help="short,long size the random ratio applies to")),
             (("--ratio-range",), dict(default="0.5,2.0", help="random rescale ratio range")),
@@ -355,6 +361,14 @@ class SegmentationTask(Task):
 
     def build_data(self, args: argparse.Namespace) -> TaskData:
         kind = self._layout(args)
+        if kind != "folder":
+            # the other layouts define their void labels themselves (Cityscapes: label ids outside the
+            # 19 train ids, ADE20K: 0); a second rule on top would silently drop real classes
+            for opt, on in (("--ignore-index", getattr(args, "ignore_index", None) is not None),
+                            ("--reduce-zero-label", bool(getattr(args, "reduce_zero_label", False)))):
+                if on:
+                    raise ValueError(f"{opt} applies to images/ + masks/ folders, not to the {kind} layout "
+                                     "(which maps its own void labels)")
         train_tf, val_tf = self._transforms(args, kind)
         seed = int(self._arg(args, "seed", 0))
         if kind == "synthetic":
@@ -370,8 +384,10 @@ class SegmentationTask(Task):
             val = ADE20KSegmentation(args.data, "val", val_tf, seed)
         else:
             k = getattr(args, "num_classes", None)
-            train = FolderSegmentation(args.data, "train", train_tf, seed, num_classes=k)
-            val = FolderSegmentation(args.data, "val", val_tf, seed, num_classes=k or train.num_classes)
+            void = dict(ignore_index=getattr(args, "ignore_index", None),
+                        reduce_zero_label=bool(getattr(args, "reduce_zero_label", False)))
+            train = FolderSegmentation(args.data, "train", train_tf, seed, num_classes=k, **void)
+            val = FolderSegmentation(args.data, "val", val_tf, seed, num_classes=k or train.num_classes, **void)
         info = dataset_info(train)
         info["layout"] = kind
         return TaskData(train=train, val=val, info=info, collate_fn=collate_segmentation)
