@@ -10,6 +10,8 @@ Evaluation always reports two protocols, and their keys say which:
   itself is never excluded) — the modern standard;
 - `uni100_hr@K`, ...: the target ranked against 100 items drawn uniformly from those the user never
   interacted with (fixed by seed) — the protocol of the AdaMCT paper, roughly an order of magnitude higher.
+  The prefix carries the actual count: `--num-negatives 10` reports `uni10_hr@K` (the catalogue must
+  hold at least the longest history + N items).
 Metrics follow RecBole: HR@K = 1 if the target ranks in the top K, NDCG@K = 1/log2(rank+2), MRR@K = 1/(rank+1)
 (0-based rank, 0 outside the top K). Ties are broken against the target, so a constant scorer earns nothing.
 """
@@ -32,9 +34,20 @@ from hybridzoo.data.recommendation import FORMATS, SequenceData, read_interactio
 from hybridzoo.layers.fused import linear_cross_entropy
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
-__all__ = ["RecommendationTask", "rank_metrics", "full_ranking_ranks", "sampled_ranks", "KS"]
+__all__ = ["RecommendationTask", "rank_metrics", "full_ranking_ranks", "sampled_ranks", "KS", "sampled_prefix",
+           "metric_names"]
 
 KS = (1, 5, 10, 20)
+
+
+def sampled_prefix(num_negatives: int) -> str:
+    """The key prefix of the sampled protocol: `uni100_` for 100 negatives, `uni10_` for 10."""
+    return f"uni{int(num_negatives)}_"
+
+
+def metric_names(num_negatives: int = 100) -> list[str]:
+    """Every metric key evaluation reports (valid `--valid-metric` values), for N sampled negatives."""
+    return [f"{p}{m}@{k}" for p in ("", sampled_prefix(num_negatives)) for m in ("hr", "ndcg", "mrr") for k in KS]
 
 
 def rank_metrics(ranks: torch.Tensor, ks=KS, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -142,11 +155,13 @@ class RecommendationTask(Task):
         g.add_argument("--kcore", type=int, default=None,
                        help="iterative k-core filter on users and items (default 5 for files, 0 for the built-in set)")
         g.add_argument("--format", choices=FORMATS, default=None, help="interaction file format (default: detected)")
-        g.add_argument("--num-negatives", type=int, default=100, help="negatives of the sampled protocol")
-        g.add_argument("--valid-metric", default="ndcg@10",
-                       choices=[f"{p}{m}@{k}" for p in ("", "uni100_") for m in ("hr", "ndcg", "mrr") for k in KS],
-                       help="validation metric for --early-stop and the best epoch (the AdaMCT configs: "
-                            "uni100_hr@10; HR@K is RecBole's Recall@K under leave-one-out)")
+        g.add_argument("--num-negatives", type=int, default=100,
+                       help="negatives of the sampled protocol (metrics uni<N>_*); every user needs N items it "
+                            "never interacted with, so the catalogue must hold the longest history + N items")
+        g.add_argument("--valid-metric", default="ndcg@10", metavar="METRIC",
+                       help="validation metric for --early-stop and the best epoch: " + ", ".join(metric_names(100)[:3])
+                            + ", … (K = 1, 5, 10, 20), or uni<N>_hr@10 etc. for N = --num-negatives (the AdaMCT "
+                            "configs: uni100_hr@10; HR@K is RecBole's Recall@K under leave-one-out)")
         g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                        help="the engine's warm-up + cosine, or a constant rate as RecBole trains")
         g.add_argument("--history", nargs="*", default=None, help="predict: item ids of a history, oldest first")
@@ -163,10 +178,23 @@ class RecommendationTask(Task):
         return SequenceData.from_interactions(users, items, times, kcore=kcore)
 
     def build_data(self, args: argparse.Namespace) -> TaskData:
-        self.headline_metric = getattr(args, "valid_metric", None) or type(self).headline_metric
+        num_neg = getattr(args, "num_negatives", None)
+        num_neg = 100 if num_neg is None else int(num_neg)
+        if num_neg < 1:
+            raise ValueError(f"--num-negatives must be at least 1, got {num_neg}")
+        valid = getattr(args, "valid_metric", None) or type(self).headline_metric
+        if valid not in metric_names(num_neg):
+            hint = ""
+            if valid.startswith("uni") and "_" in valid:
+                hint = (f"; the sampled protocol runs with --num-negatives {num_neg}, so its metrics are "
+                        f"{sampled_prefix(num_neg)}*, e.g. {sampled_prefix(num_neg)}{valid.split('_', 1)[1]}")
+            raise ValueError(f"--valid-metric {valid!r} is not a reported metric; expected one of "
+                             f"{', '.join(metric_names(num_neg))}{hint}")
+        self.headline_metric = valid
+        self.num_negatives = num_neg
         max_len = getattr(args, "max_len", 50)
         self.data = data = self.load_sequences(args)
-        self.negatives = torch.from_numpy(data.sample_negatives(getattr(args, "num_negatives", 100), seed=0))
+        self.negatives = torch.from_numpy(data.sample_negatives(num_neg, seed=0))
         seq, lengths, target = data.train_samples(max_len)
         train = _Tensors(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(target))
         info = {"num_items": data.num_items, "num_users": data.num_users, "num_interactions": data.num_interactions,
@@ -205,7 +233,8 @@ class RecommendationTask(Task):
                                       torch.from_numpy(items).to(scores.device))
             negs = self.negatives[users.cpu()].to(scores.device)
             sampled = sampled_ranks(scores.gather(1, target[:, None]).squeeze(1), scores.gather(1, negs))
-            for key, v in {**rank_metrics(full), **rank_metrics(sampled, prefix="uni100_")}.items():
+            prefix = sampled_prefix(self.negatives.shape[1])
+            for key, v in {**rank_metrics(full), **rank_metrics(sampled, prefix=prefix)}.items():
                 sums[key] = sums.get(key, 0.0) + v.cpu()
             if with_loss:
                 ce += float(nn.functional.cross_entropy(scores, target, reduction="sum"))
@@ -247,11 +276,13 @@ class RecommendationTask(Task):
         pop = self.popularity_metrics(test)
         run_dir = Path(run_dir)
         (run_dir / "items.json").write_text(json.dumps(self.data.item_tokens))
+        n_neg = int(self.negatives.shape[1])
         report = {"protocols": {"hr@K, ndcg@K, mrr@K": "full ranking over all items, history excluded",
-                                "uni100_*": "target vs 100 uniformly sampled unseen items (the AdaMCT paper's)"},
+                                f"{sampled_prefix(n_neg)}*": f"target vs {n_neg} uniformly sampled unseen items"
+                                + (" (the AdaMCT paper's)" if n_neg == 100 else "")},
                   "test": ours, "test_popularity": pop}
         (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
-        _plot_metrics(run_dir / "recommendation.png", ours, pop, getattr(model, "model_name", args.model))
+        _plot_metrics(run_dir / "recommendation.png", ours, pop, getattr(model, "model_name", args.model), n_neg)
         return {f"test_{k}": v for k, v in ours.items() if k.endswith(("hr@10", "ndcg@10"))} | \
                {f"test_{k}_pop": v for k, v in pop.items() if k.endswith(("hr@10", "ndcg@10"))}
 
@@ -269,8 +300,10 @@ class RecommendationTask(Task):
         history = args.history or []
         unknown = [h for h in history if h not in index]
         if not history or unknown:
-            raise ValueError(f"--history needs item ids seen in training; unknown: {unknown[:10]}" if unknown
-                             else "--history needs at least one item id, oldest first")
+            raise ValueError(f"--history needs item ids seen in training; unknown: {unknown[:10]}; the {len(tokens) - 1} "
+                             f"known ids are listed in {run / 'items.json'}" if unknown
+                             else f"--history needs at least one item id, oldest first (the ids are listed in "
+                                  f"{run / 'items.json'})")
         max_len = int(summary.get("data", {}).get("max_len", 50))  # the length the model was trained at
         model = create_model(summary["model"], pretrained=str(run / "model.safetensors"),
                              num_items=len(tokens), max_len=max_len).eval()
@@ -286,13 +319,15 @@ class RecommendationTask(Task):
             print(f"{rank:3d}. {tokens[i]}  (score {s:.3f})")
 
 
-def _plot_metrics(path: Path, ours: dict[str, float], pop: dict[str, float], name: str) -> None:
+def _plot_metrics(path: Path, ours: dict[str, float], pop: dict[str, float], name: str, num_negatives: int = 100) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, prefix, title in ((axes[0], "", "full ranking (all items)"), (axes[1], "uni100_", "100 sampled negatives")):
+    panels = ((axes[0], "", "full ranking (all items)"),
+              (axes[1], sampled_prefix(num_negatives), f"{num_negatives} sampled negatives"))
+    for ax, prefix, title in panels:
         x = np.arange(len(KS))
         for off, (label, src) in zip((-0.2, 0.2), ((name, ours), ("popularity", pop))):
             ax.bar(x + off - 0.1, [src[f"{prefix}hr@{k}"] for k in KS], 0.2, label=f"{label} HR")
