@@ -22,6 +22,7 @@ import csv
 import gzip
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -68,7 +69,7 @@ def parse_timestamp(value: str | float, where: str = "") -> float:
     file, row and column in the error."""
     try:
         t = float(value)
-        if t == t and abs(t) != float("inf"):
+        if math.isfinite(t):
             return t
     except (TypeError, ValueError):
         pass
