@@ -93,7 +93,21 @@ def _args(tmp_path, **kw):
     return argparse.Namespace(**base)
 
 
-def test_task_trains_evaluates_and_draws(tmp_path):
+def _record_legends(monkeypatch):
+    """Legend labels of every figure saved from now on (the figures are still written)."""
+    import matplotlib.figure
+
+    seen, save = [], matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        seen.append([t.get_text() for lg in fig.legends for t in lg.get_texts()])
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return seen
+
+
+def test_task_trains_evaluates_and_draws(tmp_path, monkeypatch):
     torch.manual_seed(0)
     task = get_task("segmentation")
     assert task.headline_metric == "miou"
@@ -126,18 +140,22 @@ def test_task_trains_evaluates_and_draws(tmp_path):
     assert {"miou", "acc", "loss", "iou_background"} <= set(metrics) and 0 <= metrics["miou"] <= 100
     base = task.baselines(data, args)
     assert 0 <= base["val_miou_majority"] <= 100 / 3 + 1e-6   # one class predicted: at most its IoU / K
+    legends = _record_legends(monkeypatch)
     task.on_train_end(tmp_path, model, data, args)
     assert (tmp_path / "overlays.png").stat().st_size > 0
+    assert legends == [["background", "astronaut", "coffee"]]   # the overlays' colour legend names the classes
 
 
-def test_predict_writes_overlay_and_mask(tmp_path):
+def test_predict_writes_overlay_and_mask(tmp_path, monkeypatch):
     task = get_task("segmentation")
     img_dir = tmp_path / "in"
     img_dir.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(img_dir / "x.png")
     args = _args(tmp_path, model="unet", input=str(img_dir), output=str(tmp_path / "out"), num_classes=2,
                  device="cpu")
+    legends = _record_legends(monkeypatch)
     task.predict(args)
+    assert legends == [["0", "1"]] and (tmp_path / "out" / "x_overlay_legend.png").stat().st_size > 0
     mask = np.asarray(Image.open(tmp_path / "out" / "x_mask.png"))
     assert mask.shape == (40, 56) and mask.max() <= 1
     assert np.asarray(Image.open(tmp_path / "out" / "x_overlay.png")).shape == (40, 56, 3)
@@ -183,3 +201,33 @@ def test_cli_out_of_range_label_is_one_error_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1
     assert err[0].startswith("hybridzoo: error: ") and "label value 11" in err[0] and "--ignore-index 11" in err[0]
     assert "f0.png" in err[0]
+
+
+def test_legend_lists_every_class_of_a_short_list_and_only_present_ones_of_a_long_one():
+    from hybridzoo.data.segmentation import palette
+    from hybridzoo.tasks.segmentation import legend_handles, overlay_figure
+
+    pal = palette(3)
+    handles = legend_handles(pal, ["sky", "road", "car"])
+    assert [h.get_label() for h in handles] == ["sky", "road", "car"]
+    assert np.allclose(handles[2].get_facecolor()[:3], pal[2] / 255.0)   # the overlay's own colour
+    ade = palette(150)
+    names = [f"c{i}" for i in range(150)]
+    pred = np.array([[3, 3], [149, 0]])
+    fig = overlay_figure([("prediction", np.zeros((2, 2, 3), np.uint8), pred)], ade, names)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["c0", "c3", "c149"]
+
+
+def test_default_builtin_run_is_sized_for_a_two_core_cpu():
+    # today's defaults (256 scenes of 128 px, 96 px crops, 10 epochs) took over 15 minutes; the README
+    # has the measured time and result of these
+    task = get_task("segmentation")
+    parser = argparse.ArgumentParser()
+    task.add_arguments(parser)
+    args = parser.parse_args([])
+    args.model, args.data, args.seed = task.default_model, None, 0
+    data = task.build_data(args)
+    steps = task.default_epochs * math.ceil(len(data.train) / task.default_batch_size)
+    img, mask, _ = data.train[0]
+    assert steps <= 80 and img.shape[-2:] == (64, 64) and len(data.val) <= 32
+    assert data.info["num_classes"] == 5

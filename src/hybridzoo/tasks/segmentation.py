@@ -40,7 +40,7 @@ from hybridzoo.tasks.base import Task, TaskData, register_task
 
 __all__ = [
     "SegmentationTask", "SegMetrics", "intersect_and_union", "segmentation_loss", "slide_inference",
-    "whole_inference", "poly_lr_lambda", "colorize", "overlay",
+    "whole_inference", "poly_lr_lambda", "colorize", "overlay", "legend_handles", "overlay_figure",
 ]
 
 
@@ -230,6 +230,47 @@ def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float =
     return blend.clip(0, 255).astype(np.uint8)
 
 
+def legend_handles(pal: np.ndarray, class_names=None, present=None, limit: int = 20) -> list:
+    """matplotlib legend patches, one per class in its overlay colour: every class when there are at
+    most `limit`, else only the classes in `present` (150 ADE20K entries would hide the picture)."""
+    from matplotlib.patches import Patch
+
+    k = len(pal)
+    names = list(class_names) if class_names else [str(i) for i in range(k)]
+    if k <= limit or present is None:
+        idx = range(k)
+    else:
+        idx = sorted({int(c) for c in np.asarray(present).ravel().tolist() if 0 <= int(c) < k})
+    return [Patch(facecolor=pal[i] / 255.0, edgecolor="k", linewidth=0.3, label=names[i]) for i in idx]
+
+
+def overlay_figure(panels, pal: np.ndarray, class_names=None, cols: int | None = None):
+    """A figure of (title, RGB picture) panels in rows of `cols`, with one colour legend of class names
+    below them; class maps of the panels (H×W ints, optional third element) decide which classes a
+    long class list shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = cols or len(panels)
+    rows = -(-len(panels) // cols)
+    present = np.unique(np.concatenate([np.asarray(p[2]).ravel() for p in panels if len(p) > 2] or [np.zeros(0, int)]))
+    handles = legend_handles(pal, class_names, present if present.size else None)
+    ncol = min(len(handles), 6) or 1
+    legend_rows = -(-len(handles) // ncol)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.3 * legend_rows + 0.2), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, panel in enumerate(panels):
+        ax = axes[i // cols][i % cols]
+        ax.imshow(panel[1])
+        ax.set_title(panel[0], fontsize=9)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.2) / (3 * rows + 0.3 * legend_rows + 0.2), 1, 1))
+    return fig
+
+
 def _denormalize(img: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(IMAGENET_MEAN, device=img.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=img.device).view(3, 1, 1)
@@ -271,7 +312,8 @@ _DATA_DEFAULTS = {
     "cityscapes": ((512, 1024), (1024, 2048), (0.5, 2.0), (512, 1024)),
     "ade20k": ((512, 512), (512, 2048), (0.5, 2.0), (512, 2048)),
     "folder": ((256, 256), None, (0.5, 2.0), None),
-    "synthetic": ((96, 96), None, (0.5, 2.0), None),
+    # built-in scenes: 64×64 keeps each default run (SCTNet-S, SegNetr) to a few minutes on 2 CPU cores
+    "synthetic": ((64, 64), None, (0.5, 2.0), None),
 }
 
 
@@ -312,9 +354,9 @@ class SegmentationTask(Task):
             (("--avg-non-ignore",), dict(action="store_true", help="average CE over labelled pixels only")),
             (("--teacher",), dict(default=None, help="SCTNet: SegFormer teacher weights; enables SIAM alignment")),
             (("--teacher-model",), dict(default=None, help="SCTNet teacher (default segformer-b2 for S, b3 for B)")),
-            (("--synthetic-size",), dict(type=int, default=128, help="side of a built-in scene")),
-            (("--synthetic-train",), dict(type=int, default=256, help="built-in training scenes")),
-            (("--synthetic-val",), dict(type=int, default=64, help="built-in validation scenes")),
+            (("--synthetic-size",), dict(type=int, default=64, help="side of a built-in scene")),
+            (("--synthetic-train",), dict(type=int, default=64, help="built-in training scenes")),
+            (("--synthetic-val",), dict(type=int, default=32, help="built-in validation scenes")),
             (("--head-lr-mult",), dict(type=float, default=10.0, help="lr multiplier of parameters under a 'head'")),
             (("--warmup-steps",), dict(type=int, default=None, help="poly schedule warm-up steps")),
         ):
@@ -373,9 +415,9 @@ class SegmentationTask(Task):
         seed = int(self._arg(args, "seed", 0))
         if kind == "synthetic":
             k = int(self._arg(args, "num_classes", 5))
-            size = int(self._arg(args, "synthetic_size", 128))
-            train = SyntheticScenes(int(self._arg(args, "synthetic_train", 256)), size, k, "train", seed, train_tf)
-            val = SyntheticScenes(int(self._arg(args, "synthetic_val", 64)), size, k, "val", seed, val_tf)
+            size = int(self._arg(args, "synthetic_size", 64))
+            train = SyntheticScenes(int(self._arg(args, "synthetic_train", 64)), size, k, "train", seed, train_tf)
+            val = SyntheticScenes(int(self._arg(args, "synthetic_val", 32)), size, k, "val", seed, val_tf)
         elif kind == "cityscapes":
             train = CityscapesSegmentation(args.data, "train", train_tf, seed)
             val = CityscapesSegmentation(args.data, "val", val_tf, seed)
@@ -520,7 +562,8 @@ class SegmentationTask(Task):
     # ---------------------------------------------------------------------------------- pictures
     @torch.no_grad()
     def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData, args: argparse.Namespace) -> None:
-        """`overlays.png`: image, ground truth and prediction overlays for the first validation images."""
+        """`overlays.png`: image, ground truth and prediction overlays for the first validation images,
+        with a colour legend of the class names."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -531,11 +574,12 @@ class SegmentationTask(Task):
         if n == 0:
             return
         k = int(data.info["num_classes"])
-        pal = palette(k, data.info.get("class_names"))
+        names = data.info.get("class_names")
+        pal = palette(k, names)
         was_training = model.training
         model.eval()
         device = _model_device(model)
-        fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+        panels = []
         for r in range(n):
             img, mask, meta = val[r]
             logits = self.predict_logits(model, img[None].to(device), args, k)
@@ -543,12 +587,9 @@ class SegmentationTask(Task):
             pred = F.interpolate(logits, size=(mh, mw), mode="bilinear", align_corners=False).argmax(1)[0].cpu().numpy()
             raw = val.raw_image(r)
             gt = mask.numpy().astype(np.int64)
-            for c, (title, pic) in enumerate((("image", raw), ("ground truth", overlay(raw, gt, pal)),
-                                              ("prediction", overlay(raw, pred, pal)))):
-                axes[r][c].imshow(pic)
-                axes[r][c].set_title(title, fontsize=9)
-                axes[r][c].axis("off")
-        fig.tight_layout()
+            panels += [("image", raw), ("ground truth", overlay(raw, gt, pal), gt[gt != IGNORE_INDEX]),
+                       ("prediction", overlay(raw, pred, pal), pred)]
+        fig = overlay_figure(panels, pal, names, cols=3)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         fig.savefig(Path(run_dir) / "overlays.png", dpi=100)
         plt.close(fig)
@@ -557,7 +598,8 @@ class SegmentationTask(Task):
     # ----------------------------------------------------------------------------------- predict
     @torch.no_grad()
     def predict(self, args: argparse.Namespace) -> None:
-        """Segment an image or a folder: writes `<stem>_overlay.png` and `<stem>_mask.png` (class indices)."""
+        """Segment an image or a folder: writes `<stem>_overlay.png` (the input's size), `<stem>_mask.png`
+        (class indices) and `<stem>_overlay_legend.png` (the overlay with a colour legend of class names)."""
         from PIL import Image
 
         from hybridzoo.factory import create_model, load_weights
@@ -591,5 +633,17 @@ class SegmentationTask(Task):
             logits = self.predict_logits(model, img[None].to(device), args, k)
             logits = F.interpolate(logits, size=raw.shape[:2], mode="bilinear", align_corners=False)
             pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
-            Image.fromarray(overlay(raw, pred, pal)).save(out_dir / f"{f.stem}_overlay.png")
+            blend = overlay(raw, pred, pal)
+            Image.fromarray(blend).save(out_dir / f"{f.stem}_overlay.png")   # pixel-aligned with the input
             Image.fromarray(pred).save(out_dir / f"{f.stem}_mask.png")
+            _save_legend_figure(out_dir / f"{f.stem}_overlay_legend.png", f.name, blend, pred, pal, names)
+
+
+def _save_legend_figure(path: Path, title: str, blend: np.ndarray, pred: np.ndarray, pal: np.ndarray, names) -> None:
+    import matplotlib.pyplot as plt
+
+    h, w = pred.shape
+    fig = overlay_figure([(title, blend, pred)], pal, names)
+    fig.set_size_inches(max(4.0, min(w / 100, 16.0)), max(4.0, min(h / 100, 16.0)) + 0.6)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
