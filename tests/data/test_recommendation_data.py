@@ -122,7 +122,19 @@ def test_synthetic_log_is_deterministic_and_has_sequential_signal():
     assert top > 0.1  # vs ~1/1000 for independent draws
 
 
-def test_iso8601_timestamps_are_parsed_and_order_the_history(tmp_path):
+@pytest.fixture
+def tokyo_local_time(monkeypatch):
+    """A local zone other than UTC, so that a naive time read as local time would show."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_iso8601_timestamps_are_parsed_and_order_the_history(tmp_path, tokyo_local_time):
     # the order by time differs from the file order, and the formats mix as real exports do
     rows = ["user,item,timestamp",
             "u1,a,2024-01-05T10:00:00Z",
