@@ -244,7 +244,7 @@ def legend_handles(pal: np.ndarray, class_names=None, present=None, limit: int =
     return [Patch(facecolor=pal[i] / 255.0, edgecolor="k", linewidth=0.3, label=names[i]) for i in idx]
 
 
-def overlay_figure(panels, pal: np.ndarray, class_names=None, cols: int | None = None):
+def overlay_figure(panels, pal: np.ndarray, class_names=None, cols: int | None = None, panel_inches: float = 3.0):
     """A figure of (title, RGB picture) panels in rows of `cols`, with one colour legend of class names
     below them; class maps of the panels (H×W ints, optional third element) decide which classes a
     long class list shows."""
@@ -259,7 +259,9 @@ def overlay_figure(panels, pal: np.ndarray, class_names=None, cols: int | None =
     handles = legend_handles(pal, class_names, present if present.size else None)
     ncol = min(len(handles), 6) or 1
     legend_rows = -(-len(handles) // ncol)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.3 * legend_rows + 0.2), squeeze=False)
+    legend_inches = 0.3 * legend_rows + 0.2
+    height = panel_inches * rows + legend_inches
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, height), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, panel in enumerate(panels):
@@ -267,7 +269,7 @@ def overlay_figure(panels, pal: np.ndarray, class_names=None, cols: int | None =
         ax.imshow(panel[1])
         ax.set_title(panel[0], fontsize=9)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.2) / (3 * rows + 0.3 * legend_rows + 0.2), 1, 1))
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     return fig
 
 
@@ -642,8 +644,6 @@ class SegmentationTask(Task):
 def _save_legend_figure(path: Path, title: str, blend: np.ndarray, pred: np.ndarray, pal: np.ndarray, names) -> None:
     import matplotlib.pyplot as plt
 
-    h, w = pred.shape
-    fig = overlay_figure([(title, blend, pred)], pal, names)
-    fig.set_size_inches(max(4.0, min(w / 100, 16.0)), max(4.0, min(h / 100, 16.0)) + 0.6)
+    fig = overlay_figure([(title, blend, pred)], pal, names, panel_inches=float(np.clip(max(pred.shape) / 100, 4, 12)))
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
