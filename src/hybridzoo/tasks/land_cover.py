@@ -455,7 +455,8 @@ class LandCoverTask(Task):
                 img = scene.image if not info.get("bands") else np.ascontiguousarray(scene.image[..., info["bands"]])
                 source, stem = _ArraySource(img), scene.name
             else:
-                key = _opt(args, "data_key", None) or info.get("data_key")
+                # the training file's variable name, for another .mat of the same layout (a TIFF has none)
+                key = _opt(args, "data_key", None) or (info.get("data_key") if Path(path).suffix.lower() == ".mat" else None)
                 source, stem = lc.RasterSource(path, info.get("bands"), key=key), Path(path).stem
             if source.num_bands != info["in_chans"]:
                 raise ValueError(f"{path}: {source.num_bands} bands, but {name} was trained on {info['in_chans']}")
