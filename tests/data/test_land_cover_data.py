@@ -205,3 +205,99 @@ def test_synthetic_scene_is_deterministic_and_wetland_like():
     # SAR speckle is multiplicative gamma (L = 4 looks): linear-intensity CV near 1/√L inside a class
     lin = 10 ** (upland[:, 12] / 10)
     assert 0.4 < lin.std() / lin.mean() < 0.75
+
+
+# ------------------------------------------------------- .mat files with several arrays (issue 12.7)
+
+def _indian_pines_like(tmp_path, name="Indian_pines.mat"):
+    """One file holding the cube, the labels and an RGB preview, as the hyperspectral benchmarks ship."""
+    rng = np.random.default_rng(0)
+    cube = rng.integers(900, 9000, (9, 7, 20)).astype(np.uint16)
+    gt = rng.integers(0, 4, (9, 7)).astype(np.uint8)
+    rgb = rng.integers(0, 255, (9, 7, 3)).astype(np.uint8)
+    savemat(tmp_path / name, {"indian_pines_corrected": cube, "indian_pines_gt": gt, "rgb": rgb})
+    return tmp_path / name, cube, gt
+
+
+def test_mat_with_several_arrays_is_chosen_by_key(tmp_path):
+    path, cube, gt = _indian_pines_like(tmp_path)
+    scene = lc.load_scene(path, data_key="indian_pines_corrected", label_key="indian_pines_gt")
+    np.testing.assert_array_equal(scene.image, cube.astype(np.float32))
+    np.testing.assert_array_equal(scene.labels, gt)
+    scene = lc.load_scene(path, path, data_key="indian_pines_corrected")   # the label: the only 2-D array
+    np.testing.assert_array_equal(scene.labels, gt)
+
+
+def test_mat_ambiguous_choice_lists_every_variable(tmp_path):
+    path, _, _ = _indian_pines_like(tmp_path)
+    with pytest.raises(ValueError) as e:
+        lc.load_scene(path, label_key="indian_pines_gt")    # two 3-D arrays: the cube and the RGB preview
+    msg = str(e.value)
+    for part in ("indian_pines_corrected (9×7×20 uint16)", "indian_pines_gt (9×7 uint8)", "rgb (9×7×3 uint8)",
+                 "--data-key NAME", "ambiguous"):
+        assert part in msg
+    with pytest.raises(ValueError, match=r"no numeric variable 'labels' \(--label-key\); it holds: indian_pines"):
+        lc.load_scene(path, data_key="rgb", label_key="labels")
+    np.save(tmp_path / "x.npy", np.zeros((4, 4, 2), np.float32))
+    with pytest.raises(ValueError, match="--data-key names a variable of a MATLAB .mat file"):
+        lc.read_raster(tmp_path / "x.npy", key="cube")
+
+
+def test_mat_variable_named_like_the_file_case_insensitively(tmp_path):
+    cube = np.arange(5 * 4 * 6, dtype=np.float32).reshape(5, 4, 6)
+    savemat(tmp_path / "PaviaU.mat", {"paviaU": cube, "paviaU_rgb": cube[..., :3]})   # Pavia's lowercase p
+    np.testing.assert_array_equal(lc.read_raster(tmp_path / "PaviaU.mat")[0], cube)
+
+
+def _write_mat73(path, arrays):
+    """A MATLAB v7.3 file: HDF5 behind a 512-byte MATLAB header, arrays stored column-major (transposed)."""
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w", userblock_size=512) as f:
+        for k, v in arrays.items():
+            f.create_dataset(k, data=np.ascontiguousarray(v.T))
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Nov 30 12:00:00 2026 HDF5 schema 1.00 ."
+    with open(path, "r+b") as f:
+        f.write(header.ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02" + b"IM")
+
+
+def test_mat_v73_is_read_with_h5py(tmp_path):
+    rng = np.random.default_rng(1)
+    cube, gt = rng.random((6, 5, 4)).astype(np.float32), rng.integers(0, 3, (6, 5)).astype(np.uint8)
+    _write_mat73(tmp_path / "houston.mat", {"data": cube, "labels": gt, "rgb": (cube[..., :3] * 255).astype(np.uint8)})
+    with pytest.raises(ValueError, match=r"data \(6×5×4 float32\), labels \(6×5 uint8\), rgb \(6×5×3 uint8\)"):
+        lc.load_scene(tmp_path / "houston.mat", label_key="labels")
+    scene = lc.load_scene(tmp_path / "houston.mat", data_key="data", label_key="labels")
+    np.testing.assert_array_equal(scene.image, cube)
+    np.testing.assert_array_equal(scene.labels, gt)
+
+
+def test_mat_v73_without_h5py_says_how_to_convert(tmp_path, monkeypatch):
+    import sys
+
+    _write_mat73(tmp_path / "v73.mat", {"data": np.zeros((3, 3, 2), np.float32)})
+    monkeypatch.setitem(sys.modules, "h5py", None)      # as if h5py were not installed
+    with pytest.raises(ValueError, match=r"MATLAB v7\.3 \(HDF5\).*pip install h5py.*'-v7'"):
+        lc.read_raster(tmp_path / "v73.mat")
+
+
+# ------------------------------------------------------------------------- NaN / inf (issue 18.12)
+
+def test_nodata_values_are_counted_and_reported(tmp_path, capsys):
+    img, lab = _scene(h=6, w=5, c=4)
+    img[0, 0, 0] = np.nan
+    img[0, 0, 2] = np.inf            # same pixel, another band
+    img[3, 1, 2] = -9999.0
+    np.save(tmp_path / "img.npy", img)
+    np.save(tmp_path / "gt.npy", lab)
+    scene = lc.load_scene(tmp_path / "img.npy", tmp_path / "gt.npy")
+    assert scene.nodata == {"pixels": 2, "values": 3, "per_band": {0: 1, 2: 2}}
+    err = capsys.readouterr().err
+    assert "img.npy: 2 of 30 pixels had NaN/inf or < −1000 values (3 values in 2 of 4 bands: band 0: 1, band 2: 2)" in err
+    assert "set to −1" in err and scene.image[0, 0, 0] == -1.0
+    np.save(tmp_path / "clean.npy", np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0).clip(-1, None))
+    lc.load_scene(tmp_path / "clean.npy", tmp_path / "gt.npy")
+    assert capsys.readouterr().err == ""
+    src = lc.RasterSource(tmp_path / "img.npy")
+    src.read_rows(0, 3)
+    src.read_rows(3, 6)
+    assert src.nodata == {"pixels": 2, "values": 3, "per_band": {0: 1, 2: 2}}

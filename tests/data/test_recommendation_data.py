@@ -120,3 +120,57 @@ def test_synthetic_log_is_deterministic_and_has_sequential_signal():
             pairs.setdefault(x, []).append(y)
     top = np.mean([np.bincount(v).max() / len(v) for v in pairs.values() if len(v) >= 10])
     assert top > 0.1  # vs ~1/1000 for independent draws
+
+
+@pytest.fixture
+def tokyo_local_time(monkeypatch):
+    """A local zone other than UTC, so that a naive time read as local time would show."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_iso8601_timestamps_are_parsed_and_order_the_history(tmp_path, tokyo_local_time):
+    # the order by time differs from the file order, and the formats mix as real exports do
+    rows = ["user,item,timestamp",
+            "u1,a,2024-01-05T10:00:00Z",
+            "u1,b,2024-01-05 09:00:00",            # naive: UTC, one hour earlier than a
+            "u1,c,2024-01-05T12:30:00+01:00",      # 11:30 UTC: after a
+            "u1,d,1704400000"]                     # Unix seconds: 2024-01-04 20:26:40 UTC, the earliest
+    path = tmp_path / "export.csv"
+    path.write_text("\n".join(rows) + "\n")
+    users, items, times = read_interactions(path)
+    assert times.tolist() == [1704448800.0, 1704445200.0, 1704454200.0, 1704400000.0]
+    data = SequenceData.from_interactions(users, items, times)
+    assert [data.item_tokens[i] for i in data.items] == ["d", "b", "a", "c"]
+    for name, text in (("ratings.csv", "userId,movieId,rating,timestamp\n1,2,5,2024-01-05T10:00:00Z\n"),
+                       ("x.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t2024-01-05T10:00:00\n")):
+        (tmp_path / name).write_text(text)
+        assert read_interactions(tmp_path / name)[2].tolist() == [1704448800.0]
+
+
+def test_a_bad_timestamp_names_the_file_row_and_column(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("user,item,timestamp\nu1,a,1700000000\nu1,b,05/01/2024 10:00\n")
+    with pytest.raises(ValueError, match=r"log\.csv, row 3, column 'timestamp': cannot read '05/01/2024 10:00' "
+                                         r"as a timestamp; expected Unix seconds or ISO-8601"):
+        read_interactions(path)
+    amazon = tmp_path / "Beauty.csv"
+    amazon.write_text("i1,u1,5.0,1700000000\ni2,u1,4.0,yesterday\n")
+    with pytest.raises(ValueError, match=r"Beauty\.csv, row 2, column 4 \(timestamp\): cannot read 'yesterday'"):
+        read_interactions(amazon)
+
+
+def test_too_small_a_catalogue_for_the_negatives_says_the_minimum(tmp_path):
+    users = np.array(["u1"] * 6 + ["u2"] * 3, dtype=object)
+    items = np.array(["a", "b", "c", "d", "e", "f", "g", "h", "a"], dtype=object)
+    data = SequenceData.from_interactions(users, items, np.arange(9, dtype=np.float64))
+    assert data.sample_negatives(2).shape == (2, 2)      # 8 items, u1 saw 6: 2 left
+    with pytest.raises(ValueError, match=r"--num-negatives 3 needs .* the catalogue has 8 items and the most active "
+                                         r"user has interacted with 6 of them, so the catalogue needs at least 9 "
+                                         r"items; lower --num-negatives to at most 2"):
+        data.sample_negatives(3)

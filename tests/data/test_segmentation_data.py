@@ -126,3 +126,68 @@ def test_val_transform_resizes_image_but_not_mask_and_collate_pads():
     assert imgs.shape == (2, 3, 24, 24) and masks.shape == (2, 48, 48)
     assert (masks[1, 10:] == 255).all() and (masks[1, :, 12:] == 255).all()
     assert metas[1].tolist() == [10, 12, 10, 12]
+
+
+# ------------------------------------------------------------------------ void labels (issues 12.6, 18.7)
+
+def _camvid_like(root, n=3):
+    """CamVid's convention: classes 0..10, void = 11."""
+    for i in range(n):
+        _save_rgb(root / "images" / f"f{i}.png", 6, 6, seed=i)
+        m = np.tile(np.arange(12, dtype=np.uint8), 3).reshape(6, 6)   # every class and the void value 11
+        _save_mask(root / "masks" / f"f{i}.png", m)
+
+
+def test_ignore_index_maps_the_datasets_void_value_to_the_engines(tmp_path):
+    _camvid_like(tmp_path)
+    ds = FolderSegmentation(tmp_path, "train", ignore_index=11)
+    assert ds.num_classes == 11                         # inferred from 0..10; 11 is void, not a class
+    m = ds.raw_mask(0)
+    assert (m[np.tile(np.arange(12), 3).reshape(6, 6) == 11] == 255).all() and m[m != 255].max() == 10
+    _, mask, _ = ds[0]
+    assert int((mask == 255).sum()) == 3                # the engine's ignore value reaches the loss
+
+
+def test_label_out_of_range_names_value_file_and_option(tmp_path):
+    _camvid_like(tmp_path)
+    with pytest.raises(ValueError, match=r"f0\.png: label value 11 is outside the 11 classes 0\.\.10.*--ignore-index 11"):
+        FolderSegmentation(tmp_path, "train", num_classes=11)
+
+
+def test_out_of_range_mask_after_the_scanned_ones_fails_on_load(tmp_path):
+    _camvid_like(tmp_path, n=4)
+    ds = FolderSegmentation(tmp_path, "train", num_classes=12, scan=1)
+    ds.num_classes = 11          # as a validation set built with the training set's count
+    with pytest.raises(ValueError, match=r"f1\.png.*label value 11"):
+        ds[1]
+
+
+def test_inferred_class_count_refuses_non_contiguous_values(tmp_path):
+    # a 2-class mask whose foreground is 200: today this silently became 201 classes
+    for i in range(3):
+        _save_rgb(tmp_path / "images" / f"c{i}.png", 4, 4, seed=i)
+        _save_mask(tmp_path / "masks" / f"c{i}.png", np.array([[0, 0, 1, 1]] * 2 + [[0, 200, 200, 1]] * 2))
+    with pytest.raises(ValueError, match=r"\{0, 1, 200\}.*200 first occurs in .*c0\.png.*--ignore-index 200"):
+        FolderSegmentation(tmp_path, "train")
+    assert FolderSegmentation(tmp_path, "train", ignore_index=200).num_classes == 2
+    assert FolderSegmentation(tmp_path, "train", num_classes=201).num_classes == 201   # explicit: the user's call
+
+
+def test_binary_mask_with_a_border_void_value(tmp_path):
+    for i in range(2):
+        _save_rgb(tmp_path / "images" / f"p{i}.png", 4, 4, seed=i)
+        _save_mask(tmp_path / "masks" / f"p{i}.png", np.array([[0, 255, 255, 128]] * 4))
+    ds = FolderSegmentation(tmp_path, "train", ignore_index=128)
+    assert ds.num_classes == 2
+    np.testing.assert_array_equal(ds.raw_mask(0)[0], [0, 1, 1, 255])
+
+
+def test_reduce_zero_label_as_mmsegmentation(tmp_path):
+    for i in range(2):
+        _save_rgb(tmp_path / "images" / f"r{i}.png", 2, 4, seed=i)
+        _save_mask(tmp_path / "masks" / f"r{i}.png", np.array([[0, 1, 2, 3], [3, 255, 1, 0]]))
+    ds = FolderSegmentation(tmp_path, "train", reduce_zero_label=True)
+    np.testing.assert_array_equal(ds.raw_mask(0), [[255, 0, 1, 2], [2, 255, 0, 255]])
+    assert ds.num_classes == 3
+    with pytest.raises(ValueError, match=r"label value 3 \(stored value; 2 after --reduce-zero-label\)"):
+        FolderSegmentation(tmp_path, "train", reduce_zero_label=True, num_classes=2)

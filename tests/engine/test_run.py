@@ -184,6 +184,7 @@ def test_segmentation_eval_and_predict_use_the_trained_model(seg_run, tmp_path, 
     assert logits.shape[1] == 3
     assert np.array_equal(mask, logits.argmax(1)[0].numpy().astype(np.uint8))
     assert np.asarray(Image.open(overlay_path)).shape == (40, 48, 3)
+    assert (seg_run / "predictions" / "scene_overlay_legend.png").stat().st_size > 0   # with the class legend
 
 
 # --------------------------------------------------------------------------------------- super-resolution

@@ -171,3 +171,19 @@ def test_predict_command_writes_png_and_geotiff(tmp_path):
     pargs.inputs = [str(tmp_path / "few.npy")]
     with pytest.raises(ValueError, match="12 bands"):
         task.predict(pargs)
+
+
+def test_task_reads_cube_and_labels_from_one_mat_file(tmp_path):
+    from scipy.io import savemat
+
+    task = get_task("land-cover")
+    scene = lc.make_synthetic_scene(32, 32, seed=1)
+    savemat(tmp_path / "Salinas.mat", {"salinas_corrected": scene.image, "salinas_gt": scene.labels.astype(np.uint8),
+                                       "rgb": (scene.image[..., [3, 2, 1]] * 255).clip(0, 255).astype(np.uint8)})
+    args = _args(task, ["--data-key", "salinas_corrected", "--label-key", "salinas_gt"])
+    args.data = str(tmp_path / "Salinas.mat")
+    data = task.build_data(args)
+    assert data.info["in_chans"] == 16 and data.info["num_classes"] == 7 and data.info["data_key"] == "salinas_corrected"
+    args.data_key = None
+    with pytest.raises(ValueError, match=r"salinas_corrected \(32×32×16 float32\).*--data-key"):
+        task.build_data(args)

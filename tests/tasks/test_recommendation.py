@@ -107,12 +107,15 @@ def test_train_and_predict_end_to_end_through_the_cli(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--task", "recommendation", "--model", "adamct_beauty", "--data", str(data), "--kcore", "0",
                  "--max-len", "10", "--epochs", "2", "--batch-size", "64", "--output", str(run), "--no-progress",
-                 "--valid-metric", "uni100_hr@10", "--num-negatives", "10"]) == 0
+                 "--valid-metric", "uni10_hr@10", "--num-negatives", "10"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["data"]["num_items"] == 26 and summary["data"]["max_len"] == 10
-    assert "best_val_uni100_hr@10" in summary and "test_ndcg@10" in summary and "test_uni100_hr@10_pop" in summary
+    # named by the actual count of negatives (today: uni100_* whatever --num-negatives said)
+    assert "best_val_uni10_hr@10" in summary and "test_ndcg@10" in summary and "test_uni10_hr@10_pop" in summary
+    assert not [k for k in summary if "uni100" in k]
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert set(metrics) >= {"protocols", "test", "test_popularity"}
+    assert "uni10_*" in metrics["protocols"] and "uni10_ndcg@20" in metrics["test"]
     assert (run / "recommendation.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert main(["predict", "--task", "recommendation", "--run", str(run), "--history", "i1", "i4", "i7",
@@ -122,4 +125,24 @@ def test_train_and_predict_end_to_end_through_the_cli(tmp_path, capsys):
     listed = [ln.split()[1] for ln in lines]
     assert not {"i1", "i4", "i7", "[PAD]"} & set(listed)  # the history and padding are never recommended
     assert main(["predict", "--task", "recommendation", "--run", str(run), "--history", "nope"]) != 0
-    assert "unknown: ['nope']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown: ['nope']" in err and f"25 known ids are listed in {run / 'items.json'}" in err
+
+
+def test_valid_metric_and_chart_follow_the_number_of_negatives(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import pytest
+
+    from hybridzoo.tasks.recommendation import _plot_metrics, metric_names
+
+    task = RecommendationTask()
+    with pytest.raises(ValueError, match=r"--valid-metric 'uni100_hr@10'.*--num-negatives 10.*e\.g\. uni10_hr@10"):
+        task.build_data(_args(num_negatives=10, valid_metric="uni100_hr@10"))
+    with pytest.raises(ValueError, match="--num-negatives must be at least 1"):
+        task.build_data(_args(num_negatives=0))
+    assert "uni10_mrr@20" in metric_names(10) and "uni100_hr@10" in metric_names()
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: titles.extend(ax.get_title() for ax in fig.axes))
+    ours = {f"{p}{m}@{k}": 0.5 for p in ("", "uni10_") for m in ("hr", "ndcg") for k in (1, 5, 10, 20)}
+    _plot_metrics(tmp_path / "x.png", ours, ours, "adamct", 10)
+    assert titles == ["test, full ranking (all items)", "test, 10 sampled negatives"]

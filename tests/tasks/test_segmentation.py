@@ -93,7 +93,21 @@ def _args(tmp_path, **kw):
     return argparse.Namespace(**base)
 
 
-def test_task_trains_evaluates_and_draws(tmp_path):
+def _record_legends(monkeypatch):
+    """Legend labels of every figure saved from now on (the figures are still written)."""
+    import matplotlib.figure
+
+    seen, save = [], matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        seen.append([t.get_text() for lg in fig.legends for t in lg.get_texts()])
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return seen
+
+
+def test_task_trains_evaluates_and_draws(tmp_path, monkeypatch):
     torch.manual_seed(0)
     task = get_task("segmentation")
     assert task.headline_metric == "miou"
@@ -126,5 +140,79 @@ def test_task_trains_evaluates_and_draws(tmp_path):
     assert {"miou", "acc", "loss", "iou_background"} <= set(metrics) and 0 <= metrics["miou"] <= 100
     base = task.baselines(data, args)
     assert 0 <= base["val_miou_majority"] <= 100 / 3 + 1e-6   # one class predicted: at most its IoU / K
+    legends = _record_legends(monkeypatch)
     task.on_train_end(tmp_path, model, data, args)
     assert (tmp_path / "overlays.png").stat().st_size > 0
+    assert legends == [["background", "astronaut", "coffee"]]   # the overlays' colour legend names the classes
+
+
+def _camvid_folder(root, n=4, size=32):
+    """Indexed masks with classes 0..10 and CamVid's void value 11 (a 12th value, not a class)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"f{i}.png")
+        Image.fromarray(rng.integers(0, 12, (size, size), dtype=np.uint8)).save(root / "masks" / f"f{i}.png")
+
+
+def test_ignore_index_trains_where_the_raw_void_value_crashed(tmp_path):
+    # today: `IndexError: Target 11 is out of bounds` in the loss with --num-classes 11
+    _camvid_folder(tmp_path / "camvid")
+    task = get_task("segmentation")
+    args = _args(tmp_path, data=str(tmp_path / "camvid"), num_classes=11, ignore_index=11, reduce_zero_label=False)
+    data = task.build_data(args)
+    assert data.info["num_classes"] == 11
+    model = task.build_model(args, data.info)
+    batch = next(iter(DataLoader(data.train, batch_size=2, collate_fn=data.collate_fn)))
+    assert (batch[1] == 255).any() and batch[1][batch[1] != 255].max() <= 10
+    loss, _ = task.training_step(model, batch, args)
+    assert torch.isfinite(loss)
+
+
+def test_void_options_are_refused_where_the_layout_defines_its_own(tmp_path):
+    task = get_task("segmentation")
+    with pytest.raises(ValueError, match="--ignore-index applies to images/ \\+ masks/ folders"):
+        task.build_data(_args(tmp_path, ignore_index=11))
+
+
+def test_cli_out_of_range_label_is_one_error_line(tmp_path, capsys):
+    from hybridzoo.cli import main
+
+    _camvid_folder(tmp_path / "camvid", n=3, size=8)
+    code = main(["train", "--task", "segmentation", "--model", "segformer_b0", "--data", str(tmp_path / "camvid"),
+                 "--num-classes", "11", "--epochs", "1", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("hybridzoo: error: ") and "label value 11" in err[0] and "--ignore-index 11" in err[0]
+    assert "f0.png" in err[0]
+
+
+def test_legend_lists_every_class_of_a_short_list_and_only_present_ones_of_a_long_one():
+    from hybridzoo.data.segmentation import palette
+    from hybridzoo.tasks.segmentation import legend_handles, overlay_figure
+
+    pal = palette(3)
+    handles = legend_handles(pal, ["sky", "road", "car"])
+    assert [h.get_label() for h in handles] == ["sky", "road", "car"]
+    assert np.allclose(handles[2].get_facecolor()[:3], pal[2] / 255.0)   # the overlay's own colour
+    ade = palette(150)
+    names = [f"c{i}" for i in range(150)]
+    pred = np.array([[3, 3], [149, 0]])
+    fig = overlay_figure([("prediction", np.zeros((2, 2, 3), np.uint8), pred)], ade, names)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["c0", "c3", "c149"]
+
+
+def test_default_builtin_run_is_sized_for_a_two_core_cpu():
+    # today's defaults (256 scenes of 128 px, 96 px crops, 10 epochs) took over 15 minutes; the README
+    # has the measured time and result of these
+    task = get_task("segmentation")
+    parser = argparse.ArgumentParser()
+    task.add_arguments(parser)
+    args = parser.parse_args([])
+    args.model, args.data, args.seed = task.default_model, None, 0
+    data = task.build_data(args)
+    steps = task.default_epochs * math.ceil(len(data.train) / task.default_batch_size)
+    img, mask, _ = data.train[0]
+    assert steps <= 80 and img.shape[-2:] == (64, 64) and len(data.val) <= 32
+    assert data.info["num_classes"] == 5

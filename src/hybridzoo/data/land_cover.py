@@ -8,14 +8,19 @@ and a label raster of the same H × W (0 = unlabelled, any other integer a class
   GDAL nodata) are kept as `extratags` so the predicted class map is written back georeferenced.
 - NumPy `.npy` (H × W × C, or C × H × W when the label raster says so).
 - MATLAB `.mat` — the authors' format: `scipy.io.loadmat` of a dict holding one array
-  (`SA1.mat` → `SA1`, `SA1_gt.mat` → `SA1_gt`); v7.3 (HDF5) files are not supported by scipy.
+  (`SA1.mat` → `SA1`, `SA1_gt.mat` → `SA1_gt`), or several (hyperspectral scenes such as Indian
+  Pines, Salinas, Pavia and Houston ship the cube, the labels and an RGB preview in one file): the
+  variables are chosen by name (`data_key` / `label_key`, the CLI's `--data-key` / `--label-key`),
+  else by elimination, and an ambiguous choice is an error listing every variable with its shape
+  and dtype. v7.3 files are HDF5: read with h5py when it is installed, else a clear error.
 
 Patches follow the authors' notebook (`createImageCubes`): the scene is zero-padded (raw zeros,
 before normalisation, so a padded pixel is (0 − mean) / std like the Keras Normalization layer gives
 it) and a P × P patch is cut around every labelled pixel at rows r − P//2 … r − P//2 + P − 1: for
 the default even P = 8 the labelled pixel sits at index (4, 4), off-centre. Patches are cut on the
 fly from the padded scene (no N × P × P × C copy). Raw values that are NaN/inf or < −1000 become −1
-as in the notebook. Normalisation is per band, with statistics from the training pixels only.
+as in the notebook, and `load_scene` says how many pixels and which bands that touched (a warning
+line on stderr, and `Scene.nodata`). Normalisation is per band, with statistics from the training pixels only.
 
 Augmentation (optional, training only): the notebook's Keras flips/rotation/zoom move the labelled
 pixel off index (4, 4); here the 8 flips/transposes of the dihedral group are taken *about the
@@ -51,7 +56,8 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "WETLAND_CLASSES", "SYNTHETIC_BANDS", "GEO_TAG_CODES", "Scene", "read_raster", "to_hwc", "load_scene",
-    "parse_bands", "clean_nodata", "encode_labels", "labelled_pixels", "random_split", "block_split", "band_stats",
+    "parse_bands", "clean_nodata", "nodata_counts", "nodata_message", "mat_variables", "describe_variables",
+    "encode_labels", "labelled_pixels", "random_split", "block_split", "band_stats",
     "pad_and_normalise", "d4_offsets", "extract_patches", "PatchDataset", "make_synthetic_scene", "RasterSource",
     "write_geotiff",
 ]
@@ -77,25 +83,71 @@ class Scene:
     geo: list[tuple] = field(default_factory=list)   # tifffile `extratags` to georeference outputs
     name: str = "scene"
     synthetic: bool = False
+    nodata: dict[str, Any] = field(default_factory=dict)   # what `clean_nodata` replaced (see `nodata_counts`)
 
 
 # --------------------------------------------------------------------------------------- readers
-def _mat_array(path: str) -> np.ndarray:
+def mat_variables(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every numeric array (2-D or more) of a MATLAB file, by variable name.
+
+    v4–v7 files are read by scipy; v7.3 files are HDF5 and are read with h5py when it is installed
+    (arrays transposed back from HDF5's reversed, row-major view of MATLAB's column-major data).
+    """
     from scipy.io import loadmat
 
+    path = os.fspath(path)
     try:
         d = loadmat(path)
-    except NotImplementedError as e:  # v7.3 files are HDF5
-        raise ValueError(f"{path!r} is a MATLAB v7.3 (HDF5) file, which scipy cannot read; save it with "
-                         "`save(..., '-v7')` or convert it to .npy/.tif") from e
-    arrays = {k: v for k, v in d.items() if not k.startswith("__") and isinstance(v, np.ndarray) and v.ndim >= 2}
-    if len(arrays) == 1:
-        return next(iter(arrays.values()))
-    stem = Path(path).stem
-    if stem in arrays:
-        return arrays[stem]
-    raise ValueError(f"{path!r} holds {len(arrays)} arrays ({', '.join(sorted(arrays)) or 'none'}); "
-                     f"expected one (or one named {stem!r})")
+    except NotImplementedError as e:  # scipy's answer to v7.3 (HDF5) files
+        return _mat73_variables(path, e)
+    return {k: v for k, v in d.items()
+            if not k.startswith("__") and isinstance(v, np.ndarray) and v.ndim >= 2 and v.dtype.kind in "biuf"}
+
+
+def _mat73_variables(path: str, cause: Exception) -> dict[str, np.ndarray]:
+    try:
+        import h5py
+    except ImportError:
+        raise ValueError(f"{path!r} is a MATLAB v7.3 (HDF5) file: install h5py (`pip install h5py`) to read it, "
+                         "or save it in MATLAB with `save(..., '-v7')`, or convert it to .npy/.tif") from cause
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        for k, v in f.items():
+            if isinstance(v, h5py.Dataset) and not k.startswith("#") and v.ndim >= 2 and v.dtype.kind in "biuf":
+                out[k] = np.ascontiguousarray(np.asarray(v).T)
+    return out
+
+
+def describe_variables(arrays: dict[str, np.ndarray]) -> str:
+    """"a (145×145×200 uint16), b (145×145 uint8)" — what a user needs to pick a variable."""
+    return ", ".join(f"{k} ({'×'.join(str(s) for s in v.shape)} {v.dtype})" for k, v in sorted(arrays.items())) or "none"
+
+
+def _mat_array(path: str, key: str | None = None, role: str = "data", exclude: Sequence[str] = ()) -> np.ndarray:
+    """One variable of a .mat file: `key`, else the only candidate, else the one named like the file.
+
+    `role` ("data" or "label") names the option in errors and, when the choice is otherwise open,
+    prefers the only 3-D array (a cube) or the only 2-D array (a label raster); `exclude` leaves
+    out a variable already taken for the other role (scenes that ship cube and labels in one file).
+    """
+    option = "--data-key" if role == "data" else "--label-key"
+    arrays = mat_variables(path)
+    if key is not None:
+        if key not in arrays:
+            raise ValueError(f"{path!r} has no numeric variable {key!r} ({option}); it holds: {describe_variables(arrays)}")
+        return arrays[key]
+    cands = {k: v for k, v in arrays.items() if k not in exclude}
+    if len(cands) == 1:
+        return next(iter(cands.values()))
+    stem = Path(path).stem.lower()
+    named = [k for k in cands if k.lower() == stem]   # Indian_pines_corrected.mat holds indian_pines_corrected
+    if len(named) == 1:
+        return cands[named[0]]
+    by_rank = [k for k, v in cands.items() if v.ndim == (3 if role == "data" else 2)]
+    if len(by_rank) == 1 and len(cands) > 1:
+        return cands[by_rank[0]]
+    raise ValueError(f"{path!r} holds {len(arrays)} arrays and which one is the {role} is ambiguous: "
+                     f"{describe_variables(arrays)}; name it with {option} NAME")
 
 
 def _tiff_geo(page) -> list[tuple]:
@@ -128,18 +180,25 @@ def _tiff_read(path: str, mmap: bool = False) -> tuple[Any, str, list[tuple]]:
     return arr, axes, geo
 
 
-def read_raster(path: str | os.PathLike, mmap: bool = False) -> tuple[Any, str | None, list[tuple]]:
-    """Read a raster as stored: (array, tifffile axes string or None, geo tags)."""
+def read_raster(path: str | os.PathLike, mmap: bool = False, key: str | None = None, role: str = "data",
+                exclude: Sequence[str] = ()) -> tuple[Any, str | None, list[tuple]]:
+    """Read a raster as stored: (array, tifffile axes string or None, geo tags).
+
+    `key` names the variable of a `.mat` file (see `_mat_array`); other formats hold one raster.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"raster not found: {path!r}")
     ext = Path(path).suffix.lower()
+    if key is not None and ext != ".mat":
+        raise ValueError(f"{'--data-key' if role == 'data' else '--label-key'} names a variable of a MATLAB .mat "
+                         f"file, but {path!r} is a {ext} raster")
     if ext in (".tif", ".tiff"):
         return _tiff_read(path, mmap)
     if ext == ".npy":
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False), None, []
     if ext == ".mat":
-        return _mat_array(path), None, []
+        return _mat_array(path, key, role, exclude), None, []
     raise ValueError(f"{path!r}: unsupported raster format {ext!r}; expected one of {RASTER_EXTENSIONS}")
 
 
@@ -191,24 +250,63 @@ def parse_bands(spec: str | Sequence[int] | None, n_bands: int | None = None) ->
     return out
 
 
+def _nodata_mask(x: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(x) | (x < -1000)
+
+
 def clean_nodata(x: np.ndarray) -> np.ndarray:
     """The notebook's nodata rule: NaN (and ±inf) and values < −1000 become −1. Returns float32."""
     x = np.array(x, dtype=np.float32, copy=True)
-    x[~np.isfinite(x) | (x < -1000)] = -1.0
+    x[_nodata_mask(x)] = -1.0
     return x
 
 
+def nodata_counts(x: np.ndarray) -> dict[str, Any]:
+    """What `clean_nodata` would replace in an (H, W, C) raster: {"pixels": pixels with at least one
+    such value, "values": values replaced, "per_band": {band index: values}} (bands with none left out)."""
+    bad = _nodata_mask(np.asarray(x, dtype=np.float32))
+    per_band = bad.reshape(-1, bad.shape[-1]).sum(0)
+    return {"pixels": int(bad.any(-1).sum()), "values": int(per_band.sum()),
+            "per_band": {int(b): int(n) for b, n in enumerate(per_band) if n}}
+
+
+def nodata_message(where: str, counts: dict[str, Any], shape: Sequence[int],
+                   band_names: Sequence[str] | None = None) -> str:
+    """One line saying how many pixels and which bands were NaN/inf or < −1000 and set to −1."""
+    names = list(band_names) if band_names else None
+    bands = ", ".join(f"{names[b] if names and b < len(names) else f'band {b}'}: {n:,}"
+                      for b, n in list(counts["per_band"].items())[:8])
+    more = f", … ({len(counts['per_band'])} bands)" if len(counts["per_band"]) > 8 else ""
+    return (f"warning: {where}: {counts['pixels']:,} of {int(shape[0]) * int(shape[1]):,} pixels had NaN/inf or "
+            f"< −1000 values ({counts['values']:,} values in {len(counts['per_band'])} of {int(shape[2])} bands: "
+            f"{bands}{more}); they were set to −1 (the WetMapFormer notebook's nodata rule)")
+
+
 def load_scene(image: str | os.PathLike, label: str | os.PathLike | None = None,
-               bands: str | Sequence[int] | None = None, class_names: Sequence[str] | None = None) -> Scene:
-    """Read a scene from files (GeoTIFF, .npy or .mat); `bands` selects and orders bands (0-based)."""
+               bands: str | Sequence[int] | None = None, class_names: Sequence[str] | None = None,
+               data_key: str | None = None, label_key: str | None = None, warn: bool = True) -> Scene:
+    """Read a scene from files (GeoTIFF, .npy or .mat); `bands` selects and orders bands (0-based).
+
+    `data_key` / `label_key` name the variables of `.mat` files; with `label_key` and no `label`
+    the labels are read from the image's own file. NaN/inf and < −1000 values become −1 and, with
+    `warn`, a line on stderr says how many (also kept in `Scene.nodata`).
+    """
+    import sys
+
     labels = None
+    if label is None and label_key is not None:
+        label = image
+    same_file = label is not None and os.path.abspath(os.fspath(label)) == os.path.abspath(os.fspath(image))
     if label is not None:
-        lab, _, _ = read_raster(label)
+        lab, _, _ = read_raster(label, key=label_key, role="label",
+                                exclude=(data_key,) if same_file and data_key else ())
         lab = np.asarray(lab)
         if lab.ndim == 3 and 1 in lab.shape:
             lab = lab.reshape([s for s in lab.shape if s != 1])
         if lab.ndim != 2:
-            raise ValueError(f"label raster {os.fspath(label)!r} must be 2-D (H, W), got shape {lab.shape}")
+            raise ValueError(f"label raster {os.fspath(label)!r} must be 2-D (H, W), got shape {lab.shape}"
+                             + (" (choose the label variable with --label-key)" if Path(label).suffix.lower() == ".mat" else ""))
         if not np.issubdtype(lab.dtype, np.integer):
             if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
                 raise ValueError(f"label raster {os.fspath(label)!r} must hold integers (0 = unlabelled)")
@@ -216,16 +314,19 @@ def load_scene(image: str | os.PathLike, label: str | os.PathLike | None = None,
         if lab.min() < 0:
             raise ValueError(f"label raster {os.fspath(label)!r} has negative values; 0 = unlabelled, classes > 0")
         labels = lab.astype(np.int64)
-    arr, axes, geo = read_raster(image)
+    arr, axes, geo = read_raster(image, key=data_key, role="data", exclude=(label_key,) if same_file and label_key else ())
     img = to_hwc(arr, axes, labels.shape if labels is not None else None)
     sel = parse_bands(bands, img.shape[-1])
     if sel is not None:
         img = img[..., sel]
+    counts = nodata_counts(img)
     img = clean_nodata(img)
+    if counts["values"] and warn:
+        print(nodata_message(os.fspath(image), counts, img.shape), file=sys.stderr)
     if labels is not None and labels.shape != img.shape[:2]:
         raise ValueError(f"label raster {labels.shape} and image {img.shape[:2]} differ in size")
     return Scene(image=img, labels=labels, class_names=list(class_names) if class_names else None, geo=geo,
-                 name=Path(image).stem)
+                 name=Path(image).stem, nodata=counts)
 
 
 # --------------------------------------------------------------------------------------- labels and splits
@@ -465,8 +566,8 @@ class RasterSource:
     is never loaded at once; compressed TIFFs and `.mat` files are read whole.
     """
 
-    def __init__(self, path: str | os.PathLike, bands: Sequence[int] | None = None):
-        arr, axes, geo = read_raster(path, mmap=True)
+    def __init__(self, path: str | os.PathLike, bands: Sequence[int] | None = None, key: str | None = None):
+        arr, axes, geo = read_raster(path, mmap=True, key=key)
         self.array = to_hwc(arr, axes)
         self.geo = geo
         self.path = os.fspath(path)
@@ -475,12 +576,18 @@ class RasterSource:
         if self.bands is not None and (min(self.bands) < 0 or max(self.bands) >= n):
             raise ValueError(f"{self.path!r} has {n} bands; the model was trained on bands {self.bands}")
         self.num_bands = len(self.bands) if self.bands is not None else n
+        self.nodata = {"pixels": 0, "values": 0, "per_band": {}}   # summed over the rows read
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
-        """Raw bands of rows [r0, r1) as float32 (H', W, C), nodata cleaned."""
+        """Raw bands of rows [r0, r1) as float32 (H', W, C), nodata cleaned (and counted in `nodata`)."""
         block = np.asarray(self.array[r0:r1])
         if self.bands is not None:
             block = block[..., self.bands]
+        c = nodata_counts(block)
+        self.nodata["pixels"] += c["pixels"]
+        self.nodata["values"] += c["values"]
+        for b, n in c["per_band"].items():
+            self.nodata["per_band"][b] = self.nodata["per_band"].get(b, 0) + n
         return clean_nodata(block)
 
 

@@ -7,6 +7,10 @@ Formats read (the files users have):
 - RecBole atomic `.inter` files (tab-separated, typed header such as `user_id:token`);
 - a plain CSV with a header naming `user`, `item` and `timestamp` columns.
 
+Timestamps are Unix seconds or ISO-8601 date-times (`2024-01-05T10:00:00`, `2024-01-05 10:00:00`, with
+`Z` or an offset such as `+01:00`; a time without an offset is taken as UTC), as most exports write them;
+one that is neither is an error naming the file, the row and the column.
+
 Item ids are remapped to 1..N in order of first appearance (0 is padding), users to 0..U−1. Every user's
 interactions are sorted by time (stable), the last item is the test target, the second-to-last the
 validation target (RecBole's `LS: valid_and_test` with `order: TO`).
@@ -18,13 +22,15 @@ import csv
 import gzip
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["read_interactions", "kcore_filter", "SequenceData", "synthetic_interactions", "FORMATS"]
+__all__ = ["read_interactions", "kcore_filter", "SequenceData", "synthetic_interactions", "FORMATS", "parse_timestamp"]
 
 FORMATS = ("amazon2014", "amazon2018", "movielens-dat", "movielens-csv", "recbole", "csv")
 
@@ -58,6 +64,27 @@ def detect_format(path: Path) -> str:
                      f"pass --format to choose one of {FORMATS}")
 
 
+def parse_timestamp(value: str | float, where: str = "") -> float:
+    """Unix seconds from a number or an ISO-8601 date-time (naive times are UTC); `where` names the
+    file, row and column in the error."""
+    try:
+        t = float(value)
+        if math.isfinite(t):
+            return t
+    except (TypeError, ValueError):
+        pass
+    text = str(value).strip()
+    try:
+        # Python < 3.11 rejects a trailing Z and needs a space or T between date and time
+        t = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" and text else text)
+    except ValueError:
+        raise ValueError(f"{where}: cannot read {text!r} as a timestamp; expected Unix seconds or ISO-8601 "
+                         "(2024-01-05T10:00:00, 2024-01-05 10:00:00, optionally with Z or +01:00)") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp()
+
+
 def read_interactions(path: str | os.PathLike, fmt: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user tokens, item tokens, timestamps) as numpy arrays, one entry per interaction."""
     path = Path(path)
@@ -69,6 +96,7 @@ def read_interactions(path: str | os.PathLike, fmt: str | None = None) -> tuple[
     users: list[str] = []
     items: list[str] = []
     times: list[float] = []
+    where = str(path)
     try:
         with _open_text(path) as f:
             if fmt == "amazon2014":
@@ -80,18 +108,21 @@ def read_interactions(path: str | os.PathLike, fmt: str | None = None) -> tuple[
                     items.append(str(rec["asin"]))
                     times.append(float(rec["unixReviewTime"]))
             elif fmt == "amazon2018":
-                for row in csv.reader(f):
+                for n, row in enumerate(csv.reader(f), 1):
                     if row:
-                        items.append(row[0]); users.append(row[1]); times.append(float(row[3]))
+                        items.append(row[0]); users.append(row[1])
+                        times.append(parse_timestamp(row[3], f"{where}, row {n}, column 4 (timestamp)"))
             elif fmt == "movielens-dat":
-                for line in f:
+                for n, line in enumerate(f, 1):
                     if line.strip():
                         u, i, _r, t = line.strip().split("::")[:4]
-                        users.append(u); items.append(i); times.append(float(t))
+                        users.append(u); items.append(i)
+                        times.append(parse_timestamp(t, f"{where}, line {n}, field 4 (timestamp)"))
             elif fmt == "movielens-csv":
                 reader = csv.DictReader(f)
-                for row in reader:
-                    users.append(row["userId"]); items.append(row["movieId"]); times.append(float(row["timestamp"]))
+                for n, row in enumerate(reader, 2):
+                    users.append(row["userId"]); items.append(row["movieId"])
+                    times.append(parse_timestamp(row["timestamp"], f"{where}, row {n}, column 'timestamp'"))
             elif fmt == "recbole":
                 header = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
                 try:
@@ -99,17 +130,19 @@ def read_interactions(path: str | os.PathLike, fmt: str | None = None) -> tuple[
                 except ValueError as e:
                     raise ValueError(f"{str(path)!r}: a RecBole .inter file needs user_id, item_id and timestamp "
                                      f"columns, found {header}") from e
-                for line in f:
+                for n, line in enumerate(f, 2):
                     if line.strip():
                         row = line.rstrip("\n").split("\t")
-                        users.append(row[ui]); items.append(row[ii]); times.append(float(row[ti]))
+                        users.append(row[ui]); items.append(row[ii])
+                        times.append(parse_timestamp(row[ti], f"{where}, row {n}, column 'timestamp'"))
             else:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None or not {"user", "item", "timestamp"} <= set(reader.fieldnames):
                     raise ValueError(f"{str(path)!r}: expected a CSV header with user,item,timestamp columns, "
                                      f"found {reader.fieldnames}")
-                for row in reader:
-                    users.append(row["user"]); items.append(row["item"]); times.append(float(row["timestamp"]))
+                for n, row in enumerate(reader, 2):
+                    users.append(row["user"]); items.append(row["item"])
+                    times.append(parse_timestamp(row["timestamp"], f"{where}, row {n}, column 'timestamp'"))
     except (KeyError, IndexError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not a valid {fmt} interaction file: {e!r}") from e
     if not users:
@@ -224,8 +257,16 @@ class SequenceData:
         rng = np.random.default_rng(seed)
         U, N = self.num_users, self.num_items
         counts = np.diff(self.indptr)
+        if num < 1:
+            raise ValueError(f"--num-negatives must be at least 1, got {num}")
         if N - 1 - counts.max() < num:
-            raise ValueError(f"a user has interacted with too many of the {N - 1} items to draw {num} negatives")
+            # every user needs `num` items it never interacted with: catalogue >= longest history + num
+            most = int(counts.max())
+            hint = (f"lower --num-negatives to at most {N - 1 - most}" if N - 1 > most
+                    else "the sampled protocol cannot run on this log")
+            raise ValueError(f"--num-negatives {num} needs every user to have {num} items it never interacted with: "
+                             f"the catalogue has {N - 1} items and the most active user has interacted with {most} "
+                             f"of them, so the catalogue needs at least {most + num} items; {hint}")
         seen = np.unique(np.repeat(np.arange(U), counts) * N + self.items)
         out = np.zeros((U, num), dtype=np.int64)
         todo = np.arange(U)

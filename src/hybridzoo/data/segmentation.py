@@ -10,7 +10,9 @@ Readers (every sample is an RGB image and a label map of class indices, 255 = ig
   classes, label 0 ("other") → 255 and the rest shift down by one (mmseg's `reduce_zero_label`).
 - `FolderSegmentation`: `images/` + `masks/` with matching file stems (optionally split into
   `train/` and `val/` either above or below those two folders). A mask holding only the values
-  {0, 255} is binary (255 → 1); otherwise values are class indices and 255 is ignored.
+  {0, 255} is binary (255 → 1); otherwise values are class indices and 255 is ignored. A dataset's
+  own void value (`ignore_index`, e.g. CamVid's 11) and mmseg's `reduce_zero_label` are mapped to
+  255 here, in the data layer; a value out of range is an error naming it and its file.
 - `SyntheticScenes`: the built-in set — random discs, ellipses, rectangles and triangles, each
   textured with a crop of one of scikit-image's photographs (the class *is* the photograph), over a
   background texture; the masks are exact and a sample depends only on (seed, split, index).
@@ -373,11 +375,29 @@ class ADE20KSegmentation(_SegDataset):
 
 
 class FolderSegmentation(_SegDataset):
-    """`images/` + `masks/` folders with matching stems; binary {0,255} masks become {0,1}."""
+    """`images/` + `masks/` folders with matching stems; binary {0,255} masks become {0,1}.
+
+    Void pixels: `ignore_index` names the value the mask *files* use for them (CamVid: 11, some
+    medical sets: a border value) and `reduce_zero_label` treats 0 as void and shifts every other
+    value down by one (mmsegmentation's option: 255 stays void); both map to the engine's
+    `IGNORE_INDEX`, so losses and metrics never see the dataset's own convention. Without
+    `ignore_index`, 255 in an indexed mask is void. A value that is neither void nor below
+    `num_classes` is an error naming the value and the file. With `num_classes` None the count is
+    inferred from the first `scan` masks, which must hold class indices 0..K-1 (or a binary 0/255
+    mask); anything else is refused rather than read as "max + 1" classes.
+    """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: SegTransform | None = None,
-                 seed: int = 0, num_classes: int | None = None, val_fraction: float = 0.2):
+                 seed: int = 0, num_classes: int | None = None, val_fraction: float = 0.2,
+                 ignore_index: int | None = None, reduce_zero_label: bool = False, scan: int = 200):
         super().__init__(transform, seed)
+        if ignore_index is not None and not 0 <= int(ignore_index) <= 255:
+            raise ValueError(f"--ignore-index must be a mask value in 0..255, got {ignore_index}")
+        if num_classes is not None and not 1 <= int(num_classes) <= 255:
+            raise ValueError(f"--num-classes must be in 1..255 (masks are 8-bit, 255 = void), got {num_classes}")
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        self.reduce_zero_label = bool(reduce_zero_label)
+        self.num_classes = None if num_classes is None else int(num_classes)   # None while inferring
         root = Path(root)
         img_dir, mask_dir, subset = _folder_dirs(root, split)
         masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in _IMG_EXTS}
@@ -394,24 +414,63 @@ class FolderSegmentation(_SegDataset):
             pairs = pairs[len(pairs) - n_val:] if split == "val" else pairs[: len(pairs) - n_val]
         self.items = pairs
         if num_classes is None:
-            num_classes = self._infer_num_classes()
-        self.num_classes = num_classes
-        self.class_names = ("background", "foreground") if num_classes == 2 else tuple(f"class_{i}" for i in range(num_classes))
+            self.num_classes = self._infer_num_classes(scan)
+        else:
+            for _, m in self.items[:scan]:   # fail before training starts; later masks are checked on load
+                self._load_mask(m)
+        k = self.num_classes
+        self.class_names = ("background", "foreground") if k == 2 else tuple(f"class_{i}" for i in range(k))
 
     def _infer_num_classes(self, limit: int = 200) -> int:
-        top = 0
+        first_seen: dict[int, Path] = {}
         for _, m in self.items[:limit]:
             arr = self._load_mask(m)
-            valid = arr[arr != IGNORE_INDEX]
-            top = max(top, int(valid.max(initial=0)))
-        return max(2, top + 1)
+            for v in np.unique(arr[arr != IGNORE_INDEX]).tolist():
+                first_seen.setdefault(int(v), m)
+        values = sorted(first_seen)
+        if not values:
+            return 2
+        if values != list(range(values[-1] + 1)):
+            missing = sorted(set(range(values[-1] + 1)) - set(values))
+            top = values[-1]
+            raise ValueError(
+                f"cannot infer the class count: the masks hold the values {_fmt_values(values)} (after the "
+                f"void mapping), which are not class indices 0..K-1 nor a binary 0/255 mask "
+                f"({len(missing)} values below {top} never occur); {top} first occurs in {first_seen[top]}. "
+                f"If {top} marks void pixels pass --ignore-index {top}; if the labels start "
+                f"at 1 pass --reduce-zero-label; otherwise pass --num-classes N explicitly")
+        return max(2, len(values))
 
     def _load_mask(self, path: Path) -> np.ndarray:
-        m = read_mask(path)
-        values = np.unique(m)
-        if values.max(initial=0) == 255 and np.isin(values, (0, 255)).all():
-            return (m == 255).astype(np.uint8)   # binary mask saved as 0/255
+        raw = read_mask(path)
+        void = raw == self.ignore_index if self.ignore_index is not None else None
+        m = raw
+        if self.reduce_zero_label:   # mmseg: 0 → 255, k → k − 1, 255 stays 255
+            m = raw.astype(np.int16) - 1
+            m[(raw == 0) | (raw == 255)] = IGNORE_INDEX
+            m = m.astype(np.uint8)
+        elif self.ignore_index != 255:
+            values = np.unique(raw if void is None else raw[~void])
+            if values.max(initial=0) == 255 and np.isin(values, (0, 255)).all():
+                m = (raw == 255).astype(np.uint8)   # binary mask saved as 0/255
+        if void is not None:
+            m = np.where(void, IGNORE_INDEX, m).astype(np.uint8)
+        if self.num_classes is not None:
+            bad = (m != IGNORE_INDEX) & (m >= self.num_classes)
+            if bad.any():
+                v = int(raw[bad].max())
+                stored = f"{v} (stored value; {int(m[bad].max())} after --reduce-zero-label)" if self.reduce_zero_label else str(v)
+                raise ValueError(
+                    f"{path}: label value {stored} is outside the {self.num_classes} classes 0..{self.num_classes - 1}"
+                    f" ({int(bad.sum())} pixels); if {v} marks void pixels pass --ignore-index {v}, otherwise "
+                    f"raise --num-classes (values in this mask: {_fmt_values(np.unique(raw).tolist())})")
         return m
+
+
+def _fmt_values(values: Sequence[int], limit: int = 12) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:limit])
+    return "{" + shown + (f", … ({len(values)} in all)" if len(values) > limit else "") + "}"
 
 
 def _folder_dirs(root: Path, split: str) -> tuple[Path, Path, bool]:

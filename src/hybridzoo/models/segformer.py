@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridzoo.layers import DropPath, check_image_input, drop_path_rates
+from hybridzoo.layers import ConvFFN, DropPath, check_image_input, convert_conv_ffn, drop_path_rates
 from hybridzoo.registry import register_model
 
 __all__ = ["MixVisionTransformer", "SegFormerHead", "SegFormer", "convert_official", "segformer_b0", "segformer_b1",
@@ -78,24 +78,6 @@ class EfficientSelfAttention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
-class MixFFN(nn.Module):
-    """Linear → 3×3 depthwise conv → GELU → Linear: the depthwise conv replaces position embeddings."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = self.fc1(x)
-        b, n, c = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
-        return self.drop(self.fc2(self.drop(self.act(x))))
-
-
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, eps: float, embed_eps: float,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
@@ -104,7 +86,7 @@ class Block(nn.Module):
         self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, embed_eps, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MixFFN(dim, int(dim * mlp_ratio), drop)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop)   # Mix-FFN: PVTv2's block, shared with VVT
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), h, w))
@@ -281,10 +263,6 @@ def _as_conv(t: torch.Tensor) -> torch.Tensor:
     return t[:, :, None, None] if t.ndim == 2 else t
 
 
-def _as_linear(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1) if t.ndim == 4 else t
-
-
 def _convert_hf(sd: dict[str, torch.Tensor], depths: Sequence[int]) -> dict[str, torch.Tensor]:
     """HuggingFace 5.x (`segformer.stages.i...`) and 4.x (`segformer.encoder.block.i.j...`)."""
     out: dict[str, torch.Tensor] = {}
@@ -297,13 +275,13 @@ def _convert_hf(sd: dict[str, torch.Tensor], depths: Sequence[int]) -> dict[str,
             blocks = [f"{src}.blocks.{j}" for j in range(depth)]
             names = dict(n1="layernorm_before", n2="layernorm_after", q="attention.q_proj", k="attention.k_proj",
                          v="attention.v_proj", o="attention.o_proj", sr="attention.sequence_reduction.sequence_reduction",
-                         srn="attention.sequence_reduction.layer_norm", fc1="mlp.fc1", dw="mlp.dwconv.dwconv", fc2="mlp.fc2")
+                         srn="attention.sequence_reduction.layer_norm", ffn="pvt")
         else:
             pe, ln = f"segformer.encoder.patch_embeddings.{i}", f"segformer.encoder.layer_norm.{i}"
             blocks = [f"segformer.encoder.block.{i}.{j}" for j in range(depth)]
             names = dict(n1="layer_norm_1", n2="layer_norm_2", q="attention.self.query", k="attention.self.key",
                          v="attention.self.value", o="attention.output.dense", sr="attention.self.sr",
-                         srn="attention.self.layer_norm", fc1="mlp.dense1", dw="mlp.dwconv.dwconv", fc2="mlp.dense2")
+                         srn="attention.self.layer_norm", ffn="hf")
         for t in ("weight", "bias"):
             out[f"{s}.patch_embed.proj.{t}"] = sd[f"{pe}.proj.{t}"]
             out[f"{s}.patch_embed.norm.{t}"] = sd[f"{pe}.layer_norm.{t}"]
@@ -315,12 +293,10 @@ def _convert_hf(sd: dict[str, torch.Tensor], depths: Sequence[int]) -> dict[str,
                 out[f"{d}.norm2.{t}"] = sd[f"{b}.{names['n2']}.{t}"]
                 out[f"{d}.attn.q.{t}"] = sd[f"{b}.{names['q']}.{t}"]
                 out[f"{d}.attn.proj.{t}"] = sd[f"{b}.{names['o']}.{t}"]
-                out[f"{d}.mlp.fc1.{t}"] = sd[f"{b}.{names['fc1']}.{t}"]
-                out[f"{d}.mlp.dwconv.{t}"] = sd[f"{b}.{names['dw']}.{t}"]
-                out[f"{d}.mlp.fc2.{t}"] = sd[f"{b}.{names['fc2']}.{t}"]
                 if f"{b}.{names['sr']}.{t}" in sd:
                     out[f"{d}.attn.sr.{t}"] = sd[f"{b}.{names['sr']}.{t}"]
                     out[f"{d}.attn.norm.{t}"] = sd[f"{b}.{names['srn']}.{t}"]
+            out.update(convert_conv_ffn(sd, f"{b}.mlp", f"{d}.mlp", names["ffn"]))
             _split_kv(out, f"{d}.attn", sd[f"{b}.{names['k']}.weight"], sd[f"{b}.{names['k']}.bias"],
                       sd[f"{b}.{names['v']}.weight"], sd[f"{b}.{names['v']}.bias"])
     proj = "decode_head.linear_projections" if v5 else "decode_head.linear_c"
@@ -353,13 +329,11 @@ def _convert_mmseg(sd: dict[str, torch.Tensor], depths: Sequence[int], enc: str 
             w, bias = sd[f"{b}.attn.attn.in_proj_weight"], sd[f"{b}.attn.attn.in_proj_bias"]
             out[f"{d}.attn.q.weight"], out[f"{d}.attn.q.bias"] = w[:c], bias[:c]
             out[f"{d}.attn.kv.weight"], out[f"{d}.attn.kv.bias"] = w[c:], bias[c:]
+            out.update(convert_conv_ffn(sd, f"{b}.ffn", f"{d}.mlp", "mmseg"))
             for t in ("weight", "bias"):
                 out[f"{d}.norm1.{t}"] = sd[f"{b}.norm1.{t}"]
                 out[f"{d}.norm2.{t}"] = sd[f"{b}.norm2.{t}"]
                 out[f"{d}.attn.proj.{t}"] = sd[f"{b}.attn.attn.out_proj.{t}"]
-                out[f"{d}.mlp.fc1.{t}"] = _as_linear(sd[f"{b}.ffn.layers.0.{t}"])
-                out[f"{d}.mlp.dwconv.{t}"] = sd[f"{b}.ffn.layers.1.{t}"]
-                out[f"{d}.mlp.fc2.{t}"] = _as_linear(sd[f"{b}.ffn.layers.4.{t}"])
                 if f"{b}.attn.sr.{t}" in sd:
                     out[f"{d}.attn.sr.{t}"] = sd[f"{b}.attn.sr.{t}"]
                     out[f"{d}.attn.norm.{t}"] = sd[f"{b}.attn.norm.{t}"]
@@ -391,10 +365,10 @@ def _convert_nvlabs(sd: dict[str, torch.Tensor], depths: Sequence[int]) -> dict[
             b, d = f"backbone.block{n}.{j}", f"{s}.blocks.{j}"
             for t in ("weight", "bias"):
                 for ours, theirs in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.q", "attn.q"), ("attn.kv", "attn.kv"),
-                                     ("attn.proj", "attn.proj"), ("mlp.fc1", "mlp.fc1"), ("mlp.dwconv", "mlp.dwconv.dwconv"),
-                                     ("mlp.fc2", "mlp.fc2"), ("attn.sr", "attn.sr"), ("attn.norm", "attn.norm")):
+                                     ("attn.proj", "attn.proj"), ("attn.sr", "attn.sr"), ("attn.norm", "attn.norm")):
                     if f"{b}.{theirs}.{t}" in sd:
                         out[f"{d}.{ours}.{t}"] = sd[f"{b}.{theirs}.{t}"]
+            out.update(convert_conv_ffn(sd, f"{b}.mlp", f"{d}.mlp", "pvt"))
     for i in range(len(depths)):
         out[f"decode_head.linear_c.{i}.weight"] = _as_conv(sd[f"decode_head.linear_c{i + 1}.proj.weight"])
         out[f"decode_head.linear_c.{i}.bias"] = sd[f"decode_head.linear_c{i + 1}.proj.bias"]

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridzoo.layers import DropPath, check_image_input, checkpoint_seq, drop_path_rates, trunc_normal_
+from hybridzoo.layers import (ConvFFN, DropPath, check_image_input, checkpoint_seq, convert_conv_ffn,
+                              drop_path_rates, trunc_normal_)
 from hybridzoo.registry import register_model
 
 __all__ = ["VicinityVisionTransformer", "VicinityAttention", "vicinity_angles", "convert_official"]
@@ -124,28 +125,8 @@ class VicinityAttention(nn.Module):
         return self._clamp(out + out * gate.unsqueeze(1))
 
 
-class Mlp(nn.Module):
-    """PVTv2 feed-forward: fc1 → depthwise 3×3 conv → GELU → fc2."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        B, N, _ = x.shape
-        x = self.fc1(x)
-        # B×N×C tokens viewed as a channels-last B×C×H×W map: no copy either way
-        x = self.dwconv(x.view(B, H, W, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, -1)
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block: x + VicinityAttention(LN(x)), then x + Mlp(LN(x))."""
+    """Pre-norm transformer block: x + VicinityAttention(LN(x)), then x + ConvFFN(LN(x)) (PVTv2's FFN)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, fr_ratio: int, se_ratio: int,
                  drop: float = 0.0, drop_path: float = 0.0, clamp: bool = True):
@@ -154,7 +135,7 @@ class Block(nn.Module):
         self.attn = VicinityAttention(dim, num_heads, fr_ratio, se_ratio, clamp)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
@@ -260,9 +241,14 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module | Non
         k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.patch_embed.", k)
         k = re.sub(r"^block(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.", k)
         k = re.sub(r"^norm(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.norm.", k)
-        k = k.replace(".mlp.dwconv.dwconv.", ".mlp.dwconv.")
         k = k.replace(".attn.se_fc.0.", ".attn.fpc.fc1.").replace(".attn.se_fc.2.", ".attn.fpc.fc2.")
         out[k] = v
+    # the feed-forward blocks: PVTv2's layout (`mlp.dwconv.dwconv`) → the shared ConvFFN's
+    for ffn in sorted({k[: -len(".dwconv.dwconv.weight")] for k in out if k.endswith(".mlp.dwconv.dwconv.weight")}):
+        renamed = convert_conv_ffn(out, ffn, ffn, "pvt")
+        for part in ("fc1", "dwconv.dwconv", "fc2"):
+            out.pop(f"{ffn}.{part}.weight"), out.pop(f"{ffn}.{part}.bias")
+        out.update(renamed)
     return out
 
 

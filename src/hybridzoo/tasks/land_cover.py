@@ -253,7 +253,12 @@ class LandCoverTask(Task):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("land cover")
         g.add_argument("--label", default=None, metavar="PATH",
-                       help="label raster (GeoTIFF/.npy/.mat; 0 = unlabelled) for --data")
+                       help="label raster (GeoTIFF/.npy/.mat; 0 = unlabelled) for --data (may be the same "
+                            ".mat file; with --label-key and no --label, it is)")
+        g.add_argument("--data-key", default=None, metavar="NAME",
+                       help="the variable of a .mat --data file that holds the image cube (when it holds several)")
+        g.add_argument("--label-key", default=None, metavar="NAME",
+                       help="the variable of a .mat file that holds the labels (when it holds several)")
         g.add_argument("--patch-size", type=int, default=None, help="patch side around each pixel (default 8)")
         g.add_argument("--split", choices=("random", "block"), default=None,
                        help="random: the paper's stratified 70/30 pixel split (optimistic: patches overlap); "
@@ -292,9 +297,12 @@ class LandCoverTask(Task):
                 scene.band_names = [scene.band_names[i] for i in sel]
         else:
             label = _opt(args, "label", None)
-            if label is None:
-                raise ValueError("--data needs --label PATH (a label raster, 0 = unlabelled)")
-            scene = lc.load_scene(data_path, label, bands=_opt(args, "bands", None), class_names=names)
+            label_key = _opt(args, "label_key", None)
+            if label is None and label_key is None:
+                raise ValueError("--data needs --label PATH (a label raster, 0 = unlabelled), or --label-key NAME "
+                                 "for labels stored in the same .mat file")
+            scene = lc.load_scene(data_path, label, bands=_opt(args, "bands", None), class_names=names,
+                                  data_key=_opt(args, "data_key", None), label_key=label_key)
             sel = lc.parse_bands(_opt(args, "bands", None))
         targets, values = lc.encode_labels(scene.labels)
         K = len(values)
@@ -341,6 +349,7 @@ class LandCoverTask(Task):
             "dropped_buffer_pixels": int(dropped), "augment": augment,
             "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "bands": sel, "band_names": scene.band_names, "scene": scene.name,
+            "data_key": _opt(args, "data_key", None), "nodata": scene.nodata or None,
             "scene_shape": [int(s) for s in scene.image.shape], "synthetic": synthetic,
             "train_class_counts": np.bincount(y[tr], minlength=K).tolist(),
             "val_class_counts": np.bincount(y[va], minlength=K).tolist(),
@@ -464,7 +473,9 @@ class LandCoverTask(Task):
             else:
                 if not Path(path).is_file():
                     raise FileNotFoundError(f"input raster not found: {os.fspath(path)!r}")
-                source, stem = lc.RasterSource(path, info.get("bands")), Path(path).stem
+                # the training file's variable name, for another .mat of the same layout (a TIFF has none)
+                key = _opt(args, "data_key", None) or (info.get("data_key") if Path(path).suffix.lower() == ".mat" else None)
+                source, stem = lc.RasterSource(path, info.get("bands"), key=key), Path(path).stem
             if source.num_bands != info["in_chans"]:
                 raise ValueError(f"{path}: {source.num_bands} bands, but {name} was trained on {info['in_chans']}")
             pred, stats = predict_scene(model, source, info["mean"], info["std"], info["patch_size"],
@@ -481,6 +492,12 @@ class LandCoverTask(Task):
                 tif = out_dir / f"{stem}_classmap.tif"
                 lc.write_geotiff(tif, values[pred].astype(np.uint16 if values.max() > 255 else np.uint8), source.geo)
                 written["geotiff"] = str(tif)
+            if getattr(source, "nodata", None) and source.nodata["values"]:
+                import sys
+
+                written["nodata"] = dict(source.nodata)
+                print(lc.nodata_message(os.fspath(path), source.nodata, (source.height, source.width, source.num_bands)),
+                      file=sys.stderr)
             results.append(written)
             print(f"{path}: {source.height}×{source.width} px in {stats['seconds']:.1f} s "
                   f"({stats['pixels_per_second']:,.0f} px/s) → {png}"

@@ -10,6 +10,8 @@ Evaluation always reports two protocols, and their keys say which:
   itself is never excluded) — the modern standard;
 - `uni100_hr@K`, ...: the target ranked against 100 items drawn uniformly from those the user never
   interacted with (fixed by seed) — the protocol of the AdaMCT paper, roughly an order of magnitude higher.
+  The prefix carries the actual count: `--num-negatives 10` reports `uni10_hr@K` (the catalogue must
+  hold at least the longest history + N items).
 Metrics follow RecBole: HR@K = 1 if the target ranks in the top K, NDCG@K = 1/log2(rank+2), MRR@K = 1/(rank+1)
 (0-based rank, 0 outside the top K). Ties are broken against the target, so a constant scorer earns nothing.
 """
@@ -34,9 +36,20 @@ from hybridzoo.layers.fused import linear_cross_entropy
 from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task
 
-__all__ = ["RecommendationTask", "RankingMetric", "rank_metrics", "full_ranking_ranks", "sampled_ranks", "KS"]
+__all__ = ["RecommendationTask", "RankingMetric", "rank_metrics", "full_ranking_ranks", "sampled_ranks", "KS",
+           "sampled_prefix", "metric_names"]
 
 KS = (1, 5, 10, 20)
+
+
+def sampled_prefix(num_negatives: int) -> str:
+    """The key prefix of the sampled protocol: `uni100_` for 100 negatives, `uni10_` for 10."""
+    return f"uni{int(num_negatives)}_"
+
+
+def metric_names(num_negatives: int = 100) -> list[str]:
+    """Every metric key evaluation reports (valid `--valid-metric` values), for N sampled negatives."""
+    return [f"{p}{m}@{k}" for p in ("", sampled_prefix(num_negatives)) for m in ("hr", "ndcg", "mrr") for k in KS]
 
 
 def rank_metrics(ranks: torch.Tensor, ks=KS, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -77,28 +90,31 @@ def sampled_ranks(target_score: torch.Tensor, negative_scores: torch.Tensor) -> 
     return (negative_scores >= target_score[:, None]).sum(1)
 
 
-_RANK_KEYS = tuple(f"{p}{m}@{k}" for p in ("", "uni100_") for k in KS for m in ("hr", "ndcg", "mrr"))
+def _rank_keys(num_negatives: int) -> tuple[str, ...]:
+    return tuple(f"{p}{m}@{k}" for p in ("", sampled_prefix(num_negatives)) for k in KS for m in ("hr", "ndcg", "mrr"))
 
 
 class RankingMetric(Metric):
     """Sums of the per-user ranking metrics of both protocols (and the full-softmax cross-entropy), and
     the user count. `split` names whose histories the task excludes ("valid" or "test")."""
 
-    def __init__(self, split: str = "valid", with_loss: bool = True) -> None:
+    def __init__(self, split: str = "valid", with_loss: bool = True, num_negatives: int = 100) -> None:
         super().__init__()
         self.split, self.with_loss = split, with_loss
-        self.add_state("sums", torch.zeros(len(_RANK_KEYS) + 2, dtype=torch.float64))  # metrics, ce, users
+        # the sampled protocol is named by its negative count: uni100_hr@10, uni10_hr@10, ...
+        self.prefix, self.keys = sampled_prefix(num_negatives), _rank_keys(num_negatives)
+        self.add_state("sums", torch.zeros(len(self.keys) + 2, dtype=torch.float64))  # metrics, ce, users
 
     def update(self, full_ranks: torch.Tensor, sampled: torch.Tensor, ce: torch.Tensor | float = 0.0) -> None:
-        values = {**rank_metrics(full_ranks), **rank_metrics(sampled, prefix="uni100_")}
-        add = torch.stack([values[k].double().cpu() for k in _RANK_KEYS]
+        values = {**rank_metrics(full_ranks), **rank_metrics(sampled, prefix=self.prefix)}
+        add = torch.stack([values[k].double().cpu() for k in self.keys]
                           + [torch.as_tensor(float(ce), dtype=torch.float64),
                              torch.as_tensor(float(len(full_ranks)), dtype=torch.float64)])
         self.sums += add
 
     def compute(self) -> dict[str, float]:
         n = max(float(self.sums[-1]), 1.0)
-        out = {k: float(self.sums[i]) / n for i, k in enumerate(_RANK_KEYS)}
+        out = {k: float(self.sums[i]) / n for i, k in enumerate(self.keys)}
         if self.with_loss:
             out["loss"] = float(self.sums[-2]) / n
         return out
@@ -171,11 +187,13 @@ class RecommendationTask(Task):
         g.add_argument("--kcore", type=int, default=None,
                        help="iterative k-core filter on users and items (default 5 for files, 0 for the built-in set)")
         g.add_argument("--format", choices=FORMATS, default=None, help="interaction file format (default: detected)")
-        g.add_argument("--num-negatives", type=int, default=100, help="negatives of the sampled protocol")
-        g.add_argument("--valid-metric", default="ndcg@10",
-                       choices=[f"{p}{m}@{k}" for p in ("", "uni100_") for m in ("hr", "ndcg", "mrr") for k in KS],
-                       help="validation metric for --early-stop and the best epoch (the AdaMCT configs: "
-                            "uni100_hr@10; HR@K is RecBole's Recall@K under leave-one-out)")
+        g.add_argument("--num-negatives", type=int, default=100,
+                       help="negatives of the sampled protocol (metrics uni<N>_*); every user needs N items it "
+                            "never interacted with, so the catalogue must hold the longest history + N items")
+        g.add_argument("--valid-metric", default="ndcg@10", metavar="METRIC",
+                       help="validation metric for --early-stop and the best epoch: " + ", ".join(metric_names(100)[:3])
+                            + ", … (K = 1, 5, 10, 20), or uni<N>_hr@10 etc. for N = --num-negatives (the AdaMCT "
+                            "configs: uni100_hr@10; HR@K is RecBole's Recall@K under leave-one-out)")
         g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                        help="the engine's warm-up + cosine, or a constant rate as RecBole trains")
         g.add_argument("--history", nargs="*", default=None, help="predict: item ids of a history, oldest first")
@@ -192,10 +210,23 @@ class RecommendationTask(Task):
         return SequenceData.from_interactions(users, items, times, kcore=kcore)
 
     def build_data(self, args: argparse.Namespace) -> TaskData:
-        self.headline_metric = getattr(args, "valid_metric", None) or type(self).headline_metric
+        num_neg = getattr(args, "num_negatives", None)
+        num_neg = 100 if num_neg is None else int(num_neg)
+        if num_neg < 1:
+            raise ValueError(f"--num-negatives must be at least 1, got {num_neg}")
+        valid = getattr(args, "valid_metric", None) or type(self).headline_metric
+        if valid not in metric_names(num_neg):
+            hint = ""
+            if valid.startswith("uni") and "_" in valid:
+                hint = (f"; the sampled protocol runs with --num-negatives {num_neg}, so its metrics are "
+                        f"{sampled_prefix(num_neg)}*, e.g. {sampled_prefix(num_neg)}{valid.split('_', 1)[1]}")
+            raise ValueError(f"--valid-metric {valid!r} is not a reported metric; expected one of "
+                             f"{', '.join(metric_names(num_neg))}{hint}")
+        self.headline_metric = valid
+        self.num_negatives = num_neg
         max_len = getattr(args, "max_len", 50)
         self.data = data = self.load_sequences(args)
-        self.negatives = torch.from_numpy(data.sample_negatives(getattr(args, "num_negatives", 100), seed=0))
+        self.negatives = torch.from_numpy(data.sample_negatives(num_neg, seed=0))
         seq, lengths, target = data.train_samples(max_len)
         train = _Tensors(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(target))
         info = {"num_items": data.num_items, "num_users": data.num_users, "num_interactions": data.num_interactions,
@@ -222,7 +253,8 @@ class RecommendationTask(Task):
 
     def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> "RankingMetric":
         """`data_info["eval_split"]`: whose histories are excluded from the ranking ("valid" or "test")."""
-        return RankingMetric(data_info.get("eval_split", "valid"), with_loss=True)
+        return RankingMetric(data_info.get("eval_split", "valid"), with_loss=True,
+                             num_negatives=int(self.negatives.shape[1]))
 
     def _rank_step(self, scores: torch.Tensor, batch, metric: "RankingMetric") -> None:
         users, _, _, target = batch
@@ -253,7 +285,8 @@ class RecommendationTask(Task):
     def popularity_metrics(self, loader) -> dict[str, float]:
         """Both protocols for the popularity ranking (every user gets the training counts as scores)."""
         pop = torch.from_numpy(self.data.item_popularity()).double()
-        metric = RankingMetric(getattr(loader.dataset, "split", "valid"), with_loss=False)
+        metric = RankingMetric(getattr(loader.dataset, "split", "valid"), with_loss=False,
+                               num_negatives=int(self.negatives.shape[1]))
         for batch in loader:
             self._rank_step(pop.expand(batch[1].shape[0], -1), batch, metric)
         return metric.compute()  # one process's view, no sync (called on rank 0 alone)
@@ -272,11 +305,13 @@ class RecommendationTask(Task):
         pop = self.popularity_metrics(test)
         run_dir = Path(run_dir)
         (run_dir / "items.json").write_text(json.dumps(self.data.item_tokens))
+        n_neg = int(self.negatives.shape[1])
         report = {"protocols": {"hr@K, ndcg@K, mrr@K": "full ranking over all items, history excluded",
-                                "uni100_*": "target vs 100 uniformly sampled unseen items (the AdaMCT paper's)"},
+                                f"{sampled_prefix(n_neg)}*": f"target vs {n_neg} uniformly sampled unseen items"
+                                + (" (the AdaMCT paper's)" if n_neg == 100 else "")},
                   "test": ours, "test_popularity": pop}
         (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
-        _plot_metrics(run_dir / "recommendation.png", ours, pop, getattr(model, "model_name", args.model))
+        _plot_metrics(run_dir / "recommendation.png", ours, pop, getattr(model, "model_name", args.model), n_neg)
         return {f"test_{k}": v for k, v in ours.items() if k.endswith(("hr@10", "ndcg@10"))} | \
                {f"test_{k}_pop": v for k, v in pop.items() if k.endswith(("hr@10", "ndcg@10"))}
 
@@ -328,13 +363,15 @@ class RecommendationTask(Task):
             write_json_results(args.json, {"history": history, "top": results})
 
 
-def _plot_metrics(path: Path, ours: dict[str, float], pop: dict[str, float], name: str) -> None:
+def _plot_metrics(path: Path, ours: dict[str, float], pop: dict[str, float], name: str, num_negatives: int = 100) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, prefix, title in ((axes[0], "", "full ranking (all items)"), (axes[1], "uni100_", "100 sampled negatives")):
+    panels = ((axes[0], "", "full ranking (all items)"),
+              (axes[1], sampled_prefix(num_negatives), f"{num_negatives} sampled negatives"))
+    for ax, prefix, title in panels:
         x = np.arange(len(KS))
         for off, (label, src) in zip((-0.2, 0.2), ((name, ours), ("popularity", pop))):
             ax.bar(x + off - 0.1, [src[f"{prefix}hr@{k}"] for k in KS], 0.2, label=f"{label} HR")

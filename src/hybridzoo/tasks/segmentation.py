@@ -41,7 +41,7 @@ from hybridzoo.tasks.base import Task, TaskData, register_task
 
 __all__ = [
     "SegmentationTask", "SegMetrics", "intersect_and_union", "segmentation_loss", "slide_inference",
-    "whole_inference", "poly_lr_lambda", "colorize", "overlay",
+    "whole_inference", "poly_lr_lambda", "colorize", "overlay", "legend_handles", "overlay_figure",
 ]
 
 
@@ -248,6 +248,49 @@ def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float =
     return blend.clip(0, 255).astype(np.uint8)
 
 
+def legend_handles(pal: np.ndarray, class_names=None, present=None, limit: int = 20) -> list:
+    """matplotlib legend patches, one per class in its overlay colour: every class when there are at
+    most `limit`, else only the classes in `present` (150 ADE20K entries would hide the picture)."""
+    from matplotlib.patches import Patch
+
+    k = len(pal)
+    names = list(class_names) if class_names else [str(i) for i in range(k)]
+    if k <= limit or present is None:
+        idx = range(k)
+    else:
+        idx = sorted({int(c) for c in np.asarray(present).ravel().tolist() if 0 <= int(c) < k})
+    return [Patch(facecolor=pal[i] / 255.0, edgecolor="k", linewidth=0.3, label=names[i]) for i in idx]
+
+
+def overlay_figure(panels, pal: np.ndarray, class_names=None, cols: int | None = None, panel_inches: float = 3.0):
+    """A figure of (title, RGB picture) panels in rows of `cols`, with one colour legend of class names
+    below them; class maps of the panels (H×W ints, optional third element) decide which classes a
+    long class list shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = cols or len(panels)
+    rows = -(-len(panels) // cols)
+    present = np.unique(np.concatenate([np.asarray(p[2]).ravel() for p in panels if len(p) > 2] or [np.zeros(0, int)]))
+    handles = legend_handles(pal, class_names, present if present.size else None)
+    ncol = min(len(handles), 6) or 1
+    legend_rows = -(-len(handles) // ncol)
+    legend_inches = 0.3 * legend_rows + 0.2
+    height = panel_inches * rows + legend_inches
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, height), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, panel in enumerate(panels):
+        ax = axes[i // cols][i % cols]
+        ax.imshow(panel[1])
+        ax.set_title(panel[0], fontsize=9)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
+    return fig
+
+
 def _denormalize(img: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(IMAGENET_MEAN, device=img.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=img.device).view(3, 1, 1)
@@ -289,7 +332,8 @@ _DATA_DEFAULTS = {
     "cityscapes": ((512, 1024), (1024, 2048), (0.5, 2.0), (512, 1024)),
     "ade20k": ((512, 512), (512, 2048), (0.5, 2.0), (512, 2048)),
     "folder": ((256, 256), None, (0.5, 2.0), None),
-    "synthetic": ((96, 96), None, (0.5, 2.0), None),
+    # built-in scenes: 64×64 keeps each default run (SCTNet-S, SegNetr) to a few minutes on 2 CPU cores
+    "synthetic": ((64, 64), None, (0.5, 2.0), None),
 }
 
 
@@ -314,6 +358,12 @@ class SegmentationTask(Task):
             (("--dataset",), dict(default="auto", choices=["auto", "synthetic", "cityscapes", "ade20k", "folder"],
                                   help="layout under --data (auto-detected); synthetic when --data is not given")),
             (("--num-classes",), dict(type=int, default=None, help="classes of a folder dataset / synthetic scenes")),
+            (("--ignore-index",), dict(type=int, default=None, metavar="V",
+                                       help="folder masks: the value that marks void pixels in the mask files "
+                                            "(CamVid: 11); excluded from loss and metrics (default: 255)")),
+            (("--reduce-zero-label",), dict(action="store_true",
+                                            help="folder masks: 0 is void and labels 1..K become 0..K-1 "
+                                                 "(mmsegmentation's option; ADE20K does this already)")),
             (("--crop-size",), dict(default=None, help="training crop H,W (default per dataset)")),
             (("--base-scale",), dict(default=None, help="short,long size the random ratio applies to")),
             (("--ratio-range",), dict(default="0.5,2.0", help="random rescale ratio range")),
@@ -324,9 +374,9 @@ class SegmentationTask(Task):
             (("--avg-non-ignore",), dict(action="store_true", help="average CE over labelled pixels only")),
             (("--teacher",), dict(default=None, help="SCTNet: SegFormer teacher weights; enables SIAM alignment")),
             (("--teacher-model",), dict(default=None, help="SCTNet teacher (default segformer-b2 for S, b3 for B)")),
-            (("--synthetic-size",), dict(type=int, default=128, help="side of a built-in scene")),
-            (("--synthetic-train",), dict(type=int, default=256, help="built-in training scenes")),
-            (("--synthetic-val",), dict(type=int, default=64, help="built-in validation scenes")),
+            (("--synthetic-size",), dict(type=int, default=64, help="side of a built-in scene")),
+            (("--synthetic-train",), dict(type=int, default=64, help="built-in training scenes")),
+            (("--synthetic-val",), dict(type=int, default=32, help="built-in validation scenes")),
             (("--head-lr-mult",), dict(type=float, default=10.0, help="lr multiplier of parameters under a 'head'")),
             (("--warmup-steps",), dict(type=int, default=None, help="poly schedule warm-up steps")),
         ):
@@ -371,13 +421,21 @@ class SegmentationTask(Task):
 
     def build_data(self, args: argparse.Namespace) -> TaskData:
         kind = self._layout(args)
+        if kind != "folder":
+            # the other layouts define their void labels themselves (Cityscapes: label ids outside the
+            # 19 train ids, ADE20K: 0); a second rule on top would silently drop real classes
+            for opt, on in (("--ignore-index", getattr(args, "ignore_index", None) is not None),
+                            ("--reduce-zero-label", bool(getattr(args, "reduce_zero_label", False)))):
+                if on:
+                    raise ValueError(f"{opt} applies to images/ + masks/ folders, not to the {kind} layout "
+                                     "(which maps its own void labels)")
         train_tf, val_tf = self._transforms(args, kind)
         seed = int(self._arg(args, "seed", 0))
         if kind == "synthetic":
             k = int(self._arg(args, "num_classes", 5))
-            size = int(self._arg(args, "synthetic_size", 128))
-            train = SyntheticScenes(int(self._arg(args, "synthetic_train", 256)), size, k, "train", seed, train_tf)
-            val = SyntheticScenes(int(self._arg(args, "synthetic_val", 64)), size, k, "val", seed, val_tf)
+            size = int(self._arg(args, "synthetic_size", 64))
+            train = SyntheticScenes(int(self._arg(args, "synthetic_train", 64)), size, k, "train", seed, train_tf)
+            val = SyntheticScenes(int(self._arg(args, "synthetic_val", 32)), size, k, "val", seed, val_tf)
         elif kind == "cityscapes":
             train = CityscapesSegmentation(args.data, "train", train_tf, seed)
             val = CityscapesSegmentation(args.data, "val", val_tf, seed)
@@ -386,8 +444,10 @@ class SegmentationTask(Task):
             val = ADE20KSegmentation(args.data, "val", val_tf, seed)
         else:
             k = getattr(args, "num_classes", None)
-            train = FolderSegmentation(args.data, "train", train_tf, seed, num_classes=k)
-            val = FolderSegmentation(args.data, "val", val_tf, seed, num_classes=k or train.num_classes)
+            void = dict(ignore_index=getattr(args, "ignore_index", None),
+                        reduce_zero_label=bool(getattr(args, "reduce_zero_label", False)))
+            train = FolderSegmentation(args.data, "train", train_tf, seed, num_classes=k, **void)
+            val = FolderSegmentation(args.data, "val", val_tf, seed, num_classes=k or train.num_classes, **void)
         info = dataset_info(train)
         info["layout"] = kind
         return TaskData(train=train, val=val, info=info, collate_fn=collate_segmentation)
@@ -504,7 +564,8 @@ class SegmentationTask(Task):
     # ---------------------------------------------------------------------------------- pictures
     @torch.no_grad()
     def on_train_end(self, run_dir: Path, model: nn.Module, data: TaskData, args: argparse.Namespace) -> None:
-        """`overlays.png`: image, ground truth and prediction overlays for the first validation images."""
+        """`overlays.png`: image, ground truth and prediction overlays for the first validation images,
+        with a colour legend of the class names."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -515,11 +576,12 @@ class SegmentationTask(Task):
         if n == 0:
             return
         k = int(data.info["num_classes"])
-        pal = palette(k, data.info.get("class_names"))
+        names = data.info.get("class_names")
+        pal = palette(k, names)
         was_training = model.training
         model.eval()
         device = _model_device(model)
-        fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+        panels = []
         for r in range(n):
             img, mask, meta = val[r]
             logits = self.predict_logits(model, img[None].to(device), args, k)
@@ -527,12 +589,9 @@ class SegmentationTask(Task):
             pred = F.interpolate(logits, size=(mh, mw), mode="bilinear", align_corners=False).argmax(1)[0].cpu().numpy()
             raw = val.raw_image(r)
             gt = mask.numpy().astype(np.int64)
-            for c, (title, pic) in enumerate((("image", raw), ("ground truth", overlay(raw, gt, pal)),
-                                              ("prediction", overlay(raw, pred, pal)))):
-                axes[r][c].imshow(pic)
-                axes[r][c].set_title(title, fontsize=9)
-                axes[r][c].axis("off")
-        fig.tight_layout()
+            panels += [("image", raw), ("ground truth", overlay(raw, gt, pal), gt[gt != IGNORE_INDEX]),
+                       ("prediction", overlay(raw, pred, pal), pred)]
+        fig = overlay_figure(panels, pal, names, cols=3)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         fig.savefig(Path(run_dir) / "overlays.png", dpi=100)
         plt.close(fig)
@@ -544,8 +603,9 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def predict(self, args: argparse.Namespace) -> None:
-        """Segment images (files or folders): `<stem>_mask.png` (class indices) and `<stem>_overlay.png`
-        in the output folder, with the run's validation transform and inference mode."""
+        """Segment images (files or folders): `<stem>_mask.png` (class indices), `<stem>_overlay.png` (the
+        input's size) and `<stem>_overlay_legend.png` (the overlay with a colour legend of class names) in the
+        output folder, with the run's validation transform and inference mode."""
         from PIL import Image
 
         from hybridzoo.engine.run import expand_inputs, load_run_from_args, output_dir, read_image_file, report_stream
@@ -572,12 +632,23 @@ class SegmentationTask(Task):
             pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8 if k <= 256 else np.int32)
             mask_path, overlay_path = out_dir / f"{f.stem}_mask.png", out_dir / f"{f.stem}_overlay.png"
             Image.fromarray(pred).save(mask_path)
-            Image.fromarray(overlay(raw, pred, pal)).save(overlay_path)
+            blend = overlay(raw, pred, pal)
+            Image.fromarray(blend).save(overlay_path)                     # pixel-aligned with the input
+            legend_path = out_dir / f"{f.stem}_overlay_legend.png"
+            _save_legend_figure(legend_path, f.name, blend, pred, pal, names)
             counts = np.bincount(pred.ravel(), minlength=k)
-            results.append({"image": str(f), "mask": str(mask_path), "overlay": str(overlay_path),
+            results.append({"image": str(f), "mask": str(mask_path), "overlay": str(overlay_path), "legend": str(legend_path),
                             "class_pixels": {str(names[c] if names else c): int(counts[c]) for c in range(k)}})
-            print(f"{f} → {mask_path}, {overlay_path}", file=log)
+            print(f"{f} → {mask_path}, {overlay_path}, {legend_path}", file=log)
         if getattr(args, "json", None):
             from hybridzoo.engine.logger import write_json_results
 
             write_json_results(args.json, results)
+
+
+def _save_legend_figure(path: Path, title: str, blend: np.ndarray, pred: np.ndarray, pal: np.ndarray, names) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure([(title, blend, pred)], pal, names, panel_inches=float(np.clip(max(pred.shape) / 100, 4, 12)))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
