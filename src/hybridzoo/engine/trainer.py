@@ -35,6 +35,7 @@ from hybridzoo.engine.checkpoint import (CheckpointError, atomic_save, get_rng_s
                                          save_weights, set_rng_state)
 from hybridzoo.engine.logger import format_row, plot_curves, write_metrics_csv, write_summary
 from hybridzoo.engine.optim import CosineWarmupSchedule, ModelEma, build_optimizer
+from hybridzoo.engine.rundir import check_same_classes, keep_finished_weights, prepare_run_dir
 
 __all__ = ["train", "evaluate", "TrainResult", "NonFiniteLossError", "ENGINE_DEFAULTS", "fill_defaults",
            "default_run_dir", "seed_everything", "move_to_device", "AMP_DTYPES"]
@@ -48,7 +49,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 0, "device": "auto", "workers": None, "amp": "none", "compile": False, "ema": False,
     "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": False,
     "limit_train_batches": None, "limit_val_batches": None, "stop_after_epochs": None, "progress": True,
-    "early_stop": None,
+    "early_stop": None, "overwrite": False,
 }
 
 
@@ -189,8 +190,15 @@ def train(args: argparse.Namespace, task=None) -> TrainResult:
 
     task = task if task is not None else get_task(args.task or "classification")
     args = fill_defaults(args, task)
+    for k in ("epochs", "batch_size"):  # 0 epochs would write a "completed" run without weights
+        if not isinstance(getattr(args, k), int) or getattr(args, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)!r}")
+    if not args.output:
+        args.output = str(Path(args.resume).parent if args.resume else default_run_dir(args.model))
     info = distributed.setup(args.device)
     try:
+        if info.is_main:  # before any work: an existing run, a file, a read-only folder, dead temp files
+            prepare_run_dir(args.output, resume=args.resume, overwrite=getattr(args, "overwrite", False))
         return _train(args, task, info)
     finally:
         distributed.cleanup(info)
@@ -251,6 +259,15 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
         start_epoch, step, history = int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt.get("history", []))
+        finished_epochs = ckpt.get("args", {}).get("epochs")
+        if main and finished_epochs and start_epoch >= finished_epochs and args.epochs > start_epoch:
+            # a finished run extended: its final weights would be overwritten by the first new epoch
+            kept = keep_finished_weights(run_dir, start_epoch)
+            print(f"note: {args.resume} is a finished {start_epoch}-epoch run; continuing it to {args.epochs} "
+                  f"epochs. The schedule is laid out again over {args.epochs} epochs, so epoch {start_epoch + 1} "
+                  f"starts at lr {args.lr * schedule.factor(step):.3g} (the run ended at lr "
+                  f"{history[-1].get('lr', float('nan')) if history else float('nan'):.3g})"
+                  + (f"; its final weights are kept as {', '.join(p.name for p in kept)}" if kept else ""))
         rngs = ckpt.get("rng", [])
         if len(rngs) == info.world_size:
             set_rng_state(rngs[info.rank])
@@ -461,6 +478,7 @@ def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
         amp_dtype = _amp_dtype(args.amp, info.device)
         seed_everything(args.seed)
         data = task.build_data(args)
+        check_same_classes(getattr(args, "checkpoint", None), data.info)  # before a mismatched head is re-initialised
         model = task.build_model(args, data.info).to(info.device)
         _, _, val_loader = _build_loaders(data, args, info, task)
         return _evaluate(task, model, val_loader, args, info, amp_dtype)
