@@ -289,6 +289,7 @@ def test_14_broken_yaml_names_the_file_and_line(tmp_path, capsys):
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"hybridzoo: error: {str(cfg)!r} is not valid YAML, line ") and err.count("\n") == 1
+    assert "(while parsing a flow sequence started at line 2)" in err  # where the bracket was opened
 
 
 def test_14_negative_threads(capsys):

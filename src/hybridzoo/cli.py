@@ -248,6 +248,9 @@ def _read_config(path: str) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and ctx_mark is not None:  # where the unclosed bracket or quote began
+            what += f" ({ctx} started at line {ctx_mark.line + 1})"
         raise ValueError(f"{path!r} is not valid YAML{where}: {what}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path!r} should hold a mapping of option: value")
@@ -527,7 +530,7 @@ def _merge_resume_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     from hybridzoo.engine.checkpoint import load_checkpoint
 
     saved = load_checkpoint(args.resume).get("args", {})
-    keep = {"resume", "output", "device", "workers", "progress", "config", "plugin", "command"}
+    keep = {"resume", "output", "overwrite", "device", "workers", "progress", "config", "plugin", "command"}
     for k, v in saved.items():
         if k in keep or not hasattr(args, k):
             continue
