@@ -628,10 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        # the reader went away (`hybridzoo list | head`): not an error; silence the final flush too
+        # the reader went away (`hybridzoo list | head`); silence the interpreter's final flush too.
+        # Not an error for the listing commands; a run cut short by it is
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 0
+        return 0 if argv[:1] in (["list"], ["info"]) else 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
