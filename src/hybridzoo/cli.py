@@ -68,38 +68,63 @@ def _pop_plugins(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------------------------- parser
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (epochs, batch sizes, threads, ...)."""
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (worker processes, warm-up iterations)."""
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--task", default=None, help="task (default: the model card's task, else classification)")
     g.add_argument("--model", default=None, help="model name (default: the task's demo model)")
     g.add_argument("--data", default=None, help="dataset path (default: the task's built-in dataset)")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None, help="per process")
-    g.add_argument("--eval-batch-size", type=int, default=None, help="per process (default: 2 × batch size)")
+    g.add_argument("--epochs", type=positive_int, default=None)
+    g.add_argument("--batch-size", type=positive_int, default=None, help="per process")
+    g.add_argument("--eval-batch-size", type=positive_int, default=None, help="per process (default: 2 × batch size)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (not scaled by batch size)")
     g.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
     g.add_argument("--weight-decay", type=float, default=None)
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up, per step")
-    g.add_argument("--output", default=None, help="run folder (default: runs/<time>-<model>)")
+    g.add_argument("--output", default=None, help="run folder (default: runs/<time>-<model>); a folder that "
+                   "already holds a run is refused unless --overwrite")
+    g.add_argument("--overwrite", action="store_true", help="train into an --output folder that already holds a run, "
+                   "replacing its files")
     g.add_argument("--resume", default=None, help="last.ckpt of a run to continue exactly")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--workers", type=int, default=None, help="data-loading processes")
+    g.add_argument("--workers", type=non_negative_int, default=None, help="data-loading processes")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (also evaluated)")
     g.add_argument("--ema-decay", type=float, default=0.9998)
     g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
-    g.add_argument("--accum-steps", type=int, default=1, metavar="N",
+    g.add_argument("--accum-steps", type=positive_int, default=1, metavar="N",
                    help="accumulate gradients over N batches per optimiser step (effective batch N × batch size)")
     g.add_argument("--pretrained", default=None, help="initial weights (ours or an official layout)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    g.add_argument("--limit-train-batches", type=int, default=None,
+    g.add_argument("--limit-train-batches", type=positive_int, default=None,
                    help="at most this many optimiser steps per epoch (each of --accum-steps batches)")
-    g.add_argument("--limit-val-batches", type=int, default=None)
-    g.add_argument("--stop-after-epochs", type=int, default=None,
+    g.add_argument("--limit-val-batches", type=positive_int, default=None)
+    g.add_argument("--stop-after-epochs", type=positive_int, default=None,
                    help="stop after this many epochs of this invocation (then --resume), e.g. for time-limited jobs")
-    g.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+    g.add_argument("--early-stop", type=positive_int, default=None, metavar="PATIENCE",
                    help="stop when the task's headline metric has not improved for PATIENCE epochs; the best "
                         "epoch's weights are kept (model.safetensors) and used for the final report")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -148,15 +173,15 @@ def build_parser(task=None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="params, MACs, latency and throughput (inference and training)")
     p.add_argument("name")
-    p.add_argument("--batch-size", type=int, default=None, help="throughput batch (default 32 on GPU, 8 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="throughput batch (default 32 on GPU, 8 on CPU)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--resolution", type=int, default=None, help="input side (default: the card's)")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--resolution", type=positive_int, default=None, help="input side (default: the card's)")
+    p.add_argument("--iters", type=positive_int, default=10)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--onednn", action="store_true",
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
@@ -254,10 +279,65 @@ def _read_config(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {path!r}")
-    cfg = yaml.safe_load(p.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and ctx_mark is not None:  # where the unclosed bracket or quote began
+            what += f" ({ctx} started at line {ctx_mark.line + 1})"
+        raise ValueError(f"{path!r} is not valid YAML{where}: {what}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path!r} should hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in cfg.items()}
+
+
+def _typed_config(cfg: dict[str, Any], parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Config values pass the same type checks as the options they stand for (`epochs: 0` is refused too)."""
+    actions = {a.dest: a for a in parser._actions}
+    out = {}
+    for k, v in cfg.items():
+        a = actions.get(k)
+        if a is not None and a.type is not None and v is not None:
+            try:
+                v = a.type(v if isinstance(v, str) else str(v))
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+                raise ValueError(f"{path!r}: {k}: {e}") from None
+        if a is not None and a.choices is not None and v is not None and v not in a.choices:
+            raise ValueError(f"{path!r}: {k}: {v!r} is not one of {list(a.choices)}")
+        out[k] = v
+    return out
+
+
+def check_model_task(name: str, task) -> None:
+    """A model of another task is refused up front, naming its task and this task's models."""
+    from hybridzoo.registry import get_card, list_models
+
+    card = get_card(name)
+    if card.task == task.name:
+        return
+    models = [n for n in list_models() if get_card(n).task == task.name]
+    raise ValueError(f"{name} is a {card.task} model, not a {task.name} one. {task.name} models: "
+                     f"{', '.join(models) if models else '(none registered)'}; or drop --task to use {name} "
+                     f"for {card.task}")
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    # the CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory ...")
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
+
+
+def _out_of_memory_error(e: BaseException, batch_size: int | None, what: str) -> ValueError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = (f"; try --batch-size {max(1, batch_size // 2)}" if batch_size and batch_size > 1 else "")
+    return ValueError(f"out of memory {what} at --batch-size {batch_size}{hint} "
+                      f"(the allocator said: {first})")
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -278,9 +358,11 @@ def cmd_list(args) -> int:
     for n in names:
         c = get_card(n)
         rep = c.reported
-        metric = next(((k, v) for k, v in rep.items() if k not in ("params_m", "gflops", "resolution")), None)
+        # a figure the paper does not give is None on the card: shown as "—", never "None"
+        metric = next(((k, v) for k, v in rep.items() if k not in ("params_m", "gflops", "resolution") and v is not None),
+                      None)
         rows.append((n, c.task, c.paper, _num(rep.get("params_m"), "M"), _num(rep.get("gflops"), "G"),
-                     f"{metric[0]} {metric[1]}" if metric else "", "demo" if c.demo else ""))
+                     f"{metric[0]} {metric[1]}" if metric else "—", "demo" if c.demo else ""))
     header = ("model", "task", "paper", "params", "MACs", "reported", "")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
@@ -291,7 +373,7 @@ def cmd_list(args) -> int:
 
 
 def _num(v, unit: str) -> str:
-    return "" if v is None else f"{v:g}{unit}"
+    return "—" if v is None else f"{v:g}{unit}"
 
 
 def cmd_info(args) -> int:
@@ -322,7 +404,7 @@ def cmd_info(args) -> int:
                  "—" if measured is None else f"{measured['macs'] / 1e9:.3f} G{ref}"))
     for k, v in rep.items():
         if k not in ("params_m", "gflops", "resolution"):
-            rows.append((k, str(v), "train/eval to measure"))
+            rows.append((k, "—" if v is None else str(v), "train/eval to measure"))
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     for r in rows:
         print(f"  {r[0].ljust(w0)}  {r[1].ljust(w1)}  {r[2]}")
@@ -355,11 +437,23 @@ class _WithKwargs:
         return bound
 
 
+def _note(msg: str) -> None:
+    # progress on stderr, so stdout stays the results (and --json-like piping keeps working)
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
 def bench_rows(model, name: str, input_size: tuple[int, ...], args, device) -> list[dict[str, Any]]:
-    """One row per bench config: the model's `bench_configs()` if it has one, else its default input."""
+    """One row per bench config: the model's `bench_configs()` if it has one, else its default input.
+
+    Each measurement announces itself on stderr (with a memory estimate first), so a long run is never silent.
+    """
     import torch
 
-    from hybridzoo.profile import benchmark, count_macs, count_params, example_input
+    from hybridzoo.profile import benchmark, count_params, estimate_memory, example_input, forward_profile
     from hybridzoo.engine.trainer import AMP_DTYPES
 
     configs = model.bench_configs() if hasattr(model, "bench_configs") else [{"input_size": tuple(input_size)}]
@@ -367,7 +461,7 @@ def bench_rows(model, name: str, input_size: tuple[int, ...], args, device) -> l
     bs = args.batch_size or (32 if device.type == "cuda" else 8)
     params = count_params(model)
     rows = []
-    for cfg in configs:
+    for i, cfg in enumerate(configs):
         # config keys: input_size, name, module (another network to time, e.g. a teacher), batch_size,
         # train (False: inference only); the rest are forward keyword arguments
         cfg = dict(cfg)
@@ -380,26 +474,42 @@ def bench_rows(model, name: str, input_size: tuple[int, ...], args, device) -> l
         target = module.to(device) if module is not None else model
         runner = _WithKwargs.wrap(target, cfg)
         runner.eval()
+        config = label or (", ".join(f"{k}={v}" for k, v in cfg.items()) or "default")
+        n = cfg_bs or bs
+        train = not args.no_train and cfg_train and not args.onednn
+        n_params = count_params(target) if module is not None else params
+        # counted on the eager model: the oneDNN path computes the same products through kernels the
+        # counter cannot see, so `info`, `bench` and `bench --onednn` report one number
+        prof = forward_profile(runner, example_input(runner, size, 1, device=device))
+        need = estimate_memory(n_params, prof["activation_bytes"], n, train)
+        _note(f"[{i + 1}/{len(configs)}] {name} [{config}] input {size}: {prof['macs'] / 1e9:.3f} GMACs; memory "
+              f"estimate {_gb(need)} for {'a training step' if train else 'inference'} at batch {n} (weights "
+              f"{_gb(n_params * 4)}, activations up to {_gb(prof['activation_bytes'])} per sample)")
         if args.onednn:
             from hybridzoo.layers.onednn import optimize_for_cpu_inference
             runner = optimize_for_cpu_inference(runner)
-        with torch.no_grad():
-            macs = count_macs(runner, example_input(runner, size, 1, device=device))
-        row: dict[str, Any] = {"model": name, "config": label or (", ".join(f"{k}={v}" for k, v in cfg.items()) or "default"),
-                               "input_size": list(size), "params": count_params(target) if module is not None else params,
-                               "macs_g": macs / 1e9, "device": str(device), "amp": args.amp,
+        row: dict[str, Any] = {"model": name, "config": config, "input_size": list(size), "params": n_params,
+                               "macs_g": prof["macs"] / 1e9, "device": str(device), "amp": args.amp,
                                "threads": torch.get_num_threads()}
         common = dict(device=str(device), warmup=args.warmup, iters=args.iters, amp_dtype=amp)
+        steps = f"{args.warmup} warm-up + {args.iters} timed"
+        _note(f"  latency at batch 1 ({steps}) ...")
         lat = benchmark(runner, size, batch_size=1, **common)
         row["latency_ms_bs1"] = lat["seconds_per_iter"] * 1e3
         row["fps_bs1"] = 1.0 / lat["seconds_per_iter"]
-        n = cfg_bs or bs
-        if n != 1:
-            thr = benchmark(runner, size, batch_size=n, **common)
-            row[f"infer_samples_per_s_bs{n}"] = thr["samples_per_second"]
-        if not args.no_train and cfg_train and not args.onednn:
-            tr = benchmark(runner, size, batch_size=n, train=True, **common)
-            row[f"train_samples_per_s_bs{n}"] = tr["samples_per_second"]
+        try:
+            if n != 1:
+                _note(f"  inference throughput at batch {n} ({steps}) ...")
+                thr = benchmark(runner, size, batch_size=n, **common)
+                row[f"infer_samples_per_s_bs{n}"] = thr["samples_per_second"]
+            if train:
+                _note(f"  training throughput at batch {n} ({steps}) ...")
+                tr = benchmark(runner, size, batch_size=n, train=True, **common)
+                row[f"train_samples_per_s_bs{n}"] = tr["samples_per_second"]
+        except RuntimeError as e:
+            if not _is_out_of_memory(e):
+                raise
+            raise _out_of_memory_error(e, n, f"benchmarking {name} [{config}]") from None
         rows.append(row)
     return rows
 
@@ -457,7 +567,7 @@ def _merge_resume_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     from hybridzoo.engine.checkpoint import load_checkpoint
 
     saved = load_checkpoint(args.resume).get("args", {})
-    keep = {"resume", "output", "device", "workers", "progress", "config", "plugin", "command"}
+    keep = {"resume", "output", "overwrite", "device", "workers", "progress", "config", "plugin", "command"}
     for k, v in saved.items():
         if k in keep or not hasattr(args, k):
             continue
@@ -470,7 +580,12 @@ def cmd_train(args, task, parser) -> int:
 
     if args.resume:
         _merge_resume_args(args, parser)
-    train(args, task)
+    try:
+        train(args, task)
+    except RuntimeError as e:
+        if not _is_out_of_memory(e):
+            raise
+        raise _out_of_memory_error(e, args.batch_size or task.default_batch_size, "while training") from None
     return 0
 
 
@@ -506,7 +621,7 @@ def cmd_predict(args, task) -> int:
 
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    from hybridzoo.engine.checkpoint import CheckpointError
+    from hybridzoo.engine.checkpoint import CheckpointError, DiskFullError
     from hybridzoo.engine.trainer import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -528,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             unknown = sorted(set(cfg) - known)
             if unknown:
                 raise ValueError(f"{pre.config!r}: unknown options {unknown}")
-            train_parser.set_defaults(**cfg)
+            train_parser.set_defaults(**_typed_config(cfg, train_parser, pre.config))
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
@@ -539,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command in ("train", "eval", "predict") and args.model:
+            check_model_task(args.model, task)
         if args.command == "train":
             args.task = task.name
             return cmd_train(args, task, parser._subparsers._group_actions[0].choices["train"])
@@ -551,9 +668,15 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, CheckpointError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, NotImplementedError, DiskFullError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`hybridzoo list | head`); silence the interpreter's final flush too.
+        # Not an error for the listing commands; a run cut short by it is
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0 if argv[:1] in (["list"], ["info"]) else 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

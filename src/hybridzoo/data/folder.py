@@ -43,6 +43,7 @@ def find_images(split_dir: Path, classes: list[str] | None = None) -> tuple[list
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise FileNotFoundError(f"{os.fspath(split_dir)!r} has no class folders; expected {FOLDER_LAYOUT}")
+    split_is_train = classes is None
     if classes is None:
         classes = found
     else:
@@ -50,12 +51,20 @@ def find_images(split_dir: Path, classes: list[str] | None = None) -> tuple[list
         if unknown:
             raise ValueError(f"{os.fspath(split_dir)!r} has class folders not in train/: {unknown}")
     index = {c: i for i, c in enumerate(classes)}
-    samples = []
+    samples, empty = [], []
     for c in found:
+        n = len(samples)
         for root, _, files in sorted(os.walk(split_dir / c, followlinks=True)):
             for f in sorted(files):
                 if f.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.join(root, f), index[c]))
+        if len(samples) == n:
+            empty.append(c)
+    if empty and samples and split_is_train:
+        # each training folder is a class: an empty one would be a class the model can never learn
+        raise ValueError(f"class folder(s) without images in {os.fspath(split_dir)!r}: "
+                         f"{', '.join(repr(os.fspath(split_dir / c)) for c in empty)}; every folder of train/ is a "
+                         f"class, so remove them or add images ({', '.join(IMG_EXTENSIONS)})")
     if not samples:
         raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {os.fspath(split_dir)!r}; "
                                 f"expected {FOLDER_LAYOUT}")

@@ -10,15 +10,17 @@ a crash mid-write leaves the previous file intact.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "atomic_write", "atomic_save", "load_checkpoint", "save_weights",
+__all__ = ["CheckpointError", "DiskFullError", "atomic_write", "atomic_save", "load_checkpoint", "save_weights",
            "get_rng_state", "set_rng_state", "plain_args", "read_run"]
 
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "step")
@@ -28,8 +30,35 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt, or not a hybridzoo training checkpoint."""
 
 
+class DiskFullError(OSError):
+    """No space (or quota) left while writing a file; the previous file is kept and the partial one removed."""
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    # torch.save reports a failed write as "RuntimeError: ... unexpected pos N vs M", the errno lost;
+    # so besides ENOSPC anywhere in the chain, a failed write on a full file system counts too
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        e = e.__cause__ or e.__context__
+    if isinstance(exc, Exception) and not isinstance(exc, OSError):
+        try:
+            return shutil.disk_usage(folder).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Call `write(file)` on a temporary file in the target's folder, fsync it, then rename it over `path`."""
+    """Call `write(file)` on a temporary file in the target's folder, fsync it, then rename it over `path`.
+
+    On any failure the temporary file is removed and `path` is left as it was; a full disk is a
+    `DiskFullError` saying so. Temp files of killed processes are removed by `engine.rundir`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -39,8 +68,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if _out_of_space(e, path.parent):
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            err = DiskFullError(f"no space left on {os.fspath(path.parent)!r} while writing {path.name} "
+                                f"({kept}; the partial file was removed). Free some space, or choose another "
+                                "--output")
+            err.errno = errno.ENOSPC
+            raise err from e
         raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)

@@ -40,6 +40,7 @@ from hybridzoo.engine.checkpoint import (CheckpointError, atomic_save, get_rng_s
 from hybridzoo.engine.logger import format_row, plot_curves, write_metrics_csv, write_summary
 from hybridzoo.engine.optim import CosineWarmupSchedule, ModelEma, build_optimizer
 from hybridzoo.engine.state import TrainState
+from hybridzoo.engine.rundir import check_same_classes, keep_finished_weights, prepare_run_dir
 
 __all__ = ["train", "evaluate", "TrainResult", "NonFiniteLossError", "ENGINE_DEFAULTS", "fill_defaults",
            "default_run_dir", "seed_everything", "move_to_device", "AMP_DTYPES"]
@@ -53,7 +54,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 0, "device": "auto", "workers": None, "amp": "none", "compile": False, "ema": False,
     "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": False,
     "limit_train_batches": None, "limit_val_batches": None, "stop_after_epochs": None, "progress": True,
-    "early_stop": None, "accum_steps": 1,
+    "early_stop": None, "accum_steps": 1, "overwrite": False,
 }
 
 
@@ -206,8 +207,15 @@ def train(args: argparse.Namespace, task=None) -> TrainResult:
 
     task = task if task is not None else get_task(args.task or "classification")
     args = fill_defaults(args, task)
+    for k in ("epochs", "batch_size"):  # 0 epochs would write a "completed" run without weights
+        if not isinstance(getattr(args, k), int) or getattr(args, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)!r}")
+    if not args.output:
+        args.output = str(Path(args.resume).parent if args.resume else default_run_dir(args.model))
     info = distributed.setup(args.device)
     try:
+        if info.is_main:  # before any work: an existing run, a file, a read-only folder, dead temp files
+            prepare_run_dir(args.output, resume=args.resume, overwrite=getattr(args, "overwrite", False))
         return _train(args, task, info)
     finally:
         distributed.cleanup(info)
@@ -324,6 +332,16 @@ def _resume(run: _Run, args: argparse.Namespace, info: distributed.DistInfo) -> 
         exact = run.state.load_state_dict(ckpt, info.rank, info.world_size)
     except CheckpointError as e:
         raise CheckpointError(f"{args.resume!r}: {e}") from e
+    state = run.state
+    finished_epochs = ckpt.get("args", {}).get("epochs")
+    if info.is_main and finished_epochs and state.epoch >= finished_epochs and args.epochs > state.epoch:
+        # a finished run extended: its final weights would be overwritten by the first new epoch
+        kept = keep_finished_weights(run.run_dir, state.epoch)
+        last_lr = state.history[-1].get("lr", float("nan")) if state.history else float("nan")
+        print(f"note: {args.resume} is a finished {state.epoch}-epoch run; continuing it to {args.epochs} "
+              f"epochs. The schedule is laid out again over {args.epochs} epochs, so epoch {state.epoch + 1} "
+              f"starts at lr {args.lr * state.schedule.factor(state.step):.3g} (the run ended at lr {last_lr:.3g})"
+              + (f"; its final weights are kept as {', '.join(p.name for p in kept)}" if kept else ""))
     if info.is_main:
         if not exact:
             print(f"note: {args.resume} was written by {len(ckpt.get('rng', []))} process(es), this run has "
@@ -541,7 +559,7 @@ def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
         seed_everything(args.seed)
         data = task.build_data(args)
         run = load_run(spec=spec, model=name, device=info.device, task=task, data_info=data.info, options=options)
-        _check_same_classes(run.data_info, data.info, spec.weights)
+        check_same_classes(spec.weights, data.info, trained=run.data_info)
         if info.is_main:
             print(f"{run.describe()}; {len(data.val)} validation samples")
         _, _, val_loader = _build_loaders(data, args, info, task)
@@ -549,13 +567,3 @@ def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
     finally:
         distributed.cleanup(info)
 
-
-def _check_same_classes(trained: dict[str, Any], data: dict[str, Any], weights: str) -> None:
-    """Scores against other classes than the model predicts would be silently wrong."""
-    a, b = trained.get("class_names"), data.get("class_names")
-    if a is not None and b is not None and list(a) != list(b):
-        def show(names):
-            names = list(names)
-            return ", ".join(map(str, names[:12])) + (f", ... ({len(names)} classes)" if len(names) > 12 else "")
-        raise ValueError(f"the evaluation data's classes differ from those {weights!r} was trained on: "
-                         f"trained [{show(a)}], data [{show(b)}]")
