@@ -1,9 +1,13 @@
 """`create_model`, `model_card` and weight loading.
 
-Pretrained weights are a *path* (nothing is downloaded): a `.safetensors` file, or a checkpoint read
-with `torch.load(weights_only=True)` so that nothing loaded can execute code. A state dict in an
-official layout (Microsoft CvT, facebookresearch DeiT, HuggingFace transformers, ...) is mapped by
-the model file's `convert_official(state_dict, model)` before loading.
+Pretrained weights are `True` (the model's first published tag), a published tag
+(`"deit_small_patch16_224.fb_in1k"`, or its suffix `"fb_in1k"`; see `hybridzoo.hub.published`),
+fetched into the cache on first use, or a path: a `.safetensors` file, or a checkpoint read with
+`torch.load(weights_only=True)` — and, for the files official training scripts write (an
+`argparse.Namespace` or a protocol-4 config object beside the tensors), with the restricted reader
+`hybridzoo.hub.safe_pickle`. Nothing loaded can execute code. A state dict in an official layout
+(Microsoft CvT, facebookresearch DeiT, HuggingFace transformers, ...) is mapped by the model file's
+`convert_official(state_dict, model)` before loading.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ def model_card(name: str) -> ModelCard:
     return get_card(name)
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, num_classes: int | None = None,
+def create_model(name: str, pretrained: bool | str | os.PathLike | None = None, num_classes: int | None = None,
                  in_chans: int | None = None, features_only: bool = False, **overrides: Any) -> nn.Module:
     """Build a registered model, timm style.
 
     Args:
         name: a registered name (`hybridzoo.list_models()`).
-        pretrained: path to weights in our layout or an official one (converted on load).
+        pretrained: True (the first published tag), a published tag or its suffix, or a path to
+            weights in our layout or an official one (converted on load).
         num_classes / in_chans: override the head width / input channels.
         features_only: return a module whose forward gives the multi-scale feature maps.
         **overrides: any constructor keyword of the model (drop_path_rate, img_size, ...).
@@ -51,7 +56,7 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, num_cla
             raise
         raise TypeError(f"{name}: could not build with {sorted(kwargs)}: {e}") from e
     model.model_name = name
-    if pretrained is not None:
+    if pretrained is not None and pretrained is not False:
         load_weights(model, pretrained)
     if features_only:
         model = FeatureExtractor(model)
@@ -76,8 +81,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path!r} is not a readable checkpoint (loaded with weights_only=True, so only "
-                         f"tensors and plain containers are accepted): {e}") from e
+        # official training scripts' files (argparse.Namespace, RecBole's protocol-4 Config, ...):
+        # the restricted reader rebuilds the tensors and turns every other object into inert data
+        from hybridzoo.hub import safe_pickle
+
+        try:
+            obj = safe_pickle.load(path)
+        except Exception as e2:
+            raise ValueError(f"{path!r} is not a readable checkpoint: torch.load(weights_only=True) said {e}; "
+                             f"the restricted reader said {e2}") from e2
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state", "state_dict_ema", "model_ema"):
             if key in obj and isinstance(obj[key], dict):
@@ -92,10 +104,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
-    """Load weights into `model`, converting official layouts; a mismatch names every bad key."""
-    state = read_state_dict(weights) if not isinstance(weights, dict) else dict(weights)
+def load_weights(model: nn.Module, weights: bool | str | os.PathLike | dict[str, torch.Tensor],
+                 strict: bool = True) -> nn.Module:
+    """Load weights (a state dict, a path, a published tag or True) into `model`, converting official
+    layouts; a mismatch names every bad key."""
     target = model.model if isinstance(model, FeatureExtractor) else model
+    if isinstance(weights, dict):
+        state = dict(weights)
+    else:
+        from hybridzoo.hub.published import resolve_pretrained
+
+        path, published = resolve_pretrained(getattr(target, "model_name", None), weights)
+        state = read_state_dict(path)
+        if published is not None:
+            target.pretrained_tag = published.tag
     own = target.state_dict()
     shapes_differ = any(k in state and tuple(state[k].shape) != tuple(v.shape) for k, v in own.items())
     if set(state) != set(own) or shapes_differ:
