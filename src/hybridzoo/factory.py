@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -79,8 +80,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": the fallback below handles it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
         # official training scripts' files (argparse.Namespace, RecBole's protocol-4 Config, ...):
         # the restricted reader rebuilds the tensors and turns every other object into inert data
         from hybridzoo.hub import safe_pickle
@@ -88,8 +91,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             obj = safe_pickle.load(path)
         except Exception as e2:
-            raise ValueError(f"{path!r} is not a readable checkpoint: torch.load(weights_only=True) said {e}; "
-                             f"the restricted reader said {e2}") from e2
+            raise ValueError(f"{path!r} is not a readable checkpoint (neither torch.load(weights_only=True) nor "
+                             f"the restricted reader could parse it: {e2})") from e2
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state", "state_dict_ema", "model_ema"):
             if key in obj and isinstance(obj[key], dict):
