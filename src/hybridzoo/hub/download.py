@@ -65,14 +65,13 @@ def cached_file(w: "PublishedWeight") -> Path | None:
 
 
 def _unavailable(w: "PublishedWeight", why: str) -> WeightsUnavailableError:
-    where = w.url or f"https://huggingface.co/{w.hf_repo}/blob/{w.hf_revision or 'main'}/{w.hf_file}"
     if w.source == "hf":
-        put = ("huggingface_hub's cache (run `huggingface-cli download "
-               f"{w.hf_repo} {w.hf_file}` on a connected machine and copy $HF_HOME/hub)")
-    else:
-        put = str(_target(w))
-    return WeightsUnavailableError(f"{w.tag}: {why}. Download {where} and save it as {w.file_name!r} in {put}; "
-                                   f"it is then used without a network")
+        where = f"https://huggingface.co/{w.hf_repo}/resolve/{w.hf_revision or 'main'}/{w.hf_file}"
+        put = (f"huggingface_hub's cache ($HF_HOME/hub; on a connected machine `hf download {w.hf_repo} "
+               f"{w.hf_file}` fills it, then copy that folder)")
+        return WeightsUnavailableError(f"{w.tag}: {why}. The file is {w.hf_file!r} at {where}; put it in {put}")
+    return WeightsUnavailableError(f"{w.tag}: {why}. Download {w.url} and save it as {_target(w)} "
+                                   f"(file name {w.file_name!r}); it is then used without a network")
 
 
 def fetch_weight(w: "PublishedWeight", progress: bool = True) -> Path:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["PublishedWeight", "published_weights", "get_weight", "tags_for", "default_tag", "register_weight",
-           "resolve_pretrained"]
+           "resolve_pretrained", "imagenet_classes", "pretrained_run", "describe_metric"]
 
 
 @dataclass(frozen=True)
@@ -316,3 +316,44 @@ for _s in (2, 3, 4):
         tag=f"act_x{_s}.imagenet", source="url", url=f"https://github.com/jinsuyoo/ACT/releases/download/v0.0.0/act_sr_x{_s}.pt",
         layout="jinsuyoo/act ACT state dict", dataset="ImageNet (bicubic ×%d)" % _s, metric={}, resolution=48,
         license="MIT", cite="https://github.com/jinsuyoo/act (test.py --release; README)"))
+
+
+def imagenet_classes() -> list[str]:
+    """The 1,000 ImageNet-1k class names, in the order every ImageNet head uses (package data)."""
+    from importlib import resources
+
+    text = resources.files("hybridzoo.hub").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+    names = [line for line in text.splitlines() if line and not line.startswith("#")]
+    if len(names) != 1000:
+        raise RuntimeError(f"imagenet_classes.txt holds {len(names)} names, not 1000")
+    return names
+
+
+def pretrained_run(model: str, pretrained: Any) -> dict[str, Any]:
+    """What `predict` / `eval` need for published weights, shaped like `engine.checkpoint.read_run`:
+    {model, task, weights, data_info (num_classes, class_names, img_size, crop_pct, mean, std), published}."""
+    from hybridzoo.registry import get_card
+
+    card = get_card(model)
+    path, w = resolve_pretrained(model, pretrained)
+    info: dict[str, Any] = {}
+    if w is not None:
+        if w.num_classes:
+            info["num_classes"] = w.num_classes
+        if w.resolution:
+            info["img_size"] = w.resolution
+        if w.num_classes == 1000 and "ImageNet" in w.dataset and card.task == "classification":
+            info["class_names"] = imagenet_classes()
+        for key in ("crop_pct", "mean", "std"):
+            if key in w.eval:
+                info[key] = list(w.eval[key]) if isinstance(w.eval[key], tuple) else w.eval[key]
+    return {"model": model, "task": card.task, "weights": path, "data_info": info, "published": w}
+
+
+def describe_metric(w: PublishedWeight) -> str:
+    """'top1 81.6 (ImageNet-1k, 224 px)' — the publisher's figures for one weight, '' if none."""
+    if not w.metric:
+        return ""
+    figures = ", ".join(f"{k} {v:g}" for k, v in w.metric.items())
+    res = f", {w.resolution} px" if w.resolution else ""
+    return f"{figures} ({w.dataset}{res})"

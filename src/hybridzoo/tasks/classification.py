@@ -290,7 +290,14 @@ class ClassificationTask(Task):
 
         if not getattr(args, "images", None):
             raise ValueError("predict needs at least one image file")
-        run = read_run(getattr(args, "run", None), getattr(args, "checkpoint", None))
+        if getattr(args, "pretrained", None) and not getattr(args, "run", None) and not getattr(args, "checkpoint", None):
+            from hybridzoo.hub.published import pretrained_run
+
+            if not getattr(args, "model", None):
+                raise ValueError("predict --pretrained TAG needs --model NAME")
+            run = pretrained_run(args.model, args.pretrained)  # ImageNet weights bring ImageNet class names
+        else:
+            run = read_run(getattr(args, "run", None), getattr(args, "checkpoint", None))
         name = getattr(args, "model", None) or run["model"]
         if not name:
             raise ValueError("the checkpoint does not name its model; pass --model NAME")
