@@ -95,6 +95,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
                    help="initial weights: a published tag (`hybridzoo weights`), 'default', or a file (ours or "
                         "an official layout); a different class count resets the head")
+    g.add_argument("--layer-decay", type=float, default=None, metavar="D",
+                   help="layer-wise lr decay for fine-tuning: block k of K trains at lr × D^(K+1-k), the head at lr")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     g.add_argument("--limit-train-batches", type=int, default=None, help="at most this many steps per epoch")
     g.add_argument("--limit-val-batches", type=int, default=None)
