@@ -138,6 +138,14 @@ def load_weights(model: nn.Module, weights: bool | str | os.PathLike | dict[str,
         convert = getattr(module, "convert_official", None)
         if convert is not None:
             state = convert(state, target)
+        # a model file may reshape the model to what the checkpoint holds (SCTNet: a deployed network
+        # has no auxiliary head) and says so; it returns None when nothing changed
+        adapt = getattr(module, "adapt_to_checkpoint", None)
+        if adapt is not None and set(state) != set(own):
+            message = adapt(state, target)
+            if message:
+                print(f"{getattr(target, 'model_name', type(target).__name__)}: {message}")
+                own = target.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
