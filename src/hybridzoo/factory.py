@@ -146,6 +146,7 @@ def load_weights(model: nn.Module, weights: bool | str | os.PathLike | dict[str,
             if message:
                 print(f"{getattr(target, 'model_name', type(target).__name__)}: {message}")
                 own = target.state_dict()
+    state = _resample_position_tables(state, own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
@@ -162,6 +163,33 @@ def load_weights(model: nn.Module, weights: bool | str | os.PathLike | dict[str,
         raise ValueError("\n".join(lines))
     target.load_state_dict(state, strict=strict)
     return model
+
+
+def _resample_position_tables(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Relative-position tables saved at another resolution, resampled to the model's (fine-tuning at
+    another --img-size): Swin/CoAtNet-style bias tables ((2h-1)·(2w-1), heads), square, bicubically
+    over the offset grid; BoTNet-style per-axis embeddings `rel_height` / `rel_width` (2s-1, d)
+    linearly along the offsets. Absolute position embeddings are each model's `convert_official`'s."""
+    import math
+
+    import torch.nn.functional as F
+
+    out = dict(state)
+    for k, v in state.items():
+        if k not in own or tuple(v.shape) == tuple(own[k].shape) or v.ndim != 2 or v.shape[1] != own[k].shape[1]:
+            continue
+        n_old, n_new = v.shape[0], own[k].shape[0]
+        if k.endswith("relative_position_bias_table"):
+            s_old, s_new = math.isqrt(n_old), math.isqrt(n_new)
+            if s_old * s_old != n_old or s_new * s_new != n_new:
+                continue
+            grid = v.float().T.reshape(1, v.shape[1], s_old, s_old)
+            grid = F.interpolate(grid, size=(s_new, s_new), mode="bicubic", align_corners=False)
+            out[k] = grid.reshape(v.shape[1], n_new).T.to(v.dtype).contiguous()
+        elif k.endswith(("rel_height", "rel_width")):
+            line = F.interpolate(v.float().T[None], size=n_new, mode="linear", align_corners=False)
+            out[k] = line[0].T.to(v.dtype).contiguous()
+    return out
 
 
 class FeatureExtractor(nn.Module):
