@@ -12,7 +12,12 @@ import hybridzoo
 from hybridzoo.cli import main
 from hybridzoo.engine.checkpoint import save_weights
 from hybridzoo.hub import published
-from hybridzoo.hub.published import PublishedWeight, imagenet_classes, published_weights, register_weight
+from hybridzoo.hub.published import (
+    PublishedWeight,
+    imagenet_classes,
+    published_weights,
+    register_weight,
+)
 from hybridzoo.registry import get_card, list_models
 
 

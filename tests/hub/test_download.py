@@ -7,7 +7,6 @@ import argparse
 import hashlib
 import http.server
 import io
-import os
 import threading
 
 import pytest

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -47,11 +46,11 @@ def offline() -> bool:
             or os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy)
 
 
-def _target(w: "PublishedWeight") -> Path:
+def _target(w: PublishedWeight) -> Path:
     return cache_dir() / "weights" / w.file_name
 
 
-def cached_file(w: "PublishedWeight") -> Path | None:
+def cached_file(w: PublishedWeight) -> Path | None:
     """The local file of `w` if it is already cached (no network access), else None."""
     if w.source == "hf":
         try:
@@ -64,7 +63,7 @@ def cached_file(w: "PublishedWeight") -> Path | None:
     return path if path.is_file() else None
 
 
-def _unavailable(w: "PublishedWeight", why: str) -> WeightsUnavailableError:
+def _unavailable(w: PublishedWeight, why: str) -> WeightsUnavailableError:
     if w.source == "hf":
         where = f"https://huggingface.co/{w.hf_repo}/resolve/{w.hf_revision or 'main'}/{w.hf_file}"
         put = (f"huggingface_hub's cache ($HF_HOME/hub; on a connected machine `hf download {w.hf_repo} "
@@ -74,7 +73,7 @@ def _unavailable(w: "PublishedWeight", why: str) -> WeightsUnavailableError:
                                    f"(file name {w.file_name!r}); it is then used without a network")
 
 
-def fetch_weight(w: "PublishedWeight", progress: bool = True) -> Path:
+def fetch_weight(w: PublishedWeight, progress: bool = True) -> Path:
     """The local path of `w`'s file, downloading it on first use."""
     found = cached_file(w)
     if found is not None:
@@ -90,7 +89,7 @@ def fetch_weight(w: "PublishedWeight", progress: bool = True) -> Path:
                         error=lambda why: _unavailable(w, why))
 
 
-def _fetch_hub(w: "PublishedWeight", progress: bool) -> Path:
+def _fetch_hub(w: PublishedWeight, progress: bool) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # a base install without the dev extra
@@ -157,7 +156,7 @@ def download_url(url: str, target: str | os.PathLike, sha256: str | None = None,
                 continue
             part.unlink(missing_ok=True)
             raise make_error(f"the server answered HTTP {e.code} {e.reason}") from e
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
             last = e  # keep the part file: the next attempt resumes from it
             time.sleep(min(2.0, 0.25 * (attempt + 1)))
     else:

@@ -314,7 +314,7 @@ for _name, _drive, _miou in (("sctnet_s_seg50", "16fAVzvb_qLcFO3dVGdHsSkEMvVCslX
 for _s in (2, 3, 4):
     register_weight(PublishedWeight(
         tag=f"act_x{_s}.imagenet", source="url", url=f"https://github.com/jinsuyoo/ACT/releases/download/v0.0.0/act_sr_x{_s}.pt",
-        layout="jinsuyoo/act ACT state dict", dataset="ImageNet (bicubic ×%d)" % _s, metric={}, resolution=48,
+        layout="jinsuyoo/act ACT state dict", dataset=f"ImageNet (bicubic ×{_s})", metric={}, resolution=48,
         license="MIT", cite="https://github.com/jinsuyoo/act (test.py --release; README)"))
 
 
