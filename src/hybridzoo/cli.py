@@ -278,8 +278,12 @@ def cmd_info(args) -> int:
 
     card = get_card(args.name)
     measured = None if args.no_measure else measure_model(args.name)
+    from hybridzoo.hub.published import describe_metric, get_weight, tags_for
+
+    tags = tags_for(card.name)
     if args.json:
         out = card.as_dict()
+        out["weights"] = [get_weight(t).as_dict() for t in tags]
         out["measured"] = None if measured is None else {"params": measured["params"], "macs_g": measured["macs"] / 1e9,
                                                          "input_size": measured["input_size"]}
         print(json.dumps(out, indent=2))
@@ -306,6 +310,9 @@ def cmd_info(args) -> int:
         print(f"  {r[0].ljust(w0)}  {r[1].ljust(w1)}  {r[2]}")
     if card.notes:
         print(f"notes: {card.notes}")
+    for t in tags:
+        w = get_weight(t)
+        print(f"weights {t}: {w.source} {w.location}" + (f"; reported {describe_metric(w)}" if w.metric else ""))
     return 0
 
 

@@ -116,3 +116,13 @@ def test_the_table_is_consistent():
         assert any(p.startswith(paper) for p in families), paper
     assert len({w.file_name for w in published_weights() if w.source != "hf"}) == \
         sum(1 for w in published_weights() if w.source != "hf")  # no two cache entries collide
+
+
+def test_info_lists_the_cards_published_weights(capsys):
+    assert main(["info", "deit_small_patch16_224", "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    assert "weights deit_small_patch16_224.fb_in1k: url https://dl.fbaipublicfiles.com/deit/" in out
+    assert main(["info", "deit_small_patch16_224", "--no-measure", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [w["tag"] for w in info["weights"]] == ["deit_small_patch16_224.fb_in1k"]
+    assert info["weights"][0]["hash_prefix"] == "cd65a155"
