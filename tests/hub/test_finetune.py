@@ -23,10 +23,10 @@ def _args(*argv):
 
 @pytest.fixture(scope="module")
 def imagenet_like(tmp_path_factory):
-    """cvt_tiny_demo trained 2 epochs on digits, then given a 1000-way head (as ImageNet weights have),
+    """cvt_tiny_demo trained 1 epoch on digits, then given a 1000-way head (as ImageNet weights have),
     published under a test tag whose file sits in the cache (a manual weight, placed by hand)."""
     root = tmp_path_factory.mktemp("ft")
-    args, task = _args("--model", "cvt_tiny_demo", "--epochs", 2, "--output", root / "pre", "--seed", 0)
+    args, task = _args("--model", "cvt_tiny_demo", "--epochs", 1, "--output", root / "pre", "--seed", 0)
     train(args, task)
     state = read_state_dict(root / "pre" / "model.safetensors")
     g = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def test_pretrained_beats_scratch_after_the_same_steps(imagenet_like, tmp_path, 
     args, task = _args(*common, "--output", tmp_path / "scratch")
     scratch = train(args, task).summary["val_top1"]
     print(f"val_top1 after 4 steps: from pretrained {tuned:.3f}, from scratch {scratch:.3f}")
-    assert tuned > scratch + 0.15, (tuned, scratch)  # measured: 0.647 vs 0.378
+    assert tuned > scratch + 0.15, (tuned, scratch)  # measured: 0.681 vs 0.378
 
 
 def test_layer_decay_scales_lr_by_depth():
