@@ -10,6 +10,7 @@ A weight whose only home is a Google Drive / OneDrive page cannot be fetched by 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -85,8 +86,29 @@ def fetch_weight(w: PublishedWeight, progress: bool = True) -> Path:
         return _fetch_hub(w, progress)
     if offline():
         raise _unavailable(w, "offline mode (HYBRIDZOO_OFFLINE / HF_HUB_OFFLINE is set) and not in the cache")
-    return download_url(w.url, _target(w), sha256=w.sha256, hash_prefix=w.hash_prefix, progress=progress,
-                        error=lambda why: _unavailable(w, why))
+    target = _target(w)
+    with _exclusive(target):  # torchrun: one process downloads, the others then find the file
+        if target.is_file():
+            return target
+        return download_url(w.url, target, sha256=w.sha256, hash_prefix=w.hash_prefix, progress=progress,
+                            error=lambda why: _unavailable(w, why))
+
+
+@contextlib.contextmanager
+def _exclusive(target: Path):
+    """An advisory lock on `<target>.lock` (POSIX flock; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fetch_hub(w: PublishedWeight, progress: bool) -> Path:
