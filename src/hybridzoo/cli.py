@@ -1,4 +1,4 @@
-"""`hybridzoo list | info | train | eval | bench | predict` — also `python -m hybridzoo` (for torchrun).
+"""`hybridzoo list | info | weights | train | eval | bench | predict` — also `python -m hybridzoo` (for torchrun).
 
     hybridzoo list cvt                      # registered models matching *cvt*
     hybridzoo info cvt_13                   # the paper's figures next to what this implementation measures
@@ -7,6 +7,8 @@
     hybridzoo eval --run runs/20250101-120000-cvt_tiny_demo
     hybridzoo predict --run runs/... img1.png img2.png
     hybridzoo bench cvt_13 --batch-size 32 --json bench.json
+    hybridzoo weights deit                  # published weights: tag, source, reported metric, cached or not
+    hybridzoo predict --model deit_small_patch16_224 --pretrained fb_in1k cat.jpg
     torchrun --nproc_per_node=2 -m hybridzoo train --model cvt_13 --data ~/imagenette
 
 `train`, `eval` and `predict` belong to a task (`hybridzoo.tasks`): the task is `--task`, else the
@@ -117,7 +119,11 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
     g.add_argument("--accum-steps", type=positive_int, default=1, metavar="N",
                    help="accumulate gradients over N batches per optimiser step (effective batch N × batch size)")
-    g.add_argument("--pretrained", default=None, help="initial weights (ours or an official layout)")
+    g.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
+                   help="initial weights: a published tag (`hybridzoo weights`), 'default', or a file (ours or "
+                        "an official layout); a different class count resets the head")
+    g.add_argument("--layer-decay", type=float, default=None, metavar="D",
+                   help="layer-wise lr decay for fine-tuning: block k of K trains at lr × D^(K+1-k), the head at lr")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     g.add_argument("--limit-train-batches", type=positive_int, default=None,
                    help="at most this many optimiser steps per epoch (each of --accum-steps batches)")
@@ -152,6 +158,10 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-measure", action="store_true", help="skip building the model")
 
+    p = sub.add_parser("weights", help="published trained weights: tag, source, reported metric, cached or not")
+    p.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern or substring of the tag (deit, 'cvt_13*')")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("train", help="train a model (see --task)")
     _add_engine_arguments(p)
     if task is not None:
@@ -182,6 +192,7 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=positive_int, default=None, help="input side (default: the card's)")
     p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH", help="load these weights first")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--onednn", action="store_true",
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
@@ -214,6 +225,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--model", default=None, help="model name, for weights that do not name it")
     p.add_argument("--task", default=None, help="task, for weights that do not name it (default: the model card's)")
     p.add_argument("--device", default="auto", help=f"device to {verb} on: auto (CUDA if available), cpu, cuda:1 ...")
+    p.add_argument("--pretrained", default=None, metavar="TAG",
+                   help="published weights of --model (`hybridzoo weights`): eval prints the publisher's figure "
+                        "beside the measured one; ImageNet weights predict ImageNet class names")
 
 
 def _add_task_arguments(p: argparse.ArgumentParser, task, command: str) -> None:
@@ -382,8 +396,12 @@ def cmd_info(args) -> int:
 
     card = get_card(args.name)
     measured = None if args.no_measure else measure_model(args.name)
+    from hybridzoo.hub.published import describe_metric, get_weight, tags_for
+
+    tags = tags_for(card.name)
     if args.json:
         out = card.as_dict()
+        out["weights"] = [get_weight(t).as_dict() for t in tags]
         out["measured"] = None if measured is None else {"params": measured["params"], "macs_g": measured["macs"] / 1e9,
                                                          "input_size": measured["input_size"]}
         print(json.dumps(out, indent=2))
@@ -410,6 +428,32 @@ def cmd_info(args) -> int:
         print(f"  {r[0].ljust(w0)}  {r[1].ljust(w1)}  {r[2]}")
     if card.notes:
         print(f"notes: {card.notes}")
+    for t in tags:
+        w = get_weight(t)
+        print(f"weights {t}: {w.source} {w.location}" + (f"; reported {describe_metric(w)}" if w.metric else ""))
+    return 0
+
+
+def cmd_weights(args) -> int:
+    """Every published weight matching the pattern: tag, where it lives, the publisher's figure, cached?"""
+    from hybridzoo.hub.download import cached_file
+    from hybridzoo.hub.published import describe_metric, published_weights
+
+    weights = published_weights(args.pattern)
+    if args.json:
+        print(json.dumps([dict(w.as_dict(), cached=cached_file(w) is not None) for w in weights], indent=2))
+        return 0
+    if not weights:
+        print("no published weights match" + (f" {args.pattern!r}" if args.pattern else ""))
+        return 0
+    rows = [(w.tag, w.source + (" (download by hand)" if w.manual else ""), w.location,
+             describe_metric(w) or "—", "yes" if cached_file(w) is not None else "no") for w in weights]
+    header = ("tag", "source", "location", "reported", "cached")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(f"{len(weights)} weight(s); `create_model(name, pretrained=TAG)` or `--pretrained TAG` fetches one")
     return 0
 
 
@@ -532,10 +576,11 @@ def cmd_bench(args) -> int:
     if args.resolution and len(size) == 3:
         size = (size[0], args.resolution, args.resolution)
         overrides["img_size"] = args.resolution
+    pretrained = getattr(args, "pretrained", None)
     try:
-        model = create_model(args.name, **overrides)
+        model = create_model(args.name, pretrained=pretrained, **overrides)
     except TypeError:
-        model = create_model(args.name)  # resolution-agnostic models take no img_size
+        model = create_model(args.name, pretrained=pretrained)  # resolution-agnostic models take no img_size
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -598,10 +643,20 @@ def cmd_eval(args, task) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
         return 0
+    published = None
+    if getattr(args, "pretrained", None) and not args.run and not args.checkpoint:
+        from hybridzoo.hub.published import resolve_pretrained
+
+        if not args.model:
+            raise ValueError("eval --pretrained TAG needs --model NAME")
+        args.checkpoint, published = resolve_pretrained(args.model, args.pretrained)
     if not args.run and not args.checkpoint:
-        raise ValueError("eval needs --run DIR (a run folder), or --checkpoint PATH [--model NAME]")
+        raise ValueError("eval needs --run DIR (a run folder), --checkpoint PATH [--model NAME], or --model NAME "
+                         "--pretrained TAG")
     metrics = evaluate(args, task)
     print("  ".join(f"val_{k} {v:.4f}" for k, v in metrics.items()))
+    if published is not None:
+        print(_publisher_vs_measured(published, metrics))
     if args.json:
         from hybridzoo.engine.checkpoint import atomic_write
 
@@ -611,10 +666,27 @@ def cmd_eval(args, task) -> int:
     return 0
 
 
+def _publisher_vs_measured(w, metrics: dict[str, float]) -> str:
+    """The publisher's figure next to ours (ours are fractions where the publisher writes percent)."""
+    from hybridzoo.hub.published import describe_metric
+
+    if not w.metric:
+        return f"{w.tag}: the publisher states no figure to compare with"
+    parts = []
+    for k, v in w.metric.items():
+        ours = metrics.get(k)
+        if ours is None:
+            parts.append(f"{k}: publisher {v:g}, not measured by this task")
+        else:
+            scale = 100.0 if v > 1.0 and ours <= 1.0 else 1.0
+            parts.append(f"{k}: publisher {v:g}, measured {ours * scale:.2f} ({ours * scale - v:+.2f})")
+    return f"{w.tag} — reported {describe_metric(w)}; " + "; ".join(parts)
+
+
 def cmd_predict(args, task) -> int:
-    if not args.run and not args.checkpoint:
-        raise ValueError("predict needs --run DIR (a run folder), or --checkpoint PATH [--model NAME]: "
-                         "hybridzoo predict --run DIR FILE...")
+    if not args.run and not args.checkpoint and not getattr(args, "pretrained", None):
+        raise ValueError("predict needs --run DIR (a run folder), --checkpoint PATH [--model NAME], or --model NAME "
+                         "--pretrained TAG: hybridzoo predict --run DIR FILE...")
     task.predict(args)
     return 0
 
@@ -652,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "weights":
+            return cmd_weights(args)
         if args.command == "bench":
             return cmd_bench(args)
         if args.command in ("train", "eval", "predict") and args.model:

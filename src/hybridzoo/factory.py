@@ -1,9 +1,13 @@
 """`create_model`, `model_card` and weight loading.
 
-Pretrained weights are a *path* (nothing is downloaded): a `.safetensors` file, or a checkpoint read
-with `torch.load(weights_only=True)` so that nothing loaded can execute code. A state dict in an
-official layout (Microsoft CvT, facebookresearch DeiT, HuggingFace transformers, ...) is mapped by
-the model file's `convert_official(state_dict, model)` before loading.
+Pretrained weights are `True` (the model's first published tag), a published tag
+(`"deit_small_patch16_224.fb_in1k"`, or its suffix `"fb_in1k"`; see `hybridzoo.hub.published`),
+fetched into the cache on first use, or a path: a `.safetensors` file, or a checkpoint read with
+`torch.load(weights_only=True)` — and, for the files official training scripts write (an
+`argparse.Namespace` or a protocol-4 config object beside the tensors), with the restricted reader
+`hybridzoo.hub.safe_pickle`. Nothing loaded can execute code. A state dict in an official layout
+(Microsoft CvT, facebookresearch DeiT, HuggingFace transformers, ...) is mapped by the model file's
+`convert_official(state_dict, model)` before loading.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -26,13 +31,14 @@ def model_card(name: str) -> ModelCard:
     return get_card(name)
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, num_classes: int | None = None,
+def create_model(name: str, pretrained: bool | str | os.PathLike | None = None, num_classes: int | None = None,
                  in_chans: int | None = None, features_only: bool = False, **overrides: Any) -> nn.Module:
     """Build a registered model, timm style.
 
     Args:
         name: a registered name (`hybridzoo.list_models()`).
-        pretrained: path to weights in our layout or an official one (converted on load).
+        pretrained: True (the first published tag), a published tag or its suffix, or a path to
+            weights in our layout or an official one (converted on load).
         num_classes / in_chans: override the head width / input channels.
         features_only: return a module whose forward gives the multi-scale feature maps.
         **overrides: any constructor keyword of the model (drop_path_rate, img_size, ...).
@@ -51,7 +57,7 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, num_cla
             raise
         raise TypeError(f"{name}: could not build with {sorted(kwargs)}: {e}") from e
     model.model_name = name
-    if pretrained is not None:
+    if pretrained is not None and pretrained is not False:
         load_weights(model, pretrained)
     if features_only:
         model = FeatureExtractor(model)
@@ -67,17 +73,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path!r}")
-    if path.endswith(".safetensors"):
+    if path.endswith(".safetensors") or _is_safetensors(path):
         from safetensors.torch import load_file
         try:
             return load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a readable checkpoint (loaded with weights_only=True, so only "
-                         f"tensors and plain containers are accepted): {e}") from e
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": the fallback below handles it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # official training scripts' files (argparse.Namespace, RecBole's protocol-4 Config, ...):
+        # the restricted reader rebuilds the tensors and turns every other object into inert data
+        from hybridzoo.hub import safe_pickle
+
+        try:
+            obj = safe_pickle.load(path)
+        except Exception as e2:
+            raise ValueError(f"{path!r} is not a readable checkpoint (neither torch.load(weights_only=True) nor "
+                             f"the restricted reader could parse it: {e2})") from e2
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state", "state_dict_ema", "model_ema"):
             if key in obj and isinstance(obj[key], dict):
@@ -92,10 +107,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
-    """Load weights into `model`, converting official layouts; a mismatch names every bad key."""
-    state = read_state_dict(weights) if not isinstance(weights, dict) else dict(weights)
+def _is_safetensors(path: str) -> bool:
+    # a safetensors file starts with its JSON header's length (u64 little-endian) and then '{', whatever
+    # its name says (a hand-placed download keeps the name the cache expects)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return (len(head) == 9 and head[8:9] == b"{"
+            and int.from_bytes(head[:8], "little") < os.path.getsize(path))
+
+
+def load_weights(model: nn.Module, weights: bool | str | os.PathLike | dict[str, torch.Tensor],
+                 strict: bool = True) -> nn.Module:
+    """Load weights (a state dict, a path, a published tag or True) into `model`, converting official
+    layouts; a mismatch names every bad key."""
     target = model.model if isinstance(model, FeatureExtractor) else model
+    if isinstance(weights, dict):
+        state = dict(weights)
+    else:
+        from hybridzoo.hub.published import resolve_pretrained
+
+        path, published = resolve_pretrained(getattr(target, "model_name", None), weights)
+        state = read_state_dict(path)
+        if published is not None:
+            target.pretrained_tag = published.tag
     own = target.state_dict()
     shapes_differ = any(k in state and tuple(state[k].shape) != tuple(v.shape) for k, v in own.items())
     if set(state) != set(own) or shapes_differ:
@@ -104,6 +138,15 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.
         convert = getattr(module, "convert_official", None)
         if convert is not None:
             state = convert(state, target)
+        # a model file may reshape the model to what the checkpoint holds (SCTNet: a deployed network
+        # has no auxiliary head) and says so; it returns None when nothing changed
+        adapt = getattr(module, "adapt_to_checkpoint", None)
+        if adapt is not None and set(state) != set(own):
+            message = adapt(state, target)
+            if message:
+                print(f"{getattr(target, 'model_name', type(target).__name__)}: {message}")
+                own = target.state_dict()
+    state = _resample_position_tables(state, own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
@@ -120,6 +163,33 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.
         raise ValueError("\n".join(lines))
     target.load_state_dict(state, strict=strict)
     return model
+
+
+def _resample_position_tables(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Relative-position tables saved at another resolution, resampled to the model's (fine-tuning at
+    another --img-size): Swin/CoAtNet-style bias tables ((2h-1)·(2w-1), heads), square, bicubically
+    over the offset grid; BoTNet-style per-axis embeddings `rel_height` / `rel_width` (2s-1, d)
+    linearly along the offsets. Absolute position embeddings are each model's `convert_official`'s."""
+    import math
+
+    import torch.nn.functional as F
+
+    out = dict(state)
+    for k, v in state.items():
+        if k not in own or tuple(v.shape) == tuple(own[k].shape) or v.ndim != 2 or v.shape[1] != own[k].shape[1]:
+            continue
+        n_old, n_new = v.shape[0], own[k].shape[0]
+        if k.endswith("relative_position_bias_table"):
+            s_old, s_new = math.isqrt(n_old), math.isqrt(n_new)
+            if s_old * s_old != n_old or s_new * s_new != n_new:
+                continue
+            grid = v.float().T.reshape(1, v.shape[1], s_old, s_old)
+            grid = F.interpolate(grid, size=(s_new, s_new), mode="bicubic", align_corners=False)
+            out[k] = grid.reshape(v.shape[1], n_new).T.to(v.dtype).contiguous()
+        elif k.endswith(("rel_height", "rel_width")):
+            line = F.interpolate(v.float().T[None], size=n_new, mode="linear", align_corners=False)
+            out[k] = line[0].T.to(v.dtype).contiguous()
+    return out
 
 
 class FeatureExtractor(nn.Module):

@@ -192,7 +192,18 @@ def test_loads_timm_layout(tmp_path):
     assert len(timm_state) == len(state)
     path = tmp_path / "timm.safetensors"
     save_file(timm_state, str(path))
-    loaded = hybridzoo.create_model("coatnet_0", pretrained=str(path), **get_card("coatnet_0").test_kwargs).eval()
+    # the file cannot say whether timm strided the depthwise conv (its default, another function) or
+    # pooled first (ours): refused until the caller says it was trained with stride_mode="pool"
+    with pytest.raises(ValueError, match="stride_mode='dw'.*timm_stride_mode = 'pool'"):
+        hybridzoo.create_model("coatnet_0", pretrained=str(path), **get_card("coatnet_0").test_kwargs)
+    loaded = hybridzoo.create_model("coatnet_0", **get_card("coatnet_0").test_kwargs).eval()
+    loaded.timm_stride_mode = "pool"
+    hybridzoo.load_weights(loaded, str(path))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+    loaded.timm_stride_mode = "dw"
+    with pytest.raises(ValueError, match="no matching model"):
+        hybridzoo.load_weights(loaded, str(path))
+    # our own layout (no timm names) is never questioned
+    hybridzoo.load_weights(hybridzoo.create_model("coatnet_0", **get_card("coatnet_0").test_kwargs), state)

@@ -146,6 +146,26 @@ def test_official_checkpoint_layout_loads(tmp_path):
         assert torch.equal(with_siam.siam(x, with_siam.backbone(x)), model.siam(x, feats))
 
 
+def test_deployed_checkpoint_builds_the_deployed_network(tmp_path, capsys):
+    """A checkpoint of the deployed network (backbone + decode head, no auxiliary head) loads by itself
+    into the deployed architecture, and says so, instead of failing on 'missing auxiliary_head.*'."""
+    model = _small().eval()
+    deployed = {k: v for k, v in model.state_dict().items() if not k.startswith("auxiliary_head.")}
+    path = tmp_path / "sctnet_deployed.pth"
+    torch.save({"meta": {"mmseg_version": "0.26.0"}, "state_dict": deployed}, path)
+    loaded = hybridzoo.create_model("sctnet_s_seg50", base_channels=16, spp_channels=16, num_classes=5,
+                                    pretrained=str(path)).eval()
+    assert loaded.auxiliary_head is None and "aux_head=False" in capsys.readouterr().out
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # a checkpoint missing other parts still fails, naming them
+    broken = {k: v for k, v in deployed.items() if not k.startswith("decode_head.conv_seg")}
+    torch.save({"state_dict": broken}, path)
+    with pytest.raises(ValueError, match="missing keys.*decode_head"):
+        hybridzoo.create_model("sctnet_s_seg50", base_channels=16, spp_channels=16, num_classes=5, pretrained=str(path))
+
+
 def test_bench_configs_cover_the_official_fps_settings():
     cfgs = {(c["model"], tuple(c["input_size"])) for c in official_fps_settings()}
     assert ("sctnet_b_seg100", (3, 1024, 2048)) in cfgs and ("sctnet_s_seg50", (3, 512, 1024)) in cfgs

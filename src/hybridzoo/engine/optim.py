@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import torch
 from torch import nn
 
-__all__ = ["param_groups_weight_decay", "build_optimizer", "CosineWarmupSchedule", "ModelEma"]
+__all__ = ["param_groups_weight_decay", "param_groups_layer_decay", "layer_ids", "build_optimizer", "CosineWarmupSchedule", "ModelEma"]
 
 _NO_DECAY_WORDS = ("token", "pos_embed", "position", "rel_pos", "embedding", "pos_emb")
 
@@ -50,10 +51,71 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
     return [g for g in groups if g["params"]]
 
 
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|layer|stages|stage)\.(\d+)(?=\.)")
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Depth of every parameter for layer-wise lr decay: ({name: id}, number of ids).
+
+    Parameters before the first block (patch / token embeddings, stems) are layer 0; each transformer
+    or conv block (the innermost `blocks.N` / `layers.N` / `stages.N` of its name, in forward order)
+    is the next layer; what follows the last block (final norm, head) is the top layer. A generic rule,
+    so it covers every registered family; BEiT / DeiT III / timm number ViT blocks the same way.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    block_of: dict[str, str] = {}
+    order: list[str] = []
+    for n in names:
+        matches = list(_BLOCK.finditer(n))
+        if matches:
+            key = n[: matches[-1].end()]
+            block_of[n] = key
+            if key not in order:
+                order.append(key)
+    index = {k: i + 1 for i, k in enumerate(order)}
+    top = len(order) + 1
+    ids: dict[str, int] = {}
+    seen_block = False
+    for n in names:
+        if n in block_of:
+            ids[n], seen_block = index[block_of[n]], True
+        else:
+            ids[n] = top if seen_block else 0
+    return ids, top + 1
+
+
+def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """`param_groups_weight_decay` split by depth: group lr scale = layer_decay ** (top - layer id).
+
+    Each group carries an explicit `lr_scale`; `build_optimizer` turns it into the group's lr so that
+    the schedule (which scales every group's initial lr by one factor) keeps the ratios.
+    """
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"--layer-decay should be in (0, 1], got {layer_decay}")
+    ids, n = layer_ids(model)
+    by_param = {id(p): name for name, p in model.named_parameters()}
+    groups = []
+    for base in param_groups_weight_decay(model, weight_decay):
+        buckets: dict[int, list] = {}
+        for p in base["params"]:
+            buckets.setdefault(ids[by_param[id(p)]], []).append(p)
+        for layer, params in sorted(buckets.items(), reverse=True):  # the top (scale 1) first: the logged lr
+            groups.append({"params": params, "weight_decay": base["weight_decay"],
+                           "lr_scale": layer_decay ** (n - 1 - layer), "layer_id": layer})
+    return groups
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=fused)
+                    fused: bool | None = None, layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW without decay on norms / biases / embeddings; `layer_decay` < 1 gives deeper layers
+    larger learning rates (fine-tuning recipes of BEiT, DeiT III, ConvNeXt: lr × decay^(depth from top))."""
+    if layer_decay is None or layer_decay == 1.0:
+        groups = param_groups_weight_decay(model, weight_decay)
+    else:
+        groups = param_groups_layer_decay(model, weight_decay, layer_decay)
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 class CosineWarmupSchedule:

@@ -376,10 +376,20 @@ def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.Path
 
 
 def load_run_from_args(args: argparse.Namespace, task) -> Run:
-    """`load_run` for a command's arguments (`--run`, `--checkpoint`, `--model`, `--device`, `--weights`)."""
-    return load_run(getattr(args, "run", None), getattr(args, "checkpoint", None), model=getattr(args, "model", None),
+    """`load_run` for a command's arguments (`--run`, `--checkpoint`, `--model [--pretrained TAG]`, `--device`,
+    `--weights`)."""
+    run_dir, checkpoint, data_info = getattr(args, "run", None), getattr(args, "checkpoint", None), None
+    if getattr(args, "pretrained", None) and not run_dir and not checkpoint:
+        # published weights (`--model M --pretrained TAG`): the publisher's classes, resolution and normalisation
+        from hybridzoo.hub.published import pretrained_run
+
+        if not getattr(args, "model", None):
+            raise ValueError("--pretrained TAG needs --model NAME")
+        published = pretrained_run(args.model, args.pretrained)
+        checkpoint, data_info = published["weights"], published["data_info"]
+    return load_run(run_dir, checkpoint, model=getattr(args, "model", None),
                     device=getattr(args, "device", None) or "auto", task=task,
-                    weights=getattr(args, "weights", None) or "auto", options=args)
+                    weights=getattr(args, "weights", None) or "auto", data_info=data_info, options=args)
 
 
 # ------------------------------------------------------------------------------------------ inputs

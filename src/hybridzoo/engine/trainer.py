@@ -54,7 +54,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 0, "device": "auto", "workers": None, "amp": "none", "compile": False, "ema": False,
     "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": False,
     "limit_train_batches": None, "limit_val_batches": None, "stop_after_epochs": None, "progress": True,
-    "early_stop": None, "accum_steps": 1, "overwrite": False,
+    "early_stop": None, "accum_steps": 1, "overwrite": False, "layer_decay": None,
 }
 
 
@@ -301,7 +301,8 @@ def _set_up(args: argparse.Namespace, task, info: distributed.DistInfo) -> _Run:
         raise ValueError(f"no training steps: {len(data.train)} samples, batch size {args.batch_size}"
                          f"{f' × {args.accum_steps} accumulated' if args.accum_steps > 1 else ''} on "
                          f"{info.world_size} process(es)")
-    optimizer = task.build_optimizer(model, args) or build_optimizer(model, args.lr, args.weight_decay)
+    optimizer = task.build_optimizer(model, args) or build_optimizer(model, args.lr, args.weight_decay,
+                                                                     layer_decay=getattr(args, "layer_decay", None))
     total_steps = args.epochs * steps_per_epoch
     decay_fn = None
     if task.lr_factor(0, total_steps, steps_per_epoch, args) is not None:

@@ -284,10 +284,23 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: CoAtNet) -> dic
     """Map timm's `maxxvit` CoAtNet layout (`coatnet_N_224`: `stages.S.blocks.B.conv1_1x1.weight`, ...) to ours.
 
     timm's 1×1 convolutions of the transformer stages become our Linear layers, and its head-first qkv
-    channel order (per head: q, k, v) becomes ours (q, k, v, each over all heads). A checkpoint of timm's
-    default `coatnet_N_224` (which strides the MBConv depthwise conv instead of pooling first) loads, but
-    only one trained with timm's `conv_stride_mode="pool"` computes the same function here.
+    channel order (per head: q, k, v) becomes ours (q, k, v, each over all heads).
+
+    timm's default `coatnet_N_224` strides the MBConv depthwise convolution (`stride_mode="dw"`), a
+    different function from the paper's pooling that this model computes; its state dict has exactly
+    the same names and shapes as one trained with `stride_mode="pool"`, so a timm-layout checkpoint is
+    refused unless the caller states how it was trained: set `model.timm_stride_mode = "pool"` before
+    loading (a "dw" checkpoint has no matching variant here and is always refused).
     """
+    timm_layout = any(".conv2_kxk." in k or ".conv1_1x1." in k for k in state_dict)
+    mode = getattr(model, "timm_stride_mode", None)
+    if timm_layout and mode != "pool":
+        raise ValueError(
+            "this is timm's CoAtNet layout; timm's default coatnet_N_224 strides the MBConv depthwise conv "
+            "(stride_mode='dw'), a different function from the paper's pooling this model implements, and the "
+            "file cannot tell the two apart. If the checkpoint was trained with timm's stride_mode='pool', set "
+            "model.timm_stride_mode = 'pool' and load it again; a stride_mode='dw' checkpoint has no matching "
+            "model here" + (f" (model.timm_stride_mode is {mode!r})" if mode else ""))
     out: dict[str, torch.Tensor] = {}
     renames = (("shortcut.expand.", "shortcut."), ("norm1.norm.", "norm1."), ("conv1_1x1.", "conv1."),
                ("conv2_kxk.", "conv2."), ("conv3_1x1.", "conv3."), ("attn.rel_pos.", "attn."))

@@ -425,6 +425,18 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: SCTNet) -> dict
     return {k: v for k, v in out.items() if k in own}
 
 
+def adapt_to_checkpoint(state_dict: dict[str, torch.Tensor], model: SCTNet) -> str | None:
+    """A deployed checkpoint (backbone + decode head only, as exported for inference) builds the
+    deployed network: the auxiliary head is dropped from `model` instead of being reported missing."""
+    has_aux = any(k.startswith("auxiliary_head.") for k in state_dict)
+    if model.auxiliary_head is None or has_aux or not any(k.startswith("decode_head.") for k in state_dict):
+        return None
+    model.auxiliary_head = None
+    return ("the checkpoint holds the deployed network (no auxiliary head), so the model is built as "
+            "create_model(..., aux_head=False); train from it with a fresh auxiliary head by building with "
+            "aux_head=True and load_weights(..., strict=False)")
+
+
 # ------------------------------------------------------------------------------------- variants
 
 def official_fps_settings() -> list[dict[str, Any]]:

@@ -127,17 +127,37 @@ def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: i
         try:
             load_weights(model, pretrained)
         except ValueError as first:
-            with torch.device("meta"):
-                default_classes = getattr(create_model(name, in_chans=in_chans, **kwargs), "num_classes", None)
-            if default_classes in (None, num_classes) or not hasattr(model, "reset_classifier"):
+            if not hasattr(model, "reset_classifier"):
                 raise
-            try:
-                model = create_model(name, in_chans=in_chans, **kwargs)
-                load_weights(model, pretrained)
-            except ValueError:
+            # another head width (ImageNet's 1000 for 10 classes): build the checkpoint's width, load,
+            # then re-initialise the classifier; the width comes from the published card, the raw
+            # state dict's head, or the model's default
+            from hybridzoo.hub.published import resolve_pretrained
+
+            path, published = resolve_pretrained(name, pretrained)
+            widths = [getattr(published, "num_classes", None), _head_width_or_none(path)]
+            with torch.device("meta"):
+                widths.append(getattr(create_model(name, in_chans=in_chans, **kwargs), "num_classes", None))
+            for width in dict.fromkeys(w for w in widths if w and w != num_classes):
+                try:
+                    model = create_model(name, num_classes=width, in_chans=in_chans, **kwargs)
+                    load_weights(model, path)
+                except ValueError:
+                    continue
+                model.reset_classifier(num_classes)
+                print(f"pretrained weights: the checkpoint's head has {width} classes and the data "
+                      f"{num_classes}; the backbone is loaded and the classifier re-initialised")
+                break
+            else:
                 raise first from None
-            model.reset_classifier(num_classes)
     return model
+
+
+def _head_width_or_none(path: str) -> int | None:
+    try:
+        return _head_width(path)
+    except ValueError:
+        return None
 
 
 @register_task
