@@ -102,6 +102,17 @@ def test_resume_from_cli_takes_options_from_checkpoint(run_dir, tmp_path, capsys
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 2
 
 
+def test_resumed_run_does_not_inherit_stop_after_epochs(tmp_path, capsys):
+    """--stop-after-epochs counts epochs of one invocation: the resumed run goes on to --epochs."""
+    out = tmp_path / "run"
+    assert main(["--plugin", TINY, "train", "--model", "hz_tiny_vit", "--epochs", "3", "--stop-after-epochs", "1",
+                 "--limit-train-batches", "2", "--limit-val-batches", "1", "--output", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    assert main(["--plugin", TINY, "train", "--resume", str(out / "last.ckpt"), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["completed"]
+
+
 def test_list_and_info(capsys):
     assert main(["--plugin", TINY, "list", "hz_tiny", "--task", "classification"]) == 0
     out = capsys.readouterr().out

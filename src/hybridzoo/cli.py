@@ -612,7 +612,9 @@ def _merge_resume_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     from hybridzoo.engine.checkpoint import load_checkpoint
 
     saved = load_checkpoint(args.resume).get("args", {})
-    keep = {"resume", "output", "overwrite", "device", "workers", "progress", "config", "plugin", "command"}
+    # per-invocation options stay this invocation's (a resumed run must not stop again after N epochs)
+    keep = {"resume", "output", "overwrite", "device", "workers", "progress", "config", "plugin", "command",
+            "stop_after_epochs"}
     for k, v in saved.items():
         if k in keep or not hasattr(args, k):
             continue
