@@ -444,8 +444,9 @@ class LandCoverTask(Task):
         return {"map": str(run_dir / "class_map.png"), "predict_pixels_per_second": stats["pixels_per_second"]}
 
     # --- predict
-    eval_options = ("label", "split", "val_fraction", "split_seed", "block_size", "block_buffer")
-    predict_options = ("tile_pixels", "predict_batch_size")
+    eval_options = ("label", "split", "val_fraction", "split_seed", "block_size", "block_buffer", "data_key",
+                    "label_key")
+    predict_options = ("tile_pixels", "predict_batch_size", "data_key")
 
     def predict(self, args: argparse.Namespace) -> None:
         """Whole-scene class maps of rasters: `<stem>_classmap.png` (and `.tif` for georeferenced input), with
