@@ -161,6 +161,11 @@ def build_parser(task=None) -> argparse.ArgumentParser:
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
 
+    p = sub.add_parser("study", help="re-run a paper's comparison (coatnet-layouts, deit-tokens, ...)")
+    from hybridzoo import studies
+
+    studies.add_arguments(p)
+
     p = sub.add_parser("predict", help="run a trained model on files")
     p.add_argument("--run", default=None, help="a run folder")
     p.add_argument("--checkpoint", default=None, help="model.safetensors or last.ckpt")
@@ -496,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "study":
+            from hybridzoo.studies import run_study
+
+            run_study(args)
+            return 0
         if args.command == "train":
             args.task = task.name
             return cmd_train(args, task, parser._subparsers._group_actions[0].choices["train"])
