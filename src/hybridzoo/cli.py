@@ -161,6 +161,11 @@ def build_parser(task=None) -> argparse.ArgumentParser:
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
 
+    p = sub.add_parser("explain", help="attention maps and other pictures of what a model attends to")
+    from hybridzoo import explain
+
+    explain.add_arguments(p)
+
     p = sub.add_parser("study", help="re-run a paper's comparison (coatnet-layouts, deit-tokens, ...)")
     from hybridzoo import studies
 
@@ -501,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "explain":
+            from hybridzoo.explain import main as explain_main
+
+            explain_main(args)
+            return 0
         if args.command == "study":
             from hybridzoo.studies import run_study
 
