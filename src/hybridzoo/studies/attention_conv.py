@@ -147,6 +147,7 @@ def imitate_conv(kernel_size: int = 3, channels: int = 4, size: int = 12, steps:
     with torch.no_grad():  # every head starts near the query pixel: the spread to the K×K grid is learned
         layer.centres.copy_(torch.randn(kernel_size ** 2, 2, generator=g) * 0.2)
     opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     losses, trail = [], [layer.centres.detach().clone()]
     for step in range(steps):
         x = torch.randn(16, channels, size, size, generator=g)
@@ -156,6 +157,7 @@ def imitate_conv(kernel_size: int = 3, channels: int = 4, size: int = 12, steps:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(float(loss.detach()))
         if (step + 1) % record_every == 0:
             trail.append(layer.centres.detach().clone())
@@ -208,16 +210,17 @@ def run(args, out) -> dict[str, Any]:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
     trail = res["centres"].numpy()                      # (T, heads, 2) as (Δrow, Δcol)
     for h in range(trail.shape[1]):
-        ax.plot(trail[:, h, 1], trail[:, h, 0], "-", lw=1, alpha=0.7)
+        colour = plt.cm.tab10(h % 10)
+        ax.plot(trail[:, h, 1], trail[:, h, 0], "-", lw=1, alpha=0.7, color=colour)
         ax.plot(trail[0, h, 1], trail[0, h, 0], "o", color="grey", ms=4)
-        ax.plot(trail[-1, h, 1], trail[-1, h, 0], "o", ms=6)
+        ax.plot(trail[-1, h, 1], trail[-1, h, 0], "o", ms=7, color=colour)
     t = res["target"].numpy()
     ax.plot(t[:, 1], t[:, 0], "k+", ms=14, mew=2, label="3×3 kernel offsets")
     ax.invert_yaxis()
     ax.set_aspect("equal")
     ax.set_xlabel("Δ column (pixels)")
     ax.set_ylabel("Δ row (pixels)")
-    ax.set_title("attention centres while learning a convolution")
+    ax.set_title("attention centres (grey: start, colour: end)")
     ax.legend(loc="lower right", fontsize=8)
     ax2.semilogy(res["losses"])
     ax2.set_xlabel("step")
