@@ -198,6 +198,16 @@ def build_parser(task=None) -> argparse.ArgumentParser:
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
 
+    p = sub.add_parser("explain", help="attention maps and other pictures of what a model attends to")
+    from hybridzoo import explain
+
+    explain.add_arguments(p)
+
+    p = sub.add_parser("study", help="re-run a paper's comparison (coatnet-layouts, deit-tokens, ...)")
+    from hybridzoo import studies
+
+    studies.add_arguments(p)
+
     p = sub.add_parser("predict", help="run a trained model on files",
                        description="Run a trained model on files and write or print its outputs. --run DIR alone "
                                    "is enough: task, model and options are the run's.")
@@ -732,6 +742,16 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command in ("train", "eval", "predict") and args.model:
             check_model_task(args.model, task)
+        if args.command == "explain":
+            from hybridzoo.explain import main as explain_main
+
+            explain_main(args)
+            return 0
+        if args.command == "study":
+            from hybridzoo.studies import run_study
+
+            run_study(args)
+            return 0
         if args.command == "train":
             args.task = task.name
             return cmd_train(args, task, parser._subparsers._group_actions[0].choices["train"])

@@ -175,6 +175,9 @@ class TransformerBlock(nn.Module):
 class CoAtNet(nn.Module):
     """CoAtNet: stem (S0), MBConv stages S1–S2, relative-attention Transformer stages S3–S4, each at stride 2.
 
+    `layout` builds the paper's other stackings with the same widths and depths (C-C-C-C, C-C-C-T,
+    C-T-T-T, ...): `create_model("coatnet_0", layout="C-C-C-T")`.
+
     The transformer stages run on channels-last (B×H×W×C) tensors; feature maps come out as B×C×H×W views.
     img_size sets the grid the relative-bias tables are built for; other input sizes (multiples of 32)
     resize the tables on the fly.
@@ -184,10 +187,16 @@ class CoAtNet(nn.Module):
                  head_hidden_size: int | None = None, dim_head: int = 32, expand_ratio: int = 4, mlp_ratio: int = 4,
                  se_ratio: float = 0.25, pool_type: str = "avg", img_size: int | tuple[int, int] = 224,
                  in_chans: int = 3, num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0):
+                 attn_drop_rate: float = 0.0, layout: str = "C-C-T-T"):
         super().__init__()
         if pool_type not in ("avg", "max"):
             raise ValueError(f"pool_type must be 'avg' or 'max', got {pool_type!r}")
+        # the paper's stacking ablation (Sec. 3.2, Fig. 2): which of S1–S4 are MBConv (C) or Transformer (T)
+        kinds = tuple(layout.upper().replace("-", ""))
+        if len(kinds) != 4 or set(kinds) - {"C", "T"}:
+            raise ValueError(f"layout must name 4 stages with C (MBConv) or T (Transformer), e.g. 'C-C-T-T'; "
+                             f"got {layout!r}")
+        self.layout = "-".join(kinds)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
@@ -204,7 +213,7 @@ class CoAtNet(nn.Module):
             blocks = []
             for j in range(depth):
                 stride, dim_in = (2, chs) if j == 0 else (1, dim)
-                if i < 2:
+                if kinds[i] == "C":
                     blocks.append(MBConv(dim_in, dim, stride, expand_ratio, se_ratio, next(dpr), pool_type))
                 else:
                     blocks.append(TransformerBlock(dim_in, dim, tuple(feat), stride, dim_head, mlp_ratio, next(dpr),
@@ -230,7 +239,9 @@ class CoAtNet(nn.Module):
                 init_conv_fan_out_(m)
             elif isinstance(m, RelativeAttention):
                 trunc_normal_(m.relative_position_bias_table, std=0.02)
-        for stage in self.stages[2:]:
+        for kind, stage in zip(self.layout.split("-"), self.stages):
+            if kind != "T":
+                continue
             for name, m in stage.named_modules():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
@@ -255,13 +266,15 @@ class CoAtNet(nn.Module):
         check_image_input(x, self, self.in_chans, divisor=32, min_size=32)
         x = self.stem(x)
         feats = [x] if keep else []
-        for i, stage in enumerate(self.stages):
-            if i == 2:
-                x = x.permute(0, 2, 3, 1).contiguous()        # the transformer stages work on B×H×W×C
+        nhwc = False
+        for kind, stage in zip(self.layout.split("-"), self.stages):
+            if (kind == "T") != nhwc:    # the transformer stages work on B×H×W×C, MBConv on B×C×H×W
+                x = x.permute(0, 2, 3, 1).contiguous() if kind == "T" else x.permute(0, 3, 1, 2).contiguous()
+                nhwc = kind == "T"
             x = checkpoint_seq(stage, x, enabled=self.grad_checkpointing)
             if keep:
-                feats.append(x if i < 2 else x.permute(0, 3, 1, 2))
-        return x.permute(0, 3, 1, 2), feats
+                feats.append(x.permute(0, 3, 1, 2) if nhwc else x)
+        return (x.permute(0, 3, 1, 2) if nhwc else x), feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self._stages(x)[0]

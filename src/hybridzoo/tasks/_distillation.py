@@ -64,8 +64,9 @@ class DistillationLoss(nn.Module):
         if self.distillation_type == "none":
             return base_loss
         if outputs_kd is None:
-            raise ValueError("distillation needs the student's (cls_logits, dist_logits) tuple: use a *_distilled_* "
-                             "model in training mode")
+            # a student without a distillation token learns from the teacher through its class token
+            # (DeiT Table 5's "usual distillation": both terms on the same head)
+            outputs_kd = outputs
         with torch.no_grad():
             teacher_outputs = self.teacher(inputs)
         if self.distillation_type == "soft":

@@ -99,6 +99,23 @@ def _subnetwork_kwargs(model: nn.Module, args: argparse.Namespace) -> dict[str, 
     return wanted
 
 
+def parse_model_kwargs(items: list[str] | dict | None) -> dict[str, Any]:
+    """`--model-kwargs KEY=VALUE ...` → a dict, each value read as YAML (numbers, lists, strings)."""
+    import yaml
+
+    if not items:
+        return {}
+    if isinstance(items, dict):  # a run's saved args after a JSON round trip
+        return dict(items)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
+        out[key] = None if value in ("None", "none") else yaml.safe_load(value)
+    return out
+
+
 def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: int | None = None,
                      pretrained: str | None = None, **overrides: Any) -> nn.Module:
     """Build `name` for `num_classes` at `img_size`, loading `pretrained` weights if given.
@@ -207,6 +224,10 @@ class ClassificationTask(Task):
         g.add_argument("--distillation-alpha", type=float, default=0.5)
         g.add_argument("--distillation-tau", type=float, default=1.0)
         g.add_argument("--topk", type=int, default=5, help="predict: how many classes to print per image")
+        g.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
+                       help="extra model arguments, values in YAML (layout=C-C-C-T 'dims=[16,32,64,64]')")
+        g.add_argument("--teacher-model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
+                       help="extra arguments for the teacher model, as --model-kwargs")
 
     # --- data ---------------------------------------------------------------------------------
     def build_data(self, args: argparse.Namespace) -> TaskData:
@@ -258,6 +279,7 @@ class ClassificationTask(Task):
         overrides = {}
         if getattr(args, "drop_path", None) is not None:
             overrides["drop_path_rate"] = args.drop_path
+        overrides.update(parse_model_kwargs(getattr(args, "model_kwargs", None)))
         n = data_info["num_classes"]
         model = build_classifier(args.model, n, data_info.get("in_chans", 3), data_info.get("img_size"),
                                  getattr(args, "pretrained", None), **overrides)
@@ -279,7 +301,8 @@ class ClassificationTask(Task):
                 raise ValueError("--distillation needs --teacher NAME and --teacher-checkpoint PATH (a teacher "
                                  "trained on the same classes)")
             teacher = build_classifier(args.teacher, n, data_info.get("in_chans", 3), data_info.get("img_size"),
-                                       args.teacher_checkpoint)
+                                       args.teacher_checkpoint,
+                                       **parse_model_kwargs(getattr(args, "teacher_model_kwargs", None)))
             teacher.eval().requires_grad_(False)
             self.teacher = teacher
             self.criterion = DistillationLoss(base, teacher, distillation, args.distillation_alpha, args.distillation_tau)
