@@ -387,33 +387,28 @@ def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", help="image files to explain")
     p.add_argument("--run", default=None, help="a classification run folder (model and weights from it)")
     p.add_argument("--model", default=None, help="a registered model (with --pretrained for trained weights)")
-    p.add_argument("--pretrained", default=None, help="weights for --model (a file; converted on load)")
+    p.add_argument("--pretrained", default=None,
+                   help="weights for --model: a published tag (`hybridzoo weights`) or a file (converted on load)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the run's or the card's)")
     p.add_argument("--output", default="explain", help="folder for the PNGs (default ./explain)")
 
 
 def _load(args) -> tuple[nn.Module, str, int, list[float], list[float]]:
     """The model, its name, input side and normalisation, from a run folder or a registered name."""
-    import json
-
     from hybridzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from hybridzoo.factory import create_model
     from hybridzoo.registry import get_card
 
     if args.run:
-        from hybridzoo.engine.checkpoint import read_run
-        from hybridzoo.tasks.classification import build_classifier, parse_model_kwargs
+        from hybridzoo.engine.run import load_run
 
-        run = read_run(args.run)
-        if run.get("task") not in (None, "classification"):
-            raise ValueError(f"explain draws classification models; {args.run!r} is a {run['task']} run")
-        info = run.get("data_info") or {}
-        summary = json.loads((Path(args.run) / "summary.json").read_text())
-        saved = summary.get("args", {})
-        size = args.img_size or int(info.get("img_size") or get_card(run["model"]).input_size[-1])
-        model = build_classifier(run["model"], int(info["num_classes"]), int(info.get("in_chans", 3)), size,
-                                 run["weights"], **parse_model_kwargs(saved.get("model_kwargs")))
-        return (model, run["model"], size, list(info.get("mean", IMAGENET_MEAN)), list(info.get("std", IMAGENET_STD)))
+        run = load_run(args.run, device="cpu")
+        if run.task_name != "classification":
+            raise ValueError(f"explain draws classification models; {args.run!r} is a {run.task_name} run")
+        info = run.data_info
+        size = int(args.img_size or info.get("img_size") or run.input_size[-1])
+        return (run.model, run.model_name, size, list(info.get("mean", IMAGENET_MEAN)),
+                list(info.get("std", IMAGENET_STD)))
     if not args.model:
         raise ValueError("explain needs --run DIR or --model NAME [--pretrained WEIGHTS]")
     card = get_card(args.model)

@@ -82,3 +82,19 @@ def test_explain_cli(tmp_path):
     assert main(["explain", "--model", "convit_tiny", "--img-size", "64", str(img), "--output", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"a_attention.png", "a_gates.png", "a_positional.png"}
     assert main(["explain", "--model", "coatnet_0", str(img)]) == 2      # no attention map to draw: one clear error
+
+
+def test_explain_a_trained_run(tmp_path):
+    """`--run DIR` explains the trained model (the run's size and normalisation) through the one run loader."""
+    from PIL import Image
+
+    from hybridzoo.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "cvt_tiny_demo", "--epochs", "1", "--limit-train-batches", "2",
+                 "--limit-val-batches", "1", "--output", str(run), "--no-progress"]) == 0
+    img = tmp_path / "digit.png"
+    Image.fromarray((torch.rand(8, 8) * 255).byte().numpy()).save(img)
+    out = tmp_path / "ex"
+    assert main(["explain", "--run", str(run), str(img), "--output", str(out)]) == 0
+    assert (out / "digit_attention.png").stat().st_size > 1000
