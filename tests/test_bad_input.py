@@ -185,7 +185,7 @@ def _image_folder(root: Path, classes, empty=()) -> Path:
 
 def test_6_eval_on_data_with_other_classes_is_refused(finished_run, tmp_path, capsys):
     data = _image_folder(tmp_path / "abc", ["cat", "dog", "owl"])
-    assert main(["--plugin", TINY, "eval", "--run", str(finished_run), "--data", str(data), "--img-size", "32"]) == 2
+    assert main(["--plugin", TINY, "eval", "--run", str(finished_run), "--data", str(data)]) == 2
     err = capsys.readouterr().err
     digits = str([str(i) for i in range(10)])
     assert f"was trained on 10 classes {digits}, but the data has 3 classes ['cat', 'dog', 'owl']" in err

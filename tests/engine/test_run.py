@@ -154,7 +154,8 @@ def test_weights_that_do_not_fit_the_saved_options_are_a_clear_error(cls_run, tm
 def test_eval_on_data_with_other_classes_is_refused(cls_run, tmp_path, capsys):
     other = _image_folder(tmp_path / "other", classes=("cat", "dog", "owl", "rat"), n_train=1, n_val=1)
     assert main(["--plugin", TINY, "eval", "--run", str(cls_run), "--data", str(other)]) == 2
-    _one_error_line(capsys, "trained [cat, dog, owl]", "data [cat, dog, owl, rat]")
+    _one_error_line(capsys, "trained on 3 classes ['cat', 'dog', 'owl']",
+                    "the data has 4 classes ['cat', 'dog', 'owl', 'rat']")
 
 
 # --------------------------------------------------------------------------------------- segmentation

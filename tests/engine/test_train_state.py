@@ -135,6 +135,8 @@ def test_accumulated_steps_equal_the_larger_batch(tiny, tmp_path, monkeypatch, a
 def test_accum_steps_must_be_positive(tiny, tmp_path, capsys):
     from hybridzoo.cli import main
 
-    assert main(["--plugin", str(Path(__file__).resolve().parents[1] / "hz_tiny_models.py"), "train", "--model", "hz_tiny_vit", "--accum-steps", "0",
-                 "--no-progress", "--output", str(tmp_path / "run")]) == 2
-    assert "--accum-steps must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:   # refused by the option parser, before any work
+        main(["--plugin", str(Path(__file__).resolve().parents[1] / "hz_tiny_models.py"), "train", "--model",
+              "hz_tiny_vit", "--accum-steps", "0", "--no-progress", "--output", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    assert "--accum-steps: expected a positive integer, got 0" in capsys.readouterr().err

@@ -83,9 +83,13 @@ def test_predict_with_imagenet_weights_prints_imagenet_names(placed, tmp_path, c
     assert out[1].split(None, 1)[1] == "goldfish"
 
 
-def test_pretrained_errors_are_one_cli_line(placed, capsys):
+def test_pretrained_errors_are_one_cli_line(placed, capsys, tmp_path):
+    from PIL import Image
+
     placed("absent", None)
-    assert main(["predict", "--model", "cvt_tiny_demo", "--pretrained", "absent", "x.png"]) == 2
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    assert main(["predict", "--model", "cvt_tiny_demo", "--pretrained", "absent", str(img)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hybridzoo: error: cvt_tiny_demo.absent:") and "https://example.invalid/w" in err
     assert main(["eval", "--model", "cvt_tiny_demo", "--pretrained", "nope"]) == 2

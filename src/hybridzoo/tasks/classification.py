@@ -170,6 +170,17 @@ def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: i
     return model
 
 
+def _head_width(weights: str) -> int:
+    """The class count of a weights file: the rows of its last classifier."""
+    from hybridzoo.factory import read_state_dict
+
+    state = read_state_dict(weights)
+    heads = [v for k, v in state.items() if k.endswith("head.weight") or k.endswith("classifier.weight")]
+    if not heads:
+        raise ValueError(f"cannot tell the number of classes of {weights!r}; train with hybridzoo or pass a run folder")
+    return int(heads[-1].shape[0])
+
+
 def _head_width_or_none(path: str) -> int | None:
     try:
         return _head_width(path)

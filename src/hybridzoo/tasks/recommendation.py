@@ -338,8 +338,9 @@ class RecommendationTask(Task):
         index = {str(t): i for i, t in enumerate(tokens)}
         unknown = [h for h in history if h not in index]
         if unknown:
-            raise ValueError(f"--history needs item ids seen in training; unknown: {unknown[:10]} "
-                             "(the ids are listed in the run folder's items.json)")
+            where = run.run_dir / "items.json" if run.run_dir is not None else "the run folder's items.json"
+            raise ValueError(f"--history needs item ids seen in training; unknown: {unknown[:10]}; the "
+                             f"{len(tokens) - 1} known ids are listed in {where}")
         print(run.describe(), file=sys.stderr)
         model, device = run.model, run.device
         max_len = int(run.data_info.get("max_len") or run.args.max_len)  # the length the model was trained at

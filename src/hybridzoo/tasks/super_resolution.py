@@ -485,7 +485,7 @@ class SuperResolutionTask(Task):
         model.train(was_training)
         save_comparison(Path(run_dir) / "comparison.png", items)
 
-    eval_options = ("val_data", "self_ensemble", "tile", "tile_overlap", "baseline")
+    eval_options = ("val_data", "self_ensemble", "tile", "tile_overlap", "baseline", "scale")
     predict_options = ("self_ensemble", "tile", "tile_overlap")
 
     @torch.no_grad()
