@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 __all__ = ["ModelCard", "register_model", "get_card", "list_models", "model_entrypoint", "TASKS"]
 
-TASKS = ("classification", "segmentation", "super-resolution", "recommendation", "land-cover")
+TASKS = ("classification", "segmentation", "super-resolution", "recommendation", "land-cover", "detection")
 
 
 @dataclass(frozen=True)
