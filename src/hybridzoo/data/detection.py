@@ -329,6 +329,7 @@ class SyntheticDetection(_DetDataset):
         if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
             raise ValueError(f"SyntheticDetection supports 1..{len(SYNTHETIC_CLASSES)} classes, got {num_classes}")
         self.length, self.size, self.split, self.max_objects = length, size, split, max_objects
+        self.scene_seed = seed
         self.class_names = list(SYNTHETIC_CLASSES[:num_classes])
         self._cache: dict[int, tuple] = {}   # drawing a scene costs ~0.1 s; 512 scenes of 128² are 25 MB
 
@@ -346,7 +347,7 @@ class SyntheticDetection(_DetDataset):
 
         from hybridzoo.data.segmentation import _BACKGROUNDS, _PHOTOS, _photo, _random_crop
 
-        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i, 7])
+        rng = np.random.default_rng([self.scene_seed, 0 if self.split == "train" else 1, i, 7])
         s = self.size
         bg = _random_crop(_photo(_BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]), s, rng).astype(np.float32)
         image = (bg * rng.uniform(0.5, 0.9, size=3)).astype(np.uint8)

@@ -181,8 +181,10 @@ class DetectionTask(Task):
             (("--img-size",), dict(type=int, default=None, help="letterbox side (default 128 synthetic, 640 otherwise)")),
             (("--backbone",), dict(default=None, help="RetinaNet/MF-DETR backbone: any features_only zoo model")),
             (("--num-classes",), dict(type=int, default=None, help="synthetic scenes: 1..3 classes")),
-            (("--synthetic-train",), dict(type=int, default=512, help="synthetic training images")),
-            (("--synthetic-val",), dict(type=int, default=128, help="synthetic validation images")),
+            (("--synthetic-train",), dict(type=int, default=None, help="synthetic training images (512)")),
+            (("--synthetic-val",), dict(type=int, default=None, help="synthetic validation images (128)")),
+            (("--synthetic-seed",), dict(type=int, default=None,
+                                         help="seed of the synthetic scenes (0; --seed only drives training)")),
             (("--no-photometric",), dict(action="store_true", help="no brightness/contrast/saturation jitter")),
             (("--score-thresh",), dict(type=float, default=None, help="detections below this score are dropped")),
             (("--nms-iou",), dict(type=float, default=None, help="RetinaNet: NMS IoU threshold (0.5)")),
@@ -194,7 +196,21 @@ class DetectionTask(Task):
                 g.add_argument(*names, **kw)
 
     # --- data
+    @staticmethod
+    def _saved_info(args: argparse.Namespace) -> dict[str, Any]:
+        """`eval` of a trained detector: the data options it was trained with (image size, scenes)."""
+        from hybridzoo.engine.checkpoint import read_run
+
+        weights = getattr(args, "pretrained", None)
+        if weights and str(weights).endswith(".safetensors") and Path(weights).is_file():
+            return read_run(checkpoint=weights).get("data_info") or {}
+        return {}
+
     def build_data(self, args: argparse.Namespace) -> TaskData:
+        saved = self._saved_info(args)
+        for opt in ("img_size", "synthetic_train", "synthetic_val", "synthetic_seed", "num_classes", "backbone"):
+            if getattr(args, opt, None) is None and saved.get(opt) is not None:
+                setattr(args, opt, saved[opt])
         kind = _arg(args, "dataset", "auto")
         data = getattr(args, "data", None)
         seed = int(_arg(args, "seed", 0))
@@ -206,10 +222,15 @@ class DetectionTask(Task):
         size = int(_arg(args, "img_size", 128 if kind == "synthetic" else 640))
         train_tf = DetTransform(size, train=True, photometric=photometric)
         val_tf = DetTransform(size, train=False)
+        info: dict[str, Any] = {}
         if kind == "synthetic":
             k = int(_arg(args, "num_classes", 3))
-            train = SyntheticDetection(int(_arg(args, "synthetic_train", 512)), 128, "train", seed, train_tf, num_classes=k)
-            val = SyntheticDetection(int(_arg(args, "synthetic_val", 128)), 128, "val", seed, val_tf, num_classes=k)
+            n_train, n_val = int(_arg(args, "synthetic_train", 512)), int(_arg(args, "synthetic_val", 128))
+            scene_seed = int(_arg(args, "synthetic_seed", 0))
+            train = SyntheticDetection(n_train, 128, "train", scene_seed, train_tf, num_classes=k)
+            val = SyntheticDetection(n_val, 128, "val", scene_seed, val_tf, num_classes=k)
+            train.seed = val.seed = seed        # augmentation streams follow --seed, the scenes do not
+            info.update(synthetic_train=n_train, synthetic_val=n_val, synthetic_seed=scene_seed, num_classes=k)
         elif kind == "coco":
             layout, splits = detect_layout(data)
             if layout != "coco":
@@ -220,8 +241,8 @@ class DetectionTask(Task):
         else:
             train = YoloDetection(data, "train", train_tf, seed)
             val = YoloDetection(data, "val", val_tf, seed, class_names=train.class_names)
-        info = {"num_classes": train.num_classes, "class_names": list(train.class_names), "in_chans": 3,
-                "img_size": size, "layout": kind, "synthetic": kind == "synthetic"}
+        info.update({"num_classes": train.num_classes, "class_names": list(train.class_names), "in_chans": 3,
+                     "img_size": size, "layout": kind, "synthetic": kind == "synthetic"})
         backbone = getattr(args, "backbone", None)
         if backbone:
             info["backbone"] = backbone
@@ -232,14 +253,10 @@ class DetectionTask(Task):
 
     # --- model
     def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
-        from hybridzoo.engine.checkpoint import read_run
         from hybridzoo.factory import load_weights
 
         weights = getattr(args, "pretrained", None)
-        saved = {}
-        if weights and str(weights).endswith(".safetensors") and Path(weights).is_file():
-            saved = read_run(checkpoint=weights).get("data_info") or {}
-        backbone = data_info.get("backbone") or saved.get("backbone")
+        backbone = data_info.get("backbone") or self._saved_info(args).get("backbone")
         model = self._create(args.model, int(data_info.get("num_classes", 3)), backbone, args)
         if weights:
             try:
