@@ -64,6 +64,9 @@ def test_nms_greedy_order_and_chain():
     # a chain A–B–C (IoU 1/3 each, A and C disjoint): a suppressed B must not suppress C
     chain = torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10], [10, 0, 20, 10]])
     assert nms(chain, scores, 0.3).tolist() == [0, 2]
+    # every kept box suppresses its own neighbours, not only the first one
+    two = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [21, 21, 31, 31]])
+    assert nms(two, scores, 0.5).tolist() == [0, 1]
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
 
 

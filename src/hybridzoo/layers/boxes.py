@@ -106,12 +106,19 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     iou = box_iou(boxes, boxes)
     n = len(boxes)
     # suppressed[j] is set once a kept box i < j overlaps it; one pass over the rows in score order
-    over = (iou > iou_threshold).triu(1).cpu().numpy()
-    keep = np.ones(n, dtype=bool)
-    for i in range(n):
-        if keep[i]:
-            keep &= ~over[i]
-    return order[torch.from_numpy(keep).to(boxes.device)]
+    over = (iou > iou_threshold).cpu().numpy()
+    # one iteration per *kept* box: take the best box still alive, kill everything it overlaps
+    alive = np.ones(n, dtype=bool)
+    keep, i = [], 0
+    while i < n:
+        nxt = np.flatnonzero(alive[i:])
+        if len(nxt) == 0:
+            break
+        i += int(nxt[0])
+        keep.append(i)
+        alive &= ~over[i]
+        i += 1
+    return order[torch.as_tensor(keep, dtype=torch.long, device=boxes.device)]
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
