@@ -50,8 +50,11 @@ def coco_summary(gts: np.ndarray, dets: np.ndarray, image_ids: np.ndarray, num_c
     gts: rows (image, x1, y1, x2, y2, label, crowd, area); dets: rows (image, x1, y1, x2, y2, score, label);
     image_ids: every evaluated image (also those without boxes). Returns the keys of `_KEYS` ×100.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as e:
+        raise ValueError("the detection metrics need pycocotools: pip install 'hybridzoo[detection]'") from e
 
     images = [{"id": int(i)} for i in np.unique(image_ids.astype(np.int64))]
     anns = []
