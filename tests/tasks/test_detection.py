@@ -116,8 +116,8 @@ def test_retinanet_on_other_backbones():
         assert model.strides == model.in_strides == [int(i["reduction"]) for i in model.backbone.feature_info[-3:]]
 
 
-TINY = ["--task", "detection", "--synthetic-train", "16", "--synthetic-val", "8", "--img-size", "64",
-        "--batch-size", "8", "--no-progress", "--seed", "1"]
+TINY = ["--task", "detection", "--synthetic-train", "8", "--synthetic-val", "4", "--img-size", "64",
+        "--batch-size", "4", "--no-progress", "--seed", "1"]
 
 
 @pytest.mark.slow
@@ -158,3 +158,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "cannot tell the detection layout" in capsys.readouterr().err
     assert main(["train", "--task", "detection", "--model", "cvt_13", "--no-progress", "--synthetic-train", "4"]) == 2
     assert "is a classification model" in capsys.readouterr().err
+
+
+def test_pretrained_backbone_weights(tmp_path):
+    """`--pretrained` with classification weights fills the detector's backbone (the head's keys are dropped)."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from hybridzoo.models.retinanet import load_backbone_weights
+    from hybridzoo.tasks.detection import DetectionTask
+
+    torch.manual_seed(3)
+    cls = hybridzoo.create_model("mobile_former_52m")
+    path = tmp_path / "mf52.safetensors"
+    save_file({k: v.contiguous() for k, v in cls.state_dict().items()}, str(path))
+    args = argparse.Namespace(model="retinanet_mf_demo", pretrained=str(path))
+    det = DetectionTask().build_model(args, {"num_classes": 3})
+    own = det.backbone.model.state_dict()
+    assert own and all(torch.equal(v, cls.state_dict()[k]) for k, v in own.items())
+    # a checkpoint missing a backbone key is an error naming it
+    state = {k: v for k, v in cls.state_dict().items() if k != "stem.0.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="stem.0.weight"):
+        load_backbone_weights(det.backbone, tmp_path / "bad.safetensors")
