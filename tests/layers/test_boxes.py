@@ -50,7 +50,7 @@ def test_sigmoid_focal_loss_hand_computed():
     assert out.tolist() == pytest.approx([0.25 * 0.25 * math.log(2), 0.75 * 0.25 * math.log(2)])
     # a confident correct prediction costs (almost) nothing, a confident wrong one a lot
     easy, hard = sigmoid_focal_loss(torch.tensor([6.0, -6.0]), torch.tensor([1.0, 1.0]))
-    assert easy < 1e-6 < 1.0 < hard
+    assert easy < 1e-6 and hard > 1.0
 
 
 def test_nms_greedy_order_and_chain():

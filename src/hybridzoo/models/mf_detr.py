@@ -25,8 +25,6 @@ block's output (auxiliary losses). Inference takes each query's best class; ther
 from __future__ import annotations
 
 import math
-import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F

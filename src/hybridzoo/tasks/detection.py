@@ -249,7 +249,7 @@ class DetectionTask(Task):
         backbone = getattr(args, "backbone", None)
         if backbone:
             info["backbone"] = backbone
-        if kind == "synthetic":
+        if kind == "synthetic" and os.environ.get("RANK", "0") == "0":   # once under torchrun
             print(f"detection: SYNTHETIC scenes ({len(train)} train / {len(val)} val, {info['num_classes']} classes "
                   f"{info['class_names']}, {size}×{size})")
         return TaskData(train=train, val=val, info=info, collate_fn=collate_detection)
@@ -399,7 +399,7 @@ class DetectionTask(Task):
             x, t = val[r]
             out = core(x[None].to(device))
             det = _to_original(core.postprocess(out, tuple(x.shape[-2:]))[0], t)
-            img, gt_boxes, gt_labels, _ = val.raw(r)
+            img, gt_boxes, _, _ = val.raw(r)
             ax.imshow(img)
             for b in gt_boxes:
                 ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="white", lw=1, ls="--"))
