@@ -52,6 +52,11 @@ def test_map_shifted_boxes_known_value():
     assert s["map"] == pytest.approx(40.0) and s["map50"] == pytest.approx(100.0) and s["map75"] == pytest.approx(0.0)
 
 
+def test_map_without_detections():
+    s = coco_summary(_gt_rows(GT), np.zeros((0, 7)), np.arange(3), 2)
+    assert s["map"] == 0.0 and s["mar100"] == 0.0 and s["map_medium"] == 0.0 and math.isnan(s["map_large"])
+
+
 def test_map_counts_misses_and_false_positives():
     gts = _gt_rows(GT)
     # class 0 perfect; class 1: one of two found, plus a higher-scored false positive in an empty spot

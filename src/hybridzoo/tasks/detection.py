@@ -68,8 +68,12 @@ def coco_summary(gts: np.ndarray, dets: np.ndarray, image_ids: np.ndarray, num_c
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     if len(dets) == 0 or len(anns) == 0:
-        # nothing detected (or nothing to find): every AP and AR is 0 by definition
-        return {k: 0.0 for k in _KEYS}
+        # nothing detected (or nothing to find): every AP and AR is 0, except for size ranges
+        # without ground truth, which pycocotools reports as -1 (NaN here)
+        area = gts[gts[:, 6] == 0, 7] if len(gts) else np.zeros(0)
+        present = {"map_small": (area < 32 ** 2).any(), "map_medium": ((area >= 32 ** 2) & (area < 96 ** 2)).any(),
+                   "map_large": (area >= 96 ** 2).any()}
+        return {k: (0.0 if present.get(k, len(area) > 0) else float("nan")) for k in _KEYS}
     res = [{"image_id": int(r[0]), "category_id": int(r[6]) + 1,
             "bbox": [float(r[1]), float(r[2]), float(r[3] - r[1]), float(r[4] - r[2])], "score": float(r[5])}
            for r in dets]
@@ -175,6 +179,9 @@ class DetectionTask(Task):
     default_lr = 1e-3
     default_weight_decay = 1e-4
     default_warmup_epochs = 0.5
+    # every process evaluates its shard and CocoMetric.sync() gathers the tables: exact COCO AP,
+    # and every process takes part in the gather (a rank-0-only evaluation would wait for the others)
+    distributed_eval = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("detection")
