@@ -163,6 +163,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "cannot tell the detection layout" in capsys.readouterr().err
     assert main(["train", "--task", "detection", "--model", "cvt_13", "--no-progress", "--synthetic-train", "4"]) == 2
     assert "is a classification model" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    from hybridzoo.data.detection import read_image
+
+    with pytest.raises(ValueError, match="not a readable image"):
+        read_image(notes)
 
 
 def test_pretrained_backbone_weights(tmp_path):

@@ -54,8 +54,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {os.fspath(path)!r}")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB")).copy()
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")).copy()
+    except (OSError, Image.UnidentifiedImageError) as e:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable image (expected PNG, JPEG, BMP, TIFF or WebP): {e}") from e
 
 
 def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -200,6 +200,8 @@ class DetectionTask(Task):
             (("--nms-iou",), dict(type=float, default=None, help="RetinaNet: NMS IoU threshold (0.5)")),
             (("--box-loss",), dict(default=None, choices=["smooth_l1", "giou"], help="RetinaNet box regression loss")),
             (("--out-dir",), dict(default=None, help="predict: folder for <stem>_boxes.png and detections.json")),
+            (("--draw-thresh",), dict(type=float, default=0.3,
+                                      help="predict: boxes drawn at this score or above (the JSON has them all)")),
         )
         for names, kw in opts:
             if not any(n in parser._option_string_actions for n in names):
@@ -427,7 +429,8 @@ class DetectionTask(Task):
     # --- predict
     @torch.no_grad()
     def predict(self, args: argparse.Namespace) -> None:
-        """`<stem>_boxes.png` (labelled boxes) per image and `detections.json` in --out-dir (default: predictions/)."""
+        """`<stem>_boxes.png` (labelled boxes scoring ≥ --draw-thresh) per image and `detections.json`
+        (every detection above the model's score threshold) in --out-dir (default: predictions/)."""
         from hybridzoo.engine.checkpoint import read_run
         from hybridzoo.engine.distributed import resolve_device
         from hybridzoo.factory import load_weights
@@ -459,7 +462,8 @@ class DetectionTask(Task):
             det = _to_original(model.postprocess(out, (size, size))[0], t)
             det = {k: v.cpu() for k, v in det.items()}
             pic = out_dir / f"{Path(path).stem}_boxes.png"
-            draw_detections(img, det, names, pic)
+            shown = det["scores"] >= float(_arg(args, "draw_thresh", 0.3))
+            draw_detections(img, {k: v[shown] for k, v in det.items()}, names, pic)
             boxes = [{"class": names[int(l)], "index": int(l), "score": round(float(s), 5),
                       "box_xyxy": [round(float(v), 2) for v in b]}
                      for b, s, l in zip(det["boxes"], det["scores"], det["labels"])]
