@@ -16,7 +16,7 @@ from typing import Any, Callable
 __all__ = ["ModelCard", "register_model", "get_card", "list_models", "model_entrypoint", "task_names"]
 
 # the tasks of hybridzoo.tasks, known before that package is imported (model files register first)
-_BUILTIN_TASKS = ("classification", "segmentation", "super-resolution", "recommendation", "land-cover")
+_BUILTIN_TASKS = ("classification", "segmentation", "super-resolution", "recommendation", "land-cover", "detection")
 
 
 def task_names() -> tuple[str, ...]:
