@@ -145,7 +145,7 @@ def test_cli_train_eval_predict_resume(tmp_path, capsys):
     img = tmp_path / "scene.png"
     Image.fromarray(np.full((50, 90, 3), 120, np.uint8)).save(img)
     preds = tmp_path / "preds"
-    assert main(["predict", "--run", str(run), str(img), "--out-dir", str(preds), "--json", str(tmp_path / "p.json")]) == 0
+    assert main(["predict", "--run", str(run), str(img), "--output", str(preds), "--json", str(tmp_path / "p.json")]) == 0
     assert (preds / "scene_boxes.png").is_file()
     with Image.open(preds / "scene_boxes.png") as im:
         assert im.size == (90, 50)

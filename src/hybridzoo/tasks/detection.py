@@ -4,7 +4,7 @@
     hybridzoo train --task detection --model mf_detr_demo              # the end-to-end MF-DETR
     hybridzoo train --model retinanet_mf_508m --backbone coatnet_0 --data ~/coco --img-size 800
     hybridzoo eval --run runs/RUN
-    hybridzoo predict --run runs/RUN street.jpg --out-dir preds        # <stem>_boxes.png + detections.json
+    hybridzoo predict --run runs/RUN street.jpg --output preds         # <stem>_boxes.png + detections.json
 
 Models (RetinaNet, MF-DETR) return a dict of tensors from `forward` and define `loss(out, targets,
 image_size)` and `postprocess(out, image_size)`; the task only moves data and scores.
@@ -179,9 +179,7 @@ class DetectionTask(Task):
     default_lr = 1e-3
     default_weight_decay = 1e-4
     default_warmup_epochs = 0.5
-    # every process evaluates its shard and CocoMetric.sync() gathers the tables: exact COCO AP,
-    # and every process takes part in the gather (a rank-0-only evaluation would wait for the others)
-    distributed_eval = True
+    # the engine evaluates a shard per process and CocoMetric.sync() gathers the tables: exact COCO AP
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("detection")
@@ -199,7 +197,6 @@ class DetectionTask(Task):
             (("--score-thresh",), dict(type=float, default=None, help="detections below this score are dropped")),
             (("--nms-iou",), dict(type=float, default=None, help="RetinaNet: NMS IoU threshold (0.5)")),
             (("--box-loss",), dict(default=None, choices=["smooth_l1", "giou"], help="RetinaNet box regression loss")),
-            (("--out-dir",), dict(default=None, help="predict: folder for <stem>_boxes.png and detections.json")),
             (("--draw-thresh",), dict(type=float, default=0.3,
                                       help="predict: boxes drawn at this score or above (the JSON has them all)")),
         )
@@ -427,50 +424,45 @@ class DetectionTask(Task):
         core.train(was)
 
     # --- predict
+    eval_options = ("dataset", "img_size", "score_thresh", "nms_iou")
+    predict_options = ("score_thresh", "nms_iou", "draw_thresh")
+
     @torch.no_grad()
     def predict(self, args: argparse.Namespace) -> None:
         """`<stem>_boxes.png` (labelled boxes scoring ≥ --draw-thresh) per image and `detections.json`
-        (every detection above the model's score threshold) in --out-dir (default: predictions/)."""
-        from hybridzoo.engine.checkpoint import read_run
-        from hybridzoo.engine.distributed import resolve_device
-        from hybridzoo.factory import load_weights
+        (every detection above the model's score threshold) in the output folder (`--output`, default the run
+        folder's predictions/)."""
+        from hybridzoo.engine.run import expand_inputs, load_run_from_args, output_dir, report_stream
 
-        if not getattr(args, "images", None):
-            raise ValueError("predict needs at least one image file")
-        run = read_run(getattr(args, "run", None), getattr(args, "checkpoint", None))
-        name = getattr(args, "model", None) or run["model"]
-        if not name:
-            raise ValueError("the checkpoint does not name its model; pass --model NAME")
-        info = run["data_info"] or {}
+        files = expand_inputs(getattr(args, "inputs", None))
+        run = load_run_from_args(args, self)
+        info, model, device = run.data_info, run.model, run.device
         if "num_classes" not in info:
-            raise ValueError(f"{run['weights']!r} carries no class list; predict needs a run folder or model.safetensors "
+            raise ValueError(f"{run.weights!r} carries no class list; predict needs a run folder or model.safetensors "
                              "written by `hybridzoo train --task detection`")
         names = info.get("class_names") or [str(i) for i in range(info["num_classes"])]
-        device = resolve_device(getattr(args, "device", None) or "auto")
-        model = self._create(name, int(info["num_classes"]), info.get("backbone") or getattr(args, "backbone", None), args)
-        load_weights(model, run["weights"])
-        model.to(device).eval()
-        size = int(getattr(args, "img_size", None) or info.get("img_size") or 640)
+        size = int(info.get("img_size") or getattr(run.args, "img_size", None) or 640)
         tf = DetTransform(size, train=False)
-        out_dir = Path(getattr(args, "out_dir", None) or "predictions")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = output_dir(args, run)
+        log = report_stream(args)
+        print(run.describe(), file=log)
         results = []
-        for path in args.images:
+        for path in files:
             img = read_image(path)
             x, t = tf(img, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.random.default_rng(0))
             out = model(x[None].to(device))
             det = _to_original(model.postprocess(out, (size, size))[0], t)
             det = {k: v.cpu() for k, v in det.items()}
             pic = out_dir / f"{Path(path).stem}_boxes.png"
-            shown = det["scores"] >= float(_arg(args, "draw_thresh", 0.3))
+            shown = det["scores"] >= float(_arg(run.args, "draw_thresh", 0.3))
             draw_detections(img, {k: v[shown] for k, v in det.items()}, names, pic)
             boxes = [{"class": names[int(l)], "index": int(l), "score": round(float(s), 5),
                       "box_xyxy": [round(float(v), 2) for v in b]}
                      for b, s, l in zip(det["boxes"], det["scores"], det["labels"])]
             results.append({"image": os.fspath(path), "picture": os.fspath(pic), "detections": boxes})
-            print(f"{path}: {len(boxes)} detections → {pic}")
+            print(f"{path}: {len(boxes)} detections → {pic}", file=log)
             for d in boxes[:10]:
-                print(f"  {d['score']:.3f}  {d['class']:<12} {d['box_xyxy']}")
+                print(f"  {d['score']:.3f}  {d['class']:<12} {d['box_xyxy']}", file=log)
         from hybridzoo.engine.checkpoint import atomic_write
 
         text = (json.dumps(results, indent=2) + "\n").encode()
