@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridzoo.layers.fused import FastDropout, _draws, _threshold, chunked_attention, fast_dropout, linear_cross_entropy
+from hybridzoo.layers.fused import FastDropout, _draws, chunked_attention, fast_dropout, linear_cross_entropy
 from hybridzoo.models.sasrec import recbole_attention_mask
 
 

@@ -93,7 +93,8 @@ def test_mixture_gate_is_one_scalar_per_sequence_and_layer():
     layer = model.adamct_encoder.layer[0]
     amu = layer.adaptive_mixture_units
     with torch.no_grad():
-        amu.linear.weight.zero_(); amu.linear.bias.fill_(50.0)
+        amu.linear.weight.zero_()
+        amu.linear.bias.fill_(50.0)
     h = torch.randn(2, 10, 8)
     g1, g2, loc = torch.randn(2, 10, 8), torch.randn(2, 10, 8), torch.randn(2, 10, 8)
     assert torch.allclose(amu(h, g1, loc), amu(h, g2, loc), atol=1e-5)
@@ -114,7 +115,8 @@ def test_sasrec_output_ignores_items_after_the_last_position():
     seq = torch.tensor([[3, 4, 5, 0, 0, 0, 0, 0]])
     a = model(seq, torch.tensor([3]))
     b = model(seq, torch.tensor([2]))
-    seq2 = seq.clone(); seq2[0, 2] = 9  # changes only a position after the 2nd
+    seq2 = seq.clone()
+    seq2[0, 2] = 9  # changes only a position after the 2nd
     assert torch.allclose(b, model(seq2, torch.tensor([2])), atol=1e-6)
     assert not torch.allclose(a, b)
 

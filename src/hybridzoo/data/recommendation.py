@@ -110,18 +110,21 @@ def read_interactions(path: str | os.PathLike, fmt: str | None = None) -> tuple[
             elif fmt == "amazon2018":
                 for n, row in enumerate(csv.reader(f), 1):
                     if row:
-                        items.append(row[0]); users.append(row[1])
+                        items.append(row[0])
+                        users.append(row[1])
                         times.append(parse_timestamp(row[3], f"{where}, row {n}, column 4 (timestamp)"))
             elif fmt == "movielens-dat":
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         u, i, _r, t = line.strip().split("::")[:4]
-                        users.append(u); items.append(i)
+                        users.append(u)
+                        items.append(i)
                         times.append(parse_timestamp(t, f"{where}, line {n}, field 4 (timestamp)"))
             elif fmt == "movielens-csv":
                 reader = csv.DictReader(f)
                 for n, row in enumerate(reader, 2):
-                    users.append(row["userId"]); items.append(row["movieId"])
+                    users.append(row["userId"])
+                    items.append(row["movieId"])
                     times.append(parse_timestamp(row["timestamp"], f"{where}, row {n}, column 'timestamp'"))
             elif fmt == "recbole":
                 header = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
@@ -133,7 +136,8 @@ def read_interactions(path: str | os.PathLike, fmt: str | None = None) -> tuple[
                 for n, line in enumerate(f, 2):
                     if line.strip():
                         row = line.rstrip("\n").split("\t")
-                        users.append(row[ui]); items.append(row[ii])
+                        users.append(row[ui])
+                        items.append(row[ii])
                         times.append(parse_timestamp(row[ti], f"{where}, row {n}, column 'timestamp'"))
             else:
                 reader = csv.DictReader(f)
@@ -141,7 +145,8 @@ def read_interactions(path: str | os.PathLike, fmt: str | None = None) -> tuple[
                     raise ValueError(f"{str(path)!r}: expected a CSV header with user,item,timestamp columns, "
                                      f"found {reader.fieldnames}")
                 for n, row in enumerate(reader, 2):
-                    users.append(row["user"]); items.append(row["item"])
+                    users.append(row["user"])
+                    items.append(row["item"])
                     times.append(parse_timestamp(row["timestamp"], f"{where}, row {n}, column 'timestamp'"))
     except (KeyError, IndexError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not a valid {fmt} interaction file: {e!r}") from e

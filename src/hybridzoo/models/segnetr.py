@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.layers import LayerNorm2d, SqueezeExcite, check_image_input

@@ -12,7 +12,6 @@ padded convolutions (output size = input size) and BatchNorm after every convolu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.layers import check_image_input

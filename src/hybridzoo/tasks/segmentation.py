@@ -23,7 +23,6 @@ engine uses it when it supports a task-supplied scheduler.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from hybridzoo.data.super_resolution import (
     HRImageDataset, bicubic_upsample, build_sr_datasets, builtin_images, describe, eval_dataset, quantize,
-    read_image, save_image, sr_collate, to_tensor,
+    save_image, sr_collate, to_tensor,
 )
 from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task
