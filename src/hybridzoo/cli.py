@@ -1,4 +1,4 @@
-"""`hybridzoo list | info | train | eval | bench | predict` — also `python -m hybridzoo` (for torchrun).
+"""`hybridzoo list | info | train | eval | bench | predict | export` — also `python -m hybridzoo` (for torchrun).
 
     hybridzoo list cvt                      # registered models matching *cvt*
     hybridzoo info cvt_13                   # the paper's figures next to what this implementation measures
@@ -7,6 +7,7 @@
     hybridzoo eval --run runs/20250101-120000-cvt_tiny_demo
     hybridzoo predict --run runs/... img1.png img2.png
     hybridzoo bench cvt_13 --batch-size 32 --json bench.json
+    hybridzoo export --model sctnet_s_seg50 --format onnx      # the deployed network, verified
     torchrun --nproc_per_node=2 -m hybridzoo train --model cvt_13 --data ~/imagenette
 
 `train`, `eval` and `predict` belong to a task (`hybridzoo.tasks`): the task is `--task`, else the
@@ -159,6 +160,8 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--onednn", action="store_true",
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
+    p.add_argument("--onnx", action="store_true",
+                   help="time eager, the oneDNN path and ONNX Runtime (CPU EP, same threads) interleaved; report ratios")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
 
     p = sub.add_parser("predict", help="run a trained model on files")
@@ -171,6 +174,9 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", help="input files (what a task expects: images for classification)")
     if task is not None:
         task.add_arguments(p)
+
+    from hybridzoo.export import add_export_arguments
+    add_export_arguments(sub.add_parser("export", help="ONNX / TorchScript / ExportedProgram of the deployed network, verified"))
     return parser
 
 
@@ -377,6 +383,9 @@ def cmd_bench(args) -> int:
     card = get_card(args.name)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.onnx:
+        from hybridzoo.export import bench_onnx
+        return bench_onnx(args)
     device = resolve_device(args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
@@ -496,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "export":
+            from hybridzoo.export import cmd_export
+            return cmd_export(args)
         if args.command == "train":
             args.task = task.name
             return cmd_train(args, task, parser._subparsers._group_actions[0].choices["train"])

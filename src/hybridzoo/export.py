@@ -20,6 +20,7 @@ where the task takes images; its outputs are compared with eager PyTorch and the
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 __all__ = ["FORMATS", "DeploySpec", "ExportVerificationError", "deployed_network", "export_model",
-           "serialize", "load_exported", "verify", "load_for_export", "parse_resolution"]
+           "serialize", "load_exported", "verify", "load_for_export", "parse_resolution", "compare_runtimes",
+           "add_export_arguments", "cmd_export", "bench_onnx"]
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -310,7 +312,7 @@ def serialize(spec: DeploySpec, fmt: str, opset: int | None = None) -> bytes:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript is in maintenance mode; it still loads in C++ (libtorch)
                 traced = torch.jit.trace(spec.module, args, check_trace=False)
-            torch.jit.save(traced, buf)
+                torch.jit.save(traced, buf)
         else:
             program = torch.export.export(spec.module, args, dynamic_shapes=_dynamic_shapes(spec))
             torch.export.save(program, buf)
@@ -336,7 +338,11 @@ def load_exported(data: bytes | str | os.PathLike, fmt: str, threads: int | None
         run_onnx.session = session
         return run_onnx
     if fmt == "torchscript":
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     elif fmt == "exported-program":
         module = torch.export.load(io.BytesIO(data)).module()
     else:
@@ -469,28 +475,35 @@ def load_for_export(run: str | os.PathLike | None = None, checkpoint: str | os.P
                     **overrides: Any) -> tuple[nn.Module, dict[str, Any], list[str] | None]:
     """(model, data_info, item vocabulary) for `hybridzoo export`.
 
-    A run folder or an engine checkpoint is rebuilt as the task built it for training (its data_info:
-    classes, input channels, vocabulary size); `model` + `pretrained` is a plain `create_model`.
-    The one place to switch to `hybridzoo.engine.run.load_run` once that exists.
+    A run folder, or a checkpoint written by `hybridzoo train`, is rebuilt as its task built it for
+    training (from the recorded data_info: classes, input channels, vocabulary size); otherwise
+    `create_model(model, pretrained=checkpoint or pretrained)`. The one place to switch over to
+    `hybridzoo.engine.run.load_run` once that exists.
     """
-    import argparse
-
+    from hybridzoo.engine.checkpoint import CheckpointError, read_run
     from hybridzoo.factory import create_model
+    from hybridzoo.registry import get_card
 
-    if run is not None or (checkpoint is not None and model is None):
-        from hybridzoo.engine.checkpoint import read_run
-        from hybridzoo.registry import get_card
+    info = None
+    if run is not None:
+        info = read_run(run, None)
+    elif checkpoint is not None:
+        try:
+            info = read_run(None, checkpoint)
+        except CheckpointError:
+            if model is None:  # an official checkpoint names no model
+                raise
+    if info is not None and (info.get("data_info") or model is None):
+        name = model or info.get("model")
+        if not name:
+            raise ValueError(f"{os.fspath(checkpoint)!r} does not name its model; pass --model NAME")
+        data_info = dict(info.get("data_info") or {})
+        if run is not None:
+            summary = json.loads((Path(run) / "summary.json").read_text())
+            data_info = data_info or dict(summary.get("data") or {})
         from hybridzoo.tasks.base import get_task
 
-        info = read_run(run, checkpoint)
-        name = model or info["model"]
-        if not name:
-            raise ValueError("the checkpoint does not name its model; pass --model NAME")
-        data_info = dict(info.get("data_info") or {})
         task = get_task(info.get("task") or get_card(name).task)
-        if run is not None and not data_info:
-            summary = json.loads((Path(run) / "summary.json").read_text())
-            data_info = dict(summary.get("data") or {})
         net = task.build_model(argparse.Namespace(model=name, pretrained=info["weights"]), data_info)
         net.model_name = name
         vocab = None
@@ -499,5 +512,120 @@ def load_for_export(run: str | os.PathLike | None = None, checkpoint: str | os.P
         return net, data_info, vocab
     if not model:
         raise ValueError("export needs --run DIR, or --model NAME [--checkpoint PATH | --pretrained PATH]")
-    weights = checkpoint or pretrained
-    return create_model(model, pretrained=weights, **overrides), {}, None
+    if checkpoint is not None and pretrained is not None:
+        raise ValueError("give --checkpoint or --pretrained, not both")
+    return create_model(model, pretrained=checkpoint or pretrained, **overrides), {}, None
+
+
+# --------------------------------------------------------------------------------------- runtime comparison
+def compare_runtimes(name: str, *, resolution: str | int | None = None, batch_sizes: Sequence[int] = (1, 8),
+                     rounds: int = 5, iters: int = 5, warmup: int = 2, opset: int | None = None,
+                     log: Callable[[str], None] | None = None, model: nn.Module | None = None) -> list[dict[str, Any]]:
+    """Eager PyTorch, the frozen oneDNN path and ONNX Runtime (CPU EP, the same thread count) on the deployed
+    network, in this process, interleaved: each round times `iters` calls of every runtime in turn, so a
+    load change on a shared machine hits all three alike. One row per batch size: the median of the
+    rounds' mean seconds per call, for each runtime, and the ratios."""
+    from hybridzoo.factory import create_model
+    from hybridzoo.layers.onednn import optimize_for_cpu_inference
+
+    say = log or (lambda s: None)
+    model = model if model is not None else create_model(name)
+    spec = deployed_network(model, name, resolution=resolution, batch="dynamic", dynamic_size=False)
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    ort_run = load_exported(serialize(spec, "onnx", opset), "onnx", threads=threads)
+    say(f"{name}: exported to ONNX in {time.perf_counter() - t0:.1f} s")
+    onednn = optimize_for_cpu_inference(spec.module)
+    eager = spec.module
+
+    def torch_call(m):
+        def call(*x):
+            with torch.inference_mode():
+                return m(*x)
+        return call
+
+    runtimes = {"eager": torch_call(eager), "onednn": torch_call(onednn), "onnxruntime": ort_run}
+    rows = []
+    for bs in batch_sizes:
+        x = spec.make_inputs(bs, spec.spatial, 0)
+        for fn in runtimes.values():
+            for _ in range(warmup):
+                fn(*x)
+        per_round: dict[str, list[float]] = {k: [] for k in runtimes}
+        for _ in range(rounds):
+            for key, fn in runtimes.items():
+                t = time.perf_counter()
+                for _ in range(iters):
+                    fn(*x)
+                per_round[key].append((time.perf_counter() - t) / iters)
+        med = {k: float(np.median(v)) for k, v in per_round.items()}
+        row = {"model": name, "input_size": [list(t.shape) for t in x], "batch_size": bs, "threads": threads,
+               "rounds": rounds, "iters": iters}
+        for k, v in med.items():
+            row[f"{k}_ms"] = v * 1e3
+            row[f"{k}_spread_ms"] = [min(per_round[k]) * 1e3, max(per_round[k]) * 1e3]
+        row["onednn_vs_eager"] = med["eager"] / med["onednn"]
+        row["onnxruntime_vs_eager"] = med["eager"] / med["onnxruntime"]
+        row["onnxruntime_vs_onednn"] = med["onednn"] / med["onnxruntime"]
+        rows.append(row)
+        say(f"  batch {bs}: eager {row['eager_ms']:.1f} ms, oneDNN {row['onednn_ms']:.1f} ms "
+            f"({row['onednn_vs_eager']:.2f}x), ONNX Runtime {row['onnxruntime_ms']:.1f} ms "
+            f"({row['onnxruntime_vs_eager']:.2f}x eager, {row['onnxruntime_vs_onednn']:.2f}x oneDNN)")
+    return rows
+
+
+def bench_onnx(args) -> int:
+    """`hybridzoo bench NAME --onnx`: `compare_runtimes` at batch 1 and --batch-size, printed as a table."""
+    if args.device not in ("auto", "cpu") or args.amp != "none" or args.compile or args.onednn:
+        raise ValueError("bench --onnx compares CPU float32 runtimes: leave out --device, --amp, --compile, --onednn")
+    sizes = [1] + ([args.batch_size or 8] if (args.batch_size or 8) != 1 else [])
+    rows = compare_runtimes(args.name, resolution=args.resolution, batch_sizes=sizes, rounds=max(3, args.iters // 2),
+                            iters=2, warmup=args.warmup, log=print)
+    print("\n| model | input | batch | threads | eager ms | oneDNN ms | ONNX Runtime ms | oneDNN / eager | ORT / eager | ORT / oneDNN |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        shape = "×".join(map(str, r["input_size"][0][1:]))
+        print(f"| {r['model']} | {shape} | {r['batch_size']} | {r['threads']} | {r['eager_ms']:.1f} | {r['onednn_ms']:.1f} | "
+              f"{r['onnxruntime_ms']:.1f} | {r['onednn_vs_eager']:.2f}× | {r['onnxruntime_vs_eager']:.2f}× | "
+              f"{r['onnxruntime_vs_onednn']:.2f}× |")
+    if args.json:
+        from hybridzoo.engine.checkpoint import atomic_write
+
+        atomic_write(args.json, lambda f: f.write((json.dumps(rows, indent=2) + "\n").encode()))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- command line
+def add_export_arguments(p) -> None:
+    """`hybridzoo export` options (registered by hybridzoo.cli)."""
+    p.add_argument("--run", default=None, help="a run folder (model, weights, classes / vocabulary from it)")
+    p.add_argument("--model", default=None, help="model name (with --checkpoint or --pretrained, or random weights)")
+    p.add_argument("--checkpoint", default=None, help="model.safetensors or last.ckpt written by `hybridzoo train`")
+    p.add_argument("--pretrained", default=None, help="weights (ours or an official layout)")
+    p.add_argument("--format", dest="format", choices=FORMATS, default="onnx")
+    p.add_argument("--output", default=None, help="file to write (default: MODEL.onnx / .pt / .pt2); JSON beside it")
+    p.add_argument("--resolution", default=None, help="input side or HxW (default: the run's / the model card's)")
+    p.add_argument("--keep-rate", type=float, default=None, help="SuperViT: the sub-network's token keep-rate")
+    p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
+    p.add_argument("--dynamic-size", action=argparse.BooleanOptionalAction, default=None,
+                   help="dynamic height and width (default: on for super-resolution, off otherwise)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max abs difference allowed against eager PyTorch")
+    p.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime CPU threads")
+
+
+def cmd_export(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, data_info, vocab = load_for_export(args.run, args.checkpoint, args.model, args.pretrained)
+    name = getattr(model, "model_name", args.model)
+    print(f"exporting {name} ({args.format}) ...", flush=True)
+    report = export_model(model, args.output, args.format, name=name, opset=args.opset, atol=args.atol,
+                          log=print, resolution=args.resolution, keep_rate=args.keep_rate, batch=args.batch,
+                          dynamic_size=args.dynamic_size, data_info=data_info, vocabulary=vocab)
+    v, s = report["verification"], report["seconds"]
+    print(f"wrote {report['path']} ({report['bytes'] / 2**20:.1f} MiB) and {report['json']}: "
+          f"max abs diff {v['max_abs_diff']:.3g} <= {v['atol']:g} ({report['runtime_check']}); "
+          f"export {s['export']:.1f} s, verification {s['verify']:.1f} s")
+    return 0
