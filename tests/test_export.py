@@ -139,7 +139,7 @@ def test_onnx_recommender_scores_every_item(tmp_path):
 
 
 def test_onnx_act_at_dynamic_size(tmp_path):
-    model, hw = _reduced("act_x2")
+    model, hw = _reduced("act_x2", num_stages=1)  # one stage still has both branches, CSTA's fold/unfold and fusion
     report = export_model(model, tmp_path / "act.onnx", "onnx", name="act_x2", resolution=hw)
     _report("act_x2 (dynamic H, W)", "onnx", report)
     assert any(c["input"].startswith("random 15x18") for c in report["verification"]["checks"])
@@ -216,6 +216,20 @@ def test_cli_export_run(tiny_run, tmp_path, capsys):
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_bench_onnx_reports_three_runtimes(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--plugin", TINY, "bench", "hz_tiny_vit", "--onnx", "--batch-size", "2", "--iters", "2",
+                 "--warmup", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in ("eager_ms", "onednn_ms", "onnxruntime_ms"):
+            assert r[k] > 0 and r[f"{k[:-3]}_spread_ms"][0] <= r[k] <= r[f"{k[:-3]}_spread_ms"][1]
+        assert r["onnxruntime_vs_eager"] == pytest.approx(r["eager_ms"] / r["onnxruntime_ms"])
+    assert "| eager ms | oneDNN ms | ONNX Runtime ms |" in capsys.readouterr().out
+    assert main(["--plugin", TINY, "bench", "hz_tiny_vit", "--onnx", "--amp", "bf16"]) == 2
 
 
 @pytest.mark.parametrize("argv, message", [

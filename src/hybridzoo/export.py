@@ -519,12 +519,13 @@ def load_for_export(run: str | os.PathLike | None = None, checkpoint: str | os.P
 
 # --------------------------------------------------------------------------------------- runtime comparison
 def compare_runtimes(name: str, *, resolution: str | int | None = None, batch_sizes: Sequence[int] = (1, 8),
-                     rounds: int = 5, iters: int = 5, warmup: int = 2, opset: int | None = None,
+                     rounds: int = 5, warmup: int = 2, min_round_s: float = 0.2, opset: int | None = None,
                      log: Callable[[str], None] | None = None, model: nn.Module | None = None) -> list[dict[str, Any]]:
     """Eager PyTorch, the frozen oneDNN path and ONNX Runtime (CPU EP, the same thread count) on the deployed
-    network, in this process, interleaved: each round times `iters` calls of every runtime in turn, so a
-    load change on a shared machine hits all three alike. One row per batch size: the median of the
-    rounds' mean seconds per call, for each runtime, and the ratios."""
+    network, in this process, interleaved: each round times the same number of calls (enough for
+    `min_round_s` of eager time) of every runtime in turn, so a load change on a shared machine hits all
+    three alike. One row per batch size: the median over rounds of the mean seconds per call, for each
+    runtime, its spread (fastest and slowest round), and the ratios."""
     from hybridzoo.factory import create_model
     from hybridzoo.layers.onednn import optimize_for_cpu_inference
 
@@ -551,6 +552,9 @@ def compare_runtimes(name: str, *, resolution: str | int | None = None, batch_si
         for fn in runtimes.values():
             for _ in range(warmup):
                 fn(*x)
+        t = time.perf_counter()
+        runtimes["eager"](*x)
+        iters = max(1, min(100, int(min_round_s / max(time.perf_counter() - t, 1e-6))))
         per_round: dict[str, list[float]] = {k: [] for k in runtimes}
         for _ in range(rounds):
             for key, fn in runtimes.items():
@@ -579,8 +583,8 @@ def bench_onnx(args) -> int:
     if args.device not in ("auto", "cpu") or args.amp != "none" or args.compile or args.onednn:
         raise ValueError("bench --onnx compares CPU float32 runtimes: leave out --device, --amp, --compile, --onednn")
     sizes = [1] + ([args.batch_size or 8] if (args.batch_size or 8) != 1 else [])
-    rows = compare_runtimes(args.name, resolution=args.resolution, batch_sizes=sizes, rounds=max(3, args.iters // 2),
-                            iters=2, warmup=args.warmup, log=print)
+    rows = compare_runtimes(args.name, resolution=args.resolution, batch_sizes=sizes, rounds=args.iters,
+                            warmup=args.warmup, log=print)
     print("\n| model | input | batch | threads | eager ms | oneDNN ms | ONNX Runtime ms | oneDNN / eager | ORT / eager | ORT / oneDNN |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
