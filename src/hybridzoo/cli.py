@@ -160,8 +160,9 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--onednn", action="store_true",
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
-    p.add_argument("--onnx", action="store_true",
-                   help="time eager, the oneDNN path and ONNX Runtime (CPU EP, same threads) interleaved; report ratios")
+    p.add_argument("--onnx", nargs="?", const=True, default=False, metavar="FILE",
+                   help="time eager, the oneDNN path and ONNX Runtime (CPU EP, same threads) interleaved and report "
+                        "the ratios; exports the deployed network, or times FILE (written by `hybridzoo export`)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
 
     p = sub.add_parser("predict", help="run a trained model on files")

@@ -174,7 +174,7 @@ def deployed_network(model: nn.Module, name: str | None = None, *, resolution: s
     hw = parse_resolution(resolution)
     meta: dict[str, Any] = {"model": name, "task": task, "paper": card.paper, "arxiv": card.arxiv,
                             "hybridzoo_version": __version__, "torch_version": torch.__version__}
-    for key in ("class_names", "num_classes"):
+    for key in ("class_names", "num_classes", "weights"):
         if info.get(key) is not None:
             meta[key] = info[key]
 
@@ -514,28 +514,56 @@ def load_for_export(run: str | os.PathLike | None = None, checkpoint: str | os.P
         raise ValueError("export needs --run DIR, or --model NAME [--checkpoint PATH | --pretrained PATH]")
     if checkpoint is not None and pretrained is not None:
         raise ValueError("give --checkpoint or --pretrained, not both")
-    return create_model(model, pretrained=checkpoint or pretrained, **overrides), {}, None
+    weights = checkpoint or pretrained
+    if weights is None:
+        torch.manual_seed(0)  # random weights, but the same ones on every call (bench --onnx FILE relies on it)
+    return create_model(model, pretrained=weights, **overrides), {"weights": "random (seed 0)"} if weights is None else {}, None
 
 
 # --------------------------------------------------------------------------------------- runtime comparison
 def compare_runtimes(name: str, *, resolution: str | int | None = None, batch_sizes: Sequence[int] = (1, 8),
                      rounds: int = 5, warmup: int = 2, min_round_s: float = 0.2, opset: int | None = None,
-                     log: Callable[[str], None] | None = None, model: nn.Module | None = None) -> list[dict[str, Any]]:
+                     log: Callable[[str], None] | None = None, model: nn.Module | None = None,
+                     onnx_file: str | os.PathLike | None = None, atol: float = DEFAULT_ATOL) -> list[dict[str, Any]]:
     """Eager PyTorch, the frozen oneDNN path and ONNX Runtime (CPU EP, the same thread count) on the deployed
     network, in this process, interleaved: each round times the same number of calls (enough for
     `min_round_s` of eager time) of every runtime in turn, so a load change on a shared machine hits all
     three alike. One row per batch size: the median over rounds of the mean seconds per call, for each
-    runtime, its spread (fastest and slowest round), and the ratios."""
+    runtime, its spread (fastest and slowest round), and the ratios.
+
+    onnx_file: an export of the same network (`hybridzoo export`, dynamic batch) to time instead of
+    exporting here; it must reproduce the eager outputs within `atol` on a random batch.
+    """
     from hybridzoo.factory import create_model
     from hybridzoo.layers.onednn import optimize_for_cpu_inference
 
     say = log or (lambda s: None)
-    model = model if model is not None else create_model(name)
+    if model is None:
+        torch.manual_seed(0)  # the weights `hybridzoo export --model NAME` writes without a checkpoint
+        model = create_model(name)
     spec = deployed_network(model, name, resolution=resolution, batch="dynamic", dynamic_size=False)
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
-    ort_run = load_exported(serialize(spec, "onnx", opset), "onnx", threads=threads)
-    say(f"{name}: exported to ONNX in {time.perf_counter() - t0:.1f} s")
+    if onnx_file is None:
+        ort_run = load_exported(serialize(spec, "onnx", opset), "onnx", threads=threads)
+        say(f"{name}: exported to ONNX in {time.perf_counter() - t0:.1f} s")
+    else:
+        if not Path(onnx_file).is_file():
+            raise FileNotFoundError(f"ONNX file not found: {os.fspath(onnx_file)!r}")
+        ort_run = load_exported(onnx_file, "onnx", threads=threads)
+        x = spec.make_inputs(2, spec.spatial, 5)
+        try:
+            got = ort_run(*x)[0]
+        except Exception as e:
+            raise ValueError(f"{os.fspath(onnx_file)!r} does not take {name}'s inputs "
+                             f"{[tuple(t.shape) for t in x]} (exported at another size or batch?): {e}") from e
+        with torch.no_grad():
+            ref = spec.module(*x).numpy()
+        diff = float(np.abs(got - ref).max()) if got.shape == ref.shape else float("inf")
+        if not diff <= atol:
+            raise ValueError(f"{os.fspath(onnx_file)!r} is not an export of {name} with these weights at "
+                             f"{spec.spatial}: max abs diff {diff:.3g} against eager PyTorch")
+        say(f"{name}: {os.fspath(onnx_file)} reproduces eager PyTorch (max abs diff {diff:.3g})")
     onednn = optimize_for_cpu_inference(spec.module)
     eager = spec.module
 
@@ -584,7 +612,7 @@ def bench_onnx(args) -> int:
         raise ValueError("bench --onnx compares CPU float32 runtimes: leave out --device, --amp, --compile, --onednn")
     sizes = [1] + ([args.batch_size or 8] if (args.batch_size or 8) != 1 else [])
     rows = compare_runtimes(args.name, resolution=args.resolution, batch_sizes=sizes, rounds=args.iters,
-                            warmup=args.warmup, log=print)
+                            warmup=args.warmup, log=print, onnx_file=None if args.onnx is True else args.onnx)
     print("\n| model | input | batch | threads | eager ms | oneDNN ms | ONNX Runtime ms | oneDNN / eager | ORT / eager | ORT / oneDNN |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
