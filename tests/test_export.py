@@ -82,6 +82,8 @@ def _ort(path: Path):
 def test_onnx_sctnet_is_the_deployed_single_branch(tmp_path):
     model, hw = _reduced("sctnet_s_seg50")
     assert model.auxiliary_head is not None
+    deployed = deployed_network(model, "sctnet_s_seg50", resolution=hw).module
+    assert deployed.auxiliary_head is None and deployed.siam is None and model.auxiliary_head is not None
     report = export_model(model, tmp_path / "sct.onnx", "onnx", name="sctnet_s_seg50", resolution=hw)
     _report("sctnet_s_seg50", "onnx", report)
     sess = _ort(tmp_path / "sct.onnx")
@@ -180,6 +182,25 @@ def test_verification_failure_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ExportVerificationError):
         export_model(model, tmp_path / "bad.pt", "torchscript", name="cnn2d_landcover", resolution=hw)
     assert not (tmp_path / "bad.pt").exists() and not (tmp_path / "bad.json").exists()
+
+
+def test_a_batch_size_baked_into_the_graph_is_caught(tmp_path):
+    model, hw = _reduced("cnn2d_landcover")
+
+    class Baked(torch.nn.Module):
+        in_chans = model.in_chans
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            y = self.model(x)
+            return y.reshape(int(y.shape[0]), -1)  # int(): a constant to the tracer
+
+    with pytest.raises(ExportVerificationError, match="random batch 1"):
+        export_model(Baked(), tmp_path / "b.pt", "torchscript", name="cnn2d_landcover", resolution=hw)
+    assert not (tmp_path / "b.pt").exists()
 
 
 def test_fixed_batch_is_fixed(tmp_path):
