@@ -151,6 +151,7 @@ def test_onnx_act_at_dynamic_size(tmp_path):
     report = export_model(model, tmp_path / "act.onnx", "onnx", name="act_x2", resolution=hw)
     _report("act_x2 (dynamic H, W)", "onnx", report)
     assert any(c["input"].startswith("random 15x18") for c in report["verification"]["checks"])
+    assert report["verification"]["atol"] == pytest.approx(1e-4 * 255)  # pixel values on 0..255
     sess = _ort(tmp_path / "act.onnx")
     for h, w in ((9, 21), (24, 12)):
         x = 255 * torch.rand(1, 3, h, w)

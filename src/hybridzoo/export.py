@@ -425,19 +425,24 @@ def default_output(name: str, fmt: str) -> Path:
 
 
 def export_model(model: nn.Module, output: str | os.PathLike | None = None, fmt: str = "onnx", *,
-                 name: str | None = None, opset: int | None = None, atol: float = DEFAULT_ATOL,
+                 name: str | None = None, opset: int | None = None, atol: float | None = None,
                  log: Callable[[str], None] | None = None, **deploy_kwargs: Any) -> dict[str, Any]:
     """Export, verify, then write the file and its JSON description atomically; return the description.
 
     deploy_kwargs go to `deployed_network` (resolution, keep_rate, batch, dynamic_size, data_info, vocabulary).
+    atol: default 1e-4 on outputs of unit scale; super-resolution outputs are pixel values in [0, rgb_range]
+    (255 for ACT), so there it is 1e-4 of that range (0.0255 grey levels, 40x below one uint8 step).
     """
     from hybridzoo.engine.checkpoint import atomic_write
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if not atol > 0:
+    if atol is not None and not atol > 0:
         raise ValueError(f"--atol must be positive, got {atol!r}")
     spec = deployed_network(model, name, **deploy_kwargs)
+    if atol is None:
+        rng = (spec.meta.get("normalisation") or {}).get("range") if spec.task == "super-resolution" else None
+        atol = DEFAULT_ATOL * (rng[1] - rng[0]) if rng else DEFAULT_ATOL
     output = Path(output) if output is not None else default_output(spec.name, fmt)
     say = log or (lambda s: None)
     t0 = time.perf_counter()
@@ -643,7 +648,9 @@ def add_export_arguments(p) -> None:
     p.add_argument("--dynamic-size", action=argparse.BooleanOptionalAction, default=None,
                    help="dynamic height and width (default: on for super-resolution, off otherwise)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max abs difference allowed against eager PyTorch")
+    p.add_argument("--atol", type=float, default=None,
+                   help="max abs difference allowed against eager PyTorch (default 1e-4; for super-resolution "
+                        "1e-4 of the pixel range, 0.0255 on 0..255)")
     p.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime CPU threads")
 
 
