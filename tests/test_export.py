@@ -204,6 +204,18 @@ def test_a_batch_size_baked_into_the_graph_is_caught(tmp_path):
     assert not (tmp_path / "b.pt").exists()
 
 
+def test_an_exporter_failure_is_one_clear_error(monkeypatch, capsys):
+    def fail(*a, **k):
+        raise RuntimeError("Unsupported: data-dependent control flow\nlong traceback ...")
+
+    monkeypatch.setattr(torch.jit, "trace", fail)
+    assert main(["export", "--model", "cnn2d_landcover", "--format", "torchscript"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hybridzoo: error: cnn2d_landcover: torchscript export failed (RuntimeError: Unsupported: "
+                   "data-dependent control flow); another --format, --no-dynamic-size or a fixed --batch may "
+                   "avoid the failing construct"]
+
+
 def test_fixed_batch_is_fixed(tmp_path):
     model, hw = _reduced("wetmapformer_small")
     report = export_model(model, tmp_path / "w.pt", "torchscript", name="wetmapformer_small", resolution=hw, batch=4)
@@ -267,8 +279,11 @@ def test_bench_onnx_reports_three_runtimes(tmp_path, capsys):
     (["--model", "cnn2d_landcover", "--resolution", "8y8"], "--resolution expects"),
     (["--run", "/nonexistent/run"], "is not a run folder"),
     ([], "export needs --run DIR"),
+    (["--model", "cnn2d_landcover", "--opset", "17"], "--opset applies to --format onnx only"),
+    (["--model", "cnn2d_landcover", "--format", "onnx", "--opset", "1"], "could not convert the graph to ONNX opset 1"),
 ])
 def test_cli_export_errors(argv, message, tmp_path, capsys):
-    assert main(["export", "--format", "torchscript", "--output", str(tmp_path / "x.pt"), *argv]) == 2
+    fmt = [] if "--format" in argv else ["--format", "torchscript"]
+    assert main(["export", *fmt, "--output", str(tmp_path / "x.out"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hybridzoo: error:") and message in err, err

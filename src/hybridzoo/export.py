@@ -292,6 +292,19 @@ def serialize(spec: DeploySpec, fmt: str, opset: int | None = None) -> bytes:
     """The exported file's bytes (held in memory so that only a verified export is ever written)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if opset is not None and fmt != "onnx":
+        raise ValueError("--opset applies to --format onnx only")
+    try:
+        return _serialize(spec, fmt, opset)
+    except ValueError:
+        raise
+    except Exception as e:  # the exporters' own error types; the CLI reports a ValueError in one line
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
+        raise ValueError(f"{spec.name}: {fmt} export failed ({type(e).__name__}: {first}); another --format, "
+                         f"--no-dynamic-size or a fixed --batch may avoid the failing construct") from e
+
+
+def _serialize(spec: DeploySpec, fmt: str, opset: int | None) -> bytes:
     args = _example(spec)
     with torch.no_grad():
         if fmt == "onnx":
@@ -302,9 +315,12 @@ def serialize(spec: DeploySpec, fmt: str, opset: int | None = None) -> bytes:
                 program = torch.onnx.export(spec.module, args, dynamo=True, dynamic_shapes=_dynamic_shapes(spec),
                                             input_names=spec.input_names, output_names=spec.output_names,
                                             opset_version=opset, optimize=True, verbose=False, report=False)
-            return program.model_proto.SerializeToString()
-        if opset is not None:
-            raise ValueError("--opset applies to --format onnx only")
+            proto = program.model_proto
+            got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+            if opset is not None and got != opset:  # the exporter falls back to its own opset with a warning
+                raise ValueError(f"{spec.name}: could not convert the graph to ONNX opset {opset} (the exporter "
+                                 f"produced opset {got}); pick an opset the exporter supports, e.g. {got}")
+            return proto.SerializeToString()
         buf = io.BytesIO()
         if fmt == "torchscript":
             import warnings
