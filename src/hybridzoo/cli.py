@@ -1,4 +1,5 @@
-"""`hybridzoo list | info | weights | train | eval | bench | predict` — also `python -m hybridzoo` (for torchrun).
+"""`hybridzoo list | info | weights | train | eval | bench | predict | export | study | explain` — also
+`python -m hybridzoo` (for torchrun).
 
     hybridzoo list cvt                      # registered models matching *cvt*
     hybridzoo info cvt_13                   # the paper's figures next to what this implementation measures
@@ -9,6 +10,7 @@
     hybridzoo bench cvt_13 --batch-size 32 --json bench.json
     hybridzoo weights deit                  # published weights: tag, source, reported metric, cached or not
     hybridzoo predict --model deit_small_patch16_224 --pretrained fb_in1k cat.jpg
+    hybridzoo export --model sctnet_s_seg50 --format onnx      # the deployed network, verified
     torchrun --nproc_per_node=2 -m hybridzoo train --model cvt_13 --data ~/imagenette
 
 `train`, `eval` and `predict` belong to a task (`hybridzoo.tasks`): the task is `--task`, else the
@@ -196,6 +198,9 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--onednn", action="store_true",
                    help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
+    p.add_argument("--onnx", nargs="?", const=True, default=False, metavar="FILE",
+                   help="time eager, the oneDNN path and ONNX Runtime (CPU EP, same threads) interleaved and report "
+                        "the ratios; exports the deployed network, or times FILE (written by `hybridzoo export`)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
 
     p = sub.add_parser("explain", help="attention maps and other pictures of what a model attends to")
@@ -219,6 +224,9 @@ def build_parser(task=None) -> argparse.ArgumentParser:
                    help="input files or folders (images; land-cover rasters); recommendation takes --history instead")
     if task is not None:
         _add_task_arguments(p, task, "predict")
+
+    from hybridzoo.export import add_export_arguments
+    add_export_arguments(sub.add_parser("export", help="ONNX / TorchScript / ExportedProgram of the deployed network, verified"))
     return parser
 
 
@@ -578,6 +586,9 @@ def cmd_bench(args) -> int:
     card = get_card(args.name)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.onnx:
+        from hybridzoo.export import bench_onnx
+        return bench_onnx(args)
     device = resolve_device(args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
@@ -740,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_weights(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "export":
+            from hybridzoo.export import cmd_export
+            return cmd_export(args)
         if args.command in ("train", "eval", "predict") and args.model:
             check_model_task(args.model, task)
         if args.command == "explain":
