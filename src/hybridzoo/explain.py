@@ -14,7 +14,10 @@ multiplied by the layer's values, give the layer's own output).
 - ConViT: each GPSA head's gate σ(λ) per layer (how much locality it kept) and its positional
   attention from the central patch (where its attention centre sits, the paper's Fig. 5);
 - SuperViT: the patches each keep-rate retains, on the image;
-- Mobile-Former: where each global token attends in every Mobile→Former bridge.
+- Mobile-Former: where each global token attends in every Mobile→Former bridge;
+- SCTNet: how close the student's features are to its SegFormer teacher's at the four places SIAM
+  aligns them (logits and fused decoder feature, MiT stages 4 and 3): linear CKA per stage and the
+  per-pixel cosine map.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttentionRecorder", "explain_model", "cls_attention_maps", "attention_rollout", "convit_gates",
+__all__ = ["AttentionRecorder", "explain_model", "linear_cka", "sctnet_alignment", "cls_attention_maps", "attention_rollout", "convit_gates",
            "convit_positional_maps", "supervit_kept_tokens", "save_explanations", "EXPLAINABLE"]
 
 # the model families `explain` draws, by the model's module
-EXPLAINABLE = ("vit", "vitc", "cvt", "ceit", "convit", "supervit", "mobile_former")
+EXPLAINABLE = ("vit", "vitc", "cvt", "ceit", "convit", "supervit", "mobile_former", "sctnet")
 
 
 def _softmax_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -215,6 +218,36 @@ def supervit_kept_tokens(model: nn.Module, x: torch.Tensor, keep_rate: float, im
     return mask.reshape(gh, gw), (gh, gw)
 
 
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al., ICML 2019) between two feature maps over their pixels: (N, C, H, W)
+    each, any channel counts; 1 for features equal up to an orthogonal map and a scale."""
+    x = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).double()
+    y = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]).double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    num = (y.T @ x).pow(2).sum()
+    den = (x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()
+    return float(num / den) if den > 0 else 0.0
+
+
+SIAM_PAIRS = ("logits (SDHA)", "fused decoder feature (SDHA)", "MiT stage 4 (BFA)", "MiT stage 3 (BFA)")
+
+
+@torch.no_grad()
+def sctnet_alignment(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
+    """For each pair SIAM aligns (teacher ← student): linear CKA and the per-pixel cosine map (first image)."""
+    if getattr(model, "siam", None) is None:
+        raise ValueError("SCTNet's teacher-student picture needs its SIAM teacher: pass --teacher WEIGHTS "
+                         "(or a run trained with --teacher)")
+    model.eval()
+    feat_t, feat_s = model.siam.features(x, model.forward_features(x))
+    out = []
+    for name, t, st in zip(SIAM_PAIRS, feat_t, feat_s):
+        if st.shape[-2:] != t.shape[-2:]:
+            st = F.interpolate(st, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        out.append({"name": name, "cka": linear_cka(t, st), "cosine": F.cosine_similarity(t, st, dim=1)[0].float()})
+    return out
+
+
 @torch.no_grad()
 def explain_model(model: nn.Module, x: torch.Tensor, **forward_kwargs) -> dict[str, Any]:
     """Every map the model's family supports for the first image of `x` (a normalised batch)."""
@@ -248,6 +281,8 @@ def explain_model(model: nn.Module, x: torch.Tensor, **forward_kwargs) -> dict[s
     if module == "convit":
         out["gates"] = convit_gates(records)
         out["positional"] = convit_positional_maps(records, image_hw)
+    if module == "sctnet":
+        out["alignment"] = sctnet_alignment(model, x)
     if module == "mobile_former":
         out["bridges"] = [(r["name"], r["probs"][0].mean(0).reshape(-1, *r["key_grid"]))   # tokens × H × W
                           for r in records if r["kind"] == "m2f"]
@@ -376,6 +411,21 @@ def save_explanations(model: nn.Module, name: str, x: torch.Tensor, display: tor
             axes[i, 0].set_ylabel(bname.replace(".mobile_former", ""), fontsize=6)
         fig.suptitle(f"{name}: where each global token attends (Mobile→Former, heads averaged)", fontsize=9)
         save(fig, "bridge")
+    if info.get("alignment"):
+        pairs = info["alignment"]
+        fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(3.2 * (len(pairs) + 1), 3.2))
+        axes[0].bar(range(len(pairs)), [p["cka"] for p in pairs], color="tab:green")
+        axes[0].set_xticks(range(len(pairs)), [p["name"].split(" (")[0] for p in pairs], rotation=30, fontsize=7)
+        axes[0].set_ylim(0, 1)
+        axes[0].set_ylabel("linear CKA, teacher vs student")
+        for ax, p in zip(axes[1:], pairs):
+            im = ax.imshow(p["cosine"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+            ax.set_title(f"{p['name']}\ncosine per pixel", fontsize=7)
+            ax.axis("off")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        teacher = getattr(model, "explain_teacher", "teacher")
+        fig.suptitle(f"{name}: student vs its SegFormer teacher ({teacher}) where SIAM aligns them", fontsize=9)
+        save(fig, "teacher_alignment")
     if not written:
         raise ValueError(f"{name}: explain draws {', '.join(EXPLAINABLE)} models; this one has no map it can draw")
     return written
@@ -390,6 +440,8 @@ def add_arguments(p) -> None:
     p.add_argument("--pretrained", default=None,
                    help="weights for --model: a published tag (`hybridzoo weights`) or a file (converted on load)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the run's or the card's)")
+    p.add_argument("--teacher", default=None,
+                   help="SCTNet: the SegFormer teacher's weights, to compare the student with (default: the run's)")
     p.add_argument("--output", default="explain", help="folder for the PNGs (default ./explain)")
 
 
@@ -403,10 +455,16 @@ def _load(args) -> tuple[nn.Module, str, int, list[float], list[float]]:
         from hybridzoo.engine.run import load_run
 
         run = load_run(args.run, device="cpu")
-        if run.task_name != "classification":
-            raise ValueError(f"explain draws classification models; {args.run!r} is a {run.task_name} run")
+        sct = run.model_name.startswith("sctnet")
+        if run.task_name != "classification" and not sct:
+            raise ValueError(f"explain draws classification models and SCTNet; {args.run!r} is a {run.task_name} run "
+                             f"of {run.model_name}")
         info = run.data_info
-        size = int(args.img_size or info.get("img_size") or run.input_size[-1])
+        size = int(args.img_size or info.get("img_size") or info.get("crop_size") or run.input_size[-1])
+        if sct:
+            _attach_teacher(run.model, args.teacher or getattr(run.args, "teacher", None), run.weights)
+            mean, std = _seg_norm(info)
+            return run.model, run.model_name, size, mean, std
         return (run.model, run.model_name, size, list(info.get("mean", IMAGENET_MEAN)),
                 list(info.get("std", IMAGENET_STD)))
     if not args.model:
@@ -415,9 +473,37 @@ def _load(args) -> tuple[nn.Module, str, int, list[float], list[float]]:
     if card.module.rsplit(".", 1)[-1] not in EXPLAINABLE:
         raise ValueError(f"{args.model}: explain draws {', '.join(EXPLAINABLE)} models, not {card.module}")
     size = args.img_size or int(card.input_size[-1])
-    kw = {"img_size": size} if args.img_size else {}
-    model = create_model(args.model, pretrained=args.pretrained, **kw)
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, **({"img_size": size} if args.img_size else {}))
+    except TypeError:  # a model that takes any input size has no img_size argument
+        model = create_model(args.model, pretrained=args.pretrained)
+    if card.module.endswith(".sctnet"):
+        _attach_teacher(model, args.teacher, None)
+        return (model, args.model, size) + _seg_norm({})
     return model, args.model, size, list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def _seg_norm(info: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Segmentation's mmseg normalisation (on 0..255) expressed on the 0..1 images explain reads."""
+    from hybridzoo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = info.get("mean", IMAGENET_MEAN), info.get("std", IMAGENET_STD)
+    return [m / 255.0 for m in mean], [s / 255.0 for s in std]
+
+
+def _attach_teacher(model: nn.Module, teacher, run_weights) -> None:
+    """SIAM with the given teacher weights (else a random teacher, said in the picture's title); a run's
+    trained alignment projections are loaded from its weights file when it kept them."""
+    model.enable_siam(teacher=teacher)
+    model.explain_teacher = "random weights" if teacher is None else Path(str(teacher)).name
+    if run_weights is not None:
+        from hybridzoo.factory import read_state_dict
+
+        state = {k[len("siam."):]: v for k, v in read_state_dict(run_weights).items()
+                 if k.startswith("siam.") and not k.startswith("siam.teacher.")}
+        if state:
+            model.siam.load_state_dict(state, strict=False)
+    model.eval()
 
 
 def main(args) -> list[Path]:

@@ -98,3 +98,45 @@ def test_explain_a_trained_run(tmp_path):
     out = tmp_path / "ex"
     assert main(["explain", "--run", str(run), str(img), "--output", str(out)]) == 0
     assert (out / "digit_attention.png").stat().st_size > 1000
+
+
+def test_linear_cka():
+    from hybridzoo.explain import linear_cka
+
+    torch.manual_seed(0)
+    a = torch.randn(2, 8, 5, 6)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    rotated = torch.einsum("nchw,cd->ndhw", a, q) * 3.0      # an orthogonal map and a scale: the same features
+    assert abs(linear_cka(a, rotated) - 1.0) < 1e-9
+    assert linear_cka(a, torch.randn(2, 4, 5, 6)) < 0.5
+
+
+def test_sctnet_teacher_alignment_picture(tmp_path):
+    """SCTNet: CKA and cosine maps at the four places SIAM aligns the student with its teacher."""
+    from hybridzoo.explain import SIAM_PAIRS, sctnet_alignment
+
+    card = get_card("sctnet_s_seg50")
+    teacher = dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), decoder_dim=16)
+    model = hybridzoo.create_model("sctnet_s_seg50", siam=True, teacher_kwargs=teacher, **card.test_kwargs).eval()
+    x = torch.randn(1, *card.test_input_size)
+    pairs = sctnet_alignment(model, x)
+    assert [p["name"] for p in pairs] == list(SIAM_PAIRS)
+    for p in pairs:
+        assert 0.0 <= p["cka"] <= 1.0 + 1e-9 and p["cosine"].abs().max() <= 1.0 + 1e-5
+    assert pairs[0]["cosine"].shape == (x.shape[-2] // 4, x.shape[-1] // 4)      # the teacher's logits at 1/4
+    files = save_explanations(model, "sctnet_s_seg50", x, x, tmp_path, "img")
+    assert [f.name for f in files] == ["img_teacher_alignment.png"]
+    with pytest.raises(ValueError, match="--teacher"):
+        sctnet_alignment(hybridzoo.create_model("sctnet_s_seg50", **card.test_kwargs), x)
+
+
+def test_explain_cli_sctnet_with_a_random_teacher(tmp_path):
+    from PIL import Image
+
+    from hybridzoo.cli import main
+
+    img = tmp_path / "street.png"
+    Image.fromarray((torch.rand(64, 96, 3) * 255).byte().numpy()).save(img)
+    out = tmp_path / "ex"
+    assert main(["explain", "--model", "sctnet_s_seg50", "--img-size", "64", str(img), "--output", str(out)]) == 0
+    assert (out / "street_teacher_alignment.png").stat().st_size > 1000
