@@ -379,6 +379,9 @@ def load_exported(data: bytes | str | os.PathLike, fmt: str, threads: int | None
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # ONNX Runtime's worker threads otherwise spin after each call, taking the cores from whatever runs
+        # next in this process (the eager and oneDNN runs bench --onnx interleaves with it)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
 
