@@ -99,6 +99,15 @@ class Run:
             return (int(info["max_len"]),)
         return tuple(get_card(self.model_name).input_size)
 
+    def class_names(self) -> list[str]:
+        """The run's class names (their indices as names when it kept none); weights that do not say how
+        many classes they predict are an error, not a guess."""
+        if "num_classes" not in self.data_info:
+            raise ValueError(f"{self.weights!r} does not say its classes; use a run folder or weights written by "
+                             f"`hybridzoo train --task {self.task_name}`")
+        n = int(self.data_info["num_classes"])
+        return list(self.data_info.get("class_names") or [str(i) for i in range(n)])
+
     def describe(self) -> str:
         """One line: model, task, which weights, device (what eval and predict print first)."""
         return (f"{self.model_name} ({self.task_name}) weights {self.weights}"

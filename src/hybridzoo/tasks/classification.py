@@ -369,11 +369,8 @@ class ClassificationTask(Task):
         files = expand_inputs(getattr(args, "inputs", None))
         run = load_run_from_args(args, self)
         info, model, device = run.data_info, run.model, run.device
-        if "num_classes" not in info:
-            raise ValueError(f"{run.weights!r} does not say its classes; use a run folder or weights written by "
-                             "`hybridzoo train`")
-        n = int(info["num_classes"])
-        classes = info.get("class_names") or [str(i) for i in range(n)]
+        classes = run.class_names()
+        n = len(classes)
         img_size = int(info.get("img_size") or run.input_size[-1])
         tf = EvalTransform(img_size, crop_pct=info.get("crop_pct", 0.875), mean=tuple(info.get("mean", IMAGENET_MEAN)),
                            std=tuple(info.get("std", IMAGENET_STD)))

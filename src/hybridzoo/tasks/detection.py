@@ -437,10 +437,7 @@ class DetectionTask(Task):
         files = expand_inputs(getattr(args, "inputs", None))
         run = load_run_from_args(args, self)
         info, model, device = run.data_info, run.model, run.device
-        if "num_classes" not in info:
-            raise ValueError(f"{run.weights!r} carries no class list; predict needs a run folder or model.safetensors "
-                             "written by `hybridzoo train --task detection`")
-        names = info.get("class_names") or [str(i) for i in range(info["num_classes"])]
+        names = run.class_names()
         size = int(info.get("img_size") or getattr(run.args, "img_size", None) or 640)
         tf = DetTransform(size, train=False)
         out_dir = output_dir(args, run)
