@@ -205,21 +205,7 @@ class DetectionTask(Task):
                 g.add_argument(*names, **kw)
 
     # --- data
-    @staticmethod
-    def _saved_info(args: argparse.Namespace) -> dict[str, Any]:
-        """`eval` of a trained detector: the data options it was trained with (image size, scenes)."""
-        from hybridzoo.engine.checkpoint import read_run
-
-        weights = getattr(args, "pretrained", None)
-        if weights and str(weights).endswith(".safetensors") and Path(weights).is_file():
-            return read_run(checkpoint=weights).get("data_info") or {}
-        return {}
-
     def build_data(self, args: argparse.Namespace) -> TaskData:
-        saved = self._saved_info(args)
-        for opt in ("img_size", "synthetic_train", "synthetic_val", "synthetic_seed", "num_classes", "backbone"):
-            if getattr(args, opt, None) is None and saved.get(opt) is not None:
-                setattr(args, opt, saved[opt])
         kind = _arg(args, "dataset", "auto")
         data = getattr(args, "data", None)
         seed = int(_arg(args, "seed", 0))
@@ -265,7 +251,7 @@ class DetectionTask(Task):
         from hybridzoo.factory import load_weights
 
         weights = getattr(args, "pretrained", None)
-        backbone = data_info.get("backbone") or self._saved_info(args).get("backbone")
+        backbone = data_info.get("backbone") or getattr(args, "backbone", None)
         model = self._create(args.model, int(data_info.get("num_classes", 3)), backbone, args)
         if weights:
             try:
