@@ -196,7 +196,7 @@ class CoAtNet(nn.Module):
         if len(kinds) != 4 or set(kinds) - {"C", "T"}:
             raise ValueError(f"layout must name 4 stages with C (MBConv) or T (Transformer), e.g. 'C-C-T-T'; "
                              f"got {layout!r}")
-        self.layout = "-".join(kinds)
+        self.layout, self.stage_kinds = "-".join(kinds), kinds
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
@@ -239,7 +239,7 @@ class CoAtNet(nn.Module):
                 init_conv_fan_out_(m)
             elif isinstance(m, RelativeAttention):
                 trunc_normal_(m.relative_position_bias_table, std=0.02)
-        for kind, stage in zip(self.layout.split("-"), self.stages):
+        for kind, stage in zip(self.stage_kinds, self.stages):
             if kind != "T":
                 continue
             for name, m in stage.named_modules():
@@ -267,7 +267,7 @@ class CoAtNet(nn.Module):
         x = self.stem(x)
         feats = [x] if keep else []
         nhwc = False
-        for kind, stage in zip(self.layout.split("-"), self.stages):
+        for kind, stage in zip(self.stage_kinds, self.stages):
             if (kind == "T") != nhwc:    # the transformer stages work on B×H×W×C, MBConv on B×C×H×W
                 x = x.permute(0, 2, 3, 1).contiguous() if kind == "T" else x.permute(0, 3, 1, 2).contiguous()
                 nhwc = kind == "T"

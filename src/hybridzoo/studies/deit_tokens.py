@@ -32,7 +32,6 @@ def _kw(d: dict) -> list[str]:
 def token_cosine(model, loader_x: torch.Tensor) -> list[float]:
     """Mean cosine similarity between the two prefix tokens after the embedding and after each block."""
     model.eval()
-    x = model.patch_embed(loader_x) if hasattr(model, "patch_embed") else None
     feats = []
     hooks = [blk.register_forward_hook(lambda m, i, o: feats.append(o)) for blk in model.blocks]
     try:
@@ -43,7 +42,6 @@ def token_cosine(model, loader_x: torch.Tensor) -> list[float]:
     first = model.cls_token.flatten(), model.dist_token.flatten()
     out = [float(F.cosine_similarity(first[0], first[1], dim=0))]
     out += [float(F.cosine_similarity(f[:, 0], f[:, 1], dim=-1).mean()) for f in feats]
-    del x
     return out
 
 
