@@ -272,7 +272,12 @@ class RecommendationTask(Task):
         core = model.module if hasattr(model, "module") else model
         device = next(core.parameters()).device
         _, seq, lengths, _ = batch
-        self._rank_step(core.scores(core(seq.to(device), lengths.to(device))), batch, metric)
+        rep = core(seq.to(device), lengths.to(device))
+        # scores in fp32 even under --amp bf16: bf16's 8-bit mantissa ties many of 12k item scores, and ties
+        # count against the target (HR@10 of one run: 0.0233 fp32, 0.0220 from bf16 scores)
+        with torch.autocast(device.type, enabled=False):
+            scores = core.scores(rep.float())
+        self._rank_step(scores, batch, metric)
 
     def evaluate(self, model: nn.Module, loader, args: argparse.Namespace,
                  data_info: dict[str, Any] | None = None) -> dict[str, float]:
