@@ -149,8 +149,9 @@ def test_valid_metric_and_chart_follow_the_number_of_negatives(tmp_path, monkeyp
 
 
 def test_bf16_evaluation_ranks_on_fp32_scores():
-    """Under `--amp bf16` the encoder runs in bf16 but the item scores stay fp32: bf16's 8-bit mantissa would
-    tie items whose scores differ by less than 0.4%, and ties count against the target."""
+    """Under `--amp bf16` the item scores stay fp32 (on a GPU the encoder runs in bf16; on the CPU it stays fp32
+    too): bf16's 8-bit mantissa would tie items whose scores differ by less than 0.4%, and ties count against
+    the target."""
     task = RecommendationTask()
     args = _args()
     data = task.build_data(args)
@@ -167,5 +168,26 @@ def test_bf16_evaluation_ranks_on_fp32_scores():
         out = task.evaluate(model, loader, args)
     assert 0 < ref["hr@20"] < 1
     for k in ref:
-        if k != "loss":  # the loss moves with the bf16 encoder; the ranks must not
+        if k != "loss":  # the ranks must not move
             assert out[k] == ref[k], k
+
+
+def test_bf16_autocast_leaves_the_cpu_training_step_in_fp32():
+    """Under --amp bf16 on the CPU the recommendation step is the fp32 step, exactly (the fused fp32 kernels)."""
+    task = RecommendationTask()
+    args = _args()
+    data = task.build_data(args)
+    model = task.build_model(args, data.info).train()
+    batch = data.train[:256]
+
+    def step(amp: bool):
+        torch.manual_seed(0)  # the same dropout draws
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = task.training_step(model, batch, args)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (l32, g32), (l16, g16) = step(False), step(True)
+    assert l16.dtype is torch.float32 and torch.equal(l16, l32)
+    assert all(torch.equal(a, b) for a, b in zip(g16, g32))
