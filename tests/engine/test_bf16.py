@@ -196,3 +196,23 @@ def test_cli_is_silent_with_native_bf16(monkeypatch, capsys, fresh_warning):
     assert main(["bench", "cvt_tiny_demo", "--amp", "bf16", "--onednn", "--device", "cpu", "--iters", "1",
                  "--warmup", "0", "--batch-size", "1"]) == 0
     assert "native bf16" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", hybridzoo.list_models(task="classification"))
+def test_every_classifier_trains_and_infers_in_bf16(name):
+    """One autocast bf16 training step (finite fp32 loss and gradients) and the bf16 inference path (fp32 out)."""
+    card = get_card(name)
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **card.test_kwargs).train()
+    x = torch.randn(2, *(card.test_input_size or card.input_size))
+    with torch.autocast("cpu", dtype=BF16):
+        loss = F.cross_entropy(_first(model(x)), torch.zeros(2, dtype=torch.long))
+    loss.backward()
+    assert loss.dtype is torch.float32 and torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype is torch.float32 and torch.isfinite(g).all() for g in grads)
+    if onednn_available():
+        fast = optimize_for_cpu_inference(model.eval(), dtype=BF16)
+        with torch.inference_mode():
+            out = _first(fast(x))
+        assert out.dtype is torch.float32 and torch.isfinite(out).all()
