@@ -243,8 +243,9 @@ class RecommendationTask(Task):
     def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
         from hybridzoo.factory import create_model
 
-        if getattr(args, "amp", None) == "bf16" and not str(getattr(args, "device", "")).startswith("cuda") \
-                and not torch.cuda.is_available():
+        device = str(getattr(args, "device", None) or "auto")
+        on_cpu = device.startswith("cpu") or device == "auto" and not torch.cuda.is_available()
+        if getattr(args, "amp", None) == "bf16" and on_cpu:
             print("note: the recommendation models run in fp32 on the CPU under --amp bf16: their fused kernels "
                   "(layers/fused.py) are fp32, and at hidden sizes 16-64 bf16 has no products worth speeding up "
                   "(the plain bf16 path measured 2.6x slower per step); see docs/bf16.md", file=sys.stderr)
