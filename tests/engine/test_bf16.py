@@ -78,6 +78,12 @@ def test_bf16_inference_path_is_the_fp32_function_to_bf16_precision(name):
     assert all(m.weight.dtype is BF16 for m in convs)
     # the original is untouched
     assert all(p.dtype is torch.float32 and p.requires_grad for p in model.parameters())
+    # autocast is off again after a call, and after a call that fails
+    assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(Exception):
+        with torch.inference_mode():
+            fast16(x[:, :1])
+    assert not torch.is_autocast_enabled("cpu")
 
 
 @needs_onednn

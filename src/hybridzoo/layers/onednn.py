@@ -25,7 +25,6 @@ neither trainable nor saved. Measured benefits depend on the machine; see benchm
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 from torch import nn
@@ -126,14 +125,18 @@ def _as_float32(out):
     return out
 
 
-def _bf16_forward(forward):
-    """`forward` under CPU bf16 autocast, its bf16 outputs returned as fp32 (callers see an fp32 model)."""
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = forward(*args, **kwargs)
-        return _as_float32(out)
-    return run
+# `model(x)` under CPU bf16 autocast with its bf16 outputs returned as fp32 (callers see an fp32 model). Hooks,
+# not a wrapped forward (which would hold a bound method of this object): always_call closes the autocast
+# region when the forward raises.
+def _enter_bf16(module: nn.Module, args) -> None:
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    ctx.__enter__()
+    module._bf16_autocast.append(ctx)
+
+
+def _leave_bf16(module: nn.Module, args, output):
+    module._bf16_autocast.pop().__exit__(None, None, None)
+    return _as_float32(output)
 
 
 @torch.no_grad()
@@ -167,7 +170,9 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
         for m in model.modules():
             if isinstance(m, nn.modules.conv._ConvNd):
                 m.to(torch.bfloat16)
-        model.forward = _bf16_forward(model.forward)
+        model._bf16_autocast = []
+        model.register_forward_pre_hook(_enter_bf16)
+        model.register_forward_hook(_leave_bf16, always_call=True)
     if channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)
     return model
