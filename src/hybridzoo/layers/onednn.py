@@ -13,10 +13,10 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   convolutions run in NHWC without reordering their input and output at every call.
 
 With `dtype=torch.bfloat16` the linear weights are packed in bf16, convolution weights are stored in
-bf16, and the copy's `forward` runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate
+bf16, and a call of the copy (`model(x)`) runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate
 for normalisation and softmax, as autocast decides) and returns fp32 tensors. On CPUs with AVX512-BF16
 or AMX the products run about twice as fast as fp32; elsewhere oneDNN emulates bf16 and it is slower.
-The outputs differ from fp32 by bf16 rounding (about 3 significant digits); see docs/speed.md.
+The outputs differ from fp32 by bf16 rounding (about 3 significant digits); see docs/bf16.md.
 
 The result is inference only: packed weights are opaque oneDNN tensors, so the optimised copy is
 neither trainable nor saved. Measured benefits depend on the machine; see benchmarks/RESULTS.md.
