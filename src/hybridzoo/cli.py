@@ -197,7 +197,8 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH", help="load these weights first")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--onednn", action="store_true",
-                   help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row")
+                   help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row; "
+                        "with --amp bf16 its bf16 variant")
     p.add_argument("--onnx", nargs="?", const=True, default=False, metavar="FILE",
                    help="time eager, the oneDNN path and ONNX Runtime (CPU EP, same threads) interleaved and report "
                         "the ratios; exports the deployed network, or times FILE (written by `hybridzoo export`)")
@@ -549,7 +550,8 @@ def bench_rows(model, name: str, input_size: tuple[int, ...], args, device) -> l
               f"{_gb(n_params * 4)}, activations up to {_gb(prof['activation_bytes'])} per sample)")
         if args.onednn:
             from hybridzoo.layers.onednn import optimize_for_cpu_inference
-            runner = optimize_for_cpu_inference(runner)
+            # with --amp bf16: bf16 packed weights, fp32 in and out (the layers.onednn docstring)
+            runner = optimize_for_cpu_inference(runner, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float32)
         row: dict[str, Any] = {"model": name, "config": config, "input_size": list(size), "params": n_params,
                                "macs_g": prof["macs"] / 1e9, "device": str(device), "amp": args.amp,
                                "threads": torch.get_num_threads()}
@@ -749,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "weights":
             return cmd_weights(args)
+        if getattr(args, "amp", None) == "bf16":
+            from hybridzoo.engine.amp import warn_if_bf16_slow
+
+            warn_if_bf16_slow(args.amp, getattr(args, "device", None))
         if args.command == "bench":
             return cmd_bench(args)
         if args.command == "export":

@@ -146,3 +146,48 @@ def test_valid_metric_and_chart_follow_the_number_of_negatives(tmp_path, monkeyp
     ours = {f"{p}{m}@{k}": 0.5 for p in ("", "uni10_") for m in ("hr", "ndcg") for k in (1, 5, 10, 20)}
     _plot_metrics(tmp_path / "x.png", ours, ours, "adamct", 10)
     assert titles == ["test, full ranking (all items)", "test, 10 sampled negatives"]
+
+
+def test_bf16_evaluation_ranks_on_fp32_scores():
+    """Under `--amp bf16` the item scores stay fp32 (on a GPU the encoder runs in bf16; on the CPU it stays fp32
+    too): bf16's 8-bit mantissa would tie items whose scores differ by less than 0.4%, and ties count against
+    the target."""
+    task = RecommendationTask()
+    args = _args()
+    data = task.build_data(args)
+    torch.manual_seed(0)
+    model = task.build_model(args, data.info).eval()
+    with torch.no_grad():  # item i scores (1 + 1e-4·i)·(h·e): distinct in fp32, in buckets of ~40 ties in bf16
+        w = model.item_embedding.weight
+        w.copy_(torch.randn(w.shape[1]) * (1 + 1e-4 * torch.arange(w.shape[0], dtype=torch.float32))[:, None])
+    sub = torch.utils.data.Subset(data.val, range(200))
+    sub.split = "valid"
+    loader = torch.utils.data.DataLoader(sub, batch_size=100)
+    ref = task.evaluate(model, loader, args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task.evaluate(model, loader, args)
+    assert 0 < ref["hr@20"] < 1
+    for k in ref:
+        if k != "loss":  # the ranks must not move
+            assert out[k] == ref[k], k
+
+
+def test_bf16_autocast_leaves_the_cpu_training_step_in_fp32():
+    """Under --amp bf16 on the CPU the recommendation step is the fp32 step, exactly (the fused fp32 kernels)."""
+    task = RecommendationTask()
+    args = _args()
+    data = task.build_data(args)
+    model = task.build_model(args, data.info).train()
+    batch = data.train[:256]
+
+    def step(amp: bool):
+        torch.manual_seed(0)  # the same dropout draws
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = task.training_step(model, batch, args)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (l32, g32), (l16, g16) = step(False), step(True)
+    assert l16.dtype is torch.float32 and torch.equal(l16, l32)
+    assert all(torch.equal(a, b) for a, b in zip(g16, g32))

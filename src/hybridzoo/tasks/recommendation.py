@@ -19,6 +19,7 @@ Metrics follow RecBole: HR@K = 1 if the target ranks in the top K, NDCG@K = 1/lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,12 @@ __all__ = ["RecommendationTask", "RankingMetric", "rank_metrics", "full_ranking_
            "sampled_prefix", "metric_names"]
 
 KS = (1, 5, 10, 20)
+
+
+def _fp32_on_cpu(device: torch.device):
+    """No autocast on the CPU: the fused recommendation kernels (layers/fused.py) are fp32 and step aside under
+    autocast, and at these hidden sizes bf16 has nothing to speed up (docs/bf16.md). GPUs keep autocast."""
+    return torch.autocast("cpu", enabled=False) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 def sampled_prefix(num_negatives: int) -> str:
@@ -236,6 +243,12 @@ class RecommendationTask(Task):
     def build_model(self, args: argparse.Namespace, data_info: dict[str, Any]) -> nn.Module:
         from hybridzoo.factory import create_model
 
+        device = str(getattr(args, "device", None) or "auto")
+        on_cpu = device.startswith("cpu") or device == "auto" and not torch.cuda.is_available()
+        if getattr(args, "amp", None) == "bf16" and on_cpu:
+            print("note: the recommendation models run in fp32 on the CPU under --amp bf16: their fused kernels "
+                  "(layers/fused.py) are fp32, and at hidden sizes 16-64 bf16 has no products worth speeding up "
+                  "(the plain bf16 path measured 2.6x slower per step); see docs/bf16.md", file=sys.stderr)
         return create_model(args.model, pretrained=getattr(args, "pretrained", None),
                             num_items=data_info["num_items"], max_len=data_info["max_len"])
 
@@ -247,7 +260,8 @@ class RecommendationTask(Task):
         seq, lengths, target = batch
         core = model.module if hasattr(model, "module") else model
         # the full-softmax CE without storing (B, num_items) logits on the CPU (exact; see layers/fused.py)
-        loss = linear_cross_entropy(model(seq, lengths), core.item_embedding.weight, target)
+        with _fp32_on_cpu(seq.device):
+            loss = linear_cross_entropy(model(seq, lengths), core.item_embedding.weight, target)
         return loss, {}
 
     def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> "RankingMetric":
@@ -272,7 +286,13 @@ class RecommendationTask(Task):
         core = model.module if hasattr(model, "module") else model
         device = next(core.parameters()).device
         _, seq, lengths, _ = batch
-        self._rank_step(core.scores(core(seq.to(device), lengths.to(device))), batch, metric)
+        with _fp32_on_cpu(device):
+            rep = core(seq.to(device), lengths.to(device))
+        # scores in fp32 even under --amp bf16: bf16's 8-bit mantissa ties many of 12k item scores, and ties
+        # count against the target (HR@10 of one run: 0.0233 fp32, 0.0220 from bf16 scores)
+        with torch.autocast(device.type, enabled=False):
+            scores = core.scores(rep.float())
+        self._rank_step(scores, batch, metric)
 
     def evaluate(self, model: nn.Module, loader, args: argparse.Namespace,
                  data_info: dict[str, Any] | None = None) -> dict[str, float]:

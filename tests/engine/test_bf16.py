@@ -1,0 +1,224 @@
+"""bf16 on the CPU: autocast training, the bf16 inference path and the native-bf16 check.
+
+bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2%), so these tests compare with fp32 to a
+stated bf16 tolerance, never exactly: logits within 3% of their largest magnitude (mean within 2%),
+gradients with a cosine similarity above 0.99. Every parameter is perturbed first (as in
+tests/layers/test_onednn_models.py) so that zero-initialised heads cannot hide a wrong layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hybridzoo
+from hybridzoo.engine import amp as amp_mod
+from hybridzoo.engine.checkpoint import load_checkpoint
+from hybridzoo.engine.trainer import train
+from hybridzoo.layers.onednn import OneDNNLinear, onednn_available, optimize_for_cpu_inference
+from hybridzoo.registry import get_card
+
+BF16 = torch.bfloat16
+MODELS = ["deit_small_patch16_224", "cvt_13", "convit_tiny", "coatnet_0", "mobile_former_26m", "botnet_t3"]
+
+
+@torch.no_grad()
+def _perturb(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    card = get_card(name)
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **card.test_kwargs)
+    _perturb(model)
+    return model, torch.randn(4, *(card.test_input_size or card.input_size), generator=torch.Generator().manual_seed(1))
+
+
+def _first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def assert_bf16_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert ref.abs().max() > 1e-3, "degenerate reference output; the comparison would prove nothing"
+    d = (out - ref).abs()
+    assert d.max() <= 0.03 * ref.abs().max(), f"max deviation {d.max():.4g} of logits up to {ref.abs().max():.4g}"
+    assert d.mean() <= 0.02 * ref.abs().mean(), f"mean deviation {d.mean():.4g} of mean |logit| {ref.abs().mean():.4g}"
+
+
+# ---- the bf16 inference path ----------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_inference_path_is_the_fp32_function_to_bf16_precision(name):
+    model, x = _model(name)
+    model.eval()
+    fast32 = optimize_for_cpu_inference(model)
+    fast16 = optimize_for_cpu_inference(model, dtype=BF16)
+    with torch.inference_mode():
+        ref, out, out32 = _first(model(x)), _first(fast16(x)), _first(fast32(x))
+    assert_bf16_close(out, ref)
+    # it really ran in bf16: the fp32 oneDNN path agrees with eager far more closely than this one
+    assert (out - ref).abs().max() > 10 * (out32 - ref).abs().max()
+    linears = [m for m in fast16.modules() if isinstance(m, OneDNNLinear)]
+    assert linears and all(m.dtype is BF16 for m in linears)
+    convs = [m for m in fast16.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    assert all(m.weight.dtype is BF16 for m in convs)
+    # the original is untouched
+    assert all(p.dtype is torch.float32 and p.requires_grad for p in model.parameters())
+    # autocast is off again after a call, and after a call that fails
+    assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(Exception):
+        with torch.inference_mode():
+            fast16(x[:, :1])
+    assert not torch.is_autocast_enabled("cpu") and fast16._bf16_autocast == []  # the region was closed
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ["none", "gelu", "relu", "swish"])
+def test_bf16_onednn_linear_with_fused_activation(act):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    x = 2 * torch.randn(6, 48)
+    ref = {"none": lambda t: t, "gelu": F.gelu, "relu": F.relu, "swish": F.silu}[act](lin(x)).detach()
+    layer = OneDNNLinear(lin, act, dtype=BF16)
+    with torch.inference_mode():
+        out = layer(x)
+        assert out.dtype is BF16
+        assert torch.equal(layer(x.to(BF16)), out)  # bf16 inputs are taken as they are
+    assert_bf16_close(out.float(), ref)
+
+
+@needs_onednn
+def test_bf16_path_returns_fp32_for_tuple_outputs_and_refuses_other_dtypes():
+    model, x = _model("deit_small_distilled_patch16_224")
+    fast = optimize_for_cpu_inference(model.train(), dtype=BF16)  # train mode: the two heads come back apart
+    fast.train()
+    with torch.inference_mode():
+        out = fast(x)
+    assert isinstance(out, tuple) and all(o.dtype is torch.float32 for o in out)
+    with pytest.raises(ValueError, match="float32 or torch.bfloat16, got torch.float16"):
+        optimize_for_cpu_inference(model, dtype=torch.float16)
+
+
+# ---- autocast training --------------------------------------------------------------------------------
+
+# (model, min cosine similarity, max relative error of the gradient). Mobile-Former's reduced build in train
+# mode normalises a 64-wide pooled vector with BatchNorm over the 4 samples, which amplifies rounding: its
+# logits move by ~4% (2% for the others) and the gradients of its first depthwise convolutions by ~28%.
+GRAD_TOL = [("deit_small_patch16_224", 0.99, 0.15), ("cvt_13", 0.99, 0.15), ("coatnet_0", 0.99, 0.15),
+            ("botnet_t3", 0.99, 0.15), ("mobile_former_26m", 0.95, 0.35)]
+
+
+@pytest.mark.parametrize("name, min_cos, max_rel", GRAD_TOL)
+def test_bf16_autocast_gradients_match_fp32(name, min_cos, max_rel):
+    model, x = _model(name)
+    model.train()
+    y = torch.arange(x.shape[0]) % 5
+
+    def grads(amp: bool):
+        torch.manual_seed(0)  # the same dropout / stochastic-depth draws
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=BF16, enabled=amp):
+            loss = F.cross_entropy(_first(model(x)), y)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    (l32, g32), (l16, g16) = grads(False), grads(True)
+    assert l16.dtype is torch.float32 and g16.dtype is torch.float32
+    assert abs(float(l16 - l32)) <= 0.02 * abs(float(l32)) + 1e-3
+    assert g32.norm() > 0
+    assert F.cosine_similarity(g16, g32, dim=0) > min_cos
+    assert (g16 - g32).norm() <= max_rel * g32.norm()
+
+
+def test_bf16_training_keeps_fp32_state(make_args, tmp_path):
+    """--amp bf16: weights, BatchNorm statistics, EMA and the optimiser's moments stay fp32 and the loss is fp32."""
+    args, task = make_args("--model", "cvt_tiny_demo", "--batch-size", 16, "--limit-train-batches", 2,
+                           "--limit-val-batches", 1, "--epochs", 1, "--amp", "bf16", "--ema", "--output", tmp_path)
+    before = {k: v.clone() for k, v in hybridzoo.create_model("cvt_tiny_demo", num_classes=10).state_dict().items()}
+    result = train(args, task)
+    state = result.model.state_dict()
+    bn = [k for k in state if k.endswith("running_mean")]
+    assert bn, "cvt_tiny_demo has BatchNorm layers; the check would prove nothing"
+    assert all(v.dtype is torch.float32 for v in state.values() if v.is_floating_point())
+    assert any(not torch.equal(state[k], before[k]) for k in bn), "BatchNorm statistics were not updated"
+    assert all(v.dtype is torch.float32 for v in result.ema_model.state_dict().values() if v.is_floating_point())
+    moments = [t for s in load_checkpoint(tmp_path / "last.ckpt")["optimizer"]["state"].values()
+               for t in s.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
+    assert moments and all(t.dtype is torch.float32 for t in moments)
+    assert torch.isfinite(torch.tensor(result.summary["val_loss"]))
+
+
+# ---- the native-bf16 check and the CLI's warning ----------------------------------------------------
+
+@pytest.fixture
+def fresh_warning(monkeypatch):
+    monkeypatch.setattr(amp_mod, "_warned", False)
+
+
+@pytest.mark.parametrize("flags, native", [({"avx512f", "avx512_bf16"}, True), ({"avx512f", "amx_bf16"}, True),
+                                           ({"avx2", "fma"}, False), (None, None)])
+def test_cpu_bf16_support(monkeypatch, flags, native):
+    monkeypatch.setattr(amp_mod, "_cpu_flags", lambda: flags)
+    s = amp_mod.cpu_bf16_support()
+    assert s["native"] is native and s["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert s["flags"] == sorted((flags or set()) & {"avx512_bf16", "amx_bf16"})
+
+
+def test_cli_warns_once_without_native_bf16(monkeypatch, capsys, fresh_warning):
+    from hybridzoo.cli import main
+
+    monkeypatch.setattr(amp_mod, "_cpu_flags", lambda: {"avx2", "fma"})
+    bench = ["bench", "cvt_tiny_demo", "--amp", "bf16", "--device", "cpu", "--no-train", "--iters", "1",
+             "--warmup", "0", "--batch-size", "1"]
+    assert main(bench) == 0
+    assert main(bench) == 0
+    err = capsys.readouterr().err
+    assert err.count("--amp bf16 on a CPU without native bf16") == 1
+    assert "slower than fp32" in err
+    # not for fp32, nor for a GPU device
+    monkeypatch.setattr(amp_mod, "_warned", False)
+    assert not amp_mod.warn_if_bf16_slow("none", "cpu")
+    assert not amp_mod.warn_if_bf16_slow("bf16", torch.device("cuda"))
+
+
+def test_cli_is_silent_with_native_bf16(monkeypatch, capsys, fresh_warning):
+    from hybridzoo.cli import main
+
+    monkeypatch.setattr(amp_mod, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert main(["bench", "cvt_tiny_demo", "--amp", "bf16", "--onednn", "--device", "cpu", "--iters", "1",
+                 "--warmup", "0", "--batch-size", "1"]) == 0
+    assert "native bf16" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", hybridzoo.list_models(task="classification"))
+def test_every_classifier_trains_and_infers_in_bf16(name):
+    """One autocast bf16 training step (finite fp32 loss and gradients) and the bf16 inference path (fp32 out)."""
+    card = get_card(name)
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **card.test_kwargs).train()
+    x = torch.randn(2, *(card.test_input_size or card.input_size))
+    with torch.autocast("cpu", dtype=BF16):
+        loss = F.cross_entropy(_first(model(x)), torch.zeros(2, dtype=torch.long))
+    loss.backward()
+    assert loss.dtype is torch.float32 and torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype is torch.float32 and torch.isfinite(g).all() for g in grads)
+    if onednn_available():
+        fast = optimize_for_cpu_inference(model.eval(), dtype=BF16)
+        with torch.inference_mode():
+            out = _first(fast(x))
+        assert out.dtype is torch.float32 and torch.isfinite(out).all()
