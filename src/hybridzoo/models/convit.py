@@ -124,7 +124,9 @@ class GPSA(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
-        return _FrozenGPSA(self)
+        # a head whose gate rounds to 1 cannot have its values rescaled by 1 − σ(λ): keep this module then
+        gate = torch.sigmoid(self.gating_param.detach().double())
+        return _FrozenGPSA(self) if bool((1.0 - gate).min() > 1e-4) else self
 
 
 class _FrozenGPSA(nn.Module):
@@ -133,8 +135,8 @@ class _FrozenGPSA(nn.Module):
     With g = σ(λ) per head and P the positional softmax (fixed for a token grid),
     out = (1−g)·softmax(qkᵀ)v + g·P v. The value projection is scaled by (1−g) per head (v' = (1−g)v),
     so the content term is plain SDPA on v', and the positional term is P' v' with P' = g/(1−g)·P,
-    cached per grid and applied as one product for the whole batch. A head whose gate rounds to 1
-    cannot be rescaled this way; then the original module's computation is used.
+    cached per grid and applied as one product for the whole batch (GPSA.freeze_for_cpu_inference keeps
+    the original module when a gate is too close to 1 for this).
     """
 
     def __init__(self, m: GPSA):
@@ -142,10 +144,6 @@ class _FrozenGPSA(nn.Module):
         self.num_heads, self.head_dim, self.scale = m.num_heads, m.head_dim, m.scale
         self.qk, self.proj, self.pos_proj = m.qk, m.proj, m.pos_proj
         gate = torch.sigmoid(m.gating_param.detach().double())
-        self.foldable = bool((1.0 - gate).min() > 1e-4)
-        if not self.foldable:
-            self.fallback = m
-            return
         keep = (1.0 - gate).repeat_interleave(self.head_dim)          # per output channel of v
         v = nn.Linear(m.v.in_features, m.v.out_features, bias=m.v.bias is not None)
         v.weight.copy_((m.v.weight.detach().double() * keep[:, None]).float())
@@ -163,8 +161,6 @@ class _FrozenGPSA(nn.Module):
         return self._pos
 
     def forward(self, x: torch.Tensor, rel_indices: torch.Tensor) -> torch.Tensor:
-        if not self.foldable:
-            return self.fallback(x, rel_indices)
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
         q, k = self.qk(x).reshape(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
