@@ -260,6 +260,6 @@ def print_ratio_spread(rows: list[dict[str, Any]]) -> None:
         lines.append(f"| {r['scenario']} | {r['name']} | {ref['name']} | {n} | {statistics.median(wall):.2f} "
                      f"({wall[0]:.2f}–{wall[-1]:.2f}) | {statistics.median(cpu):.2f} ({cpu[0]:.2f}–{cpu[-1]:.2f}) |")
     if lines:
-        print("\n| scenario | ours | reference | rounds | ours / ref per round, wall: median (min–max) | CPU |")
+        print("\n| scenario | ours | reference | steps | ours / ref, step by step in the same round, wall: median (min–max) | CPU |")
         print("| --- | --- | --- | ---: | ---: | ---: |")
         print("\n".join(lines))
