@@ -9,7 +9,8 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   has it as a post-op: exact or tanh GELU, ReLU, SiLU, and QuickGELU x·σ(1.702x). oneDNN's swish
   post-op is x·σ(x) with a fixed α = 1, but QuickGELU(z) = swish(1.702·z) / 1.702, so fc1's weight
   and bias are scaled by 1.702 and fc2's weight by 1/1.702 — exact algebra, only fp32 rounding moves;
-- every `nn.Conv2d` is a `OneDNNConv2d` holding the packed weight, with the BatchNorm that follows it
+- every `nn.Conv2d` is a `OneDNNConv2d` (1×1 ones run as packed inner products over the channels-last
+  pixels, the others as oneDNN convolutions on a channels-last weight), with the BatchNorm that follows it
   folded into its weight and bias (W·γ/σ, (b−μ)·γ/σ+β: exact algebra in eval mode) and the activation
   after that fused as a post-op, wherever the pattern is visible: consecutive children of an
   `nn.Sequential` (`ConvBnAct`, ResNet stems and shortcuts), and the blocks that know their own
