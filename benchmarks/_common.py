@@ -118,7 +118,8 @@ def summarise(c: Contestant, batch_size: int, flops_per_mac: float) -> dict[str,
     res = {"name": c.name, "group": c.group, "impl": c.impl, "batch_size": batch_size, "note": c.note,
            "params": c.params, "macs_per_image": c.macs_per_image, "steps": len(c.wall),
            "median_wall_s": wall, "median_cpu_s": cpu, "min_wall_s": min(c.wall),
-           "images_per_s": batch_size / wall, "images_per_cpu_s": batch_size / cpu}
+           "images_per_s": batch_size / wall, "images_per_cpu_s": batch_size / cpu,
+           "wall_steps": list(c.wall), "cpu_steps": list(c.cpu)}
     if c.macs_per_image:
         res["gflops_per_s"] = c.macs_per_image * flops_per_mac * batch_size / wall / 1e9
         res["gflops_per_cpu_s"] = c.macs_per_image * flops_per_mac * batch_size / cpu / 1e9
@@ -155,7 +156,7 @@ def add_ratios(rows: list[dict[str, Any]], peak: dict[str, Any]) -> None:
     share_of_peak: achieved GFLOP/s over the matmul peak (wall clock), share_of_peak_cpu: the same on CPU time."""
     for r in rows:
         refs = [o for o in rows if o["group"] == r["group"] and o["scenario"] == r["scenario"]
-                and o["impl"] not in ("ours", "ours+onednn")]
+                and not o["impl"].startswith("ours")]
         if refs:
             r["ratio_vs_ref"] = r["images_per_s"] / refs[0]["images_per_s"]
             r["ref"] = refs[0]["name"]
@@ -210,6 +211,7 @@ def run_scenarios(scenarios: list[tuple[str, int, float, Callable[[], list[Conte
     add_ratios(rows, peak_res)
     print()
     print_table(rows)
+    print_ratio_spread(rows)
     print(f"\nload average at start {env['loadavg_start']}, at end {env['loadavg_end']}")
     payload = {"environment": env, "peak": peak_res, "results": rows}
     write_json(out, payload)
@@ -237,3 +239,27 @@ def parse_and_setup(ap: argparse.ArgumentParser) -> argparse.Namespace:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
     return args
+
+
+def print_ratio_spread(rows: list[dict[str, Any]]) -> None:
+    """Per-round ratios ours / reference (step i of each contestant ran in the same round): median and range.
+
+    A median with a narrow range is a ratio the load did not make up; a wide one says to re-run."""
+    lines = []
+    for r in rows:
+        refs = [o for o in rows if o["group"] == r["group"] and o["scenario"] == r["scenario"]
+                and not o["impl"].startswith("ours")]
+        if not refs or not r["impl"].startswith("ours") or not r.get("wall_steps"):
+            continue
+        ref = refs[0]
+        n = min(len(ref["wall_steps"]), len(r["wall_steps"]))
+        wall = sorted(ref["wall_steps"][i] / r["wall_steps"][i] for i in range(n))
+        cpu = sorted(ref["cpu_steps"][i] / r["cpu_steps"][i] for i in range(n))
+        r["ratio_spread_wall"] = [wall[0], statistics.median(wall), wall[-1]]
+        r["ratio_spread_cpu"] = [cpu[0], statistics.median(cpu), cpu[-1]]
+        lines.append(f"| {r['scenario']} | {r['name']} | {ref['name']} | {n} | {statistics.median(wall):.2f} "
+                     f"({wall[0]:.2f}–{wall[-1]:.2f}) | {statistics.median(cpu):.2f} ({cpu[0]:.2f}–{cpu[-1]:.2f}) |")
+    if lines:
+        print("\n| scenario | ours | reference | steps | ours / ref, step by step in the same round, wall: median (min–max) | CPU |")
+        print("| --- | --- | --- | ---: | ---: | ---: |")
+        print("\n".join(lines))

@@ -15,15 +15,29 @@ Pairs (timm name → ours), random init on both sides, stochastic depth off on b
   convit_tiny   convit_tiny            → convit_tiny
   convit_small  convit_small           → convit_small
   coatnet_0     coatnet_0_224          → coatnet_0
+  bot50         timm `ByobNet` configured as BoT50 → botnet_bot50: ResNet-50 with the three c5 blocks
+                as bottleneck attention (7×7 stem + max-pool, ReLU, no SE, stride-2 attention block that
+                pools after attention). timm ships no BoTNet of this configuration (botnet26t / botnet50ts
+                have tiered stems, SiLU or attention in c4), so its ByobNet is given our exact layout:
+                same 20,852,008 parameters, 4.025 vs 4.021 GMACs (timm's shortcut BN has no activation).
   botnet        botnet26t_256 @224     → botnet_t3 @224 — NOT the same architecture (timm's is a 26-layer
-                ResNet-D-ish net with 2 attention blocks, ours BoTNet-S1-59), so compare GMAC/s, not images/s.
+                ResNet-D-ish net with 2 attention blocks, ours BoTNet-S1-59), so compare GMAC/s, not images/s;
+                not in the default set.
+  mobile_former the official AAboys/MobileFormer `mobile_former_294m` → mobile_former_294m; needs
+                `--mobile-former-official DIR` (a checkout of that repository, run from outside this one;
+                the pair is skipped without it).
 A pair whose model is not registered here (or not in this timm) is skipped with a note.
-Ours also runs through `optimize_for_cpu_inference` (oneDNN) for inference. See `_common.py` for the
+Ours also runs through `optimize_for_cpu_inference` (oneDNN) for inference, and with `--inductor` through
+`torch.compile` with inductor's freezing (its compile time is printed and recorded). See `_common.py` for the
 interleaving and the figures; `bench_transformers.py` for the scenarios.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -43,13 +57,77 @@ PAIRS = {
     "convit_tiny": ("convit_tiny", {}, "convit_tiny", {}, "ConViT-Ti", True, None),
     "convit_small": ("convit_small", {}, "convit_small", {}, "ConViT-S", True, None),
     "coatnet_0": ("coatnet_0_224", {}, "coatnet_0", {}, "CoAtNet-0", True, None),
+    "bot50": ("byobnet:bot50", {}, "botnet_bot50", {}, "BoT50", True, None),
     "botnet": ("botnet26t_256", {"img_size": 224}, "botnet_t3", {}, "BoTNet (different archs)", False, None),
+    "mobile_former": ("official:mobile_former_294m", {}, "mobile_former_294m", {}, "Mobile-Former-294M", True,
+                      {"inference"}),
 }
 # vit_small is the same architecture as DeiT-S (only the weights differ): opt-in, to keep the default run short
-DEFAULT = ["deit", "convit_tiny", "convit_small", "coatnet_0", "botnet"]
+DEFAULT = ["deit", "convit_tiny", "convit_small", "coatnet_0", "bot50", "mobile_former"]
 
 
-def build_pairs(keys: list[str]):
+def timm_bot50():
+    """timm's ByobNet given BoT50's layout (see the module docstring)."""
+    from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
+    cfg = ByoModelCfg(blocks=(ByoBlockCfg("bottle", d=3, c=256, s=1, br=0.25),
+                              ByoBlockCfg("bottle", d=4, c=512, s=2, br=0.25),
+                              ByoBlockCfg("bottle", d=6, c=1024, s=2, br=0.25),
+                              ByoBlockCfg("self_attn", d=3, c=2048, s=2, br=0.25)),
+                      stem_chs=64, stem_type="7x7", stem_pool="maxpool", act_layer="relu", fixed_input_size=True,
+                      self_attn_layer="bottleneck", self_attn_kwargs={})
+    return ByobNet(cfg, img_size=224, drop_path_rate=0.0)
+
+
+def official_mobile_former(repo: str, variant: str):
+    """The official Mobile-Former from a checkout of AAboys/MobileFormer, imported as a package.
+
+    Its files are timm-0.3 plugins (relative imports of timm's old `.helpers`, `.registry`, `.layers`);
+    a throw-away package in a temporary folder holds copies of them next to three small stand-ins
+    (registration is a no-op, `build_model_with_cfg` calls the class, DropPath is today's timm's)."""
+    import contextlib
+    import importlib
+    import io
+    import shutil
+    import tempfile
+    from pathlib import Path
+    src = Path(repo)
+    pkg = Path(tempfile.mkdtemp(prefix="mf_official_")) / "mf_official"
+    pkg.mkdir()
+    for f in ("mobile_former.py", "dna_blocks.py"):
+        shutil.copy(src / f, pkg / f)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "registry.py").write_text("def register_model(fn):\n    return fn\n")
+    (pkg / "layers.py").write_text("from timm.layers import DropPath  # noqa: F401\n")
+    (pkg / "helpers.py").write_text("default_cfg_for_features = None\n\n\n"
+                                    "def build_model_with_cfg(cls, variant, pretrained, default_cfg=None, **kw):\n"
+                                    "    return cls(**kw)\n")
+    sys.path.insert(0, str(pkg.parent))
+    mod = importlib.import_module("mf_official.mobile_former")
+    with contextlib.redirect_stdout(io.StringIO()):  # its constructor prints the whole model
+        return getattr(mod, variant)()  # drop path 0.1 in its common kwargs: inference only, so inert
+
+
+def compiled_inference_step(model, x):
+    """torch.compile (inductor, freezing on: weights become constants, conv+BN folded, oneDNN weight packing)
+    of an eval copy; returns the step and the seconds the first (compiling) call took."""
+    import copy
+
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    compiled = torch.compile(copy.deepcopy(model).eval())
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        compiled(x)
+    seconds = time.perf_counter() - t0
+    print(f"  compiled {type(model).__name__} for batch {x.shape[0]} in {seconds:.0f} s", flush=True)
+
+    def step():
+        with torch.inference_mode():
+            return compiled(x)
+    return step, seconds
+
+
+def build_pairs(keys: list[str], mobile_former_official: str | None = None):
     import timm
     pairs, skipped = [], []
     ours_available = set(hybridzoo.list_models())
@@ -58,10 +136,23 @@ def build_pairs(keys: list[str]):
         if ours not in ours_available:
             skipped.append(f"{key}: ours `{ours}` is not registered in this checkout")
             continue
-        if not timm.is_model(timm_name):
+        if timm_name == "byobnet:bot50":
+            theirs, timm_name = timm_bot50(), "ByobNet as BoT50"
+        elif timm_name.startswith("official:"):
+            if not mobile_former_official or not Path(mobile_former_official, "mobile_former.py").is_file():
+                skipped.append(f"{key}: no official checkout (--mobile-former-official DIR, got "
+                               f"{mobile_former_official!r})")
+                continue
+            theirs = official_mobile_former(mobile_former_official, timm_name.split(":", 1)[1])
+            group_impl = "official"
+            pairs.append((group, scen, [(f"official {timm_name[9:]}", group_impl, theirs, ""),
+                                        (ours, "ours", create_model(ours, drop_path_rate=0.0, **ours_kw), "")]))
+            continue
+        elif not timm.is_model(timm_name):
             skipped.append(f"{key}: timm {timm.__version__} has no `{timm_name}`")
             continue
-        theirs = timm.create_model(timm_name, pretrained=False, drop_path_rate=0.0, **timm_kw)
+        else:
+            theirs = timm.create_model(timm_name, pretrained=False, drop_path_rate=0.0, **timm_kw)
         mine = create_model(ours, drop_path_rate=0.0, **ours_kw)
         note = "" if same else "different architecture: compare GFLOP/s"
         pairs.append((group, scen, [(f"timm {timm_name}", "timm", theirs, note), (ours, "ours", mine, note)]))
@@ -73,9 +164,15 @@ def main() -> None:
     ap.add_argument("--pairs", nargs="+", default=DEFAULT, choices=list(PAIRS))
     ap.add_argument("--channels-last", action="store_true",
                     help="convert every model and input to channels-last (both sides)")
+    ap.add_argument("--mobile-former-official", default=os.environ.get("MOBILE_FORMER_OFFICIAL"), metavar="DIR",
+                    help="a checkout of github.com/AAboys/MobileFormer (outside this repository) for the "
+                         "mobile_former pair; without it the pair is skipped")
+    ap.add_argument("--inductor", action="store_true",
+                    help="also run ours through torch.compile with inductor freezing (inference; compile time "
+                         "printed and recorded)")
     args = parse_and_setup(ap)
 
-    pairs, skipped = build_pairs(args.pairs)
+    pairs, skipped = build_pairs(args.pairs, args.mobile_former_official)
     for s in skipped:
         print("skipped:", s)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -97,6 +194,11 @@ def main() -> None:
                     fast = optimize_for_cpu_inference(model)
                     cs.append(Contestant(name + " +oneDNN", group, "ours+onednn", make_inference_step(fast, x),
                                          macs[name], params[name], "optimize_for_cpu_inference"))
+                if impl == "ours" and args.inductor:
+                    step, seconds = compiled_inference_step(model, x)
+                    compile_times[f"{name} batch {x.shape[0]}"] = seconds
+                    cs.append(Contestant(name + " +inductor", group, "ours+inductor", step, macs[name], params[name],
+                                         f"torch.compile, freezing; compiled in {seconds:.0f} s"))
         return cs
 
     def train_contestants():
@@ -111,8 +213,10 @@ def main() -> None:
         scenarios.append(("training", args.train_batch, 6.0, train_contestants, max(2, args.rounds - 1), 1))
     if "latency" in args.scenarios:
         scenarios.append(("latency-bs1", 1, 2.0, lambda: infer_contestants(x_one), args.rounds, 3))
+    compile_times: dict[str, float] = {}
     run_scenarios(scenarios, args.threads, out=args.out, peak=not args.no_peak,
                   env_extra={"script": "bench_timm.py", "args": vars(args), "skipped": skipped,
+                             "inductor_compile_s": compile_times,
                              "memory_format": "channels_last" if args.channels_last else "contiguous"})
 
 

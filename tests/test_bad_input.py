@@ -252,7 +252,7 @@ def test_11_one_mac_count_in_bench_info_and_the_readme_table(tmp_path, capsys):
     macs = measure_model(name)["macs"]
     assert main(["info", name, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["measured"]["macs_g"] == macs / 1e9
-    for extra in ([], ["--onednn"]):
+    for extra in ([], ["--onednn"], ["--fast"]):
         out = tmp_path / "b.json"
         assert main(["bench", name, "--batch-size", "1", "--iters", "1", "--warmup", "0", "--no-train",
                      "--threads", "1", "--json", str(out), *extra]) == 0

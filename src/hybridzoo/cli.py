@@ -196,9 +196,10 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH", help="load these weights first")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
-    p.add_argument("--onednn", action="store_true",
-                   help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn); no training row; "
-                        "with --amp bf16 its bf16 variant")
+    p.add_argument("--fast", "--onednn", dest="onednn", action="store_true",
+                   help="CPU inference through the frozen oneDNN path (hybridzoo.layers.onednn."
+                        "optimize_for_cpu_inference: packed weights, BatchNorm folded, activations fused); "
+                        "no training row; with --amp bf16 its bf16 variant")
     p.add_argument("--onnx", nargs="?", const=True, default=False, metavar="FILE",
                    help="time eager, the oneDNN path and ONNX Runtime (CPU EP, same threads) interleaved and report "
                         "the ratios; exports the deployed network, or times FILE (written by `hybridzoo export`)")

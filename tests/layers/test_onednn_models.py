@@ -12,7 +12,9 @@ from torch import nn
 
 import hybridzoo
 from hybridzoo.layers.mlp import Mlp, QuickGELU
-from hybridzoo.layers.onednn import OneDNNLinear, onednn_available, optimize_for_cpu_inference
+from hybridzoo.layers.conv import ConvBnAct
+from hybridzoo.models.convit import GPSA
+from hybridzoo.layers.onednn import OneDNNConv2d, OneDNNLinear, onednn_available, optimize_for_cpu_inference
 from hybridzoo.registry import get_card
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
@@ -34,16 +36,18 @@ def _perturb(model: nn.Module, seed: int = 0) -> None:
             m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
-def _compare(model: nn.Module, x: torch.Tensor) -> nn.Module:
+def _compare(model: nn.Module, x: torch.Tensor, *more: torch.Tensor) -> nn.Module:
+    """The frozen copy's output against eager on x (and on inputs of other sizes: caches must follow)."""
     model.eval()
     fast = optimize_for_cpu_inference(model)
-    with torch.inference_mode():
-        ref, out = model(x), fast(x)
-    ref = ref if isinstance(ref, torch.Tensor) else ref[0]
-    out = out if isinstance(out, torch.Tensor) else out[0]
-    assert out.shape == ref.shape
-    assert ref.abs().max() > 1e-3, "degenerate reference output; the comparison would prove nothing"
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    for inp in (x, *more, x):
+        with torch.inference_mode():
+            ref, out = model(inp), fast(inp)
+        ref = ref if isinstance(ref, torch.Tensor) else ref[0]
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        assert out.shape == ref.shape
+        assert ref.abs().max() > 1e-3, "degenerate reference output; the comparison would prove nothing"
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     return fast
 
 
@@ -62,6 +66,77 @@ def test_reduced_model_matches_eager(name):
     # the original is untouched and still trainable
     assert all(p.requires_grad for p in model.parameters())
     assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
+
+
+# the conv models: every BatchNorm folded into a convolution (BoTNet's post-attention BN has none before it)
+@pytest.mark.parametrize("name, bn_left, act", [("coatnet_0", 0, True), ("botnet_t3", 2, True),
+                                                ("mobile_former_26m", 0, True), ("cvt_13", 0, False)])
+def test_batch_norms_are_folded(name, bn_left, act):
+    card = get_card(name)
+    torch.manual_seed(0)
+    fast = optimize_for_cpu_inference(hybridzoo.create_model(name, **card.test_kwargs))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == bn_left
+    assert not any(type(m) is nn.Conv2d for m in fast.modules())
+    assert any(isinstance(m, OneDNNConv2d) and m.folded_bn and (m.attr != "none") == act for m in fast.modules())
+
+
+@pytest.mark.parametrize("name, kwargs, sizes", [
+    ("coatnet_0", {}, [96]),                       # another grid: the relative bias is resized, not the cached one
+    ("coatnet_0", {"pool_type": "max"}, []),      # max pool: the pre-norm cannot fold into conv1
+    ("botnet_t3", {}, [96]),                       # other relative tables than the cached ones
+    ("botnet_bot50", {"act_layer": nn.ReLU}, []),  # ReLU rides on the fused residual add
+    ("convit_tiny", {}, [96]),                     # another token grid: the positional attention is rebuilt
+    ("mobile_former_26m", {}, []),
+])
+def test_frozen_blocks_match_eager_at_other_sizes(name, kwargs, sizes):
+    card = get_card(name)
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **{**card.test_kwargs, **kwargs})
+    _perturb(model)
+    side = (card.test_input_size or card.input_size)[-1]
+    _compare(model, torch.randn(2, 3, side, side), *[torch.randn(1, 3, s, s) for s in sizes])
+
+
+def test_gpsa_with_a_saturated_gate_keeps_the_original_computation():
+    # σ(λ) rounds to 1: v cannot be rescaled by 1 − σ(λ), the frozen GPSA falls back to the module's own forward
+    card = get_card("convit_tiny")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("convit_tiny", **card.test_kwargs)
+    _perturb(model)
+    with torch.no_grad():
+        model.blocks[0].attn.gating_param[1] = 30.0
+    fast = _compare(model, torch.randn(2, *card.test_input_size))
+    assert type(fast.blocks[0].attn) is GPSA and type(fast.blocks[1].attn) is not GPSA
+
+
+@pytest.mark.parametrize("act", [None, nn.ReLU, nn.SiLU, nn.GELU, nn.ReLU6, nn.Hardswish])
+@pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 1), (3, 1, 1), (3, 2, 1), (3, 1, 12), (1, 1, 3)])
+def test_conv_bn_act_is_one_fused_convolution(act, kernel, stride, groups):
+    torch.manual_seed(0)
+    block = ConvBnAct(12, 24 if groups != 12 else 12, kernel, stride, groups=groups, act_layer=act)
+    _perturb(block)
+    fast = optimize_for_cpu_inference(nn.Sequential(block))
+    conv = fast[0][0]
+    assert isinstance(conv, OneDNNConv2d) and conv.folded_bn and isinstance(fast[0][1], nn.Identity)
+    assert conv.pointwise == (kernel == 1 and stride == 1 and groups == 1)
+    x = 2 * torch.randn(2, 12, 9, 9)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), block.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [None, nn.ReLU(), nn.SiLU(), nn.GELU()])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_conv_with_a_fused_residual_add(act, kernel):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, kernel, padding=kernel // 2)
+    bn = nn.BatchNorm2d(16)
+    _perturb(nn.Sequential(conv, bn))
+    fused = OneDNNConv2d(conv, bn.eval(), act)
+    x, other = torch.randn(2, 8, 7, 7), torch.randn(2, 16, 7, 7)
+    ref = bn(conv(x)) + other
+    ref = ref if act is None else act(ref)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x, other), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "cvt_13"])

@@ -205,3 +205,18 @@ def test_loads_official_checkpoint_layout(name, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_dynamic_relu_without_autograd_is_bitwise_the_autograd_formula():
+    # the no-grad path writes the maximum into the first product's buffer; it must stay max(a1·x, a2·x)
+    torch.manual_seed(0)
+    act = DynamicReLU(12, 16)
+    x = torch.randn(2, 12, 5, 5).contiguous(memory_format=torch.channels_last)
+    token = torch.randn(2, 16)
+    h = F.hardsigmoid(act.fc2(torch.relu(act.fc1(token)))).detach()
+    a1, a2 = 2 * h[:, :12, None, None], 2 * h[:, 12:, None, None] - 1
+    ref = torch.maximum(a1 * x, a2 * x)
+    with torch.inference_mode():
+        fast = act(x, token)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fast, act(x, token).detach())  # the autograd path, parameters requiring grad

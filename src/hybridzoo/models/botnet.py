@@ -66,6 +66,30 @@ class RelPosLogits(nn.Module):
         lw = torch.einsum("bnxyd,yqd->bnxyq", q, rw)   # over key columns
         return (lh.unsqueeze(-1) + lw.unsqueeze(-2)).reshape(B, h, N, N)
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenRelPosLogits(self)
+
+
+class _FrozenRelPosLogits(RelPosLogits):
+    """RelPosLogits for inference: the (n, n, d) offset tables of the built feature size are gathered once."""
+
+    def __init__(self, m: RelPosLogits):
+        nn.Module.__init__(self)
+        self.feat_size = m.feat_size
+        self.rel_height, self.rel_width = m.rel_height, m.rel_width
+        H, W = m.feat_size
+        self.register_buffer("abs_height", self._abs_table(m.rel_height, H).detach().contiguous(), persistent=False)
+        self.register_buffer("abs_width", self._abs_table(m.rel_width, W).detach().contiguous(), persistent=False)
+
+    def forward(self, q: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if (H, W) != self.feat_size:
+            return super().forward(q, H, W)
+        B, h, N, d = q.shape
+        q = q.reshape(B, h, H, W, d)
+        lh = torch.einsum("bnxyd,xpd->bnxyp", q, self.abs_height)
+        lw = torch.einsum("bnxyd,yqd->bnxyq", q, self.abs_width)
+        return (lh.unsqueeze(-1) + lw.unsqueeze(-2)).reshape(B, h, N, N)
+
 
 class MHSA(nn.Module):
     """All-to-all multi-head self-attention on a 2D map (1×1 q/k/v convs, no output projection)."""
@@ -124,6 +148,45 @@ class Bottleneck(nn.Module):
         sc = x if self.shortcut is None else self.shortcut(x)
         return self.act(sc + self.drop_path(y))
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenBottleneck(self, batch_hint)
+
+
+class _FrozenBottleneck(nn.Module):
+    """Bottleneck / BoTBlock for the oneDNN inference path: every conv carries its BN folded and its
+    activation fused; without SE the residual add and the last activation ride on conv3's output pass."""
+
+    def __init__(self, m: nn.Module, batch_hint: int | None):
+        super().__init__()
+        from hybridzoo.layers.onednn import OneDNNConv2d, conv_post_op
+        act = m.act if conv_post_op(m.act) is not None else None
+        self.act = m.act
+        self.conv1 = OneDNNConv2d(m.conv1, m.bn1, act, batch_hint)
+        if isinstance(m, BoTBlock):
+            self.conv2 = None
+            self.mhsa, self.pool, self.bn2 = m.mhsa, m.pool, m.bn2
+            self.se = None
+        else:
+            self.conv2 = OneDNNConv2d(m.conv2, m.bn2, act, batch_hint)
+            self.se = m.se
+        self.act1 = nn.Identity() if act is not None else m.act
+        # oneDNN applies only ReLU after a fused add; SiLU stays a pass of its own
+        self.fuse_act = self.se is None and isinstance(m.act, nn.ReLU)
+        self.conv3 = OneDNNConv2d(m.conv3, m.bn3, m.act if self.fuse_act else None, batch_hint)
+        self.shortcut = m.shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.conv1(x))
+        if self.conv2 is None:
+            y = self.act(self.bn2(self.pool(self.mhsa(y))))
+        else:
+            y = self.act1(self.conv2(y))
+        sc = x if self.shortcut is None else self.shortcut(x)
+        if self.se is None:
+            y = self.conv3(y, sc)
+            return y if self.fuse_act else self.act(y)
+        return self.act(sc + self.se(self.conv3(y)))
+
 
 class BoTBlock(nn.Module):
     """Bottleneck Transformer block: 1×1 → MHSA (→ 2×2 avg-pool if strided) → BN → act → 1×1 → BN."""
@@ -150,6 +213,9 @@ class BoTBlock(nn.Module):
         y = self.bn3(self.conv3(y))
         sc = x if self.shortcut is None else self.shortcut(x)
         return self.act(sc + self.drop_path(y))
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenBottleneck(self, batch_hint)
 
 
 class Stage(nn.Sequential):

@@ -56,6 +56,11 @@ class Stem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(F.gelu(self.norm1(self.conv1(x))))
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        from hybridzoo.layers.onednn import OneDNNConv2d
+        return nn.Sequential(OneDNNConv2d(self.conv1, self.norm1, nn.GELU(), batch_hint),
+                             OneDNNConv2d(self.conv2, batch_hint=batch_hint))
+
 
 class MBConv(nn.Module):
     """Pre-norm MBConv: BN → 1×1 expand (×4 of the output width) → 3×3 depthwise → SE → 1×1 project.
@@ -87,6 +92,46 @@ class MBConv(nn.Module):
         y = F.gelu(self.norm1(self.conv1(y)))
         y = self.se(F.gelu(self.norm2(self.conv2(y))))
         return self.shortcut(x) + self.drop_path(self.conv3(y))
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenMBConv(self, batch_hint)
+
+
+class _FrozenMBConv(nn.Module):
+    """MBConv for the oneDNN inference path: every BN folded, GELUs and the residual add fused.
+
+    The pre-norm folds into the input side of the unpadded 1×1 `conv1` (W·diag(s), b + W·t); with a
+    stride-2 average pool in between it still does (averaging commutes with a per-channel affine), so
+    both branches share one pooled input. A max pool does not commute with a negative scale: there the
+    pre-norm stays a BatchNorm of its own.
+    """
+
+    def __init__(self, m: MBConv, batch_hint: int | None):
+        super().__init__()
+        from hybridzoo.layers.onednn import OneDNNConv2d, fold_batch_norm
+        self.stride, self.pool_type = m.stride, m.pool_type
+        self.pre_norm = m.pre_norm if m.stride == 2 and m.pool_type == "max" else None
+        w, b = m.conv1.weight.detach().float(), None
+        if self.pre_norm is None:
+            # conv1(s·x + t) = (W·s)·x + W·t  (1×1, no padding, no bias of its own)
+            s, t = fold_batch_norm(torch.ones(m.pre_norm.num_features, 1), None, m.pre_norm)
+            b = (w[:, :, 0, 0].double() @ t.double()).float()
+            w = w * s.view(1, -1, 1, 1)
+        self.conv1 = OneDNNConv2d(m.conv1, m.norm1, nn.GELU(), batch_hint, weight=w, bias=b)
+        self.conv2 = OneDNNConv2d(m.conv2, m.norm2, nn.GELU(), batch_hint)
+        self.se = m.se
+        self.conv3 = OneDNNConv2d(m.conv3, batch_hint=batch_hint)
+        self.shortcut = m.shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm is not None:
+            x, y = _pool(x, self.pool_type), _pool(self.pre_norm(x), self.pool_type)
+        else:
+            if self.stride == 2:
+                x = _pool(x, self.pool_type)
+            y = x
+        y = self.se(self.conv2(self.conv1(y)))
+        return self.conv3(y, self.shortcut(x))
 
 
 def relative_position_index(height: int, width: int, device=None) -> torch.Tensor:
@@ -139,9 +184,35 @@ class RelativeAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
         q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.relative_bias(H, W).to(q.dtype)
+        # a 4-D mask: with a 3-D one PyTorch's CPU SDPA leaves its fused kernel for the slow math path
+        bias = self.relative_bias(H, W).to(q.dtype).unsqueeze(0)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenRelativeAttention(self)
+
+
+class _FrozenRelativeAttention(nn.Module):
+    """RelativeAttention for inference: the bias of the built grid is gathered once (it does not depend
+    on the input), not at every call; other grids resize the table as the original does."""
+
+    def __init__(self, m: RelativeAttention):
+        super().__init__()
+        self.qkv, self.proj = m.qkv, m.proj
+        self.num_heads, self.dim_head, self.feat_size = m.num_heads, m.dim_head, m.feat_size
+        # what RelativeAttention.relative_bias reads, for inputs of another size
+        self.relative_position_bias_table = m.relative_position_bias_table
+        self.register_buffer("relative_position_index", m.relative_position_index, persistent=False)
+        self.register_buffer("bias", m.relative_bias(*m.feat_size).detach().unsqueeze(0).contiguous(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.bias if (H, W) == self.feat_size else RelativeAttention.relative_bias(self, H, W).unsqueeze(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
 
 

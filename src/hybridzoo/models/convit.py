@@ -123,6 +123,54 @@ class GPSA(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        # a head whose gate rounds to 1 cannot have its values rescaled by 1 − σ(λ): keep this module then
+        gate = torch.sigmoid(self.gating_param.detach().double())
+        return _FrozenGPSA(self) if bool((1.0 - gate).min() > 1e-4) else self
+
+
+class _FrozenGPSA(nn.Module):
+    """GPSA for inference, with the input-independent part computed once.
+
+    With g = σ(λ) per head and P the positional softmax (fixed for a token grid),
+    out = (1−g)·softmax(qkᵀ)v + g·P v. The value projection is scaled by (1−g) per head (v' = (1−g)v),
+    so the content term is plain SDPA on v', and the positional term is P' v' with P' = g/(1−g)·P,
+    cached per grid and applied as one product for the whole batch (GPSA.freeze_for_cpu_inference keeps
+    the original module when a gate is too close to 1 for this).
+    """
+
+    def __init__(self, m: GPSA):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = m.num_heads, m.head_dim, m.scale
+        self.qk, self.proj, self.pos_proj = m.qk, m.proj, m.pos_proj
+        gate = torch.sigmoid(m.gating_param.detach().double())
+        keep = (1.0 - gate).repeat_interleave(self.head_dim)          # per output channel of v
+        v = nn.Linear(m.v.in_features, m.v.out_features, bias=m.v.bias is not None)
+        v.weight.copy_((m.v.weight.detach().double() * keep[:, None]).float())
+        if m.v.bias is not None:
+            v.bias.copy_((m.v.bias.detach().double() * keep).float())
+        self.v = v.requires_grad_(False)
+        self.register_buffer("ratio", (gate / (1.0 - gate)).float().view(-1, 1, 1), persistent=False)
+        self._rel: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+
+    def _positional(self, rel_indices: torch.Tensor) -> torch.Tensor:
+        if self._rel is None or self._rel.shape != rel_indices.shape or not torch.equal(self._rel, rel_indices):
+            pos = self.pos_proj(rel_indices).permute(0, 3, 1, 2).softmax(dim=-1)[0]   # heads, N, N
+            self._pos, self._rel = (pos * self.ratio).contiguous(), rel_indices.clone()
+        return self._pos
+
+    def forward(self, x: torch.Tensor, rel_indices: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k = self.qk(x).reshape(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.v(x).reshape(B, N, h, d)
+        content = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), scale=self.scale)  # B, h, N, d
+        # P' (h, N, N) times v' for every image at once: (h, N, B·d) columns, one batched product per head
+        pos = torch.bmm(self._positional(rel_indices), v.permute(2, 1, 0, 3).reshape(h, N, B * d))
+        x = pos.view(h, N, B, d).permute(2, 1, 0, 3) + content.transpose(1, 2)
+        return self.proj(x.reshape(B, N, C))
+
 
 class Block(nn.Module):
     """Pre-norm transformer block whose attention is GPSA (local stage) or MHSA (last blocks)."""

@@ -78,6 +78,22 @@ class ConvProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x)).flatten(2).transpose(1, 2)
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        from hybridzoo.layers.onednn import OneDNNConv2d
+        return _FrozenConvProjection(OneDNNConv2d(self.conv, self.bn, batch_hint=batch_hint))
+
+
+class _FrozenConvProjection(nn.Module):
+    """ConvProjection for the oneDNN inference path: the BatchNorm folded into the depthwise convolution.
+    Its input is the token map seen as B×C×H×W, already channels-last in memory, so nothing is copied."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(2).transpose(1, 2)
+
 
 class ConvAttention(nn.Module):
     """Multi-head attention whose q/k/v are convolutional projections followed by linear maps.
