@@ -197,3 +197,12 @@ def hz_tiny_rec(**kwargs):
 @register_model(reported=dict(params_m=None, gflops=None), task="land-cover", input_size=(4, 8, 8), **_OTHER)
 def hz_tiny_lc(**kwargs):
     return TinyLandCover(**kwargs)
+
+
+@register_model(reported=dict(params_m=None, gflops=None), task="detection", input_size=(3, 64, 64), **_OTHER)
+def hz_tiny_det(**kwargs):
+    # MF-DETR's reduced test build (batch norm in its backbone: the engine tests compare evaluations, which
+    # use the running statistics that DDP broadcasts from rank 0)
+    from hybridzoo.models.mf_detr import MFDETR, _test_kwargs
+
+    return MFDETR(**{**_test_kwargs(), **kwargs})

@@ -30,6 +30,7 @@ TASKS = {
                          "--eval-batch-size", "1"],
     "recommendation": ["--model", "hz_tiny_rec", "--max-len", "10"],
     "land-cover": ["--model", "hz_tiny_lc", "--scene-size", "32"],
+    "detection": ["--model", "hz_tiny_det", "--img-size", "64", "--synthetic-train", "8", "--synthetic-val", "6"],
 }
 
 

@@ -193,3 +193,27 @@ def test_pretrained_backbone_weights(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="stem.0.weight"):
         load_backbone_weights(det.backbone, tmp_path / "bad.safetensors")
+
+
+def test_pretrained_backbone_from_another_detector(tmp_path):
+    """`--pretrained` with a trained RetinaNet's weights fills MF-DETR's backbone (same backbone model);
+    the detector's own layers keep their initialisation."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from hybridzoo.tasks.detection import DetectionTask
+
+    torch.manual_seed(4)
+    retina = hybridzoo.create_model("retinanet_mf_demo")
+    path = tmp_path / "retina.safetensors"
+    save_file({k: v.contiguous() for k, v in retina.state_dict().items()}, str(path))
+    torch.manual_seed(5)
+    fresh = hybridzoo.create_model("mf_detr_demo")
+    torch.manual_seed(5)
+    det = DetectionTask().build_model(argparse.Namespace(model="mf_detr_demo", pretrained=str(path)), {"num_classes": 3})
+    want = retina.backbone.model.state_dict()
+    own = det.backbone.model.state_dict()
+    assert own.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in own.items())
+    assert not torch.equal(own["stem.0.weight"], fresh.backbone.model.state_dict()["stem.0.weight"])
+    assert torch.equal(det.queries, fresh.queries)

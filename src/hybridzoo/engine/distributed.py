@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "setup", "cleanup", "is_distributed", "all_reduce_sum", "all_gather_object",
-           "broadcast_object", "barrier", "ShardSampler"]
+           "broadcast_object", "broadcast_buffers", "barrier", "ShardSampler"]
 
 
 @dataclass
@@ -102,6 +102,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every buffer (batch-norm statistics, ...) of `module` from process `src` to all."""
+    if not is_distributed():
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src=src)
 
 
 def barrier() -> None:

@@ -178,6 +178,9 @@ def _evaluate(task, model: nn.Module, loader: DataLoader, args, info: distribute
         ds = _base_dataset(loader.dataset)
         data_info = {k: getattr(ds, k) for k in ("num_classes", "class_names") if getattr(ds, k, None) is not None}
     metric = task.build_metric(args, data_info)
+    # DDP broadcasts buffers at the start of each training forward, so after the last step every process
+    # holds the batch-norm statistics of its own last batch: evaluate the model rank 0 saves
+    distributed.broadcast_buffers(model)
     was_training = model.training
     model.eval()
     try:

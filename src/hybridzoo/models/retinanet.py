@@ -46,7 +46,8 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load classification weights (ours or an official layout) into a `features_only` backbone.
+    """Load classification weights (ours or an official layout), or the backbone of another detector's
+    weights, into a `features_only` backbone.
 
     The classifier's keys (head, the last bridge, ...) have no place in the backbone and are
     dropped — their names are returned; any *missing* backbone key is an error.
@@ -56,6 +57,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> list[
     target = backbone.model
     state = read_state_dict(path)
     own = target.state_dict()
+    prefix = "backbone.model."
+    if set(own) - set(state) and any(k.startswith(prefix) for k in state):
+        # another detector's weights (RetinaNet, MF-DETR): its backbone
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if set(own) - set(state):
         convert = getattr(importlib.import_module(type(target).__module__), "convert_official", None)
         if convert is not None:
@@ -226,6 +231,12 @@ class RetinaNet(nn.Module):
         loss_cls = torch.stack(cls_terms).sum() / norm
         loss_box = (torch.stack(box_terms).sum() if box_terms else deltas.sum() * 0.0) / norm
         return loss_cls + loss_box, {"loss_cls": float(loss_cls.detach()), "loss_box": float(loss_box.detach())}
+
+    @staticmethod
+    def select_image(out: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        """Image i's outputs as a batch of one (the anchors are shared)."""
+        return {"cls_logits": out["cls_logits"][i:i + 1], "box_deltas": out["box_deltas"][i:i + 1],
+                "anchors": out["anchors"]}
 
     # -- inference --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -7,7 +7,9 @@
     hybridzoo predict --run runs/RUN street.jpg --output preds         # <stem>_boxes.png + detections.json
 
 Models (RetinaNet, MF-DETR) return a dict of tensors from `forward` and define `loss(out, targets,
-image_size)` and `postprocess(out, image_size)`; the task only moves data and scores.
+image_size)`, `postprocess(out, image_size)` and `select_image(out, i)` (image i's outputs as a batch
+of one: `val_loss` is the mean of every image's own loss, whatever the batching or sharding); the task
+only moves data and scores.
 
 Metrics: COCO box AP (IoU .50:.95), AP50, AP75, AP small / medium / large and AR@100, computed by
 pycocotools' COCOeval on the whole validation set in the original image coordinates, ×100, as
@@ -316,7 +318,10 @@ class DetectionTask(Task):
             metric.num_classes = int(core.num_classes)
         out = model(images)
         size = tuple(images.shape[-2:])
-        loss, _ = core.loss(out, targets, image_size=size)
+        # each image's own loss: both detectors normalise by the boxes (or positive anchors) of the whole
+        # batch, so a batch loss would depend on how the set is batched and sharded
+        loss = sum(float(core.loss(core.select_image(out, i), [t], image_size=size)[0]) for i, t in enumerate(targets))
+        loss = loss / max(1, len(targets))
         dets = [_to_original(d, t) for d, t in zip(core.postprocess(out, size), targets)]
         gts = []
         for t in targets:
