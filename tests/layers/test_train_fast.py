@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hybridzoo
+from hybridzoo.layers.mlp import QuickGELU
 from hybridzoo.layers.train_fast import FastLinear, fast_linear, fast_training_available, optimize_for_cpu_training
 from hybridzoo.registry import get_card
 
@@ -139,3 +140,22 @@ def test_fused_adamw_steps_like_the_default():
             o.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_quick_gelu_two_pass_backward():
+    """QuickGELU under autograd: the plain output bitwise, and the gradient of x·σ(1.702x)."""
+    torch.manual_seed(0)
+    x = (4 * torch.randn(3, 257, dtype=torch.float64)).requires_grad_(True)
+    g = torch.randn(3, 257, dtype=torch.float64)
+    y = QuickGELU()(x)
+    assert "QuickGELU" in type(y.grad_fn).__name__  # the custom backward, not autograd's five passes
+    with torch.no_grad():
+        assert torch.equal(y, QuickGELU()(x))
+    y.backward(g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (x_ref * torch.sigmoid(1.702 * x_ref)).backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(QuickGELU(), (x[0, :16].detach().clone().requires_grad_(True),))
+    xf = x.detach().float().requires_grad_(True)
+    QuickGELU()(xf).backward(g.float())
+    torch.testing.assert_close(xf.grad, x_ref.grad.float(), rtol=1e-5, atol=1e-6)
