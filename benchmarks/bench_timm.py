@@ -70,7 +70,7 @@ def build_pairs(keys: list[str]):
 
 def main() -> None:
     ap = base_parser(__doc__.split("\n")[0], rounds=3)
-    ap.add_argument("--pairs", nargs="+", default=DEFAULT, choices=list(PAIRS))
+    ap.add_argument("--pairs", "--models", nargs="+", default=DEFAULT, choices=list(PAIRS))
     ap.add_argument("--channels-last", action="store_true",
                     help="convert every model and input to channels-last (both sides)")
     args = parse_and_setup(ap)
