@@ -75,6 +75,11 @@ def test_without_autograd_it_is_exactly_f_linear():
     fast.__class__ = FastLinear
     with torch.no_grad():
         assert torch.equal(fast(x), lin(x))
+    fast.eval()  # eval mode with autograd on (a user's model(x) after training): plain too
+    xg = x.clone().requires_grad_(True)
+    y = fast(xg)
+    assert not _fast_ran(y) and torch.equal(y, lin(xg))
+    fast.train()
     with torch.inference_mode():
         assert torch.equal(fast(x), lin(x))
     # bf16 and double tensors take the plain operator too
@@ -86,12 +91,16 @@ def test_switch_is_in_place_and_leaves_subclasses():
     class MyLinear(nn.Linear):
         pass
 
-    model = nn.Sequential(nn.Linear(4, 4), MyLinear(4, 4), nn.Sequential(nn.Linear(4, 2)))
+    model = nn.Sequential(nn.Linear(4, 4), MyLinear(4, 4), nn.Sequential(nn.Linear(4, 2)), nn.Linear(128, 127))
     params = list(model.parameters())
     keys = list(model.state_dict())
-    assert optimize_for_cpu_training(model) is model
+    assert optimize_for_cpu_training(model, min_weight_numel=1) is model
     assert type(model[0]) is FastLinear and type(model[1]) is MyLinear and type(model[2][0]) is FastLinear
     assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
+    # by default, layers too small for oneDNN to win stay on MKL
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 127))
+    optimize_for_cpu_training(model)
+    assert type(model[0]) is FastLinear and type(model[1]) is nn.Linear
 
 
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_small", "cvt_13"])
@@ -104,7 +113,7 @@ def test_model_forward_and_gradients_match_plain(name):
         g = torch.Generator().manual_seed(1)
         for p in plain.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    fast = optimize_for_cpu_training(copy.deepcopy(plain))
+    fast = optimize_for_cpu_training(copy.deepcopy(plain), min_weight_numel=1)  # reduced builds: all of them
     n_fast = sum(isinstance(m, FastLinear) for m in fast.modules())
     assert n_fast == sum(type(m) is nn.Linear for m in plain.modules()) > 0
     x = torch.randn(3, *(card.test_input_size or card.input_size))
