@@ -5,10 +5,12 @@ dx = dy·W and the weight gradient dW = dyᵀ·x. On x86 CPUs `nn.Linear` runs a
 On CPUs where oneDNN's inner-product kernels outrun MKL (AMD Zen 4: ≈ 210 vs 169 GFLOP/s on 2 threads,
 benchmarks/results_peak_epyc.json), `FastLinear` sends the forward (bias fused) and the input gradient
 (through a contiguous Wᵀ, a few hundred KB copied per call) to oneDNN and keeps the weight gradient —
-a contraction over all the batch's tokens, where MKL measured faster on every transformer shape — on MKL.
+a contraction over all the batch's tokens, where MKL measured as fast or faster on the transformer shapes
+at one thread (split at two) — on MKL.
 The benchmarks/RESULTS.md lever table has the per-product figures.
 
-`optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model to `FastLinear` *in place*
+`optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model with at least 128×128 weights
+(smaller ones run faster on MKL) to `FastLinear` *in place*
 (the class only: the same Parameter objects, state dict, hooks and optimiser references), so it can be
 applied before or after the optimiser is built, and checkpoints are unchanged. `FastLinear` computes the
 same function and gradients as `nn.Linear` (fp32 rounding aside: the two libraries sum in different
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FastLinear", "optimize_for_cpu_training", "fast_training_available", "fast_linear"]
+__all__ = ["FastLinear", "optimize_for_cpu_training", "fast_training_available", "fast_linear", "MIN_WEIGHT_NUMEL"]
 
 
 def fast_training_available() -> bool:
