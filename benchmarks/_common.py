@@ -66,16 +66,28 @@ def make_inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return step
 
 
-def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, call=None) -> Callable[[], Any]:
-    """Forward in train mode, cross-entropy on fixed random labels, backward, SGD step."""
+TRAIN_NOTE = "train: optimize_for_cpu_training + fused AdamW"
+
+
+def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, call=None,
+                    fast: bool = False) -> Callable[[], Any]:
+    """Forward in train mode, cross-entropy on fixed random labels, backward, AdamW step.
+
+    `fast=True` is the trainer's fp32 CPU path for our models (`hybridzoo train` without `--no-fast-cpu`):
+    `optimize_for_cpu_training` on a copy of the model and `AdamW(fused=True)`. The peers get AdamW as
+    torch builds it by default. benchmarks/train_levers.py separates the two levers."""
+    if fast:
+        from hybridzoo.layers.train_fast import optimize_for_cpu_training
+        model = optimize_for_cpu_training(copy.deepcopy(model))
     model.train()
     target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05,
+                            **({"fused": True} if fast else {}))
     call = call or model
 
     def step():
-        loss = F.cross_entropy(logits_of(call(x)), target)
         opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(logits_of(call(x)), target)
         loss.backward()
         opt.step()
         return loss
@@ -119,7 +131,7 @@ def summarise(c: Contestant, batch_size: int, flops_per_mac: float) -> dict[str,
            "params": c.params, "macs_per_image": c.macs_per_image, "steps": len(c.wall),
            "median_wall_s": wall, "median_cpu_s": cpu, "min_wall_s": min(c.wall),
            "images_per_s": batch_size / wall, "images_per_cpu_s": batch_size / cpu,
-           "wall_steps": list(c.wall), "cpu_steps": list(c.cpu)}
+           "wall_s": list(c.wall), "cpu_s": list(c.cpu)}
     if c.macs_per_image:
         res["gflops_per_s"] = c.macs_per_image * flops_per_mac * batch_size / wall / 1e9
         res["gflops_per_cpu_s"] = c.macs_per_image * flops_per_mac * batch_size / cpu / 1e9
@@ -151,8 +163,24 @@ def quick_peak(threads: int) -> dict[str, Any]:
             "wall": wall["best_gflops"], "cpu": cpu["best_gflops"], "loadavg": wall["loadavg"]}
 
 
+def round_ratios(ref_wall: list[float], wall: list[float], rounds: int) -> list[float]:
+    """Per-round speed ratio ref / ours: each round's steps of the two contestants ran back to back."""
+    if not rounds or len(ref_wall) != len(wall) or len(wall) % rounds:
+        return []
+    spr = len(wall) // rounds
+    return [sum(ref_wall[r * spr:(r + 1) * spr]) / sum(wall[r * spr:(r + 1) * spr]) for r in range(rounds)]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
 def add_ratios(rows: list[dict[str, Any]], peak: dict[str, Any]) -> None:
     """ratio_vs_ref: images/s over the reference implementation's (timm or HF) in the same group and scenario;
+    ratio_rounds: the same ratio round by round (with its min, max and quartiles: the spread);
     share_of_peak: achieved GFLOP/s over the matmul peak (wall clock), share_of_peak_cpu: the same on CPU time."""
     for r in rows:
         refs = [o for o in rows if o["group"] == r["group"] and o["scenario"] == r["scenario"]
@@ -161,6 +189,12 @@ def add_ratios(rows: list[dict[str, Any]], peak: dict[str, Any]) -> None:
             r["ratio_vs_ref"] = r["images_per_s"] / refs[0]["images_per_s"]
             r["ref"] = refs[0]["name"]
             r["ratio_vs_ref_cpu"] = r["images_per_cpu_s"] / refs[0]["images_per_cpu_s"]
+            per_round = round_ratios(refs[0].get("wall_s", []), r.get("wall_s", []), r.get("rounds", 0))
+            if per_round:
+                r["ratio_rounds"] = per_round
+                r["ratio_round_median"] = statistics.median(per_round)
+                r["ratio_min"], r["ratio_max"] = min(per_round), max(per_round)
+                r["ratio_q1"], r["ratio_q3"] = quartiles(per_round)
         if peak.get("peak_gflops") and r.get("gflops_per_s"):
             r["share_of_peak"] = r["gflops_per_s"] / peak["peak_gflops"]
             r["share_of_peak_cpu"] = r["gflops_per_cpu_s"] / peak["peak_gflops_cpu"]
@@ -168,17 +202,21 @@ def add_ratios(rows: list[dict[str, Any]], peak: dict[str, Any]) -> None:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("| scenario | model | impl | batch | img/s (wall) | img/s per CPU-s | ms/step | GMAC/img | GFLOP/s | "
-          "share of peak (wall / CPU) | ours / ref (wall / CPU) |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "share of peak (wall / CPU) | ours / ref (wall / CPU) | per-round ratio: median [IQR] min–max (rounds) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         macs = f"{r['macs_per_image'] / 1e9:.2f}" if r.get("macs_per_image") else "–"
         gf = f"{r['gflops_per_s']:.0f}" if r.get("gflops_per_s") else "–"
         share = (f"{100 * r['share_of_peak']:.0f}% / {100 * r['share_of_peak_cpu']:.0f}%"
                  if r.get("share_of_peak") else "–")
-        ratio = (f"{r['ratio_vs_ref']:.2f} / {r['ratio_vs_ref_cpu']:.2f}"
-                 if "ratio_vs_ref" in r and r["impl"].startswith("ours") else "")
+        ours = r["impl"].startswith("ours")
+        ratio = (f"{r['ratio_vs_ref']:.2f} / {r['ratio_vs_ref_cpu']:.2f}" if "ratio_vs_ref" in r and ours else "")
+        spread = (f"{r['ratio_round_median']:.2f} [{r['ratio_q1']:.2f}–{r['ratio_q3']:.2f}] "
+                  f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f} ({len(r['ratio_rounds'])})"
+                  if "ratio_rounds" in r and ours else "")
         print(f"| {r['scenario']} | {r['name']} | {r['impl']} | {r['batch_size']} | {r['images_per_s']:.2f} | "
-              f"{r['images_per_cpu_s']:.2f} | {1000 * r['median_wall_s']:.0f} | {macs} | {gf} | {share} | {ratio} |")
+              f"{r['images_per_cpu_s']:.2f} | {1000 * r['median_wall_s']:.0f} | {macs} | {gf} | {share} | {ratio} | "
+              f"{spread} |")
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
@@ -206,12 +244,11 @@ def run_scenarios(scenarios: list[tuple[str, int, float, Callable[[], list[Conte
         print(f"[{name}] batch {bs}: " + ", ".join(c.name for c in contestants), flush=True)
         run_interleaved(contestants, rounds, spr, log=lambda s: print(s, flush=True))
         for c in contestants:
-            rows.append({"scenario": name, **summarise(c, bs, fpm)})
+            rows.append({"scenario": name, "rounds": rounds, **summarise(c, bs, fpm)})
     env["loadavg_end"] = load_average()
     add_ratios(rows, peak_res)
     print()
     print_table(rows)
-    print_ratio_spread(rows)
     print(f"\nload average at start {env['loadavg_start']}, at end {env['loadavg_end']}")
     payload = {"environment": env, "peak": peak_res, "results": rows}
     write_json(out, payload)
@@ -224,7 +261,9 @@ def base_parser(description: str, rounds: int) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
     ap.add_argument("--batch", type=int, default=32, help="inference batch")
     ap.add_argument("--train-batch", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=rounds, help="timed rounds")
+    ap.add_argument("--rounds", type=int, default=rounds, help="timed rounds (inference, latency)")
+    ap.add_argument("--train-rounds", type=int, default=7,
+                    help="timed rounds of the training scenario (each: one step per contestant, interleaved)")
     ap.add_argument("--scenarios", nargs="+", default=["infer", "train", "latency"],
                     choices=["infer", "train", "latency"])
     ap.add_argument("--no-peak", action="store_true")
@@ -239,27 +278,3 @@ def parse_and_setup(ap: argparse.ArgumentParser) -> argparse.Namespace:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
     return args
-
-
-def print_ratio_spread(rows: list[dict[str, Any]]) -> None:
-    """Per-round ratios ours / reference (step i of each contestant ran in the same round): median and range.
-
-    A median with a narrow range is a ratio the load did not make up; a wide one says to re-run."""
-    lines = []
-    for r in rows:
-        refs = [o for o in rows if o["group"] == r["group"] and o["scenario"] == r["scenario"]
-                and not o["impl"].startswith("ours")]
-        if not refs or not r["impl"].startswith("ours") or not r.get("wall_steps"):
-            continue
-        ref = refs[0]
-        n = min(len(ref["wall_steps"]), len(r["wall_steps"]))
-        wall = sorted(ref["wall_steps"][i] / r["wall_steps"][i] for i in range(n))
-        cpu = sorted(ref["cpu_steps"][i] / r["cpu_steps"][i] for i in range(n))
-        r["ratio_spread_wall"] = [wall[0], statistics.median(wall), wall[-1]]
-        r["ratio_spread_cpu"] = [cpu[0], statistics.median(cpu), cpu[-1]]
-        lines.append(f"| {r['scenario']} | {r['name']} | {ref['name']} | {n} | {statistics.median(wall):.2f} "
-                     f"({wall[0]:.2f}–{wall[-1]:.2f}) | {statistics.median(cpu):.2f} ({cpu[0]:.2f}–{cpu[-1]:.2f}) |")
-    if lines:
-        print("\n| scenario | ours | reference | steps | ours / ref, step by step in the same round, wall: median (min–max) | CPU |")
-        print("| --- | --- | --- | ---: | ---: | ---: |")
-        print("\n".join(lines))

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from _common import (Contestant, base_parser, count_macs_safe, make_inference_step, make_train_step,  # noqa: I001
-                     parse_and_setup,
+from _common import (TRAIN_NOTE, Contestant, base_parser, count_macs_safe, make_inference_step,  # noqa: I001
+                     make_train_step, parse_and_setup,
                      run_scenarios)
 
 import hybridzoo
@@ -161,7 +161,7 @@ def build_pairs(keys: list[str], mobile_former_official: str | None = None):
 
 def main() -> None:
     ap = base_parser(__doc__.split("\n")[0], rounds=3)
-    ap.add_argument("--pairs", nargs="+", default=DEFAULT, choices=list(PAIRS))
+    ap.add_argument("--pairs", "--models", nargs="+", default=DEFAULT, choices=list(PAIRS))
     ap.add_argument("--channels-last", action="store_true",
                     help="convert every model and input to channels-last (both sides)")
     ap.add_argument("--mobile-former-official", default=os.environ.get("MOBILE_FORMER_OFFICIAL"), metavar="DIR",
@@ -202,7 +202,9 @@ def main() -> None:
         return cs
 
     def train_contestants():
-        return [Contestant(name, group, impl, make_train_step(model, x_train), macs[name], params[name], note)
+        # ours through the trainer's fp32 CPU path (optimize_for_cpu_training + fused AdamW), timm as built
+        return [Contestant(name, group, impl, make_train_step(model, x_train, fast=impl == "ours"), macs[name],
+                           params[name], note + ("; " if note else "") + TRAIN_NOTE if impl == "ours" else note)
                 for group, scen, entries in pairs if scen is None or "training" in scen
                 for name, impl, model, note in entries]
 
@@ -210,7 +212,7 @@ def main() -> None:
     if "infer" in args.scenarios:
         scenarios.append(("inference", args.batch, 2.0, lambda: infer_contestants(x_inf), args.rounds, 1))
     if "train" in args.scenarios:
-        scenarios.append(("training", args.train_batch, 6.0, train_contestants, max(2, args.rounds - 1), 1))
+        scenarios.append(("training", args.train_batch, 6.0, train_contestants, args.train_rounds, 1))
     if "latency" in args.scenarios:
         scenarios.append(("latency-bs1", 1, 2.0, lambda: infer_contestants(x_one), args.rounds, 3))
     compile_times: dict[str, float] = {}

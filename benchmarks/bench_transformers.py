@@ -15,8 +15,9 @@ Contestants per architecture:
 Stochastic depth and dropout are off on both sides (HF's CvtConfig default has drop_path 0.1 in the last
 stage, ours too; both are set to 0 so the training step does the same work).
 
-Scenarios: inference (batch 32), training step = forward + cross-entropy + backward + SGD (batch 16),
-batch-1 latency. Runs are interleaved and medians taken (see `_common.py`); GFLOP/s is
+Scenarios: inference (batch 32), training step = forward + cross-entropy + backward + AdamW (batch 16,
+`--train-rounds` 7; ours through the trainer's fp32 CPU path: `optimize_for_cpu_training` and fused
+AdamW), batch-1 latency. Runs are interleaved and medians taken (see `_common.py`); GFLOP/s is
 2·MACs·images/s (MACs by `hybridzoo.profile.count_macs` on a meta copy, training counted as 3× the
 forward), and the share is of the best fp32 matmul rate (MKL, oneDNN or 1×1 conv) measured at the start
 of the same run. Each figure is given on the wall clock and per second of process CPU time.
@@ -31,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from _common import (Contestant, base_parser, count_macs_safe, make_inference_step, make_train_step,  # noqa: I001
-                     parse_and_setup,
+from _common import (TRAIN_NOTE, Contestant, base_parser, count_macs_safe, make_inference_step,  # noqa: I001
+                     make_train_step, parse_and_setup,
                      run_scenarios)
 
 import hybridzoo  # noqa: F401  (registers the models)
@@ -113,9 +114,11 @@ def main() -> None:
         scenarios.append(("inference", args.batch, 2.0, lambda: infer_contestants(x_inf), args.rounds, 1))
     if "train" in args.scenarios:
         def train_contestants():
-            return [Contestant(name, group, impl, make_train_step(model, x_train), macs[name], params[name], note)
+            # ours through the trainer's fp32 CPU path (optimize_for_cpu_training + fused AdamW), HF as built
+            return [Contestant(name, group, impl, make_train_step(model, x_train, fast=impl == "ours"), macs[name],
+                               params[name], note + ("; " if note else "") + TRAIN_NOTE if impl == "ours" else note)
                     for group, entries in pairs for name, impl, model, note in entries]
-        scenarios.append(("training", args.train_batch, 6.0, train_contestants, max(3, args.rounds - 1), 1))
+        scenarios.append(("training", args.train_batch, 6.0, train_contestants, args.train_rounds, 1))
     if "latency" in args.scenarios:
         scenarios.append(("latency-bs1", 1, 2.0, lambda: infer_contestants(x_one), args.rounds, 5))
     run_scenarios(scenarios, args.threads, env_extra={"script": "bench_transformers.py", "args": vars(args)},

@@ -116,6 +116,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=non_negative_int, default=None, help="data-loading processes")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no-fast-cpu", dest="fast_cpu", action="store_false",
+                   help="fp32 CPU training with plain nn.Linear and AdamW instead of the default fast path "
+                        "(oneDNN/MKL-routed linear layers, fused AdamW; same function and gradients)")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (also evaluated)")
     g.add_argument("--ema-decay", type=float, default=0.9998)
     g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")

@@ -39,6 +39,7 @@ from hybridzoo.engine.checkpoint import (CheckpointError, atomic_save, get_rng_s
                                          save_weights)
 from hybridzoo.engine.logger import format_row, plot_curves, write_metrics_csv, write_summary
 from hybridzoo.engine.optim import CosineWarmupSchedule, ModelEma, build_optimizer
+from hybridzoo.layers.train_fast import optimize_for_cpu_training
 from hybridzoo.engine.state import TrainState
 from hybridzoo.engine.rundir import check_same_classes, keep_finished_weights, prepare_run_dir
 
@@ -54,7 +55,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 0, "device": "auto", "workers": None, "amp": "none", "compile": False, "ema": False,
     "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": False,
     "limit_train_batches": None, "limit_val_batches": None, "stop_after_epochs": None, "progress": True,
-    "early_stop": None, "accum_steps": 1, "overwrite": False, "layer_decay": None,
+    "early_stop": None, "accum_steps": 1, "overwrite": False, "layer_decay": None, "fast_cpu": True,
 }
 
 
@@ -292,6 +293,11 @@ def _set_up(args: argparse.Namespace, task, info: distributed.DistInfo) -> _Run:
     model = task.build_model(args, data.info).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    fast_cpu = getattr(args, "fast_cpu", True) and device.type == "cpu" and amp_dtype is None
+    if fast_cpu:
+        # fp32 CPU training: linear layers take the faster of oneDNN / MKL per product (same function and
+        # gradients, same parameters and state dict; benchmarks/RESULTS.md)
+        optimize_for_cpu_training(model)
     from hybridzoo.profile import count_params
     n_params = count_params(model)
     seed_everything(args.seed + info.rank)  # different augmentation streams per process
@@ -305,7 +311,8 @@ def _set_up(args: argparse.Namespace, task, info: distributed.DistInfo) -> _Run:
                          f"{f' × {args.accum_steps} accumulated' if args.accum_steps > 1 else ''} on "
                          f"{info.world_size} process(es)")
     optimizer = task.build_optimizer(model, args) or build_optimizer(model, args.lr, args.weight_decay,
-                                                                     layer_decay=getattr(args, "layer_decay", None))
+                                                                     layer_decay=getattr(args, "layer_decay", None),
+                                                                     fused=True if fast_cpu else None)
     total_steps = args.epochs * steps_per_epoch
     decay_fn = None
     if task.lr_factor(0, total_steps, steps_per_epoch, args) is not None:

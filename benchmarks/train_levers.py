@@ -1,0 +1,96 @@
+"""Each training-speed lever against the plain eager step, interleaved in one process.
+
+    python benchmarks/train_levers.py --models deit_small_patch16_224 convit_small cvt_13 --rounds 7
+    python benchmarks/train_levers.py --models deit_small_patch16_224 --levers compile --rounds 7
+
+A training step is forward + cross-entropy + backward + AdamW step (fp32, batch `--batch`). Variants:
+  plain         nn.Linear, AdamW as torch builds it by default (the baseline)
+  fast-linear   `optimize_for_cpu_training` (oneDNN forward and input gradient, MKL weight gradient)
+  fused-adamw   plain model, `AdamW(fused=True)`
+  fast          both (what `hybridzoo train` does on the CPU)
+  compile       `torch.compile(model)` of the plain model (inductor C++), AdamW default; its compile time
+                is printed (not in the default set: compiling a full-size model takes minutes)
+Every variant starts from the same weights. Rounds go plain, fast-linear, ...; each round's ratio
+plain / variant is taken and the median and min–max over rounds are printed, so load that comes and goes
+hits every variant alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from _common import logits_of  # noqa: I001  (puts this checkout's src/ on sys.path)
+
+import hybridzoo  # noqa: F401
+from hybridzoo.factory import create_model
+from hybridzoo.layers.train_fast import optimize_for_cpu_training
+
+LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "compile"]
+
+
+def make(model, x, target, linear: bool, fused: bool, compiled: bool):
+    model = copy.deepcopy(model).train()
+    if linear:
+        optimize_for_cpu_training(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
+    call = torch.compile(model) if compiled else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(logits_of(call(x)), target)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "convit_small", "cvt_13"])
+    ap.add_argument("--levers", nargs="+", default=["fast-linear", "fused-adamw", "fast"], choices=LEVERS[1:])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, 224, 224)
+    target = torch.randint(0, 1000, (args.batch,))
+    print(f"# {args.threads} threads, batch {args.batch}, {args.rounds} rounds, torch {torch.__version__}, "
+          f"load average {os.getloadavg()}")
+    for name in args.models:
+        base = create_model(name, drop_path_rate=0.0)
+        variants = {"plain": make(base, x, target, False, False, False)}
+        for lever in args.levers:
+            variants[lever] = make(base, x, target, lever in ("fast-linear", "fast"), lever in ("fused-adamw", "fast"),
+                                   lever == "compile")
+        for v, step in variants.items():  # warm-up (and compilation)
+            t0 = time.perf_counter()
+            step()
+            if v == "compile":
+                print(f"  {name}: compile + first step {time.perf_counter() - t0:.1f} s", flush=True)
+            step()
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for v, step in variants.items():
+                t0 = time.perf_counter()
+                step()
+                times[v].append(time.perf_counter() - t0)
+        print(f"\n## {name} (load average now {os.getloadavg()[0]:.1f})")
+        print("| variant | median s/step | speed-up vs plain: median of per-round ratios | min–max |")
+        print("| --- | ---: | ---: | --- |")
+        for v, ts in times.items():
+            r = [p / t for p, t in zip(times["plain"], ts)]
+            print(f"| {v} | {statistics.median(ts):.3f} | {statistics.median(r):.3f} | {min(r):.3f}–{max(r):.3f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The fp32 CPU training path (`optimize_for_cpu_training`): the same function and gradients as plain PyTorch.
+
+Values only (speed is benchmarks/train_levers.py's job). Each comparison also checks that the oneDNN
+route really ran (the output's grad_fn), so a silent fallback to `F.linear` cannot pass for the fast path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hybridzoo
+from hybridzoo.layers.mlp import QuickGELU
+from hybridzoo.layers.train_fast import FastLinear, fast_linear, fast_training_available, optimize_for_cpu_training
+from hybridzoo.registry import get_card
+
+pytestmark = pytest.mark.skipif(not fast_training_available(), reason="no oneDNN in this build")
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _fast_ran(y: torch.Tensor) -> bool:
+    return y.grad_fn is not None and "_FastLinearFn" in type(y.grad_fn).__name__
+
+
+def _grads(params):
+    return [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12), (2, 3, 4, 12)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_linear_matches_linear(shape, bias):
+    torch.manual_seed(0)
+    ref = nn.Linear(12, 9, bias=bias)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastLinear
+    x = torch.randn(*shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(*shape[:-1], 9)
+    y_ref, y = ref(x), fast(x2)
+    assert _fast_ran(y) and not _fast_ran(y_ref)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    y_ref.backward(g)
+    y.backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, **TOL)
+    for a, b in zip(fast.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
+def test_non_contiguous_input_and_frozen_parts():
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, requires_grad=True)
+    b = torch.randn(6)  # no gradient wanted for the bias
+    base = torch.randn(5, 4, 8)
+    x = base.transpose(0, 1)  # not contiguous, no gradient (a first layer's input)
+    y = fast_linear(x, w, b)
+    assert _fast_ran(y)
+    g = torch.randn(4, 5, 6)
+    (dw,) = torch.autograd.grad(y, [w], g)
+    w2 = w.detach().clone().requires_grad_(True)
+    (dw_ref,) = torch.autograd.grad(F.linear(x, w2, b), [w2], g)
+    torch.testing.assert_close(dw, dw_ref, **TOL)
+    torch.testing.assert_close(y, F.linear(x, w, b), **TOL)
+
+
+def test_without_autograd_it_is_exactly_f_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    fast = copy.deepcopy(lin)
+    fast.__class__ = FastLinear
+    with torch.no_grad():
+        assert torch.equal(fast(x), lin(x))
+    fast.eval()  # eval mode with autograd on (a user's model(x) after training): plain too
+    xg = x.clone().requires_grad_(True)
+    y = fast(xg)
+    assert not _fast_ran(y) and torch.equal(y, lin(xg))
+    fast.train()
+    with torch.inference_mode():
+        assert torch.equal(fast(x), lin(x))
+    # bf16 and double tensors take the plain operator too
+    xd = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    assert not _fast_ran(fast_linear(xd, lin.weight.double(), lin.bias.double()))
+
+
+def test_switch_is_in_place_and_leaves_subclasses():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), MyLinear(4, 4), nn.Sequential(nn.Linear(4, 2)), nn.Linear(128, 127))
+    params = list(model.parameters())
+    keys = list(model.state_dict())
+    assert optimize_for_cpu_training(model, min_weight_numel=1) is model
+    assert type(model[0]) is FastLinear and type(model[1]) is MyLinear and type(model[2][0]) is FastLinear
+    assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
+    # by default, layers too small for oneDNN to win stay on MKL
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 127))
+    optimize_for_cpu_training(model)
+    assert type(model[0]) is FastLinear and type(model[1]) is nn.Linear
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_small", "cvt_13"])
+def test_model_forward_and_gradients_match_plain(name):
+    """A reduced build of each transformer: loss and every parameter's gradient as the plain model's."""
+    card = get_card(name)
+    torch.manual_seed(0)
+    plain = hybridzoo.create_model(name, **card.test_kwargs).train()
+    with torch.no_grad():  # perturb, so zero-initialised heads / biases cannot hide a wrong gradient
+        g = torch.Generator().manual_seed(1)
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    fast = optimize_for_cpu_training(copy.deepcopy(plain), min_weight_numel=1)  # reduced builds: all of them
+    n_fast = sum(isinstance(m, FastLinear) for m in fast.modules())
+    assert n_fast == sum(type(m) is nn.Linear for m in plain.modules()) > 0
+    x = torch.randn(3, *(card.test_input_size or card.input_size))
+    target = torch.tensor([0, 1, 2])
+    torch.manual_seed(2)  # the same stochastic-depth draws on both sides (CvT-13 has drop path 0.1)
+    out_p = plain(x)
+    torch.manual_seed(2)
+    out_f = fast(x)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-4 * float(out_p.detach().abs().max()))
+    F.cross_entropy(out_p, target).backward()
+    F.cross_entropy(out_f, target).backward()
+    # a gradient that is zero in exact arithmetic (ConViT's pos_proj bias shifts a softmax's inputs) is
+    # rounding noise on both sides: tolerances are relative to the tensor's and to the largest gradient
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert b.grad is not None, n
+        atol = 1e-4 * float(b.grad.abs().max()) + 1e-6 * scale
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=atol, msg=n)
+
+
+def test_fused_adamw_steps_like_the_default():
+    """The optimiser half of the fast path: AdamW(fused=True) on the CPU makes the default's update."""
+    torch.manual_seed(0)
+    a = nn.Linear(32, 16)
+    b = copy.deepcopy(a)
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.05)
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
+    for step in range(3):
+        x = torch.randn(8, 32)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_quick_gelu_two_pass_backward():
+    """QuickGELU under autograd: the plain output bitwise, and the gradient of x·σ(1.702x)."""
+    torch.manual_seed(0)
+    x = (4 * torch.randn(3, 257, dtype=torch.float64)).requires_grad_(True)
+    g = torch.randn(3, 257, dtype=torch.float64)
+    y = QuickGELU()(x)
+    assert "QuickGELU" in type(y.grad_fn).__name__  # the custom backward, not autograd's five passes
+    with torch.no_grad():
+        assert torch.equal(y, QuickGELU()(x))
+    y.backward(g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (x_ref * torch.sigmoid(1.702 * x_ref)).backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(QuickGELU(), (x[0, :16].detach().clone().requires_grad_(True),))
+    xf = x.detach().float().requires_grad_(True)
+    QuickGELU()(xf).backward(g.float())
+    torch.testing.assert_close(xf.grad, x_ref.grad.float(), rtol=1e-5, atol=1e-6)
