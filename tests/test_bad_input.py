@@ -58,7 +58,9 @@ def test_1_output_holding_a_run_is_refused(run_copy, capsys):
     assert f"--resume {run_copy / 'last.ckpt'}" in err and "--overwrite" in err
     assert (run_copy / "model.safetensors").read_bytes() == before  # untouched
 
-    assert _train("--epochs", 1, "--output", run_copy, "--overwrite") == 0
+    # another seed, so the replacement is visible in the bytes (training is deterministic: the same
+    # command would write the same weights)
+    assert _train("--epochs", 1, "--output", run_copy, "--overwrite", "--seed", 1) == 0
     assert (run_copy / "model.safetensors").read_bytes() != before  # replaced, as asked
 
 
