@@ -70,20 +70,26 @@ TRAIN_NOTE = "train: optimize_for_cpu_training + fused AdamW"
 
 
 def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, call=None,
-                    fast: bool = False) -> Callable[[], Any]:
+                    fast: bool = False, *, linear: bool | None = None, fused: bool | None = None,
+                    compiled: bool = False) -> Callable[[], Any]:
     """Forward in train mode, cross-entropy on fixed random labels, backward, AdamW step.
 
     `fast=True` is the trainer's fp32 CPU path for our models (`hybridzoo train` without `--no-fast-cpu`):
     `optimize_for_cpu_training` on a copy of the model and `AdamW(fused=True)`. The peers get AdamW as
-    torch builds it by default. benchmarks/train_levers.py separates the two levers."""
-    if fast:
+    torch builds it by default. `linear` / `fused` take one of the two levers alone (benchmarks/train_levers.py);
+    `compiled` wraps the call in `torch.compile`."""
+    linear = fast if linear is None else linear
+    fused = fast if fused is None else fused
+    if linear:
         from hybridzoo.layers.train_fast import optimize_for_cpu_training
         model = optimize_for_cpu_training(copy.deepcopy(model))
     model.train()
     target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05,
-                            **({"fused": True} if fast else {}))
+                            **({"fused": True} if fused else {}))
     call = call or model
+    if compiled:
+        call = torch.compile(call)
 
     def step():
         opt.zero_grad(set_to_none=True)

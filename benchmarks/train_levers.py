@@ -24,31 +24,13 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from _common import logits_of  # noqa: I001  (puts this checkout's src/ on sys.path)
+from _common import make_train_step  # noqa: I001  (puts this checkout's src/ on sys.path)
 
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
-from hybridzoo.layers.train_fast import optimize_for_cpu_training
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "compile"]
-
-
-def make(model, x, target, linear: bool, fused: bool, compiled: bool):
-    model = copy.deepcopy(model).train()
-    if linear:
-        optimize_for_cpu_training(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
-    call = torch.compile(model) if compiled else model
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(logits_of(call(x)), target)
-        loss.backward()
-        opt.step()
-        return loss
-    return step
 
 
 def main() -> None:
@@ -62,15 +44,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
-    target = torch.randint(0, 1000, (args.batch,))
     print(f"# {args.threads} threads, batch {args.batch}, {args.rounds} rounds, torch {torch.__version__}, "
           f"load average {os.getloadavg()}")
     for name in args.models:
         base = create_model(name, drop_path_rate=0.0)
-        variants = {"plain": make(base, x, target, False, False, False)}
-        for lever in args.levers:
-            variants[lever] = make(base, x, target, lever in ("fast-linear", "fast"), lever in ("fused-adamw", "fast"),
-                                   lever == "compile")
+        variants = {"plain": make_train_step(copy.deepcopy(base), x)}
+        for lever in args.levers:  # every variant trains its own copy of the same weights
+            variants[lever] = make_train_step(copy.deepcopy(base), x, linear=lever in ("fast-linear", "fast"),
+                                              fused=lever in ("fused-adamw", "fast"), compiled=lever == "compile")
         for v, step in variants.items():  # warm-up (and compilation)
             t0 = time.perf_counter()
             step()

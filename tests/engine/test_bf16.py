@@ -19,27 +19,17 @@ from hybridzoo.engine.checkpoint import load_checkpoint
 from hybridzoo.engine.trainer import train
 from hybridzoo.layers.onednn import OneDNNLinear, onednn_available, optimize_for_cpu_inference
 from hybridzoo.registry import get_card
+from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
 
 BF16 = torch.bfloat16
 MODELS = ["deit_small_patch16_224", "cvt_13", "convit_tiny", "coatnet_0", "mobile_former_26m", "botnet_t3"]
-
-
-@torch.no_grad()
-def _perturb(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(0.05 * torch.randn(p.shape, generator=g))
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-            m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     card = get_card(name)
     torch.manual_seed(0)
     model = hybridzoo.create_model(name, **card.test_kwargs)
-    _perturb(model)
+    perturb(model)
     return model, torch.randn(4, *(card.test_input_size or card.input_size), generator=torch.Generator().manual_seed(1))
 
 

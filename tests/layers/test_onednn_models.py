@@ -16,6 +16,7 @@ from hybridzoo.layers.conv import ConvBnAct
 from hybridzoo.models.convit import GPSA
 from hybridzoo.layers.onednn import OneDNNConv2d, OneDNNLinear, onednn_available, optimize_for_cpu_inference
 from hybridzoo.registry import get_card
+from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 
@@ -23,17 +24,6 @@ pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in thi
 MODELS = ["deit_small_patch16_224", "cvt_13", "vvt_tiny", "botnet_t3", "vit_small_patch16_224",
           "deit_small_distilled_patch16_224", "vitc_1gf", "convit_tiny", "coatnet_0", "ceit_tiny",
           "mobile_former_26m"]
-
-
-@torch.no_grad()
-def _perturb(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(0.05 * torch.randn(p.shape, generator=g))
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-            m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def _compare(model: nn.Module, x: torch.Tensor, *more: torch.Tensor) -> nn.Module:
@@ -58,7 +48,7 @@ def test_reduced_model_matches_eager(name):
     card = get_card(name)
     torch.manual_seed(0)
     model = hybridzoo.create_model(name, **card.test_kwargs)
-    _perturb(model)
+    perturb(model)
     x = torch.randn(2, *(card.test_input_size or card.input_size))
     fast = _compare(model, x)
     assert any(isinstance(m, OneDNNLinear) for m in fast.modules())
@@ -92,7 +82,7 @@ def test_frozen_blocks_match_eager_at_other_sizes(name, kwargs, sizes):
     card = get_card(name)
     torch.manual_seed(0)
     model = hybridzoo.create_model(name, **{**card.test_kwargs, **kwargs})
-    _perturb(model)
+    perturb(model)
     side = (card.test_input_size or card.input_size)[-1]
     _compare(model, torch.randn(2, 3, side, side), *[torch.randn(1, 3, s, s) for s in sizes])
 
@@ -102,7 +92,7 @@ def test_gpsa_with_a_saturated_gate_keeps_the_original_computation():
     card = get_card("convit_tiny")
     torch.manual_seed(0)
     model = hybridzoo.create_model("convit_tiny", **card.test_kwargs)
-    _perturb(model)
+    perturb(model)
     with torch.no_grad():
         model.blocks[0].attn.gating_param[1] = 30.0
     fast = _compare(model, torch.randn(2, *card.test_input_size))
@@ -114,7 +104,7 @@ def test_gpsa_with_a_saturated_gate_keeps_the_original_computation():
 def test_conv_bn_act_is_one_fused_convolution(act, kernel, stride, groups):
     torch.manual_seed(0)
     block = ConvBnAct(12, 24 if groups != 12 else 12, kernel, stride, groups=groups, act_layer=act)
-    _perturb(block)
+    perturb(block)
     fast = optimize_for_cpu_inference(nn.Sequential(block))
     conv = fast[0][0]
     assert isinstance(conv, OneDNNConv2d) and conv.folded_bn and isinstance(fast[0][1], nn.Identity)
@@ -130,7 +120,7 @@ def test_conv_with_a_fused_residual_add(act, kernel):
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, kernel, padding=kernel // 2)
     bn = nn.BatchNorm2d(16)
-    _perturb(nn.Sequential(conv, bn))
+    perturb(nn.Sequential(conv, bn))
     fused = OneDNNConv2d(conv, bn.eval(), act)
     x, other = torch.randn(2, 8, 7, 7), torch.randn(2, 16, 7, 7)
     ref = bn(conv(x)) + other
@@ -143,7 +133,7 @@ def test_conv_with_a_fused_residual_add(act, kernel):
 def test_full_size_model_matches_eager(name):
     torch.manual_seed(0)
     model = hybridzoo.create_model(name)
-    _perturb(model)
+    perturb(model)
     _compare(model, torch.randn(1, 3, 64, 64))
 
 

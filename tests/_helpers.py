@@ -1,0 +1,17 @@
+"""Helpers shared by several test files (tests/conftest.py puts this folder on sys.path)."""
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int = 0) -> None:
+    """Move every weight and BatchNorm statistic off its initial value, so that folding or fusing a term
+    that is zero / one at initialisation (a bias, a BatchNorm mean or scale) cannot go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
