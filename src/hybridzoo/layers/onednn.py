@@ -18,7 +18,11 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   (CoAtNet's MBConv, BoTNet's bottlenecks, ConViT's GPSA, ...; they may also precompute what does not
   depend on the input, such as relative-position bias tables or positional attention maps);
 - with `channels_last=True` (default) convolution weights are stored channels-last, so oneDNN
-  convolutions run in NHWC without reordering their input and output at every call.
+  convolutions run in NHWC without reordering their input and output at every call;
+- with `split_batch=True` (default, fp32) `model(x)` on a batch cuts it into one part per intra-op thread and
+  runs each part on a thread of its own with one intra-op thread (`split_batch_forward`): the same function,
+  without the OpenMP fork/join (and the wait for the slower thread) at every LayerNorm, add, softmax and
+  product of the forward, which on the 2-vCPU EPYC cost more than the products gain from sharing threads.
 
 With `dtype=torch.bfloat16` the linear weights are packed in bf16, convolution weights are stored in
 bf16, and a call of the copy (`model(x)`) runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate
