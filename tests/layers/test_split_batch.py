@@ -48,17 +48,26 @@ class Recorder(nn.Module):
         return y, y.mean(-1)
 
 
-@pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_tiny", "convit_small"])
+# the transformers this was measured on, then every other model of the oneDNN model tests
+MODELS = ["deit_small_patch16_224", "convit_tiny", "convit_small", "cvt_13", "vvt_tiny", "botnet_t3",
+          "botnet_bot50", "vitc_1gf", "coatnet_0", "ceit_tiny", "mobile_former_26m"]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_split_batch_gives_the_whole_batch_outputs(name, two_threads):
+    if name not in hybridzoo.list_models():
+        pytest.skip(f"{name} is not registered in this checkout")
     card = get_card(name)
     torch.manual_seed(0)
     model = hybridzoo.create_model(name, **card.test_kwargs).eval()
     perturb(model)
     whole = optimize_for_cpu_inference(model, split_batch=False)
     split = optimize_for_cpu_inference(model)
-    x = torch.randn(3, *card.test_input_size)
+    x = torch.randn(3, *(card.test_input_size or card.input_size))
     with torch.inference_mode():
         ref, out, eager = whole(x), split(x), model(x)
+    ref, out, eager = (t if isinstance(t, torch.Tensor) else t[0] for t in (ref, out, eager))
+    assert split._split_ok, "the split path fell back to the whole batch"
     assert torch.get_num_threads() == 2
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
