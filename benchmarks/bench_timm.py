@@ -4,6 +4,8 @@ Run it with an interpreter that has timm (this checkout's `src/` is put on the p
 
     /work/timmvenv/bin/python benchmarks/bench_timm.py --out benchmarks/results_timm.json
     /work/timmvenv/bin/python benchmarks/bench_timm.py --pairs deit convit_tiny --threads 1 --rounds 3
+    /work/timmvenv/bin/python benchmarks/bench_timm.py --pairs deit convit_tiny convit_small --scenarios infer latency \
+        --rounds 7 --whole-batch     # + the fast path without batch splitting, for the A/B
 
 With the default five pairs that is about 20 timed model-steps per pair; on a machine shared with other
 jobs it takes several times longer (the run recorded in RESULTS.md took 22 minutes at load average 4–6).
@@ -167,6 +169,9 @@ def main() -> None:
     ap.add_argument("--mobile-former-official", default=os.environ.get("MOBILE_FORMER_OFFICIAL"), metavar="DIR",
                     help="a checkout of github.com/AAboys/MobileFormer (outside this repository) for the "
                          "mobile_former pair; without it the pair is skipped")
+    ap.add_argument("--whole-batch", action="store_true",
+                    help="also run ours through optimize_for_cpu_inference(split_batch=False) (the batch as one "
+                         "stream on all threads) beside the default split path (inference at batch > 1)")
     ap.add_argument("--inductor", action="store_true",
                     help="also run ours through torch.compile with inductor freezing (inference; compile time "
                          "printed and recorded)")
@@ -194,6 +199,11 @@ def main() -> None:
                     fast = optimize_for_cpu_inference(model)
                     cs.append(Contestant(name + " +oneDNN", group, "ours+onednn", make_inference_step(fast, x),
                                          macs[name], params[name], "optimize_for_cpu_inference"))
+                    if args.whole_batch and x.shape[0] > 1:
+                        whole = optimize_for_cpu_inference(model, split_batch=False)
+                        cs.append(Contestant(name + " +oneDNN whole batch", group, "ours+onednn-whole",
+                                             make_inference_step(whole, x), macs[name], params[name],
+                                             "optimize_for_cpu_inference(split_batch=False)"))
                 if impl == "ours" and args.inductor:
                     step, seconds = compiled_inference_step(model, x)
                     compile_times[f"{name} batch {x.shape[0]}"] = seconds

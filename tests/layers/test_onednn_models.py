@@ -99,6 +99,50 @@ def test_gpsa_with_a_saturated_gate_keeps_the_original_computation():
     assert type(fast.blocks[0].attn) is GPSA and type(fast.blocks[1].attn) is not GPSA
 
 
+@pytest.mark.parametrize("name", ["convit_tiny", "convit_small"])
+def test_convit_one_image_path_and_cached_positional_attention(name):
+    # batch 1 takes the frozen GPSA's merged product ((softmax + P')·v'), batch 2 the SDPA route; the same grid
+    # again reuses the cached map, another grid rebuilds it, and back again
+    card = get_card(name)
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **card.test_kwargs)
+    perturb(model)
+    side = card.test_input_size[-1]
+    _compare(model, torch.randn(1, 3, side, side), torch.randn(2, 3, side, side), torch.randn(1, 3, side + 32, side),
+             torch.randn(1, 3, side, side))
+
+
+def test_frozen_gpsa_notices_rel_indices_changed_in_place():
+    card = get_card("convit_tiny")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("convit_tiny", **card.test_kwargs)
+    perturb(model)
+    gpsa = model.blocks[0].attn.eval()
+    with torch.no_grad():
+        frozen = gpsa.freeze_for_cpu_inference()
+    assert type(frozen) is not GPSA
+    n = (card.test_input_size[-1] // 16) ** 2
+    x, rel = torch.randn(1, n, gpsa.dim), model._relative_indices((4, 4), torch.zeros(1))
+    assert n == 16 and model._relative_indices((4, 4), torch.zeros(1)) is rel   # built once per grid
+    rel = rel.clone()
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(frozen(x, rel), gpsa(x, rel), rtol=1e-4, atol=1e-5)
+            rel.mul_(0.5)   # same object, new values: the cached positional map must not be reused
+
+
+def test_convit_trains_after_inference_with_the_cached_relative_indices():
+    # the cache is filled under inference_mode; an inference tensor could not be saved for backward later
+    card = get_card("convit_tiny")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("convit_tiny", **card.test_kwargs)
+    x = torch.randn(2, *card.test_input_size)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert model.blocks[0].attn.pos_proj.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("act", [None, nn.ReLU, nn.SiLU, nn.GELU, nn.ReLU6, nn.Hardswish])
 @pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 1), (3, 1, 1), (3, 2, 1), (3, 1, 12), (1, 1, 3)])
 def test_conv_bn_act_is_one_fused_convolution(act, kernel, stride, groups):

@@ -18,7 +18,11 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   (CoAtNet's MBConv, BoTNet's bottlenecks, ConViT's GPSA, ...; they may also precompute what does not
   depend on the input, such as relative-position bias tables or positional attention maps);
 - with `channels_last=True` (default) convolution weights are stored channels-last, so oneDNN
-  convolutions run in NHWC without reordering their input and output at every call.
+  convolutions run in NHWC without reordering their input and output at every call;
+- with `split_batch=True` (default, fp32) `model(x)` on a batch cuts it into one part per intra-op thread and
+  runs each part on a thread of its own with one intra-op thread (`split_batch_forward`): the same function,
+  without the OpenMP fork/join (and the wait for the slower thread) at every LayerNorm, add, softmax and
+  product of the forward, which on the 2-vCPU EPYC cost more than the products gain from sharing threads.
 
 With `dtype=torch.bfloat16` the linear weights are packed in bf16, convolution weights are stored in
 bf16, and a call of the copy (`model(x)`) runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate
@@ -33,6 +37,8 @@ neither trainable nor saved. Measured benefits depend on the machine; see benchm
 from __future__ import annotations
 
 import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -40,7 +46,7 @@ from torch import nn
 from hybridzoo.layers.mlp import Mlp, QuickGELU
 
 __all__ = ["OneDNNConv2d", "OneDNNLinear", "conv_post_op", "fold_batch_norm", "optimize_for_cpu_inference",
-           "onednn_available", "QUICK_GELU_ALPHA"]
+           "onednn_available", "split_batch_forward", "QUICK_GELU_ALPHA"]
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -300,13 +306,98 @@ def _leave_bf16(module: nn.Module, args, output):
     return _as_float32(output)
 
 
+# Batch splitting: a batch of several images runs as one stream per intra-op thread, each stream on one
+# thread. Measured on the 2-vCPU EPYC (benchmarks/RESULTS.md): one thread per image group keeps every
+# product and every small op (LayerNorm, adds, softmax, SDPA) free of OpenMP fork/join and of the second
+# thread's idle time at each of the ~150 parallel regions of a forward; the packed products run at the same
+# per-thread rate either way.
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hybridzoo-split")
+        return _POOLS[workers]
+
+
+def _batch_leaves(out, n: int) -> bool:
+    if isinstance(out, torch.Tensor):
+        return out.dim() > 0 and out.shape[0] == n
+    return isinstance(out, (tuple, list)) and len(out) > 0 and all(_batch_leaves(o, n) for o in out)
+
+
+def _concat(parts: list):
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return type(parts[0])(_concat([p[i] for p in parts]) for i in range(len(parts[0])))
+
+
+def split_batch_forward(forward, x: torch.Tensor, threads: int | None = None):
+    """`forward(x)` with x cut along the batch into one part per intra-op thread, every part run on a thread
+    of its own with one intra-op thread, the outputs concatenated; None when the output is not a tensor (or a
+    tuple / list of tensors) whose first dimension is the part's batch — the caller then runs the whole batch.
+
+    Only for functions whose output row i depends on input row i alone (eval-mode networks). The grad mode and
+    inference mode of the caller hold inside the workers. While it runs, `torch.get_num_threads()` reads 1."""
+    threads = torch.get_num_threads() if threads is None else threads
+    parts = x.tensor_split(min(threads, x.shape[0]))
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(part):
+        torch.set_num_threads(1)   # this worker's OpenMP team (and MKL's) has one thread
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return forward(part)
+
+    torch.set_num_threads(1)
+    try:
+        futures = [_pool(len(parts) - 1).submit(run, p) for p in parts[1:]]
+        outs = [forward(parts[0])] + [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(threads)
+    if not all(_batch_leaves(o, p.shape[0]) for o, p in zip(outs, parts)):
+        return None
+    return _concat(outs)
+
+
+class _SplitBatch:
+    """Mixin put in front of the frozen copy's class: `model(x)` on a batch runs `split_batch_forward`."""
+
+    _split_ok = True
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if (self._split_ok and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > 1
+                and torch.get_num_threads() > 1):
+            out = split_batch_forward(super().forward, x)
+            if out is not None:
+                return out
+            self._split_ok = False   # outputs that are not per-row tensors: whole batches from now on
+        return super().forward(*args, **kwargs)
+
+
+def _with_batch_split(model: nn.Module) -> nn.Module:
+    cls = type(model)
+    if isinstance(model, _SplitBatch):
+        return model
+    model.__class__ = type(cls.__name__, (_SplitBatch, cls), {"__module__": cls.__module__,
+                                                              "__qualname__": cls.__qualname__})
+    return model
+
+
 @torch.no_grad()
 def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
-                               channels_last: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+                               channels_last: bool = True, dtype: torch.dtype = torch.float32,
+                               split_batch: bool = True) -> nn.Module:
     """A frozen, eval-mode copy of `model` with oneDNN linear layers (the original is untouched).
 
     `dtype=torch.bfloat16`: bf16 weights and autocast inside `model(x)` (not other methods such as
-    `forward_features`), fp32 in and out; see the module docstring."""
+    `forward_features`), fp32 in and out; see the module docstring.
+
+    `split_batch` (fp32): `model(x)` on a batch of several inputs with several intra-op threads runs one part
+    of the batch per thread, each on one thread (`split_batch_forward`); outputs that are not per-input
+    tensors fall back to the whole batch. Batch 1 and other methods (`forward_features`) are unaffected."""
     if not onednn_available():
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support")
     if dtype not in (torch.float32, torch.bfloat16):
@@ -351,4 +442,6 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
         model.register_forward_hook(_leave_bf16, always_call=True)
     if channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)
+    if split_batch and fp32:
+        model = _with_batch_split(model)
     return model
