@@ -8,7 +8,9 @@ restored for their step only):
   before      the path as it was before 2026-11-30's session 5: convolution weights kept plain
               channels-last (oneDNN reorders them inside every call), the residual 1×1 convolutions
               as inner products with a binary-add post-op, a fresh output for every residual block
-  no-inplace  today's path but every residual block writes a fresh output (`InplaceChain` off)
+              and CoAtNet's SE gate multiplying into a new buffer
+  no-inplace  today's path but every residual block writes a fresh output (`InplaceChain` off; the SE
+              gate still scales in place)
   fast        today's path: weights packed for the actual input shape, the residual add as the
               convolution's sum post-op written into the shortcut's buffer
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
@@ -32,6 +34,7 @@ import hybridzoo  # noqa: F401,I001
 from hybridzoo.factory import create_model
 from hybridzoo.layers import onednn
 from hybridzoo.layers.onednn import InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
+from hybridzoo.models.coatnet import _FrozenMBConv
 
 
 def _before_forward(self, x, other=None, inplace=False):
@@ -62,6 +65,19 @@ def _before_forward(self, x, other=None, inplace=False):
     return y if relu or self.act is None else self.act(y)
 
 
+def _before_mbconv(self, x, owned=False):
+    """CoAtNet's frozen MBConv as it was: the SE gate multiplies into a new buffer."""
+    from hybridzoo.models.coatnet import _pool
+    if self.pre_norm is not None:
+        x, y = _pool(x, self.pool_type), _pool(self.pre_norm(x), self.pool_type)
+    else:
+        if self.stride == 2:
+            x = _pool(x, self.pool_type)
+        y = x
+    y = self.se(self.conv2(self.conv1(y)))
+    return self.conv3(y, self.shortcut(x))
+
+
 def _no_inplace_chain(self, x):
     for m in self:
         x = m(x, False) if getattr(m, "reuses_input", False) else m(x)
@@ -70,15 +86,16 @@ def _no_inplace_chain(self, x):
 
 @contextlib.contextmanager
 def patched(variant: str):
-    saved = OneDNNConv2d.forward, InplaceChain.forward
+    saved = OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward
     try:
         if variant in ("before", "no-inplace"):
             InplaceChain.forward = _no_inplace_chain
         if variant == "before":
             OneDNNConv2d.forward = _before_forward
+            _FrozenMBConv.forward = _before_mbconv
         yield
     finally:
-        OneDNNConv2d.forward, InplaceChain.forward = saved
+        OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
 
 
 def main() -> None:

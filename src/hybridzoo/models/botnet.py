@@ -191,7 +191,12 @@ class _FrozenBottleneck(nn.Module):
         if self.se is None:
             y = self.conv3(y, sc, inplace=owned or self.shortcut is not None)
             return y if self.fuse_act else self.act(y)
-        return self.act(sc + self.se(self.conv3(y)))
+        # conv3's output is fresh: gate, residual and activation all write into it
+        y = self.conv3(y)
+        y = y.mul_(self.se.gate_of(y)).add_(sc)
+        if isinstance(self.act, nn.SiLU):
+            return F.silu(y, inplace=True)
+        return y.relu_() if isinstance(self.act, nn.ReLU) else self.act(y)
 
 
 class BoTBlock(nn.Module):

@@ -133,7 +133,8 @@ class _FrozenMBConv(nn.Module):
             if self.stride == 2:
                 x = _pool(x, self.pool_type)
             y = x
-        y = self.se(self.conv2(self.conv1(y)))
+        y = self.conv2(self.conv1(y))
+        y = y.mul_(self.se.gate_of(y))  # conv2's output is ours: the SE gate scales it in place (no 2nd buffer)
         fresh = owned or self.stride == 2 or not isinstance(self.shortcut, nn.Identity)
         return self.conv3(y, self.shortcut(x), inplace=fresh)
 
