@@ -87,15 +87,19 @@ def _no_inplace_chain(self, x):
 @contextlib.contextmanager
 def patched(variant: str):
     saved = OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward
+    inner = OneDNNConv2d.INNER_PRODUCT_1X1
     try:
         if variant in ("before", "no-inplace"):
             InplaceChain.forward = _no_inplace_chain
+        if variant == "1x1-as-conv":
+            OneDNNConv2d.INNER_PRODUCT_1X1 = False
         if variant == "before":
             OneDNNConv2d.forward = _before_forward
             _FrozenMBConv.forward = _before_mbconv
         yield
     finally:
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
+        OneDNNConv2d.INNER_PRODUCT_1X1 = inner
 
 
 def main() -> None:

@@ -120,6 +120,9 @@ class OneDNNConv2d(nn.Module):
     """
 
     MAX_PACKED_SHAPES = 4
+    # False: 1×1 convolutions without a residual run as shape-packed convolutions too (measured level with the
+    # inner product on whole BoT50 / CoAtNet-0 at batch 32 and 1, so the inner product stays; benchmarks/infer_levers.py)
+    INNER_PRODUCT_1X1 = True
 
     def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None = None,
                  act: nn.Module | None = None, batch_hint: int | None = None,
@@ -169,7 +172,7 @@ class OneDNNConv2d(nn.Module):
             raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)
         if other is None:
-            if self.pointwise:
+            if self.pointwise and self.INNER_PRODUCT_1X1:
                 B, _, H, W = x.shape
                 rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)   # a view of channels-last x
                 y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.packed_bias, self.attr,
