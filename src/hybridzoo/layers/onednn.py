@@ -10,13 +10,17 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   post-op is x·σ(x) with a fixed α = 1, but QuickGELU(z) = swish(1.702·z) / 1.702, so fc1's weight
   and bias are scaled by 1.702 and fc2's weight by 1/1.702 — exact algebra, only fp32 rounding moves;
 - every `nn.Conv2d` is a `OneDNNConv2d` (1×1 ones run as packed inner products over the channels-last
-  pixels, the others as oneDNN convolutions on a channels-last weight), with the BatchNorm that follows it
+  pixels, the others as oneDNN convolutions with the weight packed for the actual input shape, once per
+  shape), with the BatchNorm that follows it
   folded into its weight and bias (W·γ/σ, (b−μ)·γ/σ+β: exact algebra in eval mode) and the activation
   after that fused as a post-op, wherever the pattern is visible: consecutive children of an
   `nn.Sequential` (`ConvBnAct`, ResNet stems and shortcuts), and the blocks that know their own
   layout through a `freeze_for_cpu_inference(batch_hint)` method returning a frozen replacement
   (CoAtNet's MBConv, BoTNet's bottlenecks, ConViT's GPSA, ...; they may also precompute what does not
   depend on the input, such as relative-position bias tables or positional attention maps);
+- residual blocks add their shortcut inside the last convolution (oneDNN's sum post-op, ReLU after it), and
+  in a chain of such blocks (`InplaceChain`: BoTNet's stages, CoAtNet's MBConv stages) write the result into
+  the shortcut's buffer instead of a fresh one; the chain's own input is never written;
 - with `channels_last=True` (default) convolution weights are stored channels-last, so oneDNN
   convolutions run in NHWC without reordering their input and output at every call.
 
