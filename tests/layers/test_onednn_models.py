@@ -160,17 +160,85 @@ def test_conv_bn_act_is_one_fused_convolution(act, kernel, stride, groups):
 
 @pytest.mark.parametrize("act", [None, nn.ReLU(), nn.SiLU(), nn.GELU()])
 @pytest.mark.parametrize("kernel", [1, 3])
-def test_conv_with_a_fused_residual_add(act, kernel):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_conv_with_a_fused_residual_add(act, kernel, inplace):
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, kernel, padding=kernel // 2)
     bn = nn.BatchNorm2d(16)
     perturb(nn.Sequential(conv, bn))
     fused = OneDNNConv2d(conv, bn.eval(), act)
-    x, other = torch.randn(2, 8, 7, 7), torch.randn(2, 16, 7, 7)
+    x = torch.randn(2, 8, 7, 7)
+    other = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)
     ref = bn(conv(x)) + other
     ref = ref if act is None else act(ref)
+    kept = other.clone()
     with torch.inference_mode():
-        torch.testing.assert_close(fused(x, other), ref, rtol=1e-4, atol=1e-4)
+        out = fused(x, other, inplace=inplace)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    if inplace:   # the sum post-op wrote into `other` itself (the activation too, when it is ReLU)
+        assert out.data_ptr() == other.data_ptr() or not isinstance(act, (nn.ReLU, type(None)))
+        assert not torch.equal(other, kept)
+    else:
+        assert torch.equal(other, kept)
+
+
+def test_inplace_residual_add_falls_back_for_a_buffer_it_cannot_write():
+    torch.manual_seed(0)
+    fused = OneDNNConv2d(nn.Conv2d(8, 16, 1), act=nn.ReLU())
+    x, other = torch.randn(2, 8, 5, 5), torch.randn(2, 16, 5, 5)   # contiguous, not channels-last
+    kept = other.clone()
+    with torch.inference_mode():
+        out = fused(x, other, inplace=True)
+    assert torch.equal(other, kept) and out.data_ptr() != other.data_ptr()
+    ref = torch.relu(nn.functional.conv2d(x, fused.weight, fused.bias) + other)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_weight_is_packed_once_per_input_shape():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    fused = OneDNNConv2d(conv, act=nn.ReLU())
+    shapes = [(1, 8, 9, 9), (3, 8, 9, 9), (1, 8, 16, 12), (2, 8, 5, 5), (1, 8, 7, 7), (1, 8, 9, 9)]
+    for shape in shapes:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(x), torch.relu(conv(x)), rtol=1e-4, atol=1e-4)
+        assert shape in fused._packed
+        assert len(fused._packed) <= OneDNNConv2d.MAX_PACKED_SHAPES
+
+
+def _identity_shortcut_stage(kind: str) -> nn.Module:
+    from hybridzoo.models.botnet import Bottleneck, Stage
+    from hybridzoo.models.coatnet import MBConv
+    torch.manual_seed(0)
+    if kind == "botnet":
+        blocks = [Bottleneck(32, 8, 1, nn.ReLU, None) for _ in range(3)]   # 32 → 32: identity shortcuts
+        stage = nn.Sequential(Stage(*blocks))
+    else:
+        stage = nn.Sequential(nn.Sequential(*[MBConv(16, 16) for _ in range(3)]))
+    perturb(stage)
+    return stage.eval()
+
+
+@pytest.mark.parametrize("kind", ["botnet", "coatnet"])
+def test_residual_blocks_write_into_buffers_only_the_stage_holds(kind):
+    from hybridzoo.layers.onednn import InplaceChain
+    model = _identity_shortcut_stage(kind)
+    fast = optimize_for_cpu_inference(model)
+    chain = fast[0]
+    assert type(chain) is InplaceChain and all(getattr(b, "reuses_input", False) for b in chain)
+    seen = []
+    for b in chain:
+        b.register_forward_hook(lambda m, args, out: seen.append((args[0].data_ptr(), out.data_ptr())))
+    x = torch.randn(2, *((32, 8, 8) if kind == "botnet" else (16, 8, 8))).contiguous(
+        memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.inference_mode():
+        ref, out = model(x), fast(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert torch.equal(x, kept), "the chain's own input was overwritten"
+    # the first block writes a fresh buffer; every later one writes into its input (the previous output)
+    assert seen[0][1] != seen[0][0] and all(i == o for i, o in seen[1:])
 
 
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "cvt_13"])

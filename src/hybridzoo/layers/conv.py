@@ -47,9 +47,12 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(rd_chs, chs, 1, bias=bias)
         self.gate = gate_layer()
 
+    def gate_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The B×C×1×1 gate for x."""
+        return self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+        return x * self.gate_of(x)
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -10,13 +10,17 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   post-op is x·σ(x) with a fixed α = 1, but QuickGELU(z) = swish(1.702·z) / 1.702, so fc1's weight
   and bias are scaled by 1.702 and fc2's weight by 1/1.702 — exact algebra, only fp32 rounding moves;
 - every `nn.Conv2d` is a `OneDNNConv2d` (1×1 ones run as packed inner products over the channels-last
-  pixels, the others as oneDNN convolutions on a channels-last weight), with the BatchNorm that follows it
+  pixels, the others as oneDNN convolutions with the weight packed for the actual input shape, once per
+  shape), with the BatchNorm that follows it
   folded into its weight and bias (W·γ/σ, (b−μ)·γ/σ+β: exact algebra in eval mode) and the activation
   after that fused as a post-op, wherever the pattern is visible: consecutive children of an
   `nn.Sequential` (`ConvBnAct`, ResNet stems and shortcuts), and the blocks that know their own
   layout through a `freeze_for_cpu_inference(batch_hint)` method returning a frozen replacement
   (CoAtNet's MBConv, BoTNet's bottlenecks, ConViT's GPSA, ...; they may also precompute what does not
   depend on the input, such as relative-position bias tables or positional attention maps);
+- residual blocks add their shortcut inside the last convolution (oneDNN's sum post-op, ReLU after it), and
+  in a chain of such blocks (`InplaceChain`: BoTNet's stages, CoAtNet's MBConv stages) write the result into
+  the shortcut's buffer instead of a fresh one; the chain's own input is never written;
 - with `channels_last=True` (default) convolution weights are stored channels-last, so oneDNN
   convolutions run in NHWC without reordering their input and output at every call;
 - with `split_batch=True` (default, fp32) `model(x)` on a batch cuts it into one part per intra-op thread and
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -45,8 +50,8 @@ from torch import nn
 
 from hybridzoo.layers.mlp import Mlp, QuickGELU
 
-__all__ = ["OneDNNConv2d", "OneDNNLinear", "conv_post_op", "fold_batch_norm", "optimize_for_cpu_inference",
-           "onednn_available", "split_batch_forward", "QUICK_GELU_ALPHA"]
+__all__ = ["InplaceChain", "OneDNNConv2d", "OneDNNLinear", "conv_post_op", "fold_batch_norm",
+           "optimize_for_cpu_inference", "onednn_available", "split_batch_forward", "QUICK_GELU_ALPHA"]
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -112,14 +117,22 @@ class OneDNNConv2d(nn.Module):
 
     `forward(x)` applies the unary post-op; `forward(x, other)` adds `other` (same shape, e.g. a residual)
     inside the convolution's output pass: act(conv(x) + b + other) (oneDNN fuses only ReLU after the add;
-    other activations then run as a pass of their own).
+    other activations then run as a pass of their own). `forward(x, other, inplace=True)` writes the result
+    into `other` itself (oneDNN's sum post-op) and returns it: no new output buffer, which at batch 32 is
+    worth up to 4× on the residual 1×1 convolutions of a ResNet stage (fresh 100 MB outputs are mmap'd and
+    page-faulted at every call). Only for a caller that owns `other` (see `InplaceChain`).
 
-    A 1×1, stride-1, ungrouped convolution on a channels-last map is a matrix product over the pixels:
-    it runs as oneDNN's inner product with a packed weight (measured on the EPYC machine, 1 thread:
-    100–105 GFLOP/s where a convolution with a weight packed without knowing the input shape fell to
-    45 for 2048→512 at 14×14). Other convolutions keep the plain channels-last weight, which oneDNN
-    reorders as the input shape needs.
+    The weight is packed into oneDNN's blocked layout for the actual input shape, once per shape (a few
+    shapes are cached): measured on the EPYC machine (1 thread) that is worth up to 3.5× at batch 1 over a
+    plain channels-last weight (1024→2048, stride 2 at 14×14: 24 → 85 GFLOP/s) and nothing at batch 32.
+    A 1×1, stride-1, ungrouped convolution without a residual runs as oneDNN's inner product over the
+    channels-last pixels (`pointwise`), which is as fast as the shape-packed convolution at these shapes.
     """
+
+    MAX_PACKED_SHAPES = 4
+    # False: 1×1 convolutions without a residual run as shape-packed convolutions too (measured level with the
+    # inner product on whole BoT50 / CoAtNet-0 at batch 32 and 1, so the inner product stays; benchmarks/infer_levers.py)
+    INNER_PRODUCT_1X1 = True
 
     def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None = None,
                  act: nn.Module | None = None, batch_hint: int | None = None,
@@ -146,40 +159,47 @@ class OneDNNConv2d(nn.Module):
         if self.pointwise:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
                 w.reshape(self.out_channels, self.in_channels).contiguous(), batch_hint)
-        else:
-            self.packed_weight = w.contiguous(memory_format=torch.channels_last)
+        self.conv_weight = w.contiguous(memory_format=torch.channels_last)
+        self._packed: dict[tuple[int, ...], torch.Tensor] = {}
         self.packed_bias = None if b is None else b.contiguous()
         # the original tensors stay reachable for code that reads `conv.weight` (the forward uses the packed one)
         self.weight = conv.weight.detach()
         self.bias = None if conv.bias is None else conv.bias.detach()
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        w = self._packed.get(shape)
+        if w is None:
+            if len(self._packed) >= self.MAX_PACKED_SHAPES:
+                self._packed.pop(next(iter(self._packed)))
+            w = self._packed[shape] = torch.ops.mkldnn._reorder_convolution_weight(
+                self.conv_weight, self.padding, self.stride, self.dilation, self.groups, list(shape))
+        return w
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
         _check_frozen_input(x, "OneDNNConv2d")
         if x.dim() != 4:
             raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.pointwise:
-            B, _, H, W = x.shape
-            rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)   # a view of channels-last x
-            if other is None:
+        if other is None:
+            if self.pointwise and self.INNER_PRODUCT_1X1:
+                B, _, H, W = x.shape
+                rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)   # a view of channels-last x
                 y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.packed_bias, self.attr,
                                                        self.scalars, self.algorithm)
-            else:
-                res = other.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
-                    B * H * W, self.out_channels)
-                y = torch.ops.mkldnn._linear_pointwise(rows, res, self.packed_weight, self.packed_bias, "add")
-                if self.act is not None:
-                    y = self.act(y)
-            return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
-        if other is None:
+                return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.packed_weight, self.packed_bias, self.padding, self.stride, self.dilation, self.groups,
+                x, self._weight_for(x), self.packed_bias, self.padding, self.stride, self.dilation, self.groups,
                 self.attr, self.scalars, self.algorithm)
-        other = other.contiguous(memory_format=torch.channels_last)
+        # a residual add: oneDNN's inner product with a binary post-op measured 2–3× slower than the
+        # convolution's sum post-op at every BoT50 shape, so residual 1×1 convolutions run as convolutions
         relu = self.attr == "relu"
-        y = torch.ops.mkldnn._convolution_pointwise(
-            x, other, self.packed_weight, self.packed_bias, self.padding, self.stride, self.dilation,
-            self.groups, "add", 1.0, "relu" if relu else None, [], None)
+        args = (self._weight_for(x), self.packed_bias, self.padding, self.stride, self.dilation, self.groups,
+                "add", 1.0, "relu" if relu else None, [], None)
+        if inplace and other.is_contiguous(memory_format=torch.channels_last) and other.dtype == torch.float32:
+            y = torch.ops.mkldnn._convolution_pointwise_(other, x, *args)
+        else:
+            y = torch.ops.mkldnn._convolution_pointwise(x, other.contiguous(memory_format=torch.channels_last), *args)
         return y if relu or self.act is None else self.act(y)
 
     def extra_repr(self) -> str:
@@ -189,6 +209,26 @@ class OneDNNConv2d(nn.Module):
         s += ", as inner product" if self.pointwise else ""
         s += ", bn folded" if self.folded_bn else ""
         return s + (f", act={self.attr}" if self.attr != "none" else "")
+
+
+class InplaceChain(nn.Sequential):
+    """nn.Sequential for the frozen path whose blocks may reuse the previous block's output buffer.
+
+    A block with `reuses_input = True` takes `forward(x, owned)` and returns a tensor that nobody but its
+    caller holds (a fresh output, or `x` itself overwritten when `owned`). So inside the chain every such
+    block after another such block is handed an input only the chain holds, and may write its output into
+    it (a residual block: the sum post-op into the identity shortcut). The chain's own input is never written:
+    the first block, and any block after another kind of module, get `owned=False`.
+    Caveat: forward hooks on the inner blocks of a frozen copy see outputs that a later block overwrites.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        owned = False
+        for m in self:
+            reuses = getattr(m, "reuses_input", False)
+            x = m(x, owned) if reuses else m(x)
+            owned = reuses
+        return x
 
 
 def supports_conv(conv: nn.Module) -> bool:
@@ -424,6 +464,11 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
                 child = freeze(batch_hint)
                 setattr(parent, name, child)
                 convert(child)
+            elif fp32 and type(child) is nn.Sequential:
+                convert(child)
+                # a plain chain of blocks that can reuse their input buffers (CoAtNet's MBConv stages)
+                if any(getattr(m, "reuses_input", False) for m in child):
+                    setattr(parent, name, InplaceChain(OrderedDict(child._modules)))
             elif isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
                 setattr(parent, name, OneDNNLinear(child, batch_hint=batch_hint, dtype=dtype))
             elif fp32 and supports_conv(child):

@@ -19,6 +19,8 @@ figures within 1% and the tests check it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -154,7 +156,11 @@ class Bottleneck(nn.Module):
 
 class _FrozenBottleneck(nn.Module):
     """Bottleneck / BoTBlock for the oneDNN inference path: every conv carries its BN folded and its
-    activation fused; without SE the residual add and the last activation ride on conv3's output pass."""
+    activation fused; without SE the residual add and the last activation ride on conv3's output pass,
+    written into the shortcut's buffer when that is the projection's fresh output or an input the stage
+    owns (`InplaceChain`)."""
+
+    reuses_input = True
 
     def __init__(self, m: nn.Module, batch_hint: int | None):
         super().__init__()
@@ -175,7 +181,7 @@ class _FrozenBottleneck(nn.Module):
         self.conv3 = OneDNNConv2d(m.conv3, m.bn3, m.act if self.fuse_act else None, batch_hint)
         self.shortcut = m.shortcut
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
         y = self.act1(self.conv1(x))
         if self.conv2 is None:
             y = self.act(self.bn2(self.pool(self.mhsa(y))))
@@ -183,9 +189,14 @@ class _FrozenBottleneck(nn.Module):
             y = self.act1(self.conv2(y))
         sc = x if self.shortcut is None else self.shortcut(x)
         if self.se is None:
-            y = self.conv3(y, sc)
+            y = self.conv3(y, sc, inplace=owned or self.shortcut is not None)
             return y if self.fuse_act else self.act(y)
-        return self.act(sc + self.se(self.conv3(y)))
+        # conv3's output is fresh: gate, residual and activation all write into it
+        y = self.conv3(y)
+        y = y.mul_(self.se.gate_of(y)).add_(sc)
+        if isinstance(self.act, nn.SiLU):
+            return F.silu(y, inplace=True)
+        return y.relu_() if isinstance(self.act, nn.ReLU) else self.act(y)
 
 
 class BoTBlock(nn.Module):
@@ -223,6 +234,11 @@ class Stage(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return checkpoint_seq(self, x, enabled=self.grad_checkpointing)
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        # the blocks are frozen by the caller; the chain lets each write its residual into the previous output
+        from hybridzoo.layers.onednn import InplaceChain
+        return InplaceChain(OrderedDict(self._modules))
 
 
 class BoTNet(nn.Module):

@@ -103,8 +103,11 @@ class _FrozenMBConv(nn.Module):
     The pre-norm folds into the input side of the unpadded 1×1 `conv1` (W·diag(s), b + W·t); with a
     stride-2 average pool in between it still does (averaging commutes with a per-channel affine), so
     both branches share one pooled input. A max pool does not commute with a negative scale: there the
-    pre-norm stays a BatchNorm of its own.
+    pre-norm stays a BatchNorm of its own. The residual add is conv3's sum post-op, written into the
+    shortcut's buffer when that is fresh (projection or pooled) or owned by the stage (`InplaceChain`).
     """
+
+    reuses_input = True
 
     def __init__(self, m: MBConv, batch_hint: int | None):
         super().__init__()
@@ -123,15 +126,17 @@ class _FrozenMBConv(nn.Module):
         self.conv3 = OneDNNConv2d(m.conv3, batch_hint=batch_hint)
         self.shortcut = m.shortcut
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
         if self.pre_norm is not None:
             x, y = _pool(x, self.pool_type), _pool(self.pre_norm(x), self.pool_type)
         else:
             if self.stride == 2:
                 x = _pool(x, self.pool_type)
             y = x
-        y = self.se(self.conv2(self.conv1(y)))
-        return self.conv3(y, self.shortcut(x))
+        y = self.conv2(self.conv1(y))
+        y = y.mul_(self.se.gate_of(y))  # conv2's output is ours: the SE gate scales it in place (no 2nd buffer)
+        fresh = owned or self.stride == 2 or not isinstance(self.shortcut, nn.Identity)
+        return self.conv3(y, self.shortcut(x), inplace=fresh)
 
 
 def relative_position_index(height: int, width: int, device=None) -> torch.Tensor:
