@@ -128,7 +128,10 @@ class FormerToMobile(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         T = z.shape[1]
-        q = x.flatten(2).view(B, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2)
+        # the pixels as B×HW×h×c, heads moved next to the batch by a transpose like k and v: inductor's
+        # attention pattern matcher (torch 2.13–2.14) crashed at batch 1 on the B×h×c×HW view transposed
+        # on its last two axes; channels-last x makes this reshape a view
+        q = x.permute(0, 2, 3, 1).reshape(B, H * W, self.num_heads, C // self.num_heads).transpose(1, 2)
         k = self.k(z).view(B, T, self.num_heads, -1).transpose(1, 2)
         v = self.v(z).view(B, T, self.num_heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)                   # B×h×HW×c
