@@ -68,9 +68,9 @@ class _FrozenDynamicReLU(nn.Module):
     The slope MLP runs as two packed products with ReLU fused into the first; 2·hsigmoid(z) =
     clamp(z/3 + 1, 0, 2) and 2·hsigmoid(z) − 1 = clamp(z/3, −1, 1), so fc2 is scaled by 1/3 (exact
     algebra; fp32 rounding moves). max(s1·x, s2·x) is then computed in x's own buffer — its callers pass a
-    dead convolution output — with one full-size temporary where the eager formula needs two (Mobile-Former
-    294M fast path, batch 8, 1 thread: 1.19×; fresh full-size buffers cost page faults at large batches).
-    Tried and slower: PReLU(p·x, n/p) per image (p, n the larger and smaller slope), 0.95×.
+    dead convolution output — with one temporary where the eager formula makes two full-size ones
+    (Mobile-Former 294M fast path, 1 thread: 1.19× at batch 8, 1.04× at batch 1; fresh large buffers cost
+    page faults). Tried and slower: PReLU(p·x, n/p) (p, n the larger and smaller slope), 0.95×.
     """
 
     def __init__(self, act: DynamicReLU, batch_hint: int | None):
@@ -84,8 +84,14 @@ class _FrozenDynamicReLU(nn.Module):
         u = self.fc2(self.fc1(token))[:, :, None, None]
         C = self.channels
         s1 = (u[:, :C] + 1.0).clamp_(0.0, 2.0)
-        t = x * u[:, C:].clamp(-1.0, 1.0)
-        return torch.maximum(x.mul_(s1), t, out=x)
+        s2 = u[:, C:].clamp(-1.0, 1.0)
+        # one image at a time: the temporary is one image's map, which the allocator hands back warm; a
+        # fresh full-batch buffer page-faults every call (batch 32: 1.23x the whole model, batch 8: 1.09x)
+        for b in range(x.shape[0]):
+            xb = x[b]
+            t = xb * s2[b]
+            torch.maximum(xb.mul_(s1[b]), t, out=xb)
+        return x
 
 
 class MobileToFormer(nn.Module):
