@@ -174,6 +174,52 @@ class FormerToMobile(nn.Module):
         out = out.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2)
         return x + self.drop_path(out)
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenFormerToMobile(self, batch_hint)
+
+
+class _FrozenFormerToMobile(nn.Module):
+    """FormerToMobile for the oneDNN inference path; adds into its input's buffer (a dead block output).
+
+    With T = 6 tokens, CPU SDPA's flash kernel runs a few GFLOP/s on the large maps. There (H·W ≥ 768),
+    one image at a time, the heads become one product each way against block-diagonal keys (C × h·T,
+    the scale folded into the key projection) and values (h·T × C), a softmax over each head's T scores,
+    and the residual add is the second product's accumulate (`addmm_`) straight into the channels-last
+    pixel rows: no head permutes, no full-size temporaries. Smaller maps keep SDPA, added in place.
+    Mobile-Former 294M fast path, 1 thread, interleaved: 1.03× at batch 32 (1.03–1.05), 1.02× at batch 1.
+    """
+
+    def __init__(self, m: FormerToMobile, batch_hint: int | None):
+        super().__init__()
+        from hybridzoo.layers.onednn import OneDNNLinear
+        self.num_heads = m.num_heads
+        self.k = OneDNNLinear(m.k, batch_hint=batch_hint, scale=m.scale)
+        self.v = OneDNNLinear(m.v, batch_hint=batch_hint)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        T, h = z.shape[1], self.num_heads
+        k, v = self.k(z), self.v(z)                                                       # B×T×C
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        rows = x.permute(0, 2, 3, 1).view(B, H * W, C)                                      # a view of x
+        if H * W < 768:
+            q = rows.view(B, H * W, h, C // h).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k.view(B, T, h, -1).transpose(1, 2),
+                                                 v.view(B, T, h, -1).transpose(1, 2), scale=1.0)
+            rows.add_(out.transpose(1, 2).reshape(B, H * W, C))
+            return x
+        mask = torch.block_diag(*[x.new_ones(C // h, T)] * h)                              # C × hT
+        kbd = k.transpose(1, 2).repeat(1, 1, h).mul_(mask)
+        vbd = v.repeat(1, h, 1).mul_(mask.t())
+        for b in range(B):
+            a = torch.mm(rows[b], kbd[b]).view(H * W, h, T)
+            # softmax over the last axis of length T by hand: PyTorch's CPU softmax is slow on a short last axis
+            a = a.sub_(a.amax(-1, keepdim=True)).exp_()
+            a = a.div_(a.sum(-1, keepdim=True)).view(H * W, h * T)
+            rows[b].addmm_(a, vbd[b])
+        return x
+
 
 class Mobile(nn.Module):
     """The Mobile sub-block: pw expand → dynamic ReLU → k×k depthwise (stride) → dynamic ReLU → pw linear."""
