@@ -15,8 +15,9 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   after that fused as a post-op, wherever the pattern is visible: consecutive children of an
   `nn.Sequential` (`ConvBnAct`, ResNet stems and shortcuts), and the blocks that know their own
   layout through a `freeze_for_cpu_inference(batch_hint)` method returning a frozen replacement
-  (CoAtNet's MBConv, BoTNet's bottlenecks, ConViT's GPSA, ...; they may also precompute what does not
-  depend on the input, such as relative-position bias tables or positional attention maps);
+  (CoAtNet's MBConv, BoTNet's bottlenecks, ConViT's GPSA, Mobile-Former's dynamic ReLU, ...; they may
+  also precompute what does not depend on the input, such as relative-position bias tables or
+  positional attention maps);
 - with `channels_last=True` (default) convolution weights are stored channels-last, so oneDNN
   convolutions run in NHWC without reordering their input and output at every call.
 
