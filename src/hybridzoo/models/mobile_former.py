@@ -14,6 +14,7 @@ products go through `scaled_dot_product_attention` (same arithmetic up to roundi
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +69,11 @@ class _FrozenDynamicReLU(nn.Module):
     The slope MLP runs as two packed products with ReLU fused into the first; 2·hsigmoid(z) =
     clamp(z/3 + 1, 0, 2) and 2·hsigmoid(z) − 1 = clamp(z/3, −1, 1), so fc2 is scaled by 1/3 (exact
     algebra; fp32 rounding moves). max(s1·x, s2·x) is then computed in x's own buffer — its callers pass a
-    dead convolution output — with one temporary where the eager formula makes two full-size ones
-    (Mobile-Former 294M fast path, 1 thread: 1.19× at batch 8, 1.04× at batch 1; fresh large buffers cost
-    page faults). Tried and slower: PReLU(p·x, n/p) (p, n the larger and smaller slope), 0.95×.
+    dead convolution output — and a per-thread scratch buffer for the one temporary, where the eager formula
+    makes two fresh full-size ones (fresh large buffers page-fault on every call). Tried and slower:
+    PReLU(p·x, n/p) (p, n the larger and smaller slope); the temporary one image at a time (faster at one
+    thread, but a loop of small ops over the batch multiplies OpenMP's parallel regions: 3× slower at two
+    threads on a loaded machine).
     """
 
     def __init__(self, act: DynamicReLU, batch_hint: int | None):
@@ -84,14 +87,22 @@ class _FrozenDynamicReLU(nn.Module):
         u = self.fc2(self.fc1(token))[:, :, None, None]
         C = self.channels
         s1 = (u[:, :C] + 1.0).clamp_(0.0, 2.0)
-        s2 = u[:, C:].clamp(-1.0, 1.0)
-        # one image at a time: the temporary is one image's map, which the allocator hands back warm; a
-        # fresh full-batch buffer page-faults every call (batch 32: 1.23x the whole model, batch 8: 1.09x)
-        for b in range(x.shape[0]):
-            xb = x[b]
-            t = xb * s2[b]
-            torch.maximum(xb.mul_(s1[b]), t, out=xb)
-        return x
+        t = _scratch(x)
+        torch.mul(x, u[:, C:].clamp(-1.0, 1.0), out=t)
+        return torch.maximum(x.mul_(s1), t, out=x)
+
+
+# One scratch buffer per thread for the frozen dynamic ReLUs' temporary, grown to the largest map met (e.g.
+# 58 MB for Mobile-Former-294M at batch 32): a fresh buffer of that size page-faults on every call (glibc
+# hands large freed blocks back to the kernel). Per thread, so that concurrent calls cannot share it.
+_SCRATCH = threading.local()
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype:
+        buf = _SCRATCH.buf = torch.empty(like.numel(), dtype=like.dtype)
+    return buf[:like.numel()].as_strided(like.shape, like.stride())
 
 
 class MobileToFormer(nn.Module):
@@ -173,52 +184,6 @@ class FormerToMobile(nn.Module):
         # back to B×C×H×W in channels-last memory (one copy)
         out = out.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2)
         return x + self.drop_path(out)
-
-    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
-        return _FrozenFormerToMobile(self, batch_hint)
-
-
-class _FrozenFormerToMobile(nn.Module):
-    """FormerToMobile for the oneDNN inference path; adds into its input's buffer (a dead block output).
-
-    With T = 6 tokens, CPU SDPA's flash kernel runs a few GFLOP/s on the large maps. There (H·W ≥ 768),
-    one image at a time, the heads become one product each way against block-diagonal keys (C × h·T,
-    the scale folded into the key projection) and values (h·T × C), a softmax over each head's T scores,
-    and the residual add is the second product's accumulate (`addmm_`) straight into the channels-last
-    pixel rows: no head permutes, no full-size temporaries. Smaller maps keep SDPA, added in place.
-    Mobile-Former 294M fast path, 1 thread, interleaved: 1.03× at batch 32 (1.03–1.05), 1.02× at batch 1.
-    """
-
-    def __init__(self, m: FormerToMobile, batch_hint: int | None):
-        super().__init__()
-        from hybridzoo.layers.onednn import OneDNNLinear
-        self.num_heads = m.num_heads
-        self.k = OneDNNLinear(m.k, batch_hint=batch_hint, scale=m.scale)
-        self.v = OneDNNLinear(m.v, batch_hint=batch_hint)
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        T, h = z.shape[1], self.num_heads
-        k, v = self.k(z), self.v(z)                                                       # B×T×C
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)
-        rows = x.permute(0, 2, 3, 1).view(B, H * W, C)                                      # a view of x
-        if H * W < 768:
-            q = rows.view(B, H * W, h, C // h).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, k.view(B, T, h, -1).transpose(1, 2),
-                                                 v.view(B, T, h, -1).transpose(1, 2), scale=1.0)
-            rows.add_(out.transpose(1, 2).reshape(B, H * W, C))
-            return x
-        mask = torch.block_diag(*[x.new_ones(C // h, T)] * h)                              # C × hT
-        kbd = k.transpose(1, 2).repeat(1, 1, h).mul_(mask)
-        vbd = v.repeat(1, h, 1).mul_(mask.t())
-        for b in range(B):
-            a = torch.mm(rows[b], kbd[b]).view(H * W, h, T)
-            # softmax over the last axis of length T by hand: PyTorch's CPU softmax is slow on a short last axis
-            a = a.sub_(a.amax(-1, keepdim=True)).exp_()
-            a = a.div_(a.sum(-1, keepdim=True)).view(H * W, h * T)
-            rows[b].addmm_(a, vbd[b])
-        return x
 
 
 class Mobile(nn.Module):
