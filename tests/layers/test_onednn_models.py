@@ -77,6 +77,8 @@ def test_batch_norms_are_folded(name, bn_left, act):
     ("botnet_bot50", {"act_layer": nn.ReLU}, []),  # ReLU rides on the fused residual add
     ("convit_tiny", {}, [96]),                     # another token grid: the positional attention is rebuilt
     ("mobile_former_26m", {}, []),
+    # ungrouped: the frozen dynamic ReLU works in the conv's buffer, its scratch buffer grows at 128 px
+    ("mobile_former_294m", {}, [128]),
 ])
 def test_frozen_blocks_match_eager_at_other_sizes(name, kwargs, sizes):
     card = get_card(name)

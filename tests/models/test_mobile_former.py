@@ -220,3 +220,19 @@ def test_dynamic_relu_without_autograd_is_bitwise_the_autograd_formula():
         fast = act(x, token)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(fast, act(x, token).detach())  # the autograd path, parameters requiring grad
+
+
+def test_torch_compile_matches_eager_at_batch_1():
+    # regression: inductor's attention pattern matcher crashed on Former→Mobile's queries at batch 1
+    # ("Attempting to broadcast a dimension of length 2 ... [1, 2]"), which broke `--compile` and
+    # `bench_timm.py --inductor`; the reduced model compiles in ~8 s
+    model = _reduced("mobile_former_294m").eval()
+    _randomize_norms(model)
+    x = torch.randn(1, 3, 64, 64)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(model)(x)
+            torch.testing.assert_close(compiled, model(x), rtol=1e-4, atol=1e-5)
+    finally:
+        torch._dynamo.reset()

@@ -16,8 +16,9 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   after that fused as a post-op, wherever the pattern is visible: consecutive children of an
   `nn.Sequential` (`ConvBnAct`, ResNet stems and shortcuts), and the blocks that know their own
   layout through a `freeze_for_cpu_inference(batch_hint)` method returning a frozen replacement
-  (CoAtNet's MBConv, BoTNet's bottlenecks, ConViT's GPSA, ...; they may also precompute what does not
-  depend on the input, such as relative-position bias tables or positional attention maps);
+  (CoAtNet's MBConv, BoTNet's bottlenecks, ConViT's GPSA, Mobile-Former's dynamic ReLU, ...; they may
+  also precompute what does not depend on the input, such as relative-position bias tables or
+  positional attention maps);
 - residual blocks add their shortcut inside the last convolution (oneDNN's sum post-op, ReLU after it), and
   in a chain of such blocks (`InplaceChain`: BoTNet's stages, CoAtNet's MBConv stages) write the result into
   the shortcut's buffer instead of a fresh one; the chain's own input is never written;

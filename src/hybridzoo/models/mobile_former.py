@@ -14,6 +14,7 @@ products go through `scaled_dot_product_attention` (same arithmetic up to roundi
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,51 @@ class DynamicReLU(nn.Module):
         # less (measured 1.1–4.7× faster for this element-wise step on CPU; bitwise the same result)
         y = x * s1
         return torch.maximum(y, x * s2, out=y)
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenDynamicReLU(self, batch_hint)
+
+
+class _FrozenDynamicReLU(nn.Module):
+    """DynamicReLU for the oneDNN inference path (`optimize_for_cpu_inference`); overwrites its input.
+
+    The slope MLP runs as two packed products with ReLU fused into the first; 2·hsigmoid(z) =
+    clamp(z/3 + 1, 0, 2) and 2·hsigmoid(z) − 1 = clamp(z/3, −1, 1), so fc2 is scaled by 1/3 (exact
+    algebra; fp32 rounding moves). max(s1·x, s2·x) is then computed in x's own buffer — its callers pass a
+    dead convolution output — and a per-thread scratch buffer for the one temporary, where the eager formula
+    makes two fresh full-size ones (fresh large buffers page-fault on every call). Tried and slower:
+    PReLU(p·x, n/p) (p, n the larger and smaller slope); the temporary one image at a time (faster at one
+    thread, but a loop of small ops over the batch multiplies OpenMP's parallel regions: 3× slower at two
+    threads on a loaded machine).
+    """
+
+    def __init__(self, act: DynamicReLU, batch_hint: int | None):
+        super().__init__()
+        from hybridzoo.layers.onednn import OneDNNLinear
+        self.channels = act.fc2.out_features // 2
+        self.fc1 = OneDNNLinear(act.fc1, "relu", batch_hint=batch_hint)
+        self.fc2 = OneDNNLinear(act.fc2, batch_hint=batch_hint, scale=1.0 / 3.0)
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        u = self.fc2(self.fc1(token))[:, :, None, None]
+        C = self.channels
+        s1 = (u[:, :C] + 1.0).clamp_(0.0, 2.0)
+        t = _scratch(x)
+        torch.mul(x, u[:, C:].clamp(-1.0, 1.0), out=t)
+        return torch.maximum(x.mul_(s1), t, out=x)
+
+
+# One scratch buffer per thread for the frozen dynamic ReLUs' temporary, grown to the largest map met (e.g.
+# 58 MB for Mobile-Former-294M at batch 32): a fresh buffer of that size page-faults on every call (glibc
+# hands large freed blocks back to the kernel). Per thread, so that concurrent calls cannot share it.
+_SCRATCH = threading.local()
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype:
+        buf = _SCRATCH.buf = torch.empty(like.numel(), dtype=like.dtype)
+    return buf[:like.numel()].as_strided(like.shape, like.stride())
 
 
 class MobileToFormer(nn.Module):
@@ -128,7 +174,10 @@ class FormerToMobile(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         T = z.shape[1]
-        q = x.flatten(2).view(B, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2)
+        # the pixels as B×HW×h×c, heads moved next to the batch by a transpose like k and v: inductor's
+        # attention pattern matcher (torch 2.13–2.14) crashed at batch 1 on the B×h×c×HW view transposed
+        # on its last two axes; channels-last x makes this reshape a view
+        q = x.permute(0, 2, 3, 1).reshape(B, H * W, self.num_heads, C // self.num_heads).transpose(1, 2)
         k = self.k(z).view(B, T, self.num_heads, -1).transpose(1, 2)
         v = self.v(z).view(B, T, self.num_heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)                   # B×h×HW×c
