@@ -104,6 +104,21 @@ def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, 
     return step
 
 
+def compiled_train_contestant(name: str, group: str, model: nn.Module, x: torch.Tensor, macs: int | None,
+                              params: int | None, compile_times: dict[str, float]) -> Contestant:
+    """Ours through `hybridzoo train --compile`: the fast path (oneDNN products as the custom op
+    `hybridzoo::onednn_linear`, fused AdamW) under `torch.compile`; compiled here, its compile time (with the
+    first step) printed and recorded in `compile_times`."""
+    step = make_train_step(model, x, fast=True, compiled=True)
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    compile_times[f"{name} training batch {x.shape[0]}"] = seconds
+    print(f"  compiled the training step of {name} (batch {x.shape[0]}) in {seconds:.0f} s", flush=True)
+    return Contestant(name + " +compile", group, "ours+compile", step, macs, params,
+                      f"{TRAIN_NOTE}, torch.compile (inductor); compile + first step {seconds:.0f} s")
+
+
 def count_macs_safe(model: nn.Module, x: torch.Tensor) -> int | None:
     """Forward MACs of one image, counted on a meta-device copy.
 
