@@ -71,18 +71,22 @@ TRAIN_NOTE = "train: optimize_for_cpu_training + fused AdamW"
 
 def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, call=None,
                     fast: bool = False, *, linear: bool | None = None, fused: bool | None = None,
-                    compiled: bool = False) -> Callable[[], Any]:
+                    compiled: bool = False, channels_last: bool = False) -> Callable[[], Any]:
     """Forward in train mode, cross-entropy on fixed random labels, backward, AdamW step.
 
     `fast=True` is the trainer's fp32 CPU path for our models (`hybridzoo train` without `--no-fast-cpu`):
     `optimize_for_cpu_training` on a copy of the model and `AdamW(fused=True)`. The peers get AdamW as
     torch builds it by default. `linear` / `fused` take one of the two levers alone (benchmarks/train_levers.py);
-    `compiled` wraps the call in `torch.compile`."""
+    `compiled` wraps the call in `torch.compile`; `channels_last` converts the model and the input (as
+    `hybridzoo train --channels-last` does)."""
     linear = fast if linear is None else linear
     fused = fast if fused is None else fused
     if linear:
         from hybridzoo.layers.train_fast import optimize_for_cpu_training
         model = optimize_for_cpu_training(copy.deepcopy(model))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     model.train()
     target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05,
@@ -98,6 +102,21 @@ def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, 
         opt.step()
         return loss
     return step
+
+
+def compiled_train_contestant(name: str, group: str, model: nn.Module, x: torch.Tensor, macs: int | None,
+                              params: int | None, compile_times: dict[str, float]) -> Contestant:
+    """Ours through `hybridzoo train --compile`: the fast path (oneDNN products as the custom op
+    `hybridzoo::onednn_linear`, fused AdamW) under `torch.compile`; compiled here, its compile time (with the
+    first step) printed and recorded in `compile_times`."""
+    step = make_train_step(model, x, fast=True, compiled=True)
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    compile_times[f"{name} training batch {x.shape[0]}"] = seconds
+    print(f"  compiled the training step of {name} (batch {x.shape[0]}) in {seconds:.0f} s", flush=True)
+    return Contestant(name + " +compile", group, "ours+compile", step, macs, params,
+                      f"{TRAIN_NOTE}, torch.compile (inductor); compile + first step {seconds:.0f} s")
 
 
 def count_macs_safe(model: nn.Module, x: torch.Tensor) -> int | None:

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from _common import (TRAIN_NOTE, Contestant, base_parser, count_macs_safe, make_inference_step,  # noqa: I001
-                     make_train_step, parse_and_setup,
+                     compiled_train_contestant, make_train_step, parse_and_setup,
                      run_scenarios)
 
 import hybridzoo
@@ -175,6 +175,9 @@ def main() -> None:
     ap.add_argument("--inductor", action="store_true",
                     help="also run ours through torch.compile with inductor freezing (inference; compile time "
                          "printed and recorded)")
+    ap.add_argument("--train-compile", action="store_true",
+                    help="also train ours under torch.compile (`hybridzoo train --compile`; compile time printed "
+                         "and recorded)")
     args = parse_and_setup(ap)
 
     pairs, skipped = build_pairs(args.pairs, args.mobile_former_official)
@@ -213,10 +216,18 @@ def main() -> None:
 
     def train_contestants():
         # ours through the trainer's fp32 CPU path (optimize_for_cpu_training + fused AdamW), timm as built
-        return [Contestant(name, group, impl, make_train_step(model, x_train, fast=impl == "ours"), macs[name],
-                           params[name], note + ("; " if note else "") + TRAIN_NOTE if impl == "ours" else note)
-                for group, scen, entries in pairs if scen is None or "training" in scen
-                for name, impl, model, note in entries]
+        cs = []
+        for group, scen, entries in pairs:
+            if scen is not None and "training" not in scen:
+                continue
+            for name, impl, model, note in entries:
+                cs.append(Contestant(name, group, impl, make_train_step(model, x_train, fast=impl == "ours"),
+                                     macs[name], params[name],
+                                     note + ("; " if note else "") + TRAIN_NOTE if impl == "ours" else note))
+                if impl == "ours" and args.train_compile:
+                    cs.append(compiled_train_contestant(name, group, model, x_train, macs[name], params[name],
+                                                        compile_times))
+        return cs
 
     scenarios = []
     if "infer" in args.scenarios:

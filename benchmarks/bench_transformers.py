@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from _common import (TRAIN_NOTE, Contestant, base_parser, count_macs_safe, make_inference_step,  # noqa: I001
-                     make_train_step, parse_and_setup,
+                     compiled_train_contestant, make_train_step, parse_and_setup,
                      run_scenarios)
 
 import hybridzoo  # noqa: F401  (registers the models)
@@ -89,6 +89,9 @@ def main() -> None:
                     help="also run HF DeiTForImageClassification (198 tokens: it always has a distillation token)")
     ap.add_argument("--no-cvt-gelu", action="store_true",
                     help="leave out our CvT-13 built with HF's exact GELU instead of the official QuickGELU")
+    ap.add_argument("--train-compile", action="store_true",
+                    help="also train ours under torch.compile (`hybridzoo train --compile`; compile time printed "
+                         "and recorded)")
     args = parse_and_setup(ap)
 
     pairs = build_pairs(args.models, args.hf_deit, not args.no_cvt_gelu)
@@ -109,20 +112,28 @@ def main() -> None:
                                          macs[name], params[name], "optimize_for_cpu_inference"))
         return cs
 
+    compile_times: dict[str, float] = {}
     scenarios = []
     if "infer" in args.scenarios:
         scenarios.append(("inference", args.batch, 2.0, lambda: infer_contestants(x_inf), args.rounds, 1))
     if "train" in args.scenarios:
         def train_contestants():
             # ours through the trainer's fp32 CPU path (optimize_for_cpu_training + fused AdamW), HF as built
-            return [Contestant(name, group, impl, make_train_step(model, x_train, fast=impl == "ours"), macs[name],
-                               params[name], note + ("; " if note else "") + TRAIN_NOTE if impl == "ours" else note)
-                    for group, entries in pairs for name, impl, model, note in entries]
+            cs = []
+            for group, entries in pairs:
+                for name, impl, model, note in entries:
+                    cs.append(Contestant(name, group, impl, make_train_step(model, x_train, fast=impl == "ours"),
+                                         macs[name], params[name],
+                                         note + ("; " if note else "") + TRAIN_NOTE if impl == "ours" else note))
+                    if impl == "ours" and args.train_compile and "act=GELU" not in name:
+                        cs.append(compiled_train_contestant(name, group, model, x_train, macs[name], params[name],
+                                                            compile_times))
+            return cs
         scenarios.append(("training", args.train_batch, 6.0, train_contestants, args.train_rounds, 1))
     if "latency" in args.scenarios:
         scenarios.append(("latency-bs1", 1, 2.0, lambda: infer_contestants(x_one), args.rounds, 5))
-    run_scenarios(scenarios, args.threads, env_extra={"script": "bench_transformers.py", "args": vars(args)},
-                  out=args.out, peak=not args.no_peak)
+    run_scenarios(scenarios, args.threads, out=args.out, peak=not args.no_peak,
+                  env_extra={"script": "bench_transformers.py", "args": vars(args), "compile_s": compile_times})
 
 
 if __name__ == "__main__":

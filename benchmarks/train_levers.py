@@ -1,7 +1,7 @@
 """Each training-speed lever against the plain eager step, interleaved in one process.
 
     python benchmarks/train_levers.py --models deit_small_patch16_224 convit_small cvt_13 --rounds 7
-    python benchmarks/train_levers.py --models deit_small_patch16_224 --levers compile --rounds 7
+    python benchmarks/train_levers.py --models deit_small_patch16_224 --levers fast compile fast-compile --rounds 7
 
 A training step is forward + cross-entropy + backward + AdamW step (fp32, batch `--batch`). Variants:
   plain         nn.Linear, AdamW as torch builds it by default (the baseline)
@@ -10,6 +10,9 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
   fast          both (what `hybridzoo train` does on the CPU)
   compile       `torch.compile(model)` of the plain model (inductor C++), AdamW default; its compile time
                 is printed (not in the default set: compiling a full-size model takes minutes)
+  fast-compile  the fast path compiled (`hybridzoo train --compile`): FastLinear's products stay oneDNN calls
+                (the custom op `hybridzoo::onednn_linear`), inductor fuses the rest; fused AdamW
+  fast-cl       the fast path with model and input in channels-last (`--channels-last`; convolution stages)
 Every variant starts from the same weights. Rounds go plain, fast-linear, ...; each round's ratio
 plain / variant is taken and the median and min–max over rounds are printed, so load that comes and goes
 hits every variant alike.
@@ -30,7 +33,7 @@ from _common import make_train_step  # noqa: I001  (puts this checkout's src/ on
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
 
-LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "compile"]
+LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "compile", "fast-compile", "fast-cl"]
 
 
 def main() -> None:
@@ -50,28 +53,34 @@ def main() -> None:
         base = create_model(name, drop_path_rate=0.0)
         variants = {"plain": make_train_step(copy.deepcopy(base), x)}
         for lever in args.levers:  # every variant trains its own copy of the same weights
-            variants[lever] = make_train_step(copy.deepcopy(base), x, linear=lever in ("fast-linear", "fast"),
-                                              fused=lever in ("fused-adamw", "fast"), compiled=lever == "compile")
+            variants[lever] = make_train_step(copy.deepcopy(base), x,
+                                              linear=lever in ("fast-linear", "fast", "fast-compile", "fast-cl"),
+                                              fused=lever in ("fused-adamw", "fast", "fast-compile", "fast-cl"),
+                                              compiled=lever in ("compile", "fast-compile"),
+                                              channels_last=lever == "fast-cl")
         for v, step in variants.items():  # warm-up (and compilation)
             t0 = time.perf_counter()
             step()
-            if v == "compile":
+            if "compile" in v:
                 print(f"  {name}: compile + first step {time.perf_counter() - t0:.1f} s", flush=True)
             step()
         times: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}  # process CPU time: less sensitive to load
         for _ in range(args.rounds):
             for v, step in variants.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step()
                 times[v].append(time.perf_counter() - t0)
+                cpu[v].append(time.process_time() - c0)
         print(f"\n## {name} (load average now {os.getloadavg()[0]:.1f})")
-        print("| variant | median s/step | speed-up vs plain: median of per-round ratios | min–max |")
-        print("| --- | ---: | ---: | --- |")
+        print("| variant | median s/step (wall / CPU) | speed-up vs plain: median of per-round ratios | min–max "
+              "| speed-up per CPU-second (step medians) |")
+        print("| --- | ---: | ---: | --- | ---: |")
         for v, ts in times.items():
             r = [p / t for p, t in zip(times["plain"], ts)]
-            print(f"| {v} | {statistics.median(ts):.3f} | {statistics.median(r):.3f} | {min(r):.3f}–{max(r):.3f} |",
+            print(f"| {v} | {statistics.median(ts):.3f} / {statistics.median(cpu[v]):.3f} | {statistics.median(r):.3f} "
+                  f"| {min(r):.3f}–{max(r):.3f} | {statistics.median(cpu['plain']) / statistics.median(cpu[v]):.3f} |",
                   flush=True)
-
 
 if __name__ == "__main__":
     main()

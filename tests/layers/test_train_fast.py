@@ -15,7 +15,8 @@ from torch import nn
 
 import hybridzoo
 from hybridzoo.layers.mlp import QuickGELU
-from hybridzoo.layers.train_fast import FastLinear, fast_linear, fast_training_available, optimize_for_cpu_training
+from hybridzoo.layers.train_fast import (FastLinear, fast_linear, fast_training_available, onednn_linear,
+                                        optimize_for_cpu_training)
 from hybridzoo.registry import get_card
 
 pytestmark = pytest.mark.skipif(not fast_training_available(), reason="no oneDNN in this build")
@@ -132,6 +133,50 @@ def test_model_forward_and_gradients_match_plain(name):
         assert b.grad is not None, n
         atol = 1e-4 * float(b.grad.abs().max()) + 1e-6 * scale
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_custom_op_registration(bias, contiguous):
+    """`hybridzoo::onednn_linear` (what `torch.compile` sees): schema, fake kernel (shapes and strides of the real
+    output), autograd registration and AOT dispatch, checked by torch's own opcheck."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12) if contiguous else torch.randn(5, 2, 12).transpose(0, 1)
+    w, b = torch.randn(9, 12), torch.randn(9) if bias else None
+    y = onednn_linear(x, w, b)
+    torch.testing.assert_close(y, F.linear(x, w, b), **TOL)
+    args = (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True) if bias else None)
+    torch.library.opcheck(onednn_linear, args)
+
+
+def test_compiled_model_keeps_onednn_products_and_gradients():
+    """Under torch.compile, FastLinear's forward and input-gradient products are the registered oneDNN operator
+    (not traced back to addmm) and the compiled model's outputs and gradients are the plain eager model's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[str] = []
+
+    def keep(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 5)).train()
+    fast = optimize_for_cpu_training(copy.deepcopy(plain), min_weight_numel=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    x = torch.randn(3, 7, 16)
+    g = torch.randn(3, 7, 5)
+    y_ref, y = plain(x), compiled(x)
+    y_ref.backward(g)
+    y.backward(g)
+    assert len(graphs) == 2  # one forward graph, one backward graph: no graph break
+    assert graphs[0].count("hybridzoo.onednn_linear") == 3 and "addmm" not in graphs[0]
+    assert graphs[1].count("hybridzoo.onednn_linear") >= 2  # dx of the 2nd and 3rd layer (the 1st needs none)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, msg=n)
 
 
 def test_fused_adamw_steps_like_the_default():

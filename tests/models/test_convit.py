@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -81,6 +83,28 @@ def test_gpsa_forward_equals_gated_renormalised_attention():
         ref = attn.proj((mix @ v).transpose(1, 2).reshape(2, 16, 36))
         torch.testing.assert_close(attn(x, rel), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(attn.get_attention(x, rel), mix)
+
+
+def test_gpsa_training_gradients_equal_the_explicit_mixture():
+    """Training mode (no attention dropout) takes SDPA and the batch-folded positional product: its output and
+    every gradient (input, projections, pos_proj, gates) are those of the explicit gated mixture."""
+    torch.manual_seed(0)
+    attn = GPSA(36, num_heads=9).train()
+    with torch.no_grad():
+        attn.gating_param.copy_(torch.randn(9))
+        attn.v.weight.add_(0.1 * torch.randn(36, 36))
+    ref_attn = copy.deepcopy(attn)
+    x = torch.randn(3, 16, 36, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    rel = relative_indices((4, 4))
+    g = torch.randn(3, 16, 36)
+    attn(x, rel).backward(g)
+    v = ref_attn.v(x_ref).reshape(3, 16, 9, 4).transpose(1, 2)
+    ref = ref_attn.proj((ref_attn.get_attention(x_ref, rel) @ v).transpose(1, 2).reshape(3, 16, 36))
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    for (n, a), b in zip(attn.named_parameters(), ref_attn.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_gates_start_at_one_and_weight_positional_attention():

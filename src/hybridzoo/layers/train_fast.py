@@ -15,8 +15,13 @@ The benchmarks/RESULTS.md lever table has the per-product figures.
 applied before or after the optimiser is built, and checkpoints are unchanged. `FastLinear` computes the
 same function and gradients as `nn.Linear` (fp32 rounding aside: the two libraries sum in different
 orders). It takes the oneDNN route only in training mode, when a gradient is to be taken, from an fp32 CPU
-tensor outside autocast; everywhere else (eval mode, no autograd, tracing, `torch.compile`, other dtypes or
-devices, oneDNN missing) it is `F.linear`, so evaluation and export see the plain operator bit for bit.
+tensor outside autocast; everywhere else (eval mode, no autograd, tracing, other dtypes or devices, oneDNN
+missing) it is `F.linear`, so evaluation and export see the plain operator bit for bit.
+
+Under `torch.compile` (`hybridzoo train --compile`) the same products are the registered custom operator
+`hybridzoo::onednn_linear` (with its autograd formula and a shape-only fake kernel), so inductor keeps oneDNN's
+forward and input-gradient products as opaque calls and fuses the element-wise work around them (bias
+gradient, activations, residual adds, LayerNorm) instead of falling back to MKL's `addmm`.
 """
 
 from __future__ import annotations
@@ -26,19 +31,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FastLinear", "optimize_for_cpu_training", "fast_training_available", "fast_linear", "MIN_WEIGHT_NUMEL"]
+__all__ = ["FastLinear", "optimize_for_cpu_training", "fast_training_available", "fast_linear", "onednn_linear",
+           "MIN_WEIGHT_NUMEL"]
+
+
+# Decided once: dynamo refuses to trace `torch.backends.mkldnn.is_available` (a graph break per layer).
+_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def fast_training_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return _AVAILABLE
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, linear):
+    """dx through `linear` (oneDNN: dx = dy·W is a linear layer with weight Wᵀ, which oneDNN wants dense),
+    dW = dyᵀ·x through MKL (faster there, see the module docstring) and db as a column sum."""
+    need_x, need_w, need_b = ctx.needs_input_grad
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    dx = linear(grad_out, weight.t().contiguous(), None) if need_x else None
+    dw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+    db = g2.sum(0) if need_b and ctx.has_bias else None
+    return dx, dw, db
+
+
 class _FastLinearFn(torch.autograd.Function):
-    """y = x·Wᵀ + b: forward and dx through oneDNN, dW through MKL, db as a column sum."""
+    """y = x·Wᵀ + b: forward and dx through oneDNN, dW through MKL, db as a column sum (eager mode)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -50,17 +71,35 @@ class _FastLinearFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        dx = dw = db = None
-        if need_x:
-            # dx = dy·W is a linear layer with weight Wᵀ; oneDNN wants it dense
-            dx = _onednn_linear(grad_out, weight.t().contiguous(), None)
-        if need_w:
-            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
-        if need_b and ctx.has_bias:
-            db = g2.sum(0)
-        return dx, dw, db
+        return _linear_grads(ctx, x, weight, grad_out, _onednn_linear)
+
+
+# The same products as a custom operator, for `torch.compile`: dynamo cannot trace into oneDNN's call from an
+# autograd.Function's Python, but it keeps a registered operator (with a fake kernel for shapes) as one node.
+# Eager mode keeps `_FastLinearFn`, whose dispatch costs ~100 µs less per layer and step.
+@torch.library.custom_op("hybridzoo::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x·Wᵀ + b through oneDNN's inner product (fp32 CPU tensors)."""
+    return _onednn_linear(x, weight, bias)
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _op_backward(ctx, grad_out: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    return _linear_grads(ctx, x, weight, grad_out, onednn_linear)
+
+
+onednn_linear.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -72,13 +111,15 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` with the oneDNN/MKL routing of `FastLinear` where a gradient is to be taken.
 
-    Without autograd (evaluation, inference) and while tracing or compiling it is exactly `F.linear`, so
-    validation figures, exports and `torch.compile` see the plain operator."""
+    Without autograd (evaluation, inference) and while tracing or scripting it is exactly `F.linear`, so
+    validation figures and exports see the plain operator; under `torch.compile` it is the custom operator
+    `hybridzoo::onednn_linear` (same products, see the module docstring)."""
     if (not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
-            or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-            or not _applies(x, weight)):
+            or torch.jit.is_tracing() or torch.jit.is_scripting() or not _applies(x, weight)):
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return onednn_linear(x, weight, bias)
     return _FastLinearFn.apply(x, weight, bias)
 
 
