@@ -13,6 +13,8 @@ restored for their step only):
               gate still scales in place)
   fast        today's path: weights packed for the actual input shape, the residual add as the
               convolution's sum post-op written into the shortcut's buffer
+  1x1-as-conv today's path with the 1×1 convolutions without a residual as shape-packed convolutions too
+              (`OneDNNConv2d.INNER_PRODUCT_1X1 = False`; not in the default set)
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
