@@ -37,6 +37,7 @@ neither trainable nor saved. Measured benefits depend on the machine; see benchm
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -311,15 +312,17 @@ def _leave_bf16(module: nn.Module, args, output):
 # product and every small op (LayerNorm, adds, softmax, SDPA) free of OpenMP fork/join and of the second
 # thread's idle time at each of the ~150 parallel regions of a forward; the packed products run at the same
 # per-thread rate either way.
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    # keyed by process too: a forked child (a DataLoader worker) inherits the dict but not the threads
+    key = (os.getpid(), workers)
     with _POOL_LOCK:
-        if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hybridzoo-split")
-        return _POOLS[workers]
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="hybridzoo-split")
+        return _POOLS[key]
 
 
 def _batch_leaves(out, n: int) -> bool:
