@@ -152,3 +152,11 @@ def test_split_batch_in_a_forked_child(two_threads):
     finally:
         _FORKED.clear()
     torch.testing.assert_close(got, want)
+
+
+def test_bf16_copy_is_not_split(two_threads):
+    # autocast is thread-local: the bf16 copy's region would not reach worker threads, so it keeps whole batches
+    fast = optimize_for_cpu_inference(Recorder(), dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fast(torch.randn(4, 8))
+    assert [c[0] for c in fast.calls] == [4]
