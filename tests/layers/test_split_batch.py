@@ -124,6 +124,9 @@ def test_a_failing_part_restores_the_thread_setting(two_threads):
     with pytest.raises(ValueError, match="bad part"):
         split_batch_forward(forward, torch.randn(3, 2))
     assert torch.get_num_threads() == 2
+    # more parts than the caller's threads: the caller's setting, not the part count, comes back
+    assert split_batch_forward(lambda t: t * 2, torch.ones(4, 2), threads=4).sum() == 16
+    assert torch.get_num_threads() == 2
 
 
 

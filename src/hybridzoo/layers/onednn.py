@@ -344,7 +344,8 @@ def split_batch_forward(forward, x: torch.Tensor, threads: int | None = None):
 
     Only for functions whose output row i depends on input row i alone (eval-mode networks). The grad mode and
     inference mode of the caller hold inside the workers. While it runs, `torch.get_num_threads()` reads 1."""
-    threads = torch.get_num_threads() if threads is None else threads
+    before = torch.get_num_threads()
+    threads = before if threads is None else threads
     parts = x.tensor_split(min(threads, x.shape[0]))
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
@@ -358,7 +359,7 @@ def split_batch_forward(forward, x: torch.Tensor, threads: int | None = None):
         futures = [_pool(len(parts) - 1).submit(run, p) for p in parts[1:]]
         outs = [forward(parts[0])] + [f.result() for f in futures]
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     if not all(_batch_leaves(o, p.shape[0]) for o, p in zip(outs, parts)):
         return None
     return _concat(outs)
