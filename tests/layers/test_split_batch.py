@@ -6,6 +6,8 @@ mode must hold, and outputs that are not per-input tensors must fall back to the
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import threading
 
 import pytest
@@ -122,3 +124,42 @@ def test_a_failing_part_restores_the_thread_setting(two_threads):
     with pytest.raises(ValueError, match="bad part"):
         split_batch_forward(forward, torch.randn(3, 2))
     assert torch.get_num_threads() == 2
+    # more parts than the caller's threads: the caller's setting, not the part count, comes back
+    assert split_batch_forward(lambda t: t * 2, torch.ones(4, 2), threads=4).sum() == 16
+    assert torch.get_num_threads() == 2
+
+
+
+_FORKED: dict = {}   # what the forked child finds in its copy of the parent's memory (the model cannot be pickled)
+
+
+def _child_forward():
+    fast, x = _FORKED["case"]
+    torch.set_num_threads(2)
+    with torch.inference_mode():
+        return fast(x)[0].clone()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_split_batch_in_a_forked_child(two_threads):
+    # the parent's worker threads do not survive a fork: the child must start its own, not wait on dead ones
+    torch.manual_seed(0)
+    fast = optimize_for_cpu_inference(Recorder())
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        want = fast(x)[0]            # the parent's pool exists now
+    _FORKED["case"] = (fast, x)
+    try:
+        with mp.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_child_forward).get(timeout=60)
+    finally:
+        _FORKED.clear()
+    torch.testing.assert_close(got, want)
+
+
+def test_bf16_copy_is_not_split(two_threads):
+    # autocast is thread-local: the bf16 copy's region would not reach worker threads, so it keeps whole batches
+    fast = optimize_for_cpu_inference(Recorder(), dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fast(torch.randn(4, 8))
+    assert [c[0] for c in fast.calls] == [4]

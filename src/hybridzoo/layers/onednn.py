@@ -42,6 +42,7 @@ neither trainable nor saved. Measured benefits depend on the machine; see benchm
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -352,15 +353,17 @@ def _leave_bf16(module: nn.Module, args, output):
 # product and every small op (LayerNorm, adds, softmax, SDPA) free of OpenMP fork/join and of the second
 # thread's idle time at each of the ~150 parallel regions of a forward; the packed products run at the same
 # per-thread rate either way.
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    # keyed by process too: a forked child (a DataLoader worker) inherits the dict but not the threads
+    key = (os.getpid(), workers)
     with _POOL_LOCK:
-        if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hybridzoo-split")
-        return _POOLS[workers]
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="hybridzoo-split")
+        return _POOLS[key]
 
 
 def _batch_leaves(out, n: int) -> bool:
@@ -382,7 +385,8 @@ def split_batch_forward(forward, x: torch.Tensor, threads: int | None = None):
 
     Only for functions whose output row i depends on input row i alone (eval-mode networks). The grad mode and
     inference mode of the caller hold inside the workers. While it runs, `torch.get_num_threads()` reads 1."""
-    threads = torch.get_num_threads() if threads is None else threads
+    before = torch.get_num_threads()
+    threads = before if threads is None else threads
     parts = x.tensor_split(min(threads, x.shape[0]))
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
@@ -396,7 +400,7 @@ def split_batch_forward(forward, x: torch.Tensor, threads: int | None = None):
         futures = [_pool(len(parts) - 1).submit(run, p) for p in parts[1:]]
         outs = [forward(parts[0])] + [f.result() for f in futures]
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     if not all(_batch_leaves(o, p.shape[0]) for o, p in zip(outs, parts)):
         return None
     return _concat(outs)
