@@ -14,6 +14,7 @@ import hybridzoo
 from hybridzoo.layers.mlp import Mlp, QuickGELU
 from hybridzoo.layers.conv import ConvBnAct
 from hybridzoo.models.convit import GPSA
+from hybridzoo.layers import onednn
 from hybridzoo.layers.onednn import OneDNNConv2d, OneDNNLinear, onednn_available, optimize_for_cpu_inference
 from hybridzoo.registry import get_card
 from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
@@ -263,8 +264,11 @@ def test_activations_are_fused_into_fc1():
     assert mlp.fc2.scale == pytest.approx(1 / 1.702)
 
 
+@pytest.mark.parametrize("route", ["onednn", "mkl"])
 @pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), QuickGELU()])
-def test_every_fusable_activation(act):
+def test_every_fusable_activation(act, route, monkeypatch):
+    # tiny products run through MKL with the activation applied after it; the others as oneDNN post-ops
+    monkeypatch.setattr(onednn, "TINY_PRODUCT", 10**9 if route == "mkl" else 0)
     torch.manual_seed(0)
     mlp = Mlp(24, 96, act_layer=lambda: act)
     x = 3 * torch.randn(2, 7, 24)
