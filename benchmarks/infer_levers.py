@@ -69,13 +69,7 @@ def _before_forward(self, x, other=None, inplace=False):
 
 def _before_mbconv(self, x, owned=False):
     """CoAtNet's frozen MBConv as it was: the SE gate multiplies into a new buffer."""
-    from hybridzoo.models.coatnet import _pool
-    if self.pre_norm is not None:
-        x, y = _pool(x, self.pool_type), _pool(self.pre_norm(x), self.pool_type)
-    else:
-        if self.stride == 2:
-            x = _pool(x, self.pool_type)
-        y = x
+    x, y = self.pooled_inputs(x)
     y = self.se(self.conv2(self.conv1(y)))
     return self.conv3(y, self.shortcut(x))
 

@@ -126,13 +126,16 @@ class _FrozenMBConv(nn.Module):
         self.conv3 = OneDNNConv2d(m.conv3, batch_hint=batch_hint)
         self.shortcut = m.shortcut
 
-    def forward(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
+    def pooled_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the shortcut's input, the residual branch's input), both pooled where the block downsamples."""
         if self.pre_norm is not None:
-            x, y = _pool(x, self.pool_type), _pool(self.pre_norm(x), self.pool_type)
-        else:
-            if self.stride == 2:
-                x = _pool(x, self.pool_type)
-            y = x
+            return _pool(x, self.pool_type), _pool(self.pre_norm(x), self.pool_type)
+        if self.stride == 2:
+            x = _pool(x, self.pool_type)
+        return x, x
+
+    def forward(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        x, y = self.pooled_inputs(x)
         y = self.conv2(self.conv1(y))
         y = y.mul_(self.se.gate_of(y))  # conv2's output is ours: the SE gate scales it in place (no 2nd buffer)
         fresh = owned or self.stride == 2 or not isinstance(self.shortcut, nn.Identity)
