@@ -210,6 +210,24 @@ def test_conv_weight_is_packed_once_per_input_shape():
         assert len(fused._packed) <= OneDNNConv2d.MAX_PACKED_SHAPES
 
 
+def test_conv_weight_packing_from_several_threads_at_once():
+    # the batch split packs from two threads at once; more new shapes than the cache holds must neither
+    # raise (the eviction popping one entry twice) nor give a wrong result
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    fused = OneDNNConv2d(conv)
+    xs = [torch.randn(1 + i % 3, 4, 5 + i, 6) for i in range(12)]
+
+    def check(x):
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(x), conv(x), rtol=1e-4, atol=1e-4)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, xs * 3))
+    assert len(fused._packed) <= OneDNNConv2d.MAX_PACKED_SHAPES
+
+
 def _identity_shortcut_stage(kind: str) -> nn.Module:
     from hybridzoo.models.botnet import Bottleneck, Stage
     from hybridzoo.models.coatnet import MBConv

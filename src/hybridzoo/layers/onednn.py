@@ -58,6 +58,7 @@ __all__ = ["InplaceChain", "OneDNNConv2d", "OneDNNLinear", "conv_post_op", "fold
            "optimize_for_cpu_inference", "onednn_available", "split_batch_forward", "QUICK_GELU_ALPHA"]
 
 QUICK_GELU_ALPHA = 1.702
+_PACK_LOCK = threading.Lock()
 
 
 def onednn_available() -> bool:
@@ -174,10 +175,14 @@ class OneDNNConv2d(nn.Module):
         shape = tuple(x.shape)
         w = self._packed.get(shape)
         if w is None:
-            if len(self._packed) >= self.MAX_PACKED_SHAPES:
-                self._packed.pop(next(iter(self._packed)))
-            w = self._packed[shape] = torch.ops.mkldnn._reorder_convolution_weight(
+            w = torch.ops.mkldnn._reorder_convolution_weight(
                 self.conv_weight, self.padding, self.stride, self.dilation, self.groups, list(shape))
+            # the batch split calls this from two threads at once (an odd batch gives two new shapes): the
+            # eviction must not pop the same oldest entry twice
+            with _PACK_LOCK:
+                while len(self._packed) >= self.MAX_PACKED_SHAPES:
+                    self._packed.pop(next(iter(self._packed)))
+                self._packed[shape] = w
         return w
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
