@@ -119,6 +119,20 @@ def compiled_train_contestant(name: str, group: str, model: nn.Module, x: torch.
                       f"{TRAIN_NOTE}, torch.compile (inductor); compile + first step {seconds:.0f} s")
 
 
+def train_contestants_of(name: str, group: str, impl: str, model: nn.Module, note: str, x: torch.Tensor,
+                         macs: int | None, params: int | None,
+                         compile_times: dict[str, float] | None = None) -> list[Contestant]:
+    """One model's training contestants: ours through the trainer's fp32 CPU path (optimize_for_cpu_training +
+    fused AdamW), a peer as built; with `compile_times` given, ours also under torch.compile
+    (`compiled_train_contestant`)."""
+    ours = impl == "ours"
+    cs = [Contestant(name, group, impl, make_train_step(model, x, fast=ours), macs, params,
+                     note + ("; " if note else "") + TRAIN_NOTE if ours else note)]
+    if ours and compile_times is not None:
+        cs.append(compiled_train_contestant(name, group, model, x, macs, params, compile_times))
+    return cs
+
+
 def count_macs_safe(model: nn.Module, x: torch.Tensor) -> int | None:
     """Forward MACs of one image, counted on a meta-device copy.
 

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from _common import (TRAIN_NOTE, Contestant, base_parser, count_macs_safe, make_inference_step,  # noqa: I001
-                     compiled_train_contestant, make_train_step, parse_and_setup,
+from _common import (Contestant, base_parser, count_macs_safe, make_inference_step,  # noqa: I001
+                     parse_and_setup, train_contestants_of,
                      run_scenarios)
 
 import hybridzoo
@@ -216,18 +216,10 @@ def main() -> None:
 
     def train_contestants():
         # ours through the trainer's fp32 CPU path (optimize_for_cpu_training + fused AdamW), timm as built
-        cs = []
-        for group, scen, entries in pairs:
-            if scen is not None and "training" not in scen:
-                continue
-            for name, impl, model, note in entries:
-                cs.append(Contestant(name, group, impl, make_train_step(model, x_train, fast=impl == "ours"),
-                                     macs[name], params[name],
-                                     note + ("; " if note else "") + TRAIN_NOTE if impl == "ours" else note))
-                if impl == "ours" and args.train_compile:
-                    cs.append(compiled_train_contestant(name, group, model, x_train, macs[name], params[name],
-                                                        compile_times))
-        return cs
+        return [c for group, scen, entries in pairs if scen is None or "training" in scen
+                for name, impl, model, note in entries
+                for c in train_contestants_of(name, group, impl, model, note, x_train, macs[name], params[name],
+                                              compile_times if args.train_compile else None)]
 
     scenarios = []
     if "infer" in args.scenarios:

@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from _common import (TRAIN_NOTE, Contestant, base_parser, count_macs_safe, make_inference_step,  # noqa: I001
-                     compiled_train_contestant, make_train_step, parse_and_setup,
+from _common import (Contestant, base_parser, count_macs_safe, make_inference_step,  # noqa: I001
+                     parse_and_setup, train_contestants_of,
                      run_scenarios)
 
 import hybridzoo  # noqa: F401  (registers the models)
@@ -119,16 +119,10 @@ def main() -> None:
     if "train" in args.scenarios:
         def train_contestants():
             # ours through the trainer's fp32 CPU path (optimize_for_cpu_training + fused AdamW), HF as built
-            cs = []
-            for group, entries in pairs:
-                for name, impl, model, note in entries:
-                    cs.append(Contestant(name, group, impl, make_train_step(model, x_train, fast=impl == "ours"),
-                                         macs[name], params[name],
-                                         note + ("; " if note else "") + TRAIN_NOTE if impl == "ours" else note))
-                    if impl == "ours" and args.train_compile and "act=GELU" not in name:
-                        cs.append(compiled_train_contestant(name, group, model, x_train, macs[name], params[name],
-                                                            compile_times))
-            return cs
+            return [c for group, entries in pairs for name, impl, model, note in entries
+                    for c in train_contestants_of(name, group, impl, model, note, x_train, macs[name], params[name],
+                                                  compile_times if args.train_compile and "act=GELU" not in name
+                                                  else None)]
         scenarios.append(("training", args.train_batch, 6.0, train_contestants, args.train_rounds, 1))
     if "latency" in args.scenarios:
         scenarios.append(("latency-bs1", 1, 2.0, lambda: infer_contestants(x_one), args.rounds, 5))
