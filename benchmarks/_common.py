@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peak import cpu_name, load_average, measure_peak  # noqa: E402
 
+from hybridzoo.engine.cpu_memory import allocator_in_use  # noqa: E402
+
 
 @dataclass
 class Contestant:
@@ -180,7 +182,8 @@ def summarise(c: Contestant, batch_size: int, flops_per_mac: float) -> dict[str,
 def environment(threads: int) -> dict[str, Any]:
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu_name(), "machine": platform.machine(),
             "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "loadavg_start": load_average()}
+            "torch": torch.__version__, "loadavg_start": load_average(), "allocator": allocator_in_use(),
+            **{k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_PRELOAD") if k in os.environ}}
     for mod in ("timm", "transformers"):
         try:
             info[mod] = __import__(mod).__version__
@@ -307,12 +310,19 @@ def base_parser(description: str, rounds: int) -> argparse.ArgumentParser:
                     choices=["infer", "train", "latency"])
     ap.add_argument("--no-peak", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned: raise glibc's mmap/trim thresholds for the whole process (both contestants), as "
+                         "the hybridzoo CLI does (hybridzoo.engine.cpu_memory); default: glibc as it starts. "
+                         "An allocator preloaded with LD_PRELOAD (jemalloc, tcmalloc) is left alone")
     return ap
 
 
 def parse_and_setup(ap: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse, then fix threads and seed and silence warnings, identically for both sides."""
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
+        tune_glibc_malloc()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")

@@ -145,11 +145,17 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser(task=None) -> argparse.ArgumentParser:
     """The full parser; `task` (a Task) adds its options to train / eval / predict."""
     parser = argparse.ArgumentParser(prog=PROG, description="CNN–Transformer hybrid networks, faithful to their papers.",
-                                     epilog="Global option: --plugin MODULE_OR_FILE.py imports extra models/tasks.")
+                                     epilog="Global options (before COMMAND): --plugin MODULE_OR_FILE.py imports extra models/tasks; "
+                                            "--malloc tuned|default (docs/performance.md).")
     from hybridzoo import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file registering models/tasks")
+    parser.add_argument("--malloc", choices=["tuned", "default"], default=os.environ.get("HYBRIDZOO_MALLOC", "tuned"),
+                        help="tuned (default): glibc keeps freed tensor memory for reuse instead of returning it to "
+                             "the kernel, which saves the page faults of every step (docs/performance.md); default: "
+                             "glibc as it starts. Also HYBRIDZOO_MALLOC=default. No effect with another allocator "
+                             "preloaded or outside glibc")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("list", help="list registered models")
@@ -746,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{pre.config!r}: unknown options {unknown}")
             train_parser.set_defaults(**_typed_config(cfg, train_parser, pre.config))
         args = parser.parse_args(argv)
+        if args.malloc not in ("tuned", "default"):  # an environment default is not checked by argparse
+            raise ValueError(f"HYBRIDZOO_MALLOC={args.malloc!r}: expected 'tuned' or 'default'")
         if args.command is None:
             parser.print_help()
             return 0
@@ -755,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "weights":
             return cmd_weights(args)
+        if args.malloc == "tuned":
+            from hybridzoo.engine.cpu_memory import tune_glibc_malloc
+
+            tune_glibc_malloc()
         if getattr(args, "amp", None) == "bf16":
             from hybridzoo.engine.amp import warn_if_bf16_slow
 
