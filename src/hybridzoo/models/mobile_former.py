@@ -315,6 +315,12 @@ def _beside() -> ThreadPoolExecutor:
         return pool
 
 
+def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """A channels-last B×C×H×W map as a B×heads×HW×(C/heads) view (the pixels as queries); raises if not a view."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).view(B, H * W, heads, C // heads).transpose(1, 2)
+
+
 class _FrozenMobileFormerBlock(nn.Module):
     """MobileFormerBlock for the oneDNN inference path (`optimize_for_cpu_inference`).
 
@@ -333,6 +339,10 @@ class _FrozenMobileFormerBlock(nn.Module):
     """
 
     PARALLEL = True
+    # with PARALLEL: the rest of the block (after the first convolution) as two halves of the map, one per thread,
+    # on maps of at least SPLIT_MIN_ROWS rows
+    SPLIT_ROWS = True
+    SPLIT_MIN_ROWS = 8
 
     def __init__(self, blk: MobileFormerBlock, batch_hint: int | None):
         super().__init__()
@@ -392,24 +402,82 @@ class _FrozenMobileFormerBlock(nn.Module):
         # a fresh channels-last B×C×H×W copy: the residual goes into it
         return out.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2).add_(x)
 
+    def _can_split_rows(self, y: torch.Tensor) -> bool:
+        # one image, ungrouped pointwise convolutions (no channel shuffle) and a stride-1 depthwise after the first
+        # convolution, on a map tall enough that the halo row is a small share of each half
+        mob = self.mobile
+        return (self.SPLIT_ROWS and y.shape[0] == 1 and y.shape[2] >= self.SPLIT_MIN_ROWS and mob.groups == 1
+                and (self.downsample or tuple(mob.dw[0].stride) == (1, 1)))
+
+    def _rest_rows(self, y: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, kv: torch.Tensor, x: torch.Tensor,
+                   rows: tuple[int, int], barrier: threading.Barrier, out: torch.Tensor) -> None:
+        """The block after the first convolution, for output rows [r0, r1) only, written into out[:, :, r0:r1].
+
+        Every step is per pixel (pointwise products, dynamic ReLU, Former→Mobile's pixel queries, residuals)
+        except the 3×3 stride-1 depthwise convolution, which reads one row above and below: it runs on the
+        rows r0 − 1 … r1 (zero padding at a slab edge only spoils the halo row's own output, which is cut
+        off). The first dynamic ReLU works in place in y, so each thread applies it to its own rows and waits
+        for the other (`barrier`) before reading the halo row."""
+        mob, (r0, r1), H = self.mobile, rows, y.shape[2]
+        try:
+            mob.act1.apply_slopes(y[:, :, r0:r1], u1)
+        except BaseException:
+            barrier.abort()   # the other thread must not wait for this one forever
+            raise
+        barrier.wait()
+        a0, a1 = max(r0 - 1, 0), min(r1 + 1, H)
+        if self.downsample:   # MobileDown.forward after dw1, on a slab with the halo rows
+            x1 = mob.pw1(y[:, :, a0:a1])
+            t = mob.pw2(mob.act2.apply_slopes(mob.dw2(x1)[:, :, r0 - a0:r1 - a0], u2)).add_(x1[:, :, r0 - a0:r1 - a0])
+        else:                 # Mobile.forward after act1
+            t = mob.pw2(mob.act2.apply_slopes(mob.dw(y[:, :, a0:a1])[:, :, r0 - a0:r1 - a0], u2))
+            if self.identity:
+                t = t.add_(x[:, :, r0:r1])
+        dst = out[:, :, r0:r1]
+        # Former→Mobile on these pixels, the residual added straight into the output rows
+        B, C, h, W = t.shape
+        heads = self.f2m_heads
+        T = kv.shape[1]
+        q = _heads_view(t, heads)
+        k = kv[..., :C].reshape(B, T, heads, -1).transpose(1, 2)
+        v = kv[..., C:].reshape(B, T, heads, -1).transpose(1, 2)
+        torch.add(F.scaled_dot_product_attention(q, k, v, scale=self.f2m_scale), q, out=_heads_view(dst, heads))
+        if self.downsample and self.identity:
+            dst.add_(x[:, :, r0:r1])
+
     def forward(self, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, z = state
         threads = torch.get_num_threads()
         if self.PARALLEL and x.shape[0] == 1 and threads > 1:
             inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
-            def side():
-                torch.set_num_threads(1)
-                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                    return self.tokens(x, z)
+            def beside(fn, *args):
+                def run():
+                    torch.set_num_threads(1)
+                    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                        return fn(*args)
+                return _beside().submit(run)
 
-            future = _beside().submit(side)
             torch.set_num_threads(1)
             try:
+                future = beside(self.tokens, x, z)
                 y = self._first(x)
+                z, u1, u2, kv = future.result()
+                if self._can_split_rows(y):
+                    # the rest of the block on two halves of the map, one per thread
+                    H = y.shape[2]
+                    out = torch.empty(1, self.f2m_channels, H, y.shape[3]).contiguous(memory_format=torch.channels_last)
+                    barrier = threading.Barrier(2)
+                    future = beside(self._rest_rows, y, u1, u2, kv, x, ((H + 1) // 2, H), barrier, out)
+                    try:
+                        self._rest_rows(y, u1, u2, kv, x, (0, (H + 1) // 2), barrier, out)
+                    except threading.BrokenBarrierError:
+                        future.result()   # the other thread failed first: raise its error
+                        raise
+                    future.result()
+                    return out, z
             finally:
                 torch.set_num_threads(threads)
-            z, u1, u2, kv = future.result()
         else:
             z, u1, u2, kv = self.tokens(x, z)
             y = self._first(x)
