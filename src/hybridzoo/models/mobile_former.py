@@ -106,7 +106,10 @@ _SCRATCH = threading.local()
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
     buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype:
+    # a buffer made under inference_mode cannot be written outside it (a call under no_grad after one under
+    # inference_mode): a new one then
+    if (buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype
+            or buf.is_inference() and not torch.is_inference_mode_enabled()):
         buf = _SCRATCH.buf = torch.empty(like.numel(), dtype=like.dtype)
     return buf[:like.numel()].as_strided(like.shape, like.stride())
 
@@ -340,9 +343,10 @@ class _FrozenMobileFormerBlock(nn.Module):
 
     PARALLEL = True
     # with PARALLEL: the rest of the block (after the first convolution) as two halves of the map, one per thread,
-    # on maps of at least SPLIT_MIN_ROWS rows
+    # on maps of at least SPLIT_MIN_ROWS rows (7: all of Mobile-Former-294M's blocks at 224²; smaller maps run
+    # with the caller's intra-op threads)
     SPLIT_ROWS = True
-    SPLIT_MIN_ROWS = 8
+    SPLIT_MIN_ROWS = 7
 
     def __init__(self, blk: MobileFormerBlock, batch_hint: int | None):
         super().__init__()
@@ -402,11 +406,19 @@ class _FrozenMobileFormerBlock(nn.Module):
         # a fresh channels-last B×C×H×W copy: the residual goes into it
         return out.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2).add_(x)
 
-    def _can_split_rows(self, y: torch.Tensor) -> bool:
-        # one image, ungrouped pointwise convolutions (no channel shuffle) and a stride-1 depthwise after the first
+    def _first_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """(H, W) of the first convolution's output."""
+        if not self.downsample:
+            return x.shape[2], x.shape[3]   # pw1: 1×1, stride 1
+        conv = self.mobile.dw1[0]
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, p, s, d in
+                     zip(x.shape[2:], conv.kernel_size, conv.padding, conv.stride, conv.dilation))
+
+    def _can_split_rows(self, rows: int) -> bool:
+        # ungrouped pointwise convolutions (no channel shuffle) and a stride-1 depthwise after the first
         # convolution, on a map tall enough that the halo row is a small share of each half
         mob = self.mobile
-        return (self.SPLIT_ROWS and y.shape[0] == 1 and y.shape[2] >= self.SPLIT_MIN_ROWS and mob.groups == 1
+        return (self.SPLIT_ROWS and rows >= self.SPLIT_MIN_ROWS and mob.groups == 1
                 and (self.downsample or tuple(mob.dw[0].stride) == (1, 1)))
 
     def _rest_rows(self, y: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, kv: torch.Tensor, x: torch.Tensor,
@@ -419,11 +431,7 @@ class _FrozenMobileFormerBlock(nn.Module):
         off). The first dynamic ReLU works in place in y, so each thread applies it to its own rows and waits
         for the other (`barrier`) before reading the halo row."""
         mob, (r0, r1), H = self.mobile, rows, y.shape[2]
-        try:
-            mob.act1.apply_slopes(y[:, :, r0:r1], u1)
-        except BaseException:
-            barrier.abort()   # the other thread must not wait for this one forever
-            raise
+        mob.act1.apply_slopes(y[:, :, r0:r1], u1)
         barrier.wait()
         a0, a1 = max(r0 - 1, 0), min(r1 + 1, H)
         if self.downsample:   # MobileDown.forward after dw1, on a slab with the halo rows
@@ -445,39 +453,74 @@ class _FrozenMobileFormerBlock(nn.Module):
         if self.downsample and self.identity:
             dst.add_(x[:, :, r0:r1])
 
+    def _forward_two_threads(self, x: torch.Tensor, z: torch.Tensor, threads: int):
+        """One image on two threads, one intra-op thread each, one hand-off: the second thread runs the token side,
+        then (maps of at least SPLIT_MIN_ROWS rows) the lower half of the rest; this thread the first convolution,
+        then the upper half. Returns (out, z) when the halves ran, else (None, z, u1, u2, kv, y) for the caller
+        to finish the block with its own threads."""
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        H, W = self._first_size(x)
+        split = self._can_split_rows(H)
+        half = (H + 1) // 2
+        shared: dict = {}
+        tokens_ready, y_ready = threading.Event(), threading.Event()
+        barrier = threading.Barrier(2)
+        out = torch.empty(1, self.f2m_channels, H, W).contiguous(memory_format=torch.channels_last) if split else None
+
+        def side():
+            torch.set_num_threads(1)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                try:
+                    shared["tokens"] = self.tokens(x, z)
+                finally:
+                    tokens_ready.set()
+                if split:
+                    y_ready.wait()
+                    if "y" not in shared:
+                        barrier.abort()
+                        return
+                    try:
+                        _, u1, u2, kv = shared["tokens"]
+                        self._rest_rows(shared["y"], u1, u2, kv, x, (half, H), barrier, out)
+                    except BaseException:
+                        barrier.abort()   # the other thread must not wait for this one forever
+                        raise
+
+        future = _beside().submit(side)
+        torch.set_num_threads(1)
+        try:
+            try:
+                y = shared["y"] = self._first(x)
+            finally:
+                y_ready.set()
+            tokens_ready.wait()
+            if "tokens" not in shared:
+                future.result()   # raises the second thread's error
+            z, u1, u2, kv = shared["tokens"]
+            if not split:
+                future.result()
+                return None, z, u1, u2, kv, y
+            try:
+                self._rest_rows(y, u1, u2, kv, x, (0, half), barrier, out)
+            except threading.BrokenBarrierError:
+                future.result()   # the other thread failed first: raise its error
+                raise
+            except BaseException:
+                barrier.abort()
+                raise
+            future.result()
+            return out, z
+        finally:
+            torch.set_num_threads(threads)
+
     def forward(self, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, z = state
         threads = torch.get_num_threads()
         if self.PARALLEL and x.shape[0] == 1 and threads > 1:
-            inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-            def beside(fn, *args):
-                def run():
-                    torch.set_num_threads(1)
-                    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                        return fn(*args)
-                return _beside().submit(run)
-
-            torch.set_num_threads(1)
-            try:
-                future = beside(self.tokens, x, z)
-                y = self._first(x)
-                z, u1, u2, kv = future.result()
-                if self._can_split_rows(y):
-                    # the rest of the block on two halves of the map, one per thread
-                    H = y.shape[2]
-                    out = torch.empty(1, self.f2m_channels, H, y.shape[3]).contiguous(memory_format=torch.channels_last)
-                    barrier = threading.Barrier(2)
-                    future = beside(self._rest_rows, y, u1, u2, kv, x, ((H + 1) // 2, H), barrier, out)
-                    try:
-                        self._rest_rows(y, u1, u2, kv, x, (0, (H + 1) // 2), barrier, out)
-                    except threading.BrokenBarrierError:
-                        future.result()   # the other thread failed first: raise its error
-                        raise
-                    future.result()
-                    return out, z
-            finally:
-                torch.set_num_threads(threads)
+            result = self._forward_two_threads(x, z, threads)
+            if result[0] is not None:
+                return result
+            z, u1, u2, kv, y = result[1:]
         else:
             z, u1, u2, kv = self.tokens(x, z)
             y = self._first(x)
