@@ -337,8 +337,9 @@ class _FrozenMobileFormerBlock(nn.Module):
     convolution needs the block input but not the tokens (only its dynamic ReLU does; same order in the official
     `DnaBlock.forward`: `conv1(features)` before `hyper1(tokens)`), so the token side runs on a second Python
     thread while the caller runs that convolution, each with one intra-op thread (torch ops release the GIL);
-    the rest of the block then runs with the caller's threads. A batch of several images already has both
-    threads busy (one part of the batch per thread, `split_batch_forward`) and runs it in sequence.
+    then each thread runs the rest of the block on one half of the map's rows (`_rest_rows`; `SPLIT_ROWS`), or,
+    on maps too small to split, the caller runs it with its own threads. A batch of several images already has
+    both threads busy (one part of the batch per thread, `split_batch_forward`) and runs it in sequence.
     """
 
     PARALLEL = True
