@@ -15,6 +15,17 @@ restored for their step only):
               convolution's sum post-op written into the shortcut's buffer
   1x1-as-conv today's path with the 1×1 convolutions without a residual as shape-packed convolutions too
               (`OneDNNConv2d.INNER_PRODUCT_1X1 = False`; not in the default set)
+Mobile-Former (session 6; `--models mobile_former_294m --batch 1 --variants mf-unfrozen mf-serial mf-branches
+fast mf-rows8`; the batch-1 levers engage with ≥ 2 threads only):
+  mf-unfrozen  the path as it was before session 6: the blocks' own modules, one op after the other (a copy
+               built without `MobileFormerBlock.freeze_for_cpu_inference`)
+  mf-serial    the frozen block (merged token products) without its second thread
+  mf-branches  the frozen block's token side on a second thread beside the first convolution, the rest of
+               the block with the caller's threads (`SPLIT_ROWS = False`)
+  fast         today's path: the above, and the rest of the block as two halves of the map, one per thread,
+               on maps of at least 7 rows (every block of Mobile-Former-294M at 224²)
+  mf-rows8     the same with 7-row maps left whole, run by the caller's threads (`SPLIT_MIN_ROWS = 8`: the
+               7×7 stage of Mobile-Former-294M)
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
@@ -36,6 +47,7 @@ import hybridzoo  # noqa: F401,I001
 from hybridzoo.factory import create_model
 from hybridzoo.layers import onednn
 from hybridzoo.layers.onednn import InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
+from hybridzoo.models import mobile_former
 from hybridzoo.models.coatnet import _FrozenMBConv
 
 
@@ -84,7 +96,13 @@ def _no_inplace_chain(self, x):
 def patched(variant: str):
     saved = OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward
     inner = OneDNNConv2d.INNER_PRODUCT_1X1
+    mf = mobile_former._FrozenMobileFormerBlock
+    mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS
     try:
+        mf.PARALLEL = variant != "mf-serial"
+        mf.SPLIT_ROWS = variant != "mf-branches"
+        if variant == "mf-rows8":
+            mf.SPLIT_MIN_ROWS = 8
         if variant in ("before", "no-inplace"):
             InplaceChain.forward = _no_inplace_chain
         if variant == "1x1-as-conv":
@@ -96,6 +114,17 @@ def patched(variant: str):
     finally:
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
+        mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS = mf_saved
+
+
+def unfrozen_mobile_former(model):
+    """The fast path as it was before session 6 for Mobile-Former: no frozen block (its modules one by one)."""
+    freeze = mobile_former.MobileFormerBlock.freeze_for_cpu_inference
+    del mobile_former.MobileFormerBlock.freeze_for_cpu_inference
+    try:
+        return optimize_for_cpu_inference(model)
+    finally:
+        mobile_former.MobileFormerBlock.freeze_for_cpu_inference = freeze
 
 
 def main() -> None:
@@ -113,13 +142,14 @@ def main() -> None:
     for name in args.models:
         model = create_model(name, drop_path_rate=0.0).eval()
         fast = optimize_for_cpu_inference(model)
+        unfrozen = unfrozen_mobile_former(model) if "mf-unfrozen" in args.variants else None
         for batch in args.batch:
             x = torch.randn(batch, 3, 224, 224)
             steps = args.rounds if batch > 4 else 3 * args.rounds
 
             def run(v):
                 with torch.inference_mode(), patched(v):
-                    return (model if v == "eager" else fast)(x)
+                    return (model if v == "eager" else unfrozen if v == "mf-unfrozen" else fast)(x)
             ref = run("eager")
             for v in args.variants:   # warm-up (weight packing for this shape) and a check of the outputs
                 torch.testing.assert_close(run(v), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
@@ -131,7 +161,7 @@ def main() -> None:
                     run(v)
                     cpu[v].append(time.process_time() - c0)
                     wall[v].append(time.perf_counter() - w0)
-            base = "before" if "before" in args.variants else args.variants[0]
+            base = next((b for b in ("before", "mf-unfrozen") if b in args.variants), args.variants[0])
             print(f"\n## {name}, batch {batch}, {steps} rounds (load average now {os.getloadavg()[0]:.1f})")
             print(f"| variant | CPU ms/step | {base} / variant, CPU: median (min–max) | wall: median (min–max) |")
             print("| --- | ---: | ---: | ---: |")

@@ -14,7 +14,9 @@ products go through `scaled_dot_product_attention` (same arithmetic up to roundi
 from __future__ import annotations
 
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,11 @@ class _FrozenDynamicReLU(nn.Module):
         self.fc2 = OneDNNLinear(act.fc2, batch_hint=batch_hint, scale=1.0 / 3.0)
 
     def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        u = self.fc2(self.fc1(token))[:, :, None, None]
+        return self.apply_slopes(x, self.fc2(self.fc1(token)))
+
+    def apply_slopes(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """max(s1·x, s2·x) in x's buffer from u = fc2(fc1(token)) (B×2C, fc2 already scaled by 1/3)."""
+        u = u[:, :, None, None]
         C = self.channels
         s1 = (u[:, :C] + 1.0).clamp_(0.0, 2.0)
         t = _scratch(x)
@@ -100,7 +106,10 @@ _SCRATCH = threading.local()
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
     buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype:
+    # a buffer made under inference_mode cannot be written outside it (a call under no_grad after one under
+    # inference_mode): a new one then
+    if (buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype
+            or buf.is_inference() and not torch.is_inference_mode_enabled()):
         buf = _SCRATCH.buf = torch.empty(like.numel(), dtype=like.dtype)
     return buf[:like.numel()].as_strided(like.shape, like.stride())
 
@@ -282,6 +291,250 @@ class MobileFormerBlock(nn.Module):
             if self.identity:
                 out = x + self.drop_path(out)
             out = self.former_mobile(out, z)
+        return out, z
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenMobileFormerBlock(self, batch_hint)
+
+
+@torch.no_grad()
+def _stacked_weights(*linears: nn.Linear, scales: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of one product whose output is the given layers' outputs side by side (each optionally scaled)."""
+    scales = scales or (1.0,) * len(linears)
+    return (torch.cat([lin.weight.detach().float() * s for lin, s in zip(linears, scales)]).contiguous(),
+            torch.cat([lin.bias.detach().float() * s for lin, s in zip(linears, scales)]).contiguous())
+
+
+# the branch parallelism's second thread (keyed by process: a forked child inherits the dict, not the thread)
+_BESIDE: dict[int, ThreadPoolExecutor] = {}
+_BESIDE_LOCK = threading.Lock()
+
+
+def _beside() -> ThreadPoolExecutor:
+    with _BESIDE_LOCK:
+        pool = _BESIDE.get(os.getpid())
+        if pool is None:
+            pool = _BESIDE[os.getpid()] = ThreadPoolExecutor(1, thread_name_prefix="hybridzoo-mf-tokens")
+        return pool
+
+
+def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """A channels-last B×C×H×W map as a B×heads×HW×(C/heads) view (the pixels as queries); raises if not a view."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).view(B, H * W, heads, C // heads).transpose(1, 2)
+
+
+class _FrozenMobileFormerBlock(nn.Module):
+    """MobileFormerBlock for the oneDNN inference path (`optimize_for_cpu_inference`).
+
+    The token side is gathered in one function (`tokens`): Mobile→Former, the Former, both dynamic-ReLU slope
+    MLPs and Former→Mobile's keys and values all depend on the tokens and the block input only, so with fewer
+    products — q|α of Mobile→Former, the two slope MLPs' first layers (ReLU fused) and k|v of Former→Mobile
+    each run as one product; α is pre-scaled by 1/3 so that 2·hsigmoid(α) = clamp(α/3 + 1, 0, 2) is one
+    clamp (exact algebra; fp32 rounding moves).
+
+    Branch parallelism (`PARALLEL`, one image with ≥ 2 intra-op threads): the Mobile sub-block's first
+    convolution needs the block input but not the tokens (only its dynamic ReLU does; same order in the official
+    `DnaBlock.forward`: `conv1(features)` before `hyper1(tokens)`), so the token side runs on a second Python
+    thread while the caller runs that convolution, each with one intra-op thread (torch ops release the GIL);
+    then each thread runs the rest of the block on one half of the map's rows (`_rest_rows`; `SPLIT_ROWS`), or,
+    on maps too small to split, the caller runs it with its own threads. A batch of several images already has
+    both threads busy (one part of the batch per thread, `split_batch_forward`) and runs it in sequence.
+    """
+
+    PARALLEL = True
+    # with PARALLEL: the rest of the block (after the first convolution) as two halves of the map, one per thread,
+    # on maps of at least SPLIT_MIN_ROWS rows (7: all of Mobile-Former-294M's blocks at 224²; smaller maps run
+    # with the caller's intra-op threads)
+    SPLIT_ROWS = True
+    SPLIT_MIN_ROWS = 7
+
+    def __init__(self, blk: MobileFormerBlock, batch_hint: int | None):
+        super().__init__()
+        m2f, mob, f2m = blk.mobile_former, blk.mobile, blk.former_mobile
+        if m2f.alpha is None:
+            raise ValueError("the frozen Mobile-Former block expects a dynamic (gated) Mobile→Former bridge")
+        self.downsample, self.identity = blk.downsample, blk.identity
+        self.m2f_heads, self.m2f_scale, self.m2f_channels = m2f.num_heads, m2f.scale, m2f.q.out_features
+        # the merged token products as plain weights through MKL: a few token rows against a small weight, where
+        # MKL's fixed cost per call is below oneDNN's (see OneDNNLinear's tiny-product route)
+        self.m2f_qa_w, self.m2f_qa_b = _stacked_weights(m2f.q, m2f.alpha, scales=(1.0, 1.0 / 3.0))
+        self.m2f_proj, self.m2f_norm = m2f.proj, m2f.norm
+        self.former = blk.former
+        self.mobile = mob
+        self.reduced = mob.act1.fc1.out_features
+        self.slope_fc1_w, self.slope_fc1_b = _stacked_weights(mob.act1.fc1, mob.act2.fc1)
+        self.f2m_heads, self.f2m_scale, self.f2m_channels = f2m.num_heads, f2m.scale, f2m.k.out_features
+        self.f2m_kv_w, self.f2m_kv_b = _stacked_weights(f2m.k, f2m.v)
+
+    def tokens(self, x: torch.Tensor, z: torch.Tensor):
+        """(z after Mobile→Former and the Former, slopes u1 and u2 of the two dynamic ReLUs, Former→Mobile's k|v)."""
+        B, C, H, W = x.shape
+        T, h = z.shape[1], self.m2f_heads
+        qa = F.linear(z, self.m2f_qa_w, self.m2f_qa_b)
+        q = qa[..., :C].reshape(B, T, h, -1).transpose(1, 2)
+        kv = x.flatten(2).view(B, h, C // h, H * W).transpose(-1, -2)
+        out = F.scaled_dot_product_attention(q, kv, kv, scale=self.m2f_scale).transpose(1, 2).reshape(B, T, C)
+        out.mul_((qa[..., C:] + 1.0).clamp_(0.0, 2.0))
+        z = self.former(self.m2f_norm(self.m2f_proj(out).add_(z)))
+        hid = F.linear(z[:, 0], self.slope_fc1_w, self.slope_fc1_b).relu_()
+        u1 = self.mobile.act1.fc2(hid[:, :self.reduced])
+        u2 = self.mobile.act2.fc2(hid[:, self.reduced:])
+        return z, u1, u2, F.linear(z, self.f2m_kv_w, self.f2m_kv_b)
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mobile.dw1(x) if self.downsample else self.mobile.pw1(x)
+
+    def _mobile_rest(self, y: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+        mob = self.mobile
+        if self.downsample:   # MobileDown.forward after dw1
+            shuffle = mob.groups > 1
+            y = mob.pw1(mob.act1.apply_slopes(channel_shuffle(y, mob.in_chs) if shuffle else y, u1))
+            t = mob.dw2(y)
+            t = mob.pw2(mob.act2.apply_slopes(channel_shuffle(t, mob.out_chs) if shuffle else t, u2))
+            return t.add_(y)
+        y = mob.act1.apply_slopes(channel_shuffle(y, mob.groups), u1)   # Mobile.forward after pw1
+        y = mob.act2.apply_slopes(mob.dw(y), u2)
+        return channel_shuffle(mob.pw2(y), mob.groups)
+
+    def _former_to_mobile(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        T, h = kv.shape[1], self.f2m_heads
+        q = x.permute(0, 2, 3, 1).reshape(B, H * W, h, C // h).transpose(1, 2)
+        k = kv[..., :C].reshape(B, T, h, -1).transpose(1, 2)
+        v = kv[..., C:].reshape(B, T, h, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.f2m_scale)
+        # a fresh channels-last B×C×H×W copy: the residual goes into it
+        return out.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2).add_(x)
+
+    def _first_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """(H, W) of the first convolution's output."""
+        if not self.downsample:
+            return x.shape[2], x.shape[3]   # pw1: 1×1, stride 1
+        conv = self.mobile.dw1[0]
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, p, s, d in
+                     zip(x.shape[2:], conv.kernel_size, conv.padding, conv.stride, conv.dilation))
+
+    def _can_split_rows(self, rows: int) -> bool:
+        # ungrouped pointwise convolutions (no channel shuffle) and a stride-1 depthwise after the first
+        # convolution, on a map tall enough that the halo row is a small share of each half
+        mob = self.mobile
+        return (self.SPLIT_ROWS and rows >= self.SPLIT_MIN_ROWS and mob.groups == 1
+                and (self.downsample or tuple(mob.dw[0].stride) == (1, 1)))
+
+    def _rest_rows(self, y: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, kv: torch.Tensor, x: torch.Tensor,
+                   rows: tuple[int, int], barrier: threading.Barrier, out: torch.Tensor) -> None:
+        """The block after the first convolution, for output rows [r0, r1) only, written into out[:, :, r0:r1].
+
+        Every step is per pixel (pointwise products, dynamic ReLU, Former→Mobile's pixel queries, residuals)
+        except the 3×3 stride-1 depthwise convolution, which reads one row above and below: it runs on the
+        rows r0 − 1 … r1 (zero padding at a slab edge only spoils the halo row's own output, which is cut
+        off). The first dynamic ReLU works in place in y, so each thread applies it to its own rows and waits
+        for the other (`barrier`) before reading the halo row."""
+        mob, (r0, r1), H = self.mobile, rows, y.shape[2]
+        mob.act1.apply_slopes(y[:, :, r0:r1], u1)
+        barrier.wait()
+        a0, a1 = max(r0 - 1, 0), min(r1 + 1, H)
+        if self.downsample:   # MobileDown.forward after dw1, on a slab with the halo rows
+            x1 = mob.pw1(y[:, :, a0:a1])
+            t = mob.pw2(mob.act2.apply_slopes(mob.dw2(x1)[:, :, r0 - a0:r1 - a0], u2)).add_(x1[:, :, r0 - a0:r1 - a0])
+        else:                 # Mobile.forward after act1
+            t = mob.pw2(mob.act2.apply_slopes(mob.dw(y[:, :, a0:a1])[:, :, r0 - a0:r1 - a0], u2))
+            if self.identity:
+                t = t.add_(x[:, :, r0:r1])
+        dst = out[:, :, r0:r1]
+        # Former→Mobile on these pixels, the residual added straight into the output rows
+        B, C, h, W = t.shape
+        heads = self.f2m_heads
+        T = kv.shape[1]
+        q = _heads_view(t, heads)
+        k = kv[..., :C].reshape(B, T, heads, -1).transpose(1, 2)
+        v = kv[..., C:].reshape(B, T, heads, -1).transpose(1, 2)
+        torch.add(F.scaled_dot_product_attention(q, k, v, scale=self.f2m_scale), q, out=_heads_view(dst, heads))
+        if self.downsample and self.identity:
+            dst.add_(x[:, :, r0:r1])
+
+    def _forward_two_threads(self, x: torch.Tensor, z: torch.Tensor, threads: int):
+        """One image on two threads, one intra-op thread each, one hand-off: the second thread runs the token side,
+        then (maps of at least SPLIT_MIN_ROWS rows) the lower half of the rest; this thread the first convolution,
+        then the upper half. Returns (out, z) when the halves ran, else (None, z, u1, u2, kv, y) for the caller
+        to finish the block with its own threads."""
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        H, W = self._first_size(x)
+        split = self._can_split_rows(H)
+        half = (H + 1) // 2
+        shared: dict = {}
+        tokens_ready, y_ready = threading.Event(), threading.Event()
+        barrier = threading.Barrier(2)
+        out = torch.empty(1, self.f2m_channels, H, W).contiguous(memory_format=torch.channels_last) if split else None
+
+        def side():
+            torch.set_num_threads(1)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                try:
+                    shared["tokens"] = self.tokens(x, z)
+                finally:
+                    tokens_ready.set()
+                if split:
+                    y_ready.wait()
+                    if "y" not in shared:
+                        barrier.abort()
+                        return
+                    try:
+                        _, u1, u2, kv = shared["tokens"]
+                        self._rest_rows(shared["y"], u1, u2, kv, x, (half, H), barrier, out)
+                    except BaseException:
+                        barrier.abort()   # the other thread must not wait for this one forever
+                        raise
+
+        future = _beside().submit(side)
+        torch.set_num_threads(1)
+        try:
+            try:
+                y = shared["y"] = self._first(x)
+            finally:
+                y_ready.set()
+            tokens_ready.wait()
+            if "tokens" not in shared:
+                future.result()   # raises the second thread's error
+            z, u1, u2, kv = shared["tokens"]
+            if not split:
+                future.result()
+                return None, z, u1, u2, kv, y
+            try:
+                self._rest_rows(y, u1, u2, kv, x, (0, half), barrier, out)
+            except threading.BrokenBarrierError:
+                future.result()   # the other thread failed first: raise its error
+                raise
+            except BaseException:
+                barrier.abort()
+                raise
+            future.result()
+            return out, z
+        finally:
+            torch.set_num_threads(threads)
+
+    def forward(self, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, z = state
+        threads = torch.get_num_threads()
+        if self.PARALLEL and x.shape[0] == 1 and threads > 1:
+            result = self._forward_two_threads(x, z, threads)
+            if result[0] is not None:
+                return result
+            z, u1, u2, kv, y = result[1:]
+        else:
+            z, u1, u2, kv = self.tokens(x, z)
+            y = self._first(x)
+        out = self._mobile_rest(y, u1, u2)
+        # the two official block types place the block residual on either side of Former→Mobile
+        if self.downsample:
+            out = self._former_to_mobile(out, kv)
+            if self.identity:
+                out = out.add_(x)
+        else:
+            if self.identity:
+                out = out.add_(x)
+            out = self._former_to_mobile(out, kv)
         return out, z
 
 

@@ -1,0 +1,142 @@
+"""Mobile-Former's frozen block on the oneDNN inference path (`optimize_for_cpu_inference`): one image on two
+threads — the token side beside the first convolution, then the rest of the block as two halves of the map —
+computes the eager block's function; errors on either thread reach the caller."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import hybridzoo
+from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
+from hybridzoo.models import mobile_former as mf
+from hybridzoo.registry import get_card
+from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+
+Frozen = mf._FrozenMobileFormerBlock
+
+
+def _models(name: str = "mobile_former_294m"):
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **get_card(name).test_kwargs).eval()
+    perturb(model)
+    return model, optimize_for_cpu_inference(model)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)   # the two-thread path engages with >= 2 intra-op threads whatever CI sets
+    yield
+    torch.set_num_threads(before)
+
+
+def _spy_halves(monkeypatch) -> list:
+    rows = []
+    rest = Frozen._rest_rows
+
+    def spy(self, y, u1, u2, kv, x, r, *args):
+        rows.append((y.shape[2], r))
+        return rest(self, y, u1, u2, kv, x, r, *args)
+    monkeypatch.setattr(Frozen, "_rest_rows", spy)
+    return rows
+
+
+# reduced 294M (four blocks after the stride-2 stem): maps of 16 and 8 rows at 64², odd ones (18, 9) at 72², 12 and
+# 6 (below 7 rows: whole) at 48²
+@pytest.mark.parametrize("mode", ["halves", "branches", "serial"])
+def test_one_image_on_two_threads_matches_eager(mode, two_threads, monkeypatch):
+    model, fast = _models()
+    monkeypatch.setattr(Frozen, "PARALLEL", mode != "serial")
+    monkeypatch.setattr(Frozen, "SPLIT_ROWS", mode == "halves")
+    rows = _spy_halves(monkeypatch)
+    assert sum(isinstance(m, Frozen) for m in fast.modules()) == 4
+    for side in (64, 72, 48, 64):
+        x = torch.randn(1, 3, side, side)
+        with torch.inference_mode():
+            ref, out = model(x), fast(x)
+        assert ref.abs().max() > 1e-3
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        assert torch.get_num_threads() == 2   # the caller's threads are restored
+    if mode == "halves":
+        # each split map once per half: rows [0, ⌈H/2⌉) and [⌈H/2⌉, H); maps below 7 rows stay whole
+        heights = {h for h, _ in rows}
+        assert heights == {16, 8, 18, 9, 12}
+        for h in heights:
+            assert {r for hh, r in rows if hh == h} == {(0, (h + 1) // 2), ((h + 1) // 2, h)}
+    else:
+        assert rows == []
+
+
+def test_batches_and_grouped_variants_keep_the_serial_block(two_threads, monkeypatch):
+    # a batch of two (split per image by the batch split, one thread each) and the grouped 26M (channel shuffle:
+    # no halves) give the eager outputs too
+    rows = _spy_halves(monkeypatch)
+    model, fast = _models("mobile_former_26m")
+    for x in (torch.randn(1, 3, 64, 64), torch.randn(2, 3, 64, 64)):
+        with torch.inference_mode():
+            ref, out = model(x), fast(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    model, fast = _models()
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4 * float(model(x).abs().max()))
+    assert rows == []
+
+
+def _run_in_thread(fn):
+    """fn() on a thread of its own; fails instead of hanging the suite when a wait never ends."""
+    box = {}
+
+    def target():
+        torch.set_num_threads(2)
+        try:
+            with torch.inference_mode():
+                box["out"] = fn()
+        except BaseException as e:   # noqa: BLE001 (handed to the test)
+            box["error"] = e
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the two-thread block hung"
+    return box
+
+
+@pytest.mark.parametrize("where", ["tokens", "first", "lower half", "upper half"])
+def test_an_error_on_either_thread_reaches_the_caller(where, monkeypatch):
+    model, fast = _models()
+    x = torch.randn(1, 3, 64, 64)
+    name = {"tokens": "tokens", "first": "_first"}.get(where, "_rest_rows")
+    orig = getattr(Frozen, name)
+
+    def broken(self, *args):
+        if name != "_rest_rows" or (args[5][0] == 0) == (where == "upper half"):
+            raise RuntimeError(f"boom in {where}")
+        return orig(self, *args)
+    monkeypatch.setattr(Frozen, name, broken)
+    box = _run_in_thread(lambda: fast(x))
+    assert isinstance(box.get("error"), RuntimeError) and f"boom in {where}" in str(box["error"])
+    monkeypatch.setattr(Frozen, name, orig)
+    box = _run_in_thread(lambda: (fast(x), torch.get_num_threads()))
+    with torch.inference_mode():
+        ref = model(x)
+    assert "error" not in box, box.get("error")
+    assert box["out"][1] == 2
+    torch.testing.assert_close(box["out"][0], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_call_under_no_grad_after_one_under_inference_mode(parallel, two_threads, monkeypatch):
+    # the dynamic ReLU's per-thread scratch buffer made under inference_mode cannot be written outside it
+    monkeypatch.setattr(Frozen, "PARALLEL", parallel)
+    model, fast = _models()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        fast(x)
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
