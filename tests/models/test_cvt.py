@@ -101,22 +101,29 @@ def test_hf_parity_in_training_mode_outputs_gradients_and_statistics(tmp_path, f
 
 
 def test_cls_stage_batchnorm_sees_one_dense_layout_both_ways():
-    """The speed lever in ConvAttention: with a cls token the convolutional projections' BatchNorm gets a
-    dense channels-last map forward and a gradient in the same layout backward (a slice or an NCHW copy
-    sends BatchNorm's CPU backward down a per-channel path several times slower)."""
+    """The speed lever in ConvAttention: with a cls token the three depthwise convolutions share one dense
+    channels-last map (a strided slice is copied inside each of them), and their BatchNorm gets a gradient in
+    its input's layout (a slice sends BatchNorm's CPU backward down a per-channel path several times slower)."""
     model = hybridzoo.create_model("cvt_13", **SMALL).train()
     seen = []
 
-    def hook(module, inputs, output):
-        seen.append(("input", inputs[0].is_contiguous(memory_format=torch.channels_last)))
-        output.register_hook(lambda g: seen.append(("grad", g.is_contiguous(memory_format=torch.channels_last))))
+    def dense(t):
+        return t.is_contiguous(memory_format=torch.channels_last)
+
+    def conv_hook(module, inputs):
+        seen.append(("conv input", dense(inputs[0])))
+
+    def bn_hook(module, inputs, output):
+        seen.append(("bn input", dense(inputs[0])))
+        output.register_hook(lambda g: seen.append(("bn grad", dense(g))))
 
     attn = model.stages[2].blocks[0].attn
     assert attn.with_cls_token
     for proj in (attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v):
-        proj.bn.register_forward_hook(hook)
+        proj.conv.register_forward_pre_hook(conv_hook)
+        proj.bn.register_forward_hook(bn_hook)
     model(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert len(seen) == 6 and all(ok for _, ok in seen), seen
+    assert len(seen) == 9 and all(ok for _, ok in seen), seen
 
 
 def test_hf_weights_with_official_quickgelu_differ(tmp_path):
