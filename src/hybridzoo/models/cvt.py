@@ -149,7 +149,10 @@ class ConvAttention(nn.Module):
         if self.with_cls_token:
             # One dense copy of the spatial tokens: without it the slice is not a dense channels-last map, so
             # each of the three convolutions copied it to B×C×H×W and the BatchNorm backward mixed layouts.
-            cls_tok, x = x[:, :1], x[:, 1:].contiguous()
+            # `split`, not two slices: its backward is one concatenation, where each slice's backward writes
+            # a zero-filled full-size gradient and the two are then added.
+            cls_tok, x = torch.split(x, [1, N - 1], dim=1)
+            x = x.contiguous()
         x = x.transpose(1, 2).reshape(B, C, h, w)  # a view: the token map is channels-last in memory
         q, k, v = self.conv_proj_q(x), self.conv_proj_k(x), self.conv_proj_v(x)
         if self.with_cls_token:
@@ -206,7 +209,7 @@ class CvTStage(nn.Module):
         x = checkpoint_seq(self.blocks, x, H, W, enabled=self.grad_checkpointing)
         cls_tok = None
         if self.cls_token is not None:
-            cls_tok, x = x[:, :1], x[:, 1:]
+            cls_tok, x = torch.split(x, [1, x.shape[1] - 1], dim=1)  # one concatenation backward (see ConvAttention)
         return x.transpose(1, 2).reshape(B, C, H, W), cls_tok
 
 
