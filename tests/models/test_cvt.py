@@ -100,7 +100,7 @@ def test_hf_parity_in_training_mode_outputs_gradients_and_statistics(tmp_path, f
         torch.testing.assert_close(b, ref_bufs[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_cls_stage_batchnorm_sees_one_dense_layout_both_ways():
+def test_convolutions_see_dense_channels_last_maps_and_batchnorm_a_dense_gradient():
     """The speed lever in ConvAttention: with a cls token the three depthwise convolutions share one dense
     channels-last map (a strided slice is copied inside each of them), and their BatchNorm gets a gradient in
     its input's layout (a slice sends BatchNorm's CPU backward down a per-channel path several times slower)."""
@@ -122,8 +122,10 @@ def test_cls_stage_batchnorm_sees_one_dense_layout_both_ways():
     for proj in (attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v):
         proj.conv.register_forward_pre_hook(conv_hook)
         proj.bn.register_forward_hook(bn_hook)
+    for stage in model.stages:  # the token embeddings' convolutions, the image's included
+        stage.patch_embed.proj.register_forward_pre_hook(conv_hook)
     model(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert len(seen) == 9 and all(ok for _, ok in seen), seen
+    assert len(seen) == 12 and all(ok for _, ok in seen), seen
 
 
 def test_hf_weights_with_official_quickgelu_differ(tmp_path):
