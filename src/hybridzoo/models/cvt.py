@@ -101,7 +101,7 @@ class _FrozenConvProjection(nn.Module):
 class _DenseGradFn(torch.autograd.Function):
     """Identity whose backward makes the gradient dense. The cls-token concatenation hands each projection a
     slice of its gradient; BatchNorm's CPU backward takes a slow per-channel path on a map that is not dense
-    in its input's layout (3-7x slower here), so one copy of the slice is cheaper."""
+    in its input's layout (4-10x slower here), so one copy of the slice is cheaper."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
