@@ -63,6 +63,71 @@ def test_hf_parity_logits_and_stage_maps(tmp_path):
         assert (a - b).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_hf_parity_in_training_mode_outputs_gradients_and_statistics(tmp_path, fast):
+    """One training step against HF's port: batch-statistics BatchNorm, every parameter's gradient and the
+    updated running statistics (the layout levers of ConvAttention must not change what training computes),
+    plain and through the trainer's oneDNN path."""
+    transformers = pytest.importorskip("transformers")
+    from hybridzoo.layers.train_fast import optimize_for_cpu_training
+    torch.manual_seed(0)
+    cfg = transformers.CvtConfig(embed_dim=list(SMALL["dims"]), num_heads=list(SMALL["heads"]),
+                                 depth=list(SMALL["depths"]), num_labels=SMALL["num_classes"],
+                                 drop_path_rate=[0.0, 0.0, 0.0])
+    hf = _randomise_norms_(transformers.CvtForImageClassification(cfg))
+    with torch.no_grad():
+        hf.classifier.weight.normal_(0, 0.1)
+    path = tmp_path / "hf_cvt.pth"
+    torch.save(hf.state_dict(), path)
+    ours = hybridzoo.create_model("cvt_13", pretrained=str(path), act_layer=nn.GELU, drop_path_rate=0.0, **SMALL)
+    if fast:
+        optimize_for_cpu_training(ours, min_weight_numel=1)  # the reduced build's layers are all small
+    hf.train()
+    ours.train()
+    x = torch.randn(3, 3, 64, 64)
+    w = torch.randn(3, SMALL["num_classes"])
+    ref, got = hf(x).logits, ours(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    (ref * w).sum().backward()
+    (got * w).sum().backward()
+    ref_grads = cvt_module.convert_official({k: p.grad for k, p in hf.named_parameters()})
+    mine = dict(ours.named_parameters())
+    assert set(ref_grads) == set(mine)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(mine[k].grad, g, rtol=1e-3, atol=1e-4 * float(g.abs().max()) + 1e-7, msg=k)
+    ref_bufs = cvt_module.convert_official(dict(hf.named_buffers()))
+    for k, b in ours.named_buffers():
+        torch.testing.assert_close(b, ref_bufs[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_convolutions_see_dense_channels_last_maps_and_batchnorm_a_dense_gradient():
+    """The speed lever in ConvAttention: with a cls token the three depthwise convolutions share one dense
+    channels-last map (a strided slice is copied inside each of them), and their BatchNorm gets a gradient in
+    its input's layout (a slice sends BatchNorm's CPU backward down a per-channel path several times slower)."""
+    model = hybridzoo.create_model("cvt_13", **SMALL).train()
+    seen = []
+
+    def dense(t):
+        return t.is_contiguous(memory_format=torch.channels_last)
+
+    def conv_hook(module, inputs):
+        seen.append(("conv input", dense(inputs[0])))
+
+    def bn_hook(module, inputs, output):
+        seen.append(("bn input", dense(inputs[0])))
+        output.register_hook(lambda g: seen.append(("bn grad", dense(g))))
+
+    attn = model.stages[2].blocks[0].attn
+    assert attn.with_cls_token
+    for proj in (attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v):
+        proj.conv.register_forward_pre_hook(conv_hook)
+        proj.bn.register_forward_hook(bn_hook)
+    for stage in model.stages:  # the token embeddings' convolutions, the image's included
+        stage.patch_embed.proj.register_forward_pre_hook(conv_hook)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert len(seen) == 12 and all(ok for _, ok in seen), seen
+
+
 def test_hf_weights_with_official_quickgelu_differ(tmp_path):
     """Our default follows cls_cvt.py (QuickGELU), which is not what HF computes."""
     hf = _hf_model()
