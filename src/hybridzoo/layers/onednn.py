@@ -455,7 +455,7 @@ def _with_batch_split(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
                                channels_last: bool = True, dtype: torch.dtype = torch.float32,
-                               split_batch: bool = True) -> nn.Module:
+                               split_batch: bool = True, split_tokens: bool = True) -> nn.Module:
     """A frozen, eval-mode copy of `model` with oneDNN linear layers (the original is untouched).
 
     `dtype=torch.bfloat16`: bf16 weights and autocast inside `model(x)` (not other methods such as
@@ -463,7 +463,10 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
 
     `split_batch` (fp32): `model(x)` on a batch of several inputs with several intra-op threads runs one part
     of the batch per thread, each on one thread (`split_batch_forward`); outputs that are not per-input
-    tensors fall back to the whole batch. Batch 1 and other methods (`forward_features`) are unaffected."""
+    tensors fall back to the whole batch. Batch 1 and other methods (`forward_features`) are unaffected.
+
+    `split_tokens` (fp32): the transformer blocks that support it (`layers.onednn_tokens`) run one image with
+    several intra-op threads as one share of the token rows per thread, meeting once per block at attention."""
     if not onednn_available():
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support")
     if dtype not in (torch.float32, torch.bfloat16):
@@ -503,6 +506,9 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
                 convert(child)
 
     convert(model)
+    if split_tokens and fp32:
+        from hybridzoo.layers.onednn_tokens import enable_token_parallel
+        enable_token_parallel(model)
     if dtype is torch.bfloat16:
         # stored in bf16 once, so autocast does not cast the weights at every call
         for m in model.modules():

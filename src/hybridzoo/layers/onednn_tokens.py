@@ -1,0 +1,179 @@
+"""Token-parallel execution of transformer blocks for one input on the frozen CPU inference path.
+
+The batch split (`onednn.split_batch_forward`) runs one part of a batch per intra-op thread; a single image
+has nothing to split along the batch, so at batch 1 every LayerNorm, add and product of a block is an OpenMP
+region whose fork/join (and wait for the slower thread) is paid ~10 times per block. Most of a pre-norm
+transformer block is row-wise — LayerNorm, the qkv / proj / MLP products, the residual adds — and only
+attention needs every token's keys and values. So here each of the threads runs its own share of the token
+rows through the whole block with one intra-op thread, and the threads meet once per block: each writes its
+rows' q, k, v into a buffer shared for that block and waits at a barrier; attention then takes its own query
+rows against all keys and values, and the rest of the block is row-wise again. Two buffers alternate between
+consecutive blocks: a thread writing block i+1's rows into the buffer of block i−1 has passed block i's
+barrier, which every other thread reaches only after its attention of block i−1, the last read of that buffer.
+
+Same function as the sequential blocks: every row of every product, LayerNorm and add is computed by the same
+kernels on the same row values; attention over the query rows of one thread is the same softmax per row.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridzoo.layers.onednn import _pool
+
+__all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "enable_token_parallel", "token_parallel_forward"]
+
+# below this many token rows per thread the barrier and Python costs outweigh the split (measured in RESULTS)
+MIN_ROWS_PER_THREAD = 16
+
+
+def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
+                    barrier: threading.Barrier, pos: torch.Tensor | None) -> torch.Tensor:
+    """One frozen pre-norm block with multi-head self-attention (`models.vit.Block`, ConViT's MHSA blocks) on
+    the token rows `rows` of the image; x: 1×n×C, buf: 1×N×3C shared by the threads."""
+    a = blk.attn
+    C = x.shape[-1]
+    buf[:, rows] = a.qkv(blk.norm1(x))
+    barrier.wait()
+    H, d = a.num_heads, a.head_dim
+    n, N = x.shape[1], buf.shape[1]
+    q = buf[:, rows, :C].view(1, n, H, d).transpose(1, 2)
+    k = buf[:, :, C:2 * C].view(1, N, H, d).transpose(1, 2)
+    v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(1, n, C)
+    x = x + a.proj(o)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def _gpsa_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
+                     barrier: threading.Barrier, pos: torch.Tensor) -> torch.Tensor:
+    """One ConViT block with frozen GPSA on token rows `rows`: (softmax(q kᵀ) + P′[rows])·v′ as the frozen
+    GPSA computes it for one image (pos = P′, heads × N × N)."""
+    a = blk.attn
+    C = x.shape[-1]
+    h = blk.norm1(x)
+    buf[:, rows, :2 * C] = a.qk(h)
+    buf[:, rows, 2 * C:] = a.v(h)
+    barrier.wait()
+    H, d = a.num_heads, a.head_dim
+    n, N = x.shape[1], buf.shape[1]
+    q = buf[:, rows, :C].view(1, n, H, d).transpose(1, 2)
+    k = buf[:, :, C:2 * C].view(1, N, H, d).transpose(1, 2)
+    v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
+    attn = torch.matmul(q, k.transpose(-2, -1)).mul_(a.scale).softmax(dim=-1)
+    attn.add_(pos[:, rows])
+    x = x + a.proj(torch.matmul(attn, v).transpose(1, 2).reshape(1, n, C))
+    return x + blk.mlp(blk.norm2(x))
+
+
+def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torch.Tensor:
+    """`blocks` (frozen blocks of the kinds `TokenParallelBlocks.applies_to` accepts, in order; `args` are what
+    each block takes after x, such as ConViT's relative indices) applied to one image's tokens x (1×N×C) by
+    `threads` Python threads with one intra-op thread each, each thread taking a contiguous share of the N rows."""
+    if x.dim() != 3 or x.shape[0] != 1:
+        raise ValueError(f"token_parallel_forward takes the tokens of one image, 1×N×C, got shape {tuple(x.shape)}")
+    if not 1 <= threads <= x.shape[1]:
+        raise ValueError(f"token_parallel_forward: threads must be in [1, N={x.shape[1]}], got {threads}")
+    N, C = x.shape[1], x.shape[2]
+    bounds = [N * t // threads for t in range(threads + 1)]
+    shares = [slice(bounds[t], bounds[t + 1]) for t in range(threads)]
+    bufs = [x.new_empty(1, N, 3 * C), x.new_empty(1, N, 3 * C)]
+    barrier = threading.Barrier(threads)
+    inference = torch.is_inference_mode_enabled()
+    # each block's kernel, and GPSA's positional map P′ fetched (and cached) here, once, not from every thread
+    plan = [(_kernel(blk), blk.attn._positional(*args) if _kernel(blk) is _gpsa_block_rows else None)
+            for blk in blocks]
+
+    def run(rows: slice) -> torch.Tensor:
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode(inference), torch.no_grad():
+                h = x[:, rows]
+                for i, (blk, (kernel, pos)) in enumerate(zip(blocks, plan)):
+                    h = kernel(blk, h, rows, bufs[i % 2], barrier, pos)
+                return h
+        except BaseException:
+            barrier.abort()   # the other threads would otherwise wait for this one at the barrier forever
+            raise
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_pool(threads - 1).submit(run, r) for r in shares[1:]]
+        outs, errors = [], []
+        try:
+            outs.append(run(shares[0]))
+        except BaseException as e:   # noqa: BLE001 - re-raised below, after every worker has stopped
+            errors.append(e)
+        for f in futures:   # wait for every worker before returning or raising
+            e = f.exception()
+            errors.append(e) if e is not None else outs.append(f.result())
+    finally:
+        torch.set_num_threads(before)
+    if errors:
+        # the thread that failed first, not one that found the barrier broken by it
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return torch.cat(outs, dim=1)
+
+
+def _kernel(blk: nn.Module):
+    """The row-share kernel for a frozen block, or None when the block is of no kind this module knows."""
+    from hybridzoo.layers.attention import Attention
+    from hybridzoo.layers.mlp import Mlp
+    from hybridzoo.models import convit, vit
+    if not (isinstance(getattr(blk, "drop_path", None), nn.Identity) and type(blk.mlp) is Mlp
+            and type(blk.norm1) is nn.LayerNorm and type(blk.norm2) is nn.LayerNorm):
+        return None
+    if type(blk) in (vit.Block, convit.Block) and type(blk.attn) is Attention:
+        return _vit_block_rows
+    if type(blk) is convit.Block and type(blk.attn) is convit._FrozenGPSA:
+        return _gpsa_block_rows
+    return None
+
+
+class _TokenParallel:
+    """Mixin for a container of frozen blocks: calling it on one image (1×N×C) with several intra-op threads and
+    at least MIN_ROWS_PER_THREAD rows per thread runs `token_parallel_forward`; anything else runs the blocks in
+    turn. `checkpoint_seq` calls the container itself (`runs_as_one`) instead of iterating over it."""
+
+    runs_as_one = True
+    enabled = True
+
+    @staticmethod
+    def applies_to(seq: nn.Module) -> bool:
+        return (type(seq) in (nn.Sequential, nn.ModuleList) and len(seq) > 0
+                and all(_kernel(b) is not None for b in seq))
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        if (self.enabled and threads > 1 and x.dim() == 3 and x.shape[0] == 1 and x.dtype == torch.float32
+                and x.shape[1] >= threads * MIN_ROWS_PER_THREAD and not (torch.is_grad_enabled() and x.requires_grad)):
+            return token_parallel_forward(self, x, threads, *args)
+        for blk in self:
+            x = blk(x, *args)
+        return x
+
+
+class TokenParallelBlocks(_TokenParallel, nn.Sequential):
+    """nn.Sequential of frozen transformer blocks (ViT / DeiT) with the token-parallel call of `_TokenParallel`;
+    indexing, slicing and iteration are those of the nn.Sequential."""
+
+
+class TokenParallelBlockList(_TokenParallel, nn.ModuleList):
+    """nn.ModuleList of frozen transformer blocks (ConViT) with the token-parallel call; a slice is one too."""
+
+
+def enable_token_parallel(model: nn.Module) -> None:
+    """Replace, in place, every plain nn.Sequential / nn.ModuleList of frozen blocks this module knows inside
+    `model` by its token-parallel counterpart."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _TokenParallel.applies_to(child):
+                new = (TokenParallelBlocks(OrderedDict(child._modules)) if type(child) is nn.Sequential
+                       else TokenParallelBlockList(list(child)))
+                setattr(parent, name, new)
