@@ -46,8 +46,9 @@ def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Ten
     k = buf[:, :, C:2 * C].view(1, N, H, d).transpose(1, 2)
     v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(1, n, C)
-    x = x + a.proj(o)
-    return x + blk.mlp(blk.norm2(x))
+    # the residual adds go into the fresh product outputs (x + y == y + x exactly): no new buffer per add
+    x = a.proj(o).add_(x)
+    return blk.mlp(blk.norm2(x)).add_(x)
 
 
 def _gpsa_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
@@ -67,8 +68,21 @@ def _gpsa_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Te
     v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
     attn = torch.matmul(q, k.transpose(-2, -1)).mul_(a.scale).softmax(dim=-1)
     attn.add_(pos[:, rows])
-    x = x + a.proj(torch.matmul(attn, v).transpose(1, 2).reshape(1, n, C))
-    return x + blk.mlp(blk.norm2(x))
+    x = a.proj(torch.matmul(attn, v).transpose(1, 2).reshape(1, n, C)).add_(x)
+    return blk.mlp(blk.norm2(x)).add_(x)
+
+
+_LOCAL = threading.local()
+
+
+def _buffers(N: int, C: int) -> list[torch.Tensor]:
+    """The two qkv buffers (1×N×3C) for a call from this thread, kept per calling thread: fresh ones of this
+    size (~1 MB) are mmap'd and page-faulted at every call; a model called from several threads at once gets
+    one pair per caller."""
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None or bufs[0].shape != (1, N, 3 * C):
+        bufs = _LOCAL.bufs = [torch.empty(1, N, 3 * C), torch.empty(1, N, 3 * C)]
+    return bufs
 
 
 def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torch.Tensor:
@@ -82,7 +96,7 @@ def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torc
     N, C = x.shape[1], x.shape[2]
     bounds = [N * t // threads for t in range(threads + 1)]
     shares = [slice(bounds[t], bounds[t + 1]) for t in range(threads)]
-    bufs = [x.new_empty(1, N, 3 * C), x.new_empty(1, N, 3 * C)]
+    bufs = _buffers(N, C)
     barrier = threading.Barrier(threads)
     inference = torch.is_inference_mode_enabled()
     # each block's kernel, and GPSA's positional map P′ fetched (and cached) here, once, not from every thread
