@@ -149,3 +149,29 @@ def test_convit_gpsa_and_mhsa_blocks_in_token_shares_give_the_sequential_outputs
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_callers_on_several_threads_get_their_own_outputs(threads):
+    """Each calling thread has its own qkv buffers: two callers at once must not see each other's keys."""
+    model = _deit(160)
+    fast = optimize_for_cpu_inference(model)
+    xs = [torch.randn(1, 3, 160, 160) for _ in range(2)]
+    with torch.inference_mode():
+        refs = [model(x) for x in xs]
+    outs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def call(i):
+        torch.set_num_threads(2)
+        start.wait()
+        with torch.inference_mode():
+            for _ in range(30):
+                outs[i].append(fast(xs[i]))
+
+    ts = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    [t.start() for t in ts]
+    [t.join(timeout=120) for t in ts]
+    for i in range(2):
+        assert len(outs[i]) == 30
+        for out in outs[i]:
+            torch.testing.assert_close(out, refs[i], rtol=1e-4, atol=1e-4 * float(refs[i].abs().max()))
