@@ -30,6 +30,9 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   runs each part on a thread of its own with one intra-op thread (`split_batch_forward`): the same function,
   without the OpenMP fork/join (and the wait for the slower thread) at every LayerNorm, add, softmax and
   product of the forward, which on the 2-vCPU EPYC cost more than the products gain from sharing threads.
+- with `split_tokens=True` (default, fp32) one image through the transformer blocks that support it (ViT / DeiT,
+  ConViT) runs as one share of its token rows per intra-op thread, each on one thread, the threads meeting once
+  per block where attention needs every key (`layers.onednn_tokens`): batch 1 has no batch to split.
 
 With `dtype=torch.bfloat16` the linear weights are packed in bf16, convolution weights are stored in
 bf16, and a call of the copy (`model(x)`) runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate
