@@ -4,8 +4,9 @@
 
 Variants (each an `optimize_for_cpu_inference` copy of the same model, one image per step):
   whole     `split_tokens=False`: the path before session 6 (every op an OpenMP region over both threads)
-  tokens    the default: the blocks' token rows shared among the threads, one intra-op thread each
-            (`layers.onednn_tokens`)
+  tokens    the blocks' token rows shared among the threads, one intra-op thread each (`layers.onednn_tokens`,
+            mode "tokens": always)
+  auto      the default (mode "auto"): whichever of the two measured faster at the copy's first call
   1thread   `split_tokens=False` with one intra-op thread: the one-thread reference, whose GFLOP per CPU-second
             is what the token split can reach per thread
 Per round every variant runs `--steps` steps; the ratios are medians over rounds of the per-round ratio
@@ -32,7 +33,7 @@ from hybridzoo.layers.onednn import optimize_for_cpu_inference
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "convit_tiny", "convit_small"])
-    ap.add_argument("--variants", nargs="+", default=["whole", "tokens", "1thread"])
+    ap.add_argument("--variants", nargs="+", default=["whole", "tokens", "auto", "1thread"])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -46,7 +47,8 @@ def main() -> None:
         model = create_model(name, drop_path_rate=0.0).eval()
         macs = count_macs_safe(model, x)
         copies = {"whole": optimize_for_cpu_inference(model, split_tokens=False),
-                  "tokens": optimize_for_cpu_inference(model)}
+                  "tokens": optimize_for_cpu_inference(model), "auto": optimize_for_cpu_inference(model)}
+        copies["tokens"].blocks.mode = "tokens"
         copies["1thread"] = copies["whole"]
         threads = {v: 1 if v == "1thread" else args.threads for v in args.variants}
         with torch.inference_mode():
@@ -65,7 +67,9 @@ def main() -> None:
                     cpu[v].append((time.process_time() - c0) / args.steps)
                     wall[v].append((time.perf_counter() - w0) / args.steps)
         torch.set_num_threads(args.threads)
-        print(f"\n## {name}, batch 1, {2 * macs / 1e9:.2f} GFLOP (load average now {os.getloadavg()[0]:.1f})")
+        chosen = getattr(copies["auto"].blocks, "_choices", {})
+        print(f"\n## {name}, batch 1, {2 * macs / 1e9:.2f} GFLOP (load average now {os.getloadavg()[0]:.1f}); "
+              f"'auto' chose the token split: {sorted(set(chosen.values())) or 'not timed'}")
         print("| variant | threads | wall ms | CPU ms | GFLOP/s wall (share of peak) | GFLOP per CPU-s (share of "
               "1-thread peak) | whole / variant, wall: median (min–max) | CPU: median (min–max) |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

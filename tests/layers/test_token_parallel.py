@@ -8,6 +8,7 @@ thread must come back to the caller instead of leaving the others waiting at the
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 import hybridzoo
 from hybridzoo.layers import onednn_tokens
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
-from hybridzoo.layers.onednn_tokens import TokenParallelBlocks, token_parallel_forward
+from hybridzoo.layers.onednn_tokens import TokenParallelBlocks, calibrate, token_parallel_forward
 from hybridzoo.registry import get_card
 from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
 
@@ -51,6 +52,7 @@ def test_token_parallel_blocks_give_the_sequential_outputs(threads, n_threads, i
     plain = optimize_for_cpu_inference(model, split_tokens=False)
     fast = optimize_for_cpu_inference(model)
     assert isinstance(fast.blocks, TokenParallelBlocks) and not isinstance(plain.blocks, TokenParallelBlocks)
+    fast.blocks.mode = "tokens"   # not the timed choice of "auto"
     calls = _record_qkv_calls(fast)
     threads(n_threads)
     x = torch.randn(1, 3, img, img)
@@ -72,6 +74,7 @@ def test_token_parallel_blocks_give_the_sequential_outputs(threads, n_threads, i
 def test_token_parallel_runs_only_for_one_image_with_enough_rows_and_threads(threads):
     model = _deit(32)   # 5 tokens: below MIN_ROWS_PER_THREAD per thread
     fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
     calls = _record_qkv_calls(fast)
     threads(2)
     x = torch.randn(1, 3, 32, 32)
@@ -80,6 +83,7 @@ def test_token_parallel_runs_only_for_one_image_with_enough_rows_and_threads(thr
     assert [c[0] for c in calls] == [5] and calls[0][2] == 2   # the whole image, both intra-op threads
     calls.clear()
     big = optimize_for_cpu_inference(_deit(96))
+    big.blocks.mode = "tokens"
     calls = _record_qkv_calls(big)
     threads(1)
     with torch.inference_mode():
@@ -93,6 +97,7 @@ def test_token_parallel_runs_only_for_one_image_with_enough_rows_and_threads(thr
 
 def test_an_error_in_one_thread_reaches_the_caller_without_a_hang(threads, monkeypatch):
     fast = optimize_for_cpu_inference(_deit(96))
+    fast.blocks.mode = "tokens"
     real = onednn_tokens._vit_block_rows
 
     def failing(blk, x, rows, buf, barrier, pos):
@@ -136,6 +141,7 @@ def test_convit_gpsa_and_mhsa_blocks_in_token_shares_give_the_sequential_outputs
     plain = optimize_for_cpu_inference(model, split_tokens=False)
     fast = optimize_for_cpu_inference(model)
     assert type(fast.blocks).__name__ == "TokenParallelBlockList"
+    fast.blocks.mode = "tokens"   # ConViT runs slices of it: they keep the mode
     gpsa, mhsa = [], []
     fast.blocks[0].attn.qk.register_forward_hook(lambda m, a, o: gpsa.append((a[0].shape[1], torch.get_num_threads())))
     fast.blocks[-1].attn.qkv.register_forward_hook(lambda m, a, o: mhsa.append((a[0].shape[1], torch.get_num_threads())))
@@ -155,6 +161,7 @@ def test_callers_on_several_threads_get_their_own_outputs(threads):
     """Each calling thread has its own qkv buffers: two callers at once must not see each other's keys."""
     model = _deit(160)
     fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
     xs = [torch.randn(1, 3, 160, 160) for _ in range(2)]
     with torch.inference_mode():
         refs = [model(x) for x in xs]
@@ -175,3 +182,34 @@ def test_callers_on_several_threads_get_their_own_outputs(threads):
         assert len(outs[i]) == 30
         for out in outs[i]:
             torch.testing.assert_close(out, refs[i], rtol=1e-4, atol=1e-4 * float(refs[i].abs().max()))
+
+
+def test_calibrate_picks_the_faster_way():
+    quick, slow = (lambda: None), (lambda: time.sleep(0.005))
+    assert calibrate(slow, quick) is True and calibrate(quick, slow) is False
+
+
+@pytest.mark.parametrize("tokens_faster", [True, False])
+def test_auto_mode_times_once_per_shape_and_keeps_the_choice(threads, monkeypatch, tokens_faster):
+    timed = []
+    monkeypatch.setattr(onednn_tokens, "calibrate", lambda whole, tokens, rounds=3: timed.append(1) or tokens_faster)
+    card = get_card("convit_tiny")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("convit_tiny", **{**card.test_kwargs, "img_size": 96}).eval()
+    fast = optimize_for_cpu_inference(model)
+    assert fast.blocks.mode == "auto"
+    rows = []
+    fast.blocks[0].attn.qk.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
+    threads(2)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        outs = [fast(x) for _ in range(3)]
+        ref = model(x)
+    # one timing for the GPSA slice and one for the MHSA slice, at the first call only (the slices share the choices)
+    assert len(timed) == 2
+    assert rows == ([18, 18] * 3 if tokens_faster else [36] * 3)
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    fast.blocks.mode = "sometimes"
+    with pytest.raises(ValueError, match="mode must be"), torch.inference_mode():
+        fast(x)

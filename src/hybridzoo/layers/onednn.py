@@ -31,8 +31,9 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   without the OpenMP fork/join (and the wait for the slower thread) at every LayerNorm, add, softmax and
   product of the forward, which on the 2-vCPU EPYC cost more than the products gain from sharing threads.
 - with `split_tokens=True` (default, fp32) one image through the transformer blocks that support it (ViT / DeiT,
-  ConViT) runs as one share of its token rows per intra-op thread, each on one thread, the threads meeting once
-  per block where attention needs every key (`layers.onednn_tokens`): batch 1 has no batch to split.
+  ConViT) may run as one share of its token rows per intra-op thread, each on one thread, the threads meeting
+  once per block where attention needs every key (`layers.onednn_tokens`): batch 1 has no batch to split. Both
+  ways are timed at the first call for each token count and the faster is kept.
 
 With `dtype=torch.bfloat16` the linear weights are packed in bf16, convolution weights are stored in
 bf16, and a call of the copy (`model(x)`) runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate
@@ -468,8 +469,9 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
     of the batch per thread, each on one thread (`split_batch_forward`); outputs that are not per-input
     tensors fall back to the whole batch. Batch 1 and other methods (`forward_features`) are unaffected.
 
-    `split_tokens` (fp32): the transformer blocks that support it (`layers.onednn_tokens`) run one image with
-    several intra-op threads as one share of the token rows per thread, meeting once per block at attention."""
+    `split_tokens` (fp32): the transformer blocks that support it (`layers.onednn_tokens`) may run one image with
+    several intra-op threads as one share of the token rows per thread, meeting once per block at attention; the
+    container's `mode` ("auto": timed at the first call, the faster kept; "tokens"; "whole") decides."""
     if not onednn_available():
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support")
     if dtype not in (torch.float32, torch.bfloat16):

@@ -17,7 +17,9 @@ kernels on the same row values; attention over the query rows of one thread is t
 
 from __future__ import annotations
 
+import statistics
 import threading
+import time
 from collections import OrderedDict
 
 import torch
@@ -26,9 +28,10 @@ from torch import nn
 
 from hybridzoo.layers.onednn import _pool
 
-__all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "enable_token_parallel", "token_parallel_forward"]
+__all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "calibrate", "enable_token_parallel",
+           "token_parallel_forward"]
 
-# below this many token rows per thread the barrier and Python costs outweigh the split (measured in RESULTS)
+# a guard, not a tuned figure: with fewer rows per thread every product is tiny and the per-op costs dominate
 MIN_ROWS_PER_THREAD = 16
 
 
@@ -150,27 +153,69 @@ def _kernel(blk: nn.Module):
     return None
 
 
+def calibrate(run_whole, run_tokens, rounds: int = 3) -> bool:
+    """True when `run_tokens()` is the faster of the two on this machine now: one warm-up call each, then
+    `rounds` interleaved timed calls each, medians of the wall clock compared."""
+    run_whole(), run_tokens()
+    whole, tokens = [], []
+    for _ in range(rounds):
+        for fn, times in ((run_whole, whole), (run_tokens, tokens)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(tokens) < statistics.median(whole)
+
+
 class _TokenParallel:
     """Mixin for a container of frozen blocks: calling it on one image (1×N×C) with several intra-op threads and
-    at least MIN_ROWS_PER_THREAD rows per thread runs `token_parallel_forward`; anything else runs the blocks in
-    turn. `checkpoint_seq` calls the container itself (`runs_as_one`) instead of iterating over it."""
+    at least MIN_ROWS_PER_THREAD rows per thread may run `token_parallel_forward`; anything else runs the blocks
+    in turn. `checkpoint_seq` calls the container itself (`runs_as_one`) instead of iterating over it.
+
+    `mode`: "auto" (default) times both ways at the first such call for each (tokens, threads) and keeps the
+    faster (`calibrate`: 8 extra runs of the blocks, once) — whether the token split wins depends on the machine
+    and its load (benchmarks/RESULTS.md, session 6); "tokens" always splits; "whole" never does."""
 
     runs_as_one = True
-    enabled = True
+    mode = "auto"
 
     @staticmethod
     def applies_to(seq: nn.Module) -> bool:
         return (type(seq) in (nn.Sequential, nn.ModuleList) and len(seq) > 0
                 and all(_kernel(b) is not None for b in seq))
 
-    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        if (self.enabled and threads > 1 and x.dim() == 3 and x.shape[0] == 1 and x.dtype == torch.float32
-                and x.shape[1] >= threads * MIN_ROWS_PER_THREAD and not (torch.is_grad_enabled() and x.requires_grad)):
-            return token_parallel_forward(self, x, threads, *args)
+    def _whole(self, x: torch.Tensor, *args) -> torch.Tensor:
         for blk in self:
             x = blk(x, *args)
         return x
+
+    def _split_tokens(self, x: torch.Tensor, threads: int, args) -> bool:
+        if self.mode not in ("auto", "tokens", "whole"):
+            raise ValueError(f"{type(self).__name__}.mode must be 'auto', 'tokens' or 'whole', got {self.mode!r}")
+        if (self.mode == "whole" or threads < 2 or x.dim() != 3 or x.shape[0] != 1 or x.dtype != torch.float32
+                or x.shape[1] < threads * MIN_ROWS_PER_THREAD or (torch.is_grad_enabled() and x.requires_grad)):
+            return False
+        if self.mode == "tokens":
+            return True
+        # shared with the slices of this container (ConViT runs `blocks[:10]`, a new container at every call)
+        choices = self.__dict__.setdefault("_choices", {})
+        key = (id(self[0]), len(self), x.shape[1], threads)
+        if key not in choices:
+            choices[key] = calibrate(lambda: self._whole(x, *args),
+                                     lambda: token_parallel_forward(self, x, threads, *args))
+        return choices[key]
+
+    def __getitem__(self, idx):
+        out = super().__getitem__(idx)
+        if isinstance(idx, slice):   # a slice keeps the mode and the measured choices
+            out.mode = self.mode
+            out.__dict__["_choices"] = self.__dict__.setdefault("_choices", {})
+        return out
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        if self._split_tokens(x, threads, args):
+            return token_parallel_forward(self, x, threads, *args)
+        return self._whole(x, *args)
 
 
 class TokenParallelBlocks(_TokenParallel, nn.Sequential):
