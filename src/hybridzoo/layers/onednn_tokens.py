@@ -143,10 +143,11 @@ def _kernel(blk: nn.Module):
     from hybridzoo.layers.attention import Attention
     from hybridzoo.layers.mlp import Mlp
     from hybridzoo.models import convit, vit
-    if not (isinstance(getattr(blk, "drop_path", None), nn.Identity) and type(blk.mlp) is Mlp
+    if type(blk) not in (vit.Block, convit.Block) or not (
+            isinstance(blk.drop_path, nn.Identity) and type(blk.mlp) is Mlp
             and type(blk.norm1) is nn.LayerNorm and type(blk.norm2) is nn.LayerNorm):
-        return None
-    if type(blk) in (vit.Block, convit.Block) and type(blk.attn) is Attention:
+        return None   # other models' blocks (CeiT's, ...) have other parts
+    if type(blk.attn) is Attention:
         return _vit_block_rows
     if type(blk) is convit.Block and type(blk.attn) is convit._FrozenGPSA:
         return _gpsa_block_rows
