@@ -213,3 +213,35 @@ def test_auto_mode_times_once_per_shape_and_keeps_the_choice(threads, monkeypatc
     fast.blocks.mode = "sometimes"
     with pytest.raises(ValueError, match="mode must be"), torch.inference_mode():
         fast(x)
+
+
+def test_two_callers_with_three_threads_each_do_not_deadlock(threads):
+    """Token splits run one at a time: two callers with 3 threads each share one pool of 2 workers."""
+    model = _deit(128)
+    fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        ref = model(x)
+    outs: list[torch.Tensor] = []
+    start = threading.Barrier(2)
+
+    def call():
+        torch.set_num_threads(3)
+        start.wait()
+        with torch.inference_mode():
+            for _ in range(20):
+                outs.append(fast(x))
+
+    ts = [threading.Thread(target=call, daemon=True) for _ in range(2)]
+    [t.start() for t in ts]
+    [t.join(timeout=120) for t in ts]
+    assert not any(t.is_alive() for t in ts), "deadlocked"
+    assert len(outs) == 40
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_token_parallel_forward_names_a_block_it_cannot_split():
+    with pytest.raises(ValueError, match="no row-share kernel for Linear"):
+        token_parallel_forward([torch.nn.Linear(64, 64)], torch.randn(1, 37, 64), 2)

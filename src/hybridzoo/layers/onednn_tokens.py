@@ -76,6 +76,9 @@ def _gpsa_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Te
 
 
 _LOCAL = threading.local()
+# one token split at a time in the process: two callers with 3+ threads each could otherwise fill the shared pool
+# with one share each and wait at their barriers for shares queued behind the other's (a deadlock)
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def _buffers(N: int, C: int) -> list[torch.Tensor]:
@@ -96,15 +99,25 @@ def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torc
         raise ValueError(f"token_parallel_forward takes the tokens of one image, 1×N×C, got shape {tuple(x.shape)}")
     if not 1 <= threads <= x.shape[1]:
         raise ValueError(f"token_parallel_forward: threads must be in [1, N={x.shape[1]}], got {threads}")
+    plan = []
+    for blk in blocks:
+        kernel = _kernel(blk)
+        if kernel is None:
+            raise ValueError(f"token_parallel_forward: no row-share kernel for {type(blk).__name__} (ViT / DeiT "
+                             "blocks and ConViT's frozen GPSA / MHSA blocks are supported)")
+        # GPSA's positional map P′ is fetched (and cached) here, once, not from every thread
+        plan.append((kernel, blk.attn._positional(*args) if kernel is _gpsa_block_rows else None))
+    with _ONE_AT_A_TIME:
+        return _run_shares(blocks, plan, x, threads)
+
+
+def _run_shares(blocks, plan, x: torch.Tensor, threads: int) -> torch.Tensor:
     N, C = x.shape[1], x.shape[2]
     bounds = [N * t // threads for t in range(threads + 1)]
     shares = [slice(bounds[t], bounds[t + 1]) for t in range(threads)]
     bufs = _buffers(N, C)
     barrier = threading.Barrier(threads)
     inference = torch.is_inference_mode_enabled()
-    # each block's kernel, and GPSA's positional map P′ fetched (and cached) here, once, not from every thread
-    plan = [(_kernel(blk), blk.attn._positional(*args) if _kernel(blk) is _gpsa_block_rows else None)
-            for blk in blocks]
 
     def run(rows: slice) -> torch.Tensor:
         torch.set_num_threads(1)
