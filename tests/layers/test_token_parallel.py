@@ -8,6 +8,7 @@ thread must come back to the caller instead of leaving the others waiting at the
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 import pytest
@@ -215,29 +216,44 @@ def test_auto_mode_times_once_per_shape_and_keeps_the_choice(threads, monkeypatc
         fast(x)
 
 
-def test_two_callers_with_three_threads_each_do_not_deadlock(threads):
-    """Token splits run one at a time: two callers with 3 threads each share one pool of 2 workers."""
+def test_two_callers_with_three_threads_each_do_not_deadlock(threads, monkeypatch):
+    """Token splits run one at a time: two callers with 3 threads each share one pool of 2 workers. The pool here
+    makes the callers' submissions alternate (A's first share, B's first share, then the second ones), the order
+    in which, without the lock, both workers would wait at barriers for shares queued behind them."""
     model = _deit(128)
     fast = optimize_for_cpu_inference(model)
     fast.blocks.mode = "tokens"
     x = torch.randn(1, 3, 128, 128)
     with torch.inference_mode():
         ref = model(x)
+
+    class Alternating:
+        def __init__(self):
+            self.pool, self.turn = ThreadPoolExecutor(2), threading.Barrier(2, timeout=2)
+
+        def submit(self, *args):
+            future = self.pool.submit(*args)
+            try:
+                self.turn.wait()   # until the other caller has submitted as many (broken for good after a timeout)
+            except threading.BrokenBarrierError:
+                pass
+            return future
+
+    pool = Alternating()
+    monkeypatch.setattr(onednn_tokens, "_pool", lambda workers: pool)
     outs: list[torch.Tensor] = []
-    start = threading.Barrier(2)
 
     def call():
         torch.set_num_threads(3)
-        start.wait()
         with torch.inference_mode():
-            for _ in range(20):
+            for _ in range(3):
                 outs.append(fast(x))
 
     ts = [threading.Thread(target=call, daemon=True) for _ in range(2)]
     [t.start() for t in ts]
-    [t.join(timeout=120) for t in ts]
+    [t.join(timeout=60) for t in ts]
     assert not any(t.is_alive() for t in ts), "deadlocked"
-    assert len(outs) == 40
+    assert len(outs) == 6
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
