@@ -161,6 +161,11 @@ def build_pairs(keys: list[str], mobile_former_official: str | None = None):
     return pairs, skipped
 
 
+def _splits_tokens(model) -> bool:
+    from hybridzoo.layers.onednn_tokens import TokenParallelBlockList, TokenParallelBlocks
+    return any(isinstance(m, (TokenParallelBlocks, TokenParallelBlockList)) for m in model.modules())
+
+
 def main() -> None:
     ap = base_parser(__doc__.split("\n")[0], rounds=3)
     ap.add_argument("--pairs", "--models", nargs="+", default=DEFAULT, choices=list(PAIRS))
@@ -171,7 +176,8 @@ def main() -> None:
                          "mobile_former pair; without it the pair is skipped")
     ap.add_argument("--whole-batch", action="store_true",
                     help="also run ours through optimize_for_cpu_inference(split_batch=False) (the batch as one "
-                         "stream on all threads) beside the default split path (inference at batch > 1)")
+                         "stream on all threads) beside the default split path (inference at batch > 1), and at "
+                         "batch 1 through split_tokens=False for the models whose blocks split their token rows")
     ap.add_argument("--inductor", action="store_true",
                     help="also run ours through torch.compile with inductor freezing (inference; compile time "
                          "printed and recorded)")
@@ -198,6 +204,7 @@ def main() -> None:
         for group, _, entries in pairs:
             for name, impl, model, note in entries:
                 cs.append(Contestant(name, group, impl, make_inference_step(model, x), macs[name], params[name], note))
+                fast = None
                 if impl == "ours" and onednn_available():
                     fast = optimize_for_cpu_inference(model)
                     cs.append(Contestant(name + " +oneDNN", group, "ours+onednn", make_inference_step(fast, x),
@@ -207,6 +214,11 @@ def main() -> None:
                         cs.append(Contestant(name + " +oneDNN whole batch", group, "ours+onednn-whole",
                                              make_inference_step(whole, x), macs[name], params[name],
                                              "optimize_for_cpu_inference(split_batch=False)"))
+                    if args.whole_batch and x.shape[0] == 1 and fast is not None and _splits_tokens(fast):
+                        whole = optimize_for_cpu_inference(model, split_tokens=False)
+                        cs.append(Contestant(name + " +oneDNN whole tokens", group, "ours+onednn-whole-tokens",
+                                             make_inference_step(whole, x), macs[name], params[name],
+                                             "optimize_for_cpu_inference(split_tokens=False)"))
                 if impl == "ours" and args.inductor:
                     step, seconds = compiled_inference_step(model, x)
                     compile_times[f"{name} batch {x.shape[0]}"] = seconds

@@ -49,6 +49,8 @@ def check_image_input(x: torch.Tensor, model: nn.Module | str, in_chans: int,
 
 def checkpoint_seq(blocks: Iterable[nn.Module], x, *args, enabled: bool = True):
     """Run `blocks` in order; with `enabled` and grad on, recompute each block's activations in backward."""
+    if getattr(blocks, "runs_as_one", False) and not (enabled and torch.is_grad_enabled()):
+        return blocks(x, *args)   # a frozen container that schedules its blocks itself (layers.onednn_tokens)
     for blk in blocks:
         if enabled and torch.is_grad_enabled():
             x = checkpoint(blk, x, *args, use_reentrant=False)

@@ -30,8 +30,12 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   runs each part on a thread of its own with one intra-op thread (`split_batch_forward`): the same function,
   without the OpenMP fork/join (and the wait for the slower thread) at every LayerNorm, add, softmax and
   product of the forward, which on the 2-vCPU EPYC cost more than the products gain from sharing threads.
-  One image cannot be split so; Mobile-Former's frozen block (models/mobile_former.py) then runs its token
-  side beside its first convolution and the rest as two halves of the map, one thread each.
+- with `split_tokens=True` (default, fp32) one image through the transformer blocks that support it (ViT / DeiT,
+  ConViT) may run as one share of its token rows per intra-op thread, each on one thread, the threads meeting
+  once per block where attention needs every key (`layers.onednn_tokens`): batch 1 has no batch to split. Both
+  ways are timed at the first call for each token count and the faster is kept. Mobile-Former's frozen block
+  (models/mobile_former.py) runs one image's token side beside its first convolution and the rest as two
+  halves of the map, one thread each.
 
 With `dtype=torch.bfloat16` the linear weights are packed in bf16, convolution weights are stored in
 bf16, and a call of the copy (`model(x)`) runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate
@@ -457,7 +461,7 @@ def _with_batch_split(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
                                channels_last: bool = True, dtype: torch.dtype = torch.float32,
-                               split_batch: bool = True) -> nn.Module:
+                               split_batch: bool = True, split_tokens: bool = True) -> nn.Module:
     """A frozen, eval-mode copy of `model` with oneDNN linear layers (the original is untouched).
 
     `dtype=torch.bfloat16`: bf16 weights and autocast inside `model(x)` (not other methods such as
@@ -465,7 +469,11 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
 
     `split_batch` (fp32): `model(x)` on a batch of several inputs with several intra-op threads runs one part
     of the batch per thread, each on one thread (`split_batch_forward`); outputs that are not per-input
-    tensors fall back to the whole batch. Batch 1 and other methods (`forward_features`) are unaffected."""
+    tensors fall back to the whole batch. Batch 1 and other methods (`forward_features`) are unaffected.
+
+    `split_tokens` (fp32): the transformer blocks that support it (`layers.onednn_tokens`) may run one image with
+    several intra-op threads as one share of the token rows per thread, meeting once per block at attention; the
+    container's `mode` ("auto": timed at the first call, the faster kept; "tokens"; "whole") decides."""
     if not onednn_available():
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support")
     if dtype not in (torch.float32, torch.bfloat16):
@@ -505,6 +513,9 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
                 convert(child)
 
     convert(model)
+    if split_tokens and fp32:
+        from hybridzoo.layers.onednn_tokens import enable_token_parallel
+        enable_token_parallel(model)
     if dtype is torch.bfloat16:
         # stored in bf16 once, so autocast does not cast the weights at every call
         for m in model.modules():

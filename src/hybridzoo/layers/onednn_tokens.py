@@ -1,0 +1,252 @@
+"""Token-parallel execution of transformer blocks for one input on the frozen CPU inference path.
+
+The batch split (`onednn.split_batch_forward`) runs one part of a batch per intra-op thread; a single image
+has nothing to split along the batch, so at batch 1 every LayerNorm, add and product of a block is an OpenMP
+region whose fork/join (and wait for the slower thread) is paid ~10 times per block. Most of a pre-norm
+transformer block is row-wise — LayerNorm, the qkv / proj / MLP products, the residual adds — and only
+attention needs every token's keys and values. So here each of the threads runs its own share of the token
+rows through the whole block with one intra-op thread, and the threads meet once per block: each writes its
+rows' q, k, v into a buffer shared for that block and waits at a barrier; attention then takes its own query
+rows against all keys and values, and the rest of the block is row-wise again. Two buffers alternate between
+consecutive blocks: a thread writing block i+1's rows into the buffer of block i−1 has passed block i's
+barrier, which every other thread reaches only after its attention of block i−1, the last read of that buffer.
+
+Same function as the sequential blocks: every row of every product, LayerNorm and add is computed by the same
+kernels on the same row values; attention over the query rows of one thread is the same softmax per row.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridzoo.layers.onednn import _pool
+
+__all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "calibrate", "enable_token_parallel",
+           "token_parallel_forward"]
+
+# a guard, not a tuned figure: with fewer rows per thread every product is tiny and the per-op costs dominate
+MIN_ROWS_PER_THREAD = 16
+
+
+def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
+                    barrier: threading.Barrier, pos: torch.Tensor | None) -> torch.Tensor:
+    """One frozen pre-norm block with multi-head self-attention (`models.vit.Block`, ConViT's MHSA blocks) on
+    the token rows `rows` of the image; x: 1×n×C, buf: 1×N×3C shared by the threads."""
+    a = blk.attn
+    C = x.shape[-1]
+    buf[:, rows] = a.qkv(blk.norm1(x))
+    barrier.wait()
+    H, d = a.num_heads, a.head_dim
+    n, N = x.shape[1], buf.shape[1]
+    q = buf[:, rows, :C].view(1, n, H, d).transpose(1, 2)
+    k = buf[:, :, C:2 * C].view(1, N, H, d).transpose(1, 2)
+    v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(1, n, C)
+    # the residual adds go into the fresh product outputs (x + y == y + x exactly): no new buffer per add
+    x = a.proj(o).add_(x)
+    return blk.mlp(blk.norm2(x)).add_(x)
+
+
+def _gpsa_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
+                     barrier: threading.Barrier, pos: torch.Tensor) -> torch.Tensor:
+    """One ConViT block with frozen GPSA on token rows `rows`: (softmax(q kᵀ) + P′[rows])·v′ as the frozen
+    GPSA computes it for one image (pos = P′, heads × N × N)."""
+    a = blk.attn
+    C = x.shape[-1]
+    h = blk.norm1(x)
+    buf[:, rows, :2 * C] = a.qk(h)
+    buf[:, rows, 2 * C:] = a.v(h)
+    barrier.wait()
+    H, d = a.num_heads, a.head_dim
+    n, N = x.shape[1], buf.shape[1]
+    q = buf[:, rows, :C].view(1, n, H, d).transpose(1, 2)
+    k = buf[:, :, C:2 * C].view(1, N, H, d).transpose(1, 2)
+    v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
+    attn = torch.matmul(q, k.transpose(-2, -1)).mul_(a.scale).softmax(dim=-1)
+    attn.add_(pos[:, rows])
+    x = a.proj(torch.matmul(attn, v).transpose(1, 2).reshape(1, n, C)).add_(x)
+    return blk.mlp(blk.norm2(x)).add_(x)
+
+
+_LOCAL = threading.local()
+# one token split at a time in the process: two callers with 3+ threads each could otherwise fill the shared pool
+# with one share each and wait at their barriers for shares queued behind the other's (a deadlock)
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def _buffers(N: int, C: int) -> list[torch.Tensor]:
+    """The two qkv buffers (1×N×3C) for a call from this thread, kept per calling thread: fresh ones of this
+    size (~1 MB) are mmap'd and page-faulted at every call; a model called from several threads at once gets
+    one pair per caller."""
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None or bufs[0].shape != (1, N, 3 * C):
+        bufs = _LOCAL.bufs = [torch.empty(1, N, 3 * C), torch.empty(1, N, 3 * C)]
+    return bufs
+
+
+def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torch.Tensor:
+    """`blocks` (frozen blocks of the kinds `TokenParallelBlocks.applies_to` accepts, in order; `args` are what
+    each block takes after x, such as ConViT's relative indices) applied to one image's tokens x (1×N×C) by
+    `threads` Python threads with one intra-op thread each, each thread taking a contiguous share of the N rows."""
+    if x.dim() != 3 or x.shape[0] != 1:
+        raise ValueError(f"token_parallel_forward takes the tokens of one image, 1×N×C, got shape {tuple(x.shape)}")
+    if not 1 <= threads <= x.shape[1]:
+        raise ValueError(f"token_parallel_forward: threads must be in [1, N={x.shape[1]}], got {threads}")
+    plan = []
+    for blk in blocks:
+        kernel = _kernel(blk)
+        if kernel is None:
+            raise ValueError(f"token_parallel_forward: no row-share kernel for {type(blk).__name__} (ViT / DeiT "
+                             "blocks and ConViT's frozen GPSA / MHSA blocks are supported)")
+        # GPSA's positional map P′ is fetched (and cached) here, once, not from every thread
+        plan.append((kernel, blk.attn._positional(*args) if kernel is _gpsa_block_rows else None))
+    with _ONE_AT_A_TIME:
+        return _run_shares(blocks, plan, x, threads)
+
+
+def _run_shares(blocks, plan, x: torch.Tensor, threads: int) -> torch.Tensor:
+    N, C = x.shape[1], x.shape[2]
+    bounds = [N * t // threads for t in range(threads + 1)]
+    shares = [slice(bounds[t], bounds[t + 1]) for t in range(threads)]
+    bufs = _buffers(N, C)
+    barrier = threading.Barrier(threads)
+    inference = torch.is_inference_mode_enabled()
+
+    def run(rows: slice) -> torch.Tensor:
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode(inference), torch.no_grad():
+                h = x[:, rows]
+                for i, (blk, (kernel, pos)) in enumerate(zip(blocks, plan)):
+                    h = kernel(blk, h, rows, bufs[i % 2], barrier, pos)
+                return h
+        except BaseException:
+            barrier.abort()   # the other threads would otherwise wait for this one at the barrier forever
+            raise
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_pool(threads - 1).submit(run, r) for r in shares[1:]]
+        outs, errors = [], []
+        try:
+            outs.append(run(shares[0]))
+        except BaseException as e:   # noqa: BLE001 - re-raised below, after every worker has stopped
+            errors.append(e)
+        for f in futures:   # wait for every worker before returning or raising
+            e = f.exception()
+            errors.append(e) if e is not None else outs.append(f.result())
+    finally:
+        torch.set_num_threads(before)
+    if errors:
+        # the thread that failed first, not one that found the barrier broken by it
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return torch.cat(outs, dim=1)
+
+
+def _kernel(blk: nn.Module):
+    """The row-share kernel for a frozen block, or None when the block is of no kind this module knows."""
+    from hybridzoo.layers.attention import Attention
+    from hybridzoo.layers.mlp import Mlp
+    from hybridzoo.models import convit, vit
+    if type(blk) not in (vit.Block, convit.Block) or not (
+            isinstance(blk.drop_path, nn.Identity) and type(blk.mlp) is Mlp
+            and type(blk.norm1) is nn.LayerNorm and type(blk.norm2) is nn.LayerNorm):
+        return None   # other models' blocks (CeiT's, ...) have other parts
+    if type(blk.attn) is Attention:
+        return _vit_block_rows
+    if type(blk) is convit.Block and type(blk.attn) is convit._FrozenGPSA:
+        return _gpsa_block_rows
+    return None
+
+
+def calibrate(run_whole, run_tokens, rounds: int = 3) -> bool:
+    """True when `run_tokens()` is the faster of the two on this machine now: one warm-up call each, then
+    `rounds` interleaved timed calls each, medians of the wall clock compared."""
+    run_whole(), run_tokens()
+    whole, tokens = [], []
+    for _ in range(rounds):
+        for fn, times in ((run_whole, whole), (run_tokens, tokens)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(tokens) < statistics.median(whole)
+
+
+class _TokenParallel:
+    """Mixin for a container of frozen blocks: calling it on one image (1×N×C) with several intra-op threads and
+    at least MIN_ROWS_PER_THREAD rows per thread may run `token_parallel_forward`; anything else runs the blocks
+    in turn. `checkpoint_seq` calls the container itself (`runs_as_one`) instead of iterating over it.
+
+    `mode`: "auto" (default) times both ways at the first such call for each (tokens, threads) and keeps the
+    faster (`calibrate`: 8 extra runs of the blocks, once) — whether the token split wins depends on the machine
+    and its load (benchmarks/RESULTS.md, session 6); "tokens" always splits; "whole" never does."""
+
+    runs_as_one = True
+    mode = "auto"
+
+    @staticmethod
+    def applies_to(seq: nn.Module) -> bool:
+        return (type(seq) in (nn.Sequential, nn.ModuleList) and len(seq) > 0
+                and all(_kernel(b) is not None for b in seq))
+
+    def _whole(self, x: torch.Tensor, *args) -> torch.Tensor:
+        for blk in self:
+            x = blk(x, *args)
+        return x
+
+    def _split_tokens(self, x: torch.Tensor, threads: int, args) -> bool:
+        if self.mode not in ("auto", "tokens", "whole"):
+            raise ValueError(f"{type(self).__name__}.mode must be 'auto', 'tokens' or 'whole', got {self.mode!r}")
+        if (self.mode == "whole" or threads < 2 or x.dim() != 3 or x.shape[0] != 1 or x.dtype != torch.float32
+                or x.shape[1] < threads * MIN_ROWS_PER_THREAD or (torch.is_grad_enabled() and x.requires_grad)):
+            return False
+        if self.mode == "tokens":
+            return True
+        # shared with the slices of this container (ConViT runs `blocks[:10]`, a new container at every call)
+        choices = self.__dict__.setdefault("_choices", {})
+        key = (id(self[0]), len(self), x.shape[1], threads)
+        if key not in choices:
+            choices[key] = calibrate(lambda: self._whole(x, *args),
+                                     lambda: token_parallel_forward(self, x, threads, *args))
+        return choices[key]
+
+    def __getitem__(self, idx):
+        out = super().__getitem__(idx)
+        if isinstance(idx, slice):   # a slice keeps the mode and the measured choices
+            out.mode = self.mode
+            out.__dict__["_choices"] = self.__dict__.setdefault("_choices", {})
+        return out
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        if self._split_tokens(x, threads, args):
+            return token_parallel_forward(self, x, threads, *args)
+        return self._whole(x, *args)
+
+
+class TokenParallelBlocks(_TokenParallel, nn.Sequential):
+    """nn.Sequential of frozen transformer blocks (ViT / DeiT) with the token-parallel call of `_TokenParallel`;
+    indexing, slicing and iteration are those of the nn.Sequential."""
+
+
+class TokenParallelBlockList(_TokenParallel, nn.ModuleList):
+    """nn.ModuleList of frozen transformer blocks (ConViT) with the token-parallel call; a slice is one too."""
+
+
+def enable_token_parallel(model: nn.Module) -> None:
+    """Replace, in place, every plain nn.Sequential / nn.ModuleList of frozen blocks this module knows inside
+    `model` by its token-parallel counterpart."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _TokenParallel.applies_to(child):
+                new = (TokenParallelBlocks(OrderedDict(child._modules)) if type(child) is nn.Sequential
+                       else TokenParallelBlockList(list(child)))
+                setattr(parent, name, new)
