@@ -66,20 +66,22 @@ def make_inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return step
 
 
-TRAIN_NOTE = "train: optimize_for_cpu_training + fused AdamW"
+TRAIN_NOTE = "train: optimize_for_cpu_training + fused AdamW + batch split where the trainer splits"
 
 
 def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, call=None,
                     fast: bool = False, *, linear: bool | None = None, fused: bool | None = None,
-                    compiled: bool = False, channels_last: bool = False) -> Callable[[], Any]:
+                    compiled: bool = False, channels_last: bool = False, split: bool | None = None) -> Callable[[], Any]:
     """Forward in train mode, cross-entropy on fixed random labels, backward, AdamW step.
 
     `fast=True` is the trainer's fp32 CPU path for our models (`hybridzoo train` without `--no-fast-cpu`):
     `optimize_for_cpu_training` on a copy of the model and `AdamW(fused=True)`. The peers get AdamW as
     torch builds it by default. `linear` / `fused` take one of the two levers alone (benchmarks/train_levers.py);
     `compiled` wraps the call in `torch.compile`; `channels_last` converts the model and the input (as
-    `hybridzoo train --channels-last` does)."""
+    `hybridzoo train --channels-last` does); `split` (default: `fast`) trains by batch split where the trainer
+    does (`BatchSplitTraining`: models without batch statistics, ≥ 2 threads, not compiled)."""
     linear = fast if linear is None else linear
+    split = fast if split is None else split
     fused = fast if fused is None else fused
     if linear:
         from hybridzoo.layers.train_fast import optimize_for_cpu_training
@@ -91,6 +93,10 @@ def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, 
     target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05,
                             **({"fused": True} if fused else {}))
+    if call is None and split and not compiled and torch.get_num_threads() > 1:
+        from hybridzoo.layers.train_fast import BatchSplitTraining, split_training_blocker
+        if split_training_blocker(model) is None:
+            call = BatchSplitTraining(model)
     call = call or model
     if compiled:
         call = torch.compile(call)
