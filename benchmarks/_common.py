@@ -127,13 +127,18 @@ def compiled_train_contestant(name: str, group: str, model: nn.Module, x: torch.
 
 def train_contestants_of(name: str, group: str, impl: str, model: nn.Module, note: str, x: torch.Tensor,
                          macs: int | None, params: int | None,
-                         compile_times: dict[str, float] | None = None) -> list[Contestant]:
+                         compile_times: dict[str, float] | None = None,
+                         whole_batch: bool = False) -> list[Contestant]:
     """One model's training contestants: ours through the trainer's fp32 CPU path (optimize_for_cpu_training +
-    fused AdamW), a peer as built; with `compile_times` given, ours also under torch.compile
-    (`compiled_train_contestant`)."""
+    fused AdamW + the batch split where it applies), a peer as built; with `compile_times` given, ours also
+    under torch.compile (`compiled_train_contestant`); with `whole_batch`, ours also without the batch split
+    (`hybridzoo train --no-batch-split`)."""
     ours = impl == "ours"
     cs = [Contestant(name, group, impl, make_train_step(model, x, fast=ours), macs, params,
                      note + ("; " if note else "") + TRAIN_NOTE if ours else note)]
+    if ours and whole_batch:
+        cs.append(Contestant(name + " whole batch", group, "ours-whole", make_train_step(model, x, fast=True, split=False),
+                             macs, params, "optimize_for_cpu_training + fused AdamW, whole batch (--no-batch-split)"))
     if ours and compile_times is not None:
         cs.append(compiled_train_contestant(name, group, model, x, macs, params, compile_times))
     return cs

@@ -22,6 +22,10 @@ Under `torch.compile` (`hybridzoo train --compile`) the same products are the re
 `hybridzoo::onednn_linear` (with its autograd formula and a shape-only fake kernel), so inductor keeps oneDNN's
 forward and input-gradient products as opaque calls and fuses the element-wise work around them (bias
 gradient, activations, residual adds, LayerNorm) instead of falling back to MKL's `addmm`.
+
+`BatchSplitTraining(model)` (what `hybridzoo train` uses on the CPU for models without batch statistics)
+trains one share of each batch per intra-op thread, each share's forward and backward on one thread, with
+the whole batch's loss and gradients; see its docstring and `split_training_blocker`.
 """
 
 from __future__ import annotations
