@@ -232,7 +232,7 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
     state = run.state
     if args.resume:
         _resume(run, args, info)
-    train_model = _wrap(state.model, args, info)
+    train_model = _wrap(state.model, args, info, task)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         print(f"{task.name}: {args.model} ({run.n_params / 1e6:.2f}M params) on {info.device}"
@@ -361,7 +361,8 @@ def _resume(run: _Run, args: argparse.Namespace, info: distributed.DistInfo) -> 
         print(f"resumed from {args.resume} at epoch {run.state.epoch}, step {run.state.step}")
 
 
-def _batch_split_blocker(model: nn.Module, args: argparse.Namespace, info: distributed.DistInfo) -> str | None:
+def _batch_split_blocker(model: nn.Module, args: argparse.Namespace, info: distributed.DistInfo,
+                         task) -> str | None:
     """Why this run does not train by batch split (None: it does); see `BatchSplitTraining`."""
     if not getattr(args, "batch_split", True):
         return "--no-batch-split"
@@ -375,12 +376,14 @@ def _batch_split_blocker(model: nn.Module, args: argparse.Namespace, info: distr
         return "--compile"
     if torch.get_num_threads() < 2:
         return "one intra-op thread"
+    if not getattr(task, "batch_split", False):
+        return f"the {task.name} task's training step is not split (Task.batch_split)"
     return split_training_blocker(model)
 
 
-def _wrap(model: nn.Module, args: argparse.Namespace, info: distributed.DistInfo) -> nn.Module:
+def _wrap(model: nn.Module, args: argparse.Namespace, info: distributed.DistInfo, task) -> nn.Module:
     if info.device.type == "cpu":
-        blocker = _batch_split_blocker(model, args, info)
+        blocker = _batch_split_blocker(model, args, info, task)
         if info.is_main and blocker not in ("--no-batch-split", "--no-fast-cpu"):
             print(f"batch split: {torch.get_num_threads()} threads each train their share of every batch"
                   if blocker is None else f"batch split off: {blocker}")
