@@ -68,20 +68,22 @@ def make_inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return step
 
 
-TRAIN_NOTE = "train: optimize_for_cpu_training + fused AdamW"
+TRAIN_NOTE = "train: optimize_for_cpu_training + fused AdamW + batch split where the trainer splits"
 
 
 def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, call=None,
                     fast: bool = False, *, linear: bool | None = None, fused: bool | None = None,
-                    compiled: bool = False, channels_last: bool = False) -> Callable[[], Any]:
+                    compiled: bool = False, channels_last: bool = False, split: bool | None = None) -> Callable[[], Any]:
     """Forward in train mode, cross-entropy on fixed random labels, backward, AdamW step.
 
     `fast=True` is the trainer's fp32 CPU path for our models (`hybridzoo train` without `--no-fast-cpu`):
     `optimize_for_cpu_training` on a copy of the model and `AdamW(fused=True)`. The peers get AdamW as
     torch builds it by default. `linear` / `fused` take one of the two levers alone (benchmarks/train_levers.py);
     `compiled` wraps the call in `torch.compile`; `channels_last` converts the model and the input (as
-    `hybridzoo train --channels-last` does)."""
+    `hybridzoo train --channels-last` does); `split` (default: `fast`) trains by batch split where the trainer
+    does (`BatchSplitTraining`: models without batch statistics, ≥ 2 threads, not compiled)."""
     linear = fast if linear is None else linear
+    split = fast if split is None else split
     fused = fast if fused is None else fused
     if linear:
         from hybridzoo.layers.train_fast import optimize_for_cpu_training
@@ -93,6 +95,10 @@ def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, 
     target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05,
                             **({"fused": True} if fused else {}))
+    if call is None and split and not compiled and torch.get_num_threads() > 1:
+        from hybridzoo.layers.train_fast import BatchSplitTraining, split_training_blocker
+        if split_training_blocker(model) is None:
+            call = BatchSplitTraining(model)
     call = call or model
     if compiled:
         call = torch.compile(call)
@@ -123,13 +129,18 @@ def compiled_train_contestant(name: str, group: str, model: nn.Module, x: torch.
 
 def train_contestants_of(name: str, group: str, impl: str, model: nn.Module, note: str, x: torch.Tensor,
                          macs: int | None, params: int | None,
-                         compile_times: dict[str, float] | None = None) -> list[Contestant]:
+                         compile_times: dict[str, float] | None = None,
+                         whole_batch: bool = False) -> list[Contestant]:
     """One model's training contestants: ours through the trainer's fp32 CPU path (optimize_for_cpu_training +
-    fused AdamW), a peer as built; with `compile_times` given, ours also under torch.compile
-    (`compiled_train_contestant`)."""
+    fused AdamW + the batch split where it applies), a peer as built; with `compile_times` given, ours also
+    under torch.compile (`compiled_train_contestant`); with `whole_batch`, ours also without the batch split
+    (`hybridzoo train --no-batch-split`)."""
     ours = impl == "ours"
     cs = [Contestant(name, group, impl, make_train_step(model, x, fast=ours), macs, params,
                      note + ("; " if note else "") + TRAIN_NOTE if ours else note)]
+    if ours and whole_batch:
+        cs.append(Contestant(name + " whole batch", group, "ours-whole", make_train_step(model, x, fast=True, split=False),
+                             macs, params, "optimize_for_cpu_training + fused AdamW, whole batch (--no-batch-split)"))
     if ours and compile_times is not None:
         cs.append(compiled_train_contestant(name, group, model, x, macs, params, compile_times))
     return cs

@@ -184,6 +184,9 @@ def main() -> None:
     ap.add_argument("--train-compile", action="store_true",
                     help="also train ours under torch.compile (`hybridzoo train --compile`; compile time printed "
                          "and recorded)")
+    ap.add_argument("--train-whole-batch", action="store_true",
+                    help="also train ours on the whole batch at once (`hybridzoo train --no-batch-split`) beside "
+                         "the default batch split")
     args = parse_and_setup(ap)
 
     pairs, skipped = build_pairs(args.pairs, args.mobile_former_official)
@@ -231,7 +234,8 @@ def main() -> None:
         return [c for group, scen, entries in pairs if scen is None or "training" in scen
                 for name, impl, model, note in entries
                 for c in train_contestants_of(name, group, impl, model, note, x_train, macs[name], params[name],
-                                              compile_times if args.train_compile else None)]
+                                              compile_times if args.train_compile else None,
+                                              whole_batch=args.train_whole_batch)]
 
     scenarios = []
     if "infer" in args.scenarios:

@@ -7,7 +7,9 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
   plain         nn.Linear, AdamW as torch builds it by default (the baseline)
   fast-linear   `optimize_for_cpu_training` (oneDNN forward and input gradient, MKL weight gradient)
   fused-adamw   plain model, `AdamW(fused=True)`
-  fast          both (what `hybridzoo train` does on the CPU)
+  fast          both, whole batch (`hybridzoo train --no-batch-split`)
+  fast-split    both, and the batch split (`BatchSplitTraining`, what `hybridzoo train` does on the CPU for
+                models without batch statistics): one share of the batch per thread, each on one thread
   compile       `torch.compile(model)` of the plain model (inductor C++), AdamW default; its compile time
                 is printed (not in the default set: compiling a full-size model takes minutes)
   fast-compile  the fast path compiled (`hybridzoo train --compile`): FastLinear's products stay oneDNN calls
@@ -33,13 +35,13 @@ from _common import make_train_step  # noqa: I001  (puts this checkout's src/ on
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
 
-LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "compile", "fast-compile", "fast-cl"]
+LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "convit_small", "cvt_13"])
-    ap.add_argument("--levers", nargs="+", default=["fast-linear", "fused-adamw", "fast"], choices=LEVERS[1:])
+    ap.add_argument("--levers", nargs="+", default=["fast-linear", "fused-adamw", "fast", "fast-split"], choices=LEVERS[1:])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
@@ -54,8 +56,11 @@ def main() -> None:
         variants = {"plain": make_train_step(copy.deepcopy(base), x)}
         for lever in args.levers:  # every variant trains its own copy of the same weights
             variants[lever] = make_train_step(copy.deepcopy(base), x,
-                                              linear=lever in ("fast-linear", "fast", "fast-compile", "fast-cl"),
-                                              fused=lever in ("fused-adamw", "fast", "fast-compile", "fast-cl"),
+                                              linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
+                                                               "fast-cl"),
+                                              fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
+                                                              "fast-cl"),
+                                              split=lever == "fast-split",
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
         for v, step in variants.items():  # warm-up (and compilation)

@@ -6,11 +6,13 @@ No batch norm (so 2 processes × half a batch equal 1 process × the batch) and 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
 from hybridzoo import register_model
-from hybridzoo.layers import check_image_input
+from hybridzoo.layers import DropPath, check_image_input
 
 
 class TinyViT(nn.Module):
@@ -26,6 +28,7 @@ class TinyViT(nn.Module):
         self.attn = nn.MultiheadAttention(dim, 2, bias=False, batch_first=True)  # no key bias: its true gradient is 0, and Adam would amplify float noise
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()  # --drop-path
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.head_dist = nn.Linear(dim, num_classes) if distilled else None
@@ -45,8 +48,8 @@ class TinyViT(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
         h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(h, h, h, need_weights=False)[0])
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         return self.norm(x)
 
     def forward_head(self, x, pre_logits: bool = False):
@@ -77,15 +80,20 @@ def hz_tiny_vit_distilled(**kwargs):
 
 
 class Exploding(TinyViT):
-    """Returns NaN logits once its `explode_after` counter of training forwards runs out."""
+    """Returns NaN logits once its `explode_after` counter of training batches (of 16 samples) runs out.
+
+    Counted in samples, under a lock: the batch split runs a batch as parts on several threads at once."""
 
     explode_after = 3
+    _lock = threading.Lock()
 
     def forward(self, x):
         out = super().forward(x)
         if self.training:
-            Exploding.explode_after -= 1
-            if Exploding.explode_after < 0:
+            with Exploding._lock:
+                Exploding.explode_after -= x.shape[0] / 16
+                boom = Exploding.explode_after < 0
+            if boom:
                 return out * float("nan")
         return out
 

@@ -65,7 +65,7 @@ def test_resume_is_exact(make_args, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_args, tmp_path, tiny):
-    tiny.Exploding.explode_after = 4  # forwards 1-4 fine (epoch 1 has 3 steps), step 5 is NaN
+    tiny.Exploding.explode_after = 4  # batches 1-4 fine (epoch 1 has 3 steps), step 5 is NaN
     args, task = make_args(*FAST, "--model", "hz_tiny_exploding", "--epochs", 3, "--output", tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"step 5 \(epoch 2, batch 2\).*last.ckpt \(end of epoch 1\) is kept"):
         train(args, task)

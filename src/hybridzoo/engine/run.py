@@ -39,7 +39,7 @@ WEIGHTS_CHOICES = ("auto", "model", "ema", "last")
 _NOT_INHERITED = {"output", "resume", "device", "workers", "progress", "config", "plugin", "command", "amp",
                   "compile", "pretrained", "limit_train_batches", "limit_val_batches", "stop_after_epochs",
                   "early_stop", "run", "checkpoint", "weights", "json", "teacher", "teacher_checkpoint",
-                  "distillation", "channels_last", "images", "inputs", "history", "fast_cpu"}
+                  "distillation", "channels_last", "images", "inputs", "history", "fast_cpu", "batch_split"}
 # Options that only shape training; building the model for inference turns them off.
 _INFERENCE_ONLY = {"pretrained": None, "teacher": None, "teacher_checkpoint": None, "teacher_model": None,
                    "distillation": "none"}

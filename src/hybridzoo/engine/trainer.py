@@ -39,7 +39,7 @@ from hybridzoo.engine.checkpoint import (CheckpointError, atomic_save, get_rng_s
                                          save_weights)
 from hybridzoo.engine.logger import format_row, plot_curves, write_metrics_csv, write_summary
 from hybridzoo.engine.optim import CosineWarmupSchedule, ModelEma, build_optimizer
-from hybridzoo.layers.train_fast import optimize_for_cpu_training
+from hybridzoo.layers.train_fast import BatchSplitTraining, optimize_for_cpu_training, split_training_blocker
 from hybridzoo.engine.state import TrainState
 from hybridzoo.engine.rundir import check_same_classes, keep_finished_weights, prepare_run_dir
 
@@ -56,6 +56,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": False,
     "limit_train_batches": None, "limit_val_batches": None, "stop_after_epochs": None, "progress": True,
     "early_stop": None, "accum_steps": 1, "overwrite": False, "layer_decay": None, "fast_cpu": True,
+    "batch_split": True,
 }
 
 
@@ -231,7 +232,7 @@ def _train(args: argparse.Namespace, task, info: distributed.DistInfo) -> TrainR
     state = run.state
     if args.resume:
         _resume(run, args, info)
-    train_model = _wrap(state.model, args, info)
+    train_model = _wrap(state.model, args, info, task)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         print(f"{task.name}: {args.model} ({run.n_params / 1e6:.2f}M params) on {info.device}"
@@ -360,7 +361,36 @@ def _resume(run: _Run, args: argparse.Namespace, info: distributed.DistInfo) -> 
         print(f"resumed from {args.resume} at epoch {run.state.epoch}, step {run.state.step}")
 
 
-def _wrap(model: nn.Module, args: argparse.Namespace, info: distributed.DistInfo) -> nn.Module:
+def _batch_split_blocker(model: nn.Module, args: argparse.Namespace, info: distributed.DistInfo,
+                         task) -> str | None:
+    """Why this run does not train by batch split (None: it does); see `BatchSplitTraining`."""
+    if not getattr(args, "batch_split", True):
+        return "--no-batch-split"
+    if not getattr(args, "fast_cpu", True):
+        return "--no-fast-cpu"
+    if info.device.type != "cpu" or args.amp != "none":
+        return "the batch split is for fp32 CPU training"
+    if info.world_size > 1:  # DDP all-reduces in the gradient hooks: once per part would be wrong and slow
+        return "several processes (DDP)"
+    if args.compile:
+        return "--compile"
+    if torch.get_num_threads() < 2:
+        return "one intra-op thread"
+    if not getattr(task, "batch_split", False):
+        return f"the {task.name} task's training step is not split (Task.batch_split)"
+    return split_training_blocker(model)
+
+
+def _wrap(model: nn.Module, args: argparse.Namespace, info: distributed.DistInfo, task) -> nn.Module:
+    if info.device.type == "cpu":
+        blocker = _batch_split_blocker(model, args, info, task)
+        if info.is_main and blocker not in ("--no-batch-split", "--no-fast-cpu"):
+            print(f"batch split: {torch.get_num_threads()} threads each train their share of every batch"
+                  if blocker is None else f"batch split off: {blocker}")
+        if blocker is None:
+            # each intra-op thread runs forward and backward of its share of the batch on one thread;
+            # the same gradients, loss and logs as the whole batch (benchmarks/RESULTS.md, session 6)
+            return BatchSplitTraining(model)
     if info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)

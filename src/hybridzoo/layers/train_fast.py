@@ -22,6 +22,10 @@ Under `torch.compile` (`hybridzoo train --compile`) the same products are the re
 `hybridzoo::onednn_linear` (with its autograd formula and a shape-only fake kernel), so inductor keeps oneDNN's
 forward and input-gradient products as opaque calls and fuses the element-wise work around them (bias
 gradient, activations, residual adds, LayerNorm) instead of falling back to MKL's `addmm`.
+
+`BatchSplitTraining(model)` (what `hybridzoo train` uses on the CPU for models without batch statistics)
+trains one share of each batch per intra-op thread, each share's forward and backward on one thread, with
+the whole batch's loss and gradients; see its docstring and `split_training_blocker`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 __all__ = ["FastLinear", "optimize_for_cpu_training", "fast_training_available", "fast_linear", "onednn_linear",
-           "MIN_WEIGHT_NUMEL"]
+           "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
 
 
 # Decided once: dynamo refuses to trace `torch.backends.mkldnn.is_available` (a graph break per layer).
@@ -150,3 +154,181 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
         if type(m) is nn.Linear and m.in_features * m.out_features >= min_weight_numel:
             m.__class__ = FastLinear
     return model
+
+
+# --- Batch split ------------------------------------------------------------------------------------------
+# With N intra-op threads, each of N threads runs the forward and backward of 1/N of the batch with one
+# intra-op thread: no OpenMP fork/join at each of the ~600 parallel regions of a ViT step, no second thread
+# idling through the small ops (LayerNorm, GELU, adds, softmax). Only for models whose output row i depends on
+# input row i alone in training mode: no batch statistics (BatchNorm), no running buffers.
+
+
+def split_training_blocker(model: nn.Module) -> str | None:
+    """Why `model` cannot be trained by batch split (`BatchSplitTraining`), or None when it can.
+
+    Blocked: layers with batch statistics or running buffers (BatchNorm and the like: a part's statistics are
+    not the batch's), dropout drawn from the global generator (the threads would draw in a timing-dependent
+    order; DropPath draws from a per-part generator and is fine), activation checkpointing (its recompute
+    restores the global generator, not the per-part one)."""
+    for name, m in model.named_modules():
+        where = name or type(model).__name__
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return f"{where} ({type(m).__name__}) normalises with batch statistics"
+        if any(b.split(".")[-1].startswith("running_") for b, _ in m.named_buffers(recurse=False)):
+            return f"{where} ({type(m).__name__}) keeps running statistics"
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{where} ({type(m).__name__}, p={m.p}) draws from the global generator"
+        drop = m.dropout if isinstance(m, nn.MultiheadAttention) else getattr(m, "attn_drop", None)
+        if isinstance(drop, float) and drop > 0:
+            return f"{where} ({type(m).__name__}) uses attention dropout {drop}, drawn from the global generator"
+        if getattr(m, "grad_checkpointing", False):
+            return f"{where} ({type(m).__name__}) uses activation checkpointing"
+    return None
+
+
+def _flat_outputs(out) -> list[torch.Tensor] | None:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return list(out)
+    return None
+
+
+class _JoinParts(torch.autograd.Function):
+    """The parts' outputs (detached leaves) concatenated along the batch; its backward hands each part its
+    slice of the gradient and runs the parts' backward passes in parallel (`BatchSplitTraining._backward`)."""
+
+    @staticmethod
+    def forward(ctx, owner, sizes, n_out, *leaves):
+        ctx.owner, ctx.sizes, ctx.n_out = owner, sizes, n_out
+        n_parts = len(sizes)
+        return tuple(torch.cat(leaves[k * n_parts:(k + 1) * n_parts]) for k in range(n_out))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        ctx.owner._backward([g.split(ctx.sizes) if g is not None else None for g in grads])
+        return (None, None, None) + (None,) * (len(ctx.sizes) * ctx.n_out)
+
+
+class BatchSplitTraining(nn.Module):
+    """`model` in training with its batch cut into one part per intra-op thread (see `split_training_blocker`
+    for the models it applies to).
+
+    `wrapper(x)` runs each part's forward on a thread of its own with one intra-op thread and returns the
+    concatenated output, whose gradient is the whole batch's: the loss is computed on the whole batch (label
+    smoothing, mixup targets, distillation as they are), and its backward runs the parts' backward passes in
+    parallel, again one thread each. The parameter gradients are summed in part order, so the step is the
+    whole-batch step (fp32 rounding aside) and the same bits on every run with the same thread count.
+
+    Drop-path masks come from one generator per part, seeded from the global generator once per call: the
+    same bits on every run, though not the masks the whole-batch model would draw. The wrapper is the
+    training call only; the state dict, evaluation and checkpoints are the model's (`wrapper.module`). Calls
+    it cannot split (one thread, a batch of one, no gradient, eval mode, keyword arguments, outputs that are
+    not per-sample tensors) run `model` as it is."""
+
+    def __init__(self, model: nn.Module, threads: int | None = None):
+        super().__init__()
+        blocker = split_training_blocker(model)
+        if blocker is not None:
+            raise ValueError(f"BatchSplitTraining: {type(model).__name__} cannot be trained by batch split: {blocker}")
+        self.module = model
+        self.threads = threads
+        from hybridzoo.layers.drop import DropPath
+        self._draws = any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules())
+        self._pending: list | None = None
+        self._ok = True
+
+    def _n_parts(self, x) -> int:
+        threads = self.threads or torch.get_num_threads()
+        if (not self._ok or not self.module.training or not torch.is_grad_enabled() or threads < 2
+                or not isinstance(x, torch.Tensor) or x.dim() == 0 or torch.jit.is_tracing()
+                or torch.compiler.is_compiling()):
+            return 1
+        return min(threads, x.shape[0])
+
+    def forward(self, *args, **kwargs):
+        n = self._n_parts(args[0]) if len(args) == 1 and not kwargs else 1
+        if n < 2:
+            return self.module(*args, **kwargs)
+        from hybridzoo.layers.drop import use_generator
+
+        x = args[0]
+        parts = x.tensor_split(n)
+        seeds = (torch.randint(-2**63, 2**63 - 1, (n,), dtype=torch.int64).tolist() if self._draws else [None] * n)
+        rng_before = torch.get_rng_state()
+        grad_mode = torch.is_grad_enabled()
+
+        def run(i):
+            torch.set_num_threads(1)  # this worker's OpenMP team (and MKL's) has one thread
+            gen = torch.Generator().manual_seed(seeds[i]) if seeds[i] is not None else None
+            with torch.set_grad_enabled(grad_mode), use_generator(gen):
+                return self.module(parts[i])
+
+        outs = self._on_threads(run, n)
+        if not torch.equal(torch.get_rng_state(), rng_before):
+            # something in the model drew from the global generator on the worker threads: correct for this
+            # step, but in a timing-dependent order; whole batches from now on
+            self._ok = False
+            print(f"note: {type(self.module).__name__} draws random numbers from the global generator; "
+                  "training continues without the batch split to stay reproducible")
+        flat = [_flat_outputs(o) for o in outs]
+        if any(f is None for f in flat) or len({len(f) for f in flat}) != 1 or not all(
+                t.dim() > 0 and t.shape[0] == p.shape[0] for f, p in zip(flat, parts) for t in f):
+            self._ok = False  # outputs that are not per-sample tensors: run the whole batch, now and from now on
+            return self.module(*args)
+        n_out = len(flat[0])
+        self._pending = [f for f in flat]
+        leaves = [flat[i][k].detach().requires_grad_(flat[i][k].requires_grad)
+                  for k in range(n_out) for i in range(n)]
+        joined = _JoinParts.apply(self, [p.shape[0] for p in parts], n_out, *leaves)
+        if isinstance(outs[0], torch.Tensor):
+            return joined[0]
+        return type(outs[0])(joined)
+
+    @staticmethod
+    def _on_threads(run, n: int) -> list:
+        from hybridzoo.layers.onednn import _pool
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            futures = [_pool(n - 1).submit(run, i) for i in range(1, n)]
+            first = run(0)
+            return [first] + [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(before)
+
+    def _backward(self, grads) -> None:
+        """The parts' backward passes, one thread each: part 0 accumulates into `.grad`, the others return
+        their gradients, added in part order (a fixed order of sums: the same bits on every run)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("BatchSplitTraining: backward through a split forward ran twice")
+        params = [p for p in self.module.parameters() if p.requires_grad]
+
+        def part(i):
+            outs, gs = [], []
+            for k, o in enumerate(pending[i]):
+                if grads[k] is not None and o.requires_grad:
+                    outs.append(o)
+                    gs.append(grads[k][i])
+            if not outs:
+                return None
+            torch.set_num_threads(1)
+            if i == 0:
+                torch.autograd.backward(outs, gs)
+                return None
+            return torch.autograd.grad(outs, params, gs, allow_unused=True)
+
+        results = self._on_threads(part, len(pending))
+        for res in results[1:]:
+            if res is None:
+                continue
+            for p, g in zip(params, res):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)

@@ -70,6 +70,9 @@ class Task:
     default_lr: float = 1e-3
     default_weight_decay: float = 0.05
     default_warmup_epochs: float = 0
+    # training_step calls `model(inputs)` on the batch, output rows per sample, and reads no other attribute of
+    # `model` than `.module`: the fp32 CPU trainer may then train by batch split (BatchSplitTraining)
+    batch_split: bool = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task-specific command-line options (added to `train`, `eval`, `predict`)."""

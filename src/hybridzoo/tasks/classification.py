@@ -191,6 +191,7 @@ def _head_width_or_none(path: str) -> int | None:
 @register_task
 class ClassificationTask(Task):
     name = "classification"
+    batch_split = True  # training_step: model(x), the loss on the whole batch's output
     default_model = "cvt_tiny_demo"
     headline_metric = "top1"
     higher_is_better = True
