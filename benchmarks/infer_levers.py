@@ -16,16 +16,17 @@ restored for their step only):
   1x1-as-conv today's path with the 1×1 convolutions without a residual as shape-packed convolutions too
               (`OneDNNConv2d.INNER_PRODUCT_1X1 = False`; not in the default set)
 Mobile-Former (session 6; `--models mobile_former_294m --batch 1 --variants mf-unfrozen mf-serial mf-branches
-fast mf-rows8`; the batch-1 levers engage with ≥ 2 threads only):
+mf-halves mf-rows8`; the two-thread levers engage with ≥ 2 threads only):
   mf-unfrozen  the path as it was before session 6: the blocks' own modules, one op after the other (a copy
                built without `MobileFormerBlock.freeze_for_cpu_inference`)
   mf-serial    the frozen block (merged token products) without its second thread
   mf-branches  the frozen block's token side on a second thread beside the first convolution, the rest of
                the block with the caller's threads (`SPLIT_ROWS = False`)
-  fast         today's path: the above, and the rest of the block as two halves of the map, one per thread,
-               on maps of at least 7 rows (every block of Mobile-Former-294M at 224²)
-  mf-rows8     the same with 7-row maps left whole, run by the caller's threads (`SPLIT_MIN_ROWS = 8`: the
+  mf-halves    the above, and the rest of the block as two halves of the map, one per thread, on maps of at
+               least 7 rows (every block of Mobile-Former-294M at 224²)
+  mf-rows8     mf-halves with 7-row maps left whole, run by the caller's threads (`SPLIT_MIN_ROWS = 8`: the
                7×7 stage of Mobile-Former-294M)
+  fast         today's path: the frozen block as mf-serial (the two-thread variants lost on the idle machine)
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
@@ -99,7 +100,7 @@ def patched(variant: str):
     mf = mobile_former._FrozenMobileFormerBlock
     mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS
     try:
-        mf.PARALLEL = variant != "mf-serial"
+        mf.PARALLEL = variant in ("mf-branches", "mf-halves", "mf-rows8")
         mf.SPLIT_ROWS = variant != "mf-branches"
         if variant == "mf-rows8":
             mf.SPLIT_MIN_ROWS = 8

@@ -108,6 +108,8 @@ def _run_in_thread(fn):
 
 @pytest.mark.parametrize("where", ["tokens", "first", "lower half", "upper half"])
 def test_an_error_on_either_thread_reaches_the_caller(where, monkeypatch):
+    monkeypatch.setattr(Frozen, "PARALLEL", True)
+    monkeypatch.setattr(Frozen, "SPLIT_ROWS", True)
     model, fast = _models()
     x = torch.randn(1, 3, 64, 64)
     name = {"tokens": "tokens", "first": "_first"}.get(where, "_rest_rows")

@@ -34,8 +34,8 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   ConViT) may run as one share of its token rows per intra-op thread, each on one thread, the threads meeting
   once per block where attention needs every key (`layers.onednn_tokens`): batch 1 has no batch to split. Both
   ways are timed at the first call for each token count and the faster is kept. Mobile-Former's frozen block
-  (models/mobile_former.py) runs one image's token side beside its first convolution and the rest as two
-  halves of the map, one thread each.
+  (models/mobile_former.py) can run one image's token side beside its first convolution and the rest as two
+  halves of the map, one thread each (`PARALLEL`, off by default: slower on the idle machine).
 
 With `dtype=torch.bfloat16` the linear weights are packed in bf16, convolution weights are stored in
 bf16, and a call of the copy (`model(x)`) runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate

@@ -333,7 +333,8 @@ class _FrozenMobileFormerBlock(nn.Module):
     each run as one product; α is pre-scaled by 1/3 so that 2·hsigmoid(α) = clamp(α/3 + 1, 0, 2) is one
     clamp (exact algebra; fp32 rounding moves).
 
-    Branch parallelism (`PARALLEL`, one image with ≥ 2 intra-op threads): the Mobile sub-block's first
+    Branch parallelism (`PARALLEL`, off by default — slower on an idle machine, see the attribute; one image
+    with ≥ 2 intra-op threads): the Mobile sub-block's first
     convolution needs the block input but not the tokens (only its dynamic ReLU does; same order in the official
     `DnaBlock.forward`: `conv1(features)` before `hyper1(tokens)`), so the token side runs on a second Python
     thread while the caller runs that convolution, each with one intra-op thread (torch ops release the GIL);
@@ -342,7 +343,11 @@ class _FrozenMobileFormerBlock(nn.Module):
     both threads busy (one part of the batch per thread, `split_batch_forward`) and runs it in sequence.
     """
 
-    PARALLEL = True
+    # Off by default: on the idle 2-vCPU EPYC the hand-offs cost more than the overlap gives (whole model at
+    # batch 1, 2 threads, 21 interleaved rounds: branches 0.87x, branches + halves 0.66x the serial frozen
+    # block's wall time; benchmarks/RESULTS.md, session 6). It wins only while other processes load the cores
+    # (the one-thread teams no longer wait for a descheduled OpenMP thread).
+    PARALLEL = False
     # with PARALLEL: the rest of the block (after the first convolution) as two halves of the map, one per thread,
     # on maps of at least SPLIT_MIN_ROWS rows (7: all of Mobile-Former-294M's blocks at 224²; smaller maps run
     # with the caller's intra-op threads)
