@@ -32,14 +32,6 @@ def test_default_run_takes_the_fast_path_and_trains_the_same(make_args, tmp_path
     assert max(float((a - still[n]).abs().max()) for n, a in plain.model.state_dict().items()) > 1e-3
 
 
-@pytest.fixture
-def two_threads():
-    """The batch split engages with two or more intra-op threads, whatever the test process was given."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
 
 def _same_bytes(a, b, file: str = "model.safetensors") -> bool:
     """Every tensor of the two files bit for bit (the files' metadata order varies from write to write)."""

@@ -22,13 +22,6 @@ from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
 
 class Recorder(nn.Module):
     """A linear layer that records, per call, the batch it saw and the thread state it ran under."""

@@ -27,13 +27,6 @@ def _models(name: str = "mobile_former_294m"):
     return model, optimize_for_cpu_inference(model)
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)   # the two-thread path engages with >= 2 intra-op threads whatever CI sets
-    yield
-    torch.set_num_threads(before)
-
 
 def _spy_halves(monkeypatch) -> list:
     rows = []

@@ -35,6 +35,15 @@ __all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "calibrate", "enable
 MIN_ROWS_PER_THREAD = 16
 
 
+def _heads(buf: torch.Tensor, rows: slice, n: int, C: int, H: int, d: int):
+    """q of this thread's `n` rows and k, v of every row, heads first, from the shared 1×N×3C buffer."""
+    N = buf.shape[1]
+    q = buf[:, rows, :C].view(1, n, H, d).transpose(1, 2)
+    k = buf[:, :, C:2 * C].view(1, N, H, d).transpose(1, 2)
+    v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
+    return q, k, v
+
+
 def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
                     barrier: threading.Barrier, pos: torch.Tensor | None) -> torch.Tensor:
     """One frozen pre-norm block with multi-head self-attention (`models.vit.Block`, ConViT's MHSA blocks) on
@@ -43,11 +52,8 @@ def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Ten
     C = x.shape[-1]
     buf[:, rows] = a.qkv(blk.norm1(x))
     barrier.wait()
-    H, d = a.num_heads, a.head_dim
-    n, N = x.shape[1], buf.shape[1]
-    q = buf[:, rows, :C].view(1, n, H, d).transpose(1, 2)
-    k = buf[:, :, C:2 * C].view(1, N, H, d).transpose(1, 2)
-    v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
+    n = x.shape[1]
+    q, k, v = _heads(buf, rows, n, C, a.num_heads, a.head_dim)
     o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(1, n, C)
     # the residual adds go into the fresh product outputs (x + y == y + x exactly): no new buffer per add
     x = a.proj(o).add_(x)
@@ -64,11 +70,8 @@ def _gpsa_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Te
     buf[:, rows, :2 * C] = a.qk(h)
     buf[:, rows, 2 * C:] = a.v(h)
     barrier.wait()
-    H, d = a.num_heads, a.head_dim
-    n, N = x.shape[1], buf.shape[1]
-    q = buf[:, rows, :C].view(1, n, H, d).transpose(1, 2)
-    k = buf[:, :, C:2 * C].view(1, N, H, d).transpose(1, 2)
-    v = buf[:, :, 2 * C:].view(1, N, H, d).transpose(1, 2)
+    n = x.shape[1]
+    q, k, v = _heads(buf, rows, n, C, a.num_heads, a.head_dim)
     attn = torch.matmul(q, k.transpose(-2, -1)).mul_(a.scale).softmax(dim=-1)
     attn.add_(pos[:, rows])
     x = a.proj(torch.matmul(attn, v).transpose(1, 2).reshape(1, n, C)).add_(x)
