@@ -405,6 +405,23 @@ def _concat(parts: list):
     return type(parts[0])(_concat([p[i] for p in parts]) for i in range(len(parts[0])))
 
 
+def run_on_threads(run, n: int) -> list:
+    """[run(0), ..., run(n - 1)]: run(0) on the calling thread, the others on the pool, each with one intra-op
+    thread (its own OpenMP and MKL team); the caller's thread setting is restored afterwards."""
+    def one_thread(i):
+        torch.set_num_threads(1)
+        return run(i)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_pool(n - 1).submit(one_thread, i) for i in range(1, n)]
+        first = run(0)
+        return [first] + [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(before)
+
+
 def split_batch_forward(forward, x: torch.Tensor, threads: int | None = None):
     """`forward(x)` with x cut along the batch into one part per intra-op thread, every part run on a thread
     of its own with one intra-op thread, the outputs concatenated; None when the output is not a tensor (or a
@@ -417,17 +434,11 @@ def split_batch_forward(forward, x: torch.Tensor, threads: int | None = None):
     parts = x.tensor_split(min(threads, x.shape[0]))
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def run(part):
-        torch.set_num_threads(1)   # this worker's OpenMP team (and MKL's) has one thread
+    def run(i):
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return forward(part)
+            return forward(parts[i])
 
-    torch.set_num_threads(1)
-    try:
-        futures = [_pool(len(parts) - 1).submit(run, p) for p in parts[1:]]
-        outs = [forward(parts[0])] + [f.result() for f in futures]
-    finally:
-        torch.set_num_threads(before)
+    outs = run_on_threads(run, len(parts))
     if not all(_batch_leaves(o, p.shape[0]) for o, p in zip(outs, parts)):
         return None
     return _concat(outs)

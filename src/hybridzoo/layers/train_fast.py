@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from hybridzoo.layers.onednn import run_on_threads
+
 __all__ = ["FastLinear", "optimize_for_cpu_training", "fast_training_available", "fast_linear", "onednn_linear",
            "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
 
@@ -260,12 +262,11 @@ class BatchSplitTraining(nn.Module):
         grad_mode = torch.is_grad_enabled()
 
         def run(i):
-            torch.set_num_threads(1)  # this worker's OpenMP team (and MKL's) has one thread
             gen = torch.Generator().manual_seed(seeds[i]) if seeds[i] is not None else None
             with torch.set_grad_enabled(grad_mode), use_generator(gen):
                 return self.module(parts[i])
 
-        outs = self._on_threads(run, n)
+        outs = run_on_threads(run, n)
         if not torch.equal(torch.get_rng_state(), rng_before):
             # something in the model drew from the global generator on the worker threads: correct for this
             # step, but in a timing-dependent order; whole batches from now on
@@ -286,19 +287,6 @@ class BatchSplitTraining(nn.Module):
             return joined[0]
         return type(outs[0])(joined)
 
-    @staticmethod
-    def _on_threads(run, n: int) -> list:
-        from hybridzoo.layers.onednn import _pool
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            futures = [_pool(n - 1).submit(run, i) for i in range(1, n)]
-            first = run(0)
-            return [first] + [f.result() for f in futures]
-        finally:
-            torch.set_num_threads(before)
-
     def _backward(self, grads) -> None:
         """The parts' backward passes, one thread each: part 0 accumulates into `.grad`, the others return
         their gradients, added in part order (a fixed order of sums: the same bits on every run)."""
@@ -315,13 +303,12 @@ class BatchSplitTraining(nn.Module):
                     gs.append(grads[k][i])
             if not outs:
                 return None
-            torch.set_num_threads(1)
             if i == 0:
                 torch.autograd.backward(outs, gs)
                 return None
             return torch.autograd.grad(outs, params, gs, allow_unused=True)
 
-        results = self._on_threads(part, len(pending))
+        results = run_on_threads(part, len(pending))
         for res in results[1:]:
             if res is None:
                 continue
