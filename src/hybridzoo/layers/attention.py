@@ -26,13 +26,45 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                num_queries: int | None = None) -> torch.Tensor:
+        """B×N×C → B×N×C; with `num_queries` = n, only the first n tokens query (all N are keys and values)
+        and the output is B×n×C — the rows a classifier on the prefix tokens reads from the last block."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if num_queries is None:
+            n = N
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            n = check_num_queries(num_queries, N)
+            q = linear_rows(self.qkv, x[:, :n], 0, C).reshape(B, n, self.num_heads, self.head_dim).transpose(1, 2)
+            k, v = linear_rows(self.qkv, x, C, 3 * C).reshape(B, N, 2, self.num_heads, self.head_dim).permute(
+                2, 0, 3, 1, 4).unbind(0)
+            if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == N:
+                attn_mask = attn_mask[..., :n, :]
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        x = x.transpose(1, 2).reshape(B, n, C)
         return self.proj_drop(self.proj(x))
+
+
+def check_num_queries(num_queries, tokens: int) -> int:
+    if isinstance(num_queries, bool) or not isinstance(num_queries, int) or not 1 <= num_queries <= tokens:
+        raise ValueError(f"num_queries must be an int in [1, {tokens}] (the leading tokens that query), "
+                         f"got {num_queries!r}")
+    return num_queries
+
+
+def linear_rows(layer: nn.Module, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """`layer(x)[..., lo:hi]` without computing the other output features.
+
+    A layer that knows how (`output_slice`: the training `FastLinear`, the frozen `OneDNNLinear`) is asked; an
+    exact `nn.Linear` uses its weight rows; anything else (a subclass with its own forward) runs whole."""
+    part = getattr(layer, "output_slice", None)
+    if part is not None:
+        return part(x, lo, hi)
+    if type(layer) is nn.Linear:
+        return F.linear(x, layer.weight[lo:hi], None if layer.bias is None else layer.bias[lo:hi])
+    return layer(x)[..., lo:hi]
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

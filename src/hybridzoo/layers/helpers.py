@@ -57,3 +57,14 @@ def checkpoint_seq(blocks: Iterable[nn.Module], x, *args, enabled: bool = True):
         else:
             x = blk(x, *args)
     return x
+
+
+def run_blocks_for_prefix(blocks, x: torch.Tensor, num_prefix: int, *args, checkpointing: bool = False):
+    """`blocks` in turn on tokens x, the last one computing only the `num_prefix` leading rows (B×num_prefix×C):
+    what a classifier on the prefix token(s) reads. The same values as running every row and slicing, without the
+    last block's dead rows (≈ 10/12 of that block: its query, output projection and MLP on the patch tokens);
+    in training those rows have no gradient either. The last block is called as a module (its hooks fire)."""
+    if len(blocks) == 0:
+        return x[:, :num_prefix]
+    x = checkpoint_seq(blocks[:-1], x, *args, enabled=checkpointing)
+    return blocks[-1](x, *args, num_queries=num_prefix)

@@ -54,6 +54,7 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -317,6 +318,8 @@ class OneDNNLinear(nn.Module):
         self.act = act
         self.algorithm = "none" if act == "gelu" and not algorithm else algorithm
         self.scale = scale
+        self.batch_hint = batch_hint
+        self._slices: dict[tuple[int, int], OneDNNLinear] = {}   # packed on first use by output_slice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_frozen_input(x, "OneDNNLinear", (torch.float32, self.dtype))
@@ -327,6 +330,23 @@ class OneDNNLinear(nn.Module):
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, self.act, [], self.algorithm)
+
+    def output_slice(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """`self(x)[..., lo:hi]` through its own packed copy of weight rows lo:hi (packed at the first call for
+        that range), so the other outputs are not computed (`layers.attention.linear_rows`)."""
+        if self.scale != 1.0 or not 0 <= lo < hi <= self.out_features:
+            return self(x)[..., lo:hi]
+        part = self._slices.get((lo, hi))
+        if part is None:
+            with _PACK_LOCK, torch.inference_mode(False):   # the packed copy is usable in and out of inference mode
+                part = self._slices.get((lo, hi))
+                if part is None:
+                    rows = SimpleNamespace(in_features=self.in_features, out_features=hi - lo,
+                                           weight=self.weight[lo:hi],
+                                           bias=None if self.bias is None else self.bias[lo:hi])
+                    part = self._slices[(lo, hi)] = OneDNNLinear(rows, self.act, self.algorithm, self.batch_hint,
+                                                                 dtype=self.dtype)
+        return part(x)
 
     def extra_repr(self) -> str:
         extra = f", algorithm={self.algorithm}" if self.act == "gelu" else ""
@@ -489,7 +509,10 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"optimize_for_cpu_inference: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    model = copy.deepcopy(model).eval()
+    # a copy made inside the caller's inference mode would hold inference tensors (parameters, cached tables such
+    # as ConViT's relative indices), which have no version counter and cannot be updated outside that mode
+    with torch.inference_mode(False):
+        model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
 

@@ -137,6 +137,11 @@ class FastLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return fast_linear(x, self.weight, self.bias)
 
+    def output_slice(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """`self(x)[..., lo:hi]` from weight rows lo:hi only (`layers.attention.linear_rows`)."""
+        w, b = self.weight[lo:hi], None if self.bias is None else self.bias[lo:hi]
+        return F.linear(x, w, b) if not self.training else fast_linear(x, w, b)
+
 
 # Below this many weights (in × out) oneDNN's per-call overhead loses to MKL: a 64×64 or 32×32 layer trained
 # 10–17% slower through FastLinear, 64×256 and larger 7–14% faster (1 thread, CPU time, AMD Zen 4).

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.layers import (Attention, DropPath, Mlp, PatchEmbed, check_image_input, checkpoint_seq,
-                              drop_path_rates, init_weights_vit, resample_abs_pos_embed, trunc_normal_)
+                              drop_path_rates, init_weights_vit, resample_abs_pos_embed, run_blocks_for_prefix,
+                              trunc_normal_)
 from hybridzoo.registry import register_model
 
 __all__ = ["GPSA", "ConViT", "convert_official", "relative_indices"]
@@ -215,9 +216,18 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: torch.Tensor, rel_indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rel_indices: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        """`num_queries` = n (MHSA blocks): only the first n rows are computed and returned (B×n×C), as in
+        `models.vit.Block`."""
         y = self.norm1(x)
-        y = self.attn(y, rel_indices) if self.use_gpsa else self.attn(y)
+        if num_queries is not None:
+            if self.use_gpsa:
+                raise ValueError("num_queries: a GPSA block computes every token (only the MHSA blocks, which "
+                                 "carry the class token, can compute the class token alone)")
+            x = x[:, :num_queries]
+            y = self.attn(y, num_queries=num_queries)
+        else:
+            y = self.attn(y, rel_indices) if self.use_gpsa else self.attn(y)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -293,7 +303,7 @@ class ConViT(nn.Module):
                 rel = self._rel_cache[key] = relative_indices(grid, device=x.device).to(x.dtype)
         return rel
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor, cls_only: bool) -> torch.Tensor:
         p = self.patch_embed.patch_size
         check_image_input(x, self, self.in_chans, divisor=p, min_size=p)
         x = self.patch_embed.proj(x)
@@ -303,15 +313,21 @@ class ConViT(nn.Module):
         local, rest = self.blocks[: self.local_up_to_layer], self.blocks[self.local_up_to_layer:]
         x = checkpoint_seq(local, x, rel, enabled=self.grad_checkpointing)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = checkpoint_seq(rest, x, rel, enabled=self.grad_checkpointing)
-        return self.norm(x)
+        if cls_only:
+            return run_blocks_for_prefix(rest, x, 1, rel, checkpointing=self.grad_checkpointing)
+        return checkpoint_seq(rest, x, rel, enabled=self.grad_checkpointing)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self._tokens(x, cls_only=False))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        # = forward_head(forward_features(x)); the head reads only the class token, so the last MHSA block
+        # computes only its row
+        return self.forward_head(self.norm(self._tokens(x, cls_only=True)))
 
 
 def convert_official(state_dict: dict[str, torch.Tensor], model: ConViT) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from hybridzoo.layers.attention import Attention
 from hybridzoo.layers.drop import DropPath, drop_path_rates
-from hybridzoo.layers.helpers import check_image_input, checkpoint_seq, to_2tuple
+from hybridzoo.layers.helpers import check_image_input, checkpoint_seq, run_blocks_for_prefix, to_2tuple
 from hybridzoo.layers.mlp import Mlp
 from hybridzoo.layers.patch_embed import PatchEmbed, resample_abs_pos_embed
 from hybridzoo.layers.weight_init import init_weights_vit, trunc_normal_
@@ -53,8 +53,13 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        """B×N×C → B×N×C; with `num_queries` = n only the first n rows are computed (B×n×C): attention still
+        reads every token's key and value, the rest of the block is row-wise."""
+        if num_queries is None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+        else:
+            x = x[:, :num_queries] + self.drop_path(self.attn(self.norm1(x), num_queries=num_queries))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -184,7 +189,12 @@ class VisionTransformer(nn.Module):
         return (x + x_dist) / 2
 
     def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
+        # = forward_head(forward_features(x)); the head reads only the prefix token(s), so the last block
+        # computes only their rows
+        self._check(x)
+        x = run_blocks_for_prefix(self.blocks, self._embed(x), self.num_prefix_tokens,
+                                  checkpointing=self.grad_checkpointing)
+        return self.forward_head(self.norm(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         """Patch-token maps B×D×H/p×W/p after the blocks in `indices` (default `out_indices`), no prefix tokens."""
