@@ -67,11 +67,16 @@ class _OutputBytes(TorchDispatchMode):
 def forward_profile(model: nn.Module, x: Any) -> dict[str, int]:
     """One forward pass on `x`: multiply-accumulates (FLOPs / 2) and the bytes of all tensors its ops produce.
 
-    The byte sum bounds what a training step keeps for backward (every intermediate, none freed).
+    The byte sum bounds what a training step keeps for backward (every intermediate, none freed). Counted as
+    papers count a model: every token of every block, also the last block's rows that `model(x)` skips because
+    the head does not read them (`layers.helpers.every_row`).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, _OutputBytes() as out_bytes:
+    from hybridzoo.layers.helpers import every_row
+
+    with (every_row(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter,
+          _OutputBytes() as out_bytes):
         _call(model, x)
     return {"macs": counter.get_total_flops() // 2, "activation_bytes": out_bytes.total}
 

@@ -97,7 +97,7 @@ def test_token_parallel_runs_only_for_one_image_with_enough_rows_and_threads(thr
 
 
 def test_an_error_in_one_thread_reaches_the_caller_without_a_hang(threads, monkeypatch):
-    fast = optimize_for_cpu_inference(_deit(96))
+    fast = optimize_for_cpu_inference(_deit(96, depth=3))   # the last block runs alone (class token only)
     fast.blocks.mode = "tokens"
     real = onednn_tokens._vit_block_rows
 
@@ -137,7 +137,8 @@ def test_token_parallel_forward_checks_its_input():
 def test_convit_gpsa_and_mhsa_blocks_in_token_shares_give_the_sequential_outputs(threads, name):
     card = get_card(name)
     torch.manual_seed(0)
-    model = hybridzoo.create_model(name, **{**card.test_kwargs, "img_size": 96}).eval()   # 36 patches
+    # 36 patches; two MHSA blocks: the last one computes the class token alone, outside the token shares
+    model = hybridzoo.create_model(name, **{**card.test_kwargs, "img_size": 96, "depth": 4}).eval()
     perturb(model)
     plain = optimize_for_cpu_inference(model, split_tokens=False)
     fast = optimize_for_cpu_inference(model)
@@ -145,7 +146,7 @@ def test_convit_gpsa_and_mhsa_blocks_in_token_shares_give_the_sequential_outputs
     fast.blocks.mode = "tokens"   # ConViT runs slices of it: they keep the mode
     gpsa, mhsa = [], []
     fast.blocks[0].attn.qk.register_forward_hook(lambda m, a, o: gpsa.append((a[0].shape[1], torch.get_num_threads())))
-    fast.blocks[-1].attn.qkv.register_forward_hook(lambda m, a, o: mhsa.append((a[0].shape[1], torch.get_num_threads())))
+    fast.blocks[-2].attn.qkv.register_forward_hook(lambda m, a, o: mhsa.append((a[0].shape[1], torch.get_num_threads())))
     threads(2)
     x = torch.randn(1, 3, 96, 96)
     with torch.inference_mode():
@@ -196,7 +197,8 @@ def test_auto_mode_times_once_per_shape_and_keeps_the_choice(threads, monkeypatc
     monkeypatch.setattr(onednn_tokens, "calibrate", lambda whole, tokens, rounds=3: timed.append(1) or tokens_faster)
     card = get_card("convit_tiny")
     torch.manual_seed(0)
-    model = hybridzoo.create_model("convit_tiny", **{**card.test_kwargs, "img_size": 96}).eval()
+    # two MHSA blocks: the first in token shares, the last (class token only) alone
+    model = hybridzoo.create_model("convit_tiny", **{**card.test_kwargs, "img_size": 96, "depth": 4}).eval()
     fast = optimize_for_cpu_inference(model)
     assert fast.blocks.mode == "auto"
     rows = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import threading
 from typing import Iterable
 
 import torch
@@ -66,5 +68,22 @@ def run_blocks_for_prefix(blocks, x: torch.Tensor, num_prefix: int, *args, check
     in training those rows have no gradient either. The last block is called as a module (its hooks fire)."""
     if len(blocks) == 0:
         return x[:, :num_prefix]
+    if getattr(_ROWS, "every", False):
+        return checkpoint_seq(blocks, x, *args, enabled=checkpointing)[:, :num_prefix]
     x = checkpoint_seq(blocks[:-1], x, *args, enabled=checkpointing)
     return blocks[-1](x, *args, num_queries=num_prefix)
+
+
+_ROWS = threading.local()
+
+
+@contextlib.contextmanager
+def every_row():
+    """Inside this context (in this thread) `run_blocks_for_prefix` computes every row of the last block too and
+    then keeps the prefix rows: the model as papers count its FLOPs (`hybridzoo.profile` counts with it)."""
+    before = getattr(_ROWS, "every", False)
+    _ROWS.every = True
+    try:
+        yield
+    finally:
+        _ROWS.every = before

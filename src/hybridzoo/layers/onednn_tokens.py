@@ -230,7 +230,7 @@ class _TokenParallel:
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         threads = torch.get_num_threads()
-        if self._split_tokens(x, threads, args):
+        if len(self) and self._split_tokens(x, threads, args):   # an empty slice (blocks[:-1] of one) is the identity
             return token_parallel_forward(self, x, threads, *args)
         return self._whole(x, *args)
 
