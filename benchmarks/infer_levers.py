@@ -27,6 +27,10 @@ mf-halves mf-rows8`; the two-thread levers engage with ≥ 2 threads only):
   mf-rows8     mf-halves with 7-row maps left whole, run by the caller's threads (`SPLIT_MIN_ROWS = 8`: the
                7×7 stage of Mobile-Former-294M)
   fast         today's path: the frozen block as mf-serial (the two-thread variants lost on the idle machine)
+Transformers with a class-token head (session 7; `--models deit_small_patch16_224 convit_small --variants
+every-row fast`):
+  every-row    today's path with the last block computing every token row (`layers.helpers.every_row`), as
+               before session 7; `fast` computes only the class token's row there
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
@@ -47,6 +51,7 @@ import _common  # noqa: F401  (puts this checkout's src/ on sys.path)
 import hybridzoo  # noqa: F401,I001
 from hybridzoo.factory import create_model
 from hybridzoo.layers import onednn
+from hybridzoo.layers.helpers import every_row
 from hybridzoo.layers.onednn import InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former
 from hybridzoo.models.coatnet import _FrozenMBConv
@@ -111,7 +116,8 @@ def patched(variant: str):
         if variant == "before":
             OneDNNConv2d.forward = _before_forward
             _FrozenMBConv.forward = _before_mbconv
-        yield
+        with every_row() if variant == "every-row" else contextlib.nullcontext():
+            yield
     finally:
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
@@ -162,7 +168,7 @@ def main() -> None:
                     run(v)
                     cpu[v].append(time.process_time() - c0)
                     wall[v].append(time.perf_counter() - w0)
-            base = next((b for b in ("before", "mf-unfrozen") if b in args.variants), args.variants[0])
+            base = next((b for b in ("before", "mf-unfrozen", "every-row") if b in args.variants), args.variants[0])
             print(f"\n## {name}, batch {batch}, {steps} rounds (load average now {os.getloadavg()[0]:.1f})")
             print(f"| variant | CPU ms/step | {base} / variant, CPU: median (min–max) | wall: median (min–max) |")
             print("| --- | ---: | ---: | ---: |")

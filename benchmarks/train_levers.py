@@ -15,6 +15,8 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
   fast-compile  the fast path compiled (`hybridzoo train --compile`): FastLinear's products stay oneDNN calls
                 (the custom op `hybridzoo::onednn_linear`), inductor fuses the rest; fused AdamW
   fast-cl       the fast path with model and input in channels-last (`--channels-last`; convolution stages)
+  fast-split-every-row  fast-split with the last block computing every token row (`layers.helpers.every_row`),
+                as before session 7 (fast-split computes only the class token's row there: the head reads no other)
 Every variant starts from the same weights. Rounds go plain, fast-linear, ...; each round's ratio
 plain / variant is taken and the median and min–max over rounds are printed, so load that comes and goes
 hits every variant alike.
@@ -34,8 +36,17 @@ from _common import make_train_step  # noqa: I001  (puts this checkout's src/ on
 
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
+from hybridzoo.layers.helpers import every_row
 
-LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl"]
+LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
+          "fast-split-every-row"]
+
+
+def _every_row(step):
+    def run():
+        with every_row():
+            return step()
+    return run
 
 
 def main() -> None:
@@ -57,12 +68,14 @@ def main() -> None:
         for lever in args.levers:  # every variant trains its own copy of the same weights
             variants[lever] = make_train_step(copy.deepcopy(base), x,
                                               linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
-                                                               "fast-cl"),
+                                                               "fast-cl", "fast-split-every-row"),
                                               fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
-                                                              "fast-cl"),
-                                              split=lever == "fast-split",
+                                                              "fast-cl", "fast-split-every-row"),
+                                              split=lever in ("fast-split", "fast-split-every-row"),
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
+        if "fast-split-every-row" in variants:
+            variants["fast-split-every-row"] = _every_row(variants["fast-split-every-row"])
         for v, step in variants.items():  # warm-up (and compilation)
             t0 = time.perf_counter()
             step()

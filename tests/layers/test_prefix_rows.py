@@ -188,3 +188,20 @@ def test_attention_recorder_still_sees_every_row_of_the_last_block():
     n = model.pos_embed.shape[1]
     assert len(rec.records) == len(model.blocks)
     assert rec.records[-1]["probs"].shape == (1, model.blocks[-1].attn.num_heads, n, n)
+
+
+def test_every_row_restores_the_full_computation_and_the_paper_flop_count():
+    from hybridzoo.layers.helpers import every_row
+    from hybridzoo.profile import count_macs
+    torch.manual_seed(0)
+    model, size = _small("deit_tiny_patch16_224")
+    model.eval()
+    x = torch.randn(1, *size)
+    n = model.pos_embed.shape[1]
+    with torch.no_grad():
+        with every_row():
+            assert _rows_seen(model, x) == n
+            full_macs = count_macs(model, x)
+        assert _rows_seen(model, x) == 1
+        # counted as papers count the model (every row), whether or not the caller is inside every_row
+        assert count_macs(model, x) == full_macs

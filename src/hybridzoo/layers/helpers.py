@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
-import threading
 from typing import Iterable
 
 import torch
@@ -68,22 +67,22 @@ def run_blocks_for_prefix(blocks, x: torch.Tensor, num_prefix: int, *args, check
     in training those rows have no gradient either. The last block is called as a module (its hooks fire)."""
     if len(blocks) == 0:
         return x[:, :num_prefix]
-    if getattr(_ROWS, "every", False):
+    if _EVERY_ROW["depth"]:
         return checkpoint_seq(blocks, x, *args, enabled=checkpointing)[:, :num_prefix]
     x = checkpoint_seq(blocks[:-1], x, *args, enabled=checkpointing)
     return blocks[-1](x, *args, num_queries=num_prefix)
 
 
-_ROWS = threading.local()
+_EVERY_ROW = {"depth": 0}
 
 
 @contextlib.contextmanager
 def every_row():
-    """Inside this context (in this thread) `run_blocks_for_prefix` computes every row of the last block too and
-    then keeps the prefix rows: the model as papers count its FLOPs (`hybridzoo.profile` counts with it)."""
-    before = getattr(_ROWS, "every", False)
-    _ROWS.every = True
+    """While inside, `run_blocks_for_prefix` computes every row of the last block too and then keeps the prefix
+    rows: the model as papers count its FLOPs (`hybridzoo.profile` counts with it), and the computation as it was
+    before the prefix-only block, for A/B benchmarks. Process-wide (the batch split runs parts on pool threads)."""
+    _EVERY_ROW["depth"] += 1
     try:
         yield
     finally:
-        _ROWS.every = before
+        _EVERY_ROW["depth"] -= 1
