@@ -18,7 +18,15 @@ Deviations from the official code (none change the function of a trained model):
 - the official `torch.squeeze` on the pooled cls token (which drops the batch dimension when B=1)
   is not reproduced;
 - only the `dw_bn` projection (the one every released variant uses) is implemented, not the
-  `avg` / `linear` ablations.
+  `avg` / `linear` ablations;
+- `model(x)` computes only the cls token's row in the last block (the head reads nothing else): its keys
+  and values still come from every token, but the spatial rows' query projection, attention, output
+  projection and MLP are skipped, in inference and training (their gradients are exactly zero in the full
+  computation; the skipped query projection still updates its BatchNorm statistics and gets zero
+  gradients). Logits and gradients are the full computation's to fp32 rounding; dropout inside that block,
+  if enabled, draws its masks for fewer rows. `forward_features` and `forward_intermediates` compute every
+  token as before; the last attention module is still called with every token (its hooks see them), but
+  returns, and the block's MLP sees, the cls row only.
 HuggingFace's port differs from the official code in ways we do not follow: its MLP uses exact
 GELU instead of QuickGELU (so HF's outputs on the released weights are not the official ones;
 build with `act_layer=nn.GELU` to reproduce HF), its stochastic depth is applied to the block
