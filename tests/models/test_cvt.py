@@ -443,3 +443,23 @@ def test_num_queries_needs_the_cls_token():
         model.stages[2].blocks[0](torch.randn(2, 17, 48), 4, 4, num_queries=2)
     with pytest.raises(ValueError, match="with_cls_token=True"):
         model.stages[0].forward_cls(torch.randn(2, 3, 64, 64))
+
+
+def test_cls_only_forward_skips_exactly_the_dead_rows_work():
+    """model(x) executes the full computation's MACs less, exactly, the spatial rows' work in the last block:
+    depthwise query conv, query projection, their attention against every key, output projection and MLP."""
+    from hybridzoo.profile import count_macs
+
+    class Full(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return _full(self.m, x)
+
+    model = hybridzoo.create_model("cvt_13", **SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
+    hw, c, keys = 4 * 4, SMALL["dims"][-1], 1 + 2 * 2  # the last map 4×4, keys strided by 2, plus the cls token
+    skipped = hw * c * 9 + hw * c * c + 2 * hw * keys * c + hw * c * c + hw * 2 * 4 * c * c
+    assert count_macs(Full(model), x) - count_macs(model, x) == skipped

@@ -471,12 +471,16 @@ _TEST = dict(test_kwargs=dict(dims=(16, 32, 48), heads=(1, 2, 3), depths=(1, 1, 
              test_input_size=(3, 64, 64))
 _PAPER = dict(paper="CvT", arxiv="2103.15808",
               task="classification")
-# Paper GFLOPs are multiply-adds. Ours (FlopCounterMode: convs and matrix products, attention included)
-# agree within 0.1% with an analytic count under the official rules (Attention.compute_macs plus conv and
-# linear MACs): 4.569 / 7.183 / 16.279 / 24.864 / 194.27 G. The paper rounds 4.57 → 4.5 and 7.18 → 7.1, and
-# W24's 193.2 is 0.5% under the count, hence a 2% tolerance rather than 10%.
-_MACS_NOTE = ("MACs (FlopCounterMode) match an analytic count under the official rules to 0.1%; the paper's "
-              "figure is within {pct} of them (rounding), so the card tolerance is 2%.")
+# Paper GFLOPs are multiply-adds, of the full computation. Ours (FlopCounterMode: convs and matrix products,
+# attention included) of forward_head(forward_features(x)) agree within 0.1% with an analytic count under the
+# official rules (Attention.compute_macs plus conv and linear MACs): 4.569 / 7.183 / 16.279 / 24.864 / 194.27 G
+# The card counts model(x), whose last block computes only the cls token's row: 4.269 / 6.881 / 15.354 /
+# 23.934 / 188.01 G, 3.2-6.5% less (exactly the skipped rows' query projection, attention, output projection and
+# MLP: tests/models/test_cvt.py). Against the paper's rounded figures (4.57 -> 4.5, 7.18 -> 7.1; W24's
+# 193.2 is 0.5% under the full count) that is 2.7-5.8% under, hence a 7% tolerance.
+_MACS_NOTE = ("MACs are those model(x) executes: its last block computes only the cls token's row, {less} less "
+              "than the full computation, which matches an analytic count under the official rules to 0.1% and "
+              "the paper's figure to {pct} (rounding); hence a 7% card tolerance.")
 
 
 def _create(defaults: dict, kwargs: dict) -> CvT:
@@ -484,49 +488,50 @@ def _create(defaults: dict, kwargs: dict) -> CvT:
 
 
 @register_model(**_PAPER, reported=dict(params_m=20.0, gflops=4.5, top1=81.6, resolution=224),
-                params=19_997_480, input_size=(3, 224, 224), flops_rtol=0.02,
-                notes=_MACS_NOTE.format(pct="1.5% (4.57 vs 4.5)"), **_TEST)
+                params=19_997_480, input_size=(3, 224, 224), flops_rtol=0.07,
+                notes=_MACS_NOTE.format(pct="1.5% (4.57 vs 4.5)", less="6.5%"), **_TEST)
 def cvt_13(**kwargs) -> CvT:
     return _create(_CVT_13, kwargs)
 
 
 @register_model(**_PAPER, reported=dict(params_m=32.0, gflops=7.1, top1=82.5, resolution=224),
-                params=31_622_696, input_size=(3, 224, 224), flops_rtol=0.02,
-                notes=_MACS_NOTE.format(pct="1.1% (7.18 vs 7.1)"), **_TEST)
+                params=31_622_696, input_size=(3, 224, 224), flops_rtol=0.07,
+                notes=_MACS_NOTE.format(pct="1.1% (7.18 vs 7.1)", less="4.1%"), **_TEST)
 def cvt_21(**kwargs) -> CvT:
     return _create(_CVT_21, kwargs)
 
 
 @register_model(**_PAPER, reported=dict(params_m=20.0, gflops=16.3, top1=83.0, resolution=384),
-                params=19_997_480, input_size=(3, 384, 384), flops_rtol=0.02,
-                notes=_MACS_NOTE.format(pct="0.2% (16.27 vs 16.3)"), **_TEST)
+                params=19_997_480, input_size=(3, 384, 384), flops_rtol=0.07,
+                notes=_MACS_NOTE.format(pct="0.2% (16.27 vs 16.3)", less="5.6%"), **_TEST)
 def cvt_13_384(**kwargs) -> CvT:
     return _create(_CVT_13, kwargs)
 
 
 @register_model(**_PAPER, reported=dict(params_m=32.0, gflops=24.9, top1=83.3, resolution=384),
-                params=31_622_696, input_size=(3, 384, 384), flops_rtol=0.02,
-                notes=_MACS_NOTE.format(pct="0.2% (24.85 vs 24.9)"), **_TEST)
+                params=31_622_696, input_size=(3, 384, 384), flops_rtol=0.07,
+                notes=_MACS_NOTE.format(pct="0.2% (24.85 vs 24.9)", less="3.7%"), **_TEST)
 def cvt_21_384(**kwargs) -> CvT:
     return _create(_CVT_21, kwargs)
 
 
 @register_model(**_PAPER, reported=dict(params_m=277.0, gflops=193.2, top1=87.7, resolution=384, pretrain="in22k"),
-                params=277_196_392, input_size=(3, 384, 384), flops_rtol=0.02,
-                notes=_MACS_NOTE.format(pct="0.5% (194.2 vs 193.2)"), **_TEST)
+                params=277_196_392, input_size=(3, 384, 384), flops_rtol=0.07,
+                notes=_MACS_NOTE.format(pct="0.5% (194.2 vs 193.2)", less="3.2%"), **_TEST)
 def cvt_w24_384(**kwargs) -> CvT:
     return _create(_CVT_W24, kwargs)
 
 
 @register_model(
     **_PAPER, reported=dict(params_m=0.566218, gflops=None, top1=None, resolution=32), params=None,
-    params_source="ours", macs_g=0.015429376, flops_rtol=0.02, input_size=(3, 32, 32),
+    params_source="ours", macs_g=0.012769024, flops_rtol=0.02, input_size=(3, 32, 32),
     test_kwargs=dict(num_classes=10), test_input_size=(3, 32, 32), demo=True,
     notes=("Demo variant, not from the paper: a small CvT for `hybridzoo train` on the built-in 32x32 digits "
            "(10 classes). Dims (32, 64, 128), depths (1, 1, 2), heads (1, 2, 4); every token embedding is a "
            "3x3 stride-2 conv (reductions 2/4/8) so a 32x32 input still gives a 16x16 first map; no "
            "stochastic depth. The paper has no figures for it: params_m and macs_g are this implementation's "
-           "own measurements (10 classes, 32x32). "
+           "own measurements (10 classes, 32x32; macs_g is what model(x) executes, whose last block computes "
+           "only the cls token's row: 0.015429376 G for every token). "
            "On sklearn digits resized to 32x32 (80/20 split, AdamW lr 1e-3, batch 64, cosine) it reaches "
            "0.93 val top-1 after 1 epoch and 0.986 after 10 (~3 min on one CPU thread)."))
 def cvt_tiny_demo(**kwargs) -> CvT:
