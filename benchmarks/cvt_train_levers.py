@@ -244,7 +244,7 @@ def section_cls_only(batch: int, rounds: int) -> None:
     """Session 7: model(x) computes only the cls token's row in the last block; against the full computation
     forward_head(forward_features(x)) of the same model: a training step (trainer's path, fused AdamW) at
     `batch`, and inference through optimize_for_cpu_inference at batch 32 and 1."""
-    from hybridzoo.layers.onednn import optimize_for_cpu_inference
+    from hybridzoo.layers.onednn import optimize_for_cpu_inference, split_batch_forward
     torch.manual_seed(0)
     model = optimize_for_cpu_training(create_model("cvt_13", drop_path_rate=0.0)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
@@ -259,13 +259,21 @@ def section_cls_only(batch: int, rounds: int) -> None:
         return f
     ab(f"training step, batch {batch}", {"cls-only": step(False), "full": step(True)}, rounds)
     frozen = optimize_for_cpu_inference(model.eval())
+
+    def full_rows(t):
+        return frozen.forward_head(frozen.forward_features(t))
     for b in (32, 1):
         xb = torch.randn(b, 3, 224, 224)
 
         def infer(full):
             def f():
                 with torch.no_grad():
-                    frozen.forward_head(frozen.forward_features(xb)) if full else frozen(xb)
+                    if not full:
+                        frozen(xb)
+                    elif b > 1 and torch.get_num_threads() > 1:
+                        split_batch_forward(full_rows, xb)  # what model(x) did before: the batch split too
+                    else:
+                        full_rows(xb)
             return f
         ab(f"inference (optimize_for_cpu_inference), batch {b}", {"cls-only": infer(False), "full": infer(True)},
            rounds)
