@@ -11,7 +11,10 @@ Sections (fwd + bwd at training batch 16 unless said; ratio = alternative / ours
 - `quickgelu`: the activation alone, its backward into its own temporary vs a fresh tensor;
 - `attention`: explicit matmul + softmax + matmul vs SDPA, at each stage's shape;
 - `kv`: the key and value projections as one depthwise convolution over 2C channels + one BatchNorm vs two;
-- `embed`: the stage-2/3 token-embedding convolutions in other forms (NCHW, slow_conv2d, im2col + one GEMM).
+- `embed`: the stage-2/3 token-embedding convolutions in other forms (NCHW, slow_conv2d, im2col + one GEMM);
+- `cls_only` (session 7): `model(x)`, whose last block computes only the cls token's row, against the full
+  `forward_head(forward_features(x))`: a training step (fwd + loss + bwd + fused AdamW) at `--batch`, and inference
+  through `optimize_for_cpu_inference` at batch 32 and 1.
 With one thread the clock is process CPU time (robust to other jobs on the machine); with more, the wall clock.
 """
 
@@ -237,8 +240,47 @@ def section_embed(batch: int, rounds: int) -> None:
            rounds)
 
 
+def section_cls_only(batch: int, rounds: int) -> None:
+    """Session 7: model(x) computes only the cls token's row in the last block; against the full computation
+    forward_head(forward_features(x)) of the same model: a training step (trainer's path, fused AdamW) at
+    `batch`, and inference through optimize_for_cpu_inference at batch 32 and 1."""
+    from hybridzoo.layers.onednn import optimize_for_cpu_inference, split_batch_forward
+    torch.manual_seed(0)
+    model = optimize_for_cpu_training(create_model("cvt_13", drop_path_rate=0.0)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    x, t = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+
+    def step(full):
+        def f():
+            opt.zero_grad(set_to_none=True)
+            out = model.forward_head(model.forward_features(x)) if full else model(x)
+            F.cross_entropy(out, t).backward()
+            opt.step()
+        return f
+    ab(f"training step, batch {batch}", {"cls-only": step(False), "full": step(True)}, rounds)
+    frozen = optimize_for_cpu_inference(model.eval())
+
+    def full_rows(t):
+        return frozen.forward_head(frozen.forward_features(t))
+    for b in (32, 1):
+        xb = torch.randn(b, 3, 224, 224)
+
+        def infer(full):
+            def f():
+                with torch.no_grad():
+                    if not full:
+                        frozen(xb)
+                    elif b > 1 and torch.get_num_threads() > 1:
+                        split_batch_forward(full_rows, xb)  # what model(x) did before: the batch split too
+                    else:
+                        full_rows(xb)
+            return f
+        ab(f"inference (optimize_for_cpu_inference), batch {b}", {"cls-only": infer(False), "full": infer(True)},
+           rounds)
+
+
 SECTIONS = {"blocks": section_blocks, "quickgelu": section_quickgelu, "attention": section_attention,
-            "kv": section_kv, "embed": section_embed}
+            "kv": section_kv, "embed": section_embed, "cls_only": section_cls_only}
 
 
 def main() -> None:
@@ -247,10 +289,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned: glibc's mmap/trim thresholds raised as the hybridzoo CLI does "
+                         "(hybridzoo.engine.cpu_memory); default: glibc as it starts")
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
+        tune_glibc_malloc()
     torch.set_num_threads(args.threads)
     print(f"# {args.threads} thread(s), batch {args.batch}, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{args.malloc} glibc malloc, load average {os.getloadavg()[0]:.1f}", flush=True)
     for name in args.only:
         SECTIONS[name](args.batch, args.rounds)
 

@@ -122,7 +122,15 @@ def main() -> None:
     ap.add_argument("--fast", action="store_true", help="ours through optimize_for_cpu_training")
     ap.add_argument("--peak", type=float, default=210.0, help="GEMM peak in GFLOP/s (results_peak_epyc.json)")
     ap.add_argument("--other-rows", type=int, default=6)
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned: glibc's mmap/trim thresholds raised as the hybridzoo CLI and the bench scripts do "
+                         "(hybridzoo.engine.cpu_memory); default: glibc as it starts")
+    ap.add_argument("--table", type=int, default=0,
+                    help="also print the profiler's top-N operators by self CPU time, grouped by input shape")
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
+        tune_glibc_malloc()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
@@ -154,6 +162,10 @@ def main() -> None:
             print(f"| {k} | {v:.3f} | {100 * v / total:.1f}% |")
         rest = sum(v for _, v in others[args.other_rows:])
         print(f"| other (rest) | {rest:.3f} | {100 * rest / total:.1f}% |")
+        if args.table:
+            print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
+                                                                       row_limit=args.table, max_name_column_width=40,
+                                                                       max_shapes_column_width=70))
         sys.stdout.flush()
 
 

@@ -3,6 +3,8 @@ Microsoft checkpoint layout (cls_cvt.py)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,14 +225,20 @@ def test_kv_stride_reduces_keys_4x(monkeypatch):
 
     monkeypatch.setattr(cvt_module.F, "scaled_dot_product_attention", spy)
     model = hybridzoo.create_model("cvt_13", **SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        model(torch.randn(1, 3, 64, 64))
+        model.forward_features(x)
     # maps 16×16, 8×8, 4×4; the last stage also carries the cls token in q, k and v
     expected = [(256, 64, 64)] * 1 + [(64, 16, 16)] * 2 + [(17, 5, 5)] * 3
     assert seen == expected
     for q_len, k_len, _ in seen:
         cls = q_len % 2  # odd token count only where the cls token is present
         assert (q_len - cls) == 4 * (k_len - cls)
+    seen.clear()
+    with torch.no_grad():
+        model(x)
+    # the classifier's forward: the last block's only query is the cls token, against every key
+    assert seen == expected[:-1] + [(1, 5, 5)]
 
 
 def test_cls_token_only_in_last_stage():
@@ -322,3 +330,145 @@ def test_reset_classifier_and_pre_logits():
         assert tokens.shape == (2, 1 + 2 * 2, 48)
         assert model.forward_head(tokens, pre_logits=True).shape == (2, 48)
         assert model(x).shape == (2, 3)
+
+
+# --- the classifier's forward computes only the cls token's row in the last block --------------------
+
+def _full(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The old forward: every token through every block, then the head on the cls token."""
+    return model.forward_head(model.forward_features(x))
+
+
+def _last_rows(model: nn.Module) -> list[int]:
+    """Rows the last block's MLP saw at each call (a hook left on the model)."""
+    seen = []
+    model.stages[-1].blocks[-1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    return seen
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cls_only_forward_equals_the_full_computation_in_eval(batch):
+    torch.manual_seed(0)
+    model = _randomise_norms_(hybridzoo.create_model("cvt_13", **SMALL)).eval()
+    rows = _last_rows(model)
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        ref, got = _full(model, x), model(x)
+    assert rows == [1 + 4 * 4, 1]  # the full path ran every token; model(x) only the cls token
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def _train_pair(checkpointing: bool, drop_path_rate: float = 0.3):
+    torch.manual_seed(0)
+    full = _randomise_norms_(hybridzoo.create_model("cvt_13", drop_path_rate=drop_path_rate, **SMALL)).train()
+    full.set_grad_checkpointing(checkpointing)
+    fast = copy.deepcopy(full)
+    return full, fast
+
+
+def _assert_same_step(full, fast, x, seed=1):
+    """Logits, every parameter's gradient (the skipped query projection's exact zeros included) and every
+    buffer (BatchNorm running statistics) after one training forward + backward, drop-path masks drawn alike."""
+    w = torch.randn(x.shape[0], SMALL["num_classes"], generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(seed)
+    ref = _full(full, x)
+    torch.manual_seed(seed)
+    got = fast(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    (ref * w).sum().backward()
+    (got * w).sum().backward()
+    mine = dict(fast.named_parameters())
+    for k, p in full.named_parameters():
+        assert mine[k].grad is not None, k
+        torch.testing.assert_close(mine[k].grad, p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()) + 1e-8,
+                                   msg=k)
+    skipped = fast.stages[-1].blocks[-1].attn.conv_proj_q
+    assert all(p.grad is not None and not p.grad.any() for p in skipped.parameters())
+    bufs = dict(fast.named_buffers())
+    for k, b in full.named_buffers():
+        torch.testing.assert_close(bufs[k], b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cls_only_forward_in_training_has_the_full_gradients_and_statistics(batch, checkpointing):
+    full, fast = _train_pair(checkpointing)
+    rows = _last_rows(fast)
+    x = torch.randn(batch, 3, 64, 64)
+    _assert_same_step(full, fast, x)
+    # with checkpointing the block's forward runs again in backward
+    assert rows == [1] * (2 if checkpointing else 1)
+
+
+def test_cls_only_forward_through_the_trainers_fast_path():
+    from hybridzoo.layers.train_fast import optimize_for_cpu_training
+    full, fast = _train_pair(False)
+    optimize_for_cpu_training(full, min_weight_numel=1)
+    optimize_for_cpu_training(fast, min_weight_numel=1)
+    _assert_same_step(full, fast, torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cls_only_forward_on_the_frozen_path_equals_eager(batch, two_threads):
+    """optimize_for_cpu_inference (folded projections, oneDNN linears; with two threads a batch is split)."""
+    from hybridzoo.layers.onednn import optimize_for_cpu_inference
+    torch.manual_seed(0)
+    model = _randomise_norms_(hybridzoo.create_model("cvt_13", **SMALL)).eval()
+    frozen = optimize_for_cpu_inference(model)
+    rows = _last_rows(frozen)
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        ref, got = _full(model, x), frozen(x)
+    assert rows and set(rows) == {1}
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_without_a_cls_token_the_head_pools_every_token():
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("cvt_13", with_cls_token=(False, False, False), **SMALL).eval()
+    rows = _last_rows(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _full(model, x), rtol=0, atol=0)
+    assert rows == [16, 16]
+
+
+def test_num_queries_needs_the_cls_token():
+    model = hybridzoo.create_model("cvt_13", **SMALL)
+    x = torch.randn(2, 16 * 16, 16)
+    with pytest.raises(ValueError, match="num_queries must be None or 1"):
+        model.stages[0].blocks[0](x, 16, 16, num_queries=1)
+    with pytest.raises(ValueError, match="num_queries must be None or 1"):
+        model.stages[2].blocks[0](torch.randn(2, 17, 48), 4, 4, num_queries=2)
+    with pytest.raises(ValueError, match="with_cls_token=True"):
+        model.stages[0].forward_cls(torch.randn(2, 3, 64, 64))
+
+
+def test_cls_only_forward_skips_exactly_the_dead_rows_work():
+    """model(x) executes the full computation's MACs less, exactly, the spatial rows' work in the last block:
+    depthwise query conv, query projection, their attention against every key, output projection and MLP.
+    The model's MAC count (`hybridzoo.profile`, the cards) stays the papers' (every row, `every_row`)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hybridzoo.layers.helpers import every_row
+    from hybridzoo.profile import count_macs
+
+    def executed(f):   # attention through the math kernel, whose products the counter sees (as count_macs does)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            f()
+        return counter.get_total_flops() // 2
+
+    model = hybridzoo.create_model("cvt_13", **SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
+    hw, c, keys = 4 * 4, SMALL["dims"][-1], 1 + 2 * 2  # the last map 4×4, keys strided by 2, plus the cls token
+    skipped = hw * c * 9 + hw * c * c + 2 * hw * keys * c + hw * c * c + hw * 2 * 4 * c * c
+    full = executed(lambda: _full(model, x))
+    assert full - executed(lambda: model(x)) == skipped
+
+    def in_every_row():
+        with every_row():
+            model(x)
+    assert executed(in_every_row) == full
+    assert count_macs(model, x) == full

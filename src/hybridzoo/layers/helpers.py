@@ -86,3 +86,8 @@ def every_row():
         yield
     finally:
         _EVERY_ROW["depth"] -= 1
+
+
+def every_row_active() -> bool:
+    """True inside `every_row()`: models with their own class-token-only path (CvT) compute every row then."""
+    return _EVERY_ROW["depth"] > 0

@@ -18,7 +18,15 @@ Deviations from the official code (none change the function of a trained model):
 - the official `torch.squeeze` on the pooled cls token (which drops the batch dimension when B=1)
   is not reproduced;
 - only the `dw_bn` projection (the one every released variant uses) is implemented, not the
-  `avg` / `linear` ablations.
+  `avg` / `linear` ablations;
+- `model(x)` computes only the cls token's row in the last block (the head reads nothing else): its keys
+  and values still come from every token, but the spatial rows' query projection, attention, output
+  projection and MLP are skipped, in inference and training (their gradients are exactly zero in the full
+  computation; the skipped query projection still updates its BatchNorm statistics and gets zero
+  gradients). Logits and gradients are the full computation's to fp32 rounding; dropout inside that block,
+  if enabled, draws its masks for fewer rows. `forward_features` and `forward_intermediates` compute every
+  token as before; the last attention module is still called with every token (its hooks see them), but
+  returns, and the block's MLP sees, the cls row only.
 HuggingFace's port differs from the official code in ways we do not follow: its MLP uses exact
 GELU instead of QuickGELU (so HF's outputs on the released weights are not the official ones;
 build with `act_layer=nn.GELU` to reproduce HF), its stochastic depth is applied to the block
@@ -34,9 +42,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hybridzoo.layers.drop import DropPath
-from hybridzoo.layers.helpers import check_image_input, checkpoint_seq
+from hybridzoo.layers.helpers import check_image_input, checkpoint_seq, every_row_active
 from hybridzoo.layers.mlp import Mlp, QuickGELU
 from hybridzoo.layers.weight_init import trunc_normal_
 from hybridzoo.registry import register_model
@@ -116,6 +125,35 @@ def _dense_grad(x: torch.Tensor) -> torch.Tensor:
     return _DenseGradFn.apply(x) if torch.is_grad_enabled() and x.requires_grad else x
 
 
+def _updates_statistics(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+               for m in module.modules())
+
+
+class _ZeroGradsFn(torch.autograd.Function):
+    """Identity on x whose backward also hands each of `params` an exact zero gradient: what the full
+    computation gives the skipped query projection of a cls-only block (its rows never reach the loss). So
+    those parameters still get a gradient (AdamW's weight decay, gradient norms and DDP, which expects every
+    parameter to get one, see the same step) without running their backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [p.shape for p in params]
+        ctx.dtype, ctx.device = x.dtype, x.device
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, *_):
+        zeros = (torch.zeros(s, dtype=ctx.dtype, device=ctx.device) if need else None
+                 for s, need in zip(ctx.shapes, ctx.needs_input_grad[1:]))
+        return (grad, *zeros)
+
+
+def _zero_grads_for(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return _ZeroGradsFn.apply(x, *params) if torch.is_grad_enabled() and params else x
+
+
 class ConvAttention(nn.Module):
     """Multi-head attention whose q/k/v are convolutional projections followed by linear maps.
 
@@ -147,8 +185,16 @@ class ConvAttention(nn.Module):
         B, N, C = t.shape
         return t.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, num_queries: int | None = None) -> torch.Tensor:
+        """`num_queries=1` (cls token only): the queries are the cls token's row alone — keys and values still
+        come from every token — and the output is B×1×C. The classifier reads only that row of the last
+        block, so the spatial queries' projection, attention, output projection (and the block's MLP) are
+        dead work there; their gradients are exactly zero in the full computation."""
         B, N, C = x.shape
+        if num_queries is not None and not (self.with_cls_token and num_queries == 1):
+            raise ValueError(f"ConvAttention: num_queries must be None or 1 (the cls token) and needs "
+                             f"with_cls_token=True, got num_queries={num_queries} with "
+                             f"with_cls_token={self.with_cls_token}")
         if self.with_cls_token:
             # One dense copy of the spatial tokens: without it the slice is not a dense channels-last map, so
             # each of the three convolutions copied it to B×C×H×W and the BatchNorm backward mixed layouts.
@@ -157,10 +203,23 @@ class ConvAttention(nn.Module):
             cls_tok, x = torch.split(x, [1, N - 1], dim=1)
             x = x.contiguous()
         x = x.transpose(1, 2).reshape(B, C, h, w)  # a view: the token map is channels-last in memory
-        q, k, v = self.conv_proj_q(x), self.conv_proj_k(x), self.conv_proj_v(x)
+        if num_queries is None:
+            q = self.conv_proj_q(x)
+        else:
+            q = None
+            if _updates_statistics(self.conv_proj_q):
+                # the query projection's BatchNorm still sees the map in training, so its running statistics
+                # (read by forward_features in eval) move exactly as in the full computation
+                with torch.no_grad():
+                    self.conv_proj_q(x)
+        k, v = self.conv_proj_k(x), self.conv_proj_v(x)
         if self.with_cls_token:
-            q, k, v = (torch.cat((cls_tok, _dense_grad(t)), dim=1) for t in (q, k, v))
-        q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
+            k, v = (torch.cat((cls_tok, _dense_grad(t)), dim=1) for t in (k, v))
+            q = cls_tok if q is None else torch.cat((cls_tok, _dense_grad(q)), dim=1)
+        q = self.proj_q(q)
+        if num_queries is not None:
+            q = _zero_grads_for(q, self.conv_proj_q)
+        q, k, v = self._heads(q), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
                                            scale=self.scale)
         x = x.transpose(1, 2).reshape(B, -1, C)
@@ -181,8 +240,14 @@ class CvTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+    def forward(self, x: torch.Tensor, h: int, w: int, num_queries: int | None = None) -> torch.Tensor:
+        """`num_queries=1`: every token feeds the keys and values, only the cls token's row is computed
+        further (residuals, MLP); the output is B×1×C (see ConvAttention)."""
+        if num_queries is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        else:
+            # the attention is still called as a module with every token (hooks such as explain's see them)
+            x = x[:, :num_queries] + self.drop_path(self.attn(self.norm1(x), h, w, num_queries=num_queries))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -202,13 +267,30 @@ class CvTStage(nn.Module):
             for dpr in _stage_drop_path_rates(drop_path_rate, depth))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
         x = self.patch_embed(x)
         B, C, H, W = x.shape
         x = x.flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        x = self.pos_drop(x)
+        return self.pos_drop(x), B, C, H, W
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's cls token after its blocks, B×1×C, computing only that row in the last block
+        (`forward`'s cls token to fp32 rounding, with the same parameter gradients)."""
+        if self.cls_token is None:
+            raise ValueError("CvTStage.forward_cls needs a stage built with with_cls_token=True")
+        x, B, C, H, W = self._tokens(x)
+        if len(self.blocks) == 0:
+            return x[:, :1]
+        *blocks, last = self.blocks
+        x = checkpoint_seq(blocks, x, H, W, enabled=self.grad_checkpointing)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(last, x, H, W, num_queries=1, use_reentrant=False)
+        return last(x, H, W, num_queries=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, B, C, H, W = self._tokens(x)
         x = checkpoint_seq(self.blocks, x, H, W, enabled=self.grad_checkpointing)
         cls_tok = None
         if self.cls_token is not None:
@@ -331,7 +413,15 @@ class CvT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        if not self.use_cls_token or every_row_active():   # every_row: the full computation (FLOP counts)
+            return self.forward_head(self.forward_features(x))
+        # The head reads only the cls token: the last block computes only its row (forward_cls), about one
+        # stage-3 block of CvT-13's 13 less work in the forward and the backward; the logits and every
+        # parameter's gradient are those of forward_head(forward_features(x)) to fp32 rounding.
+        self._check(x)
+        for stage in self.stages[:-1]:
+            x, _ = stage(x)
+        return self.forward_head(self.stages[-1].forward_cls(x))
 
 
 # 3. official checkpoint conversion ----------------------------------------------------------------
