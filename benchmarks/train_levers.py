@@ -86,6 +86,13 @@ def main() -> None:
             print(f"| {v} | {statistics.median(ts):.3f} / {statistics.median(cpu[v]):.3f} | {statistics.median(r):.3f} "
                   f"| {min(r):.3f}–{max(r):.3f} | {statistics.median(cpu['plain']) / statistics.median(cpu[v]):.3f} |",
                   flush=True)
+        if "fast" in times and "fast-split" in times:  # the batch split against the whole batch, round by round
+            r = [w / s for w, s in zip(times["fast"], times["fast-split"])]
+            rc = [w / s for w, s in zip(cpu["fast"], cpu["fast-split"])]
+            print(f"\nfast-split vs fast (whole batch): wall {statistics.median(r):.3f}x (min–max {min(r):.3f}–"
+                  f"{max(r):.3f}), CPU time {statistics.median(rc):.3f}x (min–max {min(rc):.3f}–{max(rc):.3f}), "
+                  "medians of per-round ratios", flush=True)
+
 
 if __name__ == "__main__":
     main()
