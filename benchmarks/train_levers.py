@@ -45,11 +45,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned (default since session 7): glibc's mmap/trim thresholds raised as `hybridzoo train` "
+                         "does (hybridzoo.engine.cpu_memory); default: glibc as it starts")
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
+        tune_glibc_malloc()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
-    print(f"# {args.threads} threads, batch {args.batch}, {args.rounds} rounds, torch {torch.__version__}, "
+    print(f"# {args.threads} threads, batch {args.batch}, {args.rounds} rounds, malloc {args.malloc}, "
+          f"torch {torch.__version__}, "
           f"load average {os.getloadavg()}")
     for name in args.models:
         base = create_model(name, drop_path_rate=0.0)
