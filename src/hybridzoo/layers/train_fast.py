@@ -271,11 +271,13 @@ class _SplitBatchNormFn(torch.autograd.Function):
                              f"over the whole batch (input of {type(m).__name__} with {x.shape[1]} channels)")
         mean = sum(c * mu for c, mu, _ in parts) / count
         m2 = sum(c * v + c * (mu - mean).square() for c, mu, v in parts)   # Chan et al.: ΣM2ₚ + Σnₚ(μₚ − μ)²
-        mean32, var32 = mean.float(), (m2 / count).float()
+        # the statistics in the precision PyTorch's kernels keep them: float32, float64 for a float64 input
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean32, var32 = mean.to(dtype), (m2 / count).to(dtype)
         if factor is not None and _PART.part == 0:   # once per step, as nn.BatchNorm2d does (unbiased variance)
             with torch.no_grad():
-                m.running_mean.mul_(1 - factor).add_(mean32, alpha=factor)
-                m.running_var.mul_(1 - factor).add_((m2 / (count - 1)).float(), alpha=factor)
+                m.running_mean.mul_(1 - factor).add_(mean.to(m.running_mean.dtype), alpha=factor)
+                m.running_var.mul_(1 - factor).add_((m2 / (count - 1)).to(m.running_var.dtype), alpha=factor)
         # the normalisation with the whole batch's mean and variance: the eval-mode kernel, one pass
         y = torch.batch_norm(x, weight, bias, mean32, var32, False, 0.0, m.eps, False)
         invstd = (var32 + m.eps).rsqrt()
