@@ -56,11 +56,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned (default since session 7): glibc's mmap/trim thresholds raised as `hybridzoo train` "
+                         "does (hybridzoo.engine.cpu_memory); default: glibc as it starts")
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
+        tune_glibc_malloc()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
-    print(f"# {args.threads} threads, batch {args.batch}, {args.rounds} rounds, torch {torch.__version__}, "
+    print(f"# {args.threads} threads, batch {args.batch}, {args.rounds} rounds, malloc {args.malloc}, "
+          f"torch {torch.__version__}, "
           f"load average {os.getloadavg()}")
     for name in args.models:
         base = create_model(name, drop_path_rate=0.0)
@@ -99,6 +106,13 @@ def main() -> None:
             print(f"| {v} | {statistics.median(ts):.3f} / {statistics.median(cpu[v]):.3f} | {statistics.median(r):.3f} "
                   f"| {min(r):.3f}–{max(r):.3f} | {statistics.median(cpu['plain']) / statistics.median(cpu[v]):.3f} |",
                   flush=True)
+        if "fast" in times and "fast-split" in times:  # the batch split against the whole batch, round by round
+            r = [w / s for w, s in zip(times["fast"], times["fast-split"])]
+            rc = [w / s for w, s in zip(cpu["fast"], cpu["fast-split"])]
+            print(f"\nfast-split vs fast (whole batch): wall {statistics.median(r):.3f}x (min–max {min(r):.3f}–"
+                  f"{max(r):.3f}), CPU time {statistics.median(rc):.3f}x (min–max {min(rc):.3f}–{max(rc):.3f}), "
+                  "medians of per-round ratios", flush=True)
+
 
 if __name__ == "__main__":
     main()

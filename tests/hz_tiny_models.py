@@ -1,7 +1,8 @@
 """Tiny models for the engine / CLI / task tests — registered only when a test loads this file
 (`hybridzoo.cli.load_plugin(path)` or `hybridzoo --plugin tests/hz_tiny_models.py ...`).
 
-No batch norm (so 2 processes × half a batch equal 1 process × the batch) and no dropout.
+No batch norm (so 2 processes × half a batch equal 1 process × the batch; hz_tiny_bn excepted, for the batch
+split's BatchNorm path) and no dropout.
 """
 
 from __future__ import annotations
@@ -117,6 +118,32 @@ class BenchTiny(TinyViT):
 @register_model(reported=dict(params_m=0.015018, gflops=None), params=15018, **_CARD)
 def hz_tiny_bench(**kwargs):
     return BenchTiny(**kwargs)
+
+
+class TinyBN(TinyViT):
+    """TinyViT with a BatchNorm2d on its patch map (channels-last in memory, as CvT's projection maps): the
+    batch split's BatchNorm path in the trainer tests."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # no bias before the BatchNorm: its true gradient is 0, and Adam would amplify float noise
+        pe = self.patch_embed
+        self.patch_embed = nn.Conv2d(self.in_chans, self.num_features, pe.kernel_size, pe.stride, bias=False)
+        self.bn = nn.BatchNorm2d(self.num_features)
+
+    def forward_features(self, x):
+        check_image_input(x, self, self.in_chans)
+        x = self.bn(self.patch_embed(x).contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        h = self.norm1(x)
+        x = x + self.drop_path(self.attn(h, h, h, need_weights=False)[0])
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.norm(x)
+
+
+@register_model(reported=dict(params_m=0.01505, gflops=None), params=15050, **_CARD)
+def hz_tiny_bn(**kwargs):
+    return TinyBN(**kwargs)
 
 
 # --- one tiny model per other task (no batch norm, no dropout), for the engine tests of every task ---

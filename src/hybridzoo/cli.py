@@ -121,7 +121,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "(oneDNN/MKL-routed linear layers, fused AdamW; same function and gradients)")
     g.add_argument("--no-batch-split", dest="batch_split", action="store_false",
                    help="fp32 CPU training of the whole batch at once instead of one share of it per intra-op "
-                        "thread (the default for models without batch statistics or global-generator dropout; "
+                        "thread (the default for models without batch statistics other than BatchNorm2d's or "
+                        "global-generator dropout; "
                         "same gradients and logs, reproducible for a given thread count)")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (also evaluated)")
     g.add_argument("--ema-decay", type=float, default=0.9998)

@@ -69,6 +69,23 @@ def test_batch_split_is_the_default_and_reproducible(make_args, tmp_path, two_th
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_batch_split_with_batchnorm_is_the_whole_batch_training(make_args, tmp_path, two_threads, capsys):
+    """A model with BatchNorm2d trains by batch split by default, with the whole batch's statistics: the same
+    logged losses (validation reads the running statistics), weights and running statistics as --no-batch-split."""
+    res = {}
+    for name, extra in (("split", ()), ("whole", ("--no-batch-split",))):
+        args, task = make_args(*FAST, "--model", "hz_tiny_bn", "--output", tmp_path / name, *extra)
+        res[name] = train(args, task)
+        assert ("batch split: 2 threads each train their share" in capsys.readouterr().out) == (name == "split")
+    split, whole = res["split"], res["whole"]
+    assert split.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=1e-5)
+    assert split.history[0]["val_loss"] == pytest.approx(whole.history[0]["val_loss"], rel=1e-4)
+    state = split.model.state_dict()
+    assert int(state["bn.num_batches_tracked"]) == 3
+    for n, b in whole.model.state_dict().items():
+        torch.testing.assert_close(state[n], b, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_batch_split_off_is_said(make_args, tmp_path, capsys):
     before = torch.get_num_threads()
     torch.set_num_threads(1)

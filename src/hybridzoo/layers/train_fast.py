@@ -23,12 +23,15 @@ Under `torch.compile` (`hybridzoo train --compile`) the same products are the re
 forward and input-gradient products as opaque calls and fuses the element-wise work around them (bias
 gradient, activations, residual adds, LayerNorm) instead of falling back to MKL's `addmm`.
 
-`BatchSplitTraining(model)` (what `hybridzoo train` uses on the CPU for models without batch statistics)
-trains one share of each batch per intra-op thread, each share's forward and backward on one thread, with
-the whole batch's loss and gradients; see its docstring and `split_training_blocker`.
+`BatchSplitTraining(model)` (what `hybridzoo train` uses on the CPU) trains one share of each batch per
+intra-op thread, each share's forward and backward on one thread, with the whole batch's loss and gradients;
+BatchNorm2d layers normalise every share with the whole batch's statistics (the shares meet at each of them).
+See its docstring and `split_training_blocker`.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -167,21 +170,196 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
 # With N intra-op threads, each of N threads runs the forward and backward of 1/N of the batch with one
 # intra-op thread: no OpenMP fork/join at each of the ~600 parallel regions of a ViT step, no second thread
 # idling through the small ops (LayerNorm, GELU, adds, softmax). Only for models whose output row i depends on
-# input row i alone in training mode: no batch statistics (BatchNorm), no running buffers.
+# input row i alone in training mode, apart from BatchNorm2d (whose batch statistics the parts combine, below);
+# no other batch statistics, no other running buffers.
+
+
+# --- BatchNorm across the parts of a split ---------------------------------------------------------------
+# While a split step runs, every BatchNorm2d in training mode is `_split_bn_forward` (an instance attribute set
+# by `BatchSplitTraining` for the call and removed after it; the class, state dict and checkpoints are
+# untouched). The parts run the same layers in the same order, so the k-th meeting of part 0 is the k-th of
+# every other part: each part posts its per-channel partial results into the slot of that meeting, waits at
+# the call's barrier, and combines every part's entries in part order (the same bits on every part).
+# Forward: count, mean and M2 per part, combined with Chan's formula in float64; backward: Σdy and Σdy·x̂.
+
+
+def split_batchnorm_supported(m: nn.Module) -> bool:
+    """True for the BatchNorm layers whose batch statistics the batch split combines across its parts: BatchNorm2d
+    and subclasses that keep its forward."""
+    return (isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.modules.batchnorm._BatchNorm.forward
+            and "forward" not in vars(m))
+
+
+class _PartsMeeting:
+    """What the parts of one split forward (or backward) share: a barrier and one slot per meeting."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.barrier = threading.Barrier(n)
+        self.slots: dict[int, list] = {}
+        self.lock = threading.Lock()
+
+    def meet(self, part: int, key: int, tag, value) -> list:
+        """Post (tag, value) as part `part` of meeting `key`, wait for every part, return every part's value in
+        part order. Parts at different meetings (a layer mismatch) raise on every part instead of mixing."""
+        with self.lock:
+            slot = self.slots.setdefault(key, [None] * self.n)
+        slot[part] = (tag, value)
+        self.barrier.wait()
+        tags = [e[0] for e in slot]
+        if any(t != tags[0] for t in tags):
+            raise RuntimeError(f"BatchSplitTraining: the parts went out of step at meeting {key}: "
+                               f"{', '.join(f'part {i} at {t}' for i, t in enumerate(tags))} (the batch split needs "
+                               "every part to run the same BatchNorm layers in the same order)")
+        return [e[1] for e in slot]
+
+
+class _PartState(threading.local):
+    meeting: _PartsMeeting | None = None
+    part = 0
+    count = 0
+
+
+_PART = _PartState()
+
+
+def _run_parts(run, n: int, meeting: _PartsMeeting | None) -> list:
+    """`run_on_threads(run, n)`, each part bound to `meeting` (its BatchNorms meet there) and ending with one
+    meeting of its own, so a part that ran fewer BatchNorms than the others raises instead of leaving them
+    waiting. A part that fails breaks the barrier (nothing waits forever); every part is waited for, then the
+    first error that is not a broken barrier is raised."""
+    if meeting is None:
+        return run_on_threads(run, n)
+    errors: list = [None] * n
+
+    def part(i):
+        _PART.meeting, _PART.part, _PART.count = meeting, i, 0
+        try:
+            out = run(i)
+            meeting.meet(i, _PART.count, "the end of its part", None)
+            return out
+        except BaseException as e:  # noqa: BLE001 - raised below, once every part has stopped
+            meeting.barrier.abort()
+            errors[i] = e
+            return None
+        finally:
+            _PART.meeting = None
+
+    outs = run_on_threads(part, n)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise next((e for e in failed if not isinstance(e, threading.BrokenBarrierError)), failed[0])
+    return outs
+
+
+def _meet(m: nn.Module, phase: str, value) -> list:
+    state = _PART
+    key = state.count
+    state.count += 1
+    return state.meeting.meet(state.part, key, (phase, m.__class__.__name__, id(m)), value)
+
+
+class _SplitBatchNormFn(torch.autograd.Function):
+    """BatchNorm in training mode on one part of a split batch, with the whole batch's statistics and the whole
+    batch's backward. Inputs: x (N×C×…), weight, bias (or None); `m` the module (its eps and running buffers),
+    `factor` the running-average factor (None: no running statistics to update)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, m, factor):
+        # per-part mean and biased variance in one fused pass (channels-last too), combined in float64
+        mean_p, var_p = torch.batch_norm_update_stats(x, None, None, 0.0)
+        count_p = x.numel() // x.shape[1]
+        parts = _meet(m, "forward", (count_p, mean_p.double(), var_p.double()))
+        count = sum(c for c, _, _ in parts)
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count} values per channel "
+                             f"over the whole batch (input of {type(m).__name__} with {x.shape[1]} channels)")
+        mean = sum(c * mu for c, mu, _ in parts) / count
+        m2 = sum(c * v + c * (mu - mean).square() for c, mu, v in parts)   # Chan et al.: ΣM2ₚ + Σnₚ(μₚ − μ)²
+        # the statistics in the precision PyTorch's kernels keep them: float32, float64 for a float64 input
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean32, var32 = mean.to(dtype), (m2 / count).to(dtype)
+        if factor is not None and _PART.part == 0:   # once per step, as nn.BatchNorm2d does (unbiased variance)
+            with torch.no_grad():
+                m.running_mean.mul_(1 - factor).add_(mean.to(m.running_mean.dtype), alpha=factor)
+                m.running_var.mul_(1 - factor).add_((m2 / (count - 1)).to(m.running_var.dtype), alpha=factor)
+        # the normalisation with the whole batch's mean and variance: the eval-mode kernel, one pass
+        y = torch.batch_norm(x, weight, bias, mean32, var32, False, 0.0, m.eps, False)
+        invstd = (var32 + m.eps).rsqrt()
+        ctx.save_for_backward(x, weight, mean32, invstd)
+        ctx.m, ctx.count = m, count
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        m, count = ctx.m, ctx.count
+        if _PART.meeting is None:
+            raise RuntimeError("BatchSplitTraining: the backward of a split BatchNorm ran outside the split backward")
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4 \
+            else torch.contiguous_format
+        dy = dy.contiguous(memory_format=fmt)   # the kernels below take slow paths on mixed layouts
+        # this part's Σdy·x̂ and Σdy per channel (x̂ with the whole batch's mean and 1/σ), one fused pass
+        _, sum_dyxhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, invstd, True, m.eps, [False, True, True])
+        parts = _meet(m, "backward", (sum_dyxhat, sum_dy))
+        dx = None
+        if ctx.needs_input_grad[0]:
+            total_dyxhat, total_dy = parts[0][0].clone(), parts[0][1].clone()
+            for a, b in parts[1:]:
+                total_dyxhat.add_(a)
+                total_dy.add_(b)
+            # dx = w/σ · (dy − mean(dy) − x̂·mean(dy·x̂)) = a·dy + b·x + c per channel
+            a = invstd if weight is None else weight * invstd
+            b = -a * invstd * (total_dyxhat / count)
+            c = -a * (total_dy / count) - b * mean
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            dx = torch.addcmul(c.view(shape), x, b.view(shape), out=torch.empty_like(x))
+            dx.addcmul_(dy, a.view(shape))
+        # dγ and dβ: this part's sums; the parts' parameter gradients are added by BatchSplitTraining._backward
+        return (dx, sum_dyxhat if ctx.needs_input_grad[1] else None,
+                sum_dy if ctx.needs_input_grad[2] else None, None, None)
+
+
+_BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+
+
+def _split_bn_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward a BatchNorm2d has while a split step runs (see `_SplitBatchNormFn`); calls from threads that
+    are not parts of the split, and calls that do not use batch statistics (eval mode with running
+    statistics), are the module's own forward."""
+    if _PART.meeting is None or not (m.training or m.running_mean is None):
+        return _BN_FORWARD(m, x)
+    m._check_input_dim(x)
+    factor = None   # part 0 alone updates the running statistics, once, with the whole batch's
+    if _PART.part == 0 and m.training and m.track_running_stats and m.running_mean is not None:
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+        if m.momentum is not None:
+            factor = m.momentum
+        else:   # a cumulative average, as nn.BatchNorm2d
+            factor = 1.0 / float(m.num_batches_tracked) if m.num_batches_tracked is not None else 0.0
+    return _SplitBatchNormFn.apply(x, m.weight, m.bias, m, factor)
 
 
 def split_training_blocker(model: nn.Module) -> str | None:
     """Why `model` cannot be trained by batch split (`BatchSplitTraining`), or None when it can.
 
-    Blocked: layers with batch statistics or running buffers (BatchNorm and the like: a part's statistics are
-    not the batch's), dropout drawn from the global generator (the threads would draw in a timing-dependent
-    order; DropPath draws from a per-part generator and is fine), activation checkpointing (its recompute
-    restores the global generator, not the per-part one)."""
+    BatchNorm2d is split (the parts meet at each one and use the whole batch's statistics, see
+    `_SplitBatchNormFn`). Blocked: other layers with batch statistics (BatchNorm1d / 3d, SyncBatchNorm,
+    BatchNorm2d subclasses with a forward of their own) or running buffers (a part's statistics are not the
+    batch's), dropout drawn from the global generator (the threads would draw in a timing-dependent order;
+    DropPath draws from a per-part generator and is fine), activation checkpointing (its recompute restores
+    the global generator, not the per-part one, and would meet the other parts twice at each BatchNorm)."""
     for name, m in model.named_modules():
         where = name or type(model).__name__
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return f"{where} ({type(m).__name__}) normalises with batch statistics"
-        if any(b.split(".")[-1].startswith("running_") for b, _ in m.named_buffers(recurse=False)):
+        if split_batchnorm_supported(m):
+            pass   # its running buffers are updated once per step, by part 0, with the whole batch's statistics
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return (f"{where} ({type(m).__name__}) normalises with batch statistics (the batch split combines "
+                    "them across its parts for BatchNorm2d only)")
+        elif any(b.split(".")[-1].startswith("running_") for b, _ in m.named_buffers(recurse=False)):
             return f"{where} ({type(m).__name__}) keeps running statistics"
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             return f"{where} ({type(m).__name__}, p={m.p}) draws from the global generator"
@@ -228,6 +406,12 @@ class BatchSplitTraining(nn.Module):
     parallel, again one thread each. The parameter gradients are summed in part order, so the step is the
     whole-batch step (fp32 rounding aside) and the same bits on every run with the same thread count.
 
+    BatchNorm2d layers in training mode normalise every part with the whole batch's mean and variance, update
+    their running statistics once per step with the whole batch's values (as `nn.BatchNorm2d`), and their
+    backward is the whole batch's: the parts meet at each of them, in forward and in backward (`_PartsMeeting`;
+    for the call only, through an instance `forward` removed afterwards). A part that fails or runs out of
+    step with the others raises in the caller; none is left waiting.
+
     Drop-path masks come from one generator per part, seeded from the global generator once per call: the
     same bits on every run, though not the masks the whole-batch model would draw. The wrapper is the
     training call only; the state dict, evaluation and checkpoints are the model's (`wrapper.module`). Calls
@@ -243,6 +427,7 @@ class BatchSplitTraining(nn.Module):
         self.threads = threads
         from hybridzoo.layers.drop import DropPath
         self._draws = any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules())
+        self._bns = [m for m in model.modules() if split_batchnorm_supported(m)]
         self._pending: list | None = None
         self._ok = True
 
@@ -271,7 +456,18 @@ class BatchSplitTraining(nn.Module):
             with torch.set_grad_enabled(grad_mode), use_generator(gen):
                 return self.module(parts[i])
 
-        outs = run_on_threads(run, n)
+        meeting = _PartsMeeting(n) if self._bns else None
+        saved = [b.clone() for b in self._bn_buffers()]
+        for m in self._bns:   # for this call only; the class, state dict and eval forward stay nn.BatchNorm2d's
+            m.__dict__["forward"] = _split_bn_forward.__get__(m)
+        try:
+            outs = _run_parts(run, n, meeting)
+        except BaseException:
+            self._restore_bn_buffers(saved)
+            raise
+        finally:
+            for m in self._bns:
+                m.__dict__.pop("forward", None)
         if not torch.equal(torch.get_rng_state(), rng_before):
             # something in the model drew from the global generator on the worker threads: correct for this
             # step, but in a timing-dependent order; whole batches from now on
@@ -282,6 +478,7 @@ class BatchSplitTraining(nn.Module):
         if any(f is None for f in flat) or len({len(f) for f in flat}) != 1 or not all(
                 t.dim() > 0 and t.shape[0] == p.shape[0] for f, p in zip(flat, parts) for t in f):
             self._ok = False  # outputs that are not per-sample tensors: run the whole batch, now and from now on
+            self._restore_bn_buffers(saved)   # the whole batch updates the running statistics instead
             return self.module(*args)
         n_out = len(flat[0])
         self._pending = [f for f in flat]
@@ -291,6 +488,15 @@ class BatchSplitTraining(nn.Module):
         if isinstance(outs[0], torch.Tensor):
             return joined[0]
         return type(outs[0])(joined)
+
+    def _bn_buffers(self) -> list[torch.Tensor]:
+        return [b for m in self._bns for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                if b is not None]
+
+    def _restore_bn_buffers(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for b, v in zip(self._bn_buffers(), saved):
+                b.copy_(v)
 
     def _backward(self, grads) -> None:
         """The parts' backward passes, one thread each: part 0 accumulates into `.grad`, the others return
@@ -313,7 +519,7 @@ class BatchSplitTraining(nn.Module):
                 return None
             return torch.autograd.grad(outs, params, gs, allow_unused=True)
 
-        results = run_on_threads(part, len(pending))
+        results = _run_parts(part, len(pending), _PartsMeeting(len(pending)) if self._bns else None)
         for res in results[1:]:
             if res is None:
                 continue
