@@ -1,5 +1,7 @@
 """Helpers shared by several test files (tests/conftest.py puts this folder on sys.path)."""
 
+import threading
+
 import torch
 from torch import nn
 
@@ -15,3 +17,21 @@ def perturb(model: nn.Module, seed: int = 0) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def error_on_watchdog(fn, hung: str, timeout: float = 60):
+    """fn() on a daemon thread of its own; fails with `hung` instead of hanging the suite when it has not returned
+    after `timeout` seconds; returns what fn raised, or None."""
+    box = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:   # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), hung
+    return box.get("error")

@@ -5,7 +5,6 @@ statistics updated once with the whole batch's values, the whole batch's backwar
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ from torch import nn
 import hybridzoo
 from hybridzoo.layers.train_fast import (BatchSplitTraining, fast_training_available, optimize_for_cpu_training,
                                          split_training_blocker)
+
+from _helpers import error_on_watchdog  # tests/conftest.py puts tests/ on sys.path
 
 pytestmark = pytest.mark.skipif(not fast_training_available(), reason="no oneDNN in this build")
 
@@ -164,7 +165,6 @@ def test_an_error_in_one_part_reaches_the_caller_without_a_hang():
                 raise RuntimeError("boom in a part's backward")
             return g
 
-    result = {}
     for phase in ("forward", "backward"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 4, 3), _FailsInPart(phase), nn.BatchNorm2d(4), nn.Flatten(),
@@ -172,30 +172,25 @@ def test_an_error_in_one_part_reaches_the_caller_without_a_hang():
         wrapper = BatchSplitTraining(model, threads=2)
         before = model[2].running_mean.clone()
 
-        def call():
-            try:
-                wrapper(torch.randn(5, 3, 6, 6)).sum().backward()
-            except BaseException as e:  # noqa: BLE001 - checked below
-                result[phase] = e
-
-        t = threading.Thread(target=call, daemon=True)
-        t.start()
-        t.join(timeout=60)
-        assert not t.is_alive(), f"a part hung at the meeting ({phase})"
-        err = result.get(phase)
+        err = error_on_watchdog(lambda: wrapper(torch.randn(5, 3, 6, 6)).sum().backward(),
+                                f"a part hung at the meeting ({phase})")
         assert isinstance(err, RuntimeError) and "boom in a part" in str(err), repr(err)
         if phase == "forward":
             assert torch.equal(model[2].running_mean, before) and int(model[2].num_batches_tracked) == 0
         assert all("forward" not in vars(m) for m in model.modules())
 
 
-class _Uneven(nn.Module):
-    """Runs its BatchNorm a second time in the larger part only: the parts go out of step."""
+class _ConvThenBN(nn.Module):
+    """A convolution and a BatchNorm; the subclasses' forwards are what the tests are about."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.bn = nn.BatchNorm2d(4)
+
+
+class _Uneven(_ConvThenBN):
+    """Runs its BatchNorm a second time in the larger part only: the parts go out of step."""
 
     def forward(self, x):
         y = self.bn(self.conv(x))
@@ -206,19 +201,8 @@ class _Uneven(nn.Module):
 
 def test_parts_out_of_step_raise_instead_of_deadlocking():
     wrapper = BatchSplitTraining(_Uneven().train(), threads=2)
-    result = {}
-
-    def call():
-        try:
-            wrapper(torch.randn(5, 3, 6, 6))
-        except BaseException as e:  # noqa: BLE001 - checked below
-            result["error"] = e
-
-    t = threading.Thread(target=call, daemon=True)
-    t.start()
-    t.join(timeout=60)
-    assert not t.is_alive(), "the parts deadlocked"
-    assert isinstance(result.get("error"), RuntimeError) and "out of step" in str(result["error"])
+    err = error_on_watchdog(lambda: wrapper(torch.randn(5, 3, 6, 6)), "the parts deadlocked")
+    assert isinstance(err, RuntimeError) and "out of step" in str(err)
 
 
 def test_batchnorm_outside_the_split_is_untouched():
@@ -234,12 +218,7 @@ def test_batchnorm_outside_the_split_is_untouched():
 
 
 def test_batch_outputs_fall_back_with_one_update_of_the_running_statistics():
-    class _PooledBN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
-
+    class _PooledBN(_ConvThenBN):
         def forward(self, x):
             return self.bn(self.conv(x)).mean(0)   # not per sample: the wrapper runs the whole batch instead
 

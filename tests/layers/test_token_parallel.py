@@ -19,7 +19,7 @@ from hybridzoo.layers import onednn_tokens
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.layers.onednn_tokens import TokenParallelBlocks, calibrate, token_parallel_forward
 from hybridzoo.registry import get_card
-from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
+from _helpers import error_on_watchdog, perturb  # tests/conftest.py puts tests/ on sys.path
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 
@@ -108,20 +108,13 @@ def test_an_error_in_one_thread_reaches_the_caller_without_a_hang(threads, monke
 
     monkeypatch.setattr(onednn_tokens, "_vit_block_rows", failing)
     threads(2)
-    result = {}
 
     def call():
-        try:
-            with torch.inference_mode():
-                fast(torch.randn(1, 3, 96, 96))
-        except Exception as e:   # noqa: BLE001 - the test inspects it
-            result["error"] = e
+        with torch.inference_mode():
+            fast(torch.randn(1, 3, 96, 96))
 
-    t = threading.Thread(target=call, daemon=True)
-    t.start()
-    t.join(timeout=60)
-    assert not t.is_alive(), "the other thread hung at the barrier"
-    assert isinstance(result.get("error"), RuntimeError) and "boom in a worker" in str(result["error"])
+    err = error_on_watchdog(call, "the other thread hung at the barrier")
+    assert isinstance(err, RuntimeError) and "boom in a worker" in str(err)
     assert torch.get_num_threads() == 2
 
 
