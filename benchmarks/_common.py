@@ -321,19 +321,28 @@ def base_parser(description: str, rounds: int) -> argparse.ArgumentParser:
                     choices=["infer", "train", "latency"])
     ap.add_argument("--no-peak", action="store_true")
     ap.add_argument("--out", default=None)
+    add_malloc_option(ap)
+    return ap
+
+
+def add_malloc_option(ap: argparse.ArgumentParser) -> None:
+    """`--malloc tuned|default`, applied by `apply_malloc` (every benchmark script that times steps has it)."""
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
-                    help="tuned: raise glibc's mmap/trim thresholds for the whole process (both contestants), as "
+                    help="tuned: raise glibc's mmap/trim thresholds for the whole process (every contestant), as "
                          "the hybridzoo CLI does (hybridzoo.engine.cpu_memory); default: glibc as it starts. "
                          "An allocator preloaded with LD_PRELOAD (jemalloc, tcmalloc) is left alone")
-    return ap
+
+
+def apply_malloc(args: argparse.Namespace) -> None:
+    if args.malloc == "tuned":
+        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
+        tune_glibc_malloc()
 
 
 def parse_and_setup(ap: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse, then fix threads and seed and silence warnings, identically for both sides."""
     args = ap.parse_args()
-    if args.malloc == "tuned":
-        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
-        tune_glibc_malloc()
+    apply_malloc(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")

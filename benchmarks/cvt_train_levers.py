@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import _common  # noqa: F401  (puts this checkout's src/ on sys.path)
+from _common import add_malloc_option, apply_malloc  # noqa: I001  (also puts this checkout's src/ on sys.path)
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
 from hybridzoo.layers.helpers import checkpoint_seq
@@ -289,13 +289,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
-                    help="tuned: glibc's mmap/trim thresholds raised as the hybridzoo CLI does "
-                         "(hybridzoo.engine.cpu_memory); default: glibc as it starts")
+    add_malloc_option(ap)
     args = ap.parse_args()
-    if args.malloc == "tuned":
-        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
-        tune_glibc_malloc()
+    apply_malloc(args)
     torch.set_num_threads(args.threads)
     print(f"# {args.threads} thread(s), batch {args.batch}, torch {torch.__version__}, "
           f"{args.malloc} glibc malloc, load average {os.getloadavg()[0]:.1f}", flush=True)

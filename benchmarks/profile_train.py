@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from _common import count_macs_safe, logits_of  # noqa: I001  (also puts this checkout's src/ on sys.path)
+from _common import add_malloc_option, apply_malloc, count_macs_safe, logits_of  # noqa: I001  (also puts this checkout's src/ on sys.path)
 
 import hybridzoo  # noqa: F401
 from profile_ops import build
@@ -122,15 +122,11 @@ def main() -> None:
     ap.add_argument("--fast", action="store_true", help="ours through optimize_for_cpu_training")
     ap.add_argument("--peak", type=float, default=210.0, help="GEMM peak in GFLOP/s (results_peak_epyc.json)")
     ap.add_argument("--other-rows", type=int, default=6)
-    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
-                    help="tuned: glibc's mmap/trim thresholds raised as the hybridzoo CLI and the bench scripts do "
-                         "(hybridzoo.engine.cpu_memory); default: glibc as it starts")
+    add_malloc_option(ap)
     ap.add_argument("--table", type=int, default=0,
                     help="also print the profiler's top-N operators by self CPU time, grouped by input shape")
     args = ap.parse_args()
-    if args.malloc == "tuned":
-        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
-        tune_glibc_malloc()
+    apply_malloc(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from _common import make_train_step  # noqa: I001  (puts this checkout's src/ on sys.path)
+from _common import add_malloc_option, apply_malloc, make_train_step  # noqa: I001  (puts this checkout's src/ on sys.path)
 
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
@@ -56,13 +56,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
-    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
-                    help="tuned (default since session 7): glibc's mmap/trim thresholds raised as `hybridzoo train` "
-                         "does (hybridzoo.engine.cpu_memory); default: glibc as it starts")
+    add_malloc_option(ap)
     args = ap.parse_args()
-    if args.malloc == "tuned":
-        from hybridzoo.engine.cpu_memory import tune_glibc_malloc
-        tune_glibc_malloc()
+    apply_malloc(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
