@@ -70,6 +70,8 @@ def run_blocks_for_prefix(blocks, x: torch.Tensor, num_prefix: int, *args, check
     if _EVERY_ROW["depth"]:
         return checkpoint_seq(blocks, x, *args, enabled=checkpointing)[:, :num_prefix]
     x = checkpoint_seq(blocks[:-1], x, *args, enabled=checkpointing)
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(blocks[-1], x, *args, num_queries=num_prefix, use_reentrant=False)
     return blocks[-1](x, *args, num_queries=num_prefix)
 
 
@@ -86,8 +88,3 @@ def every_row():
         yield
     finally:
         _EVERY_ROW["depth"] -= 1
-
-
-def every_row_active() -> bool:
-    """True inside `every_row()`: models with their own class-token-only path (CvT) compute every row then."""
-    return _EVERY_ROW["depth"] > 0

@@ -42,10 +42,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hybridzoo.layers.drop import DropPath
-from hybridzoo.layers.helpers import check_image_input, checkpoint_seq, every_row_active
+from hybridzoo.layers.helpers import check_image_input, checkpoint_seq, run_blocks_for_prefix
 from hybridzoo.layers.mlp import Mlp, QuickGELU
 from hybridzoo.layers.weight_init import trunc_normal_
 from hybridzoo.registry import register_model
@@ -281,13 +280,7 @@ class CvTStage(nn.Module):
         if self.cls_token is None:
             raise ValueError("CvTStage.forward_cls needs a stage built with with_cls_token=True")
         x, B, C, H, W = self._tokens(x)
-        if len(self.blocks) == 0:
-            return x[:, :1]
-        *blocks, last = self.blocks
-        x = checkpoint_seq(blocks, x, H, W, enabled=self.grad_checkpointing)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(last, x, H, W, num_queries=1, use_reentrant=False)
-        return last(x, H, W, num_queries=1)
+        return run_blocks_for_prefix(self.blocks, x, 1, H, W, checkpointing=self.grad_checkpointing)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, B, C, H, W = self._tokens(x)
@@ -413,7 +406,7 @@ class CvT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_cls_token or every_row_active():   # every_row: the full computation (FLOP counts)
+        if not self.use_cls_token:
             return self.forward_head(self.forward_features(x))
         # The head reads only the cls token: the last block computes only its row (forward_cls), about one
         # stage-3 block of CvT-13's 13 less work in the forward and the backward; the logits and every
