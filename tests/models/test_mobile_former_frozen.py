@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hybridzoo
+from hybridzoo.layers.conv import ConvBnAct
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former as mf
 from hybridzoo.registry import get_card
@@ -135,3 +136,62 @@ def test_a_call_under_no_grad_after_one_under_inference_mode(parallel, two_threa
     with torch.no_grad():
         ref, out = model(x), fast(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+# -- depthwise convolutions with a channel multiplier as m plain depthwise ones (session 8) --------------------------
+
+def _multipliers(fast) -> list:
+    return [m for m in fast.modules() if isinstance(m, mf._MultiplierDepthwise)]
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_multiplier_depthwise_blocks_match_eager(strided, monkeypatch):
+    # reduced 294M: the lite block's dw (8 → 16) and both downsampling blocks' dw2 (×2) always; their stride-2 dw1
+    # (8 → 24, 16 → 48) only when the channel floor is lowered. Batch 1, an odd batch and three input sizes.
+    if strided:
+        monkeypatch.setattr(Frozen, "MULTIPLIER_MIN_CHANNELS_STRIDED", 0)
+    model, fast = _models()
+    parts = _multipliers(fast)
+    assert [(m.in_channels, m.out_channels) for m in parts] == (
+        [(8, 16), (8, 24), (16, 32), (16, 48), (24, 48)] if strided else [(8, 16), (16, 32), (24, 48)])
+    for batch, side in ((1, 64), (3, 72), (1, 48), (3, 64)):
+        x = torch.randn(batch, 3, side, side)
+        with torch.inference_mode():
+            ref, out = model(x), fast(x)
+        assert ref.abs().max() > 1e-3
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_multiplier_depthwise_off_and_grouped_variants(monkeypatch):
+    # SPLIT_MULTIPLIER off: the grouped convolutions stay; the grouped 26M (channel shuffle) never splits them
+    monkeypatch.setattr(Frozen, "SPLIT_MULTIPLIER", False)
+    model, fast = _models()
+    assert _multipliers(fast) == []
+    monkeypatch.setattr(Frozen, "SPLIT_MULTIPLIER", True)
+    model, fast = _models("mobile_former_26m")
+    assert _multipliers(fast) == []
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_multiplier_depthwise_is_the_grouped_convolution_in_its_channel_order(stride):
+    # the module alone: output channel j·C + g is the grouped convolution's g·m + j (BatchNorm and ReLU6 folded)
+    torch.manual_seed(0)
+    seq = ConvBnAct(5, 15, 3, stride, groups=5, act_layer=torch.nn.ReLU6).eval()
+    perturb(seq)
+    frozen = mf._MultiplierDepthwise(seq, None)
+    order = mf._multiplier_order(5, 3)
+    assert order[:6].tolist() == [0, 3, 6, 9, 12, 1]
+    x = torch.randn(2, 5, 13, 11).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref, out = seq(x), frozen(x)
+    torch.testing.assert_close(out, ref[:, order], rtol=1e-5, atol=1e-5)
+
+
+def test_multiplier_depthwise_names_an_activation_without_a_post_op():
+    seq = ConvBnAct(4, 8, 3, 1, groups=4, act_layer=torch.nn.Softsign).eval()
+    with pytest.raises(ValueError, match="Softsign"):
+        mf._MultiplierDepthwise(seq, None)

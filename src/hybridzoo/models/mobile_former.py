@@ -114,6 +114,77 @@ def _scratch(like: torch.Tensor) -> torch.Tensor:
     return buf[:like.numel()].as_strided(like.shape, like.stride())
 
 
+def _is_multiplier_conv(seq: nn.Module) -> bool:
+    """A ConvBnAct whose convolution is depthwise with a channel multiplier m > 1 (groups = in_channels, m outputs
+    per input channel: the Mobile-Former dw1 / dw2 of the downsampling blocks and the lite block's dw)."""
+    if not (isinstance(seq, nn.Sequential) and len(seq) >= 2 and type(seq[0]) is nn.Conv2d
+            and isinstance(seq[1], nn.BatchNorm2d) and seq[1].track_running_stats):
+        return False
+    conv = seq[0]
+    return (conv.groups == conv.in_channels > 1 and conv.out_channels % conv.in_channels == 0
+            and conv.out_channels > conv.in_channels and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def _multiplier_order(channels: int, multiplier: int) -> torch.Tensor:
+    """perm with perm[j·C + g] = g·m + j: where `_MultiplierDepthwise`'s output channel j·C + g comes from."""
+    return torch.arange(channels * multiplier).view(channels, multiplier).t().reshape(-1)
+
+
+class _MultiplierDepthwise(nn.Module):
+    """A depthwise convolution with a channel multiplier m (C → m·C, groups = C; BatchNorm and activation folded)
+    for the oneDNN inference path, as m plain depthwise convolutions C → C (weights w[j::m]) concatenated.
+
+    oneDNN has no multiplier in its depthwise kernel: the grouped convolution runs in its generic kernel, which
+    pads every 1-in / m-out group to a 16×16 block (measured 2.2× the m depthwise convolutions plus the
+    concatenation at 16→32, 112², 1 thread, batch 16). The output channels come out in the order j·C + g instead
+    of g·m + j (`_multiplier_order`): the caller permutes whatever reads them (the dynamic ReLU's slopes, the next
+    pointwise convolution's input channels), so no interleaving copy is needed.
+    """
+
+    def __init__(self, seq: nn.Sequential, batch_hint: int | None):
+        super().__init__()
+        from hybridzoo.layers.onednn import OneDNNConv2d, conv_post_op, fold_batch_norm
+        conv, bn = seq[0], seq[1]
+        act = seq[2] if len(seq) > 2 else None
+        if conv_post_op(act) is None:
+            raise ValueError(f"no oneDNN post-op for {type(act).__name__} after a multiplier depthwise convolution")
+        C, self.multiplier = conv.in_channels, conv.out_channels // conv.in_channels
+        self.in_channels, self.out_channels = C, conv.out_channels
+        w, b = fold_batch_norm(conv.weight.detach().float(), None if conv.bias is None else conv.bias.detach().float(),
+                               bn)
+        shape = nn.Conv2d(C, C, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=C, bias=False)
+        m = self.multiplier
+        self.parts = nn.ModuleList(
+            OneDNNConv2d(shape, None, act, batch_hint, weight=w[j::m].contiguous(), bias=b[j::m].contiguous())
+            for j in range(m))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, as {self.multiplier} depthwise, channels j·C + g"
+
+
+@torch.no_grad()
+def _split_multiplier(owner: nn.Module, name: str, readers: list[tuple[torch.Tensor, int]],
+                      batch_hint: int | None) -> bool:
+    """Replace owner.<name> (a multiplier ConvBnAct) by `_MultiplierDepthwise` and permute, in place, the tensors
+    that read its output channels: (tensor, dim) with the channels along dim (a dynamic ReLU's fc2 rows hold two
+    slopes per channel: both halves permuted). False (nothing changed) where the convolution is not one."""
+    seq = getattr(owner, name)
+    if not _is_multiplier_conv(seq):
+        return False
+    frozen = _MultiplierDepthwise(seq, batch_hint)
+    perm = _multiplier_order(frozen.in_channels, frozen.multiplier)
+    n = frozen.out_channels
+    for t, dim in readers:
+        order = perm if t.shape[dim] == n else torch.cat([perm + i * n for i in range(t.shape[dim] // n)])
+        t.copy_(t.index_select(dim, order))
+    setattr(owner, name, frozen)
+    return True
+
+
 class MobileToFormer(nn.Module):
     """Mobile→Former bridge: the tokens query the local map; keys = values = the raw map (no projection).
 
@@ -259,6 +330,13 @@ class LiteBottleneck(nn.Module):
         out = self.pw(channel_shuffle(out, self.in_chs) if self.groups > 1 else out)
         return (out + x if self.identity else out), z
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        # called on optimize_for_cpu_inference's copy, so it may change this module in place: the dw with a
+        # channel multiplier (16 → 32 in 294M) as plain depthwise convolutions, pw reading their channel order
+        if self.groups == 1 and _FrozenMobileFormerBlock.SPLIT_MULTIPLIER:
+            _split_multiplier(self, "dw", [(self.pw[0].weight, 1)], batch_hint)
+        return self
+
 
 class MobileFormerBlock(nn.Module):
     """Mobile→Former, Former, Mobile (dynamic ReLU driven by the updated first token), Former→Mobile."""
@@ -353,6 +431,12 @@ class _FrozenMobileFormerBlock(nn.Module):
     # with the caller's intra-op threads)
     SPLIT_ROWS = True
     SPLIT_MIN_ROWS = 7
+    # the downsampling blocks' depthwise convolutions with a channel multiplier (dw1: ×6, stride 2; dw2: ×4) as m
+    # plain depthwise convolutions (`_MultiplierDepthwise`; ungrouped variants), except strided ones on fewer than
+    # MULTIPLIER_MIN_CHANNELS_STRIDED input channels: 294M's first dw1 (16 → 96 at 112², stride 2) measured 1.4×
+    # slower as six 16-channel convolutions that each read the whole input (1 thread, batch 16)
+    SPLIT_MULTIPLIER = True
+    MULTIPLIER_MIN_CHANNELS_STRIDED = 24
 
     def __init__(self, blk: MobileFormerBlock, batch_hint: int | None):
         super().__init__()
@@ -371,6 +455,15 @@ class _FrozenMobileFormerBlock(nn.Module):
         self.slope_fc1_w, self.slope_fc1_b = _stacked_weights(mob.act1.fc1, mob.act2.fc1)
         self.f2m_heads, self.f2m_scale, self.f2m_channels = f2m.num_heads, f2m.scale, f2m.k.out_features
         self.f2m_kv_w, self.f2m_kv_b = _stacked_weights(f2m.k, f2m.v)
+        first = mob.dw1[0] if self.downsample else mob.pw1[0]
+        self.first_geometry = (first.kernel_size, first.padding, first.stride, first.dilation)
+        if self.downsample and mob.groups == 1 and self.SPLIT_MULTIPLIER:
+            # the block's own module tree (optimize_for_cpu_inference's copy): permuted in place
+            if mob.dw1[0].stride == (1, 1) or mob.in_chs >= self.MULTIPLIER_MIN_CHANNELS_STRIDED:
+                _split_multiplier(mob, "dw1", [(mob.act1.fc2.weight, 0), (mob.act1.fc2.bias, 0),
+                                               (mob.pw1[0].weight, 1)], batch_hint)
+            _split_multiplier(mob, "dw2", [(mob.act2.fc2.weight, 0), (mob.act2.fc2.bias, 0),
+                                           (mob.pw2[0].weight, 1)], batch_hint)
 
     def tokens(self, x: torch.Tensor, z: torch.Tensor):
         """(z after Mobile→Former and the Former, slopes u1 and u2 of the two dynamic ReLUs, Former→Mobile's k|v)."""
@@ -416,9 +509,9 @@ class _FrozenMobileFormerBlock(nn.Module):
         """(H, W) of the first convolution's output."""
         if not self.downsample:
             return x.shape[2], x.shape[3]   # pw1: 1×1, stride 1
-        conv = self.mobile.dw1[0]
+        kernel, padding, stride, dilation = self.first_geometry
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, p, s, d in
-                     zip(x.shape[2:], conv.kernel_size, conv.padding, conv.stride, conv.dilation))
+                     zip(x.shape[2:], kernel, padding, stride, dilation))
 
     def _can_split_rows(self, rows: int) -> bool:
         # ungrouped pointwise convolutions (no channel shuffle) and a stride-1 depthwise after the first
