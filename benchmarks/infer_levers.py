@@ -31,6 +31,9 @@ Mobile-Former (session 8; `--models mobile_former_294m --batch 32 1 --variants m
   mf-grouped   today's path with the depthwise convolutions that have a channel multiplier (the lite block's
                dw, the downsampling blocks' dw1 / dw2) left as one grouped oneDNN convolution each, as before
                session 8 (`_FrozenMobileFormerBlock.SPLIT_MULTIPLIER = False` while the copy is built)
+  mf-f2m-sdpa  today's path with Former→Mobile through SDPA and a separate residual add, as before session 8
+               (`F2M_BLOCK_DIAGONAL = False`), instead of two batched products with block-diagonal keys / values
+  mf-s7        both of the above: the path as session 7 left it (the base of the ratios when present)
 Transformers with a class-token head (session 7; `--models deit_small_patch16_224 convit_small --variants
 every-row fast`):
   every-row    today's path with the last block computing every token row (`layers.helpers.every_row`), as
@@ -107,8 +110,9 @@ def patched(variant: str):
     saved = OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward
     inner = OneDNNConv2d.INNER_PRODUCT_1X1
     mf = mobile_former._FrozenMobileFormerBlock
-    mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS
+    mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL
     try:
+        mf.F2M_BLOCK_DIAGONAL = variant not in ("mf-f2m-sdpa", "mf-s7")
         mf.PARALLEL = variant in ("mf-branches", "mf-halves", "mf-rows8")
         mf.SPLIT_ROWS = variant != "mf-branches"
         if variant == "mf-rows8":
@@ -125,7 +129,7 @@ def patched(variant: str):
     finally:
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
-        mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS = mf_saved
+        mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL = mf_saved
 
 
 def unfrozen_mobile_former(model):
@@ -171,8 +175,9 @@ def main() -> None:
         built = {}
         if "mf-unfrozen" in args.variants:
             built["mf-unfrozen"] = unfrozen_mobile_former(model)
-        if "mf-grouped" in args.variants:
-            built["mf-grouped"] = built_with(model, SPLIT_MULTIPLIER=False)
+        for v in ("mf-grouped", "mf-s7"):
+            if v in args.variants:
+                built[v] = built_with(model, SPLIT_MULTIPLIER=False)
         for batch in args.batch:
             x = torch.randn(batch, 3, 224, 224)
             steps = args.rounds if batch > 4 else 3 * args.rounds
@@ -191,7 +196,7 @@ def main() -> None:
                     run(v)
                     cpu[v].append(time.process_time() - c0)
                     wall[v].append(time.perf_counter() - w0)
-            base = next((b for b in ("before", "mf-unfrozen", "every-row", "mf-grouped") if b in args.variants),
+            base = next((b for b in ("before", "mf-unfrozen", "every-row", "mf-s7", "mf-grouped") if b in args.variants),
                         args.variants[0])
             print(f"\n## {name}, batch {batch}, {steps} rounds (load average now {os.getloadavg()[0]:.1f})")
             print(f"| variant | CPU ms/step | {base} / variant, CPU: median (min–max) | wall: median (min–max) |")

@@ -195,3 +195,43 @@ def test_multiplier_depthwise_names_an_activation_without_a_post_op():
     seq = ConvBnAct(4, 8, 3, 1, groups=4, act_layer=torch.nn.Softsign).eval()
     with pytest.raises(ValueError, match="Softsign"):
         mf._MultiplierDepthwise(seq, None)
+
+
+# -- Former→Mobile as two batched products with block-diagonal keys and values (session 8) ---------------------------
+
+@pytest.mark.parametrize("batch,heads,size", [(1, 2, (16, 16)), (3, 2, (7, 9)), (2, 4, (5, 5)), (1, 1, (12, 3))])
+def test_former_to_mobile_products_match_eager_bridge(batch, heads, size):
+    torch.manual_seed(0)
+    C, T, D = 24, 6, 32
+    blk = mf.MobileFormerBlock(C, C, 1, (2, 2), False, D, bridge_heads=heads).eval()
+    perturb(blk)
+    frozen = Frozen(blk, None)
+    x = torch.randn(batch, C, *size).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(batch, T, D)
+    kv = torch.cat([blk.former_mobile.k(z), blk.former_mobile.v(z)], dim=-1)
+    with torch.inference_mode():
+        ref = blk.former_mobile(x, z)                 # the eager bridge: x + attention
+        out = frozen._former_to_mobile_products(x, kv)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_former_to_mobile_takes_the_products_on_large_maps_only(monkeypatch):
+    model, fast = _models()
+    calls = []
+    orig = Frozen._former_to_mobile_products
+
+    def spy(self, x, kv):
+        calls.append(x.shape[0] * x.shape[2] * x.shape[3])
+        return orig(self, x, kv)
+    monkeypatch.setattr(Frozen, "_former_to_mobile_products", spy)
+    x = torch.randn(1, 3, 64, 64)   # maps of 16² and 8² pixels after the blocks
+    with torch.inference_mode():
+        ref, out = model(x), fast(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert calls == [256, 256]       # the 8×8 maps (64 pixels) stay on SDPA
+    monkeypatch.setattr(Frozen, "F2M_BLOCK_DIAGONAL", False)
+    calls.clear()
+    with torch.inference_mode():
+        fast(x)
+    assert calls == []
