@@ -419,6 +419,10 @@ class _FrozenMobileFormerBlock(nn.Module):
     then each thread runs the rest of the block on one half of the map's rows (`_rest_rows`; `SPLIT_ROWS`), or,
     on maps too small to split, the caller runs it with its own threads. A batch of several images already has
     both threads busy (one part of the batch per thread, `split_batch_forward`) and runs it in sequence.
+
+    The Mobile side's depthwise convolutions with a channel multiplier run as m plain depthwise ones
+    (`_MultiplierDepthwise`, `SPLIT_MULTIPLIER`), and Former→Mobile on large maps as two batched products
+    (`_former_to_mobile_products`, `F2M_BLOCK_DIAGONAL`).
     """
 
     # Off by default: on the idle 2-vCPU EPYC the hand-offs cost more than the overlap gives (whole model at
