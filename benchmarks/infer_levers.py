@@ -33,7 +33,9 @@ Mobile-Former (session 8; `--models mobile_former_294m --batch 32 1 --variants m
                session 8 (`_FrozenMobileFormerBlock.SPLIT_MULTIPLIER = False` while the copy is built)
   mf-f2m-sdpa  today's path with Former→Mobile through SDPA and a separate residual add, as before session 8
                (`F2M_BLOCK_DIAGONAL = False`), instead of two batched products with block-diagonal keys / values
-  mf-s7        both of the above: the path as session 7 left it (the base of the ratios when present)
+  mf-dyrelu-batch  today's path with the frozen dynamic ReLU's three passes over the whole batch (part) at once,
+               as before session 8, instead of one image at a time (`_FrozenDynamicReLU.PER_IMAGE = False`)
+  mf-s7        mf-grouped, mf-f2m-sdpa and mf-dyrelu-batch at once: the path as session 7 left it (the base of the ratios when present)
 Transformers with a class-token head (session 7; `--models deit_small_patch16_224 convit_small --variants
 every-row fast`):
   every-row    today's path with the last block computing every token row (`layers.helpers.every_row`), as
@@ -111,7 +113,9 @@ def patched(variant: str):
     inner = OneDNNConv2d.INNER_PRODUCT_1X1
     mf = mobile_former._FrozenMobileFormerBlock
     mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL
+    per_image = mobile_former._FrozenDynamicReLU.PER_IMAGE
     try:
+        mobile_former._FrozenDynamicReLU.PER_IMAGE = variant not in ("mf-dyrelu-batch", "mf-s7")
         mf.F2M_BLOCK_DIAGONAL = variant not in ("mf-f2m-sdpa", "mf-s7")
         mf.PARALLEL = variant in ("mf-branches", "mf-halves", "mf-rows8")
         mf.SPLIT_ROWS = variant != "mf-branches"
@@ -130,6 +134,7 @@ def patched(variant: str):
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
         mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL = mf_saved
+        mobile_former._FrozenDynamicReLU.PER_IMAGE = per_image
 
 
 def unfrozen_mobile_former(model):

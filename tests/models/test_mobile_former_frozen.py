@@ -235,3 +235,32 @@ def test_former_to_mobile_takes_the_products_on_large_maps_only(monkeypatch):
     with torch.inference_mode():
         fast(x)
     assert calls == []
+
+
+# -- the frozen dynamic ReLU one image at a time with one intra-op thread (session 8) --------------------------------
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_dynamic_relu_one_image_at_a_time_is_the_eager_activation(channels_last, monkeypatch):
+    torch.manual_seed(0)
+    act = mf.DynamicReLU(12, 16).eval()
+    perturb(act)
+    x = torch.randn(3, 12, 9, 7)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    token = torch.randn(3, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            ref = act(x, token)
+            frozen = optimize_for_cpu_inference(torch.nn.ModuleDict({"a": act}))["a"]
+            assert isinstance(frozen, mf._FrozenDynamicReLU)
+            calls = []
+            monkeypatch.setattr(mf, "_scratch", lambda like, f=mf._scratch: calls.append(like.shape[0]) or f(like))
+            per_image = frozen(x.clone(), token)
+            monkeypatch.setattr(mf._FrozenDynamicReLU, "PER_IMAGE", False)
+            whole = frozen(x.clone(), token)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1, 3]   # one image's scratch buffer, then the whole batch's
+    torch.testing.assert_close(per_image, whole, rtol=0, atol=0)
+    torch.testing.assert_close(per_image, ref, rtol=1e-5, atol=1e-6)
