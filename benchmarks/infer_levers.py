@@ -27,7 +27,7 @@ mf-halves mf-rows8`; the two-thread levers engage with ≥ 2 threads only):
   mf-rows8     mf-halves with 7-row maps left whole, run by the caller's threads (`SPLIT_MIN_ROWS = 8`: the
                7×7 stage of Mobile-Former-294M)
   fast         today's path: the frozen block as mf-serial (the two-thread variants lost on the idle machine)
-Mobile-Former (session 8; `--models mobile_former_294m --batch 32 1 --variants mf-grouped fast`):
+Mobile-Former (session 8; `--models mobile_former_294m --batch 32 1 --variants mf-s7 mf-grouped mf-f2m-sdpa mf-dyrelu-batch fast`):
   mf-grouped   today's path with the depthwise convolutions that have a channel multiplier (the lite block's
                dw, the downsampling blocks' dw1 / dw2) left as one grouped oneDNN convolution each, as before
                session 8 (`_FrozenMobileFormerBlock.SPLIT_MULTIPLIER = False` while the copy is built)
