@@ -144,12 +144,15 @@ def _multipliers(fast) -> list:
     return [m for m in fast.modules() if isinstance(m, mf._MultiplierDepthwise)]
 
 
+@pytest.mark.parametrize("parts", ["parts", "grouped"])
 @pytest.mark.parametrize("strided", [False, True])
-def test_multiplier_depthwise_blocks_match_eager(strided, monkeypatch):
+def test_multiplier_depthwise_blocks_match_eager(strided, parts, monkeypatch):
     # reduced 294M: the lite block's dw (8 → 16) and both downsampling blocks' dw2 (×2) always; their stride-2 dw1
-    # (8 → 24, 16 → 48) only when the channel floor is lowered. Batch 1, an odd batch and three input sizes.
+    # (8 → 24, 16 → 48) only when the channel floor is lowered. Batch 1, an odd batch and three input sizes; every
+    # map through the m depthwise convolutions, or every map through the grouped one and the reordering copy.
     if strided:
         monkeypatch.setattr(Frozen, "MULTIPLIER_MIN_CHANNELS_STRIDED", 0)
+    monkeypatch.setattr(mf._MultiplierDepthwise, "PARTS_MIN_ELEMENTS", 0 if parts == "parts" else 1 << 62)
     model, fast = _models()
     parts = _multipliers(fast)
     assert [(m.in_channels, m.out_channels) for m in parts] == (
@@ -177,8 +180,10 @@ def test_multiplier_depthwise_off_and_grouped_variants(monkeypatch):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_multiplier_depthwise_is_the_grouped_convolution_in_its_channel_order(stride):
-    # the module alone: output channel j·C + g is the grouped convolution's g·m + j (BatchNorm and ReLU6 folded)
+def test_multiplier_depthwise_is_the_grouped_convolution_in_its_channel_order(stride, monkeypatch):
+    # the module alone: output channel j·C + g is the grouped convolution's g·m + j (BatchNorm and ReLU6 folded),
+    # by either route: m depthwise convolutions on large maps (here: above a lowered floor), the grouped one and a
+    # reordering copy on small ones
     torch.manual_seed(0)
     seq = ConvBnAct(5, 15, 3, stride, groups=5, act_layer=torch.nn.ReLU6).eval()
     perturb(seq)
@@ -186,9 +191,22 @@ def test_multiplier_depthwise_is_the_grouped_convolution_in_its_channel_order(st
     order = mf._multiplier_order(5, 3)
     assert order[:6].tolist() == [0, 3, 6, 9, 12, 1]
     x = torch.randn(2, 5, 13, 11).contiguous(memory_format=torch.channels_last)
+    calls = []
+    for part in frozen.parts:
+        part.register_forward_hook(lambda *args: calls.append("part"))
+    frozen.grouped.register_forward_hook(lambda *args: calls.append("grouped"))
+    rows = (13 + 1) // stride if stride == 2 else 13
+    cols = (11 + 1) // stride if stride == 2 else 11
     with torch.inference_mode():
-        ref, out = seq(x), frozen(x)
-    torch.testing.assert_close(out, ref[:, order], rtol=1e-5, atol=1e-5)
+        ref = seq(x)
+        monkeypatch.setattr(frozen, "PARTS_MIN_ELEMENTS", 2 * rows * cols * 5)        # exactly at the floor: parts
+        by_parts = frozen(x)
+        monkeypatch.setattr(frozen, "PARTS_MIN_ELEMENTS", 2 * rows * cols * 5 + 1)    # one below: grouped
+        by_grouped = frozen(x)
+    assert calls == ["part"] * 3 + ["grouped"]
+    torch.testing.assert_close(by_parts, ref[:, order], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_grouped, ref[:, order], rtol=1e-5, atol=1e-5)
+    assert by_grouped.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_multiplier_depthwise_names_an_activation_without_a_post_op():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +153,12 @@ class _MultiplierDepthwise(nn.Module):
     concatenation at 16→32, 112², 1 thread, batch 16). The output channels come out in the order j·C + g instead
     of g·m + j (`_multiplier_order`): the caller permutes whatever reads them (the dynamic ReLU's slopes, the next
     pointwise convolution's input channels), so no interleaving copy is needed.
+
+    Small maps (fewer than PARTS_MIN_ELEMENTS output elements per part: batch 1 below 28², where m calls cost more
+    than the padding) run the grouped convolution instead, its output copied into the order j·C + g.
     """
+
+    PARTS_MIN_ELEMENTS = 1 << 15
 
     def __init__(self, seq: nn.Sequential, batch_hint: int | None):
         super().__init__()
@@ -171,9 +176,18 @@ class _MultiplierDepthwise(nn.Module):
         self.parts = nn.ModuleList(
             OneDNNConv2d(shape, None, act, batch_hint, weight=w[j::m].contiguous(), bias=b[j::m].contiguous())
             for j in range(m))
+        self.grouped = OneDNNConv2d(conv, None, act, batch_hint, weight=w, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in self.parts], dim=1)
+        p = self.parts[0]
+        rows, cols = ((n + 2 * pad - d * (k - 1) - 1) // s + 1 for n, k, pad, s, d in
+                      zip(x.shape[2:], p.kernel_size, p.padding, p.stride, p.dilation))
+        if x.shape[0] * rows * cols * self.in_channels >= self.PARTS_MIN_ELEMENTS:
+            return torch.cat([part(x) for part in self.parts], dim=1)
+        y = self.grouped(x).permute(0, 2, 3, 1)   # channels-last: B×H×W×(C·m), channel g·m + j
+        B, H, W, _ = y.shape
+        return (y.reshape(B, H, W, self.in_channels, self.multiplier).transpose(3, 4)
+                .reshape(B, H, W, self.out_channels).permute(0, 3, 1, 2))
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, as {self.multiplier} depthwise, channels j·C + g"
@@ -655,6 +669,13 @@ class _FrozenMobileFormerBlock(nn.Module):
                 raise
             future.result()
             return out, z
+        except BaseException:
+            # the second thread must have finished before this one returns: its torch.set_num_threads(1) also sets the
+            # process-wide default that a thread reads at its first parallel op, so a second thread still starting up
+            # after an error here could leave a later caller with one thread (seen as a flaky thread-count check)
+            barrier.abort()
+            wait([future])
+            raise
         finally:
             torch.set_num_threads(threads)
 
