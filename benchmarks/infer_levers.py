@@ -27,6 +27,15 @@ mf-halves mf-rows8`; the two-thread levers engage with ≥ 2 threads only):
   mf-rows8     mf-halves with 7-row maps left whole, run by the caller's threads (`SPLIT_MIN_ROWS = 8`: the
                7×7 stage of Mobile-Former-294M)
   fast         today's path: the frozen block as mf-serial (the two-thread variants lost on the idle machine)
+Mobile-Former (session 8; `--models mobile_former_294m --batch 32 1 --variants mf-s7 mf-grouped mf-f2m-sdpa mf-dyrelu-batch fast`):
+  mf-grouped   today's path with the depthwise convolutions that have a channel multiplier (the lite block's
+               dw, the downsampling blocks' dw1 / dw2) left as one grouped oneDNN convolution each, as before
+               session 8 (`_FrozenMobileFormerBlock.SPLIT_MULTIPLIER = False` while the copy is built)
+  mf-f2m-sdpa  today's path with Former→Mobile through SDPA and a separate residual add, as before session 8
+               (`F2M_BLOCK_DIAGONAL = False`), instead of two batched products with block-diagonal keys / values
+  mf-dyrelu-batch  today's path with the frozen dynamic ReLU's three passes over the whole batch (part) at once,
+               as before session 8, instead of one image at a time (`_FrozenDynamicReLU.PER_IMAGE = False`)
+  mf-s7        mf-grouped, mf-f2m-sdpa and mf-dyrelu-batch at once: the path as session 7 left it (the base of the ratios when present)
 Transformers with a class-token head (session 7; `--models deit_small_patch16_224 convit_small --variants
 every-row fast`):
   every-row    today's path with the last block computing every token row (`layers.helpers.every_row`), as
@@ -46,7 +55,7 @@ import time
 
 import torch
 
-import _common  # noqa: F401  (puts this checkout's src/ on sys.path)
+from _common import add_malloc_option, apply_malloc  # noqa: I001  (also puts this checkout's src/ on sys.path)
 
 import hybridzoo  # noqa: F401,I001
 from hybridzoo.factory import create_model
@@ -103,8 +112,11 @@ def patched(variant: str):
     saved = OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward
     inner = OneDNNConv2d.INNER_PRODUCT_1X1
     mf = mobile_former._FrozenMobileFormerBlock
-    mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS
+    mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL
+    per_image = mobile_former._FrozenDynamicReLU.PER_IMAGE
     try:
+        mobile_former._FrozenDynamicReLU.PER_IMAGE = variant not in ("mf-dyrelu-batch", "mf-s7")
+        mf.F2M_BLOCK_DIAGONAL = variant not in ("mf-f2m-sdpa", "mf-s7")
         mf.PARALLEL = variant in ("mf-branches", "mf-halves", "mf-rows8")
         mf.SPLIT_ROWS = variant != "mf-branches"
         if variant == "mf-rows8":
@@ -121,7 +133,8 @@ def patched(variant: str):
     finally:
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
-        mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS = mf_saved
+        mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL = mf_saved
+        mobile_former._FrozenDynamicReLU.PER_IMAGE = per_image
 
 
 def unfrozen_mobile_former(model):
@@ -134,14 +147,29 @@ def unfrozen_mobile_former(model):
         mobile_former.MobileFormerBlock.freeze_for_cpu_inference = freeze
 
 
+def built_with(model, **flags):
+    """optimize_for_cpu_inference(model) built with `_FrozenMobileFormerBlock` class flags set (build-time levers)."""
+    mf = mobile_former._FrozenMobileFormerBlock
+    saved = {k: getattr(mf, k) for k in flags}
+    try:
+        for k, v in flags.items():
+            setattr(mf, k, v)
+        return optimize_for_cpu_inference(model)
+    finally:
+        for k, v in saved.items():
+            setattr(mf, k, v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_malloc_option(ap)
     ap.add_argument("--models", nargs="+", default=["botnet_bot50", "coatnet_0"])
     ap.add_argument("--batch", nargs="+", type=int, default=[32, 1])
     ap.add_argument("--variants", nargs="+", default=["eager", "before", "no-inplace", "fast"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
     args = ap.parse_args()
+    apply_malloc(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"# {args.threads} threads, {args.rounds} rounds, torch {torch.__version__}, load average "
@@ -149,14 +177,19 @@ def main() -> None:
     for name in args.models:
         model = create_model(name, drop_path_rate=0.0).eval()
         fast = optimize_for_cpu_inference(model)
-        unfrozen = unfrozen_mobile_former(model) if "mf-unfrozen" in args.variants else None
+        built = {}
+        if "mf-unfrozen" in args.variants:
+            built["mf-unfrozen"] = unfrozen_mobile_former(model)
+        for v in ("mf-grouped", "mf-s7"):
+            if v in args.variants:
+                built[v] = built_with(model, SPLIT_MULTIPLIER=False)
         for batch in args.batch:
             x = torch.randn(batch, 3, 224, 224)
             steps = args.rounds if batch > 4 else 3 * args.rounds
 
             def run(v):
                 with torch.inference_mode(), patched(v):
-                    return (model if v == "eager" else unfrozen if v == "mf-unfrozen" else fast)(x)
+                    return (model if v == "eager" else built.get(v, fast))(x)
             ref = run("eager")
             for v in args.variants:   # warm-up (weight packing for this shape) and a check of the outputs
                 torch.testing.assert_close(run(v), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
@@ -168,7 +201,8 @@ def main() -> None:
                     run(v)
                     cpu[v].append(time.process_time() - c0)
                     wall[v].append(time.perf_counter() - w0)
-            base = next((b for b in ("before", "mf-unfrozen", "every-row") if b in args.variants), args.variants[0])
+            base = next((b for b in ("before", "mf-unfrozen", "every-row", "mf-s7", "mf-grouped") if b in args.variants),
+                        args.variants[0])
             print(f"\n## {name}, batch {batch}, {steps} rounds (load average now {os.getloadavg()[0]:.1f})")
             print(f"| variant | CPU ms/step | {base} / variant, CPU: median (min–max) | wall: median (min–max) |")
             print("| --- | ---: | ---: | ---: |")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hybridzoo
+from hybridzoo.layers.conv import ConvBnAct
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former as mf
 from hybridzoo.registry import get_card
@@ -135,3 +136,149 @@ def test_a_call_under_no_grad_after_one_under_inference_mode(parallel, two_threa
     with torch.no_grad():
         ref, out = model(x), fast(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+# -- depthwise convolutions with a channel multiplier as m plain depthwise ones (session 8) --------------------------
+
+def _multipliers(fast) -> list:
+    return [m for m in fast.modules() if isinstance(m, mf._MultiplierDepthwise)]
+
+
+@pytest.mark.parametrize("parts", ["parts", "grouped"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_multiplier_depthwise_blocks_match_eager(strided, parts, monkeypatch):
+    # reduced 294M: the lite block's dw (8 → 16) and both downsampling blocks' dw2 (×2) always; their stride-2 dw1
+    # (8 → 24, 16 → 48) only when the channel floor is lowered. Batch 1, an odd batch and three input sizes; every
+    # map through the m depthwise convolutions, or every map through the grouped one and the reordering copy.
+    if strided:
+        monkeypatch.setattr(Frozen, "MULTIPLIER_MIN_CHANNELS_STRIDED", 0)
+    monkeypatch.setattr(mf._MultiplierDepthwise, "PARTS_MIN_ELEMENTS", 0 if parts == "parts" else 1 << 62)
+    model, fast = _models()
+    parts = _multipliers(fast)
+    assert [(m.in_channels, m.out_channels) for m in parts] == (
+        [(8, 16), (8, 24), (16, 32), (16, 48), (24, 48)] if strided else [(8, 16), (16, 32), (24, 48)])
+    for batch, side in ((1, 64), (3, 72), (1, 48), (3, 64)):
+        x = torch.randn(batch, 3, side, side)
+        with torch.inference_mode():
+            ref, out = model(x), fast(x)
+        assert ref.abs().max() > 1e-3
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_multiplier_depthwise_off_and_grouped_variants(monkeypatch):
+    # SPLIT_MULTIPLIER off: the grouped convolutions stay; the grouped 26M (channel shuffle) never splits them
+    monkeypatch.setattr(Frozen, "SPLIT_MULTIPLIER", False)
+    model, fast = _models()
+    assert _multipliers(fast) == []
+    monkeypatch.setattr(Frozen, "SPLIT_MULTIPLIER", True)
+    model, fast = _models("mobile_former_26m")
+    assert _multipliers(fast) == []
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_multiplier_depthwise_is_the_grouped_convolution_in_its_channel_order(stride, monkeypatch):
+    # the module alone: output channel j·C + g is the grouped convolution's g·m + j (BatchNorm and ReLU6 folded),
+    # by either route: m depthwise convolutions on large maps (here: above a lowered floor), the grouped one and a
+    # reordering copy on small ones
+    torch.manual_seed(0)
+    seq = ConvBnAct(5, 15, 3, stride, groups=5, act_layer=torch.nn.ReLU6).eval()
+    perturb(seq)
+    frozen = mf._MultiplierDepthwise(seq, None)
+    order = mf._multiplier_order(5, 3)
+    assert order[:6].tolist() == [0, 3, 6, 9, 12, 1]
+    x = torch.randn(2, 5, 13, 11).contiguous(memory_format=torch.channels_last)
+    calls = []
+    for part in frozen.parts:
+        part.register_forward_hook(lambda *args: calls.append("part"))
+    frozen.grouped.register_forward_hook(lambda *args: calls.append("grouped"))
+    rows = (13 + 1) // stride if stride == 2 else 13
+    cols = (11 + 1) // stride if stride == 2 else 11
+    with torch.inference_mode():
+        ref = seq(x)
+        monkeypatch.setattr(frozen, "PARTS_MIN_ELEMENTS", 2 * rows * cols * 5)        # exactly at the floor: parts
+        by_parts = frozen(x)
+        monkeypatch.setattr(frozen, "PARTS_MIN_ELEMENTS", 2 * rows * cols * 5 + 1)    # one below: grouped
+        by_grouped = frozen(x)
+    assert calls == ["part"] * 3 + ["grouped"]
+    torch.testing.assert_close(by_parts, ref[:, order], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_grouped, ref[:, order], rtol=1e-5, atol=1e-5)
+    assert by_grouped.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_multiplier_depthwise_names_an_activation_without_a_post_op():
+    seq = ConvBnAct(4, 8, 3, 1, groups=4, act_layer=torch.nn.Softsign).eval()
+    with pytest.raises(ValueError, match="Softsign"):
+        mf._MultiplierDepthwise(seq, None)
+
+
+# -- Former→Mobile as two batched products with block-diagonal keys and values (session 8) ---------------------------
+
+@pytest.mark.parametrize("batch,heads,size", [(1, 2, (16, 16)), (3, 2, (7, 9)), (2, 4, (5, 5)), (1, 1, (12, 3))])
+def test_former_to_mobile_products_match_eager_bridge(batch, heads, size):
+    torch.manual_seed(0)
+    C, T, D = 24, 6, 32
+    blk = mf.MobileFormerBlock(C, C, 1, (2, 2), False, D, bridge_heads=heads).eval()
+    perturb(blk)
+    frozen = Frozen(blk, None)
+    x = torch.randn(batch, C, *size).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(batch, T, D)
+    kv = torch.cat([blk.former_mobile.k(z), blk.former_mobile.v(z)], dim=-1)
+    with torch.inference_mode():
+        ref = blk.former_mobile(x, z)                 # the eager bridge: x + attention
+        out = frozen._former_to_mobile_products(x, kv)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_former_to_mobile_takes_the_products_on_large_maps_only(monkeypatch):
+    model, fast = _models()
+    calls = []
+    orig = Frozen._former_to_mobile_products
+
+    def spy(self, x, kv):
+        calls.append(x.shape[0] * x.shape[2] * x.shape[3])
+        return orig(self, x, kv)
+    monkeypatch.setattr(Frozen, "_former_to_mobile_products", spy)
+    x = torch.randn(1, 3, 64, 64)   # maps of 16² and 8² pixels after the blocks
+    with torch.inference_mode():
+        ref, out = model(x), fast(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert calls == [256, 256]       # the 8×8 maps (64 pixels) stay on SDPA
+    monkeypatch.setattr(Frozen, "F2M_BLOCK_DIAGONAL", False)
+    calls.clear()
+    with torch.inference_mode():
+        fast(x)
+    assert calls == []
+
+
+# -- the frozen dynamic ReLU one image at a time with one intra-op thread (session 8) --------------------------------
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_dynamic_relu_one_image_at_a_time_is_the_eager_activation(channels_last, monkeypatch):
+    torch.manual_seed(0)
+    act = mf.DynamicReLU(12, 16).eval()
+    perturb(act)
+    x = torch.randn(3, 12, 9, 7)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    token = torch.randn(3, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            ref = act(x, token)
+            frozen = optimize_for_cpu_inference(torch.nn.ModuleDict({"a": act}))["a"]
+            assert isinstance(frozen, mf._FrozenDynamicReLU)
+            calls = []
+            monkeypatch.setattr(mf, "_scratch", lambda like, f=mf._scratch: calls.append(like.shape[0]) or f(like))
+            per_image = frozen(x.clone(), token)
+            monkeypatch.setattr(mf._FrozenDynamicReLU, "PER_IMAGE", False)
+            whole = frozen(x.clone(), token)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1, 3]   # one image's scratch buffer, then the whole batch's
+    torch.testing.assert_close(per_image, whole, rtol=0, atol=0)
+    torch.testing.assert_close(per_image, ref, rtol=1e-5, atol=1e-6)

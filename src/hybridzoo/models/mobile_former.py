@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +72,11 @@ class _FrozenDynamicReLU(nn.Module):
     clamp(z/3 + 1, 0, 2) and 2·hsigmoid(z) − 1 = clamp(z/3, −1, 1), so fc2 is scaled by 1/3 (exact
     algebra; fp32 rounding moves). max(s1·x, s2·x) is then computed in x's own buffer — its callers pass a
     dead convolution output — and a per-thread scratch buffer for the one temporary, where the eager formula
-    makes two fresh full-size ones (fresh large buffers page-fault on every call). Tried and slower:
-    PReLU(p·x, n/p) (p, n the larger and smaller slope); the temporary one image at a time (faster at one
-    thread, but a loop of small ops over the batch multiplies OpenMP's parallel regions: 3× slower at two
-    threads on a loaded machine).
+    makes two fresh full-size ones (fresh large buffers page-fault on every call). With one intra-op thread (each
+    part of the batch split) the three passes run one image at a time (`PER_IMAGE`): the second and third then read
+    the image's map from the caches (measured 1.07× on the whole model at batch 32, 2 threads; with an OpenMP team
+    the loop would multiply its parallel regions — 3× slower at two threads on a loaded machine, session 5). Tried
+    and slower: PReLU(p·x, n/p) (p, n the larger and smaller slope).
     """
 
     def __init__(self, act: DynamicReLU, batch_hint: int | None):
@@ -88,13 +89,25 @@ class _FrozenDynamicReLU(nn.Module):
     def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         return self.apply_slopes(x, self.fc2(self.fc1(token)))
 
+    # with one intra-op thread (a part of the batch split, or a one-thread caller) and a batch of several images,
+    # the three passes run one image at a time, so that the second and third find the image's map in the caches
+    PER_IMAGE = True
+
     def apply_slopes(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """max(s1·x, s2·x) in x's buffer from u = fc2(fc1(token)) (B×2C, fc2 already scaled by 1/3)."""
         u = u[:, :, None, None]
         C = self.channels
         s1 = (u[:, :C] + 1.0).clamp_(0.0, 2.0)
+        s2 = u[:, C:].clamp(-1.0, 1.0)
+        if self.PER_IMAGE and x.shape[0] > 1 and torch.get_num_threads() == 1:
+            t = _scratch(x[:1])
+            for i in range(x.shape[0]):
+                xi = x[i:i + 1]
+                torch.mul(xi, s2[i:i + 1], out=t)
+                torch.maximum(xi.mul_(s1[i:i + 1]), t, out=xi)
+            return x
         t = _scratch(x)
-        torch.mul(x, u[:, C:].clamp(-1.0, 1.0), out=t)
+        torch.mul(x, s2, out=t)
         return torch.maximum(x.mul_(s1), t, out=x)
 
 
@@ -112,6 +125,91 @@ def _scratch(like: torch.Tensor) -> torch.Tensor:
             or buf.is_inference() and not torch.is_inference_mode_enabled()):
         buf = _SCRATCH.buf = torch.empty(like.numel(), dtype=like.dtype)
     return buf[:like.numel()].as_strided(like.shape, like.stride())
+
+
+def _is_multiplier_conv(seq: nn.Module) -> bool:
+    """A ConvBnAct whose convolution is depthwise with a channel multiplier m > 1 (groups = in_channels, m outputs
+    per input channel: the Mobile-Former dw1 / dw2 of the downsampling blocks and the lite block's dw)."""
+    if not (isinstance(seq, nn.Sequential) and len(seq) >= 2 and type(seq[0]) is nn.Conv2d
+            and isinstance(seq[1], nn.BatchNorm2d) and seq[1].track_running_stats):
+        return False
+    conv = seq[0]
+    return (conv.groups == conv.in_channels > 1 and conv.out_channels % conv.in_channels == 0
+            and conv.out_channels > conv.in_channels and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def _multiplier_order(channels: int, multiplier: int) -> torch.Tensor:
+    """perm with perm[j·C + g] = g·m + j: where `_MultiplierDepthwise`'s output channel j·C + g comes from."""
+    return torch.arange(channels * multiplier).view(channels, multiplier).t().reshape(-1)
+
+
+class _MultiplierDepthwise(nn.Module):
+    """A depthwise convolution with a channel multiplier m (C → m·C, groups = C; BatchNorm and activation folded)
+    for the oneDNN inference path, as m plain depthwise convolutions C → C (weights w[j::m]) concatenated.
+
+    oneDNN has no multiplier in its depthwise kernel: the grouped convolution runs in its generic kernel, which
+    pads every 1-in / m-out group to a 16×16 block (measured 2.2× the m depthwise convolutions plus the
+    concatenation at 16→32, 112², 1 thread, batch 16). The output channels come out in the order j·C + g instead
+    of g·m + j (`_multiplier_order`): the caller permutes whatever reads them (the dynamic ReLU's slopes, the next
+    pointwise convolution's input channels), so no interleaving copy is needed.
+
+    Small maps (fewer than PARTS_MIN_ELEMENTS output elements per part: batch 1 below 28², where m calls cost more
+    than the padding) run the grouped convolution instead, its output copied into the order j·C + g.
+    """
+
+    PARTS_MIN_ELEMENTS = 1 << 15
+
+    def __init__(self, seq: nn.Sequential, batch_hint: int | None):
+        super().__init__()
+        from hybridzoo.layers.onednn import OneDNNConv2d, conv_post_op, fold_batch_norm
+        conv, bn = seq[0], seq[1]
+        act = seq[2] if len(seq) > 2 else None
+        if conv_post_op(act) is None:
+            raise ValueError(f"no oneDNN post-op for {type(act).__name__} after a multiplier depthwise convolution")
+        C, self.multiplier = conv.in_channels, conv.out_channels // conv.in_channels
+        self.in_channels, self.out_channels = C, conv.out_channels
+        w, b = fold_batch_norm(conv.weight.detach().float(), None if conv.bias is None else conv.bias.detach().float(),
+                               bn)
+        shape = nn.Conv2d(C, C, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=C, bias=False)
+        m = self.multiplier
+        self.parts = nn.ModuleList(
+            OneDNNConv2d(shape, None, act, batch_hint, weight=w[j::m].contiguous(), bias=b[j::m].contiguous())
+            for j in range(m))
+        self.grouped = OneDNNConv2d(conv, None, act, batch_hint, weight=w, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.parts[0]
+        rows, cols = ((n + 2 * pad - d * (k - 1) - 1) // s + 1 for n, k, pad, s, d in
+                      zip(x.shape[2:], p.kernel_size, p.padding, p.stride, p.dilation))
+        if x.shape[0] * rows * cols * self.in_channels >= self.PARTS_MIN_ELEMENTS:
+            return torch.cat([part(x) for part in self.parts], dim=1)
+        y = self.grouped(x).permute(0, 2, 3, 1)   # channels-last: B×H×W×(C·m), channel g·m + j
+        B, H, W, _ = y.shape
+        return (y.reshape(B, H, W, self.in_channels, self.multiplier).transpose(3, 4)
+                .reshape(B, H, W, self.out_channels).permute(0, 3, 1, 2))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, as {self.multiplier} depthwise, channels j·C + g"
+
+
+@torch.no_grad()
+def _split_multiplier(owner: nn.Module, name: str, readers: list[tuple[torch.Tensor, int]],
+                      batch_hint: int | None) -> bool:
+    """Replace owner.<name> (a multiplier ConvBnAct) by `_MultiplierDepthwise` and permute, in place, the tensors
+    that read its output channels: (tensor, dim) with the channels along dim (a dynamic ReLU's fc2 rows hold two
+    slopes per channel: both halves permuted). False (nothing changed) where the convolution is not one."""
+    seq = getattr(owner, name)
+    if not _is_multiplier_conv(seq):
+        return False
+    frozen = _MultiplierDepthwise(seq, batch_hint)
+    perm = _multiplier_order(frozen.in_channels, frozen.multiplier)
+    n = frozen.out_channels
+    for t, dim in readers:
+        order = perm if t.shape[dim] == n else torch.cat([perm + i * n for i in range(t.shape[dim] // n)])
+        t.copy_(t.index_select(dim, order))
+    setattr(owner, name, frozen)
+    return True
 
 
 class MobileToFormer(nn.Module):
@@ -259,6 +357,13 @@ class LiteBottleneck(nn.Module):
         out = self.pw(channel_shuffle(out, self.in_chs) if self.groups > 1 else out)
         return (out + x if self.identity else out), z
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        # called on optimize_for_cpu_inference's copy, so it may change this module in place: the dw with a
+        # channel multiplier (16 → 32 in 294M) as plain depthwise convolutions, pw reading their channel order
+        if self.groups == 1 and _FrozenMobileFormerBlock.SPLIT_MULTIPLIER:
+            _split_multiplier(self, "dw", [(self.pw[0].weight, 1)], batch_hint)
+        return self
+
 
 class MobileFormerBlock(nn.Module):
     """Mobile→Former, Former, Mobile (dynamic ReLU driven by the updated first token), Former→Mobile."""
@@ -341,6 +446,10 @@ class _FrozenMobileFormerBlock(nn.Module):
     then each thread runs the rest of the block on one half of the map's rows (`_rest_rows`; `SPLIT_ROWS`), or,
     on maps too small to split, the caller runs it with its own threads. A batch of several images already has
     both threads busy (one part of the batch per thread, `split_batch_forward`) and runs it in sequence.
+
+    The Mobile side's depthwise convolutions with a channel multiplier run as m plain depthwise ones
+    (`_MultiplierDepthwise`, `SPLIT_MULTIPLIER`), and Former→Mobile on large maps as two batched products
+    (`_former_to_mobile_products`, `F2M_BLOCK_DIAGONAL`).
     """
 
     # Off by default: on the idle 2-vCPU EPYC the hand-offs cost more than the overlap gives (whole model at
@@ -353,6 +462,16 @@ class _FrozenMobileFormerBlock(nn.Module):
     # with the caller's intra-op threads)
     SPLIT_ROWS = True
     SPLIT_MIN_ROWS = 7
+    # the downsampling blocks' depthwise convolutions with a channel multiplier (dw1: ×6, stride 2; dw2: ×4) as m
+    # plain depthwise convolutions (`_MultiplierDepthwise`; ungrouped variants), except strided ones on fewer than
+    # MULTIPLIER_MIN_CHANNELS_STRIDED input channels: 294M's first dw1 (16 → 96 at 112², stride 2) measured 1.4×
+    # slower as six 16-channel convolutions that each read the whole input (1 thread, batch 16)
+    SPLIT_MULTIPLIER = True
+    MULTIPLIER_MIN_CHANNELS_STRIDED = 24
+    # Former→Mobile as two batched products with block-diagonal keys and values (`_former_to_mobile_products`) on
+    # maps of at least this many pixels over the batch; SDPA below
+    F2M_BLOCK_DIAGONAL = True
+    F2M_BLOCK_DIAGONAL_MIN_PIXELS = 128
 
     def __init__(self, blk: MobileFormerBlock, batch_hint: int | None):
         super().__init__()
@@ -371,6 +490,15 @@ class _FrozenMobileFormerBlock(nn.Module):
         self.slope_fc1_w, self.slope_fc1_b = _stacked_weights(mob.act1.fc1, mob.act2.fc1)
         self.f2m_heads, self.f2m_scale, self.f2m_channels = f2m.num_heads, f2m.scale, f2m.k.out_features
         self.f2m_kv_w, self.f2m_kv_b = _stacked_weights(f2m.k, f2m.v)
+        first = mob.dw1[0] if self.downsample else mob.pw1[0]
+        self.first_geometry = (first.kernel_size, first.padding, first.stride, first.dilation)
+        if self.downsample and mob.groups == 1 and self.SPLIT_MULTIPLIER:
+            # the block's own module tree (optimize_for_cpu_inference's copy): permuted in place
+            if mob.dw1[0].stride == (1, 1) or mob.in_chs >= self.MULTIPLIER_MIN_CHANNELS_STRIDED:
+                _split_multiplier(mob, "dw1", [(mob.act1.fc2.weight, 0), (mob.act1.fc2.bias, 0),
+                                               (mob.pw1[0].weight, 1)], batch_hint)
+            _split_multiplier(mob, "dw2", [(mob.act2.fc2.weight, 0), (mob.act2.fc2.bias, 0),
+                                           (mob.pw2[0].weight, 1)], batch_hint)
 
     def tokens(self, x: torch.Tensor, z: torch.Tensor):
         """(z after Mobile→Former and the Former, slopes u1 and u2 of the two dynamic ReLUs, Former→Mobile's k|v)."""
@@ -405,6 +533,8 @@ class _FrozenMobileFormerBlock(nn.Module):
     def _former_to_mobile(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         T, h = kv.shape[1], self.f2m_heads
+        if self.F2M_BLOCK_DIAGONAL and B * H * W >= self.F2M_BLOCK_DIAGONAL_MIN_PIXELS:
+            return self._former_to_mobile_products(x, kv)
         q = x.permute(0, 2, 3, 1).reshape(B, H * W, h, C // h).transpose(1, 2)
         k = kv[..., :C].reshape(B, T, h, -1).transpose(1, 2)
         v = kv[..., C:].reshape(B, T, h, -1).transpose(1, 2)
@@ -412,13 +542,36 @@ class _FrozenMobileFormerBlock(nn.Module):
         # a fresh channels-last B×C×H×W copy: the residual goes into it
         return out.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2).add_(x)
 
+    def _former_to_mobile_products(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """x + Former→Mobile(x) as two batched products over all heads at once, the residual accumulated by the second.
+
+        Keys and values as block-diagonal h·T × C matrices (head i's T rows read only its c = C/h channels, zero
+        elsewhere: h× the multiply-adds of the per-head products, which are tiny), so that the scores are one
+        product with the pixels as they lie in the channels-last map: S = K'·Xᵀ (h·T × HW, pixels contiguous), a
+        softmax over each head's T rows (an inner axis: vectorised over the pixels, where SDPA's kernel and a softmax
+        over a last axis of 6 are not), and out = X + Sᵀ·V' (`baddbmm`) written straight as the channels-last map.
+        Measured (1 thread) 3.5× SDPA + residual at 56²×24 and batch 16, 1.6× at 7²×192; at batch 1 3.3× at 56²,
+        slower below ~128 pixels (F2M_BLOCK_DIAGONAL_MIN_PIXELS)."""
+        B, C, H, W = x.shape
+        T, h = kv.shape[1], self.f2m_heads
+        c = C // h
+        keys, values = x.new_zeros(B, h * T, C), x.new_zeros(B, h * T, C)
+        # the diagonal blocks [i·T:(i+1)·T, i·c:(i+1)·c] of B × h × T × h × c views, as B × T × c × h
+        torch.mul(kv[..., :C].view(B, T, h, c).permute(0, 1, 3, 2), self.f2m_scale,
+                  out=keys.view(B, h, T, h, c).diagonal(0, 1, 3))
+        values.view(B, h, T, h, c).diagonal(0, 1, 3).copy_(kv[..., C:].view(B, T, h, c).permute(0, 1, 3, 2))
+        pixels = x.permute(0, 2, 3, 1).reshape(B, H * W, C)   # a view of the channels-last map
+        scores = torch.bmm(keys, pixels.transpose(1, 2)).view(B, h, T, H * W)
+        probs = torch.softmax(scores, dim=2).view(B, h * T, H * W)
+        return torch.baddbmm(pixels, probs.transpose(1, 2), values).view(B, H, W, C).permute(0, 3, 1, 2)
+
     def _first_size(self, x: torch.Tensor) -> tuple[int, int]:
         """(H, W) of the first convolution's output."""
         if not self.downsample:
             return x.shape[2], x.shape[3]   # pw1: 1×1, stride 1
-        conv = self.mobile.dw1[0]
+        kernel, padding, stride, dilation = self.first_geometry
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, p, s, d in
-                     zip(x.shape[2:], conv.kernel_size, conv.padding, conv.stride, conv.dilation))
+                     zip(x.shape[2:], kernel, padding, stride, dilation))
 
     def _can_split_rows(self, rows: int) -> bool:
         # ungrouped pointwise convolutions (no channel shuffle) and a stride-1 depthwise after the first
@@ -516,6 +669,13 @@ class _FrozenMobileFormerBlock(nn.Module):
                 raise
             future.result()
             return out, z
+        except BaseException:
+            # the second thread must have finished before this one returns: its torch.set_num_threads(1) also sets the
+            # process-wide default that a thread reads at its first parallel op, so a second thread still starting up
+            # after an error here could leave a later caller with one thread (seen as a flaky thread-count check)
+            barrier.abort()
+            wait([future])
+            raise
         finally:
             torch.set_num_threads(threads)
 
