@@ -196,9 +196,10 @@ class _FrozenGPSA(nn.Module):
             raise ValueError(f"frozen GPSA: rel_indices are for {pos.shape[-1]} tokens, the input has {N}")
         qkv = self.qkv(x)
         out = qkv.new_empty(B, N, C)
+        q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)   # each B × heads × N × d, views
+        o = out.view(B, N, h, d).transpose(1, 2)
         for b in range(B):
-            q, k, v = qkv[b].view(N, 3, h, d).permute(1, 2, 0, 3).unbind(0)
-            out[b].view(N, h, d).transpose(0, 1).copy_(gpsa_attend(q, k, v, pos))
+            o[b].copy_(gpsa_attend(q[b], k[b], v[b], pos))
         return self.proj(out)
 
 
