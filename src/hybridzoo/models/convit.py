@@ -159,9 +159,8 @@ class _FrozenGPSA(nn.Module):
         self.proj, self.pos_proj = m.proj, m.pos_proj
         gate = torch.sigmoid(m.gating_param.detach().double())
         # per output row of the merged product: the scale for q, 1 for k, 1 − g of its head for v
-        rows = torch.cat([torch.full((2 * C,), 1.0, dtype=torch.float64, device=gate.device),
-                          (1.0 - gate).repeat_interleave(d)])
-        rows[:C] = m.scale
+        rows = torch.cat([torch.full((C,), m.scale, dtype=torch.float64, device=gate.device),
+                          torch.ones(C, dtype=torch.float64, device=gate.device), (1.0 - gate).repeat_interleave(d)])
         with torch.no_grad():
             qkv = nn.Linear(C, 3 * C, bias=m.qk.bias is not None or m.v.bias is not None, device=gate.device)
             qkv.weight.copy_((torch.cat([m.qk.weight.detach(), m.v.weight.detach()]).double() * rows[:, None]).float())
