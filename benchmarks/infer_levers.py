@@ -40,6 +40,12 @@ Transformers with a class-token head (session 7; `--models deit_small_patch16_22
 every-row fast`):
   every-row    today's path with the last block computing every token row (`layers.helpers.every_row`), as
                before session 7; `fast` computes only the class token's row there
+ConViT's frozen GPSA (session 8; `--models convit_tiny convit_small --variants gpsa-before fast`):
+  gpsa-before  a copy built with the frozen GPSA as it was before session 8 (`_GPSABefore`: fused SDPA over the
+               batch plus the positional product P′·v′ as one batched product for all images and an add, from 2
+               images; (softmax(qkᵀ)·scale + P′)·v′ through matmul at one image and in the token split); `fast`
+               runs every image through `convit.gpsa_attend` (q|k|v′ one product, the scale in q's rows, the
+               map kept in cache per image)
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
@@ -61,8 +67,9 @@ import hybridzoo  # noqa: F401,I001
 from hybridzoo.factory import create_model
 from hybridzoo.layers import onednn
 from hybridzoo.layers.helpers import every_row
+from hybridzoo.layers import onednn_tokens
 from hybridzoo.layers.onednn import InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
-from hybridzoo.models import mobile_former
+from hybridzoo.models import convit, mobile_former
 from hybridzoo.models.coatnet import _FrozenMBConv
 
 
@@ -107,9 +114,62 @@ def _no_inplace_chain(self, x):
     return x
 
 
+class _GPSABefore(torch.nn.Module):
+    """ConViT's frozen GPSA as it was before session 8: q|k and the gated v as two products, fused SDPA over the
+    batch plus the positional product P′·v′ as one batched product for every image and an add (from 2 images),
+    (softmax(qkᵀ)·scale + P′)·v′ through matmul at one image."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = m.num_heads, m.head_dim, m.scale
+        self.qk, self.proj, self.pos_proj = m.qk, m.proj, m.pos_proj
+        gate = torch.sigmoid(m.gating_param.detach().double())
+        keep = (1.0 - gate).repeat_interleave(self.head_dim)
+        v = torch.nn.Linear(m.v.in_features, m.v.out_features, bias=m.v.bias is not None)
+        v.weight.copy_((m.v.weight.detach().double() * keep[:, None]).float())
+        if m.v.bias is not None:
+            v.bias.copy_((m.v.bias.detach().double() * keep).float())
+        self.v = v.requires_grad_(False)
+        self.register_buffer("ratio", (gate / (1.0 - gate)).float().view(-1, 1, 1), persistent=False)
+        self._rel = self._pos = self._seen = None
+
+    _positional = convit._FrozenGPSA._positional
+
+    def forward(self, x, rel_indices):
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k = self.qk(x).reshape(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.v(x).reshape(B, N, h, d)
+        if B == 1:
+            attn = torch.matmul(q, k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)
+            attn.add_(self._positional(rel_indices))
+            return self.proj(torch.matmul(attn, v.transpose(1, 2)).transpose(1, 2).reshape(B, N, C))
+        content = torch.nn.functional.scaled_dot_product_attention(q, k, v.transpose(1, 2), scale=self.scale)
+        pos = torch.bmm(self._positional(rel_indices), v.permute(2, 1, 0, 3).reshape(h, N, B * d))
+        x = pos.view(h, N, B, d).permute(2, 1, 0, 3) + content.transpose(1, 2)
+        return self.proj(x.reshape(B, N, C))
+
+
+def _before_gpsa_rows(blk, x, rows, buf, barrier, pos):
+    """The token split's GPSA block as it was before session 8."""
+    a = blk.attn
+    C = x.shape[-1]
+    h = blk.norm1(x)
+    buf[:, rows, :2 * C] = a.qk(h)
+    buf[:, rows, 2 * C:] = a.v(h)
+    barrier.wait()
+    n = x.shape[1]
+    q, k, v = onednn_tokens._heads(buf, rows, n, C, a.num_heads, a.head_dim)
+    attn = torch.matmul(q, k.transpose(-2, -1)).mul_(a.scale).softmax(dim=-1)
+    attn.add_(pos[:, rows])
+    x = a.proj(torch.matmul(attn, v).transpose(1, 2).reshape(1, n, C)).add_(x)
+    return blk.mlp(blk.norm2(x)).add_(x)
+
+
 @contextlib.contextmanager
 def patched(variant: str):
     saved = OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward
+    gpsa_saved = convit._FrozenGPSA, onednn_tokens._gpsa_block_rows
     inner = OneDNNConv2d.INNER_PRODUCT_1X1
     mf = mobile_former._FrozenMobileFormerBlock
     mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL
@@ -128,11 +188,15 @@ def patched(variant: str):
         if variant == "before":
             OneDNNConv2d.forward = _before_forward
             _FrozenMBConv.forward = _before_mbconv
+        if variant == "gpsa-before":
+            # the copy built under this variant holds _GPSABefore; the token split must know it as the frozen GPSA
+            convit._FrozenGPSA, onednn_tokens._gpsa_block_rows = _GPSABefore, _before_gpsa_rows
         with every_row() if variant == "every-row" else contextlib.nullcontext():
             yield
     finally:
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
+        convit._FrozenGPSA, onednn_tokens._gpsa_block_rows = gpsa_saved
         mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL = mf_saved
         mobile_former._FrozenDynamicReLU.PER_IMAGE = per_image
 
@@ -183,6 +247,9 @@ def main() -> None:
         for v in ("mf-grouped", "mf-s7"):
             if v in args.variants:
                 built[v] = built_with(model, SPLIT_MULTIPLIER=False)
+        if "gpsa-before" in args.variants:
+            with patched("gpsa-before"):
+                built["gpsa-before"] = optimize_for_cpu_inference(model)
         for batch in args.batch:
             x = torch.randn(batch, 3, 224, 224)
             steps = args.rounds if batch > 4 else 3 * args.rounds
@@ -201,8 +268,8 @@ def main() -> None:
                     run(v)
                     cpu[v].append(time.process_time() - c0)
                     wall[v].append(time.perf_counter() - w0)
-            base = next((b for b in ("before", "mf-unfrozen", "every-row", "mf-s7", "mf-grouped") if b in args.variants),
-                        args.variants[0])
+            base = next((b for b in ("before", "mf-unfrozen", "every-row", "mf-s7", "mf-grouped", "gpsa-before")
+                         if b in args.variants), args.variants[0])
             print(f"\n## {name}, batch {batch}, {steps} rounds (load average now {os.getloadavg()[0]:.1f})")
             print(f"| variant | CPU ms/step | {base} / variant, CPU: median (min–max) | wall: median (min–max) |")
             print("| --- | ---: | ---: | ---: |")

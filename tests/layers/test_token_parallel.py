@@ -138,7 +138,7 @@ def test_convit_gpsa_and_mhsa_blocks_in_token_shares_give_the_sequential_outputs
     assert type(fast.blocks).__name__ == "TokenParallelBlockList"
     fast.blocks.mode = "tokens"   # ConViT runs slices of it: they keep the mode
     gpsa, mhsa = [], []
-    fast.blocks[0].attn.qk.register_forward_hook(lambda m, a, o: gpsa.append((a[0].shape[1], torch.get_num_threads())))
+    fast.blocks[0].attn.qkv.register_forward_hook(lambda m, a, o: gpsa.append((a[0].shape[1], torch.get_num_threads())))
     fast.blocks[-2].attn.qkv.register_forward_hook(lambda m, a, o: mhsa.append((a[0].shape[1], torch.get_num_threads())))
     threads(2)
     x = torch.randn(1, 3, 96, 96)
@@ -195,7 +195,7 @@ def test_auto_mode_times_once_per_shape_and_keeps_the_choice(threads, monkeypatc
     fast = optimize_for_cpu_inference(model)
     assert fast.blocks.mode == "auto"
     rows = []
-    fast.blocks[0].attn.qk.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
+    fast.blocks[0].attn.qkv.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
     threads(2)
     x = torch.randn(1, 3, 96, 96)
     with torch.inference_mode():

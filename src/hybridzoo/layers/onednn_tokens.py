@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.layers.onednn import _pool
+from hybridzoo.models.convit import gpsa_attend
 
 __all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "calibrate", "enable_token_parallel",
            "token_parallel_forward"]
@@ -62,19 +63,16 @@ def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Ten
 
 def _gpsa_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
                      barrier: threading.Barrier, pos: torch.Tensor) -> torch.Tensor:
-    """One ConViT block with frozen GPSA on token rows `rows`: (softmax(q kᵀ) + P′[rows])·v′ as the frozen
-    GPSA computes it for one image (pos = P′, heads × N × N)."""
+    """One ConViT block with frozen GPSA on token rows `rows`: (softmax(q kᵀ) + P′[rows])·v′ through the frozen
+    GPSA's own kernel (`convit.gpsa_attend`; pos = P′, heads × N × N)."""
     a = blk.attn
     C = x.shape[-1]
-    h = blk.norm1(x)
-    buf[:, rows, :2 * C] = a.qk(h)
-    buf[:, rows, 2 * C:] = a.v(h)
+    buf[:, rows] = a.qkv(blk.norm1(x))
     barrier.wait()
     n = x.shape[1]
     q, k, v = _heads(buf, rows, n, C, a.num_heads, a.head_dim)
-    attn = torch.matmul(q, k.transpose(-2, -1)).mul_(a.scale).softmax(dim=-1)
-    attn.add_(pos[:, rows])
-    x = a.proj(torch.matmul(attn, v).transpose(1, 2).reshape(1, n, C)).add_(x)
+    o = gpsa_attend(q[0], k[0], v[0], pos[:, rows])
+    x = a.proj(o.transpose(0, 1).reshape(1, n, C)).add_(x)
     return blk.mlp(blk.norm2(x)).add_(x)
 
 

@@ -31,7 +31,7 @@ from hybridzoo.layers import (Attention, DropPath, Mlp, PatchEmbed, check_image_
                               trunc_normal_)
 from hybridzoo.registry import register_model
 
-__all__ = ["GPSA", "ConViT", "convert_official", "relative_indices"]
+__all__ = ["GPSA", "ConViT", "convert_official", "gpsa_attend", "relative_indices"]
 
 
 def relative_indices(grid_size: tuple[int, int], device=None) -> torch.Tensor:
@@ -147,22 +147,28 @@ class _FrozenGPSA(nn.Module):
 
     With g = σ(λ) per head and P the positional softmax (fixed for a token grid),
     out = (1−g)·softmax(qkᵀ)v + g·P v. The value projection is scaled by (1−g) per head (v' = (1−g)v),
-    so the content term is plain SDPA on v', and the positional term is P' v' with P' = g/(1−g)·P,
-    cached per grid and applied as one product for the whole batch (GPSA.freeze_for_cpu_inference keeps
-    the original module when a gate is too close to 1 for this).
+    so out = (softmax(qkᵀ) + P')·v' with P' = g/(1−g)·P cached per grid, computed one image at a time by
+    `gpsa_attend` (GPSA.freeze_for_cpu_inference keeps the original module when a gate is too close to 1
+    for this). q, k and v' come from one product (`qkv`) whose q rows also carry the attention scale.
     """
 
     def __init__(self, m: GPSA):
         super().__init__()
-        self.num_heads, self.head_dim, self.scale = m.num_heads, m.head_dim, m.scale
-        self.qk, self.proj, self.pos_proj = m.qk, m.proj, m.pos_proj
+        C, d = m.dim, m.head_dim
+        self.num_heads, self.head_dim = m.num_heads, d
+        self.proj, self.pos_proj = m.proj, m.pos_proj
         gate = torch.sigmoid(m.gating_param.detach().double())
-        keep = (1.0 - gate).repeat_interleave(self.head_dim)          # per output channel of v
-        v = nn.Linear(m.v.in_features, m.v.out_features, bias=m.v.bias is not None)
-        v.weight.copy_((m.v.weight.detach().double() * keep[:, None]).float())
-        if m.v.bias is not None:
-            v.bias.copy_((m.v.bias.detach().double() * keep).float())
-        self.v = v.requires_grad_(False)
+        # per output row of the merged product: the scale for q, 1 for k, 1 − g of its head for v
+        rows = torch.cat([torch.full((C,), m.scale, dtype=torch.float64, device=gate.device),
+                          torch.ones(C, dtype=torch.float64, device=gate.device), (1.0 - gate).repeat_interleave(d)])
+        with torch.no_grad():
+            qkv = nn.Linear(C, 3 * C, bias=m.qk.bias is not None or m.v.bias is not None, device=gate.device)
+            qkv.weight.copy_((torch.cat([m.qk.weight.detach(), m.v.weight.detach()]).double() * rows[:, None]).float())
+            if qkv.bias is not None:
+                parts = [lin.bias.detach().double() if lin.bias is not None else
+                         torch.zeros(lin.out_features, dtype=torch.float64, device=gate.device) for lin in (m.qk, m.v)]
+                qkv.bias.copy_((torch.cat(parts) * rows).float())
+        self.qkv = qkv.requires_grad_(False)
         self.register_buffer("ratio", (gate / (1.0 - gate)).float().view(-1, 1, 1), persistent=False)
         self._rel: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
@@ -180,21 +186,32 @@ class _FrozenGPSA(nn.Module):
         return self._pos
 
     def forward(self, x: torch.Tensor, rel_indices: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q, k = self.qk(x).reshape(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        v = self.v(x).reshape(B, N, h, d)
-        if B == 1:
-            # one image: the map is small, so (softmax(qkᵀ) + P')·v' as one product beat fused SDPA plus the
-            # separate positional product (1.2–1.4× on this part, 1 thread, 4 and 9 heads; slower from 2 images)
-            attn = torch.matmul(q, k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)
-            attn.add_(self._positional(rel_indices))
-            return self.proj(torch.matmul(attn, v.transpose(1, 2)).transpose(1, 2).reshape(B, N, C))
-        content = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), scale=self.scale)  # B, h, N, d
-        # P' (h, N, N) times v' for every image at once: (h, N, B·d) columns, one batched product per head
-        pos = torch.bmm(self._positional(rel_indices), v.permute(2, 1, 0, 3).reshape(h, N, B * d))
-        x = pos.view(h, N, B, d).permute(2, 1, 0, 3) + content.transpose(1, 2)
-        return self.proj(x.reshape(B, N, C))
+        if x.dim() != 3 or x.shape[-1] != h * d:
+            raise ValueError(f"frozen GPSA: expected tokens B×N×{h * d}, got shape {tuple(x.shape)}")
+        B, N, C = x.shape
+        pos = self._positional(rel_indices)
+        if pos.shape[-1] != N:
+            raise ValueError(f"frozen GPSA: rel_indices are for {pos.shape[-1]} tokens, the input has {N}")
+        qkv = self.qkv(x)
+        out = qkv.new_empty(B, N, C)
+        q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)   # each B × heads × N × d, views
+        o = out.view(B, N, h, d).transpose(1, 2)
+        for b in range(B):
+            o[b].copy_(gpsa_attend(q[b], k[b], v[b], pos))
+        return self.proj(out)
+
+
+def gpsa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(softmax(q kᵀ) + pos)·v for one image, heads first, q already scaled: q (h, n, d), k and v (h, N, d),
+    pos (h, n, N) → (h, n, d).
+
+    The frozen GPSA runs its images through this one at a time: one image's map (h × N × N, 0.6 MB for
+    ConViT-Ti at 224²) stays in the core's L2 between the passes, and the positional term P′·v′ rides in the
+    second product. Less CPU time than fused SDPA plus the positional product over the whole batch and the add
+    and layout copies they need (benchmarks/RESULTS.md, session 8); plain MHSA keeps SDPA, which is faster
+    without the positional term."""
+    return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1).add_(pos), v)
 
 
 class Block(nn.Module):
