@@ -31,6 +31,11 @@ Transformers with a class-token head (session 7; `--models deit_small_patch16_22
 every-row fast`):
   every-row    today's path with the last block computing every token row (`layers.helpers.every_row`), as
                before session 7; `fast` computes only the class token's row there
+Frozen MLPs in row chunks (session 8; `--models cvt_13 --variants mlp-whole fast`):
+  mlp-whole    today's path with every frozen MLP run whole (`FrozenMlp.CHUNK_ABOVE` infinite), as before
+               session 8; `fast` runs hidden layers above 32 MB in chunks of about 2 MB
+  mlp-chunk-N  `fast` with chunks of about N KiB of hidden layer (not in the default set)
+  mlp-above-N  `fast` with hidden layers above N KiB in chunks (mlp-above-0: every frozen MLP)
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
@@ -52,7 +57,7 @@ import hybridzoo  # noqa: F401,I001
 from hybridzoo.factory import create_model
 from hybridzoo.layers import onednn
 from hybridzoo.layers.helpers import every_row
-from hybridzoo.layers.onednn import InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
+from hybridzoo.layers.onednn import FrozenMlp, InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former
 from hybridzoo.models.coatnet import _FrozenMBConv
 
@@ -104,7 +109,14 @@ def patched(variant: str):
     inner = OneDNNConv2d.INNER_PRODUCT_1X1
     mf = mobile_former._FrozenMobileFormerBlock
     mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS
+    mlp_saved = FrozenMlp.CHUNK_ABOVE, FrozenMlp.CHUNK_BYTES
     try:
+        if variant == "mlp-whole":
+            FrozenMlp.CHUNK_ABOVE = float("inf")
+        if variant.startswith("mlp-chunk-"):
+            FrozenMlp.CHUNK_BYTES = 1024 * int(variant[len("mlp-chunk-"):])
+        if variant.startswith("mlp-above-"):
+            FrozenMlp.CHUNK_ABOVE = 1024 * int(variant[len("mlp-above-"):])
         mf.PARALLEL = variant in ("mf-branches", "mf-halves", "mf-rows8")
         mf.SPLIT_ROWS = variant != "mf-branches"
         if variant == "mf-rows8":
@@ -122,6 +134,7 @@ def patched(variant: str):
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
         mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS = mf_saved
+        FrozenMlp.CHUNK_ABOVE, FrozenMlp.CHUNK_BYTES = mlp_saved
 
 
 def unfrozen_mobile_former(model):
@@ -141,11 +154,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["eager", "before", "no-inplace", "fast"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
+    _common.add_malloc_option(ap)
     args = ap.parse_args()
+    _common.apply_malloc(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"# {args.threads} threads, {args.rounds} rounds, torch {torch.__version__}, load average "
-          f"{os.getloadavg()}, {onednn.__name__}")
+    print(f"# {args.threads} threads, {args.rounds} rounds, torch {torch.__version__}, malloc {args.malloc}, "
+          f"load average {os.getloadavg()}, {onednn.__name__}")
     for name in args.models:
         model = create_model(name, drop_path_rate=0.0).eval()
         fast = optimize_for_cpu_inference(model)
@@ -168,7 +183,7 @@ def main() -> None:
                     run(v)
                     cpu[v].append(time.process_time() - c0)
                     wall[v].append(time.perf_counter() - w0)
-            base = next((b for b in ("before", "mf-unfrozen", "every-row") if b in args.variants), args.variants[0])
+            base = next((b for b in ("before", "mf-unfrozen", "every-row", "mlp-whole") if b in args.variants), args.variants[0])
             print(f"\n## {name}, batch {batch}, {steps} rounds (load average now {os.getloadavg()[0]:.1f})")
             print(f"| variant | CPU ms/step | {base} / variant, CPU: median (min–max) | wall: median (min–max) |")
             print("| --- | ---: | ---: | ---: |")
