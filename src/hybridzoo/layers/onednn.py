@@ -10,7 +10,9 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
 - the activation of a transformer MLP (`layers.Mlp`: fc1 → act → fc2) is fused into fc1 when oneDNN
   has it as a post-op: exact or tanh GELU, ReLU, SiLU, and QuickGELU x·σ(1.702x). oneDNN's swish
   post-op is x·σ(x) with a fixed α = 1, but QuickGELU(z) = swish(1.702·z) / 1.702, so fc1's weight
-  and bias are scaled by 1.702 and fc2's weight by 1/1.702 — exact algebra, only fp32 rounding moves;
+  and bias are scaled by 1.702 and fc2's weight by 1/1.702 — exact algebra, only fp32 rounding moves; the
+  frozen MLP (`FrozenMlp`) runs inputs whose hidden layer would exceed 32 MB in row chunks of ~2 MB of hidden
+  layer (CvT-13's stage-1/2 MLPs at batch 32), so the hidden layer stays in the cache;
 - every `nn.Conv2d` is a `OneDNNConv2d` (1×1 ones run as packed inner products over the channels-last
   pixels, the others as oneDNN convolutions with the weight packed for the actual input shape, once per
   shape), with the BatchNorm that follows it
