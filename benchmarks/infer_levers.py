@@ -46,6 +46,11 @@ ConViT's frozen GPSA (session 8; `--models convit_tiny convit_small --variants g
                images; (softmax(qkᵀ)·scale + P′)·v′ through matmul at one image and in the token split); `fast`
                runs every image through `convit.gpsa_attend` (q|k|v′ one product, the scale in q's rows, the
                map kept in cache per image)
+Frozen MLPs in row chunks (session 8; `--models cvt_13 --variants mlp-whole fast`):
+  mlp-whole    today's path with every frozen MLP run whole (`FrozenMlp.CHUNK_ABOVE` infinite), as before
+               session 8; `fast` runs hidden layers above 32 MB in chunks of about 2 MB
+  mlp-chunk-N  `fast` with chunks of about N KiB of hidden layer (not in the default set)
+  mlp-above-N  `fast` with hidden layers above N KiB in chunks (mlp-above-0: every frozen MLP)
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
@@ -68,7 +73,7 @@ from hybridzoo.factory import create_model
 from hybridzoo.layers import onednn
 from hybridzoo.layers.helpers import every_row
 from hybridzoo.layers import onednn_tokens
-from hybridzoo.layers.onednn import InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
+from hybridzoo.layers.onednn import FrozenMlp, InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
 from hybridzoo.models import convit, mobile_former
 from hybridzoo.models.coatnet import _FrozenMBConv
 
@@ -174,9 +179,16 @@ def patched(variant: str):
     mf = mobile_former._FrozenMobileFormerBlock
     mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL
     per_image = mobile_former._FrozenDynamicReLU.PER_IMAGE
+    mlp_saved = FrozenMlp.CHUNK_ABOVE, FrozenMlp.CHUNK_BYTES
     try:
         mobile_former._FrozenDynamicReLU.PER_IMAGE = variant not in ("mf-dyrelu-batch", "mf-s7")
         mf.F2M_BLOCK_DIAGONAL = variant not in ("mf-f2m-sdpa", "mf-s7")
+        if variant == "mlp-whole":
+            FrozenMlp.CHUNK_ABOVE = float("inf")
+        if variant.startswith("mlp-chunk-"):
+            FrozenMlp.CHUNK_BYTES = 1024 * int(variant[len("mlp-chunk-"):])
+        if variant.startswith("mlp-above-"):
+            FrozenMlp.CHUNK_ABOVE = 1024 * int(variant[len("mlp-above-"):])
         mf.PARALLEL = variant in ("mf-branches", "mf-halves", "mf-rows8")
         mf.SPLIT_ROWS = variant != "mf-branches"
         if variant == "mf-rows8":
@@ -199,6 +211,7 @@ def patched(variant: str):
         convit._FrozenGPSA, onednn_tokens._gpsa_block_rows = gpsa_saved
         mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL = mf_saved
         mobile_former._FrozenDynamicReLU.PER_IMAGE = per_image
+        FrozenMlp.CHUNK_ABOVE, FrozenMlp.CHUNK_BYTES = mlp_saved
 
 
 def unfrozen_mobile_former(model):
@@ -236,8 +249,8 @@ def main() -> None:
     apply_malloc(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"# {args.threads} threads, {args.rounds} rounds, torch {torch.__version__}, load average "
-          f"{os.getloadavg()}, {onednn.__name__}")
+    print(f"# {args.threads} threads, {args.rounds} rounds, torch {torch.__version__}, malloc {args.malloc}, "
+          f"load average {os.getloadavg()}, {onednn.__name__}")
     for name in args.models:
         model = create_model(name, drop_path_rate=0.0).eval()
         fast = optimize_for_cpu_inference(model)
@@ -268,8 +281,8 @@ def main() -> None:
                     run(v)
                     cpu[v].append(time.process_time() - c0)
                     wall[v].append(time.perf_counter() - w0)
-            base = next((b for b in ("before", "mf-unfrozen", "every-row", "mf-s7", "mf-grouped", "gpsa-before")
-                         if b in args.variants), args.variants[0])
+            base = next((b for b in ("before", "mf-unfrozen", "every-row", "mf-s7", "mf-grouped", "gpsa-before",
+                                      "mlp-whole") if b in args.variants), args.variants[0])
             print(f"\n## {name}, batch {batch}, {steps} rounds (load average now {os.getloadavg()[0]:.1f})")
             print(f"| variant | CPU ms/step | {base} / variant, CPU: median (min–max) | wall: median (min–max) |")
             print("| --- | ---: | ---: | ---: |")

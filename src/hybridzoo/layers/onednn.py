@@ -10,7 +10,9 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
 - the activation of a transformer MLP (`layers.Mlp`: fc1 → act → fc2) is fused into fc1 when oneDNN
   has it as a post-op: exact or tanh GELU, ReLU, SiLU, and QuickGELU x·σ(1.702x). oneDNN's swish
   post-op is x·σ(x) with a fixed α = 1, but QuickGELU(z) = swish(1.702·z) / 1.702, so fc1's weight
-  and bias are scaled by 1.702 and fc2's weight by 1/1.702 — exact algebra, only fp32 rounding moves;
+  and bias are scaled by 1.702 and fc2's weight by 1/1.702 — exact algebra, only fp32 rounding moves; the
+  frozen MLP (`FrozenMlp`) runs inputs whose hidden layer would exceed 32 MB in row chunks of ~2 MB of hidden
+  layer (CvT-13's stage-1/2 MLPs at batch 32), so the hidden layer stays in the cache;
 - every `nn.Conv2d` is a `OneDNNConv2d` (1×1 ones run as packed inner products over the channels-last
   pixels, the others as oneDNN convolutions with the weight packed for the actual input shape, once per
   shape), with the BatchNorm that follows it
@@ -61,7 +63,7 @@ from torch import nn
 
 from hybridzoo.layers.mlp import Mlp, QuickGELU
 
-__all__ = ["InplaceChain", "OneDNNConv2d", "OneDNNLinear", "conv_post_op", "fold_batch_norm",
+__all__ = ["FrozenMlp", "InplaceChain", "OneDNNConv2d", "OneDNNLinear", "conv_post_op", "fold_batch_norm",
            "optimize_for_cpu_inference", "onednn_available", "split_batch_forward", "QUICK_GELU_ALPHA"]
 
 QUICK_GELU_ALPHA = 1.702
@@ -355,20 +357,64 @@ class OneDNNLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, act={self.act}{extra}"
 
 
-def _fuse_mlp(mlp: Mlp, batch_hint: int | None, dtype: torch.dtype = torch.float32) -> bool:
-    """Fuse mlp.act into mlp.fc1 where oneDNN can (in place); False if it cannot."""
+class FrozenMlp(nn.Module):
+    """A frozen `layers.Mlp`: fc1 with its activation fused (`OneDNNLinear`) → fc2, run in row chunks when
+    the hidden layer is big.
+
+    At batch 32 (16 images per thread of the batch split) CvT-13's stage-1 / stage-2 hidden layers are 51 / 38 MB:
+    above glibc's 32 MB mmap cap they are mapped and page-faulted at every call, and they go to memory and back
+    between fc1 and fc2. Rows are independent, so above `CHUNK_ABOVE` bytes of hidden layer the rows run in chunks
+    of about `CHUNK_BYTES` of hidden layer each, which stays in the cache; each chunk's fc2 output is copied into
+    one output buffer. Measured on the EPYC (1 thread, benchmarks/RESULTS.md "Session 8: CvT-13 inference"):
+    1.18× on stage 2's MLP, level to 5% slower on hidden layers below 32 MB, so those run whole."""
+
+    CHUNK_ABOVE = 32 * 1024 * 1024
+    CHUNK_BYTES = 2 * 1024 * 1024
+
+    def __init__(self, fc1: OneDNNLinear, fc2: OneDNNLinear):
+        super().__init__()
+        if fc1.out_features != fc2.in_features:
+            raise ValueError(f"FrozenMlp: fc1 gives {fc1.out_features} features but fc2 takes {fc2.in_features}")
+        self.fc1, self.fc2 = fc1, fc2
+        self.hidden_features = fc1.out_features
+
+    def chunk_rows(self, rows: int) -> int:
+        """Rows per chunk for an input of `rows` rows; `rows` itself when it runs whole."""
+        hidden = self.hidden_features * self.fc1.dtype.itemsize
+        if rows * hidden <= self.CHUNK_ABOVE:
+            return rows
+        return max(1, self.CHUNK_BYTES // hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.fc1.in_features:
+            raise ValueError(f"FrozenMlp expects inputs with {self.fc1.in_features} features in the last "
+                             f"dimension, got shape {tuple(x.shape)}")
+        rows = x.numel() // x.shape[-1]
+        step = self.chunk_rows(rows)
+        if step >= rows:
+            return self.fc2(self.fc1(x))
+        flat = x.reshape(rows, x.shape[-1])
+        out = None
+        for i in range(0, rows, step):
+            y = self.fc2(self.fc1(flat[i:i + step]))
+            if out is None:
+                out = y.new_empty(rows, y.shape[-1])
+            out[i:i + step] = y
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _fuse_mlp(mlp: Mlp, batch_hint: int | None, dtype: torch.dtype = torch.float32) -> FrozenMlp | None:
+    """The frozen replacement of `mlp` with its activation fused into fc1 where oneDNN can; None if it cannot."""
     op = _post_op(mlp.act)
     if op is None or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
-        return False
+        return None
     attr, algorithm = op
     quick = isinstance(mlp.act, QuickGELU)
     # QuickGELU(z) = swish(α·z)/α: scale fc1 by α, and fold 1/α into fc2 (dropout between is off in eval)
-    mlp.fc1 = OneDNNLinear(mlp.fc1, attr, algorithm, batch_hint, scale=QUICK_GELU_ALPHA if quick else 1.0,
-                           dtype=dtype)
-    mlp.act = nn.Identity()
-    mlp.fc2 = OneDNNLinear(mlp.fc2, batch_hint=batch_hint, scale=1 / QUICK_GELU_ALPHA if quick else 1.0,
-                           bias_scale=1.0, dtype=dtype)
-    return True
+    fc1 = OneDNNLinear(mlp.fc1, attr, algorithm, batch_hint, scale=QUICK_GELU_ALPHA if quick else 1.0, dtype=dtype)
+    fc2 = OneDNNLinear(mlp.fc2, batch_hint=batch_hint, scale=1 / QUICK_GELU_ALPHA if quick else 1.0,
+                       bias_scale=1.0, dtype=dtype)
+    return FrozenMlp(fc1, fc2)
 
 
 def _as_float32(out):
@@ -525,7 +571,8 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
             _fold_sequential(parent, batch_hint)
         for name, child in list(parent.named_children()):
             # exactly layers.Mlp: a subclass may put something between fc1, act and fc2
-            if type(child) is Mlp and _fuse_mlp(child, batch_hint, dtype):
+            if type(child) is Mlp and (frozen := _fuse_mlp(child, batch_hint, dtype)) is not None:
+                setattr(parent, name, frozen)
                 continue
             freeze = getattr(child, "freeze_for_cpu_inference", None)
             if freeze is not None and fp32:

@@ -156,9 +156,10 @@ def _kernel(blk: nn.Module):
     """The row-share kernel for a frozen block, or None when the block is of no kind this module knows."""
     from hybridzoo.layers.attention import Attention
     from hybridzoo.layers.mlp import Mlp
+    from hybridzoo.layers.onednn import FrozenMlp
     from hybridzoo.models import convit, vit
     if type(blk) not in (vit.Block, convit.Block) or not (
-            isinstance(blk.drop_path, nn.Identity) and type(blk.mlp) is Mlp
+            isinstance(blk.drop_path, nn.Identity) and type(blk.mlp) in (Mlp, FrozenMlp)
             and type(blk.norm1) is nn.LayerNorm and type(blk.norm2) is nn.LayerNorm):
         return None   # other models' blocks (CeiT's, ...) have other parts
     if type(blk.attn) is Attention:
