@@ -31,6 +31,12 @@ Transformers with a class-token head (session 7; `--models deit_small_patch16_22
 every-row fast`):
   every-row    today's path with the last block computing every token row (`layers.helpers.every_row`), as
                before session 7; `fast` computes only the class token's row there
+CoAtNet's transformer stages at batch 1 (session 8; `--models coatnet_0 --batch 1 --variants map-whole map-tokens
+fast`; the token split engages with ≥ 2 threads only):
+  map-whole    today's path with CoAtNet's transformer stages run whole (every op an OpenMP team of the caller's
+               threads), as before session 8 (`TokenParallelMapStage.mode = "whole"`)
+  map-tokens   the stride-1 blocks of those stages always as token-row shares, one per thread (mode "tokens")
+  fast         today's path: mode "auto", the faster of the two timed at the first call
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
@@ -53,6 +59,7 @@ from hybridzoo.factory import create_model
 from hybridzoo.layers import onednn
 from hybridzoo.layers.helpers import every_row
 from hybridzoo.layers.onednn import InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
+from hybridzoo.layers.onednn_tokens import TokenParallelMapStage
 from hybridzoo.models import mobile_former
 from hybridzoo.models.coatnet import _FrozenMBConv
 
@@ -104,7 +111,10 @@ def patched(variant: str):
     inner = OneDNNConv2d.INNER_PRODUCT_1X1
     mf = mobile_former._FrozenMobileFormerBlock
     mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS
+    map_mode = TokenParallelMapStage.mode
     try:
+        if variant in ("map-whole", "map-tokens"):
+            TokenParallelMapStage.mode = variant[4:]
         mf.PARALLEL = variant in ("mf-branches", "mf-halves", "mf-rows8")
         mf.SPLIT_ROWS = variant != "mf-branches"
         if variant == "mf-rows8":
@@ -122,6 +132,7 @@ def patched(variant: str):
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
         mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS = mf_saved
+        TokenParallelMapStage.mode = map_mode
 
 
 def unfrozen_mobile_former(model):
@@ -168,7 +179,8 @@ def main() -> None:
                     run(v)
                     cpu[v].append(time.process_time() - c0)
                     wall[v].append(time.perf_counter() - w0)
-            base = next((b for b in ("before", "mf-unfrozen", "every-row") if b in args.variants), args.variants[0])
+            base = next((b for b in ("before", "mf-unfrozen", "every-row", "map-whole") if b in args.variants),
+                        args.variants[0])
             print(f"\n## {name}, batch {batch}, {steps} rounds (load average now {os.getloadavg()[0]:.1f})")
             print(f"| variant | CPU ms/step | {base} / variant, CPU: median (min–max) | wall: median (min–max) |")
             print("| --- | ---: | ---: | ---: |")
@@ -178,6 +190,10 @@ def main() -> None:
                 print(f"| {v} | {1000 * statistics.median(cpu[v]):.0f} | {statistics.median(rc):.2f} "
                       f"({min(rc):.2f}–{max(rc):.2f}) | {statistics.median(rw):.2f} ({min(rw):.2f}–{max(rw):.2f}) |",
                       flush=True)
+            chosen = [f"{n or 'model'}: {'tokens' if c else 'whole'} ({k[2]} rows, {k[3]} threads)"
+                      for n, m in fast.named_modules() for k, c in m.__dict__.get("_choices", {}).items()]
+            if chosen:
+                print("auto chose: " + "; ".join(chosen))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from torch import nn
 
 from hybridzoo.layers.onednn import _pool
 
-__all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "calibrate", "enable_token_parallel",
-           "token_parallel_forward"]
+__all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "TokenParallelMapStage", "calibrate",
+           "enable_token_parallel", "token_parallel_forward"]
 
 # a guard, not a tuned figure: with fewer rows per thread every product is tiny and the per-op costs dominate
 MIN_ROWS_PER_THREAD = 16
@@ -56,6 +56,22 @@ def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Ten
     q, k, v = _heads(buf, rows, n, C, a.num_heads, a.head_dim)
     o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(1, n, C)
     # the residual adds go into the fresh product outputs (x + y == y + x exactly): no new buffer per add
+    x = a.proj(o).add_(x)
+    return blk.mlp(blk.norm2(x)).add_(x)
+
+
+def _relative_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
+                         barrier: threading.Barrier, bias: torch.Tensor) -> torch.Tensor:
+    """One stride-1 CoAtNet transformer block (`models.coatnet.TransformerBlock` with its frozen relative attention)
+    on the token rows `rows` of one H×W map flattened to 1×N×C: softmax(q kᵀ/√d + w[i−j]) over every key, with the
+    bias rows of this thread's queries (bias: 1×heads×N×N, the block's table for this grid)."""
+    a = blk.attn
+    C = x.shape[-1]
+    buf[:, rows] = a.qkv(blk.norm1(x))
+    barrier.wait()
+    n = x.shape[1]
+    q, k, v = _heads(buf, rows, n, C, a.num_heads, a.dim_head)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, :, rows]).transpose(1, 2).reshape(1, n, C)
     x = a.proj(o).add_(x)
     return blk.mlp(blk.norm2(x)).add_(x)
 
@@ -107,9 +123,12 @@ def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torc
         kernel = _kernel(blk)
         if kernel is None:
             raise ValueError(f"token_parallel_forward: no row-share kernel for {type(blk).__name__} (ViT / DeiT "
-                             "blocks and ConViT's frozen GPSA / MHSA blocks are supported)")
-        # GPSA's positional map P′ is fetched (and cached) here, once, not from every thread
-        plan.append((kernel, blk.attn._positional(*args) if kernel is _gpsa_block_rows else None))
+                             "blocks, ConViT's frozen GPSA / MHSA blocks and CoAtNet's stride-1 transformer "
+                             "blocks are supported)")
+        # GPSA's positional map P′ (CoAtNet's bias for the H×W grid) is fetched here, once, not from every thread
+        pos = (blk.attn._positional(*args) if kernel is _gpsa_block_rows
+               else blk.attn.bias_for(*args) if kernel is _relative_block_rows else None)
+        plan.append((kernel, pos))
     with _ONE_AT_A_TIME:
         return _run_shares(blocks, plan, x, threads)
 
@@ -158,7 +177,14 @@ def _kernel(blk: nn.Module):
     """The row-share kernel for a frozen block, or None when the block is of no kind this module knows."""
     from hybridzoo.layers.attention import Attention
     from hybridzoo.layers.mlp import Mlp
-    from hybridzoo.models import convit, vit
+    from hybridzoo.models import coatnet, convit, vit
+    if type(blk) is coatnet.TransformerBlock:
+        # a stride-1 block of one width (the first block of a stage pools the map and widens it: no row kernel)
+        if (blk.stride == 1 and isinstance(blk.shortcut, nn.Identity) and type(blk.attn) is coatnet._FrozenRelativeAttention
+                and (isinstance(blk.drop_path, nn.Identity) or not blk.drop_path.training)
+                and type(blk.mlp) is Mlp and type(blk.norm1) is nn.LayerNorm and type(blk.norm2) is nn.LayerNorm):
+            return _relative_block_rows
+        return None
     if type(blk) not in (vit.Block, convit.Block) or not (
             isinstance(blk.drop_path, nn.Identity) and type(blk.mlp) is Mlp
             and type(blk.norm1) is nn.LayerNorm and type(blk.norm2) is nn.LayerNorm):
@@ -183,6 +209,25 @@ def calibrate(run_whole, run_tokens, rounds: int = 3) -> bool:
     return statistics.median(tokens) < statistics.median(whole)
 
 
+def _choose(owner: nn.Module, x: torch.Tensor, threads: int, run_whole, run_tokens) -> bool:
+    """Whether `owner` (a token-parallel container with `mode`) runs the token rows x (1×N×C) as shares: only one
+    image, fp32, without autograd, with several threads and at least MIN_ROWS_PER_THREAD rows each; then as `mode`
+    says, "auto" timing both ways once for each (first block, length, N, threads)."""
+    if owner.mode not in ("auto", "tokens", "whole"):
+        raise ValueError(f"{type(owner).__name__}.mode must be 'auto', 'tokens' or 'whole', got {owner.mode!r}")
+    if (owner.mode == "whole" or threads < 2 or x.dim() != 3 or x.shape[0] != 1 or x.dtype != torch.float32
+            or x.shape[1] < threads * MIN_ROWS_PER_THREAD or (torch.is_grad_enabled() and x.requires_grad)):
+        return False
+    if owner.mode == "tokens":
+        return True
+    # shared with the slices of this container (ConViT runs `blocks[:10]`, a new container at every call)
+    choices = owner.__dict__.setdefault("_choices", {})
+    key = (id(owner[0]), len(owner), x.shape[1], threads)
+    if key not in choices:
+        choices[key] = calibrate(run_whole, run_tokens)
+    return choices[key]
+
+
 class _TokenParallel:
     """Mixin for a container of frozen blocks: calling it on one image (1×N×C) with several intra-op threads and
     at least MIN_ROWS_PER_THREAD rows per thread may run `token_parallel_forward`; anything else runs the blocks
@@ -198,7 +243,7 @@ class _TokenParallel:
     @staticmethod
     def applies_to(seq: nn.Module) -> bool:
         return (type(seq) in (nn.Sequential, nn.ModuleList) and len(seq) > 0
-                and all(_kernel(b) is not None for b in seq))
+                and all(_kernel(b) in (_vit_block_rows, _gpsa_block_rows) for b in seq))
 
     def _whole(self, x: torch.Tensor, *args) -> torch.Tensor:
         for blk in self:
@@ -206,20 +251,8 @@ class _TokenParallel:
         return x
 
     def _split_tokens(self, x: torch.Tensor, threads: int, args) -> bool:
-        if self.mode not in ("auto", "tokens", "whole"):
-            raise ValueError(f"{type(self).__name__}.mode must be 'auto', 'tokens' or 'whole', got {self.mode!r}")
-        if (self.mode == "whole" or threads < 2 or x.dim() != 3 or x.shape[0] != 1 or x.dtype != torch.float32
-                or x.shape[1] < threads * MIN_ROWS_PER_THREAD or (torch.is_grad_enabled() and x.requires_grad)):
-            return False
-        if self.mode == "tokens":
-            return True
-        # shared with the slices of this container (ConViT runs `blocks[:10]`, a new container at every call)
-        choices = self.__dict__.setdefault("_choices", {})
-        key = (id(self[0]), len(self), x.shape[1], threads)
-        if key not in choices:
-            choices[key] = calibrate(lambda: self._whole(x, *args),
-                                     lambda: token_parallel_forward(self, x, threads, *args))
-        return choices[key]
+        return _choose(self, x, threads, lambda: self._whole(x, *args),
+                       lambda: token_parallel_forward(self, x, threads, *args))
 
     def __getitem__(self, idx):
         out = super().__getitem__(idx)
@@ -244,6 +277,58 @@ class TokenParallelBlockList(_TokenParallel, nn.ModuleList):
     """nn.ModuleList of frozen transformer blocks (ConViT) with the token-parallel call; a slice is one too."""
 
 
+class TokenParallelMapStage(nn.Sequential):
+    """nn.Sequential of CoAtNet transformer blocks on one B×H×W×C map (a transformer stage): the leading `lead`
+    blocks, which have no row kernel (the first block of a stage pools the map and widens it), run whole; the
+    rest take one image's H·W token rows (a view of the map) as `_TokenParallel` does — shares per thread, one
+    barrier per block, `mode` "auto" / "tokens" / "whole" with the same timed choice — and give the map back.
+    Indexing and iteration are those of the nn.Sequential (the same blocks, in the same places)."""
+
+    runs_as_one = True
+    mode = "auto"
+
+    def __init__(self, modules: dict[str, nn.Module], lead: int):
+        super().__init__(OrderedDict(modules))
+        if not 0 <= lead < len(self):
+            raise ValueError(f"TokenParallelMapStage: lead must be in [0, {len(self)}), got {lead}")
+        self.lead = lead
+
+    @staticmethod
+    def lead_of(seq: nn.Module) -> int | None:
+        """The number of leading blocks without a row kernel when `seq` is a stage this container runs (CoAtNet
+        transformer blocks, at least the last one with a row kernel), else None."""
+        from hybridzoo.models import coatnet
+        if type(seq) is not nn.Sequential or len(seq) == 0 or any(type(b) is not coatnet.TransformerBlock for b in seq):
+            return None
+        kernels = [_kernel(b) for b in seq]
+        lead = 0
+        while lead < len(kernels) and kernels[lead] is None:
+            lead += 1
+        if lead == len(kernels) or any(k is not _relative_block_rows for k in kernels[lead:]):
+            return None
+        return lead
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        for blk in blocks[:self.lead]:
+            x = blk(x)
+        tail = blocks[self.lead:]
+
+        def whole() -> torch.Tensor:
+            h = x
+            for blk in tail:
+                h = blk(h)
+            return h
+
+        if x.dim() == 4:
+            B, H, W, C = x.shape
+            tokens = x.reshape(B, H * W, C)
+            threads = torch.get_num_threads()
+            if _choose(self, tokens, threads, whole, lambda: token_parallel_forward(tail, tokens, threads, H, W)):
+                return token_parallel_forward(tail, tokens, threads, H, W).view(B, H, W, C)
+        return whole()
+
+
 def enable_token_parallel(model: nn.Module) -> None:
     """Replace, in place, every plain nn.Sequential / nn.ModuleList of frozen blocks this module knows inside
     `model` by its token-parallel counterpart."""
@@ -253,3 +338,5 @@ def enable_token_parallel(model: nn.Module) -> None:
                 new = (TokenParallelBlocks(OrderedDict(child._modules)) if type(child) is nn.Sequential
                        else TokenParallelBlockList(list(child)))
                 setattr(parent, name, new)
+            elif (lead := TokenParallelMapStage.lead_of(child)) is not None:
+                setattr(parent, name, TokenParallelMapStage(OrderedDict(child._modules), lead))

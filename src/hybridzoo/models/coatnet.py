@@ -216,11 +216,16 @@ class _FrozenRelativeAttention(nn.Module):
         self.register_buffer("bias", m.relative_bias(*m.feat_size).detach().unsqueeze(0).contiguous(),
                              persistent=False)
 
+    def bias_for(self, height: int, width: int) -> torch.Tensor:
+        """The 1×heads×N×N bias for an H×W grid (the cached one for the built grid)."""
+        if (height, width) == self.feat_size:
+            return self.bias
+        return RelativeAttention.relative_bias(self, height, width).unsqueeze(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
         q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.bias if (H, W) == self.feat_size else RelativeAttention.relative_bias(self, H, W).unsqueeze(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias_for(H, W).to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
 
 
