@@ -199,3 +199,22 @@ def test_errors_are_named():
         TokenParallelMapStage(stage._modules, 3)
     # a stage of only a downsampling block is left alone
     assert TokenParallelMapStage.lead_of(torch.nn.Sequential(stage[0])) is None
+
+
+def test_a_stage_of_stride_1_blocks_only_splits_every_block(threads):
+    model = _coatnet("reduced")
+    plain = optimize_for_cpu_inference(model, split_tokens=False)
+    blocks = list(plain.stages[2])[1:]
+    assert TokenParallelMapStage.lead_of(plain.stages[2]) == 1
+    assert TokenParallelMapStage.lead_of(torch.nn.Sequential(*blocks)) == 0
+    stage = TokenParallelMapStage({str(i): b for i, b in enumerate(blocks)}, 0)
+    stage.mode = "tokens"
+    calls = _record_qkv_calls(stage)
+    threads(2)
+    h = torch.randn(1, 16, 16, 64)
+    with torch.inference_mode():
+        want = torch.nn.Sequential(*blocks)(h)
+        calls.clear()
+        got = stage(h)
+    assert sorted(c[0] for c in calls) == [128] * 4 and {c[2] for c in calls} == {1}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
