@@ -11,6 +11,10 @@ rows against all keys and values, and the rest of the block is row-wise again. T
 consecutive blocks: a thread writing block i+1's rows into the buffer of block i−1 has passed block i's
 barrier, which every other thread reaches only after its attention of block i−1, the last read of that buffer.
 
+CoAtNet's transformer stages (`TokenParallelMapStage`) work on a 1×H×W×C map: the stage's first block pools and
+widens the map and runs whole; the stride-1 blocks after it take the map's H·W rows (a view) in shares the same
+way, each thread adding the relative-position bias rows of its own queries.
+
 Same function as the sequential blocks: every row of every product, LayerNorm and add is computed by the same
 kernels on the same row values; attention over the query rows of one thread is the same softmax per row.
 """
