@@ -162,9 +162,8 @@ def build_pairs(keys: list[str], mobile_former_official: str | None = None):
 
 
 def _splits_tokens(model) -> bool:
-    from hybridzoo.layers.onednn_tokens import TokenParallelBlockList, TokenParallelBlocks, TokenParallelMapStage
-    return any(isinstance(m, (TokenParallelBlocks, TokenParallelBlockList, TokenParallelMapStage))
-               for m in model.modules())
+    from hybridzoo.layers.onednn_tokens import TokenParallelBlockList, TokenParallelBlocks
+    return any(isinstance(m, (TokenParallelBlocks, TokenParallelBlockList)) for m in model.modules())
 
 
 def main() -> None:

@@ -32,11 +32,12 @@ every-row fast`):
   every-row    today's path with the last block computing every token row (`layers.helpers.every_row`), as
                before session 7; `fast` computes only the class token's row there
 CoAtNet's transformer stages at batch 1 (session 8; `--models coatnet_0 --batch 1 --variants map-whole map-tokens
-fast`; the token split engages with ≥ 2 threads only):
-  map-whole    today's path with CoAtNet's transformer stages run whole (every op an OpenMP team of the caller's
-               threads), as before session 8 (`TokenParallelMapStage.mode = "whole"`)
+map-first map-auto`; the token split engages with ≥ 2 threads only):
+  map-whole    CoAtNet's transformer stages run whole (every op an OpenMP team of the caller's threads): today's
+               default (`TokenParallelMapStage.mode = "whole"`), the same as `fast`
   map-tokens   the stride-1 blocks of those stages always as token-row shares, one per thread (mode "tokens")
-  fast         today's path: mode "auto", the faster of the two timed at the first call
+  map-first    map-tokens in the first transformer stage only (S3, 196 tokens), the last one (S4, 49 tokens) whole
+  map-auto     mode "auto": the faster of the two timed at the first call, per stage
 Per round every variant runs one step; the figure is the median over rounds of the per-round ratio
 (before / variant, on process CPU time and on the wall clock), with its min–max, so load that comes and goes
 hits every variant alike.
@@ -113,7 +114,7 @@ def patched(variant: str):
     mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS
     map_mode = TokenParallelMapStage.mode
     try:
-        if variant in ("map-whole", "map-tokens"):
+        if variant in ("map-whole", "map-tokens", "map-auto"):
             TokenParallelMapStage.mode = variant[4:]
         mf.PARALLEL = variant in ("mf-branches", "mf-halves", "mf-rows8")
         mf.SPLIT_ROWS = variant != "mf-branches"
@@ -166,8 +167,17 @@ def main() -> None:
             steps = args.rounds if batch > 4 else 3 * args.rounds
 
             def run(v):
-                with torch.inference_mode(), patched(v):
-                    return (model if v == "eager" else unfrozen if v == "mf-unfrozen" else fast)(x)
+                stages = [m for m in fast.modules() if isinstance(m, TokenParallelMapStage)]
+                try:
+                    if v == "map-first":
+                        stages[0].mode = "tokens"
+                        for s in stages[1:]:
+                            s.mode = "whole"
+                    with torch.inference_mode(), patched(v):
+                        return (model if v == "eager" else unfrozen if v == "mf-unfrozen" else fast)(x)
+                finally:
+                    for s in stages:   # back to the class's mode
+                        s.__dict__.pop("mode", None)
             ref = run("eager")
             for v in args.variants:   # warm-up (weight packing for this shape) and a check of the outputs
                 torch.testing.assert_close(run(v), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))

@@ -31,7 +31,7 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   without the OpenMP fork/join (and the wait for the slower thread) at every LayerNorm, add, softmax and
   product of the forward, which on the 2-vCPU EPYC cost more than the products gain from sharing threads.
 - with `split_tokens=True` (default, fp32) one image through the transformer blocks that support it (ViT / DeiT,
-  ConViT, the stride-1 blocks of CoAtNet's transformer stages) may run as one share of its token rows per intra-op thread, each on one thread, the threads meeting
+  ConViT; CoAtNet's transformer stages only when their `mode` is set) may run as one share of its token rows per intra-op thread, each on one thread, the threads meeting
   once per block where attention needs every key (`layers.onednn_tokens`): batch 1 has no batch to split. Both
   ways are timed at the first call for each token count and the faster is kept. Mobile-Former's frozen block
   (models/mobile_former.py) can run one image's token side beside its first convolution and the rest as two

@@ -11,9 +11,9 @@ rows against all keys and values, and the rest of the block is row-wise again. T
 consecutive blocks: a thread writing block i+1's rows into the buffer of block i−1 has passed block i's
 barrier, which every other thread reaches only after its attention of block i−1, the last read of that buffer.
 
-CoAtNet's transformer stages (`TokenParallelMapStage`) work on a 1×H×W×C map: the stage's first block pools and
-widens the map and runs whole; the stride-1 blocks after it take the map's H·W rows (a view) in shares the same
-way, each thread adding the relative-position bias rows of its own queries.
+CoAtNet's transformer stages (`TokenParallelMapStage`, mode "whole" unless set) work on a 1×H×W×C map: the stage's
+first block pools and widens the map and runs whole; the stride-1 blocks after it take the map's H·W rows (a view) in
+shares the same way, each thread adding the relative-position bias rows of its own queries.
 
 Same function as the sequential blocks: every row of every product, LayerNorm and add is computed by the same
 kernels on the same row values; attention over the query rows of one thread is the same softmax per row.
@@ -286,10 +286,14 @@ class TokenParallelMapStage(nn.Sequential):
     blocks, which have no row kernel (the first block of a stage pools the map and widens it), run whole; the
     rest take one image's H·W token rows (a view of the map) as `_TokenParallel` does — shares per thread, one
     barrier per block, `mode` "auto" / "tokens" / "whole" with the same timed choice — and give the map back.
-    Indexing and iteration are those of the nn.Sequential (the same blocks, in the same places)."""
+    Indexing and iteration are those of the nn.Sequential (the same blocks, in the same places).
+
+    `mode` is "whole" by default: with both cores free the split measured slower than the OpenMP team of two
+    (CoAtNet-0 at batch 1: 0.74–0.83× the whole-stage path), under load 1.4–1.5× faster (benchmarks/RESULTS.md,
+    session 8); "auto" times both at the first call, "tokens" forces the split."""
 
     runs_as_one = True
-    mode = "auto"
+    mode = "whole"
 
     def __init__(self, modules: dict[str, nn.Module], lead: int):
         super().__init__(OrderedDict(modules))
