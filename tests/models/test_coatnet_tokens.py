@@ -108,22 +108,26 @@ def test_full_size_coatnet_0_matches_eager(threads):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("split_batch", [True, False])
-def test_a_batch_runs_the_blocks_whole(threads, split_batch):
+def test_a_batch_runs_the_blocks_whole(threads, variant, split_batch):
     """Batch > 1: the batch split gives each thread its images (or, without it, the blocks run whole on the batch);
     the token split is for one image only."""
-    model = _coatnet("reduced")
+    model = _coatnet(variant)
     fast = optimize_for_cpu_inference(model, split_batch=split_batch)
-    stage = fast.stages[2]
-    stage.mode = "tokens"
-    calls = _record_qkv_calls(stage)
+    stages = [s for s in fast.stages if isinstance(s, TokenParallelMapStage)]
+    for s in stages:
+        s.mode = "tokens"
+    calls = _record_qkv_calls(stages[0])
     threads(2)
-    x = torch.randn(3, 3, 256, 256)
+    img = model.img_size[0]
+    x = torch.randn(3, 3, img, img)
     with torch.inference_mode():
         out, eager = fast(x), model(x)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+    tail = len(stages[0]) - stages[0].lead
     rows = [c[0] for c in calls]
-    assert rows == ([256, 256] * 2 if split_batch else [256] * 2)   # whole maps, never a share of one
+    assert rows == [256] * tail * (2 if split_batch else 1)   # whole maps (16 × 16 here), never a share of one
 
 
 def test_one_intra_op_thread_or_too_few_rows_run_whole(threads):
