@@ -22,7 +22,7 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from _common import logits_of  # noqa: I001  (also puts this checkout's src/ on sys.path)
+from _common import add_malloc_option, apply_malloc, logits_of  # noqa: I001  (also puts this checkout's src/ on sys.path)
 
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
@@ -52,7 +52,9 @@ def main() -> None:
     ap.add_argument("--scaling", action="store_true",
                     help="per operator and shape: time per step at 1 thread and at --threads, and the ratio")
     ap.add_argument("--steps", type=int, default=10, help="profiled steps per thread count (--scaling)")
+    add_malloc_option(ap)
     args = ap.parse_args()
+    apply_malloc(args)
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, args.img, args.img)
     for name in args.models:
