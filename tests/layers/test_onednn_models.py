@@ -206,8 +206,27 @@ def test_conv_weight_is_packed_once_per_input_shape():
         x = torch.randn(shape)
         with torch.inference_mode():
             torch.testing.assert_close(fused(x), torch.relu(conv(x)), rtol=1e-4, atol=1e-4)
-        assert shape in fused._packed
+        assert (*shape, torch.get_num_threads()) in fused._packed
         assert len(fused._packed) <= OneDNNConv2d.MAX_PACKED_SHAPES
+
+
+def test_conv_weight_is_packed_again_under_another_thread_count():
+    # oneDNN lays the packed weight out for the threads it was packed under; reused under another count it ran
+    # 8–13× slower (BoT50's 1×1 residual convolutions at 14², batch 1 after a batch of 2 split into 1-thread parts)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 1)
+    fused = OneDNNConv2d(conv, act=nn.ReLU())
+    x, other = torch.randn(1, 8, 6, 6), torch.randn(1, 16, 6, 6)
+    ref = torch.relu(conv(x) + other)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                torch.testing.assert_close(fused(x, other.clone()), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(saved)
+    assert set(fused._packed) == {(1, 8, 6, 6, 1), (1, 8, 6, 6, 2)}
 
 
 def test_conv_weight_packing_from_several_threads_at_once():

@@ -136,9 +136,9 @@ class OneDNNConv2d(nn.Module):
     worth up to 4× on the residual 1×1 convolutions of a ResNet stage (fresh 100 MB outputs are mmap'd and
     page-faulted at every call). Only for a caller that owns `other` (see `InplaceChain`).
 
-    The weight is packed into oneDNN's blocked layout for the actual input shape, once per shape (a few
-    shapes are cached): measured on the EPYC machine (1 thread) that is worth up to 3.5× at batch 1 over a
-    plain channels-last weight (1024→2048, stride 2 at 14×14: 24 → 85 GFLOP/s) and nothing at batch 32.
+    The weight is packed into oneDNN's blocked layout for the actual input shape, once per shape and intra-op
+    thread count (a few are cached): measured on the EPYC machine (1 thread) that is worth up to 3.5× at batch 1
+    over a plain channels-last weight (1024→2048, stride 2 at 14×14: 24 → 85 GFLOP/s) and nothing at batch 32.
     A 1×1, stride-1, ungrouped convolution without a residual runs as oneDNN's inner product over the
     channels-last pixels (`pointwise`), which is as fast as the shape-packed convolution at these shapes.
     """
@@ -181,17 +181,20 @@ class OneDNNConv2d(nn.Module):
         self.bias = None if conv.bias is None else conv.bias.detach()
 
     def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
-        shape = tuple(x.shape)
-        w = self._packed.get(shape)
+        # keyed by the intra-op thread count too: oneDNN picks the blocked layout for the threads it packs
+        # under, and a weight packed under one count runs 8–13× slower under another (a 1×1 residual
+        # convolution of BoT50 at 14²; a batch of 2 split into two 1-thread parts, then one image on 2 threads)
+        key = (*x.shape, torch.get_num_threads())
+        w = self._packed.get(key)
         if w is None:
             w = torch.ops.mkldnn._reorder_convolution_weight(
-                self.conv_weight, self.padding, self.stride, self.dilation, self.groups, list(shape))
+                self.conv_weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
             # the batch split calls this from two threads at once (an odd batch gives two new shapes): the
             # eviction must not pop the same oldest entry twice
             with _PACK_LOCK:
                 while len(self._packed) >= self.MAX_PACKED_SHAPES:
                     self._packed.pop(next(iter(self._packed)))
-                self._packed[shape] = w
+                self._packed[key] = w
         return w
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
