@@ -18,3 +18,12 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def threads():
+    """`torch.set_num_threads`, for tests that set their own intra-op thread counts; the count the process had is
+    restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

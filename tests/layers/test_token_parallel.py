@@ -24,13 +24,6 @@ from _helpers import error_on_watchdog, perturb  # tests/conftest.py puts tests/
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def _deit(img: int = 96, **kw):
     card = get_card("deit_small_patch16_224")
     torch.manual_seed(0)

@@ -19,13 +19,6 @@ from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @torch.no_grad()
 def _random_gates(model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(1)
