@@ -212,7 +212,7 @@ def test_conv_weight_is_packed_once_per_input_shape():
 
 def test_conv_weight_is_packed_again_under_another_thread_count():
     # oneDNN lays the packed weight out for the threads it was packed under; reused under another count it ran
-    # 8–13× slower (BoT50's 1×1 residual convolutions at 14², batch 1 after a batch of 2 split into 1-thread parts)
+    # 13–14× slower (BoT50's 1×1 residual convolutions at 14², batch 1 after a batch of 2 split into 1-thread parts)
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 1)
     fused = OneDNNConv2d(conv, act=nn.ReLU())

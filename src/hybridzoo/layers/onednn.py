@@ -182,7 +182,7 @@ class OneDNNConv2d(nn.Module):
 
     def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
         # keyed by the intra-op thread count too: oneDNN picks the blocked layout for the threads it packs
-        # under, and a weight packed under one count runs 8–13× slower under another (a 1×1 residual
+        # under, and a weight packed under one count runs 13–14× slower under another (a 1×1 residual
         # convolution of BoT50 at 14²; a batch of 2 split into two 1-thread parts, then one image on 2 threads)
         key = (*x.shape, torch.get_num_threads())
         w = self._packed.get(key)
