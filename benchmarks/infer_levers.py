@@ -177,12 +177,13 @@ def patched(variant: str):
     gpsa_saved = convit._FrozenGPSA, onednn_tokens._gpsa_block_rows
     inner = OneDNNConv2d.INNER_PRODUCT_1X1
     mf = mobile_former._FrozenMobileFormerBlock
-    mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL
+    mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL, mf.SPLIT_MULTIPLIER
     per_image = mobile_former._FrozenDynamicReLU.PER_IMAGE
     mlp_saved = FrozenMlp.CHUNK_ABOVE, FrozenMlp.CHUNK_BYTES
     try:
         mobile_former._FrozenDynamicReLU.PER_IMAGE = variant not in ("mf-dyrelu-batch", "mf-s7")
         mf.F2M_BLOCK_DIAGONAL = variant not in ("mf-f2m-sdpa", "mf-s7")
+        mf.SPLIT_MULTIPLIER = variant not in ("mf-grouped", "mf-s7")   # read when the copy is built
         if variant == "mlp-whole":
             FrozenMlp.CHUNK_ABOVE = float("inf")
         if variant.startswith("mlp-chunk-"):
@@ -209,7 +210,7 @@ def patched(variant: str):
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1 = inner
         convit._FrozenGPSA, onednn_tokens._gpsa_block_rows = gpsa_saved
-        mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL = mf_saved
+        mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL, mf.SPLIT_MULTIPLIER = mf_saved
         mobile_former._FrozenDynamicReLU.PER_IMAGE = per_image
         FrozenMlp.CHUNK_ABOVE, FrozenMlp.CHUNK_BYTES = mlp_saved
 
@@ -222,19 +223,6 @@ def unfrozen_mobile_former(model):
         return optimize_for_cpu_inference(model)
     finally:
         mobile_former.MobileFormerBlock.freeze_for_cpu_inference = freeze
-
-
-def built_with(model, **flags):
-    """optimize_for_cpu_inference(model) built with `_FrozenMobileFormerBlock` class flags set (build-time levers)."""
-    mf = mobile_former._FrozenMobileFormerBlock
-    saved = {k: getattr(mf, k) for k in flags}
-    try:
-        for k, v in flags.items():
-            setattr(mf, k, v)
-        return optimize_for_cpu_inference(model)
-    finally:
-        for k, v in saved.items():
-            setattr(mf, k, v)
 
 
 def main() -> None:
@@ -257,12 +245,10 @@ def main() -> None:
         built = {}
         if "mf-unfrozen" in args.variants:
             built["mf-unfrozen"] = unfrozen_mobile_former(model)
-        for v in ("mf-grouped", "mf-s7"):
+        for v in ("mf-grouped", "mf-s7", "gpsa-before"):   # variants that change what the copy is built from
             if v in args.variants:
-                built[v] = built_with(model, SPLIT_MULTIPLIER=False)
-        if "gpsa-before" in args.variants:
-            with patched("gpsa-before"):
-                built["gpsa-before"] = optimize_for_cpu_inference(model)
+                with patched(v):
+                    built[v] = optimize_for_cpu_inference(model)
         for batch in args.batch:
             x = torch.randn(batch, 3, 224, 224)
             steps = args.rounds if batch > 4 else 3 * args.rounds

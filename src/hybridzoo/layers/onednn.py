@@ -379,11 +379,10 @@ class FrozenMlp(nn.Module):
         if fc1.out_features != fc2.in_features:
             raise ValueError(f"FrozenMlp: fc1 gives {fc1.out_features} features but fc2 takes {fc2.in_features}")
         self.fc1, self.fc2 = fc1, fc2
-        self.hidden_features = fc1.out_features
 
     def chunk_rows(self, rows: int) -> int:
         """Rows per chunk for an input of `rows` rows; `rows` itself when it runs whole."""
-        hidden = self.hidden_features * self.fc1.dtype.itemsize
+        hidden = self.fc1.out_features * self.fc1.dtype.itemsize
         if rows * hidden <= self.CHUNK_ABOVE:
             return rows
         return max(1, self.CHUNK_BYTES // hidden)

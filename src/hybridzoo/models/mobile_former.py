@@ -127,6 +127,12 @@ def _scratch(like: torch.Tensor) -> torch.Tensor:
     return buf[:like.numel()].as_strided(like.shape, like.stride())
 
 
+def _conv_output_size(size, kernel, padding, stride, dilation) -> tuple[int, ...]:
+    """A zero-padded convolution's output size along each spatial dimension of `size`."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, p, s, d in zip(size, kernel, padding, stride, dilation))
+
+
 def _is_multiplier_conv(seq: nn.Module) -> bool:
     """A ConvBnAct whose convolution is depthwise with a channel multiplier m > 1 (groups = in_channels, m outputs
     per input channel: the Mobile-Former dw1 / dw2 of the downsampling blocks and the lite block's dw)."""
@@ -180,8 +186,7 @@ class _MultiplierDepthwise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts[0]
-        rows, cols = ((n + 2 * pad - d * (k - 1) - 1) // s + 1 for n, k, pad, s, d in
-                      zip(x.shape[2:], p.kernel_size, p.padding, p.stride, p.dilation))
+        rows, cols = _conv_output_size(x.shape[2:], p.kernel_size, p.padding, p.stride, p.dilation)
         if x.shape[0] * rows * cols * self.in_channels >= self.PARTS_MIN_ELEMENTS:
             return torch.cat([part(x) for part in self.parts], dim=1)
         y = self.grouped(x).permute(0, 2, 3, 1)   # channels-last: B×H×W×(C·m), channel g·m + j
@@ -569,9 +574,7 @@ class _FrozenMobileFormerBlock(nn.Module):
         """(H, W) of the first convolution's output."""
         if not self.downsample:
             return x.shape[2], x.shape[3]   # pw1: 1×1, stride 1
-        kernel, padding, stride, dilation = self.first_geometry
-        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, p, s, d in
-                     zip(x.shape[2:], kernel, padding, stride, dilation))
+        return _conv_output_size(x.shape[2:], *self.first_geometry)
 
     def _can_split_rows(self, rows: int) -> bool:
         # ungrouped pointwise convolutions (no channel shuffle) and a stride-1 depthwise after the first
@@ -664,13 +667,10 @@ class _FrozenMobileFormerBlock(nn.Module):
             except threading.BrokenBarrierError:
                 future.result()   # the other thread failed first: raise its error
                 raise
-            except BaseException:
-                barrier.abort()
-                raise
             future.result()
             return out, z
         except BaseException:
-            # the second thread must have finished before this one returns: its torch.set_num_threads(1) also sets the
+            # the other thread must not wait at the barrier forever, and must have finished before this one returns: its torch.set_num_threads(1) also sets the
             # process-wide default that a thread reads at its first parallel op, so a second thread still starting up
             # after an error here could leave a later caller with one thread (seen as a flaky thread-count check)
             barrier.abort()
