@@ -10,22 +10,26 @@ import textwrap
 import pytest
 
 from hybridzoo.engine import cpu_memory
-from hybridzoo.engine.cpu_memory import GLIBC_MMAP_THRESHOLD_MAX, allocator_in_use, tune_glibc_malloc
+from hybridzoo.engine.cpu_memory import GLIBC_HEAP_MAX, GLIBC_MMAP_THRESHOLD_MAX, allocator_in_use, tune_glibc_malloc
 
 glibc_only = pytest.mark.skipif(cpu_memory._glibc() is None, reason="the C library is not glibc")
 
 # Three 24 MiB blocks malloc'd, written and freed four times (straight through the C library, so that no other
-# allocation lands between them); the page faults of the last round. Untuned glibc returns the freed top of the heap
-# to the kernel each round once it exceeds twice the largest block it has mmap'd.
+# allocation lands between them), on the main thread or on another one (whose arena is made of heaps of at most
+# 64 MiB, so the three blocks span two of them); the page faults of the last round on that thread. Untuned glibc
+# returns the freed top of the heap to the kernel each round once it exceeds twice the largest block it has mmap'd;
+# another thread's arena unmaps its wholly free heap each round unless the top pad keeps it.
 _FAULTS = textwrap.dedent("""
-    import ctypes, resource, sys
+    import ctypes, resource, sys, threading
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
     libc.free.argtypes = (ctypes.c_void_p,)
     libc.memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
-    if sys.argv[1] == "tuned":
+    mode, where = sys.argv[1], sys.argv[2]
+    if mode != "default":
         from hybridzoo.engine.cpu_memory import tune_glibc_malloc
-        assert tune_glibc_malloc() is not None
+        # "glibc-pad": the thresholds raised, the top pad left at glibc's own 128 KiB
+        assert tune_glibc_malloc(**({"top_pad": 128 << 10} if mode == "glibc-pad" else {})) is not None
     n = 24 << 20
     def one_round():
         blocks = [libc.malloc(n) for _ in range(3)]
@@ -33,16 +37,25 @@ _FAULTS = textwrap.dedent("""
             libc.memset(p, 1, n)
         for p in reversed(blocks):
             libc.free(p)
-    for _ in range(3):
+    faults = []
+    def measure():
+        for _ in range(3):
+            one_round()
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         one_round()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    one_round()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    if where == "thread":
+        t = threading.Thread(target=measure)
+        t.start()
+        t.join()
+    else:
+        measure()
+    print(faults[0])
 """)
 
 
-def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+def _faults(mode: str, where: str = "main") -> int:
+    out = subprocess.run([sys.executable, "-c", _FAULTS, mode, where], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -51,6 +64,13 @@ def test_tuned_glibc_reuses_freed_tensor_memory_without_page_faults():
     # untuned, at least two of the blocks (12,288 pages) are returned to the kernel and faulted back in
     assert _faults("default") > 8192
     assert _faults("tuned") < 256
+
+
+@glibc_only
+def test_tuned_glibc_keeps_the_heaps_of_other_threads():
+    # the batch split's second thread: raised thresholds alone still lose one block (6,144 pages) per round
+    assert _faults("glibc-pad", "thread") > 4096
+    assert _faults("tuned", "thread") < 256
 
 
 @pytest.fixture
@@ -63,6 +83,7 @@ def fresh(monkeypatch):
 def test_tune_reports_its_settings_and_is_idempotent(fresh):
     first = tune_glibc_malloc()
     assert first["mmap_threshold"] == GLIBC_MMAP_THRESHOLD_MAX and first["trim_threshold"] == 1 << 30
+    assert first["top_pad"] == GLIBC_HEAP_MAX == 64 << 20
     assert first["allocator"].startswith("glibc ")
     assert tune_glibc_malloc(mmap_threshold=1 << 20) == first  # the first call's settings stand
     assert allocator_in_use().endswith("(mallopt-tuned)")
@@ -73,6 +94,7 @@ def test_tune_reports_its_settings_and_is_idempotent(fresh):
     ({"mmap_threshold": 0}, "mmap_threshold must be a positive number of bytes"),
     ({"trim_threshold": -5}, "trim_threshold must be a positive number of bytes"),
     ({"trim_threshold": 1.5}, "trim_threshold must be a positive number of bytes"),
+    ({"top_pad": 0}, "top_pad must be a positive number of bytes"),
 ])
 def test_bad_settings_are_refused(fresh, kwargs, match):
     with pytest.raises(ValueError, match=match):
