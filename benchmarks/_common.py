@@ -162,24 +162,62 @@ def count_macs_safe(model: nn.Module, x: torch.Tensor) -> int | None:
 
 
 def run_interleaved(contestants: list[Contestant], rounds: int, steps_per_round: int = 1, warmup: int = 1,
-                    log: Callable[[str], None] = print) -> None:
-    """Warm every contestant up, then time `steps_per_round` steps of each, round-robin, `rounds` times."""
+                    log: Callable[[str], None] = print,
+                    reference: Callable[[], float] | None = None) -> list[float]:
+    """Warm every contestant up, then time `steps_per_round` steps of each, round-robin, `rounds` times.
+
+    `reference` (e.g. `round_peak`): run once at the start of every round, its values returned in round order —
+    the machine's GEMM peak measured beside each round's steps, so that a share of the peak compares figures
+    of the same minutes (this machine's peak moved by 7% between runs minutes apart)."""
     for c in contestants:
         for _ in range(warmup):
             c.step()
+    values = []
     for r in range(rounds):
+        if reference is not None:
+            values.append(reference())
         for c in contestants:
             for _ in range(steps_per_round):
                 w0, c0 = time.perf_counter(), time.process_time()
                 c.step()
                 c.wall.append(time.perf_counter() - w0)
                 c.cpu.append(time.process_time() - c0)
-        log(f"  round {r + 1}/{rounds} done, load average {load_average()}")
+        log(f"  round {r + 1}/{rounds} done, load average {load_average()}"
+            + (f", round peak {values[-1]:.0f} GFLOP/s" if values else ""))
+    return values
+
+
+ROUND_PEAK_SHAPE = (32 * 197, 384, 1536)  # quick_peak's first shape (DeiT-S fc1 at batch 32)
+
+
+def round_peak(calls: int = 4) -> Callable[[], float]:
+    """A reference for `run_interleaved`: the best GFLOP/s of `calls` fp32 products at ROUND_PEAK_SHAPE, each
+    through oneDNN's packed inner product (where this PyTorch has it) and MKL, on the threads set when it runs."""
+    M, K, N = ROUND_PEAK_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen) / K ** 0.5, torch.randn(N, generator=gen)
+    routes = [lambda: F.linear(x, w, b)]
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        routes.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""))
+
+    def measure() -> float:
+        best = 0.0
+        with torch.inference_mode():
+            for route in routes:
+                route()
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    route()
+                    best = max(best, 2 * M * K * N / (time.perf_counter() - t0) / 1e9)
+        return best
+    return measure
 
 
 def summarise(c: Contestant, batch_size: int, flops_per_mac: float) -> dict[str, Any]:
     wall, cpu = statistics.median(c.wall), statistics.median(c.cpu)
-    res = {"name": c.name, "group": c.group, "impl": c.impl, "batch_size": batch_size, "note": c.note,
+    res = {"name": c.name, "group": c.group, "impl": c.impl, "batch_size": batch_size, "flops_per_mac": flops_per_mac,
+           "note": c.note,
            "params": c.params, "macs_per_image": c.macs_per_image, "steps": len(c.wall),
            "median_wall_s": wall, "median_cpu_s": cpu, "min_wall_s": min(c.wall),
            "images_per_s": batch_size / wall, "images_per_cpu_s": batch_size / cpu,
@@ -251,24 +289,43 @@ def add_ratios(rows: list[dict[str, Any]], peak: dict[str, Any]) -> None:
         if peak.get("peak_gflops") and r.get("gflops_per_s"):
             r["share_of_peak"] = r["gflops_per_s"] / peak["peak_gflops"]
             r["share_of_peak_cpu"] = r["gflops_per_cpu_s"] / peak["peak_gflops_cpu"]
+        shares = round_shares(r)
+        if shares:
+            r["share_rounds"] = shares
+            r["share_round_median"] = statistics.median(shares)
+            r["share_round_min"], r["share_round_max"] = min(shares), max(shares)
+
+
+def round_shares(row: dict[str, Any]) -> list[float]:
+    """Round by round: the contestant's GFLOP/s in that round over the peak measured at the round's start."""
+    peaks, wall, rounds = row.get("round_peak_gflops") or [], row.get("wall_s", []), row.get("rounds", 0)
+    if not row.get("macs_per_image") or not rounds or len(peaks) != rounds or not wall or len(wall) % rounds:
+        return []
+    spr = len(wall) // rounds
+    flops = row["macs_per_image"] * row["flops_per_mac"] * row["batch_size"] * spr
+    return [flops / sum(wall[i * spr:(i + 1) * spr]) / 1e9 / peaks[i] for i in range(rounds)]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("| scenario | model | impl | batch | img/s (wall) | img/s per CPU-s | ms/step | GMAC/img | GFLOP/s | "
-          "share of peak (wall / CPU) | ours / ref (wall / CPU) | per-round ratio: median [IQR] min–max (rounds) |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "share of peak (wall / CPU) | share of the round's peak: median (min–max) | ours / ref (wall / CPU) | "
+          "per-round ratio: median [IQR] min–max (rounds) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         macs = f"{r['macs_per_image'] / 1e9:.2f}" if r.get("macs_per_image") else "–"
         gf = f"{r['gflops_per_s']:.0f}" if r.get("gflops_per_s") else "–"
         share = (f"{100 * r['share_of_peak']:.0f}% / {100 * r['share_of_peak_cpu']:.0f}%"
                  if r.get("share_of_peak") else "–")
+        round_share = (f"{100 * r['share_round_median']:.0f}% ({100 * r['share_round_min']:.0f}–"
+                       f"{100 * r['share_round_max']:.0f}%)" if "share_rounds" in r else "–")
         ours = r["impl"].startswith("ours")
         ratio = (f"{r['ratio_vs_ref']:.2f} / {r['ratio_vs_ref_cpu']:.2f}" if "ratio_vs_ref" in r and ours else "")
         spread = (f"{r['ratio_round_median']:.2f} [{r['ratio_q1']:.2f}–{r['ratio_q3']:.2f}] "
                   f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f} ({len(r['ratio_rounds'])})"
                   if "ratio_rounds" in r and ours else "")
         print(f"| {r['scenario']} | {r['name']} | {r['impl']} | {r['batch_size']} | {r['images_per_s']:.2f} | "
-              f"{r['images_per_cpu_s']:.2f} | {1000 * r['median_wall_s']:.0f} | {macs} | {gf} | {share} | {ratio} | "
+              f"{r['images_per_cpu_s']:.2f} | {1000 * r['median_wall_s']:.0f} | {macs} | {gf} | {share} | "
+              f"{round_share} | {ratio} | "
               f"{spread} |")
 
 
@@ -289,15 +346,17 @@ def run_scenarios(scenarios: list[tuple[str, int, float, Callable[[], list[Conte
     env = environment(threads)
     env.update(env_extra or {})
     peak_res = quick_peak(threads) if peak else {}
+    reference = round_peak() if peak else None
     print(f"# {env['cpu']}, {threads} threads, torch {env['torch']}, load average {env['loadavg_start']}; "
           f"matmul peak {peak_res.get('wall')} GFLOP/s (wall), {peak_res.get('cpu')} (per CPU-second)", flush=True)
     rows = []
     for name, bs, fpm, make_contestants, rounds, spr in scenarios:
         contestants = make_contestants()
         print(f"[{name}] batch {bs}: " + ", ".join(c.name for c in contestants), flush=True)
-        run_interleaved(contestants, rounds, spr, log=lambda s: print(s, flush=True))
+        peaks = run_interleaved(contestants, rounds, spr, log=lambda s: print(s, flush=True), reference=reference)
         for c in contestants:
-            rows.append({"scenario": name, "rounds": rounds, **summarise(c, bs, fpm)})
+            rows.append({"scenario": name, "rounds": rounds, **summarise(c, bs, fpm),
+                         **({"round_peak_gflops": peaks} if peaks else {})})
     env["loadavg_end"] = load_average()
     add_ratios(rows, peak_res)
     print()
