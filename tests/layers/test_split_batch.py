@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import hybridzoo
-from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference, split_batch_forward
+from hybridzoo.layers import onednn
+from hybridzoo.layers.onednn import images_per_call, onednn_available, optimize_for_cpu_inference, split_batch_forward
 from hybridzoo.registry import get_card
 from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
 
@@ -26,9 +27,9 @@ pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in thi
 class Recorder(nn.Module):
     """A linear layer that records, per call, the batch it saw and the thread state it ran under."""
 
-    def __init__(self, out: str = "tensor"):
+    def __init__(self, out: str = "tensor", width: int = 5):
         super().__init__()
-        self.fc = nn.Linear(8, 5)
+        self.fc = nn.Linear(8, width)
         self.out = out
         self.calls: list[tuple[int, int, int, bool]] = []
 
@@ -50,6 +51,18 @@ MODELS = ["deit_small_patch16_224", "convit_tiny", "convit_small", "cvt_13", "vv
 
 @pytest.mark.parametrize("name", MODELS)
 def test_split_batch_gives_the_whole_batch_outputs(name, two_threads):
+    _check_split_outputs(name)
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_tiny", "cvt_13", "botnet_bot50", "coatnet_0",
+                                  "mobile_former_26m"])
+def test_sub_batches_give_the_whole_batch_outputs(name, two_threads, monkeypatch):
+    # every part of the batch runs one image at a time
+    monkeypatch.setattr(onednn, "images_per_call", lambda forward, x: 1)
+    _check_split_outputs(name, batch=5)
+
+
+def _check_split_outputs(name: str, batch: int = 3) -> None:
     if name not in hybridzoo.list_models():
         pytest.skip(f"{name} is not registered in this checkout")
     card = get_card(name)
@@ -58,7 +71,7 @@ def test_split_batch_gives_the_whole_batch_outputs(name, two_threads):
     perturb(model)
     whole = optimize_for_cpu_inference(model, split_batch=False)
     split = optimize_for_cpu_inference(model)
-    x = torch.randn(3, *(card.test_input_size or card.input_size))
+    x = torch.randn(batch, *(card.test_input_size or card.input_size))
     with torch.inference_mode():
         ref, out, eager = whole(x), split(x), model(x)
     ref, out, eager = (t if isinstance(t, torch.Tensor) else t[0] for t in (ref, out, eager))
@@ -75,10 +88,12 @@ def test_each_part_runs_on_its_own_thread_with_one_intra_op_thread(two_threads):
     x = torch.randn(5, 8)
     with torch.inference_mode():
         y, m = fast(x)
-    assert [c[0] for c in fast.calls] == [3, 2]                     # tensor_split: 3 + 2 rows
-    assert len({c[1] for c in fast.calls}) == 2                      # two threads
-    assert all(c[2] == 1 for c in fast.calls)                        # one intra-op thread each
-    assert all(c[3] for c in fast.calls)                             # the caller's inference mode holds
+    probe, *parts = fast.calls
+    assert probe[:3] == (1, threading.get_ident(), 1)               # one input's sizes, once per shape
+    assert [c[0] for c in parts] == [3, 2]                          # tensor_split: 3 + 2 rows
+    assert len({c[1] for c in parts}) == 2                          # two threads
+    assert all(c[2] == 1 for c in parts)                            # one intra-op thread each
+    assert all(c[3] for c in fast.calls)                            # the caller's inference mode holds
     assert torch.get_num_threads() == 2                              # and the caller's setting is back
     with torch.no_grad():
         torch.testing.assert_close(y, plain.fc(x))
@@ -92,8 +107,9 @@ def test_outputs_that_are_not_per_input_fall_back_to_the_whole_batch(out, two_th
     x = torch.randn(4, 8)
     with torch.inference_mode():
         first, second = fast(x), fast(x)
-    # the first call found out (parts of 2, then the whole batch); the second goes straight to the whole batch
-    assert [c[0] for c in fast.calls] == [2, 2, 4, 4]
+    # the first call found out (the probe, parts of 2, then the whole batch); the second goes straight to the whole
+    # batch
+    assert [c[0] for c in fast.calls] == [1, 2, 2, 4, 4]
     with torch.inference_mode():
         want = fast.fc(x) if out == "dict" else fast.fc(x).sum(0)
     for got in (first, second):
@@ -106,7 +122,76 @@ def test_no_split_at_batch_one_or_one_thread(two_threads):
         fast(torch.randn(1, 8))
         torch.set_num_threads(1)
         fast(torch.randn(4, 8))
-    assert [c[0] for c in fast.calls] == [1, 4]
+    assert [c[0] for c in fast.calls] == [1, 1, 4]    # batch 1; the probe of the 4-row batch, which runs whole
+    assert len({c[1] for c in fast.calls}) == 1
+
+
+# Recorder(width=64): 256 bytes per row of its output; a limit of 600 bytes lets 2 rows through at once
+@pytest.fixture
+def two_rows_per_call(monkeypatch):
+    monkeypatch.setattr(onednn, "SUB_BATCH_BYTES", 600)
+
+
+def test_a_part_above_the_limit_runs_in_sub_batches(two_threads, two_rows_per_call):
+    plain = Recorder(width=64)
+    fast = optimize_for_cpu_inference(plain)
+    x = torch.randn(7, 8)
+    with torch.inference_mode():
+        y, m = fast(x)
+        fast(x)
+    first = fast.calls[:5]
+    assert first[0][0] == 1                                          # the probe
+    # parts of 4 and 3 rows, each in about equal sub-batches of at most 2 rows, on its own thread
+    by_thread: dict[int, list[int]] = {}
+    for rows, ident, threads, _ in first[1:]:
+        by_thread.setdefault(ident, []).append(rows)
+        assert threads == 1
+    assert sorted(by_thread.values()) == [[2, 1], [2, 2]]
+    assert [c[0] for c in fast.calls[5:]] != [] and all(c[0] <= 2 for c in fast.calls[5:])   # no probe again
+    assert len(fast.calls) == 9
+    with torch.no_grad():
+        torch.testing.assert_close(y, plain.fc(x))
+        torch.testing.assert_close(m, plain.fc(x).mean(-1))
+
+
+def test_one_thread_runs_sub_batches_on_the_calling_thread(two_threads, monkeypatch):
+    monkeypatch.setattr(onednn, "SUB_BATCH_BYTES", 800)    # 3 rows of 256 bytes
+    plain = Recorder(width=64)
+    fast = optimize_for_cpu_inference(plain)
+    torch.set_num_threads(1)
+    x = torch.randn(7, 8)
+    with torch.inference_mode():
+        y, _ = fast(x)
+    assert [c[0] for c in fast.calls] == [1, 3, 2, 2]    # the probe, then about equal sub-batches (not 3, 3, 1)
+    assert {c[1] for c in fast.calls} == {threading.get_ident()}
+    with torch.no_grad():
+        torch.testing.assert_close(y, plain.fc(x))
+
+
+def test_an_input_above_the_limit_alone_runs_its_part_whole(two_threads, monkeypatch):
+    monkeypatch.setattr(onednn, "SUB_BATCH_BYTES", 100)    # one row's 256 bytes are already above it
+    fast = optimize_for_cpu_inference(Recorder(width=64))
+    with torch.inference_mode():
+        fast(torch.randn(6, 8))
+    assert sorted(c[0] for c in fast.calls) == [1, 3, 3]
+
+
+def test_sub_batches_of_outputs_that_are_not_per_input_fall_back_to_the_whole_batch(two_threads, two_rows_per_call):
+    fast = optimize_for_cpu_inference(Recorder("pooled", width=64))
+    x = torch.randn(6, 8)
+    with torch.inference_mode():
+        got = fast(x)
+        want = fast.fc(x).sum(0)
+    torch.testing.assert_close(got, want)
+    assert not fast._split_ok and fast.calls[-1][0] == 6
+
+
+def test_images_per_call_counts_the_largest_tensor_of_one_input():
+    class Wide(nn.Module):
+        def forward(self, x):
+            return (x.repeat(1, 250) * 2).sum(-1)   # 1,000 floats per row in between, 4,000 bytes
+    assert images_per_call(Wide(), torch.randn(9, 4)) == onednn.SUB_BATCH_BYTES // 4000
+    assert images_per_call(lambda x: x.new_zeros(9 << 20), torch.randn(3, 4)) is None   # 36 MiB alone
 
 
 def test_a_failing_part_restores_the_thread_setting(two_threads):
