@@ -47,19 +47,24 @@ def _call(model: nn.Module, x: Any):
     return model(*x) if isinstance(x, tuple) else model(x)
 
 
-class _OutputBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor an op allocates (views allocate nothing)."""
+class OutputBytes(TorchDispatchMode):
+    """The bytes of the tensors the ops run under it allocate (views allocate nothing): their sum (`total`) and
+    the largest dense one (`largest`; oneDNN's packed weights, opaque tensors made once per shape, left out)."""
 
     def __init__(self):
         super().__init__()
         self.total = 0
+        self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not getattr(func, "is_view", False):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
-                    self.total += t.numel() * t.element_size()
+                    nbytes = t.numel() * t.element_size()
+                    self.total += nbytes
+                    if t.layout is torch.strided:
+                        self.largest = max(self.largest, nbytes)
         return out
 
 
@@ -76,7 +81,7 @@ def forward_profile(model: nn.Module, x: Any) -> dict[str, int]:
     from hybridzoo.layers.helpers import every_row
 
     with (every_row(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter,
-          _OutputBytes() as out_bytes):
+          OutputBytes() as out_bytes):
         _call(model, x)
     return {"macs": counter.get_total_flops() // 2, "activation_bytes": out_bytes.total}
 

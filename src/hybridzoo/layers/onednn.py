@@ -65,10 +65,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
 from hybridzoo.layers.mlp import Mlp, QuickGELU
+from hybridzoo.profile import OutputBytes
 
 __all__ = ["FrozenMlp", "InplaceChain", "OneDNNConv2d", "OneDNNLinear", "conv_post_op", "fold_batch_norm",
            "optimize_for_cpu_inference", "onednn_available", "split_batch_forward", "QUICK_GELU_ALPHA"]
@@ -525,21 +523,6 @@ def split_batch_forward(forward, x: torch.Tensor, threads: int | None = None):
 SUB_BATCH_BYTES = 32 * 1024 * 1024
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the size in bytes of the largest tensor any operator returns while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.nbytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.layout is torch.strided:
-                self.nbytes = max(self.nbytes, t.numel() * t.element_size())
-        return out
-
-
 def images_per_call(forward, x: torch.Tensor) -> int | None:
     """How many inputs of x's shape `forward` can take at once with every tensor of the forward under
     SUB_BATCH_BYTES, from one input's forward on one intra-op thread; None when one input alone goes above it
@@ -547,13 +530,13 @@ def images_per_call(forward, x: torch.Tensor) -> int | None:
     before = torch.get_num_threads()
     torch.set_num_threads(1)   # the path a part of the batch split takes (one image never reaches the token split)
     try:
-        with _LargestOutput() as probe:
+        with OutputBytes() as probe:
             forward(x[:1])
     finally:
         torch.set_num_threads(before)
-    if probe.nbytes == 0 or probe.nbytes > SUB_BATCH_BYTES:
+    if probe.largest == 0 or probe.largest > SUB_BATCH_BYTES:
         return None
-    return SUB_BATCH_BYTES // probe.nbytes
+    return SUB_BATCH_BYTES // probe.largest
 
 
 def in_sub_batches(forward, per_call: int | None):
