@@ -65,6 +65,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+
 from hybridzoo.layers.mlp import Mlp, QuickGELU
 from hybridzoo.profile import OutputBytes
 
