@@ -32,7 +32,7 @@ if str(REPO / "src") not in sys.path:  # this checkout's hybridzoo, whichever in
     sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peak import cpu_name, load_average, measure_peak  # noqa: E402
+from peak import cpu_name, linear_routes, load_average, measure_peak  # noqa: E402
 
 from hybridzoo.engine.cpu_memory import allocator_in_use  # noqa: E402
 
@@ -196,10 +196,7 @@ def round_peak(calls: int = 4) -> Callable[[], float]:
     M, K, N = ROUND_PEAK_SHAPE
     gen = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen) / K ** 0.5, torch.randn(N, generator=gen)
-    routes = [lambda: F.linear(x, w, b)]
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        routes.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""))
+    routes = linear_routes(x, w, b).values()
 
     def measure() -> float:
         best = 0.0

@@ -65,6 +65,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def linear_routes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict:
+    """Calls computing x·wᵀ + b: "mkl_linear" (`F.linear`) and, where this PyTorch has oneDNN's inner product,
+    "onednn_packed_linear" (w packed once into oneDNN's blocked layout)."""
+    routes = {"mkl_linear": lambda: F.linear(x, w, b)}
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        routes["onednn_packed_linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    return routes
+
+
 def measure_peak(threads: int = 2, rounds: int = 5, min_seconds: float = 0.25, shapes=SHAPES,
                  clock: str = "wall") -> dict:
     """GFLOP/s per method and shape. `clock="cpu"` divides by this process's CPU time instead of wall
@@ -77,11 +87,8 @@ def measure_peak(threads: int = 2, rounds: int = 5, min_seconds: float = 0.25, s
     with torch.inference_mode():
         for M, K, N in shapes:
             x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
-            methods = {"mkl_linear": lambda: F.linear(x, w, b)}
+            methods = linear_routes(x, w, b)
             if has_mkldnn:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-                methods["onednn_packed_linear"] = lambda: torch.ops.mkldnn._linear_pointwise(
-                    x, packed, b, "none", [], "")
                 # the same product as a 1×1 conv on an M-pixel channels-last map (1×M image)
                 xc = x.t().reshape(1, K, 1, M).contiguous(memory_format=torch.channels_last)
                 wc = w.reshape(N, K, 1, 1).contiguous(memory_format=torch.channels_last)

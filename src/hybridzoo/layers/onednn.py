@@ -370,12 +370,15 @@ class FrozenMlp(nn.Module):
     """A frozen `layers.Mlp`: fc1 with its activation fused (`OneDNNLinear`) → fc2, run in row chunks when
     the hidden layer is big.
 
-    At batch 32 (16 images per thread of the batch split) CvT-13's stage-1 / stage-2 hidden layers are 51 / 38 MB:
+    On 16 images (one thread's part of a batch of 32) CvT-13's stage-1 / stage-2 hidden layers are 51 / 38 MB:
     above glibc's 32 MB mmap cap they are mapped and page-faulted at every call, and they go to memory and back
     between fc1 and fc2. Rows are independent, so above `CHUNK_ABOVE` bytes of hidden layer the rows run in chunks
     of about `CHUNK_BYTES` of hidden layer each, which stays in the cache; each chunk's fc2 output is copied into
     one output buffer. Measured on the EPYC (1 thread, benchmarks/RESULTS.md "Session 8: CvT-13 inference"):
-    1.18× on stage 2's MLP, level to 5% slower on hidden layers below 32 MB, so those run whole."""
+    1.18× on stage 2's MLP, level to 5% slower on hidden layers below 32 MB, so those run whole. Since session 9
+    the batch split's sub-batches (`images_per_call`) keep `model(x)`'s parts under the same cap (CvT-13: 8 + 8
+    images per thread), so the chunks serve the calls that still go above it: `split_batch=False`, bf16 copies,
+    `forward_features`, inputs too large for one image to stay under it."""
 
     CHUNK_ABOVE = 32 * 1024 * 1024
     CHUNK_BYTES = 2 * 1024 * 1024

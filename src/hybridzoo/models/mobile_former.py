@@ -670,9 +670,10 @@ class _FrozenMobileFormerBlock(nn.Module):
             future.result()
             return out, z
         except BaseException:
-            # the other thread must not wait at the barrier forever, and must have finished before this one returns: its torch.set_num_threads(1) also sets the
-            # process-wide default that a thread reads at its first parallel op, so a second thread still starting up
-            # after an error here could leave a later caller with one thread (seen as a flaky thread-count check)
+            # the other thread must not wait at the barrier forever, and must have finished before this one
+            # returns: its torch.set_num_threads(1) also sets the process-wide default that a thread reads at its
+            # first parallel op, so a second thread still starting up after an error here could leave a later
+            # caller with one thread (seen as a flaky thread-count check)
             barrier.abort()
             wait([future])
             raise
