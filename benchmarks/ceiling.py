@@ -1,0 +1,337 @@
+"""How fast this machine lets a model's fast path run: every operator it calls, timed alone and in order.
+
+    python benchmarks/ceiling.py deit_small_patch16_224 convit_tiny mobile_former_294m --batch 1 32
+    python benchmarks/ceiling.py convit_tiny --batch 1 --against benchmarks/results_timm_infer_epyc_s9.json
+
+Issue 16's targets are shares of the machine's GEMM peak, measured on large products (6,304 rows). A model's own
+products are smaller (197 rows at batch 1, 192 channels in ConViT-Ti, 64-wide attention heads), and its forward is
+more than its products. This script splits the distance between our forward and the peak into parts:
+
+1. the model goes through `optimize_for_cpu_inference`, and one forward at one intra-op thread runs under a dispatch
+   mode that records every operator call (operator, shapes, strides, dtypes, other arguments; views are only
+   counted). One thread, because that is how the batch split and the batch-1 two-thread paths run their work;
+2. **calls in order**: the recorded calls back to back, in the order the forward made them, on their recorded
+   arguments — the kernels and what they do to each other's caches, without the model's Python. Timed as one
+   intra-op team at `--threads` ("team") and at one thread divided by `--threads` ("split": perfect division);
+3. **hot**: every distinct call alone, repeated (cache-warm), at one thread and at `--threads`; the ceiling sums
+   count × min(time at `--threads`, time at one thread / `--threads`), for all calls and for the products (linear,
+   convolution, matmul, attention kernels). Nothing that calls these kernels runs faster.
+
+Each round measures the GEMM peak (`_common.round_peak`) beside the rest and every figure is a share of that round's
+peak (the machine's speed moves within minutes); the table gives the medians over the rounds. With `--against` (a
+bench_timm.py / bench_transformers.py JSON) it adds issue 16's target for that row, the lower of twice the peer's
+share and 85%, and whether the calls in order and the hot ceiling reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from _common import count_macs_safe, environment, round_peak, write_json  # noqa: I001  (also puts src/ on sys.path)
+
+from hybridzoo.engine.cpu_memory import tune_glibc_malloc
+from hybridzoo.factory import create_model
+from hybridzoo.layers.onednn import optimize_for_cpu_inference
+
+PRODUCT_WORDS = ("linear", "conv", "addmm", "mm", "matmul", "scaled_dot_product", "flash_attention")
+TARGET_SHARE_OF_PEAK = 0.85  # issue 16: 85% of the peak, or twice the peer where that is lower
+
+
+def is_product(op_name: str) -> bool:
+    """A matrix product, convolution or attention kernel (aten::mm / addmm / bmm / baddbmm, oneDNN's packed linear
+    and convolution, SDPA), by the operator's name."""
+    base = op_name.split("::")[-1].split(".")[0]
+    return any(w in base for w in PRODUCT_WORDS)
+
+
+def _signature(a: Any):
+    if isinstance(a, torch.Tensor):
+        stride = a.stride() if a.layout is torch.strided else None
+        return ("T", tuple(a.shape), stride, a.dtype, a.layout)
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_signature(v) for v in a))
+    return repr(a)
+
+
+@dataclass
+class Call:
+    """One distinct operator call: the first instance's arguments (kept for the replay) and how often it ran."""
+    func: Any
+    args: tuple
+    kwargs: dict
+    count: int = 0
+    seconds: dict[int, float] = field(default_factory=dict)  # threads -> seconds per call
+
+    @property
+    def name(self) -> str:
+        return str(self.func._schema.name) if hasattr(self.func, "_schema") else str(self.func)
+
+    @property
+    def product(self) -> bool:
+        return is_product(self.name)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Counts the operators run under it, by distinct call; views (metadata only) are counted apart, not kept.
+
+    Only the first call of each kind keeps its arguments, so a batch-32 forward does not pin every activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[Any, Call] = {}
+        self.order: list[Call] = []  # every call in the order it ran (views left out)
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "is_view", False) or func in (torch.ops.aten.detach.default,):
+            self.views += 1
+            return func(*args, **kwargs)
+        key = (str(func), _signature(args), _signature(tuple(sorted(kwargs.items()))))
+        call = self.calls.get(key)
+        if call is None:
+            # the arguments as they are before the call: an in-place operator changes its input
+            call = self.calls[key] = Call(func, tree_map(_detached_copy, args), tree_map(_detached_copy, kwargs))
+        call.count += 1
+        self.order.append(call)
+        return func(*args, **kwargs)
+
+
+def _detached_copy(a):
+    if isinstance(a, torch.Tensor) and a.layout is torch.strided:
+        return a.detach().clone(memory_format=torch.preserve_format) if a.is_contiguous() else \
+            torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).copy_(a)
+    return a
+
+
+def _written(call: Call) -> set[str]:
+    schema = getattr(call.func, "_schema", None)
+    if schema is None:
+        return set()
+    return {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+
+
+def replay(call: Call, threads: int, min_seconds: float = 0.01, repeats: int = 3) -> float:
+    """Seconds per call of `call` alone at `threads` intra-op threads: the best of `repeats` timings of as many
+    back-to-back calls as fill `min_seconds`. Arguments the operator writes are cloned once, so the recorded
+    inputs stay as they were."""
+    written = _written(call)
+    schema = getattr(call.func, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    args = tuple(_detached_copy(a) if i < len(names) and names[i] in written else a for i, a in enumerate(call.args))
+    kwargs = {k: _detached_copy(v) if k in written else v for k, v in call.kwargs.items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            call.func(*args, **kwargs)
+            first = time.perf_counter() - t0
+            n = max(1, min(10_000, int(min_seconds / max(first, 1e-7))))
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    call.func(*args, **kwargs)
+                best = min(best, (time.perf_counter() - t0) / n)
+        return best
+    finally:
+        torch.set_num_threads(before)
+
+
+def ceiling_seconds(calls: list[Call], threads: int, products_only: bool = False) -> float:
+    """Σ count × min(seconds at `threads`, seconds at one thread / `threads`) over the calls (see the module text)."""
+    total = 0.0
+    for c in calls:
+        if products_only and not c.product:
+            continue
+        best = c.seconds[1] / threads if 1 in c.seconds else float("inf")
+        if threads in c.seconds:
+            best = min(best, c.seconds[threads])
+        total += c.count * best
+    return total
+
+
+def record(model: torch.nn.Module, x: torch.Tensor) -> OpRecorder:
+    """The operators of one forward of `model` on `x` at one intra-op thread (the calling thread's work only)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            model(x)  # first call at this shape and thread count: probes and caches happen here, not recorded
+            with OpRecorder() as rec:
+                model(x)
+        return rec
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_forward(model: torch.nn.Module, x: torch.Tensor, threads: int, reps: int) -> float:
+    """Median wall seconds of `reps` forwards at `threads` intra-op threads, after two warm-up calls."""
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def time_in_order(order: list[Call], threads: int, reps: int) -> float:
+    """Median wall seconds of the recorded calls run back to back in the order the forward ran them (each on its
+    recorded arguments: the kernels and their order without the model's Python, at `threads` threads). In-place
+    calls write the recorded copies again and again, so denormals are flushed while it runs: their values are
+    noise, and a denormal's slow path would time the wrong thing."""
+    torch.set_num_threads(threads)
+    flush = torch.set_flush_denormal(True)
+    try:
+        with torch.inference_mode():
+            ts = []
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                for c in order:
+                    c.func(*c.args, **c.kwargs)
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts[1:])
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def target_of(rows: list[dict], model: str, batch: int) -> dict | None:
+    """Issue 16's target for our fast-path row of `model` at `batch` in a bench JSON's results: the lower of twice
+    the best peer's share of the peak (the median over the rounds) and 85%."""
+    ours = [r for r in rows if r.get("name") == f"{model} +oneDNN" and r.get("batch_size") == batch]
+    if not ours:
+        return None
+    row = ours[0]
+    peers = [r for r in rows if r.get("group") == row.get("group") and r.get("scenario") == row.get("scenario")
+             and r.get("batch_size") == batch and not str(r.get("impl", "")).startswith("ours")]
+    share = lambda r: r.get("share_round_median", r.get("share_of_peak"))  # noqa: E731
+    peer_share = max((share(p) for p in peers if share(p) is not None), default=None)
+    if peer_share is None:
+        return None
+    return {"peer_share": peer_share, "ours_share": share(row), "target_share": min(2 * peer_share, TARGET_SHARE_OF_PEAK)}
+
+
+def measure(name: str, batch: int, threads: int, reps: int, peak: Callable[[], float], img: int = 224,
+            rounds: int = 3) -> dict[str, Any]:
+    """One model at one batch size. Every round measures the GEMM peak, our forward, the calls in order, every
+    distinct call hot at `threads` and at one thread, and the peak again (at one thread, then at `threads`); each
+    round's times become shares of that round's peak, and the figures are the medians over the rounds (the
+    machine's speed moves by a fifth within minutes, benchmarks/RESULTS.md)."""
+    torch.manual_seed(0)
+    eager = create_model(name).eval()
+    x = torch.randn(batch, 3, img, img)
+    macs = count_macs_safe(eager, x)
+    gflop = 2 * macs * batch / 1e9 if macs else None
+    model = optimize_for_cpu_inference(eager)
+    rec = record(model, x)
+    calls = list(rec.calls.values())
+    per_round: list[dict[str, float]] = []
+    for _ in range(rounds):
+        torch.set_num_threads(threads)
+        r = {"peak": peak(), "measured_s": time_forward(model, x, threads, reps)}
+        r["in_order_team_s"] = time_in_order(rec.order, threads, max(1, reps // 3))
+        for c in calls:
+            c.seconds[threads] = replay(c, threads)
+        torch.set_num_threads(1)
+        # as a batch split runs it: each thread the calls of its share, on one thread, perfectly divided
+        r["in_order_split_s"] = time_in_order(rec.order, 1, max(1, reps // 3)) / threads
+        r["in_order_s"] = min(r["in_order_team_s"], r["in_order_split_s"])
+        if threads > 1:
+            for c in calls:
+                c.seconds[1] = replay(c, 1)
+        r["peak_1thread"] = peak()
+        torch.set_num_threads(threads)
+        r["peak"] = (r["peak"] + peak()) / 2
+        r["ceiling_all_s"] = ceiling_seconds(calls, threads)
+        r["ceiling_products_s"] = ceiling_seconds(calls, threads, products_only=True)
+        r["products_1thread_s"] = sum(c.count * c.seconds[1] for c in calls if c.product)
+        if gflop:
+            for k in ("measured_s", "in_order_s", "in_order_team_s", "in_order_split_s", "ceiling_all_s", "ceiling_products_s"):
+                r[k[:-2] + "_share"] = gflop / r[k] / r["peak"]
+            # the products alone on one core, against the one-core peak: their efficiency at their own shapes
+            r["products_1thread_share"] = gflop / r["products_1thread_s"] / r["peak_1thread"]
+        per_round.append(r)
+    out: dict[str, Any] = {"model": name, "batch": batch, "threads": threads, "rounds": rounds, "gflop": gflop,
+                           "calls": sum(c.count for c in calls), "distinct_calls": len(calls), "views": rec.views}
+    out.update({k: statistics.median(r[k] for r in per_round) for k in per_round[0]})
+    out["per_round"] = per_round
+    out["top_products"] = sorted(
+        ({"op": c.name, "shapes": [list(t.shape) for t in tree_flatten(c.args)[0] if isinstance(t, torch.Tensor)],
+          "count": c.count, "ms_1thread": c.seconds[1] * 1e3, f"ms_{threads}threads": c.seconds.get(threads, 0) * 1e3}
+         for c in calls if c.product), key=lambda d: -d["count"] * d["ms_1thread"])[:12]
+    return out
+
+
+def print_rows(rows: list[dict], targets: dict) -> None:
+    """The markdown table: milliseconds per forward and, in brackets, the share of the GEMM peak measured in the run."""
+    print("| model | batch | GFLOP | measured | calls in order: the team / split | hot: all calls | hot: products only "
+          "| products at 1 thread (share of the 1-thread peak) | target | in order reaches it | hot reaches it |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for r in rows:
+        def cell(k):
+            share = r.get(k[:-2] + "_share")
+            return f"{r[k] * 1e3:.1f}" + (f" ({share:.0%})" if share is not None else "")
+
+        def reaches(k):
+            return ("yes" if r.get(k, 0) >= t["target_share"] else "**no**") if t else "–"
+        t = targets.get((r["model"], r["batch"]))
+        p1 = r.get("products_1thread_share")
+        target = f"{t['target_share']:.0%}" if t else "–"
+        print(f"| {r['model']} | {r['batch']} | {r['gflop']:.1f} | {cell('measured_s')} | "
+              f"{cell('in_order_team_s')} / {cell('in_order_split_s')} | "
+              f"{cell('ceiling_all_s')} | {cell('ceiling_products_s')} | {'' if p1 is None else f'{p1:.0%}'} | "
+              f"{target} | {reaches('in_order_share')} | "
+              f"{reaches('ceiling_all_share')} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
+    ap.add_argument("--reps", type=int, default=9, help="timed forwards of the fast path per round (median)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--against", nargs="*", default=[], help="bench_timm.py / bench_transformers.py JSON files")
+    ap.add_argument("--out", help="write the rows as JSON")
+    args = ap.parse_args()
+    tune_glibc_malloc()  # as the CLI and the comparison benchmarks do
+    bench_rows = []
+    for path in args.against:
+        import json
+        bench_rows += json.load(open(path))["results"]
+    peak = round_peak()
+    rows, targets = [], {}
+    for name in args.models:
+        for b in args.batch:
+            r = measure(name, b, args.threads, args.reps, peak, args.img, args.rounds)
+            rows.append(r)
+            t = target_of(bench_rows, name, b)
+            if t:
+                targets[(name, b)] = t
+                r["target"] = t
+            print(f"{name} batch {b}: measured {r['measured_s'] * 1e3:.1f} ms, in order {r['in_order_s'] * 1e3:.1f} ms, "
+                  f"hot {r['ceiling_all_s'] * 1e3:.1f} ms (products {r['ceiling_products_s'] * 1e3:.1f}); {r['calls']} calls "
+                  f"({r['distinct_calls']} distinct, {r['views']} views); peak {r['peak']:.0f} GFLOP/s", flush=True)
+    print_rows(rows, targets)
+    write_json(args.out, {"environment": environment(args.threads), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""benchmarks/ceiling.py: the operator recorder, the replays and the arithmetic of the ceiling. Small modules only;
+the script's model runs are benchmarks, not tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+try:
+    import ceiling
+finally:
+    sys.path.pop(0)
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.b(self.a(x).relu_())
+        return y.view(-1).add_(1.0)
+
+
+def _record(module, x):
+    with torch.inference_mode(), ceiling.OpRecorder() as rec:
+        module(x)
+    return rec
+
+
+def test_identical_calls_are_one_entry_with_their_count_and_views_are_only_counted():
+    torch.manual_seed(0)
+    rec = _record(TwoLinears(), torch.randn(4, 8))
+    by_name = {c.name: c for c in rec.calls.values()}
+    (product,) = [c for c in rec.calls.values() if c.product]   # aten::linear in inference mode (addmm outside it)
+    assert product.count == 2                                   # two layers of the same shapes: one entry
+    assert not by_name["aten::relu_"].product and not by_name["aten::add_"].product
+    assert "aten::view" not in by_name and rec.views == 1
+    names = [c.name for c in rec.order]
+    assert names == [product.name, "aten::relu_", product.name, "aten::add_"]
+
+
+def test_a_call_keeps_its_arguments_as_they_were_before_it_ran():
+    x = torch.randn(4, 8)
+    rec = _record(lambda t: t.relu_(), x.clone())
+    (call,) = rec.calls.values()
+    torch.testing.assert_close(call.args[0], x)       # the recorded input, not the relu'd one
+
+
+def test_replay_times_the_call_and_leaves_what_it_writes_untouched():
+    x = torch.randn(64, 8)
+    rec = _record(lambda t: t.mul_(2.0), x.clone())
+    (call,) = rec.calls.values()
+    seconds = ceiling.replay(call, threads=1, min_seconds=0.001, repeats=2)
+    assert 0 < seconds < 0.1
+    torch.testing.assert_close(call.args[0], x)       # replays ran on a clone
+
+
+def test_in_order_runs_every_recorded_call():
+    torch.manual_seed(0)
+    rec = _record(TwoLinears(), torch.randn(4, 8))
+    names = [c.name for c in rec.order]
+    ran = []
+    for c in rec.calls.values():
+        c.func = lambda *a, f=c.func, n=c.name, **k: (ran.append(n), f(*a, **k))[1]
+    assert ceiling.time_in_order(rec.order, threads=1, reps=1) > 0
+    assert ran == names * 2                             # one untimed pass, then the timed one
+
+
+def test_the_ceiling_takes_each_call_at_its_better_thread_count():
+    fast_team = ceiling.Call(torch.ops.aten.mm.default, (), {}, count=3, seconds={1: 1.0, 2: 0.4})
+    poor_team = ceiling.Call(torch.ops.aten.add.Tensor, (), {}, count=2, seconds={1: 1.0, 2: 0.8})
+    calls = [fast_team, poor_team]
+    # mm: min(0.4, 1.0 / 2) = 0.4 three times; add: min(0.8, 0.5) = 0.5 twice
+    assert ceiling.ceiling_seconds(calls, 2) == pytest.approx(3 * 0.4 + 2 * 0.5)
+    assert ceiling.ceiling_seconds(calls, 2, products_only=True) == pytest.approx(1.2)
+    assert ceiling.ceiling_seconds(calls, 1) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("name,product", [("mkldnn::_linear_pointwise", True), ("mkldnn::_convolution_pointwise", True),
+                                          ("aten::bmm", True), ("aten::scaled_dot_product_attention", True),
+                                          ("aten::_scaled_dot_product_flash_attention_for_cpu", True),
+                                          ("aten::add", False), ("aten::native_layer_norm", False),
+                                          ("aten::gelu", False), ("aten::cat", False)])
+def test_products_by_name(name, product):
+    assert ceiling.is_product(name) is product
+
+
+def test_the_target_is_twice_the_best_peer_or_85_percent():
+    rows = [
+        {"name": "m +oneDNN", "group": "M", "scenario": "latency-bs1", "batch_size": 1, "impl": "ours+onednn",
+         "share_round_median": 0.5},
+        {"name": "timm m", "group": "M", "scenario": "latency-bs1", "batch_size": 1, "impl": "timm",
+         "share_round_median": 0.3},
+        {"name": "m", "group": "M", "scenario": "latency-bs1", "batch_size": 1, "impl": "ours", "share_round_median": 0.9},
+        {"name": "timm m", "group": "M", "scenario": "inference", "batch_size": 32, "impl": "timm",
+         "share_round_median": 0.5},
+        {"name": "m +oneDNN", "group": "M", "scenario": "inference", "batch_size": 32, "impl": "ours+onednn",
+         "share_of_peak": 0.8},
+    ]
+    assert ceiling.target_of(rows, "m", 1) == {"peer_share": 0.3, "ours_share": 0.5, "target_share": 0.6}
+    assert ceiling.target_of(rows, "m", 32)["target_share"] == 0.85
+    assert ceiling.target_of(rows, "other", 1) is None
