@@ -187,7 +187,10 @@ def run_interleaved(contestants: list[Contestant], rounds: int, steps_per_round:
     return values
 
 
-ROUND_PEAK_SHAPE = (32 * 197, 384, 1536)  # quick_peak's first shape (DeiT-S fc1 at batch 32)
+# DeiT-S's fc2 at batch 32 (quick_peak's second shape). Not fc1 (6,304 × 384 × 1,536): its 39 MB output is above
+# glibc's 32 MiB mmap cap, so every call mapped and faulted it afresh (9,500 faults) and read 3–5% low, more when
+# the host was busy (145 against 214 GFLOP/s once, 2026-12-01).
+ROUND_PEAK_SHAPE = (32 * 197, 1536, 384)
 
 
 def round_peak(calls: int = 4) -> Callable[[], float]:
