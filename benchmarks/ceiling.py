@@ -108,9 +108,11 @@ class OpRecorder(TorchDispatchMode):
 
 
 def _detached_copy(a):
+    """A copy with the same strides (a permuted view stays permuted); an expanded one (stride 0) becomes dense."""
     if isinstance(a, torch.Tensor) and a.layout is torch.strided:
-        return a.detach().clone(memory_format=torch.preserve_format) if a.is_contiguous() else \
-            torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).copy_(a)
+        if a.is_contiguous() or 0 in a.stride():
+            return a.detach().clone()
+        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).copy_(a)
     return a
 
 

@@ -27,9 +27,9 @@ class TwoLinears(nn.Module):
         return y.view(-1).add_(1.0)
 
 
-def _record(module, x):
+def _record(module, *x):
     with torch.inference_mode(), ceiling.OpRecorder() as rec:
-        module(x)
+        module(*x)
     return rec
 
 
@@ -106,3 +106,13 @@ def test_the_target_is_twice_the_best_peer_or_85_percent():
     assert ceiling.target_of(rows, "m", 1) == {"peer_share": 0.3, "ours_share": 0.5, "target_share": 0.6}
     assert ceiling.target_of(rows, "m", 32)["target_share"] == 0.85
     assert ceiling.target_of(rows, "other", 1) is None
+
+
+def test_permuted_and_expanded_arguments_are_kept():
+    base = torch.randn(3, 1, 4)
+    rec = _record(lambda a, b: a + b, base.permute(2, 0, 1), base.expand(3, 5, 4).permute(2, 0, 1))
+    (call,) = rec.calls.values()
+    permuted, expanded = call.args
+    assert permuted.stride() == base.permute(2, 0, 1).stride()
+    torch.testing.assert_close(permuted, base.permute(2, 0, 1))
+    torch.testing.assert_close(expanded, base.expand(3, 5, 4).permute(2, 0, 1))
