@@ -26,6 +26,7 @@ share and 85%, and whether the calls in order and the hot ceiling reach it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -304,35 +305,46 @@ def print_rows(rows: list[dict], targets: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("models", nargs="+")
+    ap.add_argument("models", nargs="*", help="models to measure (none with --table-of)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
     ap.add_argument("--reps", type=int, default=9, help="timed forwards of the fast path per round (median)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--against", nargs="*", default=[], help="bench_timm.py / bench_transformers.py JSON files")
+    ap.add_argument("--table-of", metavar="JSON", help="measure nothing: print the table of a saved run (--out), "
+                                                          "against the --against files given now")
     ap.add_argument("--out", help="write the rows as JSON")
     args = ap.parse_args()
-    tune_glibc_malloc()  # as the CLI and the comparison benchmarks do
     bench_rows = []
     for path in args.against:
-        import json
-        bench_rows += json.load(open(path))["results"]
-    peak = round_peak()
-    rows, targets = [], {}
-    for name in args.models:
-        for b in args.batch:
-            r = measure(name, b, args.threads, args.reps, peak, args.img, args.rounds)
-            rows.append(r)
-            t = target_of(bench_rows, name, b)
-            if t:
-                targets[(name, b)] = t
-                r["target"] = t
-            print(f"{name} batch {b}: measured {r['measured_s'] * 1e3:.1f} ms, in order {r['in_order_s'] * 1e3:.1f} ms, "
-                  f"hot {r['ceiling_all_s'] * 1e3:.1f} ms (products {r['ceiling_products_s'] * 1e3:.1f}); {r['calls']} calls "
-                  f"({r['distinct_calls']} distinct, {r['views']} views); peak {r['peak']:.0f} GFLOP/s", flush=True)
+        with open(path) as f:
+            bench_rows += json.load(f)["results"]
+    if args.table_of:
+        with open(args.table_of) as f:
+            rows = json.load(f)["rows"]
+    else:
+        if not args.models:
+            ap.error("name the models to measure, or give --table-of")
+        tune_glibc_malloc()  # as the CLI and the comparison benchmarks do
+        peak = round_peak()
+        rows = []
+        for name in args.models:
+            for b in args.batch:
+                r = measure(name, b, args.threads, args.reps, peak, args.img, args.rounds)
+                rows.append(r)
+                print(f"{name} batch {b}: measured {r['measured_s'] * 1e3:.1f} ms, in order {r['in_order_s'] * 1e3:.1f} "
+                      f"ms, hot {r['ceiling_all_s'] * 1e3:.1f} ms (products {r['ceiling_products_s'] * 1e3:.1f}); "
+                      f"{r['calls']} calls ({r['distinct_calls']} distinct, {r['views']} views); "
+                      f"peak {r['peak']:.0f} GFLOP/s", flush=True)
+    targets = {}
+    for r in rows:
+        t = target_of(bench_rows, r["model"], r["batch"])
+        if t:
+            targets[(r["model"], r["batch"])] = r["target"] = t
     print_rows(rows, targets)
-    write_json(args.out, {"environment": environment(args.threads), "rows": rows})
+    if not args.table_of:
+        write_json(args.out, {"environment": environment(args.threads), "rows": rows})
 
 
 if __name__ == "__main__":

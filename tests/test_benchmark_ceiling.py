@@ -116,3 +116,23 @@ def test_permuted_and_expanded_arguments_are_kept():
     assert permuted.stride() == base.permute(2, 0, 1).stride()
     torch.testing.assert_close(permuted, base.permute(2, 0, 1))
     torch.testing.assert_close(expanded, base.expand(3, 5, 4).permute(2, 0, 1))
+
+
+def test_a_saved_run_is_read_against_new_bench_results(tmp_path, monkeypatch, capsys):
+    import json
+    row = {"model": "m", "batch": 1, "gflop": 1.0, "measured_s": 0.01, "measured_share": 0.5, "in_order_team_s": 0.009,
+           "in_order_team_share": 0.55, "in_order_split_s": 0.008, "in_order_split_share": 0.62,
+           "in_order_share": 0.62, "ceiling_all_s": 0.006, "ceiling_all_share": 0.8, "ceiling_products_s": 0.005,
+           "ceiling_products_share": 0.9, "products_1thread_share": 0.9}
+    saved, bench = tmp_path / "ceiling.json", tmp_path / "bench.json"
+    saved.write_text(json.dumps({"rows": [row]}))
+    peer = {"name": "timm m", "group": "M", "scenario": "latency-bs1", "batch_size": 1, "impl": "timm"}
+    ours = {"name": "m +oneDNN", "group": "M", "scenario": "latency-bs1", "batch_size": 1, "impl": "ours+onednn",
+            "share_round_median": 0.5}
+    for peer_share, in_order in ((0.3, "yes"), (0.35, "**no**")):   # target 60%, then 70%: in order 62%, hot 80%
+        bench.write_text(json.dumps({"results": [ours, {**peer, "share_round_median": peer_share}]}))
+        monkeypatch.setattr(sys, "argv", ["ceiling.py", "--table-of", str(saved), "--against", str(bench)])
+        ceiling.main()
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert last.endswith(f"| {in_order} | yes |"), last
+        assert f"| {round(2 * peer_share * 100)}% |" in last
