@@ -129,10 +129,41 @@ def test_a_saved_run_is_read_against_new_bench_results(tmp_path, monkeypatch, ca
     peer = {"name": "timm m", "group": "M", "scenario": "latency-bs1", "batch_size": 1, "impl": "timm"}
     ours = {"name": "m +oneDNN", "group": "M", "scenario": "latency-bs1", "batch_size": 1, "impl": "ours+onednn",
             "share_round_median": 0.5}
-    for peer_share, in_order in ((0.3, "yes"), (0.35, "**no**")):   # target 60%, then 70%: in order 62%, hot 80%
+    for peer_share, in_order in ((0.3, "yes"), (0.35, "**no** (62.0%)")):   # target 60%, then 70%: in order 62%
         bench.write_text(json.dumps({"results": [ours, {**peer, "share_round_median": peer_share}]}))
         monkeypatch.setattr(sys, "argv", ["ceiling.py", "--table-of", str(saved), "--against", str(bench)])
         ceiling.main()
         last = capsys.readouterr().out.strip().splitlines()[-1]
-        assert last.endswith(f"| {in_order} | yes |"), last
-        assert f"| {round(2 * peer_share * 100)}% |" in last
+        assert last.endswith(f"| {in_order} | yes |"), last                  # hot: 80%
+        assert f"| {2 * peer_share:.1%} |" in last
+
+
+def test_training_targets_are_1_3_times_the_peer_or_90_percent_near_the_peak():
+    def rows(peer_share):
+        return [{"name": "m", "group": "M", "scenario": "training", "batch_size": 16, "impl": "ours",
+                 "share_round_median": 0.8},
+                {"name": "timm m", "group": "M", "scenario": "training", "batch_size": 16, "impl": "timm",
+                 "share_round_median": peer_share},
+                {"name": "m +oneDNN", "group": "M", "scenario": "inference", "batch_size": 16, "impl": "ours+onednn",
+                 "share_round_median": 0.9}]
+    assert ceiling.target_of(rows(0.6), "m", 16, train=True)["target_share"] == pytest.approx(0.78)
+    assert ceiling.target_of(rows(0.72), "m", 16, train=True)["target_share"] == pytest.approx(0.90)
+    assert ceiling.target_of(rows(0.6), "m", 16) is None   # our inference row has no peer in that scenario
+
+
+def test_a_training_step_records_its_backward_and_its_optimiser():
+    torch.manual_seed(0)
+    model = TwoLinears()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    x = torch.randn(4, 8)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        opt.step()
+    rec = ceiling.record(step)
+    names = [c.name for c in rec.order]
+    products = sum(c.count for c in rec.calls.values() if c.product)
+    assert products >= 2 + 3          # two forward products, and at least the backward's three (one input grad is not needed)
+    assert "aten::threshold_backward" in names                   # relu's backward ran on the recording thread
+    assert names[-1] in ("aten::add_", "aten::mul_")              # the optimiser's update came last
