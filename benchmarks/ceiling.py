@@ -49,7 +49,8 @@ from hybridzoo.engine.cpu_memory import tune_glibc_malloc
 from hybridzoo.factory import create_model
 from hybridzoo.layers.onednn import optimize_for_cpu_inference
 
-PRODUCT_WORDS = ("linear", "conv", "addmm", "mm", "matmul", "scaled_dot_product", "flash_attention")
+# words of an operator's name (split at "_") that make it a product; "bilinear" (upsampling) is not one
+PRODUCT_WORDS = {"linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "conv", "conv2d", "convolution", "attention"}
 TARGET_SHARE_OF_PEAK = 0.85  # issue 16, inference: 85% of the peak, or twice the peer where that is lower
 TRAIN_RATIO, TRAIN_TARGET_AT_PEAK, TRAIN_PEER_NEAR_PEAK = 1.3, 0.90, 0.70  # training: 1.3×, or 90% above a 70% peer
 
@@ -58,7 +59,7 @@ def is_product(op_name: str) -> bool:
     """A matrix product, convolution or attention kernel (aten::mm / addmm / bmm / baddbmm, oneDNN's packed linear
     and convolution, SDPA), by the operator's name."""
     base = op_name.split("::")[-1].split(".")[0]
-    return any(w in base for w in PRODUCT_WORDS)
+    return not PRODUCT_WORDS.isdisjoint(base.split("_"))
 
 
 def _signature(a: Any):

@@ -86,7 +86,10 @@ def test_the_ceiling_takes_each_call_at_its_better_thread_count():
                                           ("aten::bmm", True), ("aten::scaled_dot_product_attention", True),
                                           ("aten::_scaled_dot_product_flash_attention_for_cpu", True),
                                           ("aten::add", False), ("aten::native_layer_norm", False),
-                                          ("aten::gelu", False), ("aten::cat", False)])
+                                          ("aten::mkldnn_convolution", True), ("aten::convolution_backward", True),
+                                          ("hybridzoo::onednn_linear", True), ("aten::mm", True),
+                                          ("aten::gelu", False), ("aten::cat", False),
+                                          ("aten::upsample_bilinear2d", False), ("aten::_softmax", False)])
 def test_products_by_name(name, product):
     assert ceiling.is_product(name) is product
 
