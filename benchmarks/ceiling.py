@@ -320,7 +320,7 @@ def measure(name: str, batch: int, threads: int, reps: int, peak: Callable[[], f
 
 
 def print_rows(rows: list[dict], targets: dict) -> None:
-    """The markdown table: milliseconds per forward and, in brackets, the share of the GEMM peak measured in the run."""
+    """The markdown table: milliseconds per step and, in brackets, the share of the GEMM peak measured in the run."""
     print("| model | batch | GFLOP | measured | calls in order: the team / split | hot: all calls | hot: products only "
           "| products at 1 thread (share of the 1-thread peak) | target | in order reaches it | hot reaches it |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
