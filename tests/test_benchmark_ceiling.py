@@ -170,3 +170,19 @@ def test_a_training_step_records_its_backward_and_its_optimiser():
     assert products >= 2 + 3          # two forward products, and at least the backward's three (one input grad is not needed)
     assert "aten::threshold_backward" in names                   # relu's backward ran on the recording thread
     assert names[-1] in ("aten::add_", "aten::mul_")              # the optimiser's update came last
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_whole_measurement_of_a_small_model(train, capsys):
+    """The script's glue on the smallest registered model at 64² (a few seconds): one round, a fixed peak."""
+    torch.manual_seed(0)
+    row = ceiling.measure("mobile_former_26m", 2, threads=2, reps=1, peak=lambda: 100.0, img=64, rounds=1, train=train)
+    assert row["scenario"] == ("training" if train else "inference")
+    assert row["calls"] >= row["distinct_calls"] > 0
+    assert 0 < row["ceiling_products_s"] < row["ceiling_all_s"]
+    assert row["in_order_s"] == min(row["in_order_team_s"], row["in_order_split_s"])
+    assert row["measured_share"] == pytest.approx(row["gflop"] / row["measured_s"] / 100.0)
+    macs = ceiling.count_macs_safe(ceiling.create_model("mobile_former_26m").eval(), torch.randn(1, 3, 64, 64))
+    assert row["gflop"] == pytest.approx((6 if train else 2) * macs * 2 / 1e9)   # forward ×3 in training, 2 images
+    ceiling.print_rows([row], {})
+    assert "mobile_former_26m" + (" (training)" if train else "") in capsys.readouterr().out
