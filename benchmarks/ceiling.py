@@ -201,7 +201,7 @@ def time_step(step: Callable[[], Any], threads: int, reps: int) -> float:
 
 
 def time_in_order(order: list[Call], threads: int, reps: int) -> float:
-    """Median wall seconds of the recorded calls run back to back in the order the forward ran them (each on its
+    """Median wall seconds of the recorded calls run back to back in the order the step ran them (each on its
     recorded arguments: the kernels and their order without the model's Python, at `threads` threads). In-place
     calls write the recorded copies again and again, so denormals are flushed while it runs: their values are
     noise, and a denormal's slow path would time the wrong thing."""
@@ -245,9 +245,10 @@ def target_of(rows: list[dict], model: str, batch: int, train: bool = False) -> 
     return {"peer_share": peer_share, "ours_share": share(row), "target_share": target}
 
 
-def inference_step(name: str, x: torch.Tensor) -> Callable[[], Any]:
-    """`model(x)` of the one-call inference path (`optimize_for_cpu_inference`), under inference mode."""
-    model = optimize_for_cpu_inference(create_model(name).eval())
+def inference_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    """`model(x)` of the one-call inference path (`optimize_for_cpu_inference`, a frozen copy), under inference
+    mode."""
+    model = optimize_for_cpu_inference(model)   # an eval-mode copy
 
     def step():
         with torch.inference_mode():
@@ -255,13 +256,14 @@ def inference_step(name: str, x: torch.Tensor) -> Callable[[], Any]:
     return step
 
 
-def training_step(name: str, x: torch.Tensor, threads: int) -> Callable[[], Any]:
-    """One step of the trainer's fp32 CPU path, as the comparison benchmarks time it (`_common.make_train_step`:
-    `optimize_for_cpu_training`, fused AdamW, the batch split where it applies), made at `threads` threads."""
+def training_step(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Callable[[], Any]:
+    """One step of the trainer's fp32 CPU path on a copy of `model`, as the comparison benchmarks time it
+    (`_common.make_train_step`: `optimize_for_cpu_training`, fused AdamW, the batch split where it applies), made
+    at `threads` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return make_train_step(create_model(name), x, fast=True)
+        return make_train_step(model, x, fast=True)
     finally:
         torch.set_num_threads(before)
 
@@ -275,10 +277,11 @@ def measure(name: str, batch: int, threads: int, reps: int, peak: Callable[[], f
     benchmarks/RESULTS.md)."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, img, img)
-    macs = count_macs_safe(create_model(name).eval(), x)
+    model = create_model(name)
+    macs = count_macs_safe(model, x)   # on a meta copy; both steps below work on copies too
     # forward + backward: three times the forward's products (the papers' and the comparison benchmarks' count)
     gflop = (6 if train else 2) * macs * batch / 1e9 if macs else None
-    step = training_step(name, x, threads) if train else inference_step(name, x)
+    step = training_step(model, x, threads) if train else inference_step(model, x)
     rec = record(step)
     calls = list(rec.calls.values())
     per_round: list[dict[str, float]] = []
@@ -329,11 +332,12 @@ def print_rows(rows: list[dict], targets: dict) -> None:
             share = r.get(k[:-2] + "_share")
             return f"{r[k] * 1e3:.1f}" + (f" ({share:.0%})" if share is not None else "")
 
+        t = targets.get((r["model"], r["batch"]))
+
         def reaches(k):  # a miss shows the share to one decimal: 90% against a target of 90% can be one
             if not t:
                 return "–"
             return "yes" if r.get(k, 0) >= t["target_share"] else f"**no** ({r.get(k, 0):.1%})"
-        t = targets.get((r["model"], r["batch"]))
         p1 = r.get("products_1thread_share")
         target = f"{t['target_share']:.1%}" if t else "–"
         model = r["model"] + (" (training)" if r.get("scenario") == "training" else "")

@@ -72,10 +72,8 @@ def fused_apply_slopes(ext, plain):
     def apply_slopes(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last):
             return plain(self, x, u)
-        C = self.channels
-        s1 = (u[:, :C] + 1.0).clamp_(0.0, 2.0).contiguous()   # as apply_slopes: fc2 is pre-scaled by 1/3
-        s2 = u[:, C:].clamp(-1.0, 1.0).contiguous()
-        return ext.dyrelu_(x, s1, s2)
+        s1, s2 = self.slopes(u)
+        return ext.dyrelu_(x, s1.contiguous(), s2.contiguous())
     return apply_slopes
 
 

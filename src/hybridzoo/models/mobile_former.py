@@ -93,12 +93,14 @@ class _FrozenDynamicReLU(nn.Module):
     # the three passes run one image at a time, so that the second and third find the image's map in the caches
     PER_IMAGE = True
 
+    def slopes(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two slopes (B×C each) from u = fc2(fc1(token)) (B×2C, fc2 already scaled by 1/3)."""
+        C = self.channels
+        return (u[:, :C] + 1.0).clamp_(0.0, 2.0), u[:, C:].clamp(-1.0, 1.0)
+
     def apply_slopes(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """max(s1·x, s2·x) in x's buffer from u = fc2(fc1(token)) (B×2C, fc2 already scaled by 1/3)."""
-        u = u[:, :, None, None]
-        C = self.channels
-        s1 = (u[:, :C] + 1.0).clamp_(0.0, 2.0)
-        s2 = u[:, C:].clamp(-1.0, 1.0)
+        s1, s2 = (s[:, :, None, None] for s in self.slopes(u))
         if self.PER_IMAGE and x.shape[0] > 1 and torch.get_num_threads() == 1:
             t = _scratch(x[:1])
             for i in range(x.shape[0]):
