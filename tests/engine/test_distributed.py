@@ -80,3 +80,36 @@ def _args_init():
 
     torch.manual_seed(0)
     return hybridzoo.create_model("hz_tiny_vit", num_classes=10).state_dict()
+
+
+def _teardown_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(SRC))
+    from hybridzoo.engine import distributed
+
+    fresh = "torch.distributed.nn.functional" not in sys.modules   # else the test proves nothing
+    before = len(os.listdir("/proc/self/task"))
+    info = distributed.setup("cpu")
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))   # imports torch._dynamo
+    model(torch.randn(3, 2)).sum().backward()
+    distributed.all_gather_object(torch.get_rng_state())
+    distributed.barrier()
+    del model
+    distributed.cleanup(info)
+    torch.save({"fresh": fresh, "before": before, "after": len(os.listdir("/proc/self/task"))},
+               Path(out) / f"threads{rank}.pt")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.timeout(120)
+def test_cleanup_joins_the_gloo_threads(tmp_path):
+    """After cleanup no gloo worker thread is left: one left over can drop its last collective (tensors
+    Python made) while the interpreter shuts down, which aborts the process. That happened under
+    torchrun when DDP imported torch.distributed.nn.functional after the group existed, pinning it."""
+    mp.spawn(_teardown_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"threads{rank}.pt", weights_only=True)
+        assert seen["fresh"], "torch.distributed.nn.functional was imported before setup: nothing is tested"
+        assert seen["after"] == seen["before"], f"rank {rank}: threads {seen['before']} before setup, {seen['after']} after cleanup"

@@ -58,11 +58,26 @@ def setup(device: str | None = None) -> DistInfo:
     dev = resolve_device(device, local_rank)
     info = DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
     if world > 1 and not dist.is_initialized():
+        _import_group_defaults()
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
         info.initialized_here = True
     return info
+
+
+def _import_group_defaults() -> None:
+    """Import torch.distributed.nn.functional while no process group exists.
+
+    Its functions take `group=group.WORLD` as a default argument, evaluated at import. Imported after
+    init_process_group (DDP does, through torch._dynamo) they hold the world group for the life of the
+    process, so destroy_process_group cannot free it: gloo's worker threads outlive `cleanup`, and one
+    that drops its last finished collective while the interpreter shuts down aborts the process
+    ("terminate called without an active exception"). Imported first, the defaults are None.
+    """
+    import importlib
+
+    importlib.import_module("torch.distributed.nn.functional")
 
 
 def cleanup(info: DistInfo) -> None:
