@@ -259,6 +259,7 @@ def test_former_to_mobile_takes_the_products_on_large_maps_only(monkeypatch):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_dynamic_relu_one_image_at_a_time_is_the_eager_activation(channels_last, monkeypatch):
+    monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")   # the ATen passes (tests/layers/test_native.py: the kernel)
     torch.manual_seed(0)
     act = mf.DynamicReLU(12, 16).eval()
     perturb(act)

@@ -1,0 +1,158 @@
+"""The native CPU kernels (`hybridzoo.layers.native`): built once when a compiler is there, cached, loaded
+later without one, off with HYBRIDZOO_NATIVE=0, and with no compiler the inference path keeps its ATen code.
+Every kernel computes exactly what the ATen code it replaces computes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hybridzoo
+from hybridzoo.layers import native
+from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
+from hybridzoo.models import mobile_former as mf
+from hybridzoo.registry import get_card
+from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+HAS_TOOLS = shutil.which(os.environ.get("CXX", "c++").split()[0]) is not None and shutil.which("ninja") is not None
+needs_kernels = pytest.mark.skipif(not HAS_TOOLS, reason="no C++ compiler or ninja to build the kernels")
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The kernels, built into the user's cache (as a first real use would) and loaded."""
+    assert native.load(), "a compiler and ninja are here, yet the kernels did not build (see the warning)"
+    return native
+
+
+@needs_kernels
+def test_the_kernels_build_where_a_compiler_is(built):
+    assert built.available()
+    assert (built.build_dir() / f"{native.NAMESPACE}.so").is_file()
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("shape", [(1, 16, 7, 7), (3, 37, 9, 11), (2, 1, 5, 4), (5, 96, 1, 1), (2, 600, 3, 2),
+                                   (2, 8, 40, 41)])
+def test_dyrelu_is_the_aten_formula_bit_for_bit(built, shape, layout, threads):
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    s1, s2 = torch.randn(2, shape[0], shape[1]).unbind(0)
+    s1[0, 0], s2[-1, -1] = 0.0, -0.0   # a saturated hard sigmoid gives an exact zero slope
+    ref = torch.maximum(x * s1[:, :, None, None], x * s2[:, :, None, None])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = x.clone(memory_format=layout)
+        out = built.dyrelu_(y, s1, s2)
+    finally:
+        torch.set_num_threads(before)
+    assert out.data_ptr() == y.data_ptr()   # in place
+    assert torch.equal(out, ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad, words", [
+    (lambda: (torch.randn(2, 3, 4, 10)[..., ::2], torch.randn(2, 3), torch.randn(2, 3)), "channels-last"),
+    (lambda: (torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(2, 3)), "4-d"),
+    (lambda: (torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last),
+              torch.randn(2, 3), torch.randn(2, 3)), "float32"),
+    (lambda: (torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.randn(2, 4),
+              torch.randn(2, 3)), "(2, 3)"),
+    (lambda: (torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.randn(3, 2).t(),
+              torch.randn(2, 3)), "contiguous"),
+])
+def test_dyrelu_names_what_is_wrong(built, bad, words):
+    with pytest.raises(RuntimeError, match="hybridzoo_native::dyrelu_") as e:
+        built.dyrelu_(*bad())
+    assert words in str(e.value)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@needs_kernels
+@pytest.mark.parametrize("batch, threads", [(1, 2), (3, 1)])
+def test_frozen_mobile_former_calls_the_kernel_and_computes_the_same(built, batch, threads, monkeypatch):
+    """The frozen model's dynamic ReLUs go through the kernel (seen by the dispatcher, so by ceiling.py) and the
+    model's output is bit for bit the one of its ATen passes. (A dispatch mode sees one thread: batch 3 runs on
+    one, else the batch split would run part of it on another.)"""
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("mobile_former_26m", **get_card("mobile_former_26m").test_kwargs).eval()
+    perturb(model)
+    frozen = optimize_for_cpu_inference(model)
+    x = torch.randn(batch, 3, 64, 64)
+    calls = []
+    monkeypatch.setattr(mf._FrozenDynamicReLU, "apply_slopes",
+                        lambda self, x, u, f=mf._FrozenDynamicReLU.apply_slopes: calls.append(1) or f(self, x, u))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            frozen(x)   # a first call does more than later ones (see the frozen model); not counted
+            calls.clear()
+            with _Ops() as ops:
+                fused = frozen(x)
+            monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+            aten = frozen(x)
+            ref = model(x)
+    finally:
+        torch.set_num_threads(before)
+    n_act = sum(isinstance(m, mf._FrozenDynamicReLU) for m in frozen.modules())
+    assert n_act > 0 and len(calls) == 2 * n_act   # every activation, in both passes
+    assert ops.names.count("hybridzoo_native.dyrelu_") == n_act   # in the first, each one by the kernel
+    assert torch.equal(fused, aten)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+def _load_in_a_fresh_process(env: dict[str, str]) -> subprocess.CompletedProcess:
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from hybridzoo.layers import native\n"
+            "print('LOADED', native.load(), native.available())\n")
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC), **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_without_a_compiler_the_path_keeps_its_aten_code(tmp_path):
+    r = _load_in_a_fresh_process({"HYBRIDZOO_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")})
+    assert r.returncode == 0, r.stderr
+    assert "LOADED False False" in r.stdout
+    assert "native CPU kernels are unavailable" in r.stderr and "no-such-compiler" in r.stderr
+    assert not (tmp_path / "native").exists() or not any((tmp_path / "native").rglob("*.so"))
+
+
+def test_switched_off_nothing_is_built_or_said(tmp_path):
+    r = _load_in_a_fresh_process({"HYBRIDZOO_CACHE": str(tmp_path), "HYBRIDZOO_NATIVE": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "LOADED False False" in r.stdout
+    assert "native" not in r.stderr and not (tmp_path / "native").exists()
+
+
+@needs_kernels
+def test_a_built_library_loads_later_without_a_compiler(built, tmp_path):
+    """Built once (the fixture), a later process loads it from the cache with no compiler on the machine."""
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "PATH": str(tmp_path)}
+    if os.environ.get("HYBRIDZOO_CACHE"):
+        env["HYBRIDZOO_CACHE"] = os.environ["HYBRIDZOO_CACHE"]
+    r = _load_in_a_fresh_process(env)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED True True" in r.stdout, r.stderr
+    assert "compiling" not in r.stderr
