@@ -36,7 +36,7 @@ def built():
 @needs_kernels
 def test_the_kernels_build_where_a_compiler_is(built):
     assert built.available()
-    assert (built.build_dir() / f"{native.NAMESPACE}.so").is_file()
+    assert (built.build_dir() / f"{native.NAMESPACE}.so").is_file() and (built.build_dir() / "built").is_file()
 
 
 @needs_kernels
@@ -137,6 +137,30 @@ def test_without_a_compiler_the_path_keeps_its_aten_code(tmp_path):
     assert "LOADED False False" in r.stdout
     assert "native CPU kernels are unavailable" in r.stderr and "no-such-compiler" in r.stderr
     assert not (tmp_path / "native").exists() or not any((tmp_path / "native").rglob("*.so"))
+
+
+def test_a_library_without_its_marker_is_not_loaded(tmp_path, monkeypatch):
+    """A library with no "built" marker may be one another process is still linking: it is built (here: no
+    compiler, so the ATen code stays), never loaded half-written."""
+    monkeypatch.setenv("HYBRIDZOO_CACHE", str(tmp_path))
+    folder = native.build_dir()
+    folder.mkdir(parents=True)
+    (folder / f"{native.NAMESPACE}.so").write_bytes(b"half a library")
+    r = _load_in_a_fresh_process({"HYBRIDZOO_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")})
+    assert "LOADED False False" in r.stdout
+    assert "no C++ compiler" in r.stderr and "ELF" not in r.stderr
+
+
+def test_a_killed_builds_lock_is_removed_a_live_ones_kept(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not native._clear_stale_lock(tmp_path) and lock.exists()   # a build under way
+    old = lock.stat().st_mtime - native.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        assert native._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    assert not native._clear_stale_lock(tmp_path)   # no lock at all
 
 
 def test_switched_off_nothing_is_built_or_said(tmp_path):

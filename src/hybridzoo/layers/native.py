@@ -22,6 +22,7 @@ import platform
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -135,8 +136,32 @@ def _library(folder: Path) -> Path:
     return folder / f"{NAMESPACE}.so"
 
 
+def _built(folder: Path) -> bool:
+    # the marker is written after a build that loaded: a library another process is still linking has none
+    return (folder / "built").is_file() and _library(folder).is_file()
+
+
+# a build takes under two minutes even on a busy machine; a lock file older than this is a killed build's, on
+# which torch's file lock would wait forever
+STALE_LOCK_S = 600
+
+
+def _clear_stale_lock(folder: Path) -> bool:
+    lock = folder / "lock"
+    try:
+        stale = time.time() - lock.stat().st_mtime > STALE_LOCK_S
+    except FileNotFoundError:
+        return False
+    if stale:
+        warnings.warn(f"removing {lock}, left by a build of the native kernels that did not finish",
+                      RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
+    return stale
+
+
 def _build(folder: Path) -> None:
-    """Compile into `folder` (torch's file lock keeps concurrent processes, e.g. under torchrun, to one build)."""
+    """Compile into `folder` (torch's file lock keeps concurrent processes, e.g. under torchrun, to one build;
+    the others wait for it and load its library)."""
     from torch.utils.cpp_extension import is_ninja_available, load_inline
 
     cxx = os.environ.get("CXX", "c++")
@@ -145,10 +170,14 @@ def _build(folder: Path) -> None:
     if not is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja)")
     folder.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(folder)
     print(f"hybridzoo: compiling native CPU kernels once (about 30 s) into {folder}; HYBRIDZOO_NATIVE=0 skips "
           "them", file=sys.stderr, flush=True)
     load_inline(NAMESPACE, cpp_sources=_SOURCE, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                 build_directory=str(folder), is_python_module=False, verbose=False)
+    tmp = folder / f"built.{os.getpid()}.tmp"
+    tmp.write_text(f"{_tag()}\n")
+    os.replace(tmp, folder / "built")
 
 
 def load() -> bool:
@@ -167,7 +196,7 @@ def load() -> bool:
             if platform.system() != "Linux":
                 raise RuntimeError(f"built and tested on Linux only, not {platform.system()}")
             folder = build_dir()
-            if not _library(folder).is_file():
+            if not _built(folder):
                 _build(folder)
             if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "dyrelu_"):
                 torch.ops.load_library(str(_library(folder)))
