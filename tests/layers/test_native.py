@@ -151,6 +151,19 @@ def test_a_library_without_its_marker_is_not_loaded(tmp_path, monkeypatch):
     assert "no C++ compiler" in r.stderr and "ELF" not in r.stderr
 
 
+def test_off_linux_the_aten_code_runs_without_a_word(monkeypatch):
+    import platform
+    import warnings
+
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(native, "_build", lambda folder: pytest.fail("built off Linux"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.load()
+    assert not native.available()
+
+
 def test_a_killed_builds_lock_is_removed_a_live_ones_kept(tmp_path):
     lock = tmp_path / "lock"
     lock.touch()

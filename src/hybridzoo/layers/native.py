@@ -10,8 +10,9 @@ a C++ compiler and ninja are needed then) into ``$HYBRIDZOO_CACHE/native/`` (def
 one folder per PyTorch version, Python version and kernel source. Later processes load the compiled library
 from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
 fails, the path keeps its ATen code (a warning says why, once); outputs are the same either way (the tests
-compare them). The loops are compiled for AVX-512, AVX2 and plain x86-64, and the CPU picks one when the
-library loads, so a cache shared between machines stays valid.
+compare them). Linux only: elsewhere the ATen code runs, without a warning. The loops are compiled for
+AVX-512, AVX2 and plain x86-64, and the CPU picks one when the library loads, so a cache shared between
+machines stays valid.
 """
 
 from __future__ import annotations
@@ -192,9 +193,10 @@ def load() -> bool:
     with _LOCK:
         if "ops" in _STATE or "error" in _STATE:
             return "ops" in _STATE
+        if platform.system() != "Linux":   # built and tested on Linux only; elsewhere nothing to act on, no warning
+            _STATE["error"] = f"not built on {platform.system()}"
+            return False
         try:
-            if platform.system() != "Linux":
-                raise RuntimeError(f"built and tested on Linux only, not {platform.system()}")
             folder = build_dir()
             if not _built(folder):
                 _build(folder)
