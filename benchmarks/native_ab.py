@@ -3,9 +3,9 @@
     python benchmarks/native_ab.py [--model mobile_former_294m] [--batch 32 1] [--rounds 7] [--threads 2]
 
 Builds the kernels if they are not in the cache yet (about 30 s), prepares the model once with
-`optimize_for_cpu_inference`, checks that its output is the same bit for bit with the kernels and without
-(HYBRIDZOO_NATIVE=0 at call time: the ATen passes), then times both in alternating rounds and prints the
-per-round speed-up: median and range.
+`optimize_for_cpu_inference`, checks that its output is the same with the kernels and without (HYBRIDZOO_NATIVE=0
+at call time: the ATen / MKL / oneDNN calls; fp32 rounding apart, since the tiny products sum in another order),
+then times both in alternating rounds and prints the per-round speed-up: median and range.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def main() -> None:
                     model(x)
                     outs[k] = model(x)
                 a, b = outs.values()
-                assert torch.equal(a, b), "the kernels changed the output"
+                diff = (a - b).abs().max().item()
+                # the dynamic ReLU's kernel is exact; the tiny products sum in another order than MKL
+                assert diff <= 1e-4 * a.abs().max().item(), f"the kernels changed the output by {diff:.2e}"
                 for _ in range(args.rounds):
                     for k, flag in variants.items():
                         os.environ["HYBRIDZOO_NATIVE"] = flag
@@ -67,7 +69,7 @@ def main() -> None:
             print(f"{args.model} batch {batch}, {args.threads} threads: "
                   + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in times.items())
                   + f"; speed-up per round {statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f}),"
-                  f" outputs equal", flush=True)
+                  f" outputs differ by at most {diff:.1e}", flush=True)
     finally:
         os.environ.pop("HYBRIDZOO_NATIVE", None)
 

@@ -1,6 +1,7 @@
 """The native CPU kernels (`hybridzoo.layers.native`): built once when a compiler is there, cached, loaded
 later without one, off with HYBRIDZOO_NATIVE=0, and with no compiler the inference path keeps its ATen code.
-Every kernel computes exactly what the ATen code it replaces computes."""
+The dynamic ReLU's kernel computes exactly what the ATen passes compute; the tiny-product kernel is a linear layer
+to fp32 rounding."""
 
 from __future__ import annotations
 
@@ -119,8 +120,65 @@ def test_frozen_mobile_former_calls_the_kernel_and_computes_the_same(built, batc
     n_act = sum(isinstance(m, mf._FrozenDynamicReLU) for m in frozen.modules())
     assert n_act > 0 and len(calls) == 2 * n_act   # every activation, in both passes
     assert ops.names.count("hybridzoo_native.dyrelu_") == n_act   # in the first, each one by the kernel
-    assert torch.equal(fused, aten)
+    # products of a few rows (the 6 tokens at batch 1, the slope MLPs' one row per image) by the tiny-product kernel
+    assert ops.names.count("hybridzoo_native.tiny_linear") > 0
+    torch.testing.assert_close(fused, aten, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead", [(1,), (6,), (1, 6), (2, 3), (7,), (8,), (13,), (2, 0)])
+@pytest.mark.parametrize("k, n", [(192, 192), (48, 2304), (385, 96), (1, 16), (192, 48)])
+def test_tiny_linear_is_the_linear(built, lead, k, n):
+    torch.manual_seed(k + n)
+    x, w, b = torch.randn(*lead, k), torch.randn(n, k) / k ** 0.5, torch.randn(n)
+    y = built.tiny_linear(x, w.t().contiguous(), b)
+    assert y.shape == (*lead, n)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad, words", [
+    (lambda: (torch.randn(6, 8), torch.randn(8, 40), torch.randn(40)), "multiple of 16"),
+    (lambda: (torch.randn(6, 9), torch.randn(8, 16), torch.randn(16)), "last dimension 8"),
+    (lambda: (torch.randn(8, 6).t(), torch.randn(8, 16), torch.randn(16)), "contiguous"),
+    (lambda: (torch.randn(6, 8).double(), torch.randn(8, 16), torch.randn(16)), "float32"),
+    (lambda: (torch.randn(6, 8), torch.randn(16, 8).t(), torch.randn(16)), "contiguous float32 (K, N)"),
+    (lambda: (torch.randn(6, 8), torch.randn(8, 16), torch.randn(32)), "b must be"),
+])
+def test_tiny_linear_names_what_is_wrong(built, bad, words):
+    with pytest.raises(RuntimeError, match="hybridzoo_native::tiny_linear") as e:
+        built.tiny_linear(*bad())
+    assert words in str(e.value)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@needs_kernels
+@pytest.mark.parametrize("act, algorithm, ref", [
+    ("none", "", lambda y: y), ("relu", "", torch.relu), ("gelu", "", torch.nn.functional.gelu),
+    ("gelu", "tanh", lambda y: torch.nn.functional.gelu(y, approximate="tanh")),
+    ("swish", "", torch.nn.functional.silu)])
+def test_few_rows_go_to_the_tiny_product_kernel(built, act, algorithm, ref, monkeypatch):
+    from hybridzoo.layers.onednn import TINY_ROWS, OneDNNLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 96)
+    layer = OneDNNLinear(lin, act, algorithm)
+
+    def run(x):
+        with torch.inference_mode(), _Ops() as ops:
+            y = layer(x)
+        torch.testing.assert_close(y, ref(lin(x)), rtol=1e-5, atol=1e-5)
+        return ops.names.count("hybridzoo_native.tiny_linear")
+
+    assert run(torch.randn(1, 6, 48)) == 1
+    assert run(torch.randn(TINY_ROWS, 48)) == 1
+    assert run(torch.randn(TINY_ROWS + 1, 48)) == 0   # more rows: MKL or oneDNN
+    assert run(torch.randn(6, 96)[:, ::2]) == 1       # a strided input is made contiguous first
+    assert OneDNNLinear(torch.nn.Linear(48, 40)).tiny_wt is None   # 40 outputs: not a multiple of 16
+    assert OneDNNLinear(torch.nn.Linear(48, 96, bias=False)).tiny_b.abs().sum() == 0
+    monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+    assert run(torch.randn(1, 6, 48)) == 0
 
 
 def _load_in_a_fresh_process(env: dict[str, str]) -> subprocess.CompletedProcess:

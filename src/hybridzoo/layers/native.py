@@ -1,16 +1,21 @@
 """Native CPU kernels for the inference path: compiled once from C++ on first use, cached, optional.
 
-A few memory-bound steps of the oneDNN inference path (`optimize_for_cpu_inference`) take several passes over a
-large map in ATen because no ATen kernel does them in one. The kernels here do; they are registered as PyTorch
-operators (``torch.ops.hybridzoo_native.*``), so the dispatcher, `TorchDispatchMode` recorders and
-`benchmarks/ceiling.py` see them like any ATen call.
+Two steps of the oneDNN inference path (`optimize_for_cpu_inference`) that ATen does poorly:
+
+- `dyrelu_`: Mobile-Former's dynamic ReLU, max(s1·x, s2·x) with per-image slopes, in one pass over the map (ATen
+  needs a product into a temporary and a maximum: three passes);
+- `tiny_linear`: a product of a few rows (Mobile-Former's 6 tokens at batch 1, its slope MLPs) on the calling
+  thread, where MKL's and oneDNN's fixed costs per call are most of their time.
+
+They are registered as PyTorch operators (``torch.ops.hybridzoo_native.*``), so the dispatcher,
+`TorchDispatchMode` recorders and `benchmarks/ceiling.py` see them like any ATen call.
 
 They are built with `torch.utils.cpp_extension` the first time a model that uses them is prepared (about 30 s;
 a C++ compiler and ninja are needed then) into ``$HYBRIDZOO_CACHE/native/`` (default ``~/.cache/hybridzoo``),
 one folder per PyTorch version, Python version and kernel source. Later processes load the compiled library
 from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
-fails, the path keeps its ATen code (a warning says why, once); outputs are the same either way (the tests
-compare them). Linux only: elsewhere the ATen code runs, without a warning. The loops are compiled for
+fails, the path keeps its ATen code (a warning says why, once). Outputs are the same either way, the dynamic
+ReLU's bit for bit, the products' to fp32 rounding (the tests compare them). Linux only: elsewhere the ATen code runs, without a warning. The loops are compiled for
 AVX-512, AVX2 and plain x86-64, and the CPU picks one when the library loads, so a cache shared between
 machines stays valid.
 """
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "load", "dyrelu_", "build_dir"]
+__all__ = ["available", "load", "dyrelu_", "tiny_linear", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -37,6 +42,8 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
 #define HZ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -102,12 +109,73 @@ at::Tensor dyrelu_(at::Tensor x, const at::Tensor& s1, const at::Tensor& s2) {
   return x;
 }
 
+// y[MR rows, 16·NV columns from n0] = x·wt + b, the accumulators in registers (AVX-512: 6 × 4 vectors of 16)
+typedef float hz_v16 __attribute__((vector_size(64)));
+
+template <int MR, int NV>
+HZ_CLONES static void tiny_tile(const float* __restrict x, int64_t K, const float* __restrict wt, int64_t N,
+                                const float* __restrict b, float* __restrict y, int64_t n0) {
+  hz_v16 acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    hz_v16 bv;
+    std::memcpy(&bv, b + n0 + 16 * v, sizeof bv);
+    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    hz_v16 w[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&w[v], wt + k * N + n0 + 16 * v, sizeof w[v]);
+    for (int m = 0; m < MR; ++m) {
+      const float xv = x[m * K + k];
+      for (int v = 0; v < NV; ++v) acc[m][v] += xv * w[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) std::memcpy(y + m * N + n0 + 16 * v, &acc[m][v], sizeof acc[m][v]);
+}
+
+template <int MR>
+static void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y) {
+  int64_t n0 = 0;
+  for (; n0 + 64 <= N; n0 += 64) tiny_tile<MR, 4>(x, K, wt, N, b, y, n0);
+  for (; n0 < N; n0 += 16) tiny_tile<MR, 1>(x, K, wt, N, b, y, n0);
+}
+
+// A product with a handful of rows (Mobile-Former's 6 tokens, one class token): y = x·wt + b, wt (K, N) the
+// transposed weight, N a multiple of 16. On the calling thread: at this size MKL's and oneDNN's fixed costs per
+// call are most of theirs, and a second thread only adds its start.
+at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& b) {
+  TORCH_CHECK(wt.dim() == 2 && wt.scalar_type() == at::kFloat && wt.is_contiguous() && wt.size(1) % 16 == 0,
+              "hybridzoo_native::tiny_linear: wt must be a contiguous float32 (K, N) with N a multiple of 16, got ",
+              wt.sizes());
+  const int64_t K = wt.size(0), N = wt.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "hybridzoo_native::tiny_linear: x must be contiguous float32 with last dimension ", K, ", got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.scalar_type() == at::kFloat && b.is_contiguous(),
+              "hybridzoo_native::tiny_linear: b must be a contiguous float32 (", N, "), got ", b.sizes());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t M = K ? x.numel() / K : 0;
+  const float* px = x.data_ptr<float>();
+  const float* pw = wt.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) tiny_rows<6>(px + m * K, K, pw, N, pb, py + m * N);
+  for (; m + 2 <= M; m += 2) tiny_rows<2>(px + m * K, K, pw, N, pb, py + m * N);
+  for (; m < M; ++m) tiny_rows<1>(px + m * K, K, pw, N, pb, py + m * N);
+  return y;
+}
+
 TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_(Tensor(a!) x, Tensor s1, Tensor s2) -> Tensor(a!)");
+  m.def("tiny_linear(Tensor x, Tensor wt, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("dyrelu_", &dyrelu_);
+  m.impl("tiny_linear", &tiny_linear);
 }
 """
 
@@ -200,7 +268,7 @@ def load() -> bool:
             folder = build_dir()
             if not _built(folder):
                 _build(folder)
-            if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "dyrelu_"):
+            if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "tiny_linear"):
                 torch.ops.load_library(str(_library(folder)))
             _STATE["ops"] = getattr(torch.ops, NAMESPACE)
         except Exception as e:  # a compiler error, a missing tool, an unreadable cache: the ATen code stays
@@ -216,6 +284,12 @@ def load() -> bool:
 def available() -> bool:
     """True when the kernels are loaded in this process (after `load`)."""
     return "ops" in _STATE and _enabled()
+
+
+def tiny_linear(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x·wt + b for a product of a few rows, on the calling thread; wt is the transposed weight (K, N), N a
+    multiple of 16, x contiguous (..., K)."""
+    return _STATE["ops"].tiny_linear(x, wt, b)
 
 
 def dyrelu_(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
