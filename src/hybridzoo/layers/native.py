@@ -15,9 +15,9 @@ a C++ compiler and ninja are needed then) into ``$HYBRIDZOO_CACHE/native/`` (def
 one folder per PyTorch version, Python version and kernel source. Later processes load the compiled library
 from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
 fails, the path keeps its ATen code (a warning says why, once). Outputs are the same either way, the dynamic
-ReLU's bit for bit, the products' to fp32 rounding (the tests compare them). Linux only: elsewhere the ATen code runs, without a warning. The loops are compiled for
-AVX-512, AVX2 and plain x86-64, and the CPU picks one when the library loads, so a cache shared between
-machines stays valid.
+ReLU's bit for bit, the products' to fp32 rounding (the tests compare them). Linux only: elsewhere the ATen code
+runs, without a warning. The loops are compiled for AVX-512, AVX2 and plain x86-64, and the CPU picks one when
+the library loads, so a cache shared between machines stays valid.
 """
 
 from __future__ import annotations

@@ -292,8 +292,8 @@ def _fold_sequential(seq: nn.Sequential, batch_hint: int | None) -> None:
 SMALL_WEIGHT = 192 * 1152
 TINY_PRODUCT = 6 * 192 * 192
 # products of at most TINY_ROWS rows with such a weight (and a multiple of 16 outputs) go to the native kernel
-# (`layers.native.tiny_linear`) where it is built: hot, 2.4-3.6x MKL's time per call at 6 rows, 1.1-2x with the
-# weight arriving cold
+# (`layers.native.tiny_linear`) where it is built: per call 2.4-3.6x faster than MKL with the weight in cache,
+# 1.1-2x with it arriving cold
 TINY_ROWS = 8
 _TINY_ACT = {"none": lambda y, alg: y, "relu": lambda y, alg: y.relu_(),
              "gelu": lambda y, alg: nn.functional.gelu(y, approximate=alg),
@@ -346,7 +346,7 @@ class OneDNNLinear(nn.Module):
         _check_frozen_input(x, "OneDNNLinear", (torch.float32, self.dtype))
         if (self.tiny_wt is not None and x.numel() <= TINY_ROWS * self.in_features and x.dtype is torch.float32
                 and native.available()):
-            # a few rows (Mobile-Former's tokens at batch 1): the native kernel, on this thread, 2-3× MKL's time
+            # a few rows (Mobile-Former's tokens at batch 1): the native kernel, on this thread, faster than MKL
             return _TINY_ACT[self.act](native.tiny_linear(x.contiguous(), self.tiny_wt, self.tiny_b),
                                        self.algorithm)
         if self.small_weight is not None and x.numel() * self.out_features <= TINY_PRODUCT and x.dtype is torch.float32:

@@ -73,7 +73,7 @@ class _FrozenDynamicReLU(nn.Module):
     clamp(z/3 + 1, 0, 2) and 2·hsigmoid(z) − 1 = clamp(z/3, −1, 1), so fc2 is scaled by 1/3 (exact
     algebra; fp32 rounding moves). max(s1·x, s2·x) is then computed in x's own buffer — its callers pass a
     dead convolution output — by one native kernel (`layers.native.dyrelu_`: one read and one write of the map;
-    1.10× on the whole model at batch 32, 1.05× at batch 1, session 10) when it is built. Otherwise in ATen,
+    1.08× on the whole model at batch 32, 1.05× at batch 1, session 11) when it is built. Otherwise in ATen,
     with a per-thread scratch buffer for the one temporary, where the eager formula
     makes two fresh full-size ones (fresh large buffers page-fault on every call). With one intra-op thread (each
     part of the batch split) the three passes run one image at a time (`PER_IMAGE`): the second and third then read
