@@ -251,3 +251,179 @@ def test_a_built_library_loads_later_without_a_compiler(built, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "LOADED True True" in r.stdout, r.stderr
     assert "compiling" not in r.stderr
+
+
+# ---- attention ------------------------------------------------------------------------------------------------
+
+def _attention_supported() -> bool:
+    return HAS_TOOLS and native.load() and bool(native._STATE["ops"].attention_supported())
+
+
+needs_attention = pytest.mark.skipif(not HAS_TOOLS, reason="no C++ compiler or ninja to build the kernels")
+
+
+@pytest.fixture(scope="module")
+def attn(built):
+    if not built._STATE["ops"].attention_supported():
+        pytest.skip("the attention kernel needs AVX-512; this CPU has none (SDPA stays, see attention_applies)")
+    return built
+
+
+def _heads(B, H, n, N, d, seed=0):
+    """q, k, v as the strided views of one qkv product (and a separate kv product when N != n)."""
+    torch.manual_seed(seed)
+    q, k, v = torch.randn(B, n, 3, H, d).permute(2, 0, 3, 1, 4)
+    if N != n:
+        k, v = torch.randn(B, N, 2, H, d).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def _attention_ref(q, k, v, pos, scale):
+    B, H, n, d = q.shape
+    a = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)
+    if pos is not None:
+        a = a + pos.double()
+    return (a @ v.double()).transpose(1, 2).reshape(B, n, H * d).float()
+
+
+@needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, H, n, N, d", [
+    (1, 1, 1, 1, 16), (2, 3, 7, 9, 32), (1, 4, 196, 196, 48), (2, 6, 197, 50, 64), (3, 2, 13, 33, 48),
+    (1, 2, 45, 17, 16), (1, 1, 301, 100, 64),   # one head, many rows: split into row blocks over the threads
+])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_attention_is_softmax_attention(attn, B, H, n, N, d, with_pos, threads):
+    """Every tail the kernel has (8 / 6-row tiles, then 4, 2, 1; keys not a multiple of 16), the heads in from
+    strided views of a product, tokens first out; the positional rows (ConViT) added after the softmax."""
+    q, k, v = _heads(B, H, n, N, d, seed=B * H * n * N * d)
+    pos = None
+    if with_pos:   # a row slice of a larger map, as the token shares pass it
+        pos = (torch.softmax(torch.randn(H, n + 3, N), dim=-1) * 0.7)[:, 2:n + 2]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = attn.attention(q, k, v, pos, d ** -0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == (B, n, H * d) and out.is_contiguous()
+    torch.testing.assert_close(out, _attention_ref(q, k, v, pos, d ** -0.5), rtol=1e-4, atol=2e-5)
+
+
+@needs_attention
+def test_attention_softmax_holds_far_from_zero(attn):
+    """Scores of about -1000 in every row, and a tail of padding keys (17 keys: 15 padding columns): the row's own
+    maximum comes off before the exponential and the padding takes no part (counted as a score of 0 it would
+    make the maximum 0 and every weight underflow); scores of ±300 give nearly one-hot rows."""
+    q, k, v = _heads(2, 2, 11, 17, 16, seed=3)
+    q, k = q.clone(), k.clone()
+    q[..., 0], k[..., 0] = 100.0, -10.0
+    # (fp32 scores near -1000 carry ~1e-4 of rounding into the weights, whoever computes them)
+    torch.testing.assert_close(attn.attention(q, k, v, None, 1.0), _attention_ref(q, k, v, None, 1.0),
+                               rtol=1e-3, atol=1e-3)
+    q, k, v = _heads(1, 3, 9, 40, 32, seed=4)
+    torch.testing.assert_close(attn.attention(q * 30, k, v, None, 1.0), _attention_ref(q * 30, k, v, None, 1.0),
+                               rtol=1e-4, atol=2e-5)
+
+
+@needs_attention
+@pytest.mark.parametrize("bad, words", [
+    (lambda: (*_heads(1, 2, 5, 5, 40), None), "head_dim must be 16, 32, 48 or 64, got 40"),
+    (lambda: (*(t.double() for t in _heads(1, 2, 5, 5, 16)), None), "4-d float32"),
+    (lambda: (*(t.transpose(2, 3) for t in _heads(1, 2, 16, 16, 16)), None), "unit stride along head_dim"),
+    (lambda: (*_heads(1, 2, 5, 5, 16)[:2], torch.randn(1, 2, 6, 16), None), "k and v must be"),
+    (lambda: (*_heads(1, 2, 5, 5, 16), torch.randn(2, 5, 4)), "pos must be float32 (2, 5, 5)"),
+    (lambda: (*_heads(1, 2, 5, 5, 16), torch.randn(2, 5, 10)[..., ::2]), "unit stride along its last"),
+])
+def test_attention_names_what_is_wrong(attn, bad, words):
+    q, k, v, pos = bad()
+    with pytest.raises(RuntimeError, match="hybridzoo_native::attention") as e:
+        attn.attention(q, k, v, pos, 1.0)
+    assert words in str(e.value)
+
+
+def test_attention_applies_only_where_it_can(monkeypatch):
+    """Not with a gradient to take (no backward), another dtype or head dim, or the kernels switched off."""
+    q = torch.randn(1, 2, 5, 16)
+    monkeypatch.setattr(native, "_STATE", {"ops": type("Ops", (), {"attention_supported": lambda: True})})
+    assert native.attention_applies(q, q, q)
+    assert not native.attention_applies(q.double(), q, q)
+    assert not native.attention_applies(torch.randn(1, 2, 5, 40), q, q)
+    assert not native.attention_applies(q, q.requires_grad_(), q)
+    with torch.no_grad():
+        assert native.attention_applies(q, q, q)
+    monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+    assert not native.attention_applies(torch.randn(1, 2, 5, 16), q.detach(), q.detach())
+    monkeypatch.setattr(native, "_STATE", {"ops": type("Ops", (), {"attention_supported": lambda: False})})
+    monkeypatch.setenv("HYBRIDZOO_NATIVE", "1")
+    assert not native.attention_applies(torch.randn(1, 2, 5, 16), q.detach(), q.detach())   # no AVX-512
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@needs_attention
+@pytest.mark.parametrize("name, kwargs, n_attn", [
+    ("deit_small_patch16_224", dict(img_size=32, embed_dim=96, depth=2, num_heads=2), 2),   # head dim 48
+    ("convit_tiny", dict(img_size=64, embed_dim=96, depth=3, num_heads=2, local_up_to_layer=2), 3),   # 2 GPSA
+    ("cvt_13", None, 4),   # the card's test size: head dim 16, 1 + 1 + 2 blocks
+])
+def test_frozen_transformers_attend_through_the_kernel(attn, name, kwargs, n_attn, monkeypatch):
+    """DeiT's / ViT's attention, ConViT's GPSA (with its positional map) and MHSA, and CvT's convolutional
+    attention go through the kernel on the inference path, seen by the dispatcher, with the eager model's
+    output; HYBRIDZOO_NATIVE=0 gives them back to SDPA and bmm. Batch 3 on one thread: no batch split."""
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **(kwargs or get_card(name).test_kwargs)).eval()
+    perturb(model)
+    frozen = optimize_for_cpu_inference(model)
+    size = {"deit_small_patch16_224": 32, "convit_tiny": 64}.get(name, 64)
+    x = torch.randn(3, 3, size, size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            frozen(x)
+            with _Ops() as ops:
+                out = frozen(x)
+            monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+            with _Ops() as off:
+                aten = frozen(x)
+            ref = model(x)
+    finally:
+        torch.set_num_threads(before)
+    assert ops.names.count("hybridzoo_native.attention") == n_attn
+    assert off.names.count("hybridzoo_native.attention") == 0
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(out, aten, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@needs_attention
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_tiny"])
+def test_token_shares_attend_through_the_kernel(attn, name, monkeypatch):
+    """At batch 1 with two threads, each token share's attention (its own query rows, every key; GPSA with its
+    rows of the positional map) goes through the kernel, with the sequential blocks' output."""
+    torch.manual_seed(0)
+    kw = dict(img_size=96, embed_dim=96, depth=3, num_heads=2)   # 36 patches: 18 rows or more per share
+    if name == "convit_tiny":
+        kw["local_up_to_layer"] = 2
+    model = hybridzoo.create_model(name, **kw).eval()
+    perturb(model)
+    fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
+    calls = []
+    monkeypatch.setattr(native, "attention", lambda q, *a, f=native.attention: calls.append(q.shape[2]) or f(q, *a))
+    x = torch.randn(1, 3, 96, 96)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out = fast(x)
+    finally:
+        torch.set_num_threads(before)
+    # the first two blocks in two shares each (ConViT's GPSA blocks have no class token), the last block's
+    # class token alone
+    n = 36 + (name != "convit_tiny")
+    assert sorted(calls) == [1] + [n // 2] * 2 + [n - n // 2] * 2
+    with torch.inference_mode():
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -6,12 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridzoo.layers import native
+
 
 class Attention(nn.Module):
     """ViT multi-head self-attention with a fused qkv projection (timm's names: `qkv`, `proj`).
 
     `scale` defaults to head_dim**-0.5; models whose official code scales differently pass it.
+
+    In the copy `optimize_for_cpu_inference` makes, attention without a mask runs through the native kernel
+    (`layers.native.attention`) where it is built: same function, to fp32 rounding.
     """
+
+    native_attention = False   # set on the frozen copy (freeze_for_cpu_inference)
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, scale: float | None = None):
@@ -41,10 +48,19 @@ class Attention(nn.Module):
                 2, 0, 3, 1, 4).unbind(0)
             if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == N:
                 attn_mask = attn_mask[..., :n, :]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, n, C)
+        if self.native_attention and attn_mask is None and not self.training and native.attention_applies(q, k, v):
+            x = native.attention(q, k, v, None, self.scale)   # tokens first already
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+            x = x.transpose(1, 2).reshape(B, n, C)
         return self.proj_drop(self.proj(x))
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        """The inference path's module: this one (its linear layers are then packed by the caller), with the
+        native attention kernel switched on where it is built for this head dim."""
+        self.native_attention = self.head_dim in native.ATTENTION_HEAD_DIMS and native.load()
+        return self
 
 
 def check_num_queries(num_queries, tokens: int) -> int:

@@ -5,7 +5,11 @@ Two steps of the oneDNN inference path (`optimize_for_cpu_inference`) that ATen 
 - `dyrelu_`: Mobile-Former's dynamic ReLU, max(s1·x, s2·x) with per-image slopes, in one pass over the map (ATen
   needs a product into a temporary and a maximum: three passes);
 - `tiny_linear`: a product of a few rows (Mobile-Former's 6 tokens at batch 1, its slope MLPs) on the calling
-  thread, where MKL's and oneDNN's fixed costs per call are most of their time.
+  thread, where MKL's and oneDNN's fixed costs per call are most of their time;
+- `attention`: softmax(scale·q·kᵀ [+ P])·v for head dims of 16-64 (DeiT / ViT, ConViT's MHSA and GPSA with its
+  positional map P, CvT), a tile of query rows at a time with the scores kept in cache, where ATen's SDPA and
+  `bmm` run such small products well below the GEMM peak; its output comes tokens first (B, n, heads·d), the
+  layout the output projection reads, so the transpose and copy after SDPA go too.
 
 They are registered as PyTorch operators (``torch.ops.hybridzoo_native.*``), so the dispatcher,
 `TorchDispatchMode` recorders and `benchmarks/ceiling.py` see them like any ATen call.
@@ -15,9 +19,9 @@ a C++ compiler and ninja are needed then) into ``$HYBRIDZOO_CACHE/native/`` (def
 one folder per PyTorch version, Python version and kernel source. Later processes load the compiled library
 from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
 fails, the path keeps its ATen code (a warning says why, once). Outputs are the same either way, the dynamic
-ReLU's bit for bit, the products' to fp32 rounding (the tests compare them). Linux only: elsewhere the ATen code
-runs, without a warning. The loops are compiled for AVX-512, AVX2 and plain x86-64, and the CPU picks one when
-the library loads, so a cache shared between machines stays valid.
+ReLU's bit for bit, the products' and attention's to fp32 rounding (the tests compare them). Linux only:
+elsewhere the ATen code runs, without a warning. The loops are compiled for AVX-512, AVX2 and plain x86-64,
+and the CPU picks one when the library loads, so a cache shared between machines stays valid.
 """
 
 from __future__ import annotations
@@ -34,21 +38,30 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "load", "dyrelu_", "tiny_linear", "build_dir"]
+__all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attention_applies", "ATTENTION_HEAD_DIMS",
+           "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
 _SOURCE = r"""
-#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
 #define HZ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// the attention kernel's register blocking is AVX-512's (32 vector registers of 16 floats); elsewhere SDPA stays
+#define HZ_AVX512 __attribute__((target("avx512f")))
+#define HZ_HAS_AVX512 __builtin_cpu_supports("avx512f")
 #else
 #define HZ_CLONES
+#define HZ_AVX512
+#define HZ_HAS_AVX512 false
 #endif
 
 // rows of one image: x[r, c] <- max(a[c] * x[r, c], b[c] * x[r, c])
@@ -168,14 +181,254 @@ at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tens
   return y;
 }
 
+// ---- attention: softmax(scale · q kᵀ [+ pos]) · v, one query-row tile at a time ----------------------------
+// Per head, kᵀ is packed once (scale folded in, zero columns up to a multiple of 16); then for R query rows at a
+// time the scores (R × N, in a scratch row block that stays in L1/L2), their softmax and the product with v run
+// back to back, the accumulators in registers. The rows never leave the cache between the three steps, and no
+// N × N map is written: where ATen's SDPA and bmm run these small products (N ≈ 200, d = 48 / 64) at 55-65% of
+// the one-thread GEMM peak, this runs at 75-85% (benchmarks/RESULTS.md, session 12).
+
+typedef int32_t hz_i16 __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) hz_v16 hz_load(const float* p) {
+  hz_v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline __attribute__((always_inline)) void hz_store(float* p, hz_v16 v) { std::memcpy(p, &v, sizeof v); }
+static inline __attribute__((always_inline)) hz_v16 hz_splat(float x) { return hz_v16{} + x; }
+
+// e^x for x <= 0 (scores less their row maximum) within about 2 ulp: x = n·ln2 + r, e^r by its degree-6 Taylor
+// polynomial (|r| <= ln2/2), 2^n put in the exponent bits. Below -87.3 it gives e^-87.3 (~1e-38), which is
+// nothing next to a row sum of at least 1.
+static inline __attribute__((always_inline)) hz_v16 hz_exp(hz_v16 x) {
+  const hz_v16 lo = hz_splat(-87.3f);
+  x = x > lo ? x : lo;
+  const hz_v16 magic = hz_splat(12582912.0f);   // 1.5 · 2^23: adding it rounds to an integer in the low bits
+  const hz_v16 t = x * 1.44269504088896341f + magic;
+  const hz_v16 n = t - magic;
+  const hz_i16 ni = (hz_i16)t - (hz_i16)magic;
+  const hz_v16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;   // ln2 in two parts
+  hz_v16 p = hz_splat(1.0f / 720) * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * (hz_v16)((ni + 127) << 23);
+}
+
+// every lane <- the maximum (the sum) of the 16 lanes: a butterfly over lanes 8, 4, 2 and 1 apart
+static inline __attribute__((always_inline)) hz_v16 hz_lane_swap(hz_v16 v, int k) {
+  const hz_i16 p8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+  const hz_i16 p4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+  const hz_i16 p2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+  const hz_i16 p1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  return __builtin_shuffle(v, k == 8 ? p8 : k == 4 ? p4 : k == 2 ? p2 : p1);
+}
+static inline __attribute__((always_inline)) hz_v16 hz_all_max(hz_v16 v) {
+  for (int k = 8; k >= 1; k /= 2) {
+    const hz_v16 w = hz_lane_swap(v, k);
+    v = v > w ? v : w;
+  }
+  return v;
+}
+static inline __attribute__((always_inline)) hz_v16 hz_all_sum(hz_v16 v) {
+  for (int k = 8; k >= 1; k /= 2) v += hz_lane_swap(v, k);
+  return v;
+}
+
+// s[R rows, columns j0 .. j0 + 16·NV) = q[R rows, d] · kt[d, ...]; rmax[r] takes the lane-wise maximum of its row
+template <int R, int NV>
+static inline __attribute__((always_inline)) void scores_tile(const float* q, int64_t sq, const float* kt,
+                                                              int64_t Np, int64_t d, int64_t N, int64_t j0,
+                                                              float* s, hz_v16* rmax) {
+  hz_v16 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) acc[r][u] = hz_v16{};
+  for (int64_t c = 0; c < d; ++c) {
+    hz_v16 w[NV];
+    for (int u = 0; u < NV; ++u) w[u] = hz_load(kt + c * Np + j0 + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const float qv = q[r * sq + c];
+      for (int u = 0; u < NV; ++u) acc[r][u] += qv * w[u];
+    }
+  }
+  if (j0 + 16 * NV > N) {   // the padding columns (zero keys) take no part in the softmax: -inf
+    const hz_i16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int u = 0; u < NV; ++u) {
+      const hz_i16 pad = lane + (int32_t)(j0 + 16 * u) >= (int32_t)N;
+      for (int r = 0; r < R; ++r) acc[r][u] = pad ? hz_splat(-INFINITY) : acc[r][u];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    hz_v16 m = rmax[r];
+    for (int u = 0; u < NV; ++u) {
+      hz_store(s + r * Np + j0 + 16 * u, acc[r][u]);
+      m = m > acc[r][u] ? m : acc[r][u];
+    }
+    rmax[r] = m;
+  }
+}
+
+// o[R rows, 16·DV] = scale[r] · (a[R rows, N] · v[N, 16·DV])
+template <int R, int DV>
+static inline __attribute__((always_inline)) void values_tile(const float* a, int64_t Np, const float* v,
+                                                              int64_t sv, int64_t N, const hz_v16* scale,
+                                                              float* o, int64_t so) {
+  hz_v16 acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < DV; ++u) acc[r][u] = hz_v16{};
+  for (int64_t j = 0; j < N; ++j) {
+    hz_v16 w[DV];
+    for (int u = 0; u < DV; ++u) w[u] = hz_load(v + j * sv + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const float av = a[r * Np + j];
+      for (int u = 0; u < DV; ++u) acc[r][u] += av * w[u];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < DV; ++u) hz_store(o + r * so + 16 * u, acc[r][u] * scale[r]);
+}
+
+// R query rows of one head: scores, softmax (plus the positional rows pos, row stride sp), the product with v
+template <int R, int NV, int DV>
+static inline __attribute__((always_inline)) void attend_rows(const float* q, int64_t sq, const float* kt,
+                                                              const float* v, int64_t sv, const float* pos,
+                                                              int64_t sp, int64_t N, int64_t Np, float* s,
+                                                              float* o, int64_t so) {
+  hz_v16 rmax[R], scale[R];
+  for (int r = 0; r < R; ++r) rmax[r] = hz_splat(-INFINITY);
+  int64_t j0 = 0;
+  for (; j0 + 16 * NV <= Np; j0 += 16 * NV) scores_tile<R, NV>(q, sq, kt, Np, 16 * DV, N, j0, s, rmax);
+  for (; j0 < Np; j0 += 16) scores_tile<R, 1>(q, sq, kt, Np, 16 * DV, N, j0, s, rmax);
+  for (int r = 0; r < R; ++r) {
+    float* row = s + r * Np;
+    const hz_v16 m = hz_all_max(rmax[r]);
+    hz_v16 sum = hz_v16{};
+    for (int64_t j = 0; j < Np; j += 16) {
+      const hz_v16 e = hz_exp(hz_load(row + j) - m);
+      hz_store(row + j, e);
+      sum += e;
+    }
+    scale[r] = hz_splat(1.0f) / hz_all_sum(sum);
+  }
+  if (pos) {   // a = e / sum + pos: the positional rows are added after the division, so it moves into a
+    const int64_t full = N / 16 * 16;
+    for (int r = 0; r < R; ++r) {
+      float* row = s + r * Np;
+      const float* prow = pos + r * sp;
+      int64_t j = 0;
+      for (; j < full; j += 16) hz_store(row + j, hz_load(row + j) * scale[r] + hz_load(prow + j));
+      for (const float inv = scale[r][0]; j < N; ++j) row[j] = row[j] * inv + prow[j];
+      scale[r] = hz_splat(1.0f);
+    }
+  }
+  values_tile<R, DV>(s, Np, v, sv, N, scale, o, so);
+}
+
+// query rows [i0, i1) of one head, head dim 16·DV; kt (16·DV × Np) and s (8 × Np) are scratch
+template <int DV>
+HZ_AVX512 static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v,
+                                  int64_t sv, const float* pos, int64_t sp, float* o, int64_t so, int64_t i0,
+                                  int64_t i1, int64_t N, float scale, float* kt, float* s) {
+  constexpr int64_t d = 16 * DV;
+  constexpr int R = DV <= 3 ? 8 : 6;    // R × max(NV, DV) accumulators: 24 of the 32 AVX-512 registers
+  constexpr int NV = DV <= 3 ? 3 : 4;
+  const int64_t Np = (N + 15) / 16 * 16;
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t c = 0; c < d; ++c) kt[c * Np + j] = k[j * sk + c] * scale;
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = N; j < Np; ++j) kt[c * Np + j] = 0.0f;
+  // (a macro, not a lambda: a lambda is a function of its own, compiled for plain x86-64 whatever the clone)
+#define HZ_ROWS(T, i) attend_rows<T, NV, DV>(q + (i) * sq, sq, kt, v, sv, pos ? pos + (i) * sp : nullptr, sp, N, Np, \
+                                             s, o + (i) * so, so)
+  int64_t i = i0;
+  for (; i + R <= i1; i += R) HZ_ROWS(R, i);
+  if (R == 8 && i + 4 <= i1) {
+    HZ_ROWS(4, i);
+    i += 4;
+  }
+  for (; i + 2 <= i1; i += 2) HZ_ROWS(2, i);
+  if (i < i1) HZ_ROWS(1, i);
+#undef HZ_ROWS
+}
+
+// softmax(scale · q kᵀ) · v, or (softmax(scale · q kᵀ) + pos) · v, with the heads first in and tokens first out: q (B, H, n, d), k and v (B, H, N,
+// d), each with unit stride along d (views of a qkv product do); pos (H, n, N) or none; out (B, n, H·d), the layout
+// the output projection reads. d is 16, 32, 48 or 64.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& pos, double scale) {
+  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::attention needs a CPU with AVX-512 (see attention_supported)");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->stride(3) == 1,
+                "hybridzoo_native::attention: q, k and v must be 4-d float32 (B, heads, tokens, head_dim) with unit "
+                "stride along head_dim, got ", t->sizes(), " ", t->scalar_type(), " strides ", t->strides());
+  }
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
+  TORCH_CHECK(d == 16 || d == 32 || d == 48 || d == 64,
+              "hybridzoo_native::attention: head_dim must be 16, 32, 48 or 64, got ", d);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes() && N > 0,
+              "hybridzoo_native::attention: k and v must be (", B, ", ", H, ", N, ", d, ") alike, N > 0, got ",
+              k.sizes(), " and ", v.sizes());
+  const bool has_pos = pos.has_value() && pos->defined();
+  if (has_pos) {
+    TORCH_CHECK(pos->dim() == 3 && pos->size(0) == H && pos->size(1) == n && pos->size(2) == N
+                && pos->scalar_type() == at::kFloat && pos->stride(2) == 1,
+                "hybridzoo_native::attention: pos must be float32 (", H, ", ", n, ", ", N, ") with unit stride "
+                "along its last dimension, got ", pos->sizes(), " strides ", pos->strides());
+  }
+  at::Tensor out = at::empty({B, n, H * d}, q.options());
+  if (out.numel() == 0) return out;
+  const float* pq = q.data_ptr<float>();
+  const float* pk = k.data_ptr<float>();
+  const float* pv = v.data_ptr<float>();
+  const float* pp = has_pos ? pos->data_ptr<float>() : nullptr;
+  float* po = out.data_ptr<float>();
+  const int64_t Np = (N + 15) / 16 * 16;
+  // work items: (image, head, block of query rows); rows are split only when there are too few heads to keep
+  // every thread busy (batch 1, CvT's one-head stage), in blocks large enough that packing kᵀ stays a small share
+  const int64_t threads = at::get_num_threads();
+  int64_t blocks = 1;
+  if (B * H < 4 * threads) blocks = std::max<int64_t>(1, std::min((4 * threads + B * H - 1) / (B * H), n / 48));
+  const int64_t block_rows = (n + blocks - 1) / blocks;
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(d * Np), s(8 * Np);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / blocks, b = bh / H, h = bh % H;
+      const int64_t i0 = item % blocks * block_rows, i1 = std::min(n, i0 + block_rows);
+      if (i0 >= i1) continue;
+      const float* qh = pq + b * q.stride(0) + h * q.stride(1);
+      const float* kh = pk + b * k.stride(0) + h * k.stride(1);
+      const float* vh = pv + b * v.stride(0) + h * v.stride(1);
+      const float* ph = pp ? pp + h * pos->stride(0) : nullptr;
+      const int64_t sp = pp ? pos->stride(1) : 0;
+      float* oh = po + b * n * H * d + h * d;
+      const float sc = static_cast<float>(scale);
+      switch (d) {
+        case 16: attend_head<1>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, sc, kt.data(), s.data()); break;
+        case 32: attend_head<2>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, sc, kt.data(), s.data()); break;
+        case 48: attend_head<3>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, sc, kt.data(), s.data()); break;
+        default: attend_head<4>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, sc, kt.data(), s.data()); break;
+      }
+    }
+  });
+  return out;
+}
+
+bool attention_supported() { return HZ_HAS_AVX512; }
+
 TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_(Tensor(a!) x, Tensor s1, Tensor s2) -> Tensor(a!)");
   m.def("tiny_linear(Tensor x, Tensor wt, Tensor b) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? pos, float scale) -> Tensor");
+  m.def("attention_supported() -> bool", &attention_supported);
 }
 
 TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("dyrelu_", &dyrelu_);
   m.impl("tiny_linear", &tiny_linear);
+  m.impl("attention", &attention);
 }
 """
 
@@ -296,3 +549,30 @@ def dyrelu_(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor
     """x ← max(s1·x, s2·x) in place, x a float32 map (B, C, H, W), contiguous or channels-last, s1 and s2
     contiguous (B, C)."""
     return _STATE["ops"].dyrelu_(x, s1, s2)
+
+
+# the head dims the attention kernel is built for (one register blocking each)
+ATTENTION_HEAD_DIMS = (16, 32, 48, 64)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None,
+              scale: float = 1.0) -> torch.Tensor:
+    """softmax(scale·q·kᵀ)·v, or (softmax(scale·q·kᵀ) + pos)·v: q (B, heads, n, d), k and v (B, heads, N, d), float32 with unit stride along d
+    (the views of a qkv product), d in ATTENTION_HEAD_DIMS; pos (heads, n, N), with unit stride along N: ConViT's
+    gated positional map, or None. Returns (B, n, heads·d), contiguous: tokens first, as the output projection
+    reads them."""
+    return _STATE["ops"].attention(q, k, v, pos, scale)
+
+
+def attention_applies(*heads: torch.Tensor) -> bool:
+    """Whether `attention` can take these q, k, v now: the kernels loaded, a CPU with AVX-512 (the kernel's
+    register blocking), float32 CPU tensors with a head dim it is built for, and no gradient to take (it has no
+    backward). Cheap: the callers ask at every call."""
+    if not available():
+        return False
+    if "attention" not in _STATE:
+        _STATE["attention"] = bool(_STATE["ops"].attention_supported())
+    q = heads[0]
+    return (_STATE["attention"] and q.dtype == torch.float32 and q.device.type == "cpu"
+            and q.shape[-1] in ATTENTION_HEAD_DIMS
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in heads)))

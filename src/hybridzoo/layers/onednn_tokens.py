@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridzoo.layers import native
 from hybridzoo.layers.onednn import _pool
 from hybridzoo.models.convit import gpsa_attend
 
@@ -55,7 +56,10 @@ def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Ten
     barrier.wait()
     n = x.shape[1]
     q, k, v = _heads(buf, rows, n, C, a.num_heads, a.head_dim)
-    o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(1, n, C)
+    if a.native_attention and native.attention_applies(q, k, v):
+        o = native.attention(q, k, v, None, a.scale)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(1, n, C)
     # the residual adds go into the fresh product outputs (x + y == y + x exactly): no new buffer per add
     x = a.proj(o).add_(x)
     return blk.mlp(blk.norm2(x)).add_(x)
@@ -64,15 +68,18 @@ def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Ten
 def _gpsa_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Tensor,
                      barrier: threading.Barrier, pos: torch.Tensor) -> torch.Tensor:
     """One ConViT block with frozen GPSA on token rows `rows`: (softmax(q kᵀ) + P′[rows])·v′ through the frozen
-    GPSA's own kernel (`convit.gpsa_attend`; pos = P′, heads × N × N)."""
+    GPSA's kernels (the native attention kernel, else `convit.gpsa_attend`; pos = P′, heads × N × N)."""
     a = blk.attn
     C = x.shape[-1]
     buf[:, rows] = a.qkv(blk.norm1(x))
     barrier.wait()
     n = x.shape[1]
     q, k, v = _heads(buf, rows, n, C, a.num_heads, a.head_dim)
-    o = gpsa_attend(q[0], k[0], v[0], pos[:, rows])
-    x = a.proj(o.transpose(0, 1).reshape(1, n, C)).add_(x)
+    if native.attention_applies(q, k, v):
+        o = native.attention(q, k, v, pos[:, rows], 1.0)
+    else:
+        o = gpsa_attend(q[0], k[0], v[0], pos[:, rows]).transpose(0, 1).reshape(1, n, C)
+    x = a.proj(o).add_(x)
     return blk.mlp(blk.norm2(x)).add_(x)
 
 

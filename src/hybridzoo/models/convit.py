@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridzoo.layers import (Attention, DropPath, Mlp, PatchEmbed, check_image_input, checkpoint_seq,
-                              drop_path_rates, init_weights_vit, resample_abs_pos_embed, run_blocks_for_prefix,
-                              trunc_normal_)
+                              drop_path_rates, init_weights_vit, native, resample_abs_pos_embed,
+                              run_blocks_for_prefix, trunc_normal_)
 from hybridzoo.registry import register_model
 
 __all__ = ["GPSA", "ConViT", "convert_official", "gpsa_attend", "relative_indices"]
@@ -139,6 +139,8 @@ class GPSA(nn.Module):
     def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
         # a head whose gate rounds to 1 cannot have its values rescaled by 1 − σ(λ): keep this module then
         gate = torch.sigmoid(self.gating_param.detach().double())
+        if self.head_dim in native.ATTENTION_HEAD_DIMS:
+            native.load()   # the frozen module's attention kernel, where it builds
         return _FrozenGPSA(self) if bool((1.0 - gate).min() > 1e-4) else self
 
 
@@ -147,9 +149,9 @@ class _FrozenGPSA(nn.Module):
 
     With g = σ(λ) per head and P the positional softmax (fixed for a token grid),
     out = (1−g)·softmax(qkᵀ)v + g·P v. The value projection is scaled by (1−g) per head (v' = (1−g)v),
-    so out = (softmax(qkᵀ) + P')·v' with P' = g/(1−g)·P cached per grid, computed one image at a time by
-    `gpsa_attend` (GPSA.freeze_for_cpu_inference keeps the original module when a gate is too close to 1
-    for this). q, k and v' come from one product (`qkv`) whose q rows also carry the attention scale.
+    so out = (softmax(qkᵀ) + P')·v' with P' = g/(1−g)·P cached per grid, computed by the native attention
+    kernel where it is built (`layers.native.attention`), else one image at a time by `gpsa_attend`
+    (GPSA.freeze_for_cpu_inference keeps the original module when a gate is too close to 1 for this). q, k and v' come from one product (`qkv`) whose q rows also carry the attention scale.
     """
 
     def __init__(self, m: GPSA):
@@ -194,8 +196,11 @@ class _FrozenGPSA(nn.Module):
         if pos.shape[-1] != N:
             raise ValueError(f"frozen GPSA: rel_indices are for {pos.shape[-1]} tokens, the input has {N}")
         qkv = self.qkv(x)
-        out = qkv.new_empty(B, N, C)
         q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)   # each B × heads × N × d, views
+        if native.attention_applies(q, k, v):
+            # the same (softmax(q kᵀ) + P′)·v′ with the scores kept in cache, tokens first out
+            return self.proj(native.attention(q, k, v, pos, 1.0))
+        out = qkv.new_empty(B, N, C)
         o = out.view(B, N, h, d).transpose(1, 2)
         for b in range(B):
             o[b].copy_(gpsa_attend(q[b], k[b], v[b], pos))

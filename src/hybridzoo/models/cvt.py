@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridzoo.layers import native
 from hybridzoo.layers.drop import DropPath
 from hybridzoo.layers.helpers import check_image_input, checkpoint_seq, run_blocks_for_prefix
 from hybridzoo.layers.mlp import Mlp, QuickGELU
@@ -160,6 +161,8 @@ class ConvAttention(nn.Module):
     position — and concatenated, unprojected, in front of q, k and v before the linear maps.
     """
 
+    native_attention = False   # set on the inference path's copy (freeze_for_cpu_inference)
+
     def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, kernel_size: int = 3, stride_q: int = 1, stride_kv: int = 2,
                  padding_q: int = 1, padding_kv: int = 1, with_cls_token: bool = False):
@@ -219,10 +222,20 @@ class ConvAttention(nn.Module):
         if num_queries is not None:
             q = _zero_grads_for(q, self.conv_proj_q)
         q, k, v = self._heads(q), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                           scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, -1, C)
+        if self.native_attention and not self.training and native.attention_applies(q, k, v):
+            x = native.attention(q, k, v, None, self.scale)   # tokens first already
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+                                               scale=self.scale)
+            x = x.transpose(1, 2).reshape(B, -1, C)
         return self.proj_drop(self.proj(x))
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        """The inference path's module: this one (its projections are then frozen by the caller), with the
+        native attention kernel (`layers.native.attention`, same function to fp32 rounding) switched on where
+        it is built for this head dim."""
+        self.native_attention = self.proj.in_features // self.num_heads in native.ATTENTION_HEAD_DIMS and native.load()
+        return self
 
 
 class CvTBlock(nn.Module):
