@@ -343,20 +343,103 @@ def test_attention_names_what_is_wrong(attn, bad, words):
 
 
 def test_attention_applies_only_where_it_can(monkeypatch):
-    """Not with a gradient to take (no backward), another dtype or head dim, or the kernels switched off."""
+    """Not for another dtype or head dim, under a tracer or a compiler (no shape function), on a tensor subclass,
+    without AVX-512 or with the kernels switched off; with a gradient to take it does (`attend` has a backward)."""
     q = torch.randn(1, 2, 5, 16)
     monkeypatch.setattr(native, "_STATE", {"ops": type("Ops", (), {"attention_supported": lambda: True})})
     assert native.attention_applies(q, q, q)
+    assert native.attention_applies(q, q.clone().requires_grad_(), q)
     assert not native.attention_applies(q.double(), q, q)
     assert not native.attention_applies(torch.randn(1, 2, 5, 40), q, q)
-    assert not native.attention_applies(q, q.requires_grad_(), q)
-    with torch.no_grad():
-        assert native.attention_applies(q, q, q)
+    assert not native.attention_applies(q, torch.nn.Parameter(q.clone()), q)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not native.attention_applies(q, q, q)
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "_STATE", {"ops": type("Ops", (), {"attention_supported": lambda: True})})
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert not native.attention_applies(q, q, q)
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "_STATE", {"ops": type("Ops", (), {"attention_supported": lambda: True})})
     monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
-    assert not native.attention_applies(torch.randn(1, 2, 5, 16), q.detach(), q.detach())
+    assert not native.attention_applies(q, q, q)
     monkeypatch.setattr(native, "_STATE", {"ops": type("Ops", (), {"attention_supported": lambda: False})})
     monkeypatch.setenv("HYBRIDZOO_NATIVE", "1")
-    assert not native.attention_applies(torch.randn(1, 2, 5, 16), q.detach(), q.detach())   # no AVX-512
+    assert not native.attention_applies(q, q, q)   # no AVX-512
+
+
+@needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, H, n, N, d", [
+    (2, 3, 1, 1, 16), (2, 3, 7, 9, 32), (1, 4, 196, 196, 48), (2, 6, 197, 50, 64), (3, 2, 13, 33, 48),
+    (1, 2, 45, 17, 16), (1, 1, 301, 100, 64),
+])
+def test_attention_gradients_are_softmax_attentions(attn, B, H, n, N, d, threads):
+    """`attend`'s backward (the probabilities recomputed from the saved log-sum-exps, a tile of rows at a time)
+    against autograd through the float64 formula, over the same row tails and key paddings as the forward;
+    q, k, v as the strided views of products, as the models pass them."""
+    torch.manual_seed(B * H * n * N * d)
+    qkv = torch.randn(B, n, 3, H, d, requires_grad=True)
+    kv = torch.randn(B, N, 2, H, d, requires_grad=True) if N != n else None
+    def heads(x, y):
+        q, k, v = x.permute(2, 0, 3, 1, 4)
+        return (q, *y.permute(2, 0, 3, 1, 4)) if y is not None else (q, k, v)
+    g = torch.randn(B, n, H * d)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = attn.attend(*heads(qkv, kv), d ** -0.5)
+        grads = torch.autograd.grad(out, [t for t in (qkv, kv) if t is not None], g)
+    finally:
+        torch.set_num_threads(before)
+    x64 = qkv.detach().double().requires_grad_()
+    y64 = kv.detach().double().requires_grad_() if kv is not None else None
+    ref = _attention_ref(*heads(x64, y64), None, d ** -0.5).double()
+    q64, k64, v64 = heads(x64, y64)
+    a = torch.softmax(q64 @ k64.transpose(-1, -2) * d ** -0.5, dim=-1)
+    ref = (a @ v64).transpose(1, 2).reshape(B, n, H * d)
+    want = torch.autograd.grad(ref, [t for t in (x64, y64) if t is not None], g.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=2e-5)
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp.float(), rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@needs_attention
+@pytest.mark.parametrize("name, kwargs, n_attn", [
+    ("deit_small_patch16_224", dict(img_size=32, embed_dim=96, depth=2, num_heads=2), 2),
+    ("cvt_13", None, 4),
+])
+def test_fast_cpu_training_attends_through_the_kernels(attn, name, kwargs, n_attn, monkeypatch):
+    """`optimize_for_cpu_training` (what `hybridzoo train` does on the CPU) sends attention's forward and backward
+    to the kernels: the same loss and parameter gradients as the plain model's SDPA to fp32 rounding, and with
+    HYBRIDZOO_NATIVE=0 no kernel call at all."""
+    from hybridzoo.layers.train_fast import optimize_for_cpu_training
+
+    torch.manual_seed(0)
+    model = hybridzoo.create_model(name, **(kwargs or get_card(name).test_kwargs)).train()
+    perturb(model)
+    fast = optimize_for_cpu_training(__import__("copy").deepcopy(model))
+    size = 32 if name.startswith("deit") else 64
+    x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
+
+    def step(m):
+        m.zero_grad()
+        torch.manual_seed(1)   # the same stochastic depth draws
+        with _Ops() as ops:
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}, ops.names
+
+    ref_loss, ref_grads, _ = step(model)
+    loss, grads, names = step(fast)
+    assert names.count("hybridzoo_native.attention_lse") == n_attn
+    assert names.count("hybridzoo_native.attention_backward") == n_attn
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-5, msg=k)
+    monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+    *_, names = step(fast)
+    assert not any(n.startswith("hybridzoo_native.attention") for n in names)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
@@ -410,8 +493,9 @@ def test_token_shares_attend_through_the_kernel(attn, name, monkeypatch):
     perturb(model)
     fast = optimize_for_cpu_inference(model)
     fast.blocks.mode = "tokens"
-    calls = []
-    monkeypatch.setattr(native, "attention", lambda q, *a, f=native.attention: calls.append(q.shape[2]) or f(q, *a))
+    calls = []   # the MHSA blocks call `attend`, the GPSA blocks (with their positional rows) `attention`
+    for fn in ("attend", "attention"):
+        monkeypatch.setattr(native, fn, lambda q, *a, f=getattr(native, fn): calls.append(q.shape[2]) or f(q, *a))
     x = torch.randn(1, 3, 96, 96)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

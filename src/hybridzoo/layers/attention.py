@@ -14,11 +14,12 @@ class Attention(nn.Module):
 
     `scale` defaults to head_dim**-0.5; models whose official code scales differently pass it.
 
-    In the copy `optimize_for_cpu_inference` makes, attention without a mask runs through the native kernel
-    (`layers.native.attention`) where it is built: same function, to fp32 rounding.
+    In the copy `optimize_for_cpu_inference` makes, and in training through `optimize_for_cpu_training` (what
+    `hybridzoo train` does on the CPU), attention without a mask or dropout runs through the native kernels
+    (`layers.native.attend`, forward and backward) where they are built: same function, to fp32 rounding.
     """
 
-    native_attention = False   # set on the frozen copy (freeze_for_cpu_inference)
+    native_attention = False   # set by freeze_for_cpu_inference / optimize_for_cpu_training
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, scale: float | None = None):
@@ -48,8 +49,9 @@ class Attention(nn.Module):
                 2, 0, 3, 1, 4).unbind(0)
             if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == N:
                 attn_mask = attn_mask[..., :n, :]
-        if self.native_attention and attn_mask is None and not self.training and native.attention_applies(q, k, v):
-            x = native.attention(q, k, v, None, self.scale)   # tokens first already
+        if (self.native_attention and attn_mask is None and not (self.training and self.attn_drop > 0)
+                and native.attention_applies(q, k, v)):
+            x = native.attend(q, k, v, self.scale)   # tokens first already
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)

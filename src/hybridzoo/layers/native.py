@@ -37,9 +37,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attention_applies", "ATTENTION_HEAD_DIMS",
-           "build_dir"]
+__all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend", "attention_applies",
+           "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -51,6 +52,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
@@ -296,7 +298,7 @@ template <int R, int NV, int DV>
 static inline __attribute__((always_inline)) void attend_rows(const float* q, int64_t sq, const float* kt,
                                                               const float* v, int64_t sv, const float* pos,
                                                               int64_t sp, int64_t N, int64_t Np, float* s,
-                                                              float* o, int64_t so) {
+                                                              float* o, int64_t so, float* lse) {
   hz_v16 rmax[R], scale[R];
   for (int r = 0; r < R; ++r) rmax[r] = hz_splat(-INFINITY);
   int64_t j0 = 0;
@@ -311,7 +313,9 @@ static inline __attribute__((always_inline)) void attend_rows(const float* q, in
       hz_store(row + j, e);
       sum += e;
     }
-    scale[r] = hz_splat(1.0f) / hz_all_sum(sum);
+    const hz_v16 total = hz_all_sum(sum);
+    scale[r] = hz_splat(1.0f) / total;
+    if (lse) lse[r] = m[0] + std::log(total[0]);   // for the backward pass: P = exp(S - lse)
   }
   if (pos) {   // a = e / sum + pos: the positional rows are added after the division, so it moves into a
     const int64_t full = N / 16 * 16;
@@ -331,7 +335,7 @@ static inline __attribute__((always_inline)) void attend_rows(const float* q, in
 template <int DV>
 HZ_AVX512 static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v,
                                   int64_t sv, const float* pos, int64_t sp, float* o, int64_t so, int64_t i0,
-                                  int64_t i1, int64_t N, float scale, float* kt, float* s) {
+                                  int64_t i1, int64_t N, float scale, float* kt, float* s, float* lse) {
   constexpr int64_t d = 16 * DV;
   constexpr int R = DV <= 3 ? 8 : 6;    // R × max(NV, DV) accumulators: 24 of the 32 AVX-512 registers
   constexpr int NV = DV <= 3 ? 3 : 4;
@@ -342,7 +346,7 @@ HZ_AVX512 static void attend_head(const float* q, int64_t sq, const float* k, in
     for (int64_t j = N; j < Np; ++j) kt[c * Np + j] = 0.0f;
   // (a macro, not a lambda: a lambda is a function of its own, compiled for plain x86-64 whatever the clone)
 #define HZ_ROWS(T, i) attend_rows<T, NV, DV>(q + (i) * sq, sq, kt, v, sv, pos ? pos + (i) * sp : nullptr, sp, N, Np, \
-                                             s, o + (i) * so, so)
+                                             s, o + (i) * so, so, lse ? lse + (i) : nullptr)
   int64_t i = i0;
   for (; i + R <= i1; i += R) HZ_ROWS(R, i);
   if (R == 8 && i + 4 <= i1) {
@@ -354,36 +358,28 @@ HZ_AVX512 static void attend_head(const float* q, int64_t sq, const float* k, in
 #undef HZ_ROWS
 }
 
-// softmax(scale · q kᵀ) · v, or (softmax(scale · q kᵀ) + pos) · v, with the heads first in and tokens first out: q (B, H, n, d), k and v (B, H, N,
-// d), each with unit stride along d (views of a qkv product do); pos (H, n, N) or none; out (B, n, H·d), the layout
-// the output projection reads. d is 16, 32, 48 or 64.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& pos, double scale) {
-  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::attention needs a CPU with AVX-512 (see attention_supported)");
+static void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::", op, " needs a CPU with AVX-512 (see attention_supported)");
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->stride(3) == 1,
-                "hybridzoo_native::attention: q, k and v must be 4-d float32 (B, heads, tokens, head_dim) with unit "
+                "hybridzoo_native::", op, ": q, k and v must be 4-d float32 (B, heads, tokens, head_dim) with unit "
                 "stride along head_dim, got ", t->sizes(), " ", t->scalar_type(), " strides ", t->strides());
   }
-  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(3), N = k.size(2);
   TORCH_CHECK(d == 16 || d == 32 || d == 48 || d == 64,
-              "hybridzoo_native::attention: head_dim must be 16, 32, 48 or 64, got ", d);
+              "hybridzoo_native::", op, ": head_dim must be 16, 32, 48 or 64, got ", d);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes() && N > 0,
-              "hybridzoo_native::attention: k and v must be (", B, ", ", H, ", N, ", d, ") alike, N > 0, got ",
+              "hybridzoo_native::", op, ": k and v must be (", B, ", ", H, ", N, ", d, ") alike, N > 0, got ",
               k.sizes(), " and ", v.sizes());
-  const bool has_pos = pos.has_value() && pos->defined();
-  if (has_pos) {
-    TORCH_CHECK(pos->dim() == 3 && pos->size(0) == H && pos->size(1) == n && pos->size(2) == N
-                && pos->scalar_type() == at::kFloat && pos->stride(2) == 1,
-                "hybridzoo_native::attention: pos must be float32 (", H, ", ", n, ", ", N, ") with unit stride "
-                "along its last dimension, got ", pos->sizes(), " strides ", pos->strides());
-  }
-  at::Tensor out = at::empty({B, n, H * d}, q.options());
-  if (out.numel() == 0) return out;
+}
+
+// out (B, n, H·d) and, when lse is defined, lse (B, H, n) <- the row log-sum-exps of the scores
+static void attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* pp,
+                           int64_t sp0, int64_t sp, double scale, at::Tensor& out, float* plse) {
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
   const float* pq = q.data_ptr<float>();
   const float* pk = k.data_ptr<float>();
   const float* pv = v.data_ptr<float>();
-  const float* pp = has_pos ? pos->data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
   const int64_t Np = (N + 15) / 16 * 16;
   // work items: (image, head, block of query rows); rows are split only when there are too few heads to keep
@@ -401,19 +397,209 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       const float* qh = pq + b * q.stride(0) + h * q.stride(1);
       const float* kh = pk + b * k.stride(0) + h * k.stride(1);
       const float* vh = pv + b * v.stride(0) + h * v.stride(1);
-      const float* ph = pp ? pp + h * pos->stride(0) : nullptr;
-      const int64_t sp = pp ? pos->stride(1) : 0;
+      const float* ph = pp ? pp + h * sp0 : nullptr;
       float* oh = po + b * n * H * d + h * d;
+      float* lh = plse ? plse + bh * n : nullptr;
       const float sc = static_cast<float>(scale);
+#define HZ_HEAD(DV) attend_head<DV>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, \
+                                    sc, kt.data(), s.data(), lh)
       switch (d) {
-        case 16: attend_head<1>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, sc, kt.data(), s.data()); break;
-        case 32: attend_head<2>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, sc, kt.data(), s.data()); break;
-        case 48: attend_head<3>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, sc, kt.data(), s.data()); break;
-        default: attend_head<4>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, sc, kt.data(), s.data()); break;
+        case 16: HZ_HEAD(1); break;
+        case 32: HZ_HEAD(2); break;
+        case 48: HZ_HEAD(3); break;
+        default: HZ_HEAD(4); break;
       }
+#undef HZ_HEAD
     }
   });
+}
+
+// softmax(scale · q kᵀ) · v, or (softmax(scale · q kᵀ) + pos) · v, with the heads first in and tokens first out:
+// q (B, H, n, d), k and v (B, H, N, d), each with unit stride along d (views of a qkv product do); pos (H, n, N) or
+// none; out (B, n, H·d), the layout the output projection reads. d is 16, 32, 48 or 64.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& pos, double scale) {
+  check_heads("attention", q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
+  const bool has_pos = pos.has_value() && pos->defined();
+  if (has_pos) {
+    TORCH_CHECK(pos->dim() == 3 && pos->size(0) == H && pos->size(1) == n && pos->size(2) == N
+                && pos->scalar_type() == at::kFloat && pos->stride(2) == 1,
+                "hybridzoo_native::attention: pos must be float32 (", H, ", ", n, ", ", N, ") with unit stride "
+                "along its last dimension, got ", pos->sizes(), " strides ", pos->strides());
+  }
+  at::Tensor out = at::empty({B, n, H * d}, q.options());
+  if (out.numel() == 0) return out;
+  attention_into(q, k, v, has_pos ? pos->data_ptr<float>() : nullptr, has_pos ? pos->stride(0) : 0,
+                 has_pos ? pos->stride(1) : 0, scale, out, nullptr);
   return out;
+}
+
+// the training forward: the output as `attention` gives it, and the row log-sum-exps (B, H, n) the backward needs
+std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 double scale) {
+  check_heads("attention_lse", q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3);
+  at::Tensor out = at::empty({B, n, H * d}, q.options());
+  at::Tensor lse = at::empty({B, H, n}, q.options());
+  if (out.numel() > 0) attention_into(q, k, v, nullptr, 0, 0, scale, out, lse.data_ptr<float>());
+  return {out, lse};
+}
+
+// acc[j, 16·DV] += Σ_r a[r, j] · x[r, 16·DV] for j < N: the R rows of x held in registers, one pass over acc
+template <int R, int DV>
+static inline __attribute__((always_inline)) void outer_tile(const float* a, int64_t Np, const float* x, int64_t sx,
+                                                             int64_t N, float* acc) {
+  hz_v16 xr[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < DV; ++u) xr[r][u] = hz_load(x + r * sx + 16 * u);
+  for (int64_t j = 0; j < N; ++j) {
+    hz_v16 t[DV];
+    for (int u = 0; u < DV; ++u) t[u] = hz_load(acc + j * 16 * DV + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const float av = a[r * Np + j];
+      for (int u = 0; u < DV; ++u) t[u] += av * xr[r][u];
+    }
+    for (int u = 0; u < DV; ++u) hz_store(acc + j * 16 * DV + 16 * u, t[u]);
+  }
+}
+
+// R query rows of one head, backward: P = exp(S - lse) recomputed, dP = dO vᵀ, dS = P ∘ (dP - D),
+// dq = scale · dS k, dv += Pᵀ dO, dk += dSᵀ q (the scale applied to dk once, by the caller)
+template <int R, int NV, int DV>
+static inline __attribute__((always_inline)) void attend_rows_back(
+    const float* q, int64_t sq, const float* k, int64_t sk, const float* kt, const float* vt, const float* dout,
+    int64_t sdo, const float* lse, const float* D, int64_t N, int64_t Np, float scale, float* p, float* ds,
+    float* dq, int64_t sdq, float* dk, float* dv) {
+  hz_v16 ignored[R];
+  for (int r = 0; r < R; ++r) ignored[r] = hz_v16{};
+  int64_t j0 = 0;
+  for (; j0 + 16 * NV <= Np; j0 += 16 * NV) {
+    scores_tile<R, NV>(q, sq, kt, Np, 16 * DV, N, j0, p, ignored);
+    scores_tile<R, NV>(dout, sdo, vt, Np, 16 * DV, N, j0, ds, ignored);
+  }
+  for (; j0 < Np; j0 += 16) {
+    scores_tile<R, 1>(q, sq, kt, Np, 16 * DV, N, j0, p, ignored);
+    scores_tile<R, 1>(dout, sdo, vt, Np, 16 * DV, N, j0, ds, ignored);
+  }
+  hz_v16 unit[R];
+  for (int r = 0; r < R; ++r) {
+    float* prow = p + r * Np;
+    float* drow = ds + r * Np;
+    const hz_v16 l = hz_splat(lse[r]), dr = hz_splat(D[r]);
+    for (int64_t j = 0; j < Np; j += 16) {   // (the padding columns are never read: the products stop at N)
+      const hz_v16 e = hz_exp(hz_load(prow + j) - l);
+      hz_store(prow + j, e);
+      hz_store(drow + j, e * (hz_load(drow + j) - dr));
+    }
+    unit[r] = hz_splat(scale);
+  }
+  values_tile<R, DV>(ds, Np, k, sk, N, unit, dq, sdq);
+  outer_tile<R, DV>(p, Np, dout, sdo, N, dv);
+  outer_tile<R, DV>(ds, Np, q, sq, N, dk);
+}
+
+template <int DV>
+HZ_AVX512 static void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v,
+                                       int64_t sv, const float* o, const float* dout, int64_t so, const float* lse,
+                                       float* dq, float* dk, float* dv, int64_t sg, int64_t n, int64_t N,
+                                       float scale, float* scratch) {
+  constexpr int64_t d = 16 * DV;
+  constexpr int R = DV <= 3 ? 8 : 6;
+  constexpr int NV = DV <= 3 ? 3 : 4;
+  const int64_t Np = (N + 15) / 16 * 16;
+  float* kt = scratch;             // d × Np: scale · kᵀ
+  float* vt = kt + d * Np;         // d × Np: vᵀ
+  float* p = vt + d * Np;          // 8 × Np
+  float* ds = p + 8 * Np;          // 8 × Np
+  float* acck = ds + 8 * Np;       // N × d
+  float* accv = acck + N * d;      // N × d
+  float* D = accv + N * d;         // n: rowsum(dO ∘ O)
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t c = 0; c < d; ++c) {
+      kt[c * Np + j] = k[j * sk + c] * scale;
+      vt[c * Np + j] = v[j * sv + c];
+    }
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = N; j < Np; ++j) kt[c * Np + j] = vt[c * Np + j] = 0.0f;
+  std::memset(acck, 0, sizeof(float) * 2 * N * d);
+  for (int64_t i = 0; i < n; ++i) {
+    hz_v16 t = hz_v16{};
+    for (int u = 0; u < DV; ++u) t += hz_load(o + i * so + 16 * u) * hz_load(dout + i * so + 16 * u);
+    D[i] = hz_all_sum(t)[0];
+  }
+#define HZ_BACK(T, i) attend_rows_back<T, NV, DV>(q + (i) * sq, sq, k, sk, kt, vt, dout + (i) * so, so, lse + (i), \
+                                                  D + (i), N, Np, scale, p, ds, dq + (i) * sg, sg, acck, accv)
+  int64_t i = 0;
+  for (; i + R <= n; i += R) HZ_BACK(R, i);
+  if (R == 8 && i + 4 <= n) {
+    HZ_BACK(4, i);
+    i += 4;
+  }
+  for (; i + 2 <= n; i += 2) HZ_BACK(2, i);
+  if (i < n) HZ_BACK(1, i);
+#undef HZ_BACK
+  for (int64_t j = 0; j < N; ++j)
+    for (int u = 0; u < DV; ++u) {
+      hz_store(dk + j * sg + 16 * u, hz_load(acck + j * d + 16 * u) * scale);
+      hz_store(dv + j * sg + 16 * u, hz_load(accv + j * d + 16 * u));
+    }
+}
+
+// the gradients of `attention_lse`'s output with respect to q, k and v, given dout (B, n, H·d) and that call's
+// out and lse; returned heads first (B, H, ·, d) as views of tokens-first buffers (B, ·, H, d)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale) {
+  check_heads("attention_backward", q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
+  for (const at::Tensor* t : {&dout, &out}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == B && t->size(1) == n && t->size(2) == H * d
+                && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "hybridzoo_native::attention_backward: dout and out must be contiguous float32 (", B, ", ", n, ", ",
+                H * d, "), got ", t->sizes());
+  }
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == n && lse.is_contiguous()
+              && lse.scalar_type() == at::kFloat,
+              "hybridzoo_native::attention_backward: lse must be contiguous float32 (", B, ", ", H, ", ", n,
+              "), got ", lse.sizes());
+  at::Tensor dq = at::empty({B, n, H, d}, q.options());
+  at::Tensor dk = at::empty({B, N, H, d}, q.options());
+  at::Tensor dv = at::empty({B, N, H, d}, q.options());
+  if (B * H * n > 0) {
+    const float* pq = q.data_ptr<float>();
+    const float* pk = k.data_ptr<float>();
+    const float* pv = v.data_ptr<float>();
+    const float* po = out.data_ptr<float>();
+    const float* pdo = dout.data_ptr<float>();
+    const float* pl = lse.data_ptr<float>();
+    float* pdq = dq.data_ptr<float>();
+    float* pdk = dk.data_ptr<float>();
+    float* pdv = dv.data_ptr<float>();
+    const int64_t Np = (N + 15) / 16 * 16;
+    const float sc = static_cast<float>(scale);
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(2 * d * Np + 16 * Np + 2 * N * d + n);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const float* qh = pq + b * q.stride(0) + h * q.stride(1);
+        const float* kh = pk + b * k.stride(0) + h * k.stride(1);
+        const float* vh = pv + b * v.stride(0) + h * v.stride(1);
+        const int64_t row = b * n * H * d + h * d;
+#define HZ_HEAD(DV) attend_head_back<DV>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), po + row, pdo + row, \
+                                         H * d, pl + bh * n, pdq + row, pdk + b * N * H * d + h * d,         \
+                                         pdv + b * N * H * d + h * d, H * d, n, N, sc, scratch.data())
+        switch (d) {
+          case 16: HZ_HEAD(1); break;
+          case 32: HZ_HEAD(2); break;
+          case 48: HZ_HEAD(3); break;
+          default: HZ_HEAD(4); break;
+        }
+#undef HZ_HEAD
+      }
+    });
+  }
+  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
 }
 
 bool attention_supported() { return HZ_HAS_AVX512; }
@@ -422,6 +608,9 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_(Tensor(a!) x, Tensor s1, Tensor s2) -> Tensor(a!)");
   m.def("tiny_linear(Tensor x, Tensor wt, Tensor b) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? pos, float scale) -> Tensor");
+  m.def("attention_lse(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("attention_supported() -> bool", &attention_supported);
 }
 
@@ -429,6 +618,8 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("dyrelu_", &dyrelu_);
   m.impl("tiny_linear", &tiny_linear);
   m.impl("attention", &attention);
+  m.impl("attention_lse", &attention_lse);
+  m.impl("attention_backward", &attention_backward);
 }
 """
 
@@ -565,14 +756,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tens
 
 
 def attention_applies(*heads: torch.Tensor) -> bool:
-    """Whether `attention` can take these q, k, v now: the kernels loaded, a CPU with AVX-512 (the kernel's
-    register blocking), float32 CPU tensors with a head dim it is built for, and no gradient to take (it has no
-    backward). Cheap: the callers ask at every call."""
+    """Whether `attend` can take these q, k, v now: the kernels loaded, a CPU with AVX-512 (the kernel's register
+    blocking), plain float32 CPU tensors with a head dim it is built for, and no tracer or compiler watching (to
+    them the kernel is an opaque call with no shape function: they keep SDPA). Cheap: the callers ask at every
+    call."""
     if not available():
         return False
     if "attention" not in _STATE:
         _STATE["attention"] = bool(_STATE["ops"].attention_supported())
     q = heads[0]
     return (_STATE["attention"] and q.dtype == torch.float32 and q.device.type == "cpu"
-            and q.shape[-1] in ATTENTION_HEAD_DIMS
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in heads)))
+            and q.shape[-1] in ATTENTION_HEAD_DIMS and all(type(t) is torch.Tensor for t in heads)
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+class _AttentionFn(torch.autograd.Function):
+    """softmax(scale·q·kᵀ)·v with the native forward (which keeps each row's log-sum-exp) and backward (the
+    probabilities recomputed a tile of rows at a time from those, never stored: the five products of the
+    gradient with the scores in cache)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out, lse = _STATE["ops"].attention_lse(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _STATE["ops"].attention_backward(grad.contiguous(), q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale·q·kᵀ)·v through the native kernels, tokens first out (B, n, heads·d), with its gradient
+    when one is to be taken; for callers that checked `attention_applies(q, k, v)`."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AttentionFn.apply(q, k, v, scale)
+    return _STATE["ops"].attention(q, k, v, None, scale)

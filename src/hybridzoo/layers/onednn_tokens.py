@@ -57,7 +57,7 @@ def _vit_block_rows(blk: nn.Module, x: torch.Tensor, rows: slice, buf: torch.Ten
     n = x.shape[1]
     q, k, v = _heads(buf, rows, n, C, a.num_heads, a.head_dim)
     if a.native_attention and native.attention_applies(q, k, v):
-        o = native.attention(q, k, v, None, a.scale)
+        o = native.attend(q, k, v, a.scale)
     else:
         o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(1, n, C)
     # the residual adds go into the fresh product outputs (x + y == y + x exactly): no new buffer per add

@@ -151,9 +151,14 @@ class FastLinear(nn.Linear):
 MIN_WEIGHT_NUMEL = 128 * 128
 
 
-def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = None) -> nn.Module:
+def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = None,
+                              native_attention: bool = True) -> nn.Module:
     """Switch every exact `nn.Linear` of `model` with at least `min_weight_numel` weights (default
     `MIN_WEIGHT_NUMEL`) to `FastLinear`, in place; returns `model`.
+
+    `native_attention`: the attention modules that can (`layers.attention.Attention`, CvT's) run through the
+    native forward and backward kernels (`layers.native.attend`; compiled at the first call of a process that
+    has none cached, about 30 s), where they build and the CPU has AVX-512; elsewhere SDPA stays.
 
     Subclasses of `nn.Linear` are left alone (they may override forward). Parameters, buffers, the state
     dict and an optimiser built on the model are unaffected. Without oneDNN this is a no-op."""
@@ -163,7 +168,20 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     for m in model.modules():
         if type(m) is nn.Linear and m.in_features * m.out_features >= min_weight_numel:
             m.__class__ = FastLinear
+    if native_attention:
+        _use_native_attention(model)
     return model
+
+
+def _use_native_attention(model: nn.Module) -> None:
+    from hybridzoo.layers import native
+
+    heads = [m for m in model.modules() if hasattr(type(m), "native_attention") and hasattr(m, "num_heads")]
+    dims = {m: getattr(m, "head_dim", None) or m.proj.in_features // m.num_heads for m in heads}
+    wanted = [m for m in heads if dims[m] in native.ATTENTION_HEAD_DIMS]
+    if wanted and native.load():
+        for m in wanted:
+            m.native_attention = True
 
 
 # --- Batch split ------------------------------------------------------------------------------------------

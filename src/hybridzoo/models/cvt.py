@@ -161,7 +161,7 @@ class ConvAttention(nn.Module):
     position — and concatenated, unprojected, in front of q, k and v before the linear maps.
     """
 
-    native_attention = False   # set on the inference path's copy (freeze_for_cpu_inference)
+    native_attention = False   # set by freeze_for_cpu_inference / optimize_for_cpu_training (layers.native.attend)
 
     def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, kernel_size: int = 3, stride_q: int = 1, stride_kv: int = 2,
@@ -222,8 +222,9 @@ class ConvAttention(nn.Module):
         if num_queries is not None:
             q = _zero_grads_for(q, self.conv_proj_q)
         q, k, v = self._heads(q), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
-        if self.native_attention and not self.training and native.attention_applies(q, k, v):
-            x = native.attention(q, k, v, None, self.scale)   # tokens first already
+        if (self.native_attention and not (self.training and self.attn_drop > 0)
+                and native.attention_applies(q, k, v)):
+            x = native.attend(q, k, v, self.scale)   # tokens first already
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
                                                scale=self.scale)
