@@ -9,7 +9,9 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
   fused-adamw   plain model, `AdamW(fused=True)`
   fast          both, whole batch (`hybridzoo train --no-batch-split`)
   fast-split    both, and the batch split (`BatchSplitTraining`, what `hybridzoo train` does on the CPU for
-                models without batch statistics): one share of the batch per thread, each on one thread
+                models without batch statistics): one share of the batch per thread, each on one thread; attention
+                on the native kernels where they build (`layers.native.attend`)
+  fast-split-sdpa  fast-split with attention left to SDPA (`optimize_for_cpu_training(native_attention=False)`)
   compile       `torch.compile(model)` of the plain model (inductor C++), AdamW default; its compile time
                 is printed (not in the default set: compiling a full-size model takes minutes)
   fast-compile  the fast path compiled (`hybridzoo train --compile`): FastLinear's products stay oneDNN calls
@@ -39,7 +41,7 @@ from hybridzoo.factory import create_model
 from hybridzoo.layers.helpers import every_row
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-every-row"]
+          "fast-split-every-row", "fast-split-sdpa"]
 
 
 def _every_row(step):
@@ -71,10 +73,11 @@ def main() -> None:
         for lever in args.levers:  # every variant trains its own copy of the same weights
             variants[lever] = make_train_step(copy.deepcopy(base), x,
                                               linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
-                                                               "fast-cl", "fast-split-every-row"),
+                                                               "fast-cl", "fast-split-every-row", "fast-split-sdpa"),
                                               fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
-                                                              "fast-cl", "fast-split-every-row"),
-                                              split=lever in ("fast-split", "fast-split-every-row"),
+                                                              "fast-cl", "fast-split-every-row", "fast-split-sdpa"),
+                                              split=lever in ("fast-split", "fast-split-every-row", "fast-split-sdpa"),
+                                              native_attention=lever != "fast-split-sdpa",
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
         if "fast-split-every-row" in variants:
@@ -102,6 +105,10 @@ def main() -> None:
             print(f"| {v} | {statistics.median(ts):.3f} / {statistics.median(cpu[v]):.3f} | {statistics.median(r):.3f} "
                   f"| {min(r):.3f}–{max(r):.3f} | {statistics.median(cpu['plain']) / statistics.median(cpu[v]):.3f} |",
                   flush=True)
+        if "fast-split-sdpa" in times and "fast-split" in times:   # the native attention kernels, round by round
+            r = [a / b for a, b in zip(times["fast-split-sdpa"], times["fast-split"])]
+            print(f"\nfast-split (native attention) vs fast-split-sdpa: wall {statistics.median(r):.3f}x (min–max "
+                  f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
         if "fast" in times and "fast-split" in times:  # the batch split against the whole batch, round by round
             r = [w / s for w, s in zip(times["fast"], times["fast-split"])]
             rc = [w / s for w, s in zip(cpu["fast"], cpu["fast-split"])]
