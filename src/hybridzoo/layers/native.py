@@ -1,6 +1,7 @@
-"""Native CPU kernels for the inference path: compiled once from C++ on first use, cached, optional.
+"""Native CPU kernels for the inference and training paths: compiled once from C++ on first use, cached, optional.
 
-Two steps of the oneDNN inference path (`optimize_for_cpu_inference`) that ATen does poorly:
+Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp32 CPU training path
+(`optimize_for_cpu_training`, attention only) that ATen does poorly:
 
 - `dyrelu_`: Mobile-Former's dynamic ReLU, max(s1·x, s2·x) with per-image slopes, in one pass over the map (ATen
   needs a product into a temporary and a maximum: three passes);
@@ -9,7 +10,9 @@ Two steps of the oneDNN inference path (`optimize_for_cpu_inference`) that ATen 
 - `attention`: softmax(scale·q·kᵀ [+ P])·v for head dims of 16-64 (DeiT / ViT, ConViT's MHSA and GPSA with its
   positional map P, CvT), a tile of query rows at a time with the scores kept in cache, where ATen's SDPA and
   `bmm` run such small products well below the GEMM peak; its output comes tokens first (B, n, heads·d), the
-  layout the output projection reads, so the transpose and copy after SDPA go too.
+  layout the output projection reads, so the transpose and copy after SDPA go too. `attend` adds the
+  backward for training (`attention_lse` keeps each row's log-sum-exp, `attention_backward` recomputes the
+  probabilities from it a tile of rows at a time). AVX-512 only: the register blocking needs its 32 registers.
 
 They are registered as PyTorch operators (``torch.ops.hybridzoo_native.*``), so the dispatcher,
 `TorchDispatchMode` recorders and `benchmarks/ceiling.py` see them like any ATen call.
@@ -20,8 +23,9 @@ one folder per PyTorch version, Python version and kernel source. Later processe
 from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
 fails, the path keeps its ATen code (a warning says why, once). Outputs are the same either way, the dynamic
 ReLU's bit for bit, the products' and attention's to fp32 rounding (the tests compare them). Linux only:
-elsewhere the ATen code runs, without a warning. The loops are compiled for AVX-512, AVX2 and plain x86-64,
-and the CPU picks one when the library loads, so a cache shared between machines stays valid.
+elsewhere the ATen code runs, without a warning. The dynamic ReLU's and the small products' loops are compiled
+for AVX-512, AVX2 and plain x86-64, attention's for AVX-512, and the CPU picks at run time, so a cache shared
+between machines stays valid.
 """
 
 from __future__ import annotations
