@@ -408,6 +408,7 @@ def test_attention_gradients_are_softmax_attentions(attn, B, H, n, N, d, threads
 @pytest.mark.parametrize("name, kwargs, n_attn", [
     ("deit_small_patch16_224", dict(img_size=32, embed_dim=96, depth=2, num_heads=2), 2),
     ("cvt_13", None, 4),
+    ("convit_tiny", dict(img_size=64, embed_dim=96, depth=3, num_heads=2, local_up_to_layer=2), 3),   # 2 GPSA
 ])
 def test_fast_cpu_training_attends_through_the_kernels(attn, name, kwargs, n_attn, monkeypatch):
     """`optimize_for_cpu_training` (what `hybridzoo train` does on the CPU) sends attention's forward and backward

@@ -68,6 +68,8 @@ class GPSA(nn.Module):
     r_ij = (Δx, Δy, Δx²+Δy²) and v_pos is the row of `pos_proj` for head h.
     """
 
+    native_attention = False   # set by optimize_for_cpu_training: the content attention on layers.native.attend
+
     def __init__(self, dim: int, *, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, locality_strength: float = 1.0, use_local_init: bool = True):
         super().__init__()
@@ -130,6 +132,14 @@ class GPSA(nn.Module):
         else:
             # both softmaxes sum to one per row, so the official renormalisation is the identity here
             q, k = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            if self.native_attention and native.attention_applies(q, k, v):
+                # the content attention through the native kernels (forward and backward), tokens first: the
+                # mix is formed in that layout, so the transpose and copy after it go
+                gate = torch.sigmoid(self.gating_param).view(1, 1, -1, 1)
+                content = native.attend(q, k, v, self.scale).view(B, N, self.num_heads, self.head_dim)
+                positional = _apply_shared(self.positional_attention(rel_indices), v).transpose(1, 2)
+                x = ((1.0 - gate) * content + gate * positional).reshape(B, N, C)
+                return self.proj_drop(self.proj(x))
             gate = torch.sigmoid(self.gating_param).view(1, -1, 1, 1)
             content = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             x = (1.0 - gate) * content + gate * _apply_shared(self.positional_attention(rel_indices), v)
