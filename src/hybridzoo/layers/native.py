@@ -191,8 +191,8 @@ at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tens
 // Per head, kᵀ is packed once (scale folded in, zero columns up to a multiple of 16); then for R query rows at a
 // time the scores (R × N, in a scratch row block that stays in L1/L2), their softmax and the product with v run
 // back to back, the accumulators in registers. The rows never leave the cache between the three steps, and no
-// N × N map is written: where ATen's SDPA and bmm run these small products (N ≈ 200, d = 48 / 64) at 55-65% of
-// the one-thread GEMM peak, this runs at 75-85% (benchmarks/RESULTS.md, session 12).
+// N × N map is written: 1.2-1.45x ATen's SDPA and bmm at the models' sizes (N = 50-800 keys, d = 48 / 64), and
+// the backward below 1.2-1.3x SDPA's forward and backward (benchmarks/RESULTS.md, session 12).
 
 typedef int32_t hz_i16 __attribute__((vector_size(64)));
 
