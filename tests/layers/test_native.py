@@ -1,7 +1,7 @@
 """The native CPU kernels (`hybridzoo.layers.native`): built once when a compiler is there, cached, loaded
-later without one, off with HYBRIDZOO_NATIVE=0, and with no compiler the inference path keeps its ATen code.
+later without one, off with HYBRIDZOO_NATIVE=0, and with no compiler the CPU paths keep their ATen code.
 The dynamic ReLU's kernel computes exactly what the ATen passes compute; the tiny-product kernel is a linear layer
-to fp32 rounding."""
+and the attention kernels (forward, and backward for training) are softmax attention, to fp32 rounding."""
 
 from __future__ import annotations
 

@@ -722,9 +722,9 @@ def load() -> bool:
         except Exception as e:  # a compiler error, a missing tool, an unreadable cache: the ATen code stays
             first = (str(e).strip().splitlines() or [""])[0][:300]   # a build error runs to pages
             _STATE["error"] = f"{type(e).__name__}: {first}"
-            warnings.warn(f"hybridzoo's native CPU kernels are unavailable ({_STATE['error']}); the inference "
-                          "path keeps its ATen code (same outputs, somewhat slower). HYBRIDZOO_NATIVE=0 silences "
-                          "this.", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"hybridzoo's native CPU kernels are unavailable ({_STATE['error']}); the CPU "
+                          "inference and training paths keep their ATen code (same outputs, somewhat slower). "
+                          "HYBRIDZOO_NATIVE=0 silences this.", RuntimeWarning, stacklevel=2)
             return False
     return True
 
