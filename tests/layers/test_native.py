@@ -512,3 +512,37 @@ def test_token_shares_attend_through_the_kernel(attn, name, monkeypatch):
     with torch.inference_mode():
         ref = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@needs_attention
+def test_compiled_training_keeps_sdpa_in_one_graph(attn):
+    """Under `torch.compile` (`hybridzoo train --compile`) a module switched to the kernels traces SDPA, in one
+    graph each way (fullgraph: the check itself must not break the graph), with the eager model's outputs and
+    gradients."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from hybridzoo.layers.attention import Attention
+    from hybridzoo.layers.train_fast import optimize_for_cpu_training
+
+    graphs: list[str] = []
+
+    def keep(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    plain = Attention(64, num_heads=2).train()
+    fast = optimize_for_cpu_training(__import__("copy").deepcopy(plain), min_weight_numel=1)
+    assert fast.native_attention
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    x, g = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    y_ref, y = plain(x), compiled(x)
+    y_ref.backward(g)
+    y.backward(g)
+    assert len(graphs) == 2 and not any("hybridzoo_native" in gr for gr in graphs)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)

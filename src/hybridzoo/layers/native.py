@@ -764,14 +764,13 @@ def attention_applies(*heads: torch.Tensor) -> bool:
     blocking), plain float32 CPU tensors with a head dim it is built for, and no tracer or compiler watching (to
     them the kernel is an opaque call with no shape function: they keep SDPA). Cheap: the callers ask at every
     call."""
-    if not available():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not available():   # (dynamo folds the first)
         return False
     if "attention" not in _STATE:
         _STATE["attention"] = bool(_STATE["ops"].attention_supported())
     q = heads[0]
     return (_STATE["attention"] and q.dtype == torch.float32 and q.device.type == "cpu"
-            and q.shape[-1] in ATTENTION_HEAD_DIMS and all(type(t) is torch.Tensor for t in heads)
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+            and q.shape[-1] in ATTENTION_HEAD_DIMS and all(type(t) is torch.Tensor for t in heads))
 
 
 class _AttentionFn(torch.autograd.Function):
