@@ -156,9 +156,9 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     """Switch every exact `nn.Linear` of `model` with at least `min_weight_numel` weights (default
     `MIN_WEIGHT_NUMEL`) to `FastLinear`, in place; returns `model`.
 
-    `native_attention`: the attention modules that can (`layers.attention.Attention`, CvT's) run through the
-    native forward and backward kernels (`layers.native.attend`; compiled at the first call of a process that
-    has none cached, about 30 s), where they build and the CPU has AVX-512; elsewhere SDPA stays.
+    `native_attention`: the attention modules that can (`layers.attention.Attention`, ConViT's GPSA, CvT's) run
+    through the native forward and backward kernels (`layers.native.attend`; compiled at the first call of a
+    process that has none cached, about 30 s), where they build and the CPU has AVX-512; elsewhere SDPA stays.
 
     Subclasses of `nn.Linear` are left alone (they may override forward). Parameters, buffers, the state
     dict and an optimiser built on the model are unaffected. Without oneDNN this is a no-op."""

@@ -161,7 +161,8 @@ class _FrozenGPSA(nn.Module):
     out = (1−g)·softmax(qkᵀ)v + g·P v. The value projection is scaled by (1−g) per head (v' = (1−g)v),
     so out = (softmax(qkᵀ) + P')·v' with P' = g/(1−g)·P cached per grid, computed by the native attention
     kernel where it is built (`layers.native.attention`), else one image at a time by `gpsa_attend`
-    (GPSA.freeze_for_cpu_inference keeps the original module when a gate is too close to 1 for this). q, k and v' come from one product (`qkv`) whose q rows also carry the attention scale.
+    (GPSA.freeze_for_cpu_inference keeps the original module when a gate is too close to 1 for this). q, k
+    and v' come from one product (`qkv`) whose q rows also carry the attention scale.
     """
 
     def __init__(self, m: GPSA):
