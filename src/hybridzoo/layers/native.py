@@ -335,6 +335,29 @@ static inline __attribute__((always_inline)) void attend_rows(const float* q, in
   values_tile<R, DV>(s, Np, v, sv, N, scale, o, so);
 }
 
+// dst (d × Np) <- scale · srcᵀ for src's N rows (row stride ss), zero columns from N to Np
+static inline __attribute__((always_inline)) void pack_transposed(const float* src, int64_t ss, int64_t N,
+                                                                  int64_t Np, int64_t d, float scale, float* dst) {
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t c = 0; c < d; ++c) dst[c * Np + j] = src[j * ss + c] * scale;
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = N; j < Np; ++j) dst[c * Np + j] = 0.0f;
+}
+
+// TILE(T, i) over the query rows [begin, end): tiles of R rows, then 4 (when R is 8), 2 and 1. A macro, not a
+// function taking a lambda: a lambda is a function of its own, compiled for plain x86-64 outside the AVX-512 target.
+#define HZ_ROW_TILES(TILE, begin, end)          \
+  do {                                          \
+    int64_t i_ = (begin);                       \
+    for (; i_ + R <= (end); i_ += R) TILE(R, i_); \
+    if (R == 8 && i_ + 4 <= (end)) {            \
+      TILE(4, i_);                              \
+      i_ += 4;                                  \
+    }                                           \
+    for (; i_ + 2 <= (end); i_ += 2) TILE(2, i_); \
+    if (i_ < (end)) TILE(1, i_);                \
+  } while (0)
+
 // query rows [i0, i1) of one head, head dim 16·DV; kt (16·DV × Np) and s (8 × Np) are scratch
 template <int DV>
 HZ_AVX512 static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v,
@@ -344,21 +367,10 @@ HZ_AVX512 static void attend_head(const float* q, int64_t sq, const float* k, in
   constexpr int R = DV <= 3 ? 8 : 6;    // R × max(NV, DV) accumulators: 24 of the 32 AVX-512 registers
   constexpr int NV = DV <= 3 ? 3 : 4;
   const int64_t Np = (N + 15) / 16 * 16;
-  for (int64_t j = 0; j < N; ++j)
-    for (int64_t c = 0; c < d; ++c) kt[c * Np + j] = k[j * sk + c] * scale;
-  for (int64_t c = 0; c < d; ++c)
-    for (int64_t j = N; j < Np; ++j) kt[c * Np + j] = 0.0f;
-  // (a macro, not a lambda: a lambda is a function of its own, compiled for plain x86-64 whatever the clone)
+  pack_transposed(k, sk, N, Np, d, scale, kt);
 #define HZ_ROWS(T, i) attend_rows<T, NV, DV>(q + (i) * sq, sq, kt, v, sv, pos ? pos + (i) * sp : nullptr, sp, N, Np, \
                                              s, o + (i) * so, so, lse ? lse + (i) : nullptr)
-  int64_t i = i0;
-  for (; i + R <= i1; i += R) HZ_ROWS(R, i);
-  if (R == 8 && i + 4 <= i1) {
-    HZ_ROWS(4, i);
-    i += 4;
-  }
-  for (; i + 2 <= i1; i += 2) HZ_ROWS(2, i);
-  if (i < i1) HZ_ROWS(1, i);
+  HZ_ROW_TILES(HZ_ROWS, i0, i1);
 #undef HZ_ROWS
 }
 
@@ -418,7 +430,7 @@ static void attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
   });
 }
 
-// softmax(scale · q kᵀ) · v, or (softmax(scale · q kᵀ) + pos) · v, with the heads first in and tokens first out:
+// softmax(scale · q kᵀ) · v, or (softmax(scale · q kᵀ) + pos) · v, heads first in and tokens first out:
 // q (B, H, n, d), k and v (B, H, N, d), each with unit stride along d (views of a qkv product do); pos (H, n, N) or
 // none; out (B, n, H·d), the layout the output projection reads. d is 16, 32, 48 or 64.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -519,13 +531,8 @@ HZ_AVX512 static void attend_head_back(const float* q, int64_t sq, const float* 
   float* acck = ds + 8 * Np;       // N × d
   float* accv = acck + N * d;      // N × d
   float* D = accv + N * d;         // n: rowsum(dO ∘ O)
-  for (int64_t j = 0; j < N; ++j)
-    for (int64_t c = 0; c < d; ++c) {
-      kt[c * Np + j] = k[j * sk + c] * scale;
-      vt[c * Np + j] = v[j * sv + c];
-    }
-  for (int64_t c = 0; c < d; ++c)
-    for (int64_t j = N; j < Np; ++j) kt[c * Np + j] = vt[c * Np + j] = 0.0f;
+  pack_transposed(k, sk, N, Np, d, scale, kt);
+  pack_transposed(v, sv, N, Np, d, 1.0f, vt);
   std::memset(acck, 0, sizeof(float) * 2 * N * d);
   for (int64_t i = 0; i < n; ++i) {
     hz_v16 t = hz_v16{};
@@ -534,14 +541,7 @@ HZ_AVX512 static void attend_head_back(const float* q, int64_t sq, const float* 
   }
 #define HZ_BACK(T, i) attend_rows_back<T, NV, DV>(q + (i) * sq, sq, k, sk, kt, vt, dout + (i) * so, so, lse + (i), \
                                                   D + (i), N, Np, scale, p, ds, dq + (i) * sg, sg, acck, accv)
-  int64_t i = 0;
-  for (; i + R <= n; i += R) HZ_BACK(R, i);
-  if (R == 8 && i + 4 <= n) {
-    HZ_BACK(4, i);
-    i += 4;
-  }
-  for (; i + 2 <= n; i += 2) HZ_BACK(2, i);
-  if (i < n) HZ_BACK(1, i);
+  HZ_ROW_TILES(HZ_BACK, 0, n);
 #undef HZ_BACK
   for (int64_t j = 0; j < N; ++j)
     for (int u = 0; u < DV; ++u) {
@@ -752,10 +752,11 @@ ATTENTION_HEAD_DIMS = (16, 32, 48, 64)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None,
               scale: float = 1.0) -> torch.Tensor:
-    """softmax(scale·q·kᵀ)·v, or (softmax(scale·q·kᵀ) + pos)·v: q (B, heads, n, d), k and v (B, heads, N, d), float32 with unit stride along d
-    (the views of a qkv product), d in ATTENTION_HEAD_DIMS; pos (heads, n, N), with unit stride along N: ConViT's
-    gated positional map, or None. Returns (B, n, heads·d), contiguous: tokens first, as the output projection
-    reads them."""
+    """softmax(scale·q·kᵀ)·v, or (softmax(scale·q·kᵀ) + pos)·v, without a gradient (`attend` has one).
+
+    q (B, heads, n, d), k and v (B, heads, N, d), float32 with unit stride along d (the views of a qkv product), d
+    in ATTENTION_HEAD_DIMS; pos (heads, n, N), with unit stride along N: ConViT's gated positional map, or None.
+    Returns (B, n, heads·d), contiguous: tokens first, as the output projection reads them."""
     return _STATE["ops"].attention(q, k, v, pos, scale)
 
 
