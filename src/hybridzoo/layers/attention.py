@@ -61,7 +61,7 @@ class Attention(nn.Module):
     def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
         """The inference path's module: this one (its linear layers are then packed by the caller), with the
         native attention kernel switched on where it is built for this head dim."""
-        self.native_attention = self.head_dim in native.ATTENTION_HEAD_DIMS and native.load()
+        self.native_attention = native.attention_ready(self.head_dim)
         return self
 
 

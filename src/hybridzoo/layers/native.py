@@ -44,7 +44,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend", "attention_applies",
-           "ATTENTION_HEAD_DIMS", "build_dir"]
+           "attention_ready", "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -748,6 +748,12 @@ def dyrelu_(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor
 
 # the head dims the attention kernel is built for (one register blocking each)
 ATTENTION_HEAD_DIMS = (16, 32, 48, 64)
+
+
+def attention_ready(head_dim: int) -> bool:
+    """For a module switching to the attention kernels when it is prepared: True when they are built for this
+    head dim and loaded (compiling them if need be); `attention_applies` still decides at each call."""
+    return head_dim in ATTENTION_HEAD_DIMS and load()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None,

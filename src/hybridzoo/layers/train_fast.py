@@ -176,12 +176,10 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
 def _use_native_attention(model: nn.Module) -> None:
     from hybridzoo.layers import native
 
-    heads = [m for m in model.modules() if hasattr(type(m), "native_attention") and hasattr(m, "num_heads")]
-    dims = {m: getattr(m, "head_dim", None) or m.proj.in_features // m.num_heads for m in heads}
-    wanted = [m for m in heads if dims[m] in native.ATTENTION_HEAD_DIMS]
-    if wanted and native.load():
-        for m in wanted:
-            m.native_attention = True
+    for m in model.modules():
+        if hasattr(type(m), "native_attention") and hasattr(m, "num_heads"):
+            m.native_attention = native.attention_ready(getattr(m, "head_dim", None)
+                                                        or m.proj.in_features // m.num_heads)
 
 
 # --- Batch split ------------------------------------------------------------------------------------------

@@ -149,8 +149,7 @@ class GPSA(nn.Module):
     def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
         # a head whose gate rounds to 1 cannot have its values rescaled by 1 − σ(λ): keep this module then
         gate = torch.sigmoid(self.gating_param.detach().double())
-        if self.head_dim in native.ATTENTION_HEAD_DIMS:
-            native.load()   # the frozen module's attention kernel, where it builds
+        native.attention_ready(self.head_dim)   # builds the frozen module's attention kernel where it can
         return _FrozenGPSA(self) if bool((1.0 - gate).min() > 1e-4) else self
 
 

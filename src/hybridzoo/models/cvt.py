@@ -235,7 +235,7 @@ class ConvAttention(nn.Module):
         """The inference path's module: this one (its projections are then frozen by the caller), with the
         native attention kernel (`layers.native.attention`, same function to fp32 rounding) switched on where
         it is built for this head dim."""
-        self.native_attention = self.proj.in_features // self.num_heads in native.ATTENTION_HEAD_DIMS and native.load()
+        self.native_attention = native.attention_ready(self.proj.in_features // self.num_heads)
         return self
 
 
