@@ -484,8 +484,11 @@ def test_frozen_transformers_attend_through_the_kernel(attn, name, kwargs, n_att
 @needs_attention
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_tiny"])
 def test_token_shares_attend_through_the_kernel(attn, name, monkeypatch):
-    """At batch 1 with two threads, each token share's attention (its own query rows, every key; GPSA with its
-    rows of the positional map) goes through the kernel, with the sequential blocks' output."""
+    """At batch 1 with two threads, each token share's attention on the Python threads (its own query rows, every
+    key; GPSA with its rows of the positional map) goes through the kernel, with the sequential blocks' output.
+    (The shares' native call, `token_blocks`, calls the kernel from C++: tests/layers/test_token_blocks.py.)"""
+    from hybridzoo.layers import onednn_tokens
+    monkeypatch.setattr(onednn_tokens, "_native_args", lambda blocks, plan: None)
     torch.manual_seed(0)
     kw = dict(img_size=96, embed_dim=96, depth=3, num_heads=2)   # 36 patches: 18 rows or more per share
     if name == "convit_tiny":

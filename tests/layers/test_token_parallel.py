@@ -32,6 +32,13 @@ def _deit(img: int = 96, **kw):
     return model
 
 
+@pytest.fixture
+def python_shares(monkeypatch):
+    """The Python threads' way of running the shares, also where the native kernels would run the blocks
+    (tests/layers/test_token_blocks.py tests that way)."""
+    monkeypatch.setattr(onednn_tokens, "_native_args", lambda blocks, plan: None)
+
+
 def _record_qkv_calls(model):
     """(rows, thread, intra-op threads) of every qkv product of the first block."""
     calls = []
@@ -90,7 +97,7 @@ def test_token_parallel_runs_only_for_one_image_with_enough_rows_and_threads(thr
     assert [c[0] for c in calls[1:]] == [37, 37, 37] and {c[2] for c in calls[1:]} == {1}
 
 
-def test_an_error_in_one_thread_reaches_the_caller_without_a_hang(threads, monkeypatch):
+def test_an_error_in_one_thread_reaches_the_caller_without_a_hang(threads, monkeypatch, python_shares):
     fast = optimize_for_cpu_inference(_deit(96, depth=3))   # the last block runs alone (class token only)
     fast.blocks.mode = "tokens"
     real = onednn_tokens._vit_block_rows
@@ -146,8 +153,11 @@ def test_convit_gpsa_and_mhsa_blocks_in_token_shares_give_the_sequential_outputs
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
-def test_callers_on_several_threads_get_their_own_outputs(threads):
+@pytest.mark.parametrize("way", ["native", "python"])
+def test_callers_on_several_threads_get_their_own_outputs(threads, monkeypatch, way):
     """Each calling thread has its own qkv buffers: two callers at once must not see each other's keys."""
+    if way == "python":
+        monkeypatch.setattr(onednn_tokens, "_native_args", lambda blocks, plan: None)
     model = _deit(160)
     fast = optimize_for_cpu_inference(model)
     fast.blocks.mode = "tokens"
@@ -205,7 +215,7 @@ def test_auto_mode_times_once_per_shape_and_keeps_the_choice(threads, monkeypatc
         fast(x)
 
 
-def test_two_callers_with_three_threads_each_do_not_deadlock(threads, monkeypatch):
+def test_two_callers_with_three_threads_each_do_not_deadlock(threads, monkeypatch, python_shares):
     """Token splits run one at a time: two callers with 3 threads each share one pool of 2 workers. The pool here
     makes the callers' submissions alternate (A's first share, B's first share, then the second ones), the order
     in which, without the lock, both workers would wait at barriers for shares queued behind them."""

@@ -44,7 +44,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend", "attention_applies",
-           "attention_ready", "ATTENTION_HEAD_DIMS", "build_dir"]
+           "attention_ready", "attention_supported", "pack_panels", "token_blocks", "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -53,6 +53,15 @@ _SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
+#include <ATen/ops/silu.h>
+#include <omp.h>
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <string>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -606,6 +615,271 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
 }
 
+// ---- Transformer blocks on one image, the token rows shared between the threads (batch 1) ----------------------
+// A product's weight W (N, K) is packed into panels of 64 output columns, each K × 64 contiguous (the last panel
+// narrower: N is a multiple of 16). The product of M rows runs panel by panel, 6 rows at a time against 4 vectors of
+// 16 columns (24 accumulators), the panel streaming through L2 once per row tile. On one thread at the sizes of a
+// batch-1 block (98-197 rows, K and N 192-1536) this runs at 96-113 GFLOP/s on the EPYC against oneDNN's 77-106 with
+// its packed weights (benchmarks/RESULTS.md, session 13): oneDNN's blocking loses most at half an image's rows with
+// the weights not yet in cache, which is what each thread has here.
+at::Tensor pack_panels(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(0) % 16 == 0 && w.size(0) > 0,
+              "hybridzoo_native::pack_panels: w must be a float32 (N, K) weight with N a positive multiple of 16, "
+              "got ", w.sizes(), " ", w.scalar_type());
+  const at::Tensor src = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor out = at::empty({N * K}, w.options());
+  const float* ps = src.data_ptr<float>();
+  float* pd = out.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nb = std::min<int64_t>(64, N - n0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < nb; ++j) pd[n0 * K + k * nb + j] = ps[(n0 + j) * K + k];
+  }
+  return out;
+}
+
+// the activations panel_linear applies to its outputs (fc1's); the others run after it through ATen
+enum PanelAct { ACT_NONE, ACT_GELU, ACT_RELU };
+
+// GELU(x) = x/2 · (1 + erf(x/√2)), erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, the
+// approximation oneDNN's gelu_erf post-op uses), e^(−z²) by hz_exp
+static inline __attribute__((always_inline)) hz_v16 hz_gelu(hz_v16 x) {
+  const hz_v16 z = x * 0.70710678118654752f;
+  const hz_v16 a = z < 0.0f ? -z : z;
+  const hz_v16 t = 1.0f / (a * 0.3275911f + 1.0f);
+  hz_v16 poly = t * 1.061405429f - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  poly = poly * t;
+  const hz_v16 erf_a = 1.0f - poly * hz_exp(-(a * a));
+  const hz_v16 erf = z < 0.0f ? -erf_a : erf_a;
+  return 0.5f * x * (1.0f + erf);
+}
+
+// c[MR rows, 16·NV columns] = act(a[MR rows, K] · panel + bias) (+ res), the panel K × 16·NV
+template <int MR, int NV, int ACT>
+static inline __attribute__((always_inline)) void panel_tile(const float* a, int64_t lda, const float* b, int64_t K,
+                                                             const float* bias, const float* res, int64_t ldr,
+                                                             float* c, int64_t ldc) {
+  hz_v16 acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const hz_v16 bv = bias ? hz_load(bias + 16 * v) : hz_splat(0.0f);
+    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    hz_v16 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = hz_load(b + k * 16 * NV + 16 * v);
+    for (int m = 0; m < MR; ++m) {
+      const float x = a[m * lda + k];
+      for (int v = 0; v < NV; ++v) acc[m][v] += x * w[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      hz_v16 y = acc[m][v];
+      if (ACT == ACT_GELU) y = hz_gelu(y);
+      if (ACT == ACT_RELU) y = y > 0.0f ? y : 0.0f;
+      hz_store(c + m * ldc + 16 * v, res ? y + hz_load(res + m * ldr + 16 * v) : y);
+    }
+}
+
+template <int NV, int ACT>
+HZ_AVX512 static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, int64_t K, const float* bias,
+                                 const float* res, int64_t ldr, float* c, int64_t ldc) {
+#define HZ_PANEL_TILE(MR) panel_tile<MR, NV, ACT>(a + m * lda, lda, b, K, bias, res ? res + m * ldr : nullptr, ldr, \
+                                                  c + m * ldc, ldc)
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) HZ_PANEL_TILE(6);
+  switch (M - m) {
+    case 5: HZ_PANEL_TILE(5); break;
+    case 4: HZ_PANEL_TILE(4); break;
+    case 3: HZ_PANEL_TILE(3); break;
+    case 2: HZ_PANEL_TILE(2); break;
+    case 1: HZ_PANEL_TILE(1); break;
+    default: break;
+  }
+#undef HZ_PANEL_TILE
+}
+
+template <int ACT>
+static void panel_linear_act(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
+                             const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nb = std::min<int64_t>(64, N - n0);
+    const float* bp = panels + n0 * K;
+    const float* b0 = bias ? bias + n0 : nullptr;
+    const float* r0 = res ? res + n0 : nullptr;
+    switch (nb / 16) {
+      case 4: panel_rows<4, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
+      case 3: panel_rows<3, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
+      case 2: panel_rows<2, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
+      default: panel_rows<1, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
+    }
+  }
+}
+
+// c (M, N; row stride ldc) = act(a (M, K; row stride lda) · Wᵀ + bias) (+ res, row stride ldr), W packed by
+// pack_panels
+static void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
+                         const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
+                         int act = ACT_NONE) {
+  switch (act) {
+    case ACT_GELU: panel_linear_act<ACT_GELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+    case ACT_RELU: panel_linear_act<ACT_RELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+    default: panel_linear_act<ACT_NONE>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+  }
+}
+
+// the parameters of one pre-norm block, in the order of token_blocks' `params` (BLOCK_PARAMS per block)
+constexpr int64_t BLOCK_PARAMS = 12;
+enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC1_W, FC1_B, FC2_W, FC2_B };
+
+static const float* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+// fc1's activation: in panel_linear's epilogue where it has one (exact-erf GELU, ReLU), else by ATen's kernels
+// on the product's rows, in place (on this thread: inside the team ATen runs inline)
+static int panel_act(const std::string& act, const std::string& algorithm) {
+  if (act == "gelu" && algorithm != "tanh") return ACT_GELU;
+  return act == "relu" ? ACT_RELU : ACT_NONE;
+}
+static void activate_(at::Tensor& t, const std::string& act, const std::string& algorithm) {
+  if (act == "gelu" && algorithm == "tanh") at::gelu_(t, "tanh");
+  else if (act == "swish") at::silu_(t);
+}
+
+// x + attn(norm1(x)), then + mlp(norm2(·)), for every block in turn, on one image's tokens x (1, N, C). Each of the
+// team's threads takes a contiguous share of the N rows through every block on its own; the threads meet once per
+// block, after writing their rows of q, k, v into a buffer shared for that block, since attention reads every row's
+// k and v. Two buffers alternate: a thread writing block i+1's rows into block i−1's buffer has passed block i's
+// barrier, which the others reach only after their attention of block i−1, that buffer's last read.
+// params: BLOCK_PARAMS per block (LayerNorm weights and biases; the products' weights packed by pack_panels and their
+// biases, optional); heads and scales (attention's), acts and algorithms (fc1's activation) one per block; eps two
+// per block; pos: a block's positional map (heads, N, N) added after the softmax (ConViT's frozen GPSA), or none.
+at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at::Tensor>>& params,
+                        c10::IntArrayRef heads, c10::ArrayRef<double> scales, c10::ArrayRef<double> eps,
+                        const std::vector<std::string>& acts, const std::vector<std::string>& algorithms,
+                        const std::vector<c10::optional<at::Tensor>>& pos) {
+  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::token_blocks needs a CPU with AVX-512 (see attention_supported)");
+  const int64_t L = static_cast<int64_t>(heads.size());
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(params.size()) == BLOCK_PARAMS * L
+              && static_cast<int64_t>(scales.size()) == L && static_cast<int64_t>(eps.size()) == 2 * L
+              && static_cast<int64_t>(acts.size()) == L && static_cast<int64_t>(algorithms.size()) == L
+              && static_cast<int64_t>(pos.size()) == L,
+              "hybridzoo_native::token_blocks: for ", L, " blocks expected ", BLOCK_PARAMS * L, " params, ", L,
+              " scales, ", 2 * L, " eps, ", L, " acts, algorithms and pos, got ", params.size(), ", ", scales.size(),
+              ", ", eps.size(), ", ", acts.size(), ", ", algorithms.size(), " and ", pos.size());
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) > 0,
+              "hybridzoo_native::token_blocks: x must be one image's tokens, contiguous float32 (1, N, C), got ",
+              x.sizes(), " ", x.scalar_type());
+  const int64_t N = x.size(1), C = x.size(2);
+  int64_t hidden_max = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    const c10::optional<at::Tensor>* P = params.data() + BLOCK_PARAMS * i;
+    const int64_t H = heads[i];
+    TORCH_CHECK(H > 0 && C % H == 0 && (C / H == 16 || C / H == 32 || C / H == 48 || C / H == 64),
+                "hybridzoo_native::token_blocks: block ", i, ": ", H, " heads for ", C, " channels (head_dim must "
+                "be 16, 32, 48 or 64)");
+    TORCH_CHECK(acts[i] == "none" || acts[i] == "gelu" || acts[i] == "relu" || acts[i] == "swish",
+                "hybridzoo_native::token_blocks: block ", i, ": act must be none, gelu, relu or swish, got ", acts[i]);
+    const int64_t hidden = P[FC1_B].has_value() && P[FC1_B]->defined() ? P[FC1_B]->numel()
+                           : (P[FC1_W].has_value() && P[FC1_W]->defined() ? P[FC1_W]->numel() / C : 0);
+    hidden_max = std::max(hidden_max, hidden);
+    // (entry, rows N of its weight or length of its vector, columns K of its weight; 0 for a vector)
+    const std::tuple<int, int64_t, int64_t> shapes[] = {
+        {LN1_W, C, 0}, {LN1_B, C, 0}, {QKV_W, 3 * C, C}, {QKV_B, 3 * C, 0}, {PROJ_W, C, C}, {PROJ_B, C, 0},
+        {LN2_W, C, 0}, {LN2_B, C, 0}, {FC1_W, hidden, C}, {FC1_B, hidden, 0}, {FC2_W, C, hidden}, {FC2_B, C, 0}};
+    for (const auto& [j, rows, cols] : shapes) {
+      const c10::optional<at::Tensor>& p = P[j];
+      const bool given = p.has_value() && p->defined();
+      const bool weight = cols > 0;
+      TORCH_CHECK(given || !weight, "hybridzoo_native::token_blocks: block ", i, ": parameter ", j,
+                  " (a product's packed weight) is missing");
+      TORCH_CHECK(!given || (p->scalar_type() == at::kFloat && p->is_contiguous() && p->dim() == 1
+                             && p->numel() == rows * (weight ? cols : 1) && rows % 16 == 0),
+                  "hybridzoo_native::token_blocks: block ", i, ": parameter ", j, " must be contiguous float32 "
+                  "with ", rows * (weight ? cols : 1), " values (", weight ? "a weight packed by pack_panels" :
+                  "a vector", ", its length a multiple of 16), got ", p->sizes(), " ", p->scalar_type());
+    }
+    if (pos[i].has_value() && pos[i]->defined()) {
+      TORCH_CHECK(pos[i]->dim() == 3 && pos[i]->size(0) == H && pos[i]->size(1) == N && pos[i]->size(2) == N
+                  && pos[i]->scalar_type() == at::kFloat && pos[i]->stride(2) == 1,
+                  "hybridzoo_native::token_blocks: block ", i, ": pos must be float32 (", H, ", ", N, ", ", N,
+                  ") with unit stride along its last dimension, got ", pos[i]->sizes());
+    }
+  }
+  TORCH_CHECK(hidden_max > 0, "hybridzoo_native::token_blocks: fc1 has no outputs");
+  at::Tensor out = at::empty_like(x);
+  at::Tensor bufs[2] = {at::empty({1, N, 3 * C}, x.options()), at::empty({1, N, 3 * C}, x.options())};
+  const bool inference = c10::InferenceMode::is_enabled();
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_lock;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
+#pragma omp parallel num_threads(want)
+  {
+    // the caller's thread is in inference mode; the team's other threads need it set
+    c10::InferenceMode mode(inference);
+    at::NoGradGuard no_grad;
+    const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t r0 = N * t / team, n = N * (t + 1) / team - r0;
+    // a thread whose step throws keeps meeting the others at every barrier (skipping its work), so none waits
+    // forever; the first error is raised after the team has finished
+    auto step = [&](auto&& work) {
+      if (failed.load(std::memory_order_relaxed) || n == 0) return;
+      try {
+        work();
+      } catch (...) {
+        std::lock_guard<std::mutex> hold(error_lock);
+        if (!error) error = std::current_exception();
+        failed.store(true);
+      }
+    };
+    // this thread's rows: h (n, C) the block's input, mid after the attention half, the MLP's hidden rows
+    at::Tensor h, mid, hid;
+    step([&] {
+      h = x.narrow(1, r0, n).reshape({n, C}).clone();
+      mid = at::empty({n, C}, x.options());
+      hid = at::empty({n, hidden_max}, x.options());
+    });
+    for (int64_t i = 0; i < L; ++i) {
+      const c10::optional<at::Tensor>* P = params.data() + BLOCK_PARAMS * i;
+      const int64_t H = heads[i], d = C / H;
+      at::Tensor& buf = bufs[i % 2];
+      step([&] {
+        const at::Tensor y = at::layer_norm(h, {C}, P[LN1_W], P[LN1_B], eps[2 * i]);
+        panel_linear(y.data_ptr<float>(), C, n, P[QKV_W]->data_ptr<float>(), C, 3 * C, data_or_null(P[QKV_B]),
+                     nullptr, 0, buf.data_ptr<float>() + r0 * 3 * C, 3 * C);
+      });
+#pragma omp barrier
+      step([&] {
+        const at::Tensor all = buf.view({1, N, 3, H, d});
+        const at::Tensor q = all.narrow(1, r0, n).select(2, 0).permute({0, 2, 1, 3});
+        const at::Tensor k = all.select(2, 1).permute({0, 2, 1, 3}), v = all.select(2, 2).permute({0, 2, 1, 3});
+        c10::optional<at::Tensor> p;
+        if (pos[i].has_value() && pos[i]->defined()) p = pos[i]->narrow(1, r0, n);
+        const at::Tensor o = attention(q, k, v, p, scales[i]);   // (1, n, C)
+        panel_linear(o.data_ptr<float>(), C, n, P[PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[PROJ_B]),
+                     h.data_ptr<float>(), C, mid.data_ptr<float>(), C);
+        const at::Tensor y = at::layer_norm(mid, {C}, P[LN2_W], P[LN2_B], eps[2 * i + 1]);
+        const int64_t hidden = P[FC1_W]->numel() / C;
+        at::Tensor z = hid.narrow(1, 0, hidden);
+        panel_linear(y.data_ptr<float>(), C, n, P[FC1_W]->data_ptr<float>(), C, hidden, data_or_null(P[FC1_B]),
+                     nullptr, 0, z.data_ptr<float>(), hidden_max, panel_act(acts[i], algorithms[i]));
+        activate_(z, acts[i], algorithms[i]);
+        panel_linear(z.data_ptr<float>(), hidden_max, n, P[FC2_W]->data_ptr<float>(), hidden, C,
+                     data_or_null(P[FC2_B]), mid.data_ptr<float>(), C, h.data_ptr<float>(), C);
+      });
+    }
+    step([&] { out.narrow(1, r0, n).copy_(h.view({1, n, C})); });
+  }
+  if (error) std::rethrow_exception(error);
+  return out;
+}
+
 bool attention_supported() { return HZ_HAS_AVX512; }
 
 TORCH_LIBRARY(hybridzoo_native, m) {
@@ -616,6 +890,9 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("attention_supported() -> bool", &attention_supported);
+  m.def("pack_panels(Tensor w) -> Tensor");
+  m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
+        "str[] algorithms, Tensor?[] pos) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
@@ -624,6 +901,8 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("attention", &attention);
   m.impl("attention_lse", &attention_lse);
   m.impl("attention_backward", &attention_backward);
+  m.impl("pack_panels", &pack_panels);
+  m.impl("token_blocks", &token_blocks);
 }
 """
 
@@ -746,6 +1025,33 @@ def dyrelu_(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor
     return _STATE["ops"].dyrelu_(x, s1, s2)
 
 
+def attention_supported() -> bool:
+    """True when the kernels are loaded and the CPU can run the attention kernels (AVX-512)."""
+    if not available():
+        return False
+    if "attention" not in _STATE:
+        _STATE["attention"] = bool(_STATE["ops"].attention_supported())
+    return _STATE["attention"]
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """A product's weight (N, K), N a multiple of 16, packed for `token_blocks`: panels of 64 output columns (the
+    last narrower), each K × 64 contiguous, flat."""
+    return _STATE["ops"].pack_panels(w)
+
+
+def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[float], eps: list[float],
+                 acts: list[str], algorithms: list[str], pos: list) -> torch.Tensor:
+    """Pre-norm transformer blocks (LayerNorm → qkv → attention → proj, + x; LayerNorm → fc1 with its post-op →
+    fc2, + x) on one image's tokens x (1, N, C), contiguous float32, every thread of the intra-op team taking a
+    share of the rows, the threads meeting once per block (`layers.onednn_tokens`). params: per block norm1's
+    weight and bias, the qkv weight (`pack_panels`) and its bias, proj's, norm2's, fc1's and fc2's (biases may be
+    None; every vector and every weight's output count a multiple of 16); heads, scales, acts and algorithms one
+    per block (fc1's activation: "none", "gelu" with algorithm "none" (erf) or "tanh", "relu", "swish"), eps two
+    per block; pos per block a positional map (heads, N, N) added after the softmax, or None."""
+    return _STATE["ops"].token_blocks(x, params, heads, scales, eps, acts, algorithms, pos)
+
+
 # the head dims the attention kernel is built for (one register blocking each)
 ATTENTION_HEAD_DIMS = (16, 32, 48, 64)
 
@@ -771,12 +1077,10 @@ def attention_applies(*heads: torch.Tensor) -> bool:
     blocking), plain float32 CPU tensors with a head dim it is built for, and no tracer or compiler watching (to
     them the kernel is an opaque call with no shape function: they keep SDPA). Cheap: the callers ask at every
     call."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not available():   # (dynamo folds the first)
-        return False
-    if "attention" not in _STATE:
-        _STATE["attention"] = bool(_STATE["ops"].attention_supported())
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not attention_supported():   # (dynamo folds the
+        return False                                                                                # first)
     q = heads[0]
-    return (_STATE["attention"] and q.dtype == torch.float32 and q.device.type == "cpu"
+    return (q.dtype == torch.float32 and q.device.type == "cpu"
             and q.shape[-1] in ATTENTION_HEAD_DIMS and all(type(t) is torch.Tensor for t in heads))
 
 

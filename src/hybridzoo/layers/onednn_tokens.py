@@ -11,8 +11,17 @@ rows against all keys and values, and the rest of the block is row-wise again. T
 consecutive blocks: a thread writing block i+1's rows into the buffer of block i−1 has passed block i's
 barrier, which every other thread reaches only after its attention of block i−1, the last read of that buffer.
 
-Same function as the sequential blocks: every row of every product, LayerNorm and add is computed by the same
-kernels on the same row values; attention over the query rows of one thread is the same softmax per row.
+Two ways to run the shares. Where the native kernels cover every part of the blocks, one call of
+`native.token_blocks` runs the whole stack on an OpenMP team, with the products on its own kernel (faster than
+oneDNN's on half an image's rows, whose weights are not in cache yet) and no Python between the kernels:
+1.07-1.18× the blocks in turn on the EPYC (benchmarks/RESULTS.md, session 13). Otherwise Python threads with
+one intra-op thread each call the blocks' own modules on their rows; with the interpreter between every kernel
+that way is slower than the blocks in turn on the 2-vCPU machines we measured, and the first call's timing
+(`calibrate`) keeps the faster.
+
+Same function as the sequential blocks: every row of every product, LayerNorm and add is computed on the same
+row values (by the same kernels on the Python threads; by a product kernel of its own, to fp32 rounding, in the
+native call); attention over the query rows of one thread is the same softmax per row.
 """
 
 from __future__ import annotations
@@ -102,7 +111,12 @@ def _buffers(N: int, C: int) -> list[torch.Tensor]:
 def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torch.Tensor:
     """`blocks` (frozen blocks of the kinds `TokenParallelBlocks.applies_to` accepts, in order; `args` are what
     each block takes after x, such as ConViT's relative indices) applied to one image's tokens x (1×N×C) by
-    `threads` Python threads with one intra-op thread each, each thread taking a contiguous share of the N rows."""
+    `threads` threads, each taking a contiguous share of the N rows through every block with one thread's kernels.
+
+    Where the native kernels run every part of the blocks (`_native_args`: AVX-512, fp32 products packed by
+    `optimize_for_cpu_inference`, head dims with an attention kernel, no hooks on the blocks' modules), the whole
+    stack is one call of `native.token_blocks`: an OpenMP team of `threads` meeting at one barrier per block, with
+    no Python between the kernels. Otherwise Python threads run the shares, one intra-op thread each."""
     if x.dim() != 3 or x.shape[0] != 1:
         raise ValueError(f"token_parallel_forward takes the tokens of one image, 1×N×C, got shape {tuple(x.shape)}")
     if not 1 <= threads <= x.shape[1]:
@@ -115,8 +129,70 @@ def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torc
                              "blocks and ConViT's frozen GPSA / MHSA blocks are supported)")
         # GPSA's positional map P′ is fetched (and cached) here, once, not from every thread
         plan.append((kernel, blk.attn._positional(*args) if kernel is _gpsa_block_rows else None))
+    native_args = _native_args(blocks, plan) if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    if native_args is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)   # the team's size
+        try:
+            return native.token_blocks(x.contiguous(), *native_args)
+        finally:
+            torch.set_num_threads(before)
     with _ONE_AT_A_TIME:
         return _run_shares(blocks, plan, x, threads)
+
+
+def _panels(layer: nn.Module) -> torch.Tensor | None:
+    """A frozen fp32 product's weight packed for `native.token_blocks` (packed at the first call, kept on the layer),
+    or None when the product is not one it runs: a `OneDNNLinear` in fp32 with its weight unscaled and a number of
+    outputs that is a multiple of 16."""
+    from hybridzoo.layers.onednn import _PACK_LOCK, OneDNNLinear
+    if not (type(layer) is OneDNNLinear and layer.dtype is torch.float32 and layer.scale == 1.0
+            and layer.out_features % 16 == 0):
+        return None
+    panels = layer.__dict__.get("_token_panels")
+    if panels is None:
+        with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():   # usable in and out of inference mode
+            panels = layer.__dict__.get("_token_panels")
+            if panels is None:
+                panels = layer.__dict__["_token_panels"] = native.pack_panels(layer.weight.float())
+    return panels
+
+
+def _native_args(blocks, plan) -> tuple | None:
+    """The arguments of `native.token_blocks` after x for these blocks, or None when the kernels are not built for
+    this CPU or a block has a part they do not run (a product that is not a plain fp32 `OneDNNLinear`, an
+    activation other than oneDNN's post-ops, a head dim without an attention kernel), or a module in the blocks has
+    forward hooks (the kernels would pass them by; the Python shares call the products' modules)."""
+    from hybridzoo.layers.onednn import FrozenMlp
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not native.attention_supported():
+        return None
+    params, heads, scales, eps, acts, algorithms, pos = [], [], [], [], [], [], []
+    for blk, (kernel, p) in zip(blocks, plan):
+        if any(m._forward_hooks or m._forward_pre_hooks for m in blk.modules()):
+            return None
+        a, mlp = blk.attn, blk.mlp
+        C = a.num_heads * a.head_dim
+        if not (type(mlp) is FrozenMlp and a.head_dim in native.ATTENTION_HEAD_DIMS
+                and a.qkv.act == a.proj.act == mlp.fc2.act == "none" and mlp.fc1.act in _ACTS
+                and all(norm.normalized_shape == (C,) and norm.elementwise_affine for norm in (blk.norm1, blk.norm2))
+                and (kernel is _gpsa_block_rows or a.native_attention)):
+            return None
+        packed = [_panels(layer) for layer in (a.qkv, a.proj, mlp.fc1, mlp.fc2)]
+        if any(w is None for w in packed):
+            return None
+        params += [blk.norm1.weight, blk.norm1.bias, packed[0], a.qkv.packed_bias, packed[1], a.proj.packed_bias,
+                   blk.norm2.weight, blk.norm2.bias, packed[2], mlp.fc1.packed_bias, packed[3], mlp.fc2.packed_bias]
+        heads.append(a.num_heads)
+        scales.append(1.0 if kernel is _gpsa_block_rows else a.scale)   # GPSA's q rows carry the scale
+        eps += [blk.norm1.eps, blk.norm2.eps]
+        acts.append(mlp.fc1.act)
+        algorithms.append(mlp.fc1.algorithm)
+        pos.append(p)
+    return params, heads, scales, eps, acts, algorithms, pos
+
+
+# fc1's activations `native.token_blocks` applies (oneDNN's post-op names in OneDNNLinear.act)
+_ACTS = ("none", "gelu", "relu", "swish")
 
 
 def _run_shares(blocks, plan, x: torch.Tensor, threads: int) -> torch.Tensor:

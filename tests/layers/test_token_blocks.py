@@ -1,0 +1,256 @@
+"""The native token-share kernel (`native.token_blocks`, batch-1 inference) and its product kernel (`pack_panels`).
+
+`token_blocks` is pre-norm transformer blocks on one image's tokens, the rows shared by an OpenMP team: checked
+against the same blocks written out in float64 (every row tail of the product kernel, head dims 16-64, fc1's
+activations, missing biases, ConViT's positional maps, one to three threads), against the frozen models' blocks run
+in turn, and for the errors it gives. The Python threads' way of running the shares is tested in
+tests/layers/test_token_parallel.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hybridzoo
+from hybridzoo.layers import native, onednn_tokens
+from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
+from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not native.load():
+        pytest.skip("no C++ compiler or ninja to build the native kernels")
+    if not native.attention_supported():
+        pytest.skip("the token-share kernel needs AVX-512; this CPU has none (the Python shares run instead)")
+    return native
+
+
+def _act(z: torch.Tensor, act: str, algorithm: str) -> torch.Tensor:
+    if act == "gelu":
+        return F.gelu(z, approximate="tanh" if algorithm == "tanh" else "none")
+    return {"none": lambda t: t, "relu": F.relu, "swish": F.silu}[act](z)
+
+
+def _blocks(L, C, H, hidden, N, *, act="gelu", algorithm="none", bias=True, pos_blocks=(), seed=0):
+    """Random parameters of L blocks: float64 masters for the reference and the kernel's arguments."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for i in range(L):
+        p = {
+            "ln1": (1 + 0.2 * torch.randn(C, generator=g), 0.1 * torch.randn(C, generator=g)),
+            "ln2": (1 + 0.2 * torch.randn(C, generator=g), 0.1 * torch.randn(C, generator=g)),
+        }
+        for name, (n_out, n_in) in {"qkv": (3 * C, C), "proj": (C, C), "fc1": (hidden, C), "fc2": (C, hidden)}.items():
+            w = torch.randn(n_out, n_in, generator=g) / math.sqrt(n_in)
+            b = 0.1 * torch.randn(n_out, generator=g) if bias else None
+            p[name] = (w, b)
+        p["pos"] = None
+        if i in pos_blocks:   # a GPSA-like map: nonnegative rows
+            p["pos"] = 0.3 * torch.softmax(torch.randn(H, N, N, generator=g), dim=-1)
+        blocks.append(p)
+    return blocks
+
+
+def _args(blocks, H, scale, eps, act, algorithm):
+    params, pos = [], []
+    for p in blocks:
+        params += [p["ln1"][0], p["ln1"][1], native.pack_panels(p["qkv"][0]), p["qkv"][1],
+                   native.pack_panels(p["proj"][0]), p["proj"][1], p["ln2"][0], p["ln2"][1],
+                   native.pack_panels(p["fc1"][0]), p["fc1"][1], native.pack_panels(p["fc2"][0]), p["fc2"][1]]
+        pos.append(p["pos"])
+    L = len(blocks)
+    return params, [H] * L, [scale] * L, [eps] * (2 * L), [act] * L, [algorithm] * L, pos
+
+
+def _reference(x, blocks, H, scale, eps, act, algorithm):
+    """The blocks in float64, written out."""
+    h = x.double()[0]
+    N, C = h.shape
+    d = C // H
+    lin = lambda t, wb: F.linear(t, wb[0].double(), None if wb[1] is None else wb[1].double())   # noqa: E731
+    for p in blocks:
+        y = F.layer_norm(h, (C,), p["ln1"][0].double(), p["ln1"][1].double(), eps)
+        q, k, v = lin(y, p["qkv"]).view(N, 3, H, d).permute(1, 2, 0, 3)
+        a = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+        if p["pos"] is not None:
+            a = a + p["pos"].double()
+        h = h + lin((a @ v).transpose(0, 1).reshape(N, C), p["proj"])
+        y = F.layer_norm(h, (C,), p["ln2"][0].double(), p["ln2"][1].double(), eps)
+        h = h + lin(_act(lin(y, p["fc1"]), act, algorithm), p["fc2"])
+    return h.float()[None]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("N, C, H, hidden, act, algorithm, bias, pos_blocks", [
+    (197, 64, 2, 256, "gelu", "none", True, ()),         # DeiT-like; 98 / 99 rows: 6-row tiles and tails of 2, 3
+    (196, 96, 2, 384, "gelu", "none", False, (0, 1)),    # ConViT's GPSA: positional maps, no qkv bias; d = 48
+    (50, 128, 2, 80, "relu", "", True, (1,)),            # d = 64; a hidden layer of 5 vectors (a 16-wide panel)
+    (37, 64, 4, 144, "gelu", "tanh", True, ()),          # d = 16; tanh GELU after the product, by ATen
+    (23, 32, 1, 96, "swish", "", False, ()),             # one head; swish after the product
+    (19, 48, 1, 32, "none", "", True, (0,)),             # no activation; 48 columns: a 3-vector panel
+])
+def test_token_blocks_are_the_blocks_written_out(kernels, threads, N, C, H, hidden, act, algorithm, bias,
+                                                   pos_blocks):
+    L, eps = 3, 1e-6
+    scale = (C // H) ** -0.5
+    blocks = _blocks(L, C, H, hidden, N, act=act, algorithm=algorithm, bias=bias, pos_blocks=pos_blocks,
+                     seed=N * C + H)
+    x = torch.randn(1, N, C, generator=torch.Generator().manual_seed(N))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.token_blocks(x, *_args(blocks, H, scale, eps, act, algorithm))
+    finally:
+        torch.set_num_threads(before)
+    ref = _reference(x, blocks, H, scale, eps, act, algorithm)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+
+
+def test_the_fused_gelu_is_the_exact_erf_one(kernels):
+    """fc1's GELU in the product's epilogue, over pre-activations from -12 to 12: within the fp32 rounding of the
+    erf form, and far from the tanh form (which differs by up to ~5e-4 there)."""
+    C, H, hidden, N = 64, 2, 512, 40
+    blocks = _blocks(1, C, H, hidden, N, seed=3)
+    w, b = blocks[0]["fc1"]
+    blocks[0]["fc1"] = (w * 12.0, b * 12.0)   # wide pre-activations (LayerNorm gives unit rows)
+    x = torch.randn(1, N, C, generator=torch.Generator().manual_seed(1))
+    out = kernels.token_blocks(x, *_args(blocks, H, 0.25, 1e-6, "gelu", "none"))
+    ref = _reference(x, blocks, H, 0.25, 1e-6, "gelu", "none")
+    tanh = _reference(x, blocks, H, 0.25, 1e-6, "gelu", "tanh")
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
+    assert float((out - tanh).abs().max()) > 5 * float((out - ref).abs().max())
+
+
+def test_pack_panels_lays_out_64_columns_by_k(kernels):
+    w = torch.randn(80, 5)   # one 64-wide panel and one 16-wide
+    p = kernels.pack_panels(w)
+    assert p.shape == (80 * 5,)
+    torch.testing.assert_close(p[:64 * 5].view(5, 64), w[:64].t(), rtol=0, atol=0)
+    torch.testing.assert_close(p[64 * 5:].view(5, 16), w[64:].t(), rtol=0, atol=0)
+    torch.testing.assert_close(kernels.pack_panels(w.t().contiguous().t()), p, rtol=0, atol=0)   # strided in
+
+
+@pytest.mark.parametrize("w, words", [
+    (torch.randn(40, 8), "multiple of 16"),
+    (torch.randn(32, 8, dtype=torch.float64), "float32"),
+    (torch.randn(32), r"\(N, K\)"),
+])
+def test_pack_panels_names_what_is_wrong(kernels, w, words):
+    with pytest.raises(RuntimeError, match=words):
+        kernels.pack_panels(w)
+
+
+def _good(N=20, C=64, H=2, hidden=128):
+    blocks = _blocks(2, C, H, hidden, N, pos_blocks=(0,))
+    x = torch.randn(1, N, C)
+    return [x, *_args(blocks, H, 0.2, 1e-6, "gelu", "none")]
+
+
+def _bad(change):
+    args = _good()
+    change(args)
+    return args
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: _bad(lambda a: a.__setitem__(0, torch.randn(2, 20, 64))), r"one image's tokens"),
+    (lambda: _bad(lambda a: a.__setitem__(0, torch.randn(1, 20, 64).double())), r"one image's tokens"),
+    (lambda: _bad(lambda a: a.__setitem__(1, a[1][:-1])), "expected 24 params"),
+    (lambda: _bad(lambda a: a.__setitem__(5, ["gelu", "tanh"])), "act must be none, gelu, relu or swish"),
+    (lambda: _bad(lambda a: a.__setitem__(2, [8, 2])), "head_dim must be 16, 32, 48 or 64"),
+    (lambda: _bad(lambda a: a[1].__setitem__(2, torch.randn(64 * 64))), r"parameter 2 must be .* 12288 values"),
+    (lambda: _bad(lambda a: a[1].__setitem__(16, None)), r"parameter 4 \(a product's packed weight\) is missing"),
+    (lambda: _bad(lambda a: a[1].__setitem__(0, torch.randn(48))), "parameter 0 must be .* 64 values"),
+    (lambda: _bad(lambda a: a[7].__setitem__(0, torch.rand(2, 20, 19))), r"pos must be float32 \(2, 20, 20\)"),
+])
+def test_token_blocks_name_what_is_wrong(kernels, make, words):
+    with pytest.raises(RuntimeError, match=words):
+        kernels.token_blocks(*make())
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = native.token_blocks
+    monkeypatch.setattr(native, "token_blocks", lambda x, params, heads, *a: calls.append(len(heads)) or real(
+        x, params, heads, *a))
+    return calls
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_tiny"])
+def test_frozen_models_run_their_token_shares_in_one_native_call(kernels, name, threads, monkeypatch):
+    torch.manual_seed(0)
+    kw = dict(img_size=128, embed_dim=64, depth=4, num_heads=2)   # 64 patches: 21 rows or more per share
+    if name == "convit_tiny":
+        kw["local_up_to_layer"] = 2
+    model = hybridzoo.create_model(name, **kw).eval()
+    perturb(model)
+    plain = optimize_for_cpu_inference(model, split_tokens=False)
+    fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
+    calls = _spy(monkeypatch)
+    x = torch.randn(1, 3, 128, 128)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            out, ref = fast(x), plain(x)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    # DeiT: the first three blocks in one call (the last computes the class token alone); ConViT: its two GPSA
+    # blocks, then the first MHSA block (the class token joins between)
+    assert calls == ([3] if name == "deit_small_patch16_224" else [2, 1])
+    with torch.inference_mode():
+        eager = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+def test_hooks_on_the_blocks_keep_the_python_shares(kernels, monkeypatch):
+    """A forward hook on a module of the blocks sees its calls: the shares then run the modules on Python threads."""
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("deit_small_patch16_224", img_size=96, embed_dim=64, depth=3, num_heads=2).eval()
+    fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
+    calls, seen = _spy(monkeypatch), []
+    x = torch.randn(1, 3, 96, 96)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            fast(x)
+            assert calls == [2] and seen == []
+            handle = fast.blocks[1].mlp.fc2.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+            out = fast(x)
+            handle.remove()
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [2] and sorted(seen) == [18, 19]
+    with torch.inference_mode():
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+def test_products_the_kernel_does_not_run_keep_the_python_shares(kernels):
+    """Head dims without an attention kernel (8 here) or outputs not a multiple of 16: no native arguments."""
+    torch.manual_seed(0)
+    for kw in (dict(embed_dim=32, num_heads=4), dict(embed_dim=40, num_heads=1, mlp_ratio=2.0)):
+        model = hybridzoo.create_model("deit_small_patch16_224", img_size=96, depth=2, **kw).eval()
+        fast = optimize_for_cpu_inference(model)
+        plan = [(onednn_tokens._kernel(b), None) for b in fast.blocks]
+        assert onednn_tokens._native_args(fast.blocks, plan) is None
+    model = hybridzoo.create_model("deit_small_patch16_224", img_size=96, depth=2, embed_dim=64, num_heads=2).eval()
+    fast = optimize_for_cpu_inference(model)
+    plan = [(onednn_tokens._kernel(b), None) for b in fast.blocks]
+    assert onednn_tokens._native_args(fast.blocks, plan) is not None
