@@ -1,4 +1,6 @@
-"""The native token-share kernel (`native.token_blocks`, batch-1 inference) and its product kernel (`pack_panels`).
+"""The native token-share kernel (`native.token_blocks`, batch-1 inference), its product kernel (`pack_panels`) and
+the patch embedding on that product (`native.patch_embed`, the frozen path's convolutions whose kernel is their
+stride).
 
 `token_blocks` is pre-norm transformer blocks on one image's tokens, the rows shared by an OpenMP team: checked
 against the same blocks written out in float64 (every row tail of the product kernel, head dims 16-64, fc1's
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 import hybridzoo
 from hybridzoo.layers import native, onednn_tokens
-from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
+from hybridzoo.layers.onednn import OneDNNConv2d, onednn_available, optimize_for_cpu_inference
 from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
 
 
@@ -254,3 +256,70 @@ def test_products_the_kernel_does_not_run_keep_the_python_shares(kernels):
     fast = optimize_for_cpu_inference(model)
     plan = [(onednn_tokens._kernel(b), None) for b in fast.blocks]
     assert onednn_tokens._native_args(fast.blocks, plan) is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, Cin, H, W, ph, pw, N, bias", [
+    (1, 3, 224, 224, 16, 16, 192, True),    # ViT / DeiT / ConViT at 224²: 196 patches
+    (3, 3, 64, 48, 16, 16, 64, False),      # several images, a non-square grid, no bias
+    (2, 4, 37, 30, 8, 4, 80, True),         # non-square patches; the rows and columns left over are dropped
+    (1, 1, 20, 20, 5, 5, 48, True),         # 16 patches: fewer rows than a thread's block
+    (5, 3, 32, 32, 16, 16, 16, True),       # 20 patches in blocks over the threads
+])
+def test_patch_embed_is_the_strided_convolution(kernels, threads, B, Cin, H, W, ph, pw, N, bias):
+    torch.manual_seed(B * H + N)
+    conv = torch.nn.Conv2d(Cin, N, (ph, pw), (ph, pw), bias=bias)
+    x = torch.randn(B, Cin, H, W)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.patch_embed(x, native.pack_panels(conv.weight.detach().reshape(N, -1)),
+                                  None if conv.bias is None else conv.bias.detach(), ph, pw)
+    finally:
+        torch.set_num_threads(before)
+    ref = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                   stride=(ph, pw))
+    assert out.shape == (B, (H // ph) * (W // pw), N)
+    torch.testing.assert_close(out, ref.flatten(2).transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, words", [
+    ((torch.randn(3, 16, 16), torch.randn(16 * 3 * 16), None, 4, 4), "batch of images"),
+    ((torch.randn(1, 3, 8, 8), torch.randn(16 * 48), None, 16, 16), "do not fit"),
+    ((torch.randn(1, 3, 16, 16), torch.randn(20 * 48), None, 4, 4), "multiple of 16"),
+    ((torch.randn(1, 3, 16, 16), torch.randn(16 * 48), torch.randn(15), 4, 4), r"bias must be contiguous float32 \(16\)"),
+])
+def test_patch_embed_names_what_is_wrong(kernels, args, words):
+    with pytest.raises(RuntimeError, match=words):
+        kernels.patch_embed(*args)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+def test_frozen_patch_convolutions_take_the_native_product(kernels, monkeypatch):
+    """The frozen convolution of a patch embedding gives oneDNN's map (values and channels-last strides) through
+    `native.patch_embed`; other convolutions keep oneDNN."""
+    torch.manual_seed(0)
+    calls = []
+    real = native.patch_embed
+    monkeypatch.setattr(native, "patch_embed", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    conv = torch.nn.Conv2d(3, 64, 16, 16)
+    frozen = OneDNNConv2d(conv)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.inference_mode():
+        out = frozen(x)
+        frozen.patchify = False
+        onednn = frozen(x)
+    assert calls == [(2, 3, 64, 80)]
+    assert out.stride() == onednn.stride() and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, onednn, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+    assert not OneDNNConv2d(torch.nn.Conv2d(3, 64, 3, 3, padding=1)).patchify          # padded
+    assert not OneDNNConv2d(torch.nn.Conv2d(3, 64, 4, 2)).patchify                     # overlapping
+    assert not OneDNNConv2d(torch.nn.Conv2d(3, 40, 4, 4)).patchify                     # 40 outputs
+    model = hybridzoo.create_model("deit_small_patch16_224", img_size=64, embed_dim=64, depth=1, num_heads=2).eval()
+    fast = optimize_for_cpu_inference(model)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        out, ref = fast(x), model(x)
+    assert any(c[1:] == (3, 64, 64) for c in calls[1:])   # the model's patch embedding (batch split or not)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

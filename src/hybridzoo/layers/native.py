@@ -44,7 +44,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend", "attention_applies",
-           "attention_ready", "attention_supported", "pack_panels", "token_blocks", "ATTENTION_HEAD_DIMS", "build_dir"]
+           "attention_ready", "attention_supported", "pack_panels", "patch_embed", "token_blocks",
+           "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -55,7 +56,6 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
-#include <ATen/ops/layer_norm.h>
 #include <ATen/ops/silu.h>
 #include <omp.h>
 #include <atomic>
@@ -732,6 +732,83 @@ static void panel_linear(const float* a, int64_t lda, int64_t M, const float* pa
   }
 }
 
+// y = LayerNorm(x) over rows of C values (C a multiple of 16; w, b optional): ATen's LayerNorm costs ~16 µs a call
+// on a thread's 98 rows of 192, mostly outside the arithmetic, 20 calls per thread in a ConViT-Ti forward
+HZ_AVX512 static void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b,
+                                      double eps, float* y) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    hz_v16 sum = hz_splat(0.0f);
+    for (int64_t c = 0; c < C; c += 16) sum += hz_load(xr + c);
+    const float mean = hz_all_sum(sum)[0] / static_cast<float>(C);
+    hz_v16 sq = hz_splat(0.0f);
+    for (int64_t c = 0; c < C; c += 16) {
+      const hz_v16 t = hz_load(xr + c) - mean;
+      sq += t * t;
+    }
+    const float rstd = 1.0f / std::sqrt(hz_all_sum(sq)[0] / static_cast<float>(C) + static_cast<float>(eps));
+    for (int64_t c = 0; c < C; c += 16) {
+      hz_v16 t = (hz_load(xr + c) - mean) * rstd;
+      if (w) t *= hz_load(w + c);
+      if (b) t += hz_load(b + c);
+      hz_store(yr + c, t);
+    }
+  }
+}
+
+// A convolution whose kernel is its stride (a ViT's patch embedding) is a product of the image's patches, each
+// flattened (channel, row, column) as the weight is, with the weight. Each block of patch rows is gathered from the
+// image (NCHW) into a scratch block and multiplied by the panels; the output comes tokens first (B, Hp·Wp, N), the
+// layout the blocks read. One pass over the image instead of oneDNN's channels-last copy and convolution.
+at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
+                       int64_t ph, int64_t pw) {
+  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::patch_embed needs a CPU with AVX-512 (see attention_supported)");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "hybridzoo_native::patch_embed: x must be a float32 "
+              "batch of images (B, C, H, W), got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(ph > 0 && pw > 0 && x.size(2) >= ph && x.size(3) >= pw, "hybridzoo_native::patch_embed: patches of ",
+              ph, "×", pw, " do not fit images of ", x.size(2), "×", x.size(3));
+  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Hp = H / ph, Wp = W / pw;
+  const int64_t K = Cin * ph * pw;
+  TORCH_CHECK(panels.dim() == 1 && panels.scalar_type() == at::kFloat && panels.is_contiguous() && K > 0
+              && panels.numel() % K == 0 && panels.numel() / K % 16 == 0,
+              "hybridzoo_native::patch_embed: panels must be a weight of (N, ", K, ") packed by pack_panels, N a "
+              "multiple of 16, got ", panels.sizes());
+  const int64_t N = panels.numel() / K;
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->numel() == N && bias->scalar_type() == at::kFloat
+                            && bias->is_contiguous()),
+              "hybridzoo_native::patch_embed: bias must be contiguous float32 (", N, "), got ", bias->sizes());
+  const at::Tensor img = x.contiguous();
+  at::Tensor out = at::empty({B, Hp * Wp, N}, x.options());
+  const int64_t rows = B * Hp * Wp;
+  if (rows == 0) return out;
+  const float* px = img.data_ptr<float>();
+  const float* pb = has_bias ? bias->data_ptr<float>() : nullptr;
+  const float* pp = panels.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  // blocks of rows: one per thread at batch 1, at most 192 rows (the panels are read once per block)
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(192, (rows + threads - 1) / threads));
+  at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a(block * K);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * block, n = std::min(block, rows - r0);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t b = (r0 + r) / (Hp * Wp), i = (r0 + r) / Wp % Hp, j = (r0 + r) % Wp;
+        float* dst = a.data() + r * K;
+        for (int64_t c = 0; c < Cin; ++c)
+          for (int64_t u = 0; u < ph; ++u) {
+            std::memcpy(dst, px + ((b * Cin + c) * H + i * ph + u) * W + j * pw, pw * sizeof(float));
+            dst += pw;
+          }
+      }
+      panel_linear(a.data(), K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N);
+    }
+  });
+  return out;
+}
+
 // the parameters of one pre-norm block, in the order of token_blocks' `params` (BLOCK_PARAMS per block)
 constexpr int64_t BLOCK_PARAMS = 12;
 enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC1_W, FC1_B, FC2_W, FC2_B };
@@ -838,11 +915,13 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         failed.store(true);
       }
     };
-    // this thread's rows: h (n, C) the block's input, mid after the attention half, the MLP's hidden rows
-    at::Tensor h, mid, hid;
+    // this thread's rows: h (n, C) the block's input, mid after the attention half, normed a LayerNorm's output,
+    // hid the MLP's hidden rows
+    at::Tensor h, mid, normed, hid;
     step([&] {
       h = x.narrow(1, r0, n).reshape({n, C}).clone();
       mid = at::empty({n, C}, x.options());
+      normed = at::empty({n, C}, x.options());
       hid = at::empty({n, hidden_max}, x.options());
     });
     for (int64_t i = 0; i < L; ++i) {
@@ -850,8 +929,9 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
       const int64_t H = heads[i], d = C / H;
       at::Tensor& buf = bufs[i % 2];
       step([&] {
-        const at::Tensor y = at::layer_norm(h, {C}, P[LN1_W], P[LN1_B], eps[2 * i]);
-        panel_linear(y.data_ptr<float>(), C, n, P[QKV_W]->data_ptr<float>(), C, 3 * C, data_or_null(P[QKV_B]),
+        layer_norm_rows(h.data_ptr<float>(), n, C, data_or_null(P[LN1_W]), data_or_null(P[LN1_B]), eps[2 * i],
+                        normed.data_ptr<float>());
+        panel_linear(normed.data_ptr<float>(), C, n, P[QKV_W]->data_ptr<float>(), C, 3 * C, data_or_null(P[QKV_B]),
                      nullptr, 0, buf.data_ptr<float>() + r0 * 3 * C, 3 * C);
       });
 #pragma omp barrier
@@ -864,10 +944,11 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         const at::Tensor o = attention(q, k, v, p, scales[i]);   // (1, n, C)
         panel_linear(o.data_ptr<float>(), C, n, P[PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[PROJ_B]),
                      h.data_ptr<float>(), C, mid.data_ptr<float>(), C);
-        const at::Tensor y = at::layer_norm(mid, {C}, P[LN2_W], P[LN2_B], eps[2 * i + 1]);
+        layer_norm_rows(mid.data_ptr<float>(), n, C, data_or_null(P[LN2_W]), data_or_null(P[LN2_B]),
+                        eps[2 * i + 1], normed.data_ptr<float>());
         const int64_t hidden = P[FC1_W]->numel() / C;
         at::Tensor z = hid.narrow(1, 0, hidden);
-        panel_linear(y.data_ptr<float>(), C, n, P[FC1_W]->data_ptr<float>(), C, hidden, data_or_null(P[FC1_B]),
+        panel_linear(normed.data_ptr<float>(), C, n, P[FC1_W]->data_ptr<float>(), C, hidden, data_or_null(P[FC1_B]),
                      nullptr, 0, z.data_ptr<float>(), hidden_max, panel_act(acts[i], algorithms[i]));
         activate_(z, acts[i], algorithms[i]);
         panel_linear(z.data_ptr<float>(), hidden_max, n, P[FC2_W]->data_ptr<float>(), hidden, C,
@@ -891,6 +972,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("attention_supported() -> bool", &attention_supported);
   m.def("pack_panels(Tensor w) -> Tensor");
+  m.def("patch_embed(Tensor x, Tensor panels, Tensor? bias, int ph, int pw) -> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
         "str[] algorithms, Tensor?[] pos) -> Tensor");
 }
@@ -902,6 +984,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("attention_lse", &attention_lse);
   m.impl("attention_backward", &attention_backward);
   m.impl("pack_panels", &pack_panels);
+  m.impl("patch_embed", &patch_embed);
   m.impl("token_blocks", &token_blocks);
 }
 """
@@ -1038,6 +1121,12 @@ def pack_panels(w: torch.Tensor) -> torch.Tensor:
     """A product's weight (N, K), N a multiple of 16, packed for `token_blocks`: panels of 64 output columns (the
     last narrower), each K × 64 contiguous, flat."""
     return _STATE["ops"].pack_panels(w)
+
+
+def patch_embed(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, ph: int, pw: int) -> torch.Tensor:
+    """A convolution with kernel = stride = (ph, pw), no padding, over x (B, C, H, W) float32: its weight (N, C, ph,
+    pw) flattened to (N, C·ph·pw) and packed by `pack_panels`; the output tokens first, (B, H//ph · W//pw, N)."""
+    return _STATE["ops"].patch_embed(x, panels, bias, ph, pw)
 
 
 def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[float], eps: list[float],

@@ -182,6 +182,11 @@ class OneDNNConv2d(nn.Module):
                 w.reshape(self.out_channels, self.in_channels).contiguous(), batch_hint)
         self.conv_weight = w.contiguous(memory_format=torch.channels_last)
         self._packed: dict[tuple[int, ...], torch.Tensor] = {}
+        # a patch embedding (kernel = stride, no padding): the native gather-and-product where it is built
+        self.patchify = (list(self.kernel_size) == self.stride and self.padding == [0, 0] and self.dilation == [1, 1]
+                         and self.groups == 1 and self.attr == "none" and not self.pointwise
+                         and self.out_channels % 16 == 0)
+        self._patch_panels: torch.Tensor | None = None
         self.packed_bias = None if b is None else b.contiguous()
         # the original tensors stay reachable for code that reads `conv.weight` (the forward uses the packed one)
         self.weight = conv.weight.detach()
@@ -208,6 +213,9 @@ class OneDNNConv2d(nn.Module):
         _check_frozen_input(x, "OneDNNConv2d")
         if x.dim() != 4:
             raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
+        if (other is None and self.patchify and x.dtype == torch.float32 and type(x) is torch.Tensor
+                and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and native.attention_supported()):
+            return self._patch_embed(x)
         x = x.contiguous(memory_format=torch.channels_last)
         if other is None:
             if self.pointwise and self.INNER_PRODUCT_1X1:
@@ -229,6 +237,17 @@ class OneDNNConv2d(nn.Module):
         else:
             y = torch.ops.mkldnn._convolution_pointwise(x, other.contiguous(memory_format=torch.channels_last), *args)
         return y if relu or self.act is None else self.act(y)
+
+    def _patch_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch embedding by `native.patch_embed`: the same map, channels-last like oneDNN's output (to fp32
+        rounding); 1.15-1.55× oneDNN's channels-last copy and convolution (benchmarks/RESULTS.md, session 13)."""
+        if self._patch_panels is None:
+            with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():   # usable in and out of inference mode
+                if self._patch_panels is None:
+                    self._patch_panels = native.pack_panels(self.conv_weight.reshape(self.out_channels, -1))
+        kh, kw = self.kernel_size
+        tokens = native.patch_embed(x, self._patch_panels, self.packed_bias, kh, kw)
+        return tokens.view(x.shape[0], x.shape[2] // kh, x.shape[3] // kw, self.out_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "

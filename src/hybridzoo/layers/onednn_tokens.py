@@ -174,7 +174,7 @@ def _native_args(blocks, plan) -> tuple | None:
         C = a.num_heads * a.head_dim
         if not (type(mlp) is FrozenMlp and a.head_dim in native.ATTENTION_HEAD_DIMS
                 and a.qkv.act == a.proj.act == mlp.fc2.act == "none" and mlp.fc1.act in _ACTS
-                and all(norm.normalized_shape == (C,) and norm.elementwise_affine for norm in (blk.norm1, blk.norm2))
+                and all(norm.normalized_shape == (C,) for norm in (blk.norm1, blk.norm2))
                 and (kernel is _gpsa_block_rows or a.native_attention)):
             return None
         packed = [_panels(layer) for layer in (a.qkv, a.proj, mlp.fc1, mlp.fc2)]
