@@ -92,8 +92,8 @@ def _reference(x, blocks, H, scale, eps, act, algorithm):
     (197, 64, 2, 256, "gelu", "none", True, ()),         # DeiT-like; 98 / 99 rows: 6-row tiles and tails of 2, 3
     (196, 96, 2, 384, "gelu", "none", False, (0, 1)),    # ConViT's GPSA: positional maps, no qkv bias; d = 48
     (50, 128, 2, 80, "relu", "", True, (1,)),            # d = 64; a hidden layer of 5 vectors (a 16-wide panel)
-    (37, 64, 4, 144, "gelu", "tanh", True, ()),          # d = 16; tanh GELU after the product, by ATen
-    (23, 32, 1, 96, "swish", "", False, ()),             # one head; swish after the product
+    (37, 64, 4, 144, "gelu", "tanh", True, ()),          # d = 16; tanh GELU
+    (23, 32, 1, 96, "swish", "", False, ()),             # one head; swish (x·σ(x))
     (19, 48, 1, 32, "none", "", True, (0,)),             # no activation; 48 columns: a 3-vector panel
 ])
 def test_token_blocks_are_the_blocks_written_out(kernels, threads, N, C, H, hidden, act, algorithm, bias,
@@ -323,3 +323,82 @@ def test_frozen_patch_convolutions_take_the_native_product(kernels, monkeypatch)
         out, ref = fast(x), model(x)
     assert any(c[1:] == (3, 64, 64) for c in calls[1:])   # the model's patch embedding (batch split or not)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+_ACTS = {"none": lambda t: t, "gelu": lambda t: F.gelu(t), "gelu-tanh": lambda t: F.gelu(t, approximate="tanh"),
+         "relu": F.relu, "swish": F.silu}
+
+
+def _act_args(name: str) -> tuple[str, str]:
+    return ("gelu", "tanh") if name == "gelu-tanh" else (name, "none" if name == "gelu" else "")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lead, K, N", [((1,), 192, 576), ((5,), 33, 16), ((197,), 384, 1152), ((785,), 64, 80),
+                                        ((3, 7), 48, 64), ((2, 0), 16, 16)])
+@pytest.mark.parametrize("act", list(_ACTS))
+def test_rows_linear_is_the_linear_with_its_activation(kernels, threads, lead, K, N, act):
+    """Every row block split over the threads (785 rows: blocks of 131, as many per thread), row tails, panels of
+    16-64 columns, oneDNN's post-ops in the epilogue."""
+    torch.manual_seed(K * N)
+    lin = torch.nn.Linear(K, N, bias=N != 80)
+    x = torch.randn(*lead, K) * 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.rows_linear(x, native.pack_panels(lin.weight.detach()),
+                                  None if lin.bias is None else lin.bias.detach(), *_act_args(act))
+    finally:
+        torch.set_num_threads(before)
+    ref = _ACTS[act](F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double()))
+    assert out.shape == (*lead, N)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", list(_ACTS))
+def test_the_epilogue_activations_hold_from_minus_60_to_60(kernels, act):
+    """The activations on values from -60 to 60 (an identity product): the exponentials saturate without NaN or
+    overflow, within a few fp32 ulp of ATen's float64 values (the erf GELU within its approximation's 1.5e-7 on
+    erf, times |x|/2)."""
+    x = torch.linspace(-60, 60, 16 * 64).view(64, 16)
+    out = kernels.rows_linear(x, native.pack_panels(torch.eye(16)), None, *_act_args(act))
+    ref = _ACTS[act](x.double()).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=4e-7 if act == "gelu" else 2e-7)
+
+
+@pytest.mark.parametrize("args, words", [
+    ((torch.randn(4, 8), torch.randn(16 * 7), None, "none", ""), r"packed by pack_panels"),
+    ((torch.randn(4, 8), torch.randn(16 * 8), torch.randn(8), "none", ""), r"bias must be contiguous float32 \(16\)"),
+    ((torch.randn(4, 8).double(), torch.randn(16 * 8), None, "none", ""), "float32"),
+    ((torch.randn(4, 8), torch.randn(16 * 8), None, "tanh", ""), "act must be none, gelu, relu or swish"),
+])
+def test_rows_linear_names_what_is_wrong(kernels, args, words):
+    with pytest.raises(RuntimeError, match=words):
+        kernels.rows_linear(*args)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+def test_frozen_linears_take_the_panel_product_and_keep_onednn_when_switched_off(kernels, monkeypatch):
+    """`OneDNNLinear` in fp32 runs on `native.rows_linear` (its oneDNN copy not packed); with HYBRIDZOO_NATIVE=0 set
+    later it packs oneDNN's copy at its first call and gives the same outputs; bf16 copies keep oneDNN."""
+    from hybridzoo.layers.onednn import OneDNNLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160)
+    calls = []
+    real = native.rows_linear
+    monkeypatch.setattr(native, "rows_linear", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    frozen = OneDNNLinear(lin, act="swish", scale=1.702)   # QuickGELU's folding: swish(1.702 · (x·Wᵀ + b))
+    assert frozen.panels is not None and frozen.packed_weight is None
+    x = torch.randn(2, 50, 96)
+    with torch.inference_mode():
+        out = frozen(x)
+        monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+        onednn = frozen(x)
+    assert calls == [(2, 50, 96)] and frozen.packed_weight is not None
+    ref = F.silu(1.702 * lin(x))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(onednn, ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("HYBRIDZOO_NATIVE", "1")
+    assert OneDNNLinear(lin, dtype=torch.bfloat16).panels is None
+    assert OneDNNLinear(torch.nn.Linear(96, 100)).panels is None   # 100 outputs: oneDNN's

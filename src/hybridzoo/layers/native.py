@@ -44,7 +44,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend", "attention_applies",
-           "attention_ready", "attention_supported", "pack_panels", "patch_embed", "token_blocks",
+           "attention_ready", "attention_supported", "pack_panels", "rows_linear", "patch_embed", "token_blocks",
            "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
@@ -55,8 +55,6 @@ _SOURCE = r"""
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/gelu.h>
-#include <ATen/ops/silu.h>
 #include <omp.h>
 #include <atomic>
 #include <exception>
@@ -639,8 +637,8 @@ at::Tensor pack_panels(const at::Tensor& w) {
   return out;
 }
 
-// the activations panel_linear applies to its outputs (fc1's); the others run after it through ATen
-enum PanelAct { ACT_NONE, ACT_GELU, ACT_RELU };
+// the activations panel_linear applies to its outputs (oneDNN's post-ops of OneDNNLinear)
+enum PanelAct { ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWISH };
 
 // GELU(x) = x/2 · (1 + erf(x/√2)), erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, the
 // approximation oneDNN's gelu_erf post-op uses), e^(−z²) by hz_exp
@@ -656,6 +654,29 @@ static inline __attribute__((always_inline)) hz_v16 hz_gelu(hz_v16 x) {
   const hz_v16 erf_a = 1.0f - poly * hz_exp(-(a * a));
   const hz_v16 erf = z < 0.0f ? -erf_a : erf_a;
   return 0.5f * x * (1.0f + erf);
+}
+
+// tanh(u) = sign(u) · (1 − e^(−2|u|)) / (1 + e^(−2|u|))
+static inline __attribute__((always_inline)) hz_v16 hz_tanh(hz_v16 u) {
+  const hz_v16 a = u < 0.0f ? -u : u;
+  const hz_v16 e = hz_exp(-2.0f * a);
+  const hz_v16 t = (1.0f - e) / (1.0f + e);
+  return u < 0.0f ? -t : t;
+}
+
+// x · σ(x), σ(x) = 1 / (1 + e^(−x)) for x ≥ 0 and e^x / (1 + e^x) below (hz_exp takes x ≤ 0)
+static inline __attribute__((always_inline)) hz_v16 hz_swish(hz_v16 x) {
+  const hz_v16 e = hz_exp(x < 0.0f ? x : -x);
+  return x * ((x < 0.0f ? e : 1.0f) / (1.0f + e));
+}
+
+template <int ACT>
+static inline __attribute__((always_inline)) hz_v16 hz_act(hz_v16 y) {
+  if (ACT == ACT_GELU) return hz_gelu(y);
+  if (ACT == ACT_GELU_TANH) return 0.5f * y * (1.0f + hz_tanh(0.7978845608028654f * (y + 0.044715f * y * y * y)));
+  if (ACT == ACT_RELU) return y > 0.0f ? y : 0.0f;
+  if (ACT == ACT_SWISH) return hz_swish(y);
+  return y;
 }
 
 // c[MR rows, 16·NV columns] = act(a[MR rows, K] · panel + bias) (+ res), the panel K × 16·NV
@@ -678,9 +699,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float* a, int
   }
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) {
-      hz_v16 y = acc[m][v];
-      if (ACT == ACT_GELU) y = hz_gelu(y);
-      if (ACT == ACT_RELU) y = y > 0.0f ? y : 0.0f;
+      const hz_v16 y = hz_act<ACT>(acc[m][v]);
       hz_store(c + m * ldc + 16 * v, res ? y + hz_load(res + m * ldr + 16 * v) : y);
     }
 }
@@ -727,7 +746,9 @@ static void panel_linear(const float* a, int64_t lda, int64_t M, const float* pa
                          int act = ACT_NONE) {
   switch (act) {
     case ACT_GELU: panel_linear_act<ACT_GELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+    case ACT_GELU_TANH: panel_linear_act<ACT_GELU_TANH>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
     case ACT_RELU: panel_linear_act<ACT_RELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+    case ACT_SWISH: panel_linear_act<ACT_SWISH>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
     default: panel_linear_act<ACT_NONE>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
   }
 }
@@ -755,6 +776,59 @@ HZ_AVX512 static void layer_norm_rows(const float* x, int64_t n, int64_t C, cons
       hz_store(yr + c, t);
     }
   }
+}
+
+// OneDNNLinear's post-op names (act, algorithm) as panel_linear's activations
+static int panel_act(const std::string& act, const std::string& algorithm) {
+  if (act == "gelu") return algorithm == "tanh" ? ACT_GELU_TANH : ACT_GELU;
+  if (act == "relu") return ACT_RELU;
+  return act == "swish" ? ACT_SWISH : ACT_NONE;
+}
+
+// rows per block of a product split over the threads: at most 192 (the panels are read once per block), and a
+// number of blocks that is a multiple of the threads, so that at::parallel_for gives each thread as many rows
+static int64_t row_block(int64_t rows) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t blocks = threads * ((rows + threads * 192 - 1) / (threads * 192));
+  return std::max<int64_t>(1, (rows + blocks - 1) / blocks);
+}
+
+// y = act(x · Wᵀ + b) over the rows of x (..., K), W packed by pack_panels, in blocks of rows over the threads
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
+                       const std::string& act, const std::string& algorithm) {
+  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::rows_linear needs a CPU with AVX-512 (see attention_supported)");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.size(-1) > 0,
+              "hybridzoo_native::rows_linear: x must be float32 (..., K), got ", x.sizes(), " ", x.scalar_type());
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(panels.dim() == 1 && panels.scalar_type() == at::kFloat && panels.is_contiguous()
+              && panels.numel() % K == 0 && panels.numel() / K % 16 == 0 && panels.numel() > 0,
+              "hybridzoo_native::rows_linear: panels must be a weight of (N, ", K, ") packed by pack_panels, N a "
+              "multiple of 16, got ", panels.sizes());
+  const int64_t N = panels.numel() / K;
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->numel() == N && bias->scalar_type() == at::kFloat
+                            && bias->is_contiguous()),
+              "hybridzoo_native::rows_linear: bias must be contiguous float32 (", N, "), got ", bias->sizes());
+  TORCH_CHECK(act == "none" || act == "gelu" || act == "relu" || act == "swish",
+              "hybridzoo_native::rows_linear: act must be none, gelu, relu or swish, got ", act);
+  const at::Tensor a = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+  const int64_t rows = a.numel() / K;
+  if (rows == 0) return out;
+  const float* pa = a.data_ptr<float>();
+  const float* pp = panels.data_ptr<float>();
+  const float* pb = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* po = out.data_ptr<float>();
+  const int64_t block = row_block(rows);
+  at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * block, n = std::min(block, rows - r0);
+      panel_linear(pa + r0 * K, K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N, panel_act(act, algorithm));
+    }
+  });
+  return out;
 }
 
 // A convolution whose kernel is its stride (a ViT's patch embedding) is a product of the image's patches, each
@@ -787,9 +861,7 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10:
   const float* pb = has_bias ? bias->data_ptr<float>() : nullptr;
   const float* pp = panels.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  // blocks of rows: one per thread at batch 1, at most 192 rows (the panels are read once per block)
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(192, (rows + threads - 1) / threads));
+  const int64_t block = row_block(rows);
   at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> a(block * K);
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -815,17 +887,6 @@ enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC1_W, FC1_B, F
 
 static const float* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
-}
-
-// fc1's activation: in panel_linear's epilogue where it has one (exact-erf GELU, ReLU), else by ATen's kernels
-// on the product's rows, in place (on this thread: inside the team ATen runs inline)
-static int panel_act(const std::string& act, const std::string& algorithm) {
-  if (act == "gelu" && algorithm != "tanh") return ACT_GELU;
-  return act == "relu" ? ACT_RELU : ACT_NONE;
-}
-static void activate_(at::Tensor& t, const std::string& act, const std::string& algorithm) {
-  if (act == "gelu" && algorithm == "tanh") at::gelu_(t, "tanh");
-  else if (act == "swish") at::silu_(t);
 }
 
 // x + attn(norm1(x)), then + mlp(norm2(·)), for every block in turn, on one image's tokens x (1, N, C). Each of the
@@ -950,7 +1011,6 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         at::Tensor z = hid.narrow(1, 0, hidden);
         panel_linear(normed.data_ptr<float>(), C, n, P[FC1_W]->data_ptr<float>(), C, hidden, data_or_null(P[FC1_B]),
                      nullptr, 0, z.data_ptr<float>(), hidden_max, panel_act(acts[i], algorithms[i]));
-        activate_(z, acts[i], algorithms[i]);
         panel_linear(z.data_ptr<float>(), hidden_max, n, P[FC2_W]->data_ptr<float>(), hidden, C,
                      data_or_null(P[FC2_B]), mid.data_ptr<float>(), C, h.data_ptr<float>(), C);
       });
@@ -972,6 +1032,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("attention_supported() -> bool", &attention_supported);
   m.def("pack_panels(Tensor w) -> Tensor");
+  m.def("rows_linear(Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) -> Tensor");
   m.def("patch_embed(Tensor x, Tensor panels, Tensor? bias, int ph, int pw) -> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
         "str[] algorithms, Tensor?[] pos) -> Tensor");
@@ -984,6 +1045,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("attention_lse", &attention_lse);
   m.impl("attention_backward", &attention_backward);
   m.impl("pack_panels", &pack_panels);
+  m.impl("rows_linear", &rows_linear);
   m.impl("patch_embed", &patch_embed);
   m.impl("token_blocks", &token_blocks);
 }
@@ -1121,6 +1183,13 @@ def pack_panels(w: torch.Tensor) -> torch.Tensor:
     """A product's weight (N, K), N a multiple of 16, packed for `token_blocks`: panels of 64 output columns (the
     last narrower), each K × 64 contiguous, flat."""
     return _STATE["ops"].pack_panels(w)
+
+
+def rows_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, act: str = "none",
+                algorithm: str = "") -> torch.Tensor:
+    """act(x·Wᵀ + b) for float32 x (..., K), W (N, K) packed by `pack_panels`, the rows in blocks over the intra-op
+    threads; act as `OneDNNLinear.act` ("none", "gelu" with algorithm "none" or "tanh", "relu", "swish")."""
+    return _STATE["ops"].rows_linear(x, panels, bias, act, algorithm)
 
 
 def patch_embed(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, ph: int, pw: int) -> torch.Tensor:

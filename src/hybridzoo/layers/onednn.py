@@ -343,8 +343,15 @@ class OneDNNLinear(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"OneDNNLinear packs float32 or bfloat16 weights, got dtype={dtype}")
         self.dtype = dtype
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch_hint)
         self.packed_bias = bias
+        # fp32 products on AVX-512 CPUs run on the native panel kernel (`native.rows_linear`): 1.0-1.27× oneDNN's
+        # packed product at every size we measured, most at a few hundred rows on two threads (batch 1); oneDNN's
+        # copy is then packed only if a call needs it (HYBRIDZOO_NATIVE=0 set later, a tracer, a compiler)
+        self.panels = None
+        if dtype is torch.float32 and self.out_features % 16 == 0 and native.load() and native.attention_supported():
+            self.panels = native.pack_panels(weight)
+        self.packed_weight = (None if self.panels is not None
+                              else torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch_hint))
         # a plain copy of a small fp32 weight for tiny products (see forward)
         self.small_weight = weight if dtype is torch.float32 and weight.numel() <= SMALL_WEIGHT else None
         # and, where the native kernels are built, its transpose for products of at most TINY_ROWS rows
@@ -372,9 +379,21 @@ class OneDNNLinear(nn.Module):
             # oneDNN's fixed cost per call (~17 µs on the EPYC, 1 thread) is several times MKL's on tiny
             # products such as Mobile-Former's 6-token linears (6×192 → 192: 11 vs 19 µs)
             return _TINY_ACT[self.act](nn.functional.linear(x, self.small_weight, self.packed_bias), self.algorithm)
+        if (self.panels is not None and x.dtype is torch.float32 and type(x) is torch.Tensor
+                and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and native.attention_supported()):
+            return native.rows_linear(x, self.panels, self.packed_bias, self.act, self.algorithm)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, self.act, [], self.algorithm)
+        return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight(), self.packed_bias, self.act, [],
+                                                  self.algorithm)
+
+    def _onednn_weight(self) -> torch.Tensor:
+        if self.packed_weight is None:
+            with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():   # usable in and out of inference mode
+                if self.packed_weight is None:
+                    w = self.weight.float() * self.scale if self.scale != 1.0 else self.weight.float()
+                    self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.batch_hint)
+        return self.packed_weight
 
     def output_slice(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """`self(x)[..., lo:hi]` through its own packed copy of weight rows lo:hi (packed at the first call for

@@ -142,20 +142,10 @@ def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torc
 
 
 def _panels(layer: nn.Module) -> torch.Tensor | None:
-    """A frozen fp32 product's weight packed for `native.token_blocks` (packed at the first call, kept on the layer),
-    or None when the product is not one it runs: a `OneDNNLinear` in fp32 with its weight unscaled and a number of
-    outputs that is a multiple of 16."""
-    from hybridzoo.layers.onednn import _PACK_LOCK, OneDNNLinear
-    if not (type(layer) is OneDNNLinear and layer.dtype is torch.float32 and layer.scale == 1.0
-            and layer.out_features % 16 == 0):
-        return None
-    panels = layer.__dict__.get("_token_panels")
-    if panels is None:
-        with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():   # usable in and out of inference mode
-            panels = layer.__dict__.get("_token_panels")
-            if panels is None:
-                panels = layer.__dict__["_token_panels"] = native.pack_panels(layer.weight.float())
-    return panels
+    """A frozen product's weight as `native.token_blocks` takes it (`OneDNNLinear.panels`: fp32, packed when the
+    layer was made), or None when the product is not one it runs."""
+    from hybridzoo.layers.onednn import OneDNNLinear
+    return layer.panels if type(layer) is OneDNNLinear else None
 
 
 def _native_args(blocks, plan) -> tuple | None:
