@@ -402,3 +402,30 @@ def test_frozen_linears_take_the_panel_product_and_keep_onednn_when_switched_off
     monkeypatch.setenv("HYBRIDZOO_NATIVE", "1")
     assert OneDNNLinear(lin, dtype=torch.bfloat16).panels is None
     assert OneDNNLinear(torch.nn.Linear(96, 100)).panels is None   # 100 outputs: oneDNN's
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@pytest.mark.parametrize("act", [None, torch.nn.ReLU(), torch.nn.GELU(approximate="tanh"), torch.nn.SiLU(),
+                                 torch.nn.Hardswish()])
+def test_frozen_pointwise_convolutions_take_the_panel_product(kernels, monkeypatch, act):
+    """A 1×1 convolution (BatchNorm folded) with an activation the epilogue has runs on `native.rows_linear` over the
+    channels-last pixels; Hardswish keeps oneDNN; switched off later, oneDNN's copy is packed and gives the same."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(48, 32, 1), torch.nn.BatchNorm2d(32).eval()
+    perturb(bn)
+    calls = []
+    real = native.rows_linear
+    monkeypatch.setattr(native, "rows_linear", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    frozen = OneDNNConv2d(conv, bn, act)
+    x = torch.randn(2, 48, 5, 7)
+    ref = bn(conv(x))
+    ref = act(ref) if act is not None else ref
+    with torch.inference_mode():
+        out = frozen(x)
+        monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+        onednn = frozen(x)
+    native_kind = not isinstance(act, torch.nn.Hardswish)
+    assert calls == ([(70, 48)] if native_kind else []) and (frozen.panels is not None) == native_kind
+    for y in (out, onednn):
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -177,9 +177,16 @@ class OneDNNConv2d(nn.Module):
         self.folded_bn = bn is not None
         self.pointwise = (tuple(self.kernel_size) == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
                           and self.groups == 1)
+        self.panels = None
         if self.pointwise:
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-                w.reshape(self.out_channels, self.in_channels).contiguous(), batch_hint)
+            rows_weight = w.reshape(self.out_channels, self.in_channels).contiguous()
+            # on the native panel kernel where it has the activation (as OneDNNLinear; oneDNN's copy packed lazily)
+            if (self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0 and native.load()
+                    and native.attention_supported()):
+                self.panels = native.pack_panels(rows_weight)
+            self.packed_weight = (None if self.panels is not None
+                                  else torch.ops.mkldnn._reorder_linear_weight(rows_weight, batch_hint))
+            self.batch_hint = batch_hint
         self.conv_weight = w.contiguous(memory_format=torch.channels_last)
         self._packed: dict[tuple[int, ...], torch.Tensor] = {}
         # a patch embedding (kernel = stride, no padding): the native gather-and-product where it is built
@@ -221,8 +228,13 @@ class OneDNNConv2d(nn.Module):
             if self.pointwise and self.INNER_PRODUCT_1X1:
                 B, _, H, W = x.shape
                 rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)   # a view of channels-last x
-                y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.packed_bias, self.attr,
-                                                       self.scalars, self.algorithm)
+                if (self.panels is not None and x.dtype == torch.float32 and type(x) is torch.Tensor
+                        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+                        and native.attention_supported()):
+                    y = native.rows_linear(rows, self.panels, self.packed_bias, self.attr, self.algorithm)
+                else:
+                    y = torch.ops.mkldnn._linear_pointwise(rows, self._onednn_rows_weight(), self.packed_bias,
+                                                           self.attr, self.scalars, self.algorithm)
                 return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
             return torch.ops.mkldnn._convolution_pointwise(
                 x, self._weight_for(x), self.packed_bias, self.padding, self.stride, self.dilation, self.groups,
@@ -237,6 +249,14 @@ class OneDNNConv2d(nn.Module):
         else:
             y = torch.ops.mkldnn._convolution_pointwise(x, other.contiguous(memory_format=torch.channels_last), *args)
         return y if relu or self.act is None else self.act(y)
+
+    def _onednn_rows_weight(self) -> torch.Tensor:
+        if self.packed_weight is None:
+            with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():
+                if self.packed_weight is None:
+                    rows_weight = self.conv_weight.reshape(self.out_channels, self.in_channels).contiguous()
+                    self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(rows_weight, self.batch_hint)
+        return self.packed_weight
 
     def _patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         """The patch embedding by `native.patch_embed`: the same map, channels-last like oneDNN's output (to fp32
