@@ -429,3 +429,67 @@ def test_frozen_pointwise_convolutions_take_the_panel_product(kernels, monkeypat
     for y in (out, onednn):
         assert y.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, C, H, W, stride", [(1, 384, 14, 14, 1), (2, 48, 7, 9, 2), (1, 16, 1, 1, 1),
+                                                 (3, 64, 10, 5, 2), (1, 32, 2, 3, 1)])
+@pytest.mark.parametrize("act", ["none", "gelu", "relu", "swish", "gelu-tanh"])
+def test_depthwise3x3_is_the_grouped_convolution(kernels, threads, B, C, H, W, stride, act):
+    torch.manual_seed(B * C + H)
+    conv = torch.nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=C != 48)
+    x = torch.randn(B, C, H, W).contiguous(memory_format=torch.channels_last)
+    taps = conv.weight.detach().reshape(C, 9).t().contiguous()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.depthwise3x3(x, taps, None if conv.bias is None else conv.bias.detach(), stride,
+                                   *_act_args(act))
+    finally:
+        torch.set_num_threads(before)
+    ref = _ACTS[act](F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                              stride=stride, padding=1, groups=C))
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, words", [
+    ((torch.randn(1, 16, 4, 4), torch.randn(9, 16), None, 1, "none", ""), "channels-last"),
+    ((torch.randn(1, 24, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(9, 24), None, 1, "none",
+      ""), "multiple of 16"),
+    ((torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(3, 3, 16), None, 1,
+      "none", ""), r"w9 must be contiguous float32 \(9, 16\)"),
+    ((torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(9, 16), None, 3, "none",
+      ""), "stride must be 1 or 2"),
+    ((torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(9, 16), None, 1,
+      "hardswish", ""), "act must be"),
+])
+def test_depthwise3x3_names_what_is_wrong(kernels, args, words):
+    with pytest.raises(RuntimeError, match=words):
+        kernels.depthwise3x3(*args)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+def test_frozen_depthwise_convolutions_take_the_native_kernel(kernels, monkeypatch):
+    """A frozen depthwise 3×3 convolution with its BatchNorm folded (CvT's projections, MBConv) runs on
+    `native.depthwise3x3` and gives the eager output; other kernels, strides and Hardswish keep oneDNN."""
+    torch.manual_seed(0)
+    calls = []
+    real = native.depthwise3x3
+    monkeypatch.setattr(native, "depthwise3x3", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    conv, bn = torch.nn.Conv2d(32, 32, 3, 2, 1, groups=32, bias=False), torch.nn.BatchNorm2d(32).eval()
+    perturb(bn)
+    frozen = OneDNNConv2d(conv, bn, torch.nn.GELU())
+    x = torch.randn(2, 32, 9, 8)   # NCHW in: made channels-last on the way
+    with torch.inference_mode():
+        out = frozen(x)
+        frozen.depthwise_taps = None
+        onednn = frozen(x)
+    ref = F.gelu(bn(conv(x)))
+    assert calls == [(2, 32, 9, 8)] and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(onednn, ref, rtol=1e-5, atol=1e-5)
+    for other in (torch.nn.Conv2d(32, 32, 5, 1, 2, groups=32), torch.nn.Conv2d(32, 32, 3, 3, 1, groups=32),
+                  torch.nn.Conv2d(32, 32, 3, 1, 1, groups=2)):
+        assert OneDNNConv2d(other).depthwise_taps is None
+    assert OneDNNConv2d(conv, act=torch.nn.Hardswish()).depthwise_taps is None

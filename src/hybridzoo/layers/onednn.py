@@ -194,6 +194,13 @@ class OneDNNConv2d(nn.Module):
                          and self.groups == 1 and self.attr == "none" and not self.pointwise
                          and self.out_channels % 16 == 0)
         self._patch_panels: torch.Tensor | None = None
+        # a depthwise 3×3 convolution (padding 1, stride 1 or 2): the native kernel where it has the activation
+        self.depthwise_taps = None
+        if (self.groups == self.in_channels == self.out_channels and tuple(self.kernel_size) == (3, 3)
+                and self.padding == [1, 1] and self.dilation == [1, 1] and self.stride in ([1, 1], [2, 2])
+                and self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0
+                and native.load() and native.attention_supported()):
+            self.depthwise_taps = w.reshape(self.out_channels, 9).t().contiguous()
         self.packed_bias = None if b is None else b.contiguous()
         # the original tensors stay reachable for code that reads `conv.weight` (the forward uses the packed one)
         self.weight = conv.weight.detach()
@@ -220,9 +227,13 @@ class OneDNNConv2d(nn.Module):
         _check_frozen_input(x, "OneDNNConv2d")
         if x.dim() != 4:
             raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
-        if (other is None and self.patchify and x.dtype == torch.float32 and type(x) is torch.Tensor
-                and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and native.attention_supported()):
-            return self._patch_embed(x)
+        if (other is None and (self.patchify or self.depthwise_taps is not None) and x.dtype == torch.float32
+                and type(x) is torch.Tensor and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+                and native.attention_supported()):
+            if self.patchify:
+                return self._patch_embed(x)
+            return native.depthwise3x3(x.contiguous(memory_format=torch.channels_last), self.depthwise_taps,
+                                       self.packed_bias, self.stride[0], self.attr, self.algorithm)
         x = x.contiguous(memory_format=torch.channels_last)
         if other is None:
             if self.pointwise and self.INNER_PRODUCT_1X1:
