@@ -794,6 +794,20 @@ static int64_t row_block(int64_t rows) {
   return std::max<int64_t>(1, (rows + blocks - 1) / blocks);
 }
 
+// N, the outputs of a weight (N, K) packed by pack_panels, after checking it and the bias (N) if there is one
+static int64_t check_panels(const char* op, const at::Tensor& panels, int64_t K,
+                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(panels.dim() == 1 && panels.scalar_type() == at::kFloat && panels.is_contiguous() && K > 0
+              && panels.numel() > 0 && panels.numel() % K == 0 && panels.numel() / K % 16 == 0,
+              "hybridzoo_native::", op, ": panels must be a weight of (N, ", K, ") packed by pack_panels, N a "
+              "multiple of 16, got ", panels.sizes());
+  const int64_t N = panels.numel() / K;
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->numel() == N
+                                                        && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "hybridzoo_native::", op, ": bias must be contiguous float32 (", N, "), got ", bias->sizes());
+  return N;
+}
+
 // y = act(x · Wᵀ + b) over the rows of x (..., K), W packed by pack_panels, in blocks of rows over the threads
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
                        const std::string& act, const std::string& algorithm) {
@@ -801,15 +815,8 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10:
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.size(-1) > 0,
               "hybridzoo_native::rows_linear: x must be float32 (..., K), got ", x.sizes(), " ", x.scalar_type());
   const int64_t K = x.size(-1);
-  TORCH_CHECK(panels.dim() == 1 && panels.scalar_type() == at::kFloat && panels.is_contiguous()
-              && panels.numel() % K == 0 && panels.numel() / K % 16 == 0 && panels.numel() > 0,
-              "hybridzoo_native::rows_linear: panels must be a weight of (N, ", K, ") packed by pack_panels, N a "
-              "multiple of 16, got ", panels.sizes());
-  const int64_t N = panels.numel() / K;
+  const int64_t N = check_panels("rows_linear", panels, K, bias);
   const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->numel() == N && bias->scalar_type() == at::kFloat
-                            && bias->is_contiguous()),
-              "hybridzoo_native::rows_linear: bias must be contiguous float32 (", N, "), got ", bias->sizes());
   TORCH_CHECK(act == "none" || act == "gelu" || act == "relu" || act == "swish",
               "hybridzoo_native::rows_linear: act must be none, gelu, relu or swish, got ", act);
   const at::Tensor a = x.contiguous();
@@ -918,15 +925,8 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10:
               ph, "×", pw, " do not fit images of ", x.size(2), "×", x.size(3));
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Hp = H / ph, Wp = W / pw;
   const int64_t K = Cin * ph * pw;
-  TORCH_CHECK(panels.dim() == 1 && panels.scalar_type() == at::kFloat && panels.is_contiguous() && K > 0
-              && panels.numel() % K == 0 && panels.numel() / K % 16 == 0,
-              "hybridzoo_native::patch_embed: panels must be a weight of (N, ", K, ") packed by pack_panels, N a "
-              "multiple of 16, got ", panels.sizes());
-  const int64_t N = panels.numel() / K;
+  const int64_t N = check_panels("patch_embed", panels, K, bias);
   const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->numel() == N && bias->scalar_type() == at::kFloat
-                            && bias->is_contiguous()),
-              "hybridzoo_native::patch_embed: bias must be contiguous float32 (", N, "), got ", bias->sizes());
   const at::Tensor img = x.contiguous();
   at::Tensor out = at::empty({B, Hp * Wp, N}, x.options());
   const int64_t rows = B * Hp * Wp;

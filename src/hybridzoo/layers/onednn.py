@@ -109,6 +109,14 @@ def conv_post_op(act: nn.Module | None) -> tuple[str, list, str] | None:
     return None
 
 
+def _native_call(x: torch.Tensor) -> bool:
+    """Whether a frozen layer prepared for the AVX-512 native kernels (products on panels, patch embeddings,
+    depthwise convolutions) may call them with x now: a plain fp32 tensor, no tracer or compiler watching (to them
+    the kernels are opaque calls: oneDNN's ops stay), the kernels still on (HYBRIDZOO_NATIVE)."""
+    return (x.dtype == torch.float32 and type(x) is torch.Tensor and native.attention_supported()
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing()))
+
+
 def _check_frozen_input(x: torch.Tensor, what: str, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
     if x.dtype not in dtypes or x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError(f"{what} is a frozen fp32 CPU inference layer; call the model under "
@@ -148,6 +156,10 @@ class OneDNNConv2d(nn.Module):
     over a plain channels-last weight (1024→2048, stride 2 at 14×14: 24 → 85 GFLOP/s) and nothing at batch 32.
     A 1×1, stride-1, ungrouped convolution without a residual runs as oneDNN's inner product over the
     channels-last pixels (`pointwise`), which is as fast as the shape-packed convolution at these shapes.
+
+    On CPUs with AVX-512, in fp32 (`_native_call`): the pointwise product runs on the native panel kernel, a
+    patch embedding (kernel = stride, `patchify`) on `native.patch_embed` and a depthwise 3×3 convolution on
+    `native.depthwise3x3`, where their activation has an epilogue there and the outputs are a multiple of 16.
     """
 
     MAX_PACKED_SHAPES = 4
@@ -227,9 +239,7 @@ class OneDNNConv2d(nn.Module):
         _check_frozen_input(x, "OneDNNConv2d")
         if x.dim() != 4:
             raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
-        if (other is None and (self.patchify or self.depthwise_taps is not None) and x.dtype == torch.float32
-                and type(x) is torch.Tensor and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-                and native.attention_supported()):
+        if other is None and (self.patchify or self.depthwise_taps is not None) and _native_call(x):
             if self.patchify:
                 return self._patch_embed(x)
             return native.depthwise3x3(x.contiguous(memory_format=torch.channels_last), self.depthwise_taps,
@@ -239,9 +249,7 @@ class OneDNNConv2d(nn.Module):
             if self.pointwise and self.INNER_PRODUCT_1X1:
                 B, _, H, W = x.shape
                 rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)   # a view of channels-last x
-                if (self.panels is not None and x.dtype == torch.float32 and type(x) is torch.Tensor
-                        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-                        and native.attention_supported()):
+                if self.panels is not None and _native_call(x):
                     y = native.rows_linear(rows, self.panels, self.packed_bias, self.attr, self.algorithm)
                 else:
                     y = torch.ops.mkldnn._linear_pointwise(rows, self._onednn_rows_weight(), self.packed_bias,
@@ -351,7 +359,8 @@ _TINY_ACT = {"none": lambda y, alg: y, "relu": lambda y, alg: y.relu_(),
 
 
 class OneDNNLinear(nn.Module):
-    """y = act(x·Wᵀ + b) through oneDNN with W pre-packed.
+    """y = act(x·Wᵀ + b) through oneDNN with W pre-packed; in fp32 on CPUs with AVX-512, with a multiple of 16
+    outputs, through the native panel product instead (`native.rows_linear`, W packed in its panels; `panels`).
 
     act: "none", "gelu" (algorithm "none" = exact erf, "tanh"), "relu" or "swish" (x·σ(x)).
     `scale` multiplies W and `bias_scale` (default: `scale`) b before packing (QuickGELU folding).
@@ -410,8 +419,7 @@ class OneDNNLinear(nn.Module):
             # oneDNN's fixed cost per call (~17 µs on the EPYC, 1 thread) is several times MKL's on tiny
             # products such as Mobile-Former's 6-token linears (6×192 → 192: 11 vs 19 µs)
             return _TINY_ACT[self.act](nn.functional.linear(x, self.small_weight, self.packed_bias), self.algorithm)
-        if (self.panels is not None and x.dtype is torch.float32 and type(x) is torch.Tensor
-                and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and native.attention_supported()):
+        if self.panels is not None and _native_call(x):
             return native.rows_linear(x, self.panels, self.packed_bias, self.act, self.algorithm)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
