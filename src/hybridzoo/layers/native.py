@@ -12,19 +12,25 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   `bmm` run such small products well below the GEMM peak; its output comes tokens first (B, n, heads·d), the
   layout the output projection reads, so the transpose and copy after SDPA go too. `attend` adds the
   backward for training (`attention_lse` keeps each row's log-sum-exp, `attention_backward` recomputes the
-  probabilities from it a tile of rows at a time). AVX-512 only: the register blocking needs its 32 registers.
+  probabilities from it a tile of rows at a time). AVX-512 only: the register blocking needs its 32 registers;
+- `pack_panels` / `rows_linear`: fp32 products on a weight packed in panels of 64 output columns, the rows in
+  blocks over the threads, the activation in the epilogue; faster than oneDNN's packed product at every size we
+  measured, most at batch 1 (`OneDNNLinear`, 1×1 convolutions); `patch_embed` (a convolution whose kernel is its
+  stride) gathers the patches into rows for it; `depthwise3x3`: depthwise 3×3 convolutions, channels-last;
+- `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
+  that meets once per block (`layers.onednn_tokens`). These last four are AVX-512 only too.
 
 They are registered as PyTorch operators (``torch.ops.hybridzoo_native.*``), so the dispatcher,
 `TorchDispatchMode` recorders and `benchmarks/ceiling.py` see them like any ATen call.
 
-They are built with `torch.utils.cpp_extension` the first time a model that uses them is prepared (about 30 s;
+They are built with `torch.utils.cpp_extension` the first time a model that uses them is prepared (about 45 s;
 a C++ compiler and ninja are needed then) into ``$HYBRIDZOO_CACHE/native/`` (default ``~/.cache/hybridzoo``),
 one folder per PyTorch version, Python version and kernel source. Later processes load the compiled library
 from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
 fails, the path keeps its ATen code (a warning says why, once). Outputs are the same either way, the dynamic
 ReLU's bit for bit, the products' and attention's to fp32 rounding (the tests compare them). Linux only:
 elsewhere the ATen code runs, without a warning. The dynamic ReLU's and the small products' loops are compiled
-for AVX-512, AVX2 and plain x86-64, attention's for AVX-512, and the CPU picks at run time, so a cache shared
+for AVX-512, AVX2 and plain x86-64, the others for AVX-512, and the CPU picks at run time, so a cache shared
 between machines stays valid.
 """
 
@@ -1188,7 +1194,7 @@ def _build(folder: Path) -> None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
     folder.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(folder)
-    print(f"hybridzoo: compiling native CPU kernels once (about 30 s) into {folder}; HYBRIDZOO_NATIVE=0 skips "
+    print(f"hybridzoo: compiling native CPU kernels once (about 45 s) into {folder}; HYBRIDZOO_NATIVE=0 skips "
           "them", file=sys.stderr, flush=True)
     load_inline(NAMESPACE, cpp_sources=_SOURCE, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                 build_directory=str(folder), is_python_module=False, verbose=False)
