@@ -35,3 +35,16 @@ def error_on_watchdog(fn, hung: str, timeout: float = 60):
     t.join(timeout)
     assert not t.is_alive(), hung
     return box.get("error")
+
+
+def small_transformer(name: str, img_size: int, embed_dim: int, depth: int, num_heads: int) -> nn.Module:
+    """A reduced DeiT / ViT or ConViT (its last depth − 2 blocks MHSA) in eval mode with perturbed weights, seeded."""
+    import hybridzoo
+
+    torch.manual_seed(0)
+    kw = dict(img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    if name.startswith("convit"):
+        kw["local_up_to_layer"] = 2
+    model = hybridzoo.create_model(name, **kw).eval()
+    perturb(model)
+    return model

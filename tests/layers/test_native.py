@@ -20,7 +20,7 @@ from hybridzoo.layers import native
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former as mf
 from hybridzoo.registry import get_card
-from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
+from _helpers import perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 HAS_TOOLS = shutil.which(os.environ.get("CXX", "c++").split()[0]) is not None and shutil.which("ninja") is not None
@@ -489,12 +489,7 @@ def test_token_shares_attend_through_the_kernel(attn, name, monkeypatch):
     (The shares' native call, `token_blocks`, calls the kernel from C++: tests/layers/test_token_blocks.py.)"""
     from hybridzoo.layers import onednn_tokens
     monkeypatch.setattr(onednn_tokens, "_native_args", lambda blocks, plan: None)
-    torch.manual_seed(0)
-    kw = dict(img_size=96, embed_dim=96, depth=3, num_heads=2)   # 36 patches: 18 rows or more per share
-    if name == "convit_tiny":
-        kw["local_up_to_layer"] = 2
-    model = hybridzoo.create_model(name, **kw).eval()
-    perturb(model)
+    model = small_transformer(name, img_size=96, embed_dim=96, depth=3, num_heads=2)   # 36 patches: 18+ rows a share
     fast = optimize_for_cpu_inference(model)
     fast.blocks.mode = "tokens"
     calls = []   # the MHSA blocks call `attend`, the GPSA blocks (with their positional rows) `attention`

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import hybridzoo
 from hybridzoo.layers import native, onednn_tokens
 from hybridzoo.layers.onednn import OneDNNConv2d, onednn_available, optimize_for_cpu_inference
-from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
+from _helpers import perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
 
 
 @pytest.fixture(scope="module")
@@ -189,12 +189,7 @@ def _spy(monkeypatch):
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_tiny"])
 def test_frozen_models_run_their_token_shares_in_one_native_call(kernels, name, threads, monkeypatch):
-    torch.manual_seed(0)
-    kw = dict(img_size=128, embed_dim=64, depth=4, num_heads=2)   # 64 patches: 21 rows or more per share
-    if name == "convit_tiny":
-        kw["local_up_to_layer"] = 2
-    model = hybridzoo.create_model(name, **kw).eval()
-    perturb(model)
+    model = small_transformer(name, img_size=128, embed_dim=64, depth=4, num_heads=2)   # 64 patches: 21+ rows a share
     plain = optimize_for_cpu_inference(model, split_tokens=False)
     fast = optimize_for_cpu_inference(model)
     fast.blocks.mode = "tokens"

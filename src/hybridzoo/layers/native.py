@@ -620,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
 }
 
-// ---- Transformer blocks on one image, the token rows shared between the threads (batch 1) ----------------------
+// ---- Products on a weight packed in panels -----------------------------------------------------------------------
 // A product's weight W (N, K) is packed into panels of 64 output columns, each K × 64 contiguous (the last panel
 // narrower: N is a multiple of 16). The product of M rows runs panel by panel, 6 rows at a time against 4 vectors of
 // 16 columns (24 accumulators), the panel streaming through L2 once per row tile. On one thread at the sizes of a
@@ -785,11 +785,24 @@ HZ_AVX512 static void layer_norm_rows(const float* x, int64_t n, int64_t C, cons
   }
 }
 
-// OneDNNLinear's post-op names (act, algorithm) as panel_linear's activations
-static int panel_act(const std::string& act, const std::string& algorithm) {
+// OneDNNLinear's post-op names (act, algorithm) as panel_linear's activations; op names the caller in the error
+static int panel_act(const char* op, const std::string& act, const std::string& algorithm) {
   if (act == "gelu") return algorithm == "tanh" ? ACT_GELU_TANH : ACT_GELU;
   if (act == "relu") return ACT_RELU;
-  return act == "swish" ? ACT_SWISH : ACT_NONE;
+  if (act == "swish") return ACT_SWISH;
+  TORCH_CHECK(act == "none", "hybridzoo_native::", op, ": act must be none, gelu, relu or swish, got ", act);
+  return ACT_NONE;
+}
+
+static const float* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+// a bias, when there is one, must be contiguous float32 (N)
+static void check_bias(const char* op, const c10::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->numel() == N
+                                                        && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "hybridzoo_native::", op, ": bias must be contiguous float32 (", N, "), got ", bias->sizes());
 }
 
 // rows per block of a product split over the threads: at most 192 (the panels are read once per block), and a
@@ -808,9 +821,7 @@ static int64_t check_panels(const char* op, const at::Tensor& panels, int64_t K,
               "hybridzoo_native::", op, ": panels must be a weight of (N, ", K, ") packed by pack_panels, N a "
               "multiple of 16, got ", panels.sizes());
   const int64_t N = panels.numel() / K;
-  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->numel() == N
-                                                        && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
-              "hybridzoo_native::", op, ": bias must be contiguous float32 (", N, "), got ", bias->sizes());
+  check_bias(op, bias, N);
   return N;
 }
 
@@ -822,9 +833,7 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10:
               "hybridzoo_native::rows_linear: x must be float32 (..., K), got ", x.sizes(), " ", x.scalar_type());
   const int64_t K = x.size(-1);
   const int64_t N = check_panels("rows_linear", panels, K, bias);
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(act == "none" || act == "gelu" || act == "relu" || act == "swish",
-              "hybridzoo_native::rows_linear: act must be none, gelu, relu or swish, got ", act);
+  const int kind = panel_act("rows_linear", act, algorithm);
   const at::Tensor a = x.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
@@ -833,13 +842,13 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10:
   if (rows == 0) return out;
   const float* pa = a.data_ptr<float>();
   const float* pp = panels.data_ptr<float>();
-  const float* pb = has_bias ? bias->data_ptr<float>() : nullptr;
+  const float* pb = data_or_null(bias);
   float* po = out.data_ptr<float>();
   const int64_t block = row_block(rows);
   at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * block, n = std::min(block, rows - r0);
-      panel_linear(pa + r0 * K, K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N, panel_act(act, algorithm));
+      panel_linear(pa + r0 * K, K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N, kind);
     }
   });
   return out;
@@ -883,21 +892,16 @@ at::Tensor depthwise3x3(const at::Tensor& x, const at::Tensor& w9, const c10::op
   TORCH_CHECK(w9.dim() == 2 && w9.size(0) == 9 && w9.size(1) == C && w9.scalar_type() == at::kFloat
               && w9.is_contiguous(), "hybridzoo_native::depthwise3x3: w9 must be contiguous float32 (9, ", C,
               "), got ", w9.sizes());
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->numel() == C && bias->scalar_type() == at::kFloat
-                            && bias->is_contiguous()),
-              "hybridzoo_native::depthwise3x3: bias must be contiguous float32 (", C, "), got ", bias->sizes());
+  check_bias("depthwise3x3", bias, C);
   TORCH_CHECK(stride == 1 || stride == 2, "hybridzoo_native::depthwise3x3: stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(act == "none" || act == "gelu" || act == "relu" || act == "swish",
-              "hybridzoo_native::depthwise3x3: act must be none, gelu, relu or swish, got ", act);
+  const int kind = panel_act("depthwise3x3", act, algorithm);
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const float* px = x.data_ptr<float>();
   const float* pw = w9.data_ptr<float>();
-  const float* pb = has_bias ? bias->data_ptr<float>() : nullptr;
+  const float* pb = data_or_null(bias);
   float* py = y.data_ptr<float>();
-  const int kind = panel_act(act, algorithm);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Wo * C * 9));
   at::parallel_for(0, B * Ho, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -932,13 +936,12 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10:
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Hp = H / ph, Wp = W / pw;
   const int64_t K = Cin * ph * pw;
   const int64_t N = check_panels("patch_embed", panels, K, bias);
-  const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor img = x.contiguous();
   at::Tensor out = at::empty({B, Hp * Wp, N}, x.options());
   const int64_t rows = B * Hp * Wp;
   if (rows == 0) return out;
   const float* px = img.data_ptr<float>();
-  const float* pb = has_bias ? bias->data_ptr<float>() : nullptr;
+  const float* pb = data_or_null(bias);
   const float* pp = panels.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const int64_t block = row_block(rows);
@@ -961,13 +964,10 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10:
   return out;
 }
 
+// ---- Transformer blocks on one image, the token rows shared between the threads (batch 1) ----------------------
 // the parameters of one pre-norm block, in the order of token_blocks' `params` (BLOCK_PARAMS per block)
 constexpr int64_t BLOCK_PARAMS = 12;
 enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC1_W, FC1_B, FC2_W, FC2_B };
-
-static const float* data_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
-}
 
 // x + attn(norm1(x)), then + mlp(norm2(·)), for every block in turn, on one image's tokens x (1, N, C). Each of the
 // team's threads takes a contiguous share of the N rows through every block on its own; the threads meet once per
@@ -995,14 +995,14 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
               x.sizes(), " ", x.scalar_type());
   const int64_t N = x.size(1), C = x.size(2);
   int64_t hidden_max = 0;
+  std::vector<int> kinds(L);   // fc1's activations
   for (int64_t i = 0; i < L; ++i) {
     const c10::optional<at::Tensor>* P = params.data() + BLOCK_PARAMS * i;
     const int64_t H = heads[i];
     TORCH_CHECK(H > 0 && C % H == 0 && (C / H == 16 || C / H == 32 || C / H == 48 || C / H == 64),
                 "hybridzoo_native::token_blocks: block ", i, ": ", H, " heads for ", C, " channels (head_dim must "
                 "be 16, 32, 48 or 64)");
-    TORCH_CHECK(acts[i] == "none" || acts[i] == "gelu" || acts[i] == "relu" || acts[i] == "swish",
-                "hybridzoo_native::token_blocks: block ", i, ": act must be none, gelu, relu or swish, got ", acts[i]);
+    kinds[i] = panel_act("token_blocks", acts[i], algorithms[i]);
     const int64_t hidden = P[FC1_B].has_value() && P[FC1_B]->defined() ? P[FC1_B]->numel()
                            : (P[FC1_W].has_value() && P[FC1_W]->defined() ? P[FC1_W]->numel() / C : 0);
     hidden_max = std::max(hidden_max, hidden);
@@ -1090,7 +1090,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         const int64_t hidden = P[FC1_W]->numel() / C;
         at::Tensor z = hid.narrow(1, 0, hidden);
         panel_linear(normed.data_ptr<float>(), C, n, P[FC1_W]->data_ptr<float>(), C, hidden, data_or_null(P[FC1_B]),
-                     nullptr, 0, z.data_ptr<float>(), hidden_max, panel_act(acts[i], algorithms[i]));
+                     nullptr, 0, z.data_ptr<float>(), hidden_max, kinds[i]);
         panel_linear(z.data_ptr<float>(), hidden_max, n, P[FC2_W]->data_ptr<float>(), hidden, C,
                      data_or_null(P[FC2_B]), mid.data_ptr<float>(), C, h.data_ptr<float>(), C);
       });

@@ -121,14 +121,9 @@ def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torc
         raise ValueError(f"token_parallel_forward takes the tokens of one image, 1×N×C, got shape {tuple(x.shape)}")
     if not 1 <= threads <= x.shape[1]:
         raise ValueError(f"token_parallel_forward: threads must be in [1, N={x.shape[1]}], got {threads}")
-    plan = []
-    for blk in blocks:
-        kernel = _kernel(blk)
-        if kernel is None:
-            raise ValueError(f"token_parallel_forward: no row-share kernel for {type(blk).__name__} (ViT / DeiT "
-                             "blocks and ConViT's frozen GPSA / MHSA blocks are supported)")
-        # GPSA's positional map P′ is fetched (and cached) here, once, not from every thread
-        plan.append((kernel, blk.attn._positional(*args) if kernel is _gpsa_block_rows else None))
+    # GPSA's positional map P′ is fetched (and cached) here, once, not from every thread
+    plan = [(kernel, blk.attn._positional(*args) if kernel is _gpsa_block_rows else None)
+            for blk, kernel in zip(blocks, _cached(blocks, "kernels", _kernels))]
     native_args = _native_args(blocks, plan) if x.dtype == torch.float32 and x.device.type == "cpu" else None
     if native_args is not None:
         before = torch.get_num_threads()
@@ -148,22 +143,54 @@ def _panels(layer: nn.Module) -> torch.Tensor | None:
     return layer.panels if type(layer) is OneDNNLinear else None
 
 
+def _cached(blocks, what: str, make):
+    """make(blocks), made at the first call for this sequence of blocks and kept on its first block: what a call of
+    the shares needs that depends only on the frozen blocks (their kernels, the native call's parameters) is not
+    worked out again at every image (~0.5 ms a forward of DeiT-S's blocks)."""
+    store = blocks[0].__dict__.setdefault("_token_plans", {})
+    key = (what, tuple(map(id, blocks)))
+    hit = store.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit[0], blocks)):   # (an id reused by another block)
+        hit = store[key] = (tuple(blocks), make(blocks))
+    return hit[1]
+
+
+def _kernels(blocks) -> list:
+    kernels = [_kernel(blk) for blk in blocks]
+    for blk, kernel in zip(blocks, kernels):
+        if kernel is None:
+            raise ValueError(f"token_parallel_forward: no row-share kernel for {type(blk).__name__} (ViT / DeiT "
+                             "blocks and ConViT's frozen GPSA / MHSA blocks are supported)")
+    return kernels
+
+
 def _native_args(blocks, plan) -> tuple | None:
     """The arguments of `native.token_blocks` after x for these blocks, or None when the kernels are not built for
-    this CPU or a block has a part they do not run (a product that is not a plain fp32 `OneDNNLinear`, an
-    activation other than oneDNN's post-ops, a head dim without an attention kernel), or a module in the blocks has
-    forward hooks (the kernels would pass them by; the Python shares call the products' modules)."""
-    from hybridzoo.layers.onednn import FrozenMlp
+    this CPU, a block has a part they do not run (`_native_params`), or a module in the blocks has forward hooks
+    (the kernels would pass them by; the Python shares call the products' modules). plan: (kernel, positional map)
+    per block."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not native.attention_supported():
         return None
-    params, heads, scales, eps, acts, algorithms, pos = [], [], [], [], [], [], []
-    for blk, (kernel, p) in zip(blocks, plan):
-        if any(m._forward_hooks or m._forward_pre_hooks for m in blk.modules()):
-            return None
+    prepared = _cached(blocks, "native", _native_params)
+    if prepared is None:
+        return None
+    modules, params = prepared
+    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        return None
+    return (*params, [pos for _, pos in plan])
+
+
+def _native_params(blocks) -> tuple | None:
+    """(every module of the blocks, token_blocks' arguments after x but the positional maps), or None when a block
+    has a part the kernels do not run: a product that is not an fp32 `OneDNNLinear` with panels, a head dim without
+    an attention kernel, a LayerNorm over other shapes."""
+    from hybridzoo.layers.onednn import FrozenMlp
+    params, heads, scales, eps, acts, algorithms = [], [], [], [], [], []
+    for blk, kernel in zip(blocks, _cached(blocks, "kernels", _kernels)):
         a, mlp = blk.attn, blk.mlp
         C = a.num_heads * a.head_dim
         if not (type(mlp) is FrozenMlp and a.head_dim in native.ATTENTION_HEAD_DIMS
-                and a.qkv.act == a.proj.act == mlp.fc2.act == "none" and mlp.fc1.act in _ACTS
+                and a.qkv.act == a.proj.act == mlp.fc2.act == "none"
                 and all(norm.normalized_shape == (C,) for norm in (blk.norm1, blk.norm2))
                 and (kernel is _gpsa_block_rows or a.native_attention)):
             return None
@@ -177,12 +204,7 @@ def _native_args(blocks, plan) -> tuple | None:
         eps += [blk.norm1.eps, blk.norm2.eps]
         acts.append(mlp.fc1.act)
         algorithms.append(mlp.fc1.algorithm)
-        pos.append(p)
-    return params, heads, scales, eps, acts, algorithms, pos
-
-
-# fc1's activations `native.token_blocks` applies (oneDNN's post-op names in OneDNNLinear.act)
-_ACTS = ("none", "gelu", "relu", "swish")
+    return [m for blk in blocks for m in blk.modules()], (params, heads, scales, eps, acts, algorithms)
 
 
 def _run_shares(blocks, plan, x: torch.Tensor, threads: int) -> torch.Tensor:
