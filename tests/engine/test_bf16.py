@@ -17,6 +17,7 @@ import hybridzoo
 from hybridzoo.engine import amp as amp_mod
 from hybridzoo.engine.checkpoint import load_checkpoint
 from hybridzoo.engine.trainer import train
+from hybridzoo.layers import onednn
 from hybridzoo.layers.onednn import OneDNNLinear, onednn_available, optimize_for_cpu_inference
 from hybridzoo.registry import get_card
 from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
@@ -77,13 +78,20 @@ def test_bf16_inference_path_is_the_fp32_function_to_bf16_precision(name):
 
 
 @needs_onednn
+@pytest.mark.parametrize("onednn_bf16", [True, False], ids=["onednn", "aten"])
 @pytest.mark.parametrize("act", ["none", "gelu", "relu", "swish"])
-def test_bf16_onednn_linear_with_fused_activation(act):
+def test_bf16_onednn_linear_with_fused_activation(act, onednn_bf16, monkeypatch):
+    """Both routes: oneDNN's packed bf16 product, and ATen's bf16 product where oneDNN has no bf16 kernels for
+    the CPU (AVX2-only machines; forced here by pretending so, so that every machine tests that route)."""
+    if onednn_bf16 and not onednn.onednn_bf16_available():
+        pytest.skip("oneDNN has no bf16 kernels for this CPU (needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
+    monkeypatch.setattr(onednn, "onednn_bf16_available", lambda: onednn_bf16)
     torch.manual_seed(0)
     lin = nn.Linear(48, 40)
     x = 2 * torch.randn(6, 48)
     ref = {"none": lambda t: t, "gelu": F.gelu, "relu": F.relu, "swish": F.silu}[act](lin(x)).detach()
     layer = OneDNNLinear(lin, act, dtype=BF16)
+    assert (layer.bf16_weight is None) == onednn_bf16 and (layer.packed_weight is None) != onednn_bf16
     with torch.inference_mode():
         out = layer(x)
         assert out.dtype is BF16

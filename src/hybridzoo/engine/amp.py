@@ -2,7 +2,8 @@
 
 bf16 pays on the CPU only with native bf16 dot products: AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo;
 Cooper Lake, Sapphire Rapids, AMD Zen 4 and later) or AMX (`amx_bf16`, Sapphire Rapids and later).
-Elsewhere oneDNN emulates bf16 with fp32 instructions plus conversions, which is slower than fp32:
+Elsewhere the bf16 arithmetic is emulated with fp32 instructions plus conversions (by oneDNN on AVX-512 CPUs,
+by ATen's kernels on AVX2-only ones such as AMD Zen 3, for which oneDNN has no bf16 path), slower than fp32:
 `--amp bf16` still works there, but the CLI says so once.
 `torch.backends.cpu.get_cpu_capability()` names the vector width PyTorch's kernels use ("AVX512",
 "AVX2", ...) but not the bf16 extensions, so the flags are read from /proc/cpuinfo (Linux).
@@ -65,6 +66,6 @@ def warn_if_bf16_slow(amp: str | None, device=None) -> bool:
     if support["native"] is not False:
         return False
     _warned = True
-    print(f"warning: --amp bf16 on a CPU without native bf16 ({support['summary']}): oneDNN emulates the bf16 "
-          "products, so this runs slower than fp32 (--amp none) and only saves memory", file=sys.stderr, flush=True)
+    print(f"warning: --amp bf16 on a CPU without native bf16 ({support['summary']}): the bf16 products are "
+          "emulated, so this runs slower than fp32 (--amp none) and only saves memory", file=sys.stderr, flush=True)
     return True

@@ -47,7 +47,9 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
 With `dtype=torch.bfloat16` the linear weights are packed in bf16, convolution weights are stored in
 bf16, and a call of the copy (`model(x)`) runs under CPU autocast (bf16 products, fp32 or bf16-in/fp32-accumulate
 for normalisation and softmax, as autocast decides) and returns fp32 tensors. On CPUs with AVX512-BF16
-or AMX the products run about twice as fast as fp32; elsewhere oneDNN emulates bf16 and it is slower.
+or AMX the products run about twice as fast as fp32; elsewhere oneDNN emulates bf16 and it is slower, and on
+CPUs for which oneDNN has no bf16 kernels at all (AVX2 only: AMD Zen 3, Intel before Skylake-SP) the linear
+layers keep a plain bf16 weight for ATen's bf16 product (`onednn_bf16_available`).
 The outputs differ from fp32 by bf16 rounding (about 3 significant digits); see docs/bf16.md.
 
 The result is inference only: packed weights are opaque oneDNN tensors, so the optimised copy is
@@ -71,7 +73,8 @@ from hybridzoo.layers.mlp import Mlp, QuickGELU
 from hybridzoo.profile import OutputBytes
 
 __all__ = ["FrozenMlp", "InplaceChain", "OneDNNConv2d", "OneDNNLinear", "conv_post_op", "fold_batch_norm",
-           "optimize_for_cpu_inference", "onednn_available", "split_batch_forward", "QUICK_GELU_ALPHA"]
+           "optimize_for_cpu_inference", "onednn_available", "onednn_bf16_available", "split_batch_forward",
+           "QUICK_GELU_ALPHA"]
 
 QUICK_GELU_ALPHA = 1.702
 _PACK_LOCK = threading.Lock()
@@ -107,6 +110,12 @@ def conv_post_op(act: nn.Module | None) -> tuple[str, list, str] | None:
     if isinstance(act, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
         return ("hardtanh", [float(act.min_val), float(act.max_val)], "")
     return None
+
+
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN runs bf16 products on this CPU: it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT (and emulates
+    the bf16 arithmetic where there is no AVX512-BF16 or AMX); AVX2-only CPUs such as AMD Zen 3 have none."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _native_call(x: torch.Tensor) -> bool:
@@ -390,7 +399,13 @@ class OneDNNLinear(nn.Module):
         self.panels = None
         if dtype is torch.float32 and self.out_features % 16 == 0 and native.load() and native.attention_supported():
             self.panels = native.pack_panels(weight)
-        self.packed_weight = (None if self.panels is not None
+        # bf16 where oneDNN has no bf16 kernels for this CPU (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; AVX2
+        # machines such as AMD Zen 3 have neither, and packing refuses): ATen's bf16 product on a plain bf16 copy
+        self.bf16_weight = self.bf16_bias = None
+        if dtype is torch.bfloat16 and not onednn_bf16_available():
+            self.bf16_weight = weight.to(dtype)
+            self.bf16_bias = None if bias is None else bias.to(dtype)
+        self.packed_weight = (None if self.panels is not None or self.bf16_weight is not None
                               else torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch_hint))
         # a plain copy of a small fp32 weight for tiny products (see forward)
         self.small_weight = weight if dtype is torch.float32 and weight.numel() <= SMALL_WEIGHT else None
@@ -423,6 +438,8 @@ class OneDNNLinear(nn.Module):
             return native.rows_linear(x, self.panels, self.packed_bias, self.act, self.algorithm)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
+        if self.bf16_weight is not None:
+            return _TINY_ACT[self.act](nn.functional.linear(x, self.bf16_weight, self.bf16_bias), self.algorithm)
         return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight(), self.packed_bias, self.act, [],
                                                   self.algorithm)
 

@@ -121,6 +121,9 @@ class MultiHeadAttention(nn.Module):
             return t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # the mask in q's dtype: PyTorch's CPU SDPA given a float32 mask with float64 q, k, v returns wrong
+        # values on AVX2 machines (errors of order 1; right on AVX-512 ones)
+        attn_mask = attn_mask.to(q.dtype)
         if self.training and torch.is_grad_enabled() and use_fused_cpu(x):
             # CPU training: cache-sized chunks and a cheap dropout mask (same function, ~3x faster here)
             ctx = chunked_attention(q, k, v, attn_mask, self.attn_dropout_prob)
