@@ -1,5 +1,6 @@
 """Helpers shared by several test files (tests/conftest.py puts this folder on sys.path)."""
 
+import contextlib
 import threading
 
 import torch
@@ -48,3 +49,19 @@ def small_transformer(name: str, img_size: int, embed_dim: int, depth: int, num_
     model = hybridzoo.create_model(name, **kw).eval()
     perturb(model)
     return model
+
+
+@contextlib.contextmanager
+def kernels_with_isa(native, isa: str):
+    """The loaded native kernels (`hybridzoo.layers.native`) running with instruction set `isa` ("avx512",
+    "avx2") for the duration, the CPU's best again after; skips the test where the CPU lacks it."""
+    import pytest
+
+    best = native.set_isa("best")
+    if {"avx512": 2, "avx2": 1}[isa] > {"avx512": 2, "avx2": 1, "none": 0}[best]:
+        pytest.skip(f"this CPU cannot run the {isa} kernels (best: {best}); they run on CPUs that can")
+    native.set_isa(isa)
+    try:
+        yield native
+    finally:
+        native.set_isa("best")

@@ -20,7 +20,7 @@ from hybridzoo.layers import native
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former as mf
 from hybridzoo.registry import get_card
-from _helpers import perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
+from _helpers import kernels_with_isa, perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 HAS_TOOLS = shutil.which(os.environ.get("CXX", "c++").split()[0]) is not None and shutil.which("ninja") is not None
@@ -262,11 +262,11 @@ def _attention_supported() -> bool:
 needs_attention = pytest.mark.skipif(not HAS_TOOLS, reason="no C++ compiler or ninja to build the kernels")
 
 
-@pytest.fixture(scope="module")
-def attn(built):
-    if not built._STATE["ops"].attention_supported():
-        pytest.skip("the attention kernel needs AVX-512; this CPU has none (SDPA stays, see attention_applies)")
-    return built
+@pytest.fixture(scope="module", params=["avx512", "avx2"])
+def attn(built, request):
+    """The kernels with each instruction set this CPU has (an AVX-512 machine tests the AVX2 kernels too)."""
+    with kernels_with_isa(built, request.param) as k:
+        yield k
 
 
 def _heads(B, H, n, N, d, seed=0):

@@ -20,16 +20,16 @@ import torch.nn.functional as F
 import hybridzoo
 from hybridzoo.layers import native, onednn_tokens
 from hybridzoo.layers.onednn import OneDNNConv2d, onednn_available, optimize_for_cpu_inference
-from _helpers import perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
+from _helpers import kernels_with_isa, perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
 
 
-@pytest.fixture(scope="module")
-def kernels():
+@pytest.fixture(scope="module", params=["avx512", "avx2"])
+def kernels(request):
+    """The kernels with each instruction set this CPU has (an AVX-512 machine tests the AVX2 kernels too)."""
     if not native.load():
         pytest.skip("no C++ compiler or ninja to build the native kernels")
-    if not native.attention_supported():
-        pytest.skip("the token-share kernel needs AVX-512; this CPU has none (the Python shares run instead)")
-    return native
+    with kernels_with_isa(native, request.param) as k:
+        yield k
 
 
 def _act(z: torch.Tensor, act: str, algorithm: str) -> torch.Tensor:

@@ -12,13 +12,18 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   `bmm` run such small products well below the GEMM peak; its output comes tokens first (B, n, heads·d), the
   layout the output projection reads, so the transpose and copy after SDPA go too. `attend` adds the
   backward for training (`attention_lse` keeps each row's log-sum-exp, `attention_backward` recomputes the
-  probabilities from it a tile of rows at a time). AVX-512 only: the register blocking needs its 32 registers;
+  probabilities from it a tile of rows at a time);
 - `pack_panels` / `rows_linear`: fp32 products on a weight packed in panels of 64 output columns, the rows in
   blocks over the threads, the activation in the epilogue; faster than oneDNN's packed product at every size we
   measured, most at batch 1 (`OneDNNLinear`, 1×1 convolutions); `patch_embed` (a convolution whose kernel is its
   stride) gathers the patches into rows for it; `depthwise3x3`: depthwise 3×3 convolutions, channels-last;
 - `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
-  that meets once per block (`layers.onednn_tokens`). These last four are AVX-512 only too.
+  that meets once per block (`layers.onednn_tokens`).
+
+These last four are written once on 16-float vectors and compiled twice, for AVX-512 and for AVX2 with FMA, each
+with a register blocking of its own (32 registers of 16 floats, or 16 of 8); the CPU's best runs (`isa`), and
+`set_isa("avx2")` lowers it, so that an AVX-512 machine tests the AVX2 kernels too. Without either (other CPUs),
+`attention_supported()` is False and ATen's code runs.
 
 They are registered as PyTorch operators (``torch.ops.hybridzoo_native.*``), so the dispatcher,
 `TorchDispatchMode` recorders and `benchmarks/ceiling.py` see them like any ATen call.
@@ -30,8 +35,8 @@ from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a 
 fails, the path keeps its ATen code (a warning says why, once). Outputs are the same either way, the dynamic
 ReLU's bit for bit, the products' and attention's to fp32 rounding (the tests compare them). Linux only:
 elsewhere the ATen code runs, without a warning. The dynamic ReLU's and the small products' loops are compiled
-for AVX-512, AVX2 and plain x86-64, the others for AVX-512, and the CPU picks at run time, so a cache shared
-between machines stays valid.
+for AVX-512, AVX2 and plain x86-64, the others for AVX-512 and AVX2, and the CPU picks at run time, so a cache
+shared between machines stays valid.
 """
 
 from __future__ import annotations
@@ -51,13 +56,17 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "rows_linear", "depthwise3x3", "patch_embed",
-           "token_blocks",
+           "token_blocks", "isa", "set_isa",
            "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
-_SOURCE = r"""
-#include <torch/library.h>
+# The C++ source, composed below: the prelude (includes, the instruction-set switch, the dynamic ReLU and the tiny
+# product); the kernels (attention forward and backward, panel products, LayerNorm, depthwise), written once on a
+# 16-float vector type `vec` and compiled twice, for AVX-512 (`vec` one register) and for AVX2 with FMA (`vec` a pair of
+# 8-float registers), each in a namespace of its own with its register blocking (HzTiles<VR>); then the operators,
+# which call the kernels of the instruction set in use.
+_PRELUDE = r"""#include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
@@ -74,15 +83,56 @@ _SOURCE = r"""
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
+#define HZ_X86 1
 #define HZ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-// the attention kernel's register blocking is AVX-512's (32 vector registers of 16 floats); elsewhere SDPA stays
-#define HZ_AVX512 __attribute__((target("avx512f")))
 #define HZ_HAS_AVX512 __builtin_cpu_supports("avx512f")
+#define HZ_HAS_AVX2 (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
 #else
+#define HZ_X86 0
 #define HZ_CLONES
-#define HZ_AVX512
 #define HZ_HAS_AVX512 false
+#define HZ_HAS_AVX2 false
 #endif
+
+// the instruction set the kernels run with: 2 AVX-512, 1 AVX2 with FMA, 0 none (the CPU's best at load;
+// set_isa may lower it, so that a machine with AVX-512 tests the AVX2 kernels too)
+static std::atomic<int> hz_level{HZ_HAS_AVX512 ? 2 : HZ_HAS_AVX2 ? 1 : 0};
+static inline bool hz_wide() { return hz_level.load(std::memory_order_relaxed) == 2; }
+static void check_isa(const char* op) {
+  TORCH_CHECK(hz_level.load(std::memory_order_relaxed) > 0, "hybridzoo_native::", op,
+              " needs a CPU with AVX-512 or AVX2 with FMA (see attention_supported)");
+}
+
+// the register blocking of each kernel for a vector file of VR registers (32 on AVX-512, 16 on AVX2); a 16-float
+// vector takes one AVX-512 register or two AVX2 ones. CH: at most this many vectors of 16 per row in a register
+// tile of values or gradients (the head dim is then done in chunks of that many).
+template <int VR>
+struct HzTiles {
+  static constexpr bool wide = VR >= 32;
+  template <int DV> static constexpr int attn_rows() { return wide ? (DV <= 3 ? 8 : 6) : 6; }
+  template <int DV> static constexpr int attn_cols() { return wide ? (DV <= 3 ? 3 : 4) : 1; }
+  static constexpr int chunk = wide ? 4 : 1;
+  static constexpr int panel_vectors = wide ? 4 : 1;   // vectors of 16 output columns per product tile (6 rows)
+};
+
+#define HZ_INLINE static inline __attribute__((always_inline))
+
+// TILE(T, i) over the query rows [begin, end): tiles of R rows, then 4 (when R is 8), 2 and 1. A macro, not a
+// function taking a lambda: a lambda is a function of its own, compiled for plain x86-64 outside the kernels' target.
+#define HZ_ROW_TILES(TILE, begin, end)          \
+  do {                                          \
+    int64_t i_ = (begin);                       \
+    for (; i_ + R <= (end); i_ += R) TILE(R, i_); \
+    if (R == 8 && i_ + 4 <= (end)) {            \
+      TILE(4, i_);                              \
+      i_ += 4;                                  \
+    }                                           \
+    for (; i_ + 2 <= (end); i_ += 2) TILE(2, i_); \
+    if (i_ < (end)) TILE(1, i_);                \
+  } while (0)
+
+// the activations panel_linear applies to its outputs (oneDNN's post-ops of OneDNNLinear)
+enum PanelAct { ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWISH };
 
 // rows of one image: x[r, c] <- max(a[c] * x[r, c], b[c] * x[r, c])
 HZ_CLONES static void dyrelu_rows(float* __restrict x, const float* __restrict a, const float* __restrict b,
@@ -200,7 +250,118 @@ at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tens
   for (; m < M; ++m) tiny_rows<1>(px + m * K, K, pw, N, pb, py + m * N);
   return y;
 }
+"""
 
+# AVX-512: the vector type and the lane operations the kernels use
+_WIDE = r"""
+// AVX-512: a vector of 16 floats is one of the 32 registers
+typedef float vec __attribute__((vector_size(64)));
+typedef int32_t ivec __attribute__((vector_size(64)));
+constexpr int VR = 32;
+
+HZ_INLINE vec hz_load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+HZ_INLINE void hz_store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+HZ_INLINE vec hz_select(ivec m, vec a, vec b) { return m ? a : b; }
+HZ_INLINE float hz_first(vec v) { return v[0]; }
+HZ_INLINE ivec hz_bits(vec v) { return (ivec)v; }
+HZ_INLINE vec hz_from_bits(ivec i) { return (vec)i; }
+HZ_INLINE ivec hz_lanes() { return ivec{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+
+// every lane <- the maximum (the sum) of the 16 lanes: a butterfly over lanes 8, 4, 2 and 1 apart
+HZ_INLINE vec hz_lane_swap(vec v, int k) {
+  const ivec p8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+  const ivec p4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+  const ivec p2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+  const ivec p1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  return __builtin_shuffle(v, k == 8 ? p8 : k == 4 ? p4 : k == 2 ? p2 : p1);
+}
+HZ_INLINE vec hz_all_max(vec v) {
+  for (int k = 8; k >= 1; k /= 2) {
+    const vec w = hz_lane_swap(v, k);
+    v = v > w ? v : w;
+  }
+  return v;
+}
+HZ_INLINE vec hz_all_sum(vec v) {
+  for (int k = 8; k >= 1; k /= 2) v += hz_lane_swap(v, k);
+  return v;
+}
+"""
+
+# AVX2 with FMA: the same, on a pair of 8-float vectors
+_NARROW = r"""
+// AVX2: a vector of 16 floats is two of the 16 registers of 8. GCC lowers a 64-byte vector type for AVX2 through
+// the stack, so the pair is spelled out: each operation is two of 8 floats, and the pairs stay in registers.
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+struct vec {
+  v8 lo, hi;
+};
+struct ivec {
+  i8 lo, hi;
+};
+constexpr int VR = 16;
+
+#define HZ_PAIR_OP(OP)                                                                  \
+  HZ_INLINE vec operator OP(vec a, vec b) { return {a.lo OP b.lo, a.hi OP b.hi}; }     \
+  HZ_INLINE vec operator OP(vec a, float b) { return {a.lo OP b, a.hi OP b}; }         \
+  HZ_INLINE vec operator OP(float a, vec b) { return {a OP b.lo, a OP b.hi}; }         \
+  HZ_INLINE vec& operator OP##=(vec& a, vec b) { return a = a OP b; }
+HZ_PAIR_OP(+)
+HZ_PAIR_OP(-)
+HZ_PAIR_OP(*)
+HZ_PAIR_OP(/)
+#undef HZ_PAIR_OP
+HZ_INLINE vec operator-(vec a) { return {-a.lo, -a.hi}; }
+HZ_INLINE ivec operator<(vec a, vec b) { return {a.lo < b.lo, a.hi < b.hi}; }
+HZ_INLINE ivec operator>(vec a, vec b) { return {a.lo > b.lo, a.hi > b.hi}; }
+HZ_INLINE ivec operator<(vec a, float b) { return {a.lo < b, a.hi < b}; }
+HZ_INLINE ivec operator+(ivec a, int32_t b) { return {a.lo + b, a.hi + b}; }
+HZ_INLINE ivec operator-(ivec a, ivec b) { return {a.lo - b.lo, a.hi - b.hi}; }
+HZ_INLINE ivec operator<<(ivec a, int b) { return {a.lo << b, a.hi << b}; }
+HZ_INLINE ivec operator>=(ivec a, int32_t b) { return {a.lo >= b, a.hi >= b}; }
+
+HZ_INLINE vec hz_load(const float* p) {
+  vec v;
+  std::memcpy(&v.lo, p, sizeof v.lo);
+  std::memcpy(&v.hi, p + 8, sizeof v.hi);
+  return v;
+}
+HZ_INLINE void hz_store(float* p, vec v) {
+  std::memcpy(p, &v.lo, sizeof v.lo);
+  std::memcpy(p + 8, &v.hi, sizeof v.hi);
+}
+HZ_INLINE vec hz_select(ivec m, vec a, vec b) { return {m.lo ? a.lo : b.lo, m.hi ? a.hi : b.hi}; }
+HZ_INLINE float hz_first(vec v) { return v.lo[0]; }
+HZ_INLINE ivec hz_bits(vec v) { return {(i8)v.lo, (i8)v.hi}; }
+HZ_INLINE vec hz_from_bits(ivec i) { return {(v8)i.lo, (v8)i.hi}; }
+HZ_INLINE ivec hz_lanes() { return {i8{0, 1, 2, 3, 4, 5, 6, 7}, i8{8, 9, 10, 11, 12, 13, 14, 15}}; }
+
+// every lane <- the maximum (the sum) of the 16: the two halves combined, then a butterfly over lanes 4, 2, 1 apart
+HZ_INLINE v8 hz_lane_swap8(v8 v, int k) {
+  const i8 p4 = {4, 5, 6, 7, 0, 1, 2, 3}, p2 = {2, 3, 0, 1, 6, 7, 4, 5}, p1 = {1, 0, 3, 2, 5, 4, 7, 6};
+  return __builtin_shuffle(v, k == 4 ? p4 : k == 2 ? p2 : p1);
+}
+HZ_INLINE vec hz_all_max(vec v) {
+  v8 m = v.lo > v.hi ? v.lo : v.hi;
+  for (int k = 4; k >= 1; k /= 2) {
+    const v8 w = hz_lane_swap8(m, k);
+    m = m > w ? m : w;
+  }
+  return {m, m};
+}
+HZ_INLINE vec hz_all_sum(vec v) {
+  v8 s = v.lo + v.hi;
+  for (int k = 4; k >= 1; k /= 2) s += hz_lane_swap8(s, k);
+  return {s, s};
+}
+"""
+
+_KERNELS = r"""
 // ---- attention: softmax(scale · q kᵀ [+ pos]) · v, one query-row tile at a time ----------------------------
 // Per head, kᵀ is packed once (scale folded in, zero columns up to a multiple of 16); then for R query rows at a
 // time the scores (R × N, in a scratch row block that stays in L1/L2), their softmax and the product with v run
@@ -208,66 +369,41 @@ at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tens
 // N × N map is written: 1.2-1.45x ATen's SDPA and bmm at the models' sizes (N = 50-800 keys, d = 48 / 64), and
 // the backward below 1.2-1.3x SDPA's forward and backward (benchmarks/RESULTS.md, session 12).
 
-typedef int32_t hz_i16 __attribute__((vector_size(64)));
-
-static inline __attribute__((always_inline)) hz_v16 hz_load(const float* p) {
-  hz_v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-static inline __attribute__((always_inline)) void hz_store(float* p, hz_v16 v) { std::memcpy(p, &v, sizeof v); }
-static inline __attribute__((always_inline)) hz_v16 hz_splat(float x) { return hz_v16{} + x; }
+HZ_INLINE vec hz_splat(float x) { return vec{} + x; }
+HZ_INLINE vec hz_max(vec a, vec b) { return hz_select(a > b, a, b); }
+HZ_INLINE vec hz_abs(vec x) { return hz_select(x < 0.0f, -x, x); }
 
 // e^x for x <= 0 (scores less their row maximum) within about 2 ulp: x = n·ln2 + r, e^r by its degree-6 Taylor
 // polynomial (|r| <= ln2/2), 2^n put in the exponent bits. Below -87.3 it gives e^-87.3 (~1e-38), which is
 // nothing next to a row sum of at least 1.
-static inline __attribute__((always_inline)) hz_v16 hz_exp(hz_v16 x) {
-  const hz_v16 lo = hz_splat(-87.3f);
-  x = x > lo ? x : lo;
-  const hz_v16 magic = hz_splat(12582912.0f);   // 1.5 · 2^23: adding it rounds to an integer in the low bits
-  const hz_v16 t = x * 1.44269504088896341f + magic;
-  const hz_v16 n = t - magic;
-  const hz_i16 ni = (hz_i16)t - (hz_i16)magic;
-  const hz_v16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;   // ln2 in two parts
-  hz_v16 p = hz_splat(1.0f / 720) * r + 1.0f / 120;
+HZ_INLINE vec hz_exp(vec x) {
+  const vec lo = hz_splat(-87.3f);
+  x = hz_max(x, lo);
+  const vec magic = hz_splat(12582912.0f);   // 1.5 · 2^23: adding it rounds to an integer in the low bits
+  const vec t = x * 1.44269504088896341f + magic;
+  const vec n = t - magic;
+  const ivec ni = hz_bits(t) - hz_bits(magic);
+  const vec r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;   // ln2 in two parts
+  vec p = hz_splat(1.0f / 720) * r + 1.0f / 120;
   p = p * r + 1.0f / 24;
   p = p * r + 1.0f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * (hz_v16)((ni + 127) << 23);
+  return p * hz_from_bits((ni + 127) << 23);
 }
 
-// every lane <- the maximum (the sum) of the 16 lanes: a butterfly over lanes 8, 4, 2 and 1 apart
-static inline __attribute__((always_inline)) hz_v16 hz_lane_swap(hz_v16 v, int k) {
-  const hz_i16 p8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-  const hz_i16 p4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-  const hz_i16 p2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-  const hz_i16 p1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-  return __builtin_shuffle(v, k == 8 ? p8 : k == 4 ? p4 : k == 2 ? p2 : p1);
-}
-static inline __attribute__((always_inline)) hz_v16 hz_all_max(hz_v16 v) {
-  for (int k = 8; k >= 1; k /= 2) {
-    const hz_v16 w = hz_lane_swap(v, k);
-    v = v > w ? v : w;
-  }
-  return v;
-}
-static inline __attribute__((always_inline)) hz_v16 hz_all_sum(hz_v16 v) {
-  for (int k = 8; k >= 1; k /= 2) v += hz_lane_swap(v, k);
-  return v;
-}
 
 // s[R rows, columns j0 .. j0 + 16·NV) = q[R rows, d] · kt[d, ...]; rmax[r] takes the lane-wise maximum of its row
 template <int R, int NV>
-static inline __attribute__((always_inline)) void scores_tile(const float* q, int64_t sq, const float* kt,
-                                                              int64_t Np, int64_t d, int64_t N, int64_t j0,
-                                                              float* s, hz_v16* rmax) {
-  hz_v16 acc[R][NV];
+HZ_INLINE void scores_tile(const float* q, int64_t sq, const float* kt,
+                           int64_t Np, int64_t d, int64_t N, int64_t j0,
+                           float* s, vec* rmax) {
+  vec acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < NV; ++u) acc[r][u] = hz_v16{};
+    for (int u = 0; u < NV; ++u) acc[r][u] = vec{};
   for (int64_t c = 0; c < d; ++c) {
-    hz_v16 w[NV];
+    vec w[NV];
     for (int u = 0; u < NV; ++u) w[u] = hz_load(kt + c * Np + j0 + 16 * u);
     for (int r = 0; r < R; ++r) {
       const float qv = q[r * sq + c];
@@ -275,65 +411,68 @@ static inline __attribute__((always_inline)) void scores_tile(const float* q, in
     }
   }
   if (j0 + 16 * NV > N) {   // the padding columns (zero keys) take no part in the softmax: -inf
-    const hz_i16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const ivec lane = hz_lanes();
     for (int u = 0; u < NV; ++u) {
-      const hz_i16 pad = lane + (int32_t)(j0 + 16 * u) >= (int32_t)N;
-      for (int r = 0; r < R; ++r) acc[r][u] = pad ? hz_splat(-INFINITY) : acc[r][u];
+      const ivec pad = lane + (int32_t)(j0 + 16 * u) >= (int32_t)N;
+      for (int r = 0; r < R; ++r) acc[r][u] = hz_select(pad, hz_splat(-INFINITY), acc[r][u]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    hz_v16 m = rmax[r];
+    vec m = rmax[r];
     for (int u = 0; u < NV; ++u) {
       hz_store(s + r * Np + j0 + 16 * u, acc[r][u]);
-      m = m > acc[r][u] ? m : acc[r][u];
+      m = hz_max(m, acc[r][u]);
     }
     rmax[r] = m;
   }
 }
 
-// o[R rows, 16·DV] = scale[r] · (a[R rows, N] · v[N, 16·DV])
-template <int R, int DV>
-static inline __attribute__((always_inline)) void values_tile(const float* a, int64_t Np, const float* v,
-                                                              int64_t sv, int64_t N, const hz_v16* scale,
-                                                              float* o, int64_t so) {
-  hz_v16 acc[R][DV];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < DV; ++u) acc[r][u] = hz_v16{};
-  for (int64_t j = 0; j < N; ++j) {
-    hz_v16 w[DV];
-    for (int u = 0; u < DV; ++u) w[u] = hz_load(v + j * sv + 16 * u);
-    for (int r = 0; r < R; ++r) {
-      const float av = a[r * Np + j];
-      for (int u = 0; u < DV; ++u) acc[r][u] += av * w[u];
+// o[R rows, 16·DV] = scale[r] · (a[R rows, N] · v[N, 16·DV]), CH vectors of 16 columns at a time
+template <int R, int DV, int CH>
+HZ_INLINE void values_tile(const float* a, int64_t Np, const float* v,
+                           int64_t sv, int64_t N, const vec* scale,
+                           float* o, int64_t so) {
+  constexpr int U = DV < CH ? DV : CH;
+  for (int u0 = 0; u0 < DV; u0 += U) {
+    vec acc[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = vec{};
+    for (int64_t j = 0; j < N; ++j) {
+      vec w[U];
+      for (int u = 0; u < U; ++u) w[u] = hz_load(v + j * sv + 16 * (u0 + u));
+      for (int r = 0; r < R; ++r) {
+        const float av = a[r * Np + j];
+        for (int u = 0; u < U; ++u) acc[r][u] += av * w[u];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) hz_store(o + r * so + 16 * (u0 + u), acc[r][u] * scale[r]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < DV; ++u) hz_store(o + r * so + 16 * u, acc[r][u] * scale[r]);
 }
 
 // R query rows of one head: scores, softmax (plus the positional rows pos, row stride sp), the product with v
-template <int R, int NV, int DV>
-static inline __attribute__((always_inline)) void attend_rows(const float* q, int64_t sq, const float* kt,
-                                                              const float* v, int64_t sv, const float* pos,
-                                                              int64_t sp, int64_t N, int64_t Np, float* s,
-                                                              float* o, int64_t so, float* lse) {
-  hz_v16 rmax[R], scale[R];
+template <int R, int NV, int DV, int CH>
+HZ_INLINE void attend_rows(const float* q, int64_t sq, const float* kt,
+                           const float* v, int64_t sv, const float* pos,
+                           int64_t sp, int64_t N, int64_t Np, float* s,
+                           float* o, int64_t so, float* lse) {
+  vec rmax[R], scale[R];
   for (int r = 0; r < R; ++r) rmax[r] = hz_splat(-INFINITY);
   int64_t j0 = 0;
   for (; j0 + 16 * NV <= Np; j0 += 16 * NV) scores_tile<R, NV>(q, sq, kt, Np, 16 * DV, N, j0, s, rmax);
   for (; j0 < Np; j0 += 16) scores_tile<R, 1>(q, sq, kt, Np, 16 * DV, N, j0, s, rmax);
   for (int r = 0; r < R; ++r) {
     float* row = s + r * Np;
-    const hz_v16 m = hz_all_max(rmax[r]);
-    hz_v16 sum = hz_v16{};
+    const vec m = hz_all_max(rmax[r]);
+    vec sum = vec{};
     for (int64_t j = 0; j < Np; j += 16) {
-      const hz_v16 e = hz_exp(hz_load(row + j) - m);
+      const vec e = hz_exp(hz_load(row + j) - m);
       hz_store(row + j, e);
       sum += e;
     }
-    const hz_v16 total = hz_all_sum(sum);
+    const vec total = hz_all_sum(sum);
     scale[r] = hz_splat(1.0f) / total;
-    if (lse) lse[r] = m[0] + std::log(total[0]);   // for the backward pass: P = exp(S - lse)
+    if (lse) lse[r] = hz_first(m) + std::log(hz_first(total));   // for the backward pass: P = exp(S - lse)
   }
   if (pos) {   // a = e / sum + pos: the positional rows are added after the division, so it moves into a
     const int64_t full = N / 16 * 16;
@@ -342,54 +481,359 @@ static inline __attribute__((always_inline)) void attend_rows(const float* q, in
       const float* prow = pos + r * sp;
       int64_t j = 0;
       for (; j < full; j += 16) hz_store(row + j, hz_load(row + j) * scale[r] + hz_load(prow + j));
-      for (const float inv = scale[r][0]; j < N; ++j) row[j] = row[j] * inv + prow[j];
+      for (const float inv = hz_first(scale[r]); j < N; ++j) row[j] = row[j] * inv + prow[j];
       scale[r] = hz_splat(1.0f);
     }
   }
-  values_tile<R, DV>(s, Np, v, sv, N, scale, o, so);
+  values_tile<R, DV, CH>(s, Np, v, sv, N, scale, o, so);
 }
 
 // dst (d × Np) <- scale · srcᵀ for src's N rows (row stride ss), zero columns from N to Np
-static inline __attribute__((always_inline)) void pack_transposed(const float* src, int64_t ss, int64_t N,
-                                                                  int64_t Np, int64_t d, float scale, float* dst) {
+HZ_INLINE void pack_transposed(const float* src, int64_t ss, int64_t N,
+                               int64_t Np, int64_t d, float scale, float* dst) {
   for (int64_t j = 0; j < N; ++j)
     for (int64_t c = 0; c < d; ++c) dst[c * Np + j] = src[j * ss + c] * scale;
   for (int64_t c = 0; c < d; ++c)
     for (int64_t j = N; j < Np; ++j) dst[c * Np + j] = 0.0f;
 }
 
-// TILE(T, i) over the query rows [begin, end): tiles of R rows, then 4 (when R is 8), 2 and 1. A macro, not a
-// function taking a lambda: a lambda is a function of its own, compiled for plain x86-64 outside the AVX-512 target.
-#define HZ_ROW_TILES(TILE, begin, end)          \
-  do {                                          \
-    int64_t i_ = (begin);                       \
-    for (; i_ + R <= (end); i_ += R) TILE(R, i_); \
-    if (R == 8 && i_ + 4 <= (end)) {            \
-      TILE(4, i_);                              \
-      i_ += 4;                                  \
-    }                                           \
-    for (; i_ + 2 <= (end); i_ += 2) TILE(2, i_); \
-    if (i_ < (end)) TILE(1, i_);                \
-  } while (0)
 
-// query rows [i0, i1) of one head, head dim 16·DV; kt (16·DV × Np) and s (8 × Np) are scratch
+// query rows [i0, i1) of one head, head dim 16·DV; kt (16·DV × Np) and s (8 × Np) are scratch. AVX-512: R × max(NV,
+// DV) accumulators, 24 of the 32 registers; AVX2: 6 rows × 16 columns, 12 of the 16 (each vector of 16 is two).
+#define HZ_ATTEND_HEAD_ARGS const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv, \
+    const float *pos, int64_t sp, float *o, int64_t so, int64_t i0, int64_t i1, int64_t N, float scale, float *kt, \
+    float *s, float *lse
 template <int DV>
-HZ_AVX512 static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v,
-                                  int64_t sv, const float* pos, int64_t sp, float* o, int64_t so, int64_t i0,
-                                  int64_t i1, int64_t N, float scale, float* kt, float* s, float* lse) {
+static void attend_head(HZ_ATTEND_HEAD_ARGS) {
   constexpr int64_t d = 16 * DV;
-  constexpr int R = DV <= 3 ? 8 : 6;    // R × max(NV, DV) accumulators: 24 of the 32 AVX-512 registers
-  constexpr int NV = DV <= 3 ? 3 : 4;
+  constexpr int R = HzTiles<VR>::template attn_rows<DV>();
+  constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
+  constexpr int CH = HzTiles<VR>::chunk;
   const int64_t Np = (N + 15) / 16 * 16;
   pack_transposed(k, sk, N, Np, d, scale, kt);
-#define HZ_ROWS(T, i) attend_rows<T, NV, DV>(q + (i) * sq, sq, kt, v, sv, pos ? pos + (i) * sp : nullptr, sp, N, Np, \
-                                             s, o + (i) * so, so, lse ? lse + (i) : nullptr)
+#define HZ_ROWS(T, i) attend_rows<T, NV, DV, CH>(q + (i) * sq, sq, kt, v, sv, pos ? pos + (i) * sp : nullptr, sp, N, \
+                                                 Np, s, o + (i) * so, so, lse ? lse + (i) : nullptr)
   HZ_ROW_TILES(HZ_ROWS, i0, i1);
 #undef HZ_ROWS
 }
+#undef HZ_ATTEND_HEAD_ARGS
+
+// acc[j, 16·DV] += Σ_r a[r, j] · x[r, 16·DV] for j < N: the R rows of x held in registers (CH vectors of 16
+// columns at a time), one pass over acc per chunk
+template <int R, int DV, int CH>
+HZ_INLINE void outer_tile(const float* a, int64_t Np, const float* x, int64_t sx,
+                          int64_t N, float* acc) {
+  constexpr int U = DV < CH ? DV : CH;
+  for (int u0 = 0; u0 < DV; u0 += U) {
+    vec xr[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) xr[r][u] = hz_load(x + r * sx + 16 * (u0 + u));
+    for (int64_t j = 0; j < N; ++j) {
+      float* row = acc + j * 16 * DV + 16 * u0;
+      vec t[U];
+      for (int u = 0; u < U; ++u) t[u] = hz_load(row + 16 * u);
+      for (int r = 0; r < R; ++r) {
+        const float av = a[r * Np + j];
+        for (int u = 0; u < U; ++u) t[u] += av * xr[r][u];
+      }
+      for (int u = 0; u < U; ++u) hz_store(row + 16 * u, t[u]);
+    }
+  }
+}
+
+// R query rows of one head, backward: P = exp(S - lse) recomputed, dP = dO vᵀ, dS = P ∘ (dP - D),
+// dq = scale · dS k, dv += Pᵀ dO, dk += dSᵀ q (the scale applied to dk once, by the caller)
+template <int R, int NV, int DV, int CH>
+HZ_INLINE void attend_rows_back(
+    const float* q, int64_t sq, const float* k, int64_t sk, const float* kt, const float* vt, const float* dout,
+    int64_t sdo, const float* lse, const float* D, int64_t N, int64_t Np, float scale, float* p, float* ds,
+    float* dq, int64_t sdq, float* dk, float* dv) {
+  vec ignored[R];
+  for (int r = 0; r < R; ++r) ignored[r] = vec{};
+  int64_t j0 = 0;
+  for (; j0 + 16 * NV <= Np; j0 += 16 * NV) {
+    scores_tile<R, NV>(q, sq, kt, Np, 16 * DV, N, j0, p, ignored);
+    scores_tile<R, NV>(dout, sdo, vt, Np, 16 * DV, N, j0, ds, ignored);
+  }
+  for (; j0 < Np; j0 += 16) {
+    scores_tile<R, 1>(q, sq, kt, Np, 16 * DV, N, j0, p, ignored);
+    scores_tile<R, 1>(dout, sdo, vt, Np, 16 * DV, N, j0, ds, ignored);
+  }
+  vec unit[R];
+  for (int r = 0; r < R; ++r) {
+    float* prow = p + r * Np;
+    float* drow = ds + r * Np;
+    const vec l = hz_splat(lse[r]), dr = hz_splat(D[r]);
+    for (int64_t j = 0; j < Np; j += 16) {   // (the padding columns are never read: the products stop at N)
+      const vec e = hz_exp(hz_load(prow + j) - l);
+      hz_store(prow + j, e);
+      hz_store(drow + j, e * (hz_load(drow + j) - dr));
+    }
+    unit[r] = hz_splat(scale);
+  }
+  values_tile<R, DV, CH>(ds, Np, k, sk, N, unit, dq, sdq);
+  outer_tile<R, DV, CH>(p, Np, dout, sdo, N, dv);
+  outer_tile<R, DV, CH>(ds, Np, q, sq, N, dk);
+}
+
+// the backward of attend_head for all n query rows of one head (register blocking as there)
+#define HZ_ATTEND_BACK_ARGS const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv, \
+    const float *o, const float *dout, int64_t so, const float *lse, float *dq, float *dk, float *dv, int64_t sg, \
+    int64_t n, int64_t N, float scale, float *scratch
+template <int DV>
+static void attend_head_back(HZ_ATTEND_BACK_ARGS) {
+  constexpr int64_t d = 16 * DV;
+  constexpr int R = HzTiles<VR>::template attn_rows<DV>();
+  constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
+  constexpr int CH = HzTiles<VR>::chunk;
+  const int64_t Np = (N + 15) / 16 * 16;
+  float* kt = scratch;             // d × Np: scale · kᵀ
+  float* vt = kt + d * Np;         // d × Np: vᵀ
+  float* p = vt + d * Np;          // 8 × Np
+  float* ds = p + 8 * Np;          // 8 × Np
+  float* acck = ds + 8 * Np;       // N × d
+  float* accv = acck + N * d;      // N × d
+  float* D = accv + N * d;         // n: rowsum(dO ∘ O)
+  pack_transposed(k, sk, N, Np, d, scale, kt);
+  pack_transposed(v, sv, N, Np, d, 1.0f, vt);
+  std::memset(acck, 0, sizeof(float) * 2 * N * d);
+  for (int64_t i = 0; i < n; ++i) {
+    vec t = vec{};
+    for (int u = 0; u < DV; ++u) t += hz_load(o + i * so + 16 * u) * hz_load(dout + i * so + 16 * u);
+    D[i] = hz_first(hz_all_sum(t));
+  }
+#define HZ_BACK(T, i) attend_rows_back<T, NV, DV, CH>(q + (i) * sq, sq, k, sk, kt, vt, dout + (i) * so, so, \
+                                                      lse + (i), D + (i), N, Np, scale, p, ds, dq + (i) * sg, sg, \
+                                                      acck, accv)
+  HZ_ROW_TILES(HZ_BACK, 0, n);
+#undef HZ_BACK
+  for (int64_t j = 0; j < N; ++j)
+    for (int u = 0; u < DV; ++u) {
+      hz_store(dk + j * sg + 16 * u, hz_load(acck + j * d + 16 * u) * scale);
+      hz_store(dv + j * sg + 16 * u, hz_load(accv + j * d + 16 * u));
+    }
+}
+#undef HZ_ATTEND_BACK_ARGS
+
+// GELU(x) = x/2 · (1 + erf(x/√2)), erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, the
+// approximation oneDNN's gelu_erf post-op uses), e^(−z²) by hz_exp
+HZ_INLINE vec hz_gelu(vec x) {
+  const vec z = x * 0.70710678118654752f;
+  const vec a = hz_abs(z);
+  const vec t = 1.0f / (a * 0.3275911f + 1.0f);
+  vec poly = t * 1.061405429f - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  poly = poly * t;
+  const vec erf_a = 1.0f - poly * hz_exp(-(a * a));
+  const vec erf = hz_select(z < 0.0f, -erf_a, erf_a);
+  return 0.5f * x * (1.0f + erf);
+}
+
+// tanh(u) = sign(u) · (1 − e^(−2|u|)) / (1 + e^(−2|u|))
+HZ_INLINE vec hz_tanh(vec u) {
+  const vec a = hz_abs(u);
+  const vec e = hz_exp(-2.0f * a);
+  const vec t = (1.0f - e) / (1.0f + e);
+  return hz_select(u < 0.0f, -t, t);
+}
+
+// x · σ(x), σ(x) = 1 / (1 + e^(−x)) for x ≥ 0 and e^x / (1 + e^x) below (hz_exp takes x ≤ 0)
+HZ_INLINE vec hz_swish(vec x) {
+  const vec e = hz_exp(-hz_abs(x));
+  return x * (hz_select(x < 0.0f, e, hz_splat(1.0f)) / (1.0f + e));
+}
+
+template <int ACT>
+HZ_INLINE vec hz_act(vec y) {
+  if (ACT == ACT_GELU) return hz_gelu(y);
+  if (ACT == ACT_GELU_TANH) return 0.5f * y * (1.0f + hz_tanh(0.7978845608028654f * (y + 0.044715f * y * y * y)));
+  if (ACT == ACT_RELU) return hz_max(y, hz_splat(0.0f));
+  if (ACT == ACT_SWISH) return hz_swish(y);
+  return y;
+}
+
+// c[MR rows, 16·NV columns] = act(a[MR rows, K] · b + bias) (+ res), b the panel's K × 16·NV columns (row stride
+// ldb)
+template <int MR, int NV, int ACT>
+HZ_INLINE void panel_tile(const float* a, int64_t lda, const float* b, int64_t ldb,
+                          int64_t K, const float* bias, const float* res,
+                          int64_t ldr, float* c, int64_t ldc) {
+  vec acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const vec bv = bias ? hz_load(bias + 16 * v) : hz_splat(0.0f);
+    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    vec w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = hz_load(b + k * ldb + 16 * v);
+    for (int m = 0; m < MR; ++m) {
+      const float x = a[m * lda + k];
+      for (int v = 0; v < NV; ++v) acc[m][v] += x * w[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      const vec y = hz_act<ACT>(acc[m][v]);
+      hz_store(c + m * ldc + 16 * v, res ? y + hz_load(res + m * ldr + 16 * v) : y);
+    }
+}
+
+// the M rows of a against one panel of 16·NV columns, 6 rows at a time; each tile TV vectors of 16 columns wide
+// (AVX-512: the whole panel, 24 accumulators of 32 registers; AVX2: 16 columns, 12 of 16)
+#define HZ_PANEL_ROWS_ARGS const float *a, int64_t lda, int64_t M, const float *b, int64_t K, const float *bias, \
+    const float *res, int64_t ldr, float *c, int64_t ldc
+template <int NV, int ACT>
+static void panel_rows(HZ_PANEL_ROWS_ARGS) {
+  constexpr int TV = NV < HzTiles<VR>::panel_vectors ? NV : HzTiles<VR>::panel_vectors;
+#define HZ_PANEL_TILE(MR)                                                                                 \
+  for (int v0 = 0; v0 < NV; v0 += TV)                                                                     \
+    panel_tile<MR, TV, ACT>(a + m * lda, lda, b + 16 * v0, 16 * NV, K, bias ? bias + 16 * v0 : nullptr,   \
+                            res ? res + m * ldr + 16 * v0 : nullptr, ldr, c + m * ldc + 16 * v0, ldc)
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) HZ_PANEL_TILE(6);
+  switch (M - m) {
+    case 5: HZ_PANEL_TILE(5); break;
+    case 4: HZ_PANEL_TILE(4); break;
+    case 3: HZ_PANEL_TILE(3); break;
+    case 2: HZ_PANEL_TILE(2); break;
+    case 1: HZ_PANEL_TILE(1); break;
+    default: break;
+  }
+#undef HZ_PANEL_TILE
+}
+#undef HZ_PANEL_ROWS_ARGS
+
+template <int ACT>
+static void panel_linear_act(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
+                             const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nb = std::min<int64_t>(64, N - n0);
+    const float* bp = panels + n0 * K;
+    const float* b0 = bias ? bias + n0 : nullptr;
+    const float* r0 = res ? res + n0 : nullptr;
+    switch (nb / 16) {
+      case 4: panel_rows<4, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
+      case 3: panel_rows<3, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
+      case 2: panel_rows<2, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
+      default: panel_rows<1, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
+    }
+  }
+}
+
+// c (M, N; row stride ldc) = act(a (M, K; row stride lda) · Wᵀ + bias) (+ res, row stride ldr), W packed by
+// pack_panels
+static void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
+                         const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
+                         int act = ACT_NONE) {
+  switch (act) {
+    case ACT_GELU: panel_linear_act<ACT_GELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+    case ACT_GELU_TANH: panel_linear_act<ACT_GELU_TANH>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+    case ACT_RELU: panel_linear_act<ACT_RELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+    case ACT_SWISH: panel_linear_act<ACT_SWISH>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+    default: panel_linear_act<ACT_NONE>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
+  }
+}
+
+
+// y = LayerNorm(x) over rows of C values (C a multiple of 16; w, b optional): ATen's LayerNorm costs ~16 µs a call
+// on a thread's 98 rows of 192, mostly outside the arithmetic, 20 calls per thread in a ConViT-Ti forward
+static void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps,
+                            float* y) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    vec sum = hz_splat(0.0f);
+    for (int64_t c = 0; c < C; c += 16) sum += hz_load(xr + c);
+    const float mean = hz_first(hz_all_sum(sum)) / static_cast<float>(C);
+    vec sq = hz_splat(0.0f);
+    for (int64_t c = 0; c < C; c += 16) {
+      const vec t = hz_load(xr + c) - mean;
+      sq += t * t;
+    }
+    const float rstd = 1.0f / std::sqrt(hz_first(hz_all_sum(sq)) / static_cast<float>(C) + static_cast<float>(eps));
+    for (int64_t c = 0; c < C; c += 16) {
+      vec t = (hz_load(xr + c) - mean) * rstd;
+      if (w) t *= hz_load(w + c);
+      if (b) t += hz_load(b + c);
+      hz_store(yr + c, t);
+    }
+  }
+}
+
+// ---- depthwise 3×3 convolution, channels-last --------------------------------------------------------------------
+// One output row of one image: for every pixel and every 16 channels, the 9 taps (zero padding of 1, stride s)
+// accumulated in a register from the bias, the activation applied, stored. At batch 1 oneDNN spends ~90 µs a call
+// on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs.
+#define HZ_DW_ARGS const float *x, int64_t H, int64_t W, int64_t C, const float *w9, const float *bias, \
+    int64_t stride, int64_t ho, int64_t Wo, float *y
+template <int ACT>
+static void depthwise_row(HZ_DW_ARGS) {
+  for (int64_t wo = 0; wo < Wo; ++wo) {
+    float* out = y + wo * C;
+    for (int64_t c = 0; c < C; c += 16) {
+      vec acc = bias ? hz_load(bias + c) : hz_splat(0.0f);
+      for (int64_t kh = 0; kh < 3; ++kh) {
+        const int64_t hi = ho * stride - 1 + kh;
+        if (hi < 0 || hi >= H) continue;
+        for (int64_t kw = 0; kw < 3; ++kw) {
+          const int64_t wi = wo * stride - 1 + kw;
+          if (wi < 0 || wi >= W) continue;
+          acc += hz_load(x + (hi * W + wi) * C + c) * hz_load(w9 + (kh * 3 + kw) * C + c);
+        }
+      }
+      hz_store(out + c, hz_act<ACT>(acc));
+    }
+  }
+}
+#undef HZ_DW_ARGS
+"""
+
+_OPS = r"""
+// ---- the kernels with the instruction set in use (hz_level) ----------------------------------------------------
+#define HZ_DISPATCH(CALL) \
+  do {                    \
+    if (hz_wide())        \
+      wide::CALL;         \
+    else                  \
+      narrow::CALL;       \
+  } while (0)
+
+template <int DV>
+static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
+                        const float* pos, int64_t sp, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N,
+                        float scale, float* kt, float* s, float* lse) {
+  HZ_DISPATCH(attend_head<DV>(q, sq, k, sk, v, sv, pos, sp, o, so, i0, i1, N, scale, kt, s, lse));
+}
+
+template <int DV>
+static void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
+                             const float* o, const float* dout, int64_t so, const float* lse, float* dq, float* dk,
+                             float* dv, int64_t sg, int64_t n, int64_t N, float scale, float* scratch) {
+  HZ_DISPATCH(attend_head_back<DV>(q, sq, k, sk, v, sv, o, dout, so, lse, dq, dk, dv, sg, n, N, scale, scratch));
+}
+
+static void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
+                         const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
+                         int act = ACT_NONE) {
+  HZ_DISPATCH(panel_linear(a, lda, M, panels, K, N, bias, res, ldr, c, ldc, act));
+}
+
+static void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps,
+                            float* y) {
+  HZ_DISPATCH(layer_norm_rows(x, n, C, w, b, eps, y));
+}
+
+template <int ACT>
+static void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias,
+                          int64_t stride, int64_t ho, int64_t Wo, float* y) {
+  HZ_DISPATCH(depthwise_row<ACT>(x, H, W, C, w9, bias, stride, ho, Wo, y));
+}
+#undef HZ_DISPATCH
 
 static void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::", op, " needs a CPU with AVX-512 (see attention_supported)");
+  check_isa(op);
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->stride(3) == 1,
                 "hybridzoo_native::", op, ": q, k and v must be 4-d float32 (B, heads, tokens, head_dim) with unit "
@@ -476,93 +920,6 @@ std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor& q, const at::
   return {out, lse};
 }
 
-// acc[j, 16·DV] += Σ_r a[r, j] · x[r, 16·DV] for j < N: the R rows of x held in registers, one pass over acc
-template <int R, int DV>
-static inline __attribute__((always_inline)) void outer_tile(const float* a, int64_t Np, const float* x, int64_t sx,
-                                                             int64_t N, float* acc) {
-  hz_v16 xr[R][DV];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < DV; ++u) xr[r][u] = hz_load(x + r * sx + 16 * u);
-  for (int64_t j = 0; j < N; ++j) {
-    hz_v16 t[DV];
-    for (int u = 0; u < DV; ++u) t[u] = hz_load(acc + j * 16 * DV + 16 * u);
-    for (int r = 0; r < R; ++r) {
-      const float av = a[r * Np + j];
-      for (int u = 0; u < DV; ++u) t[u] += av * xr[r][u];
-    }
-    for (int u = 0; u < DV; ++u) hz_store(acc + j * 16 * DV + 16 * u, t[u]);
-  }
-}
-
-// R query rows of one head, backward: P = exp(S - lse) recomputed, dP = dO vᵀ, dS = P ∘ (dP - D),
-// dq = scale · dS k, dv += Pᵀ dO, dk += dSᵀ q (the scale applied to dk once, by the caller)
-template <int R, int NV, int DV>
-static inline __attribute__((always_inline)) void attend_rows_back(
-    const float* q, int64_t sq, const float* k, int64_t sk, const float* kt, const float* vt, const float* dout,
-    int64_t sdo, const float* lse, const float* D, int64_t N, int64_t Np, float scale, float* p, float* ds,
-    float* dq, int64_t sdq, float* dk, float* dv) {
-  hz_v16 ignored[R];
-  for (int r = 0; r < R; ++r) ignored[r] = hz_v16{};
-  int64_t j0 = 0;
-  for (; j0 + 16 * NV <= Np; j0 += 16 * NV) {
-    scores_tile<R, NV>(q, sq, kt, Np, 16 * DV, N, j0, p, ignored);
-    scores_tile<R, NV>(dout, sdo, vt, Np, 16 * DV, N, j0, ds, ignored);
-  }
-  for (; j0 < Np; j0 += 16) {
-    scores_tile<R, 1>(q, sq, kt, Np, 16 * DV, N, j0, p, ignored);
-    scores_tile<R, 1>(dout, sdo, vt, Np, 16 * DV, N, j0, ds, ignored);
-  }
-  hz_v16 unit[R];
-  for (int r = 0; r < R; ++r) {
-    float* prow = p + r * Np;
-    float* drow = ds + r * Np;
-    const hz_v16 l = hz_splat(lse[r]), dr = hz_splat(D[r]);
-    for (int64_t j = 0; j < Np; j += 16) {   // (the padding columns are never read: the products stop at N)
-      const hz_v16 e = hz_exp(hz_load(prow + j) - l);
-      hz_store(prow + j, e);
-      hz_store(drow + j, e * (hz_load(drow + j) - dr));
-    }
-    unit[r] = hz_splat(scale);
-  }
-  values_tile<R, DV>(ds, Np, k, sk, N, unit, dq, sdq);
-  outer_tile<R, DV>(p, Np, dout, sdo, N, dv);
-  outer_tile<R, DV>(ds, Np, q, sq, N, dk);
-}
-
-template <int DV>
-HZ_AVX512 static void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v,
-                                       int64_t sv, const float* o, const float* dout, int64_t so, const float* lse,
-                                       float* dq, float* dk, float* dv, int64_t sg, int64_t n, int64_t N,
-                                       float scale, float* scratch) {
-  constexpr int64_t d = 16 * DV;
-  constexpr int R = DV <= 3 ? 8 : 6;
-  constexpr int NV = DV <= 3 ? 3 : 4;
-  const int64_t Np = (N + 15) / 16 * 16;
-  float* kt = scratch;             // d × Np: scale · kᵀ
-  float* vt = kt + d * Np;         // d × Np: vᵀ
-  float* p = vt + d * Np;          // 8 × Np
-  float* ds = p + 8 * Np;          // 8 × Np
-  float* acck = ds + 8 * Np;       // N × d
-  float* accv = acck + N * d;      // N × d
-  float* D = accv + N * d;         // n: rowsum(dO ∘ O)
-  pack_transposed(k, sk, N, Np, d, scale, kt);
-  pack_transposed(v, sv, N, Np, d, 1.0f, vt);
-  std::memset(acck, 0, sizeof(float) * 2 * N * d);
-  for (int64_t i = 0; i < n; ++i) {
-    hz_v16 t = hz_v16{};
-    for (int u = 0; u < DV; ++u) t += hz_load(o + i * so + 16 * u) * hz_load(dout + i * so + 16 * u);
-    D[i] = hz_all_sum(t)[0];
-  }
-#define HZ_BACK(T, i) attend_rows_back<T, NV, DV>(q + (i) * sq, sq, k, sk, kt, vt, dout + (i) * so, so, lse + (i), \
-                                                  D + (i), N, Np, scale, p, ds, dq + (i) * sg, sg, acck, accv)
-  HZ_ROW_TILES(HZ_BACK, 0, n);
-#undef HZ_BACK
-  for (int64_t j = 0; j < N; ++j)
-    for (int u = 0; u < DV; ++u) {
-      hz_store(dk + j * sg + 16 * u, hz_load(acck + j * d + 16 * u) * scale);
-      hz_store(dv + j * sg + 16 * u, hz_load(accv + j * d + 16 * u));
-    }
-}
 
 // the gradients of `attention_lse`'s output with respect to q, k and v, given dout (B, n, H·d) and that call's
 // out and lse; returned heads first (B, H, ·, d) as views of tokens-first buffers (B, ·, H, d)
@@ -620,6 +977,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
 }
 
+
 // ---- Products on a weight packed in panels -----------------------------------------------------------------------
 // A product's weight W (N, K) is packed into panels of 64 output columns, each K × 64 contiguous (the last panel
 // narrower: N is a multiple of 16). The product of M rows runs panel by panel, 6 rows at a time against 4 vectors of
@@ -644,146 +1002,6 @@ at::Tensor pack_panels(const at::Tensor& w) {
   return out;
 }
 
-// the activations panel_linear applies to its outputs (oneDNN's post-ops of OneDNNLinear)
-enum PanelAct { ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWISH };
-
-// GELU(x) = x/2 · (1 + erf(x/√2)), erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, the
-// approximation oneDNN's gelu_erf post-op uses), e^(−z²) by hz_exp
-static inline __attribute__((always_inline)) hz_v16 hz_gelu(hz_v16 x) {
-  const hz_v16 z = x * 0.70710678118654752f;
-  const hz_v16 a = z < 0.0f ? -z : z;
-  const hz_v16 t = 1.0f / (a * 0.3275911f + 1.0f);
-  hz_v16 poly = t * 1.061405429f - 1.453152027f;
-  poly = poly * t + 1.421413741f;
-  poly = poly * t - 0.284496736f;
-  poly = poly * t + 0.254829592f;
-  poly = poly * t;
-  const hz_v16 erf_a = 1.0f - poly * hz_exp(-(a * a));
-  const hz_v16 erf = z < 0.0f ? -erf_a : erf_a;
-  return 0.5f * x * (1.0f + erf);
-}
-
-// tanh(u) = sign(u) · (1 − e^(−2|u|)) / (1 + e^(−2|u|))
-static inline __attribute__((always_inline)) hz_v16 hz_tanh(hz_v16 u) {
-  const hz_v16 a = u < 0.0f ? -u : u;
-  const hz_v16 e = hz_exp(-2.0f * a);
-  const hz_v16 t = (1.0f - e) / (1.0f + e);
-  return u < 0.0f ? -t : t;
-}
-
-// x · σ(x), σ(x) = 1 / (1 + e^(−x)) for x ≥ 0 and e^x / (1 + e^x) below (hz_exp takes x ≤ 0)
-static inline __attribute__((always_inline)) hz_v16 hz_swish(hz_v16 x) {
-  const hz_v16 e = hz_exp(x < 0.0f ? x : -x);
-  return x * ((x < 0.0f ? e : 1.0f) / (1.0f + e));
-}
-
-template <int ACT>
-static inline __attribute__((always_inline)) hz_v16 hz_act(hz_v16 y) {
-  if (ACT == ACT_GELU) return hz_gelu(y);
-  if (ACT == ACT_GELU_TANH) return 0.5f * y * (1.0f + hz_tanh(0.7978845608028654f * (y + 0.044715f * y * y * y)));
-  if (ACT == ACT_RELU) return y > 0.0f ? y : 0.0f;
-  if (ACT == ACT_SWISH) return hz_swish(y);
-  return y;
-}
-
-// c[MR rows, 16·NV columns] = act(a[MR rows, K] · panel + bias) (+ res), the panel K × 16·NV
-template <int MR, int NV, int ACT>
-static inline __attribute__((always_inline)) void panel_tile(const float* a, int64_t lda, const float* b, int64_t K,
-                                                             const float* bias, const float* res, int64_t ldr,
-                                                             float* c, int64_t ldc) {
-  hz_v16 acc[MR][NV];
-  for (int v = 0; v < NV; ++v) {
-    const hz_v16 bv = bias ? hz_load(bias + 16 * v) : hz_splat(0.0f);
-    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    hz_v16 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = hz_load(b + k * 16 * NV + 16 * v);
-    for (int m = 0; m < MR; ++m) {
-      const float x = a[m * lda + k];
-      for (int v = 0; v < NV; ++v) acc[m][v] += x * w[v];
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) {
-      const hz_v16 y = hz_act<ACT>(acc[m][v]);
-      hz_store(c + m * ldc + 16 * v, res ? y + hz_load(res + m * ldr + 16 * v) : y);
-    }
-}
-
-template <int NV, int ACT>
-HZ_AVX512 static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, int64_t K, const float* bias,
-                                 const float* res, int64_t ldr, float* c, int64_t ldc) {
-#define HZ_PANEL_TILE(MR) panel_tile<MR, NV, ACT>(a + m * lda, lda, b, K, bias, res ? res + m * ldr : nullptr, ldr, \
-                                                  c + m * ldc, ldc)
-  int64_t m = 0;
-  for (; m + 6 <= M; m += 6) HZ_PANEL_TILE(6);
-  switch (M - m) {
-    case 5: HZ_PANEL_TILE(5); break;
-    case 4: HZ_PANEL_TILE(4); break;
-    case 3: HZ_PANEL_TILE(3); break;
-    case 2: HZ_PANEL_TILE(2); break;
-    case 1: HZ_PANEL_TILE(1); break;
-    default: break;
-  }
-#undef HZ_PANEL_TILE
-}
-
-template <int ACT>
-static void panel_linear_act(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
-                             const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    const int64_t nb = std::min<int64_t>(64, N - n0);
-    const float* bp = panels + n0 * K;
-    const float* b0 = bias ? bias + n0 : nullptr;
-    const float* r0 = res ? res + n0 : nullptr;
-    switch (nb / 16) {
-      case 4: panel_rows<4, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
-      case 3: panel_rows<3, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
-      case 2: panel_rows<2, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
-      default: panel_rows<1, ACT>(a, lda, M, bp, K, b0, r0, ldr, c + n0, ldc); break;
-    }
-  }
-}
-
-// c (M, N; row stride ldc) = act(a (M, K; row stride lda) · Wᵀ + bias) (+ res, row stride ldr), W packed by
-// pack_panels
-static void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
-                         const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
-                         int act = ACT_NONE) {
-  switch (act) {
-    case ACT_GELU: panel_linear_act<ACT_GELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
-    case ACT_GELU_TANH: panel_linear_act<ACT_GELU_TANH>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
-    case ACT_RELU: panel_linear_act<ACT_RELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
-    case ACT_SWISH: panel_linear_act<ACT_SWISH>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
-    default: panel_linear_act<ACT_NONE>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
-  }
-}
-
-// y = LayerNorm(x) over rows of C values (C a multiple of 16; w, b optional): ATen's LayerNorm costs ~16 µs a call
-// on a thread's 98 rows of 192, mostly outside the arithmetic, 20 calls per thread in a ConViT-Ti forward
-HZ_AVX512 static void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b,
-                                      double eps, float* y) {
-  for (int64_t r = 0; r < n; ++r) {
-    const float* xr = x + r * C;
-    float* yr = y + r * C;
-    hz_v16 sum = hz_splat(0.0f);
-    for (int64_t c = 0; c < C; c += 16) sum += hz_load(xr + c);
-    const float mean = hz_all_sum(sum)[0] / static_cast<float>(C);
-    hz_v16 sq = hz_splat(0.0f);
-    for (int64_t c = 0; c < C; c += 16) {
-      const hz_v16 t = hz_load(xr + c) - mean;
-      sq += t * t;
-    }
-    const float rstd = 1.0f / std::sqrt(hz_all_sum(sq)[0] / static_cast<float>(C) + static_cast<float>(eps));
-    for (int64_t c = 0; c < C; c += 16) {
-      hz_v16 t = (hz_load(xr + c) - mean) * rstd;
-      if (w) t *= hz_load(w + c);
-      if (b) t += hz_load(b + c);
-      hz_store(yr + c, t);
-    }
-  }
-}
 
 // OneDNNLinear's post-op names (act, algorithm) as panel_linear's activations; op names the caller in the error
 static int panel_act(const char* op, const std::string& act, const std::string& algorithm) {
@@ -828,7 +1046,7 @@ static int64_t check_panels(const char* op, const at::Tensor& panels, int64_t K,
 // y = act(x · Wᵀ + b) over the rows of x (..., K), W packed by pack_panels, in blocks of rows over the threads
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
                        const std::string& act, const std::string& algorithm) {
-  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::rows_linear needs a CPU with AVX-512 (see attention_supported)");
+  check_isa("rows_linear");
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.size(-1) > 0,
               "hybridzoo_native::rows_linear: x must be float32 (..., K), got ", x.sizes(), " ", x.scalar_type());
   const int64_t K = x.size(-1);
@@ -854,36 +1072,12 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10:
   return out;
 }
 
-// ---- depthwise 3×3 convolution, channels-last --------------------------------------------------------------------
-// One output row of one image: for every pixel and every 16 channels, the 9 taps (zero padding of 1, stride s)
-// accumulated in a register from the bias, the activation applied, stored. At batch 1 oneDNN spends ~90 µs a call
-// on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs.
-template <int ACT>
-HZ_AVX512 static void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9,
-                                    const float* bias, int64_t stride, int64_t ho, int64_t Wo, float* y) {
-  for (int64_t wo = 0; wo < Wo; ++wo) {
-    float* out = y + wo * C;
-    for (int64_t c = 0; c < C; c += 16) {
-      hz_v16 acc = bias ? hz_load(bias + c) : hz_splat(0.0f);
-      for (int64_t kh = 0; kh < 3; ++kh) {
-        const int64_t hi = ho * stride - 1 + kh;
-        if (hi < 0 || hi >= H) continue;
-        for (int64_t kw = 0; kw < 3; ++kw) {
-          const int64_t wi = wo * stride - 1 + kw;
-          if (wi < 0 || wi >= W) continue;
-          acc += hz_load(x + (hi * W + wi) * C + c) * hz_load(w9 + (kh * 3 + kw) * C + c);
-        }
-      }
-      hz_store(out + c, hz_act<ACT>(acc));
-    }
-  }
-}
 
 // y = act(depthwise 3×3 convolution of x, padding 1, stride 1 or 2, + bias): x (B, C, H, W) channels-last, C a
 // multiple of 16; w9 (9, C) the taps of each channel, row kh·3 + kw; y channels-last
 at::Tensor depthwise3x3(const at::Tensor& x, const at::Tensor& w9, const c10::optional<at::Tensor>& bias,
                         int64_t stride, const std::string& act, const std::string& algorithm) {
-  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::depthwise3x3 needs a CPU with AVX-512 (see attention_supported)");
+  check_isa("depthwise3x3");
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast)
               && x.size(1) % 16 == 0 && x.size(1) > 0,
               "hybridzoo_native::depthwise3x3: x must be a channels-last float32 (B, C, H, W) map with C a multiple "
@@ -922,13 +1116,14 @@ at::Tensor depthwise3x3(const at::Tensor& x, const at::Tensor& w9, const c10::op
   return y;
 }
 
+
 // A convolution whose kernel is its stride (a ViT's patch embedding) is a product of the image's patches, each
 // flattened (channel, row, column) as the weight is, with the weight. Each block of patch rows is gathered from the
 // image (NCHW) into a scratch block and multiplied by the panels; the output comes tokens first (B, Hp·Wp, N), the
 // layout the blocks read. One pass over the image instead of oneDNN's channels-last copy and convolution.
 at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
                        int64_t ph, int64_t pw) {
-  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::patch_embed needs a CPU with AVX-512 (see attention_supported)");
+  check_isa("patch_embed");
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "hybridzoo_native::patch_embed: x must be a float32 "
               "batch of images (B, C, H, W), got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(ph > 0 && pw > 0 && x.size(2) >= ph && x.size(3) >= pw, "hybridzoo_native::patch_embed: patches of ",
@@ -981,7 +1176,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
                         c10::IntArrayRef heads, c10::ArrayRef<double> scales, c10::ArrayRef<double> eps,
                         const std::vector<std::string>& acts, const std::vector<std::string>& algorithms,
                         const std::vector<c10::optional<at::Tensor>>& pos) {
-  TORCH_CHECK(HZ_HAS_AVX512, "hybridzoo_native::token_blocks needs a CPU with AVX-512 (see attention_supported)");
+  check_isa("token_blocks");
   const int64_t L = static_cast<int64_t>(heads.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(params.size()) == BLOCK_PARAMS * L
               && static_cast<int64_t>(scales.size()) == L && static_cast<int64_t>(eps.size()) == 2 * L
@@ -1101,7 +1296,25 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
   return out;
 }
 
-bool attention_supported() { return HZ_HAS_AVX512; }
+bool attention_supported() { return hz_level.load() > 0; }
+
+// the instruction set the kernels run with: "avx512", "avx2" or "none"
+std::string isa() {
+  const int level = hz_level.load();
+  return level == 2 ? "avx512" : level == 1 ? "avx2" : "none";
+}
+
+// run the kernels with a narrower instruction set than the CPU's best ("avx2" on an AVX-512 machine, "none"), or
+// back with the best ("best"); tests use it to cover the AVX2 kernels on AVX-512 machines
+std::string set_isa(const std::string& name) {
+  const int best = HZ_HAS_AVX512 ? 2 : HZ_HAS_AVX2 ? 1 : 0;
+  const int want = name == "avx512" ? 2 : name == "avx2" ? 1 : name == "none" ? 0 : name == "best" ? best : -1;
+  TORCH_CHECK(want >= 0, "hybridzoo_native::set_isa: expected avx512, avx2, none or best, got ", name);
+  TORCH_CHECK(want <= best, "hybridzoo_native::set_isa: this CPU cannot run the ", name, " kernels (best: ",
+              best == 2 ? "avx512" : best == 1 ? "avx2" : "none", ")");
+  hz_level.store(want);
+  return isa();
+}
 
 TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_(Tensor(a!) x, Tensor s1, Tensor s2) -> Tensor(a!)");
@@ -1111,6 +1324,8 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("attention_supported() -> bool", &attention_supported);
+  m.def("isa() -> str", &isa);
+  m.def("set_isa(str name) -> str", &set_isa);
   m.def("pack_panels(Tensor w) -> Tensor");
   m.def("rows_linear(Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) -> Tensor");
   m.def("patch_embed(Tensor x, Tensor panels, Tensor? bias, int ph, int pw) -> Tensor");
@@ -1132,6 +1347,18 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("token_blocks", &token_blocks);
 }
 """
+
+
+def _isa_section(target: str, namespace: str, vectors: str, what: str) -> str:
+    """The kernels compiled for `target` (GCC's target pragma, x86-64 only) in namespace `namespace`."""
+    return (f"// ---- the kernels for {what} {'-' * (100 - len(what))}\n"
+            f'#if HZ_X86\n#pragma GCC push_options\n#pragma GCC target("{target}")\n#endif\n'
+            f"namespace {namespace} {{\n{vectors}{_KERNELS}}}  // namespace {namespace}\n"
+            "#if HZ_X86\n#pragma GCC pop_options\n#endif\n")
+
+
+_SOURCE = (_PRELUDE + _isa_section("avx512f", "wide", _WIDE, "AVX-512")
+           + _isa_section("avx2,fma", "narrow", _NARROW, "AVX2 with FMA") + _OPS)
 
 _FLAGS = ["-O3", "-fopenmp"]
 
@@ -1253,12 +1480,30 @@ def dyrelu_(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor
 
 
 def attention_supported() -> bool:
-    """True when the kernels are loaded and the CPU can run the attention kernels (AVX-512)."""
+    """True when the kernels are loaded and the CPU can run the attention, product, depthwise and token-block
+    kernels (AVX-512, or AVX2 with FMA)."""
     if not available():
         return False
     if "attention" not in _STATE:
         _STATE["attention"] = bool(_STATE["ops"].attention_supported())
     return _STATE["attention"]
+
+
+def isa() -> str:
+    """The instruction set those kernels run with: "avx512", "avx2" or "none" ("none" also when not loaded)."""
+    return str(_STATE["ops"].isa()) if available() else "none"
+
+
+def set_isa(name: str) -> str:
+    """Run those kernels with `name` ("avx512", "avx2", "none") instead of the CPU's best, or with the best again
+    ("best"); for tests and benchmarks (the AVX2 kernels on an AVX-512 machine). Returns the one now in use.
+    Layers prepared before keep the weights they packed; they call the kernels with the new set. Raises where the
+    CPU lacks `name` or the kernels are not loaded."""
+    if not load():
+        raise RuntimeError("hybridzoo's native kernels are not loaded (HYBRIDZOO_NATIVE=0, or the build failed)")
+    now = str(_STATE["ops"].set_isa(name))
+    _STATE["attention"] = now != "none"
+    return now
 
 
 def pack_panels(w: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ def onednn_bf16_available() -> bool:
 
 
 def _native_call(x: torch.Tensor) -> bool:
-    """Whether a frozen layer prepared for the AVX-512 native kernels (products on panels, patch embeddings,
+    """Whether a frozen layer prepared for the native kernels (products on panels, patch embeddings,
     depthwise convolutions) may call them with x now: a plain fp32 tensor, no tracer or compiler watching (to them
     the kernels are opaque calls: oneDNN's ops stay), the kernels still on (HYBRIDZOO_NATIVE)."""
     return (x.dtype == torch.float32 and type(x) is torch.Tensor and native.attention_supported()
@@ -166,7 +166,7 @@ class OneDNNConv2d(nn.Module):
     A 1×1, stride-1, ungrouped convolution without a residual runs as oneDNN's inner product over the
     channels-last pixels (`pointwise`), which is as fast as the shape-packed convolution at these shapes.
 
-    On CPUs with AVX-512, in fp32 (`_native_call`): the pointwise product runs on the native panel kernel, a
+    On CPUs with AVX-512 or AVX2, in fp32 (`_native_call`): the pointwise product runs on the native panel kernel, a
     patch embedding (kernel = stride, `patchify`) on `native.patch_embed` and a depthwise 3×3 convolution on
     `native.depthwise3x3`, where their activation has an epilogue there and the outputs are a multiple of 16.
     """
@@ -368,7 +368,7 @@ _TINY_ACT = {"none": lambda y, alg: y, "relu": lambda y, alg: y.relu_(),
 
 
 class OneDNNLinear(nn.Module):
-    """y = act(x·Wᵀ + b) through oneDNN with W pre-packed; in fp32 on CPUs with AVX-512, with a multiple of 16
+    """y = act(x·Wᵀ + b) through oneDNN with W pre-packed; in fp32 on CPUs with AVX-512 or AVX2, with a multiple of 16
     outputs, through the native panel product instead (`native.rows_linear`, W packed in its panels; `panels`).
 
     act: "none", "gelu" (algorithm "none" = exact erf, "tanh"), "relu" or "swish" (x·σ(x)).
@@ -393,8 +393,9 @@ class OneDNNLinear(nn.Module):
             raise ValueError(f"OneDNNLinear packs float32 or bfloat16 weights, got dtype={dtype}")
         self.dtype = dtype
         self.packed_bias = bias
-        # fp32 products on AVX-512 CPUs run on the native panel kernel (`native.rows_linear`): 1.0-1.27× oneDNN's
-        # packed product at every size we measured, most at a few hundred rows on two threads (batch 1); oneDNN's
+        # fp32 products run on the native panel kernel (`native.rows_linear`): 1.0-1.27× oneDNN's packed product
+        # on the Zen 4 EPYC (AVX-512) at every size we measured, most at a few hundred rows on two threads (batch 1),
+        # 0.95-1.3× on a Zen 3 EPYC (AVX2; level at the largest, ahead at the smaller products); oneDNN's
         # copy is then packed only if a call needs it (HYBRIDZOO_NATIVE=0 set later, a tracer, a compiler)
         self.panels = None
         if dtype is torch.float32 and self.out_features % 16 == 0 and native.load() and native.attention_supported():

@@ -113,7 +113,7 @@ def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torc
     each block takes after x, such as ConViT's relative indices) applied to one image's tokens x (1×N×C) by
     `threads` threads, each taking a contiguous share of the N rows through every block with one thread's kernels.
 
-    Where the native kernels run every part of the blocks (`_native_args`: AVX-512, fp32 products packed by
+    Where the native kernels run every part of the blocks (`_native_args`: AVX-512 or AVX2, fp32 products packed by
     `optimize_for_cpu_inference`, head dims with an attention kernel, no hooks on the blocks' modules), the whole
     stack is one call of `native.token_blocks`: an OpenMP team of `threads` meeting at one barrier per block, with
     no Python between the kernels. Otherwise Python threads run the shares, one intra-op thread each."""
