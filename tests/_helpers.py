@@ -54,11 +54,13 @@ def small_transformer(name: str, img_size: int, embed_dim: int, depth: int, num_
 @contextlib.contextmanager
 def kernels_with_isa(native, isa: str):
     """The loaded native kernels (`hybridzoo.layers.native`) running with instruction set `isa` ("avx512",
-    "avx2") for the duration, the CPU's best again after; skips the test where the CPU lacks it."""
+    "avx2", "none": the ATen fallbacks of the ops that have one) for the duration, the CPU's best again after;
+    skips the test where the CPU lacks it."""
     import pytest
 
     best = native.set_isa("best")
-    if {"avx512": 2, "avx2": 1}[isa] > {"avx512": 2, "avx2": 1, "none": 0}[best]:
+    levels = {"avx512": 2, "avx2": 1, "none": 0}
+    if levels[isa] > levels[best]:
         pytest.skip(f"this CPU cannot run the {isa} kernels (best: {best}); they run on CPUs that can")
     native.set_isa(isa)
     try:

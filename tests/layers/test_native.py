@@ -127,12 +127,16 @@ def test_frozen_mobile_former_calls_the_kernel_and_computes_the_same(built, batc
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "none"])
 @pytest.mark.parametrize("lead", [(1,), (6,), (1, 6), (2, 3), (7,), (8,), (13,), (2, 0)])
 @pytest.mark.parametrize("k, n", [(192, 192), (48, 2304), (385, 96), (1, 16), (192, 48)])
-def test_tiny_linear_is_the_linear(built, lead, k, n):
+def test_tiny_linear_is_the_linear(built, lead, k, n, isa):
+    """With each instruction set (its tiles of 4 and of 1 vector of 16 columns, 6, 2 and 1 rows), and ATen's
+    product on CPUs with neither."""
     torch.manual_seed(k + n)
     x, w, b = torch.randn(*lead, k), torch.randn(n, k) / k ** 0.5, torch.randn(n)
-    y = built.tiny_linear(x, w.t().contiguous(), b)
+    with kernels_with_isa(built, isa):
+        y = built.tiny_linear(x, w.t().contiguous(), b)
     assert y.shape == (*lead, n)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 

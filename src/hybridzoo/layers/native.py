@@ -61,8 +61,8 @@ __all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend",
 
 NAMESPACE = "hybridzoo_native"
 
-# The C++ source, composed below: the prelude (includes, the instruction-set switch, the dynamic ReLU and the tiny
-# product); the kernels (attention forward and backward, panel products, LayerNorm, depthwise), written once on a
+# The C++ source, composed below: the prelude (includes, the instruction-set switch, the dynamic ReLU); the kernels
+# (attention forward and backward, panel and tiny products, LayerNorm, depthwise), written once on a
 # 16-float vector type `vec` and compiled twice, for AVX-512 (`vec` one register) and for AVX2 with FMA (`vec` a pair of
 # 8-float registers), each in a namespace of its own with its register blocking (HzTiles<VR>); then the operators,
 # which call the kernels of the instruction set in use.
@@ -71,6 +71,7 @@ _PRELUDE = r"""#include <torch/library.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/addmm.h>
 #include <omp.h>
 #include <atomic>
 #include <exception>
@@ -192,64 +193,6 @@ at::Tensor dyrelu_(at::Tensor x, const at::Tensor& s1, const at::Tensor& s2) {
   return x;
 }
 
-// y[MR rows, 16·NV columns from n0] = x·wt + b, the accumulators in registers (AVX-512: 6 × 4 vectors of 16)
-typedef float hz_v16 __attribute__((vector_size(64)));
-
-template <int MR, int NV>
-HZ_CLONES static void tiny_tile(const float* __restrict x, int64_t K, const float* __restrict wt, int64_t N,
-                                const float* __restrict b, float* __restrict y, int64_t n0) {
-  hz_v16 acc[MR][NV];
-  for (int v = 0; v < NV; ++v) {
-    hz_v16 bv;
-    std::memcpy(&bv, b + n0 + 16 * v, sizeof bv);
-    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    hz_v16 w[NV];
-    for (int v = 0; v < NV; ++v) std::memcpy(&w[v], wt + k * N + n0 + 16 * v, sizeof w[v]);
-    for (int m = 0; m < MR; ++m) {
-      const float xv = x[m * K + k];
-      for (int v = 0; v < NV; ++v) acc[m][v] += xv * w[v];
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) std::memcpy(y + m * N + n0 + 16 * v, &acc[m][v], sizeof acc[m][v]);
-}
-
-template <int MR>
-static void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y) {
-  int64_t n0 = 0;
-  for (; n0 + 64 <= N; n0 += 64) tiny_tile<MR, 4>(x, K, wt, N, b, y, n0);
-  for (; n0 < N; n0 += 16) tiny_tile<MR, 1>(x, K, wt, N, b, y, n0);
-}
-
-// A product with a handful of rows (Mobile-Former's 6 tokens, one class token): y = x·wt + b, wt (K, N) the
-// transposed weight, N a multiple of 16. On the calling thread: at this size MKL's and oneDNN's fixed costs per
-// call are most of theirs, and a second thread only adds its start.
-at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& b) {
-  TORCH_CHECK(wt.dim() == 2 && wt.scalar_type() == at::kFloat && wt.is_contiguous() && wt.size(1) % 16 == 0,
-              "hybridzoo_native::tiny_linear: wt must be a contiguous float32 (K, N) with N a multiple of 16, got ",
-              wt.sizes());
-  const int64_t K = wt.size(0), N = wt.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "hybridzoo_native::tiny_linear: x must be contiguous float32 with last dimension ", K, ", got ",
-              x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.scalar_type() == at::kFloat && b.is_contiguous(),
-              "hybridzoo_native::tiny_linear: b must be a contiguous float32 (", N, "), got ", b.sizes());
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
-  const int64_t M = K ? x.numel() / K : 0;
-  const float* px = x.data_ptr<float>();
-  const float* pw = wt.data_ptr<float>();
-  const float* pb = b.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  int64_t m = 0;
-  for (; m + 6 <= M; m += 6) tiny_rows<6>(px + m * K, K, pw, N, pb, py + m * N);
-  for (; m + 2 <= M; m += 2) tiny_rows<2>(px + m * K, K, pw, N, pb, py + m * N);
-  for (; m < M; ++m) tiny_rows<1>(px + m * K, K, pw, N, pb, py + m * N);
-  return y;
-}
 """
 
 # AVX-512: the vector type and the lane operations the kernels use
@@ -705,6 +648,16 @@ static void panel_rows(HZ_PANEL_ROWS_ARGS) {
 }
 #undef HZ_PANEL_ROWS_ARGS
 
+// y (MR rows, N) = x · wt + b for a handful of rows, wt (K, N) the transposed weight read in place (row stride N)
+template <int MR>
+static void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y) {
+  constexpr int TV = HzTiles<VR>::panel_vectors;
+  int64_t n0 = 0;
+  for (; n0 + 16 * TV <= N; n0 += 16 * TV)
+    panel_tile<MR, TV, ACT_NONE>(x, K, wt + n0, N, K, b + n0, nullptr, 0, y + n0, N);
+  for (; n0 < N; n0 += 16) panel_tile<MR, 1, ACT_NONE>(x, K, wt + n0, N, K, b + n0, nullptr, 0, y + n0, N);
+}
+
 template <int ACT>
 static void panel_linear_act(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
                              const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
@@ -830,7 +783,45 @@ static void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const
                           int64_t stride, int64_t ho, int64_t Wo, float* y) {
   HZ_DISPATCH(depthwise_row<ACT>(x, H, W, C, w9, bias, stride, ho, Wo, y));
 }
+
+template <int MR>
+static void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y) {
+  HZ_DISPATCH(tiny_rows<MR>(x, K, wt, N, b, y));
+}
 #undef HZ_DISPATCH
+
+// A product with a handful of rows (Mobile-Former's 6 tokens, one class token): y = x·wt + b, wt (K, N) the
+// transposed weight, N a multiple of 16. On the calling thread: at this size MKL's and oneDNN's fixed costs per
+// call are most of theirs, and a second thread only adds its start.
+at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& b) {
+  TORCH_CHECK(wt.dim() == 2 && wt.scalar_type() == at::kFloat && wt.is_contiguous() && wt.size(1) % 16 == 0,
+              "hybridzoo_native::tiny_linear: wt must be a contiguous float32 (K, N) with N a multiple of 16, got ",
+              wt.sizes());
+  const int64_t K = wt.size(0), N = wt.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "hybridzoo_native::tiny_linear: x must be contiguous float32 with last dimension ", K, ", got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.scalar_type() == at::kFloat && b.is_contiguous(),
+              "hybridzoo_native::tiny_linear: b must be a contiguous float32 (", N, "), got ", b.sizes());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t M = K ? x.numel() / K : 0;
+  if (hz_level.load(std::memory_order_relaxed) == 0) {   // a CPU without AVX2: ATen's product
+    at::Tensor rows = y.view({M, N});
+    at::addmm_out(rows, b, x.reshape({M, K}), wt);
+    return y;
+  }
+  const float* px = x.data_ptr<float>();
+  const float* pw = wt.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) tiny_rows<6>(px + m * K, K, pw, N, pb, py + m * N);
+  for (; m + 2 <= M; m += 2) tiny_rows<2>(px + m * K, K, pw, N, pb, py + m * N);
+  for (; m < M; ++m) tiny_rows<1>(px + m * K, K, pw, N, pb, py + m * N);
+  return y;
+}
 
 static void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_isa(op);
