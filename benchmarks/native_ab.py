@@ -2,7 +2,7 @@
 
     python benchmarks/native_ab.py [--model mobile_former_294m] [--batch 32 1] [--rounds 7] [--threads 2]
 
-Builds the kernels if they are not in the cache yet (about 30 s), prepares the model once with
+Builds the kernels if they are not in the cache yet (about 80 s), prepares the model once with
 `optimize_for_cpu_inference`, checks that its output is the same with the kernels and without (HYBRIDZOO_NATIVE=0
 at call time: the ATen / MKL / oneDNN calls; fp32 rounding apart, since the tiny products sum in another order),
 then times both in alternating rounds and prints the per-round speed-up: median and range.

@@ -28,7 +28,7 @@ with a register blocking of its own (32 registers of 16 floats, or 16 of 8); the
 They are registered as PyTorch operators (``torch.ops.hybridzoo_native.*``), so the dispatcher,
 `TorchDispatchMode` recorders and `benchmarks/ceiling.py` see them like any ATen call.
 
-They are built with `torch.utils.cpp_extension` the first time a model that uses them is prepared (about 45 s;
+They are built with `torch.utils.cpp_extension` the first time a model that uses them is prepared (about 80 s;
 a C++ compiler and ninja are needed then) into ``$HYBRIDZOO_CACHE/native/`` (default ``~/.cache/hybridzoo``),
 one folder per PyTorch version, Python version and kernel source. Later processes load the compiled library
 from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
@@ -1412,7 +1412,7 @@ def _build(folder: Path) -> None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
     folder.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(folder)
-    print(f"hybridzoo: compiling native CPU kernels once (about 45 s) into {folder}; HYBRIDZOO_NATIVE=0 skips "
+    print(f"hybridzoo: compiling native CPU kernels once (about 80 s) into {folder}; HYBRIDZOO_NATIVE=0 skips "
           "them", file=sys.stderr, flush=True)
     load_inline(NAMESPACE, cpp_sources=_SOURCE, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                 build_directory=str(folder), is_python_module=False, verbose=False)

@@ -158,7 +158,8 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
 
     `native_attention`: the attention modules that can (`layers.attention.Attention`, ConViT's GPSA, CvT's) run
     through the native forward and backward kernels (`layers.native.attend`; compiled at the first call of a
-    process that has none cached, about 45 s), where they build and the CPU has AVX-512; elsewhere SDPA stays.
+    process that has none cached, about 80 s), where they build and the CPU has AVX-512 or AVX2; elsewhere SDPA
+    stays.
 
     Subclasses of `nn.Linear` are left alone (they may override forward). Parameters, buffers, the state
     dict and an optimiser built on the model are unaffected. Without oneDNN this is a no-op."""
