@@ -346,6 +346,25 @@ def test_attention_names_what_is_wrong(attn, bad, words):
     assert words in str(e.value)
 
 
+@needs_kernels
+def test_the_instruction_set_can_be_lowered_not_raised_and_names_what_is_wrong(built):
+    best = built.set_isa("best")
+    assert best in {"avx512", "avx2", "none"} and built.isa() == best
+    assert built.attention_supported() == (best != "none")
+    try:
+        assert built.set_isa("none") == "none" and not built.attention_supported()
+        with pytest.raises(RuntimeError, match="expected avx512, avx2, none or best, got sse4"):
+            built.set_isa("sse4")
+        if best != "avx512":
+            with pytest.raises(RuntimeError, match=f"cannot run the avx512 kernels \\(best: {best}\\)"):
+                built.set_isa("avx512")
+        x = torch.randn(4, 32)
+        with pytest.raises(RuntimeError, match="needs a CPU with AVX-512 or AVX2 with FMA"):
+            built._STATE["ops"].rows_linear(x, built.pack_panels(torch.randn(16, 32)), None, "none", "")
+    finally:
+        assert built.set_isa("best") == best and built.attention_supported() == (best != "none")
+
+
 def test_attention_applies_only_where_it_can(monkeypatch):
     """Not for another dtype or head dim, under a tracer or a compiler (no shape function), on a tensor subclass,
     without AVX-512 or with the kernels switched off; with a gradient to take it does (`attend` has a backward)."""

@@ -443,11 +443,10 @@ HZ_INLINE void pack_transposed(const float* src, int64_t ss, int64_t N,
 
 // query rows [i0, i1) of one head, head dim 16·DV; kt (16·DV × Np) and s (8 × Np) are scratch. AVX-512: R × max(NV,
 // DV) accumulators, 24 of the 32 registers; AVX2: 6 rows × 16 columns, 12 of the 16 (each vector of 16 is two).
-#define HZ_ATTEND_HEAD_ARGS const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv, \
-    const float *pos, int64_t sp, float *o, int64_t so, int64_t i0, int64_t i1, int64_t N, float scale, float *kt, \
-    float *s, float *lse
 template <int DV>
-static void attend_head(HZ_ATTEND_HEAD_ARGS) {
+static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
+                        const float* pos, int64_t sp, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N,
+                        float scale, float* kt, float* s, float* lse) {
   constexpr int64_t d = 16 * DV;
   constexpr int R = HzTiles<VR>::template attn_rows<DV>();
   constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
@@ -459,7 +458,6 @@ static void attend_head(HZ_ATTEND_HEAD_ARGS) {
   HZ_ROW_TILES(HZ_ROWS, i0, i1);
 #undef HZ_ROWS
 }
-#undef HZ_ATTEND_HEAD_ARGS
 
 // acc[j, 16·DV] += Σ_r a[r, j] · x[r, 16·DV] for j < N: the R rows of x held in registers (CH vectors of 16
 // columns at a time), one pass over acc per chunk
@@ -520,11 +518,10 @@ HZ_INLINE void attend_rows_back(
 }
 
 // the backward of attend_head for all n query rows of one head (register blocking as there)
-#define HZ_ATTEND_BACK_ARGS const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv, \
-    const float *o, const float *dout, int64_t so, const float *lse, float *dq, float *dk, float *dv, int64_t sg, \
-    int64_t n, int64_t N, float scale, float *scratch
 template <int DV>
-static void attend_head_back(HZ_ATTEND_BACK_ARGS) {
+static void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
+                             const float* o, const float* dout, int64_t so, const float* lse, float* dq, float* dk,
+                             float* dv, int64_t sg, int64_t n, int64_t N, float scale, float* scratch) {
   constexpr int64_t d = 16 * DV;
   constexpr int R = HzTiles<VR>::template attn_rows<DV>();
   constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
@@ -556,7 +553,6 @@ static void attend_head_back(HZ_ATTEND_BACK_ARGS) {
       hz_store(dv + j * sg + 16 * u, hz_load(accv + j * d + 16 * u));
     }
 }
-#undef HZ_ATTEND_BACK_ARGS
 
 // GELU(x) = x/2 · (1 + erf(x/√2)), erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, the
 // approximation oneDNN's gelu_erf post-op uses), e^(−z²) by hz_exp
@@ -625,10 +621,9 @@ HZ_INLINE void panel_tile(const float* a, int64_t lda, const float* b, int64_t l
 
 // the M rows of a against one panel of 16·NV columns, 6 rows at a time; each tile TV vectors of 16 columns wide
 // (AVX-512: the whole panel, 24 accumulators of 32 registers; AVX2: 16 columns, 12 of 16)
-#define HZ_PANEL_ROWS_ARGS const float *a, int64_t lda, int64_t M, const float *b, int64_t K, const float *bias, \
-    const float *res, int64_t ldr, float *c, int64_t ldc
 template <int NV, int ACT>
-static void panel_rows(HZ_PANEL_ROWS_ARGS) {
+static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, int64_t K, const float* bias,
+                       const float* res, int64_t ldr, float* c, int64_t ldc) {
   constexpr int TV = NV < HzTiles<VR>::panel_vectors ? NV : HzTiles<VR>::panel_vectors;
 #define HZ_PANEL_TILE(MR)                                                                                 \
   for (int v0 = 0; v0 < NV; v0 += TV)                                                                     \
@@ -646,7 +641,6 @@ static void panel_rows(HZ_PANEL_ROWS_ARGS) {
   }
 #undef HZ_PANEL_TILE
 }
-#undef HZ_PANEL_ROWS_ARGS
 
 // y (MR rows, N) = x · wt + b for a handful of rows, wt (K, N) the transposed weight read in place (row stride N)
 template <int MR>
@@ -719,10 +713,9 @@ static void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w
 // One output row of one image: for every pixel and every 16 channels, the 9 taps (zero padding of 1, stride s)
 // accumulated in a register from the bias, the activation applied, stored. At batch 1 oneDNN spends ~90 µs a call
 // on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs.
-#define HZ_DW_ARGS const float *x, int64_t H, int64_t W, int64_t C, const float *w9, const float *bias, \
-    int64_t stride, int64_t ho, int64_t Wo, float *y
 template <int ACT>
-static void depthwise_row(HZ_DW_ARGS) {
+static void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias,
+                          int64_t stride, int64_t ho, int64_t Wo, float* y) {
   for (int64_t wo = 0; wo < Wo; ++wo) {
     float* out = y + wo * C;
     for (int64_t c = 0; c < C; c += 16) {
@@ -740,7 +733,6 @@ static void depthwise_row(HZ_DW_ARGS) {
     }
   }
 }
-#undef HZ_DW_ARGS
 """
 
 _OPS = r"""
