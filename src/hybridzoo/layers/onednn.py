@@ -375,7 +375,8 @@ class OneDNNLinear(nn.Module):
     `scale` multiplies W and `bias_scale` (default: `scale`) b before packing (QuickGELU folding).
     `weight` / `bias` keep the original, unscaled tensors (code that reads `layer.weight` directly keeps
     working; the layer's own forward uses the packed copy). `dtype=torch.bfloat16` packs W in bf16: fp32
-    or bf16 inputs are cast to bf16 and the output is bf16 (the bias stays fp32; oneDNN adds it exactly).
+    or bf16 inputs are cast to bf16 and the output is bf16 (the bias stays fp32; oneDNN adds it exactly; on CPUs
+    without oneDNN bf16 kernels, ATen's bf16 product takes a bf16 bias).
     """
 
     def __init__(self, linear: nn.Linear, act: str = "none", algorithm: str = "", batch_hint: int | None = None,
