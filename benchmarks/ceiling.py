@@ -269,12 +269,12 @@ def training_step(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Call
 
 
 def measure(name: str, batch: int, threads: int, reps: int, peak: Callable[[], float], img: int = 224,
-            rounds: int = 3, train: bool = False) -> dict[str, Any]:
+            rounds: int = 3, train: bool = False, call_seconds: float = 0.01) -> dict[str, Any]:
     """One model at one batch size, its inference path or (`train`) a training step. Every round measures the
-    GEMM peak, our step, the calls in order, every distinct call hot at `threads` and at one thread, and the peak
-    again (at one thread, then at `threads`); each round's times become shares of that round's peak, and the
-    figures are the medians over the rounds (the machine's speed moves by a fifth within minutes,
-    benchmarks/RESULTS.md)."""
+    GEMM peak, our step, the calls in order, every distinct call hot at `threads` and at one thread (each timing
+    at least `call_seconds` of back-to-back calls), and the peak again (at one thread, then at `threads`); each
+    round's times become shares of that round's peak, and the figures are the medians over the rounds (the
+    machine's speed moves by a fifth within minutes, benchmarks/RESULTS.md)."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, img, img)
     model = create_model(name)
@@ -290,14 +290,14 @@ def measure(name: str, batch: int, threads: int, reps: int, peak: Callable[[], f
         r = {"peak": peak(), "measured_s": time_step(step, threads, reps)}
         r["in_order_team_s"] = time_in_order(rec.order, threads, max(1, reps // 3))
         for c in calls:
-            c.seconds[threads] = replay(c, threads)
+            c.seconds[threads] = replay(c, threads, call_seconds)
         torch.set_num_threads(1)
         # as a batch split runs it: each thread the calls of its share, on one thread, perfectly divided
         r["in_order_split_s"] = time_in_order(rec.order, 1, max(1, reps // 3)) / threads
         r["in_order_s"] = min(r["in_order_team_s"], r["in_order_split_s"])
         if threads > 1:
             for c in calls:
-                c.seconds[1] = replay(c, 1)
+                c.seconds[1] = replay(c, 1, call_seconds)
         r["peak_1thread"] = peak()
         torch.set_num_threads(threads)
         r["peak"] = (r["peak"] + peak()) / 2
