@@ -67,3 +67,25 @@ def kernels_with_isa(native, isa: str):
         yield native
     finally:
         native.set_isa("best")
+
+
+def small_sr_val_folder(folder, count: int = 3, size: tuple[int, int] = (40, 48)):
+    """`count` HR crops (h × w, even sides) of the built-in test photographs as PNGs in `folder`, for
+    `--val-data`: the built-in photographs evaluated whole cost seconds per pass at every epoch and at the end
+    of a run; what a test of the engine's SR path checks does not need them. Returns the folder."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from hybridzoo.data.super_resolution import builtin_images
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, names = builtin_images("test")
+    h, w = size
+    for i in range(count):
+        img = images[i % len(images)]
+        top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2 + 7 * i
+        Image.fromarray(np.ascontiguousarray(img[top:top + h, left:left + w])).save(folder / f"{names[i % len(names)]}_{i}.png")
+    return folder

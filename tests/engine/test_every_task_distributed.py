@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import small_sr_val_folder  # tests/conftest.py puts tests/ on sys.path
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "hz_tiny_models.py"
@@ -41,13 +42,16 @@ def _free_port() -> int:
 
 
 def _argv(task: str, out: Path) -> list[str]:
-    return ["train", "--task", task, *COMMON, *TASKS[task], "--output", str(out)]
+    # super-resolution validates on small crops written beside the run (small_sr_val_folder), not the photographs
+    extra = ["--val-data", str(out.parent / "sr_val")] if task == "super-resolution" else []
+    return ["train", "--task", task, *COMMON, *TASKS[task], *extra, "--output", str(out)]
 
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("task_name", sorted(TASKS))
 def test_torchrun_two_processes_match_one(task_name, tmp_path):
     out = tmp_path / "ddp"
+    small_sr_val_folder(tmp_path / "sr_val")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import small_sr_val_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -192,7 +193,7 @@ def test_segmentation_eval_and_predict_use_the_trained_model(seg_run, tmp_path, 
 def sr_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sr")
     return _train(tmp / "run", "--task", "super-resolution", "--limit-train-batches", "2", "--batch-size", "4",
-                  "--patch-size", "16")
+                  "--patch-size", "16", "--val-data", str(small_sr_val_folder(tmp / "val")))
 
 
 def test_super_resolution_eval_and_predict_use_the_trained_model(sr_run, tmp_path, capsys):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import small_sr_val_folder  # tests/conftest.py puts tests/ on sys.path
 from safetensors.torch import load_file
 
 from hybridzoo.engine.checkpoint import load_checkpoint
@@ -17,7 +18,7 @@ TASKS = {
     "segmentation": ["--model", "hz_tiny_seg", "--synthetic-size", "32", "--synthetic-train", "16",
                      "--synthetic-val", "6", "--num-classes", "3"],
     "super-resolution": ["--model", "hz_tiny_sr_x2", "--patch-size", "12", "--train-repeat", "2",
-                         "--eval-batch-size", "1", "--limit-val-batches", "1"],  # one (large) photograph
+                         "--eval-batch-size", "1", "--limit-val-batches", "1"],  # one image of --val-data
     "recommendation": ["--model", "hz_tiny_rec", "--max-len", "10"],
     "land-cover": ["--model", "hz_tiny_lc", "--scene-size", "32"],
 }
@@ -51,7 +52,9 @@ def _rows(history):
 def test_stop_and_resume_equals_the_straight_run(task_name, tiny, tmp_path, monkeypatch):
     """With --early-stop 1 and --ema: the straight run stops at epoch 2 because epoch 2 does not beat epoch 1;
     the stopped run must carry the early-stop state (best score, patience, best weights) through last.ckpt."""
-    args, task = _args(task_name, "--epochs", 4, "--early-stop", 1, "--output", tmp_path / "a")
+    # super-resolution validates on a small crop (small_sr_val_folder), not the built-in photographs evaluated whole
+    val = ["--val-data", small_sr_val_folder(tmp_path / "val", count=1)] if task_name == "super-resolution" else []
+    args, task = _args(task_name, *val, "--epochs", 4, "--early-stop", 1, "--output", tmp_path / "a")
     if task_name == "super-resolution":
         # the tiny model's PSNR rises every epoch, so the stop would never fire; scored lower-is-better,
         # epoch 1 is the best and the stop fires at epoch 2, after the resume
@@ -61,10 +64,11 @@ def test_stop_and_resume_equals_the_straight_run(task_name, tiny, tmp_path, monk
     # the premise: the early stop fired at epoch 2, one epoch after the point where the other run stops
     assert len(a.history) == 2 and ca["early_stop"]["best_epoch"] == 1 and ca["early_stop"]["since_best"] == 1
 
-    args, task2 = _args(task_name, "--epochs", 4, "--early-stop", 1, "--stop-after-epochs", 1, "--output", tmp_path / "b")
+    args, task2 = _args(task_name, *val, "--epochs", 4, "--early-stop", 1, "--stop-after-epochs", 1,
+                        "--output", tmp_path / "b")
     b1 = train(args, task2)
     assert b1.summary["completed"] is False and len(b1.history) == 1
-    args, task2 = _args(task_name, "--epochs", 4, "--early-stop", 1, "--resume", tmp_path / "b" / "last.ckpt")
+    args, task2 = _args(task_name, *val, "--epochs", 4, "--early-stop", 1, "--resume", tmp_path / "b" / "last.ckpt")
     b = train(args, task2)
 
     assert _rows(a.history) == _rows(b.history)
