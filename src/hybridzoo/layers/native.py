@@ -28,10 +28,10 @@ with a register blocking of its own (32 registers of 16 floats, or 16 of 8); the
 They are registered as PyTorch operators (``torch.ops.hybridzoo_native.*``), so the dispatcher,
 `TorchDispatchMode` recorders and `benchmarks/ceiling.py` see them like any ATen call.
 
-They are built with `torch.utils.cpp_extension` the first time a model that uses them is prepared (about 80 s;
-a C++ compiler and ninja are needed then) into ``$HYBRIDZOO_CACHE/native/`` (default ``~/.cache/hybridzoo``),
-one folder per PyTorch version, Python version and kernel source. Later processes load the compiled library
-from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
+They are built with `torch.utils.cpp_extension` the first time a model that uses them is prepared (about 30 s on
+two cores, three translation units in parallel; a C++ compiler and ninja are needed then) into
+``$HYBRIDZOO_CACHE/native/`` (default ``~/.cache/hybridzoo``), one folder per PyTorch version, Python version and
+kernel source. Later processes load the compiled library from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
 fails, the path keeps its ATen code (a warning says why, once). Outputs are the same either way, the dynamic
 ReLU's bit for bit, the products' and attention's to fp32 rounding (the tests compare them). Linux only:
 elsewhere the ATen code runs, without a warning. The dynamic ReLU's and the small products' loops are compiled
@@ -61,12 +61,12 @@ __all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend",
 
 NAMESPACE = "hybridzoo_native"
 
-# The C++ source, composed below: the prelude (includes, the instruction-set switch, the dynamic ReLU); the kernels
-# (attention forward and backward, panel and tiny products, LayerNorm, depthwise), written once on a
-# 16-float vector type `vec` and compiled twice, for AVX-512 (`vec` one register) and for AVX2 with FMA (`vec` a pair of
-# 8-float registers), each in a namespace of its own with its register blocking (HzTiles<VR>); then the operators,
-# which call the kernels of the instruction set in use.
-_PRELUDE = r"""#include <torch/library.h>
+# The C++ source, composed below into three translation units (_SOURCES): the kernels (attention forward and
+# backward, panel and tiny products, LayerNorm, depthwise), written once on a 16-float vector type `vec` and compiled
+# twice, for AVX-512 (`vec` one register) and for AVX2 with FMA (`vec` a pair of 8-float registers), each a unit and a
+# namespace of its own with its register blocking (HzTiles<VR>) and without PyTorch's headers; and the operators
+# (PyTorch's headers, the instruction-set switch, the dynamic ReLU), which call the kernels of the set in use.
+_TORCH_PRELUDE = r"""#include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
@@ -77,11 +77,15 @@ _PRELUDE = r"""#include <torch/library.h>
 #include <exception>
 #include <mutex>
 #include <string>
-#include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <tuple>
 #include <vector>
+"""
+
+# what every translation unit shares: the standard headers the kernels use, the x86 switch, the register blocking
+_COMMON = r"""#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
 #define HZ_X86 1
@@ -94,15 +98,6 @@ _PRELUDE = r"""#include <torch/library.h>
 #define HZ_HAS_AVX512 false
 #define HZ_HAS_AVX2 false
 #endif
-
-// the instruction set the kernels run with: 2 AVX-512, 1 AVX2 with FMA, 0 none (the CPU's best at load;
-// set_isa may lower it, so that a machine with AVX-512 tests the AVX2 kernels too)
-static std::atomic<int> hz_level{HZ_HAS_AVX512 ? 2 : HZ_HAS_AVX2 ? 1 : 0};
-static inline bool hz_wide() { return hz_level.load(std::memory_order_relaxed) == 2; }
-static void check_isa(const char* op) {
-  TORCH_CHECK(hz_level.load(std::memory_order_relaxed) > 0, "hybridzoo_native::", op,
-              " needs a CPU with AVX-512 or AVX2 with FMA (see attention_supported)");
-}
 
 // the register blocking of each kernel for a vector file of VR registers (32 on AVX-512, 16 on AVX2); a 16-float
 // vector takes one AVX-512 register or two AVX2 ones. CH: at most this many vectors of 16 per row in a register
@@ -134,6 +129,19 @@ struct HzTiles {
 
 // the activations panel_linear applies to its outputs (oneDNN's post-ops of OneDNNLinear)
 enum PanelAct { ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWISH };
+"""
+
+# the operators' unit: the instruction set in use, the dynamic ReLU (compiled by target_clones)
+_OPS_PRELUDE = r"""
+// the instruction set the kernels run with: 2 AVX-512, 1 AVX2 with FMA, 0 none (the CPU's best at load;
+// set_isa may lower it, so that a machine with AVX-512 tests the AVX2 kernels too)
+static std::atomic<int> hz_level{HZ_HAS_AVX512 ? 2 : HZ_HAS_AVX2 ? 1 : 0};
+static inline bool hz_wide() { return hz_level.load(std::memory_order_relaxed) == 2; }
+static void check_isa(const char* op) {
+  TORCH_CHECK(hz_level.load(std::memory_order_relaxed) > 0, "hybridzoo_native::", op,
+              " needs a CPU with AVX-512 or AVX2 with FMA (see attention_supported)");
+}
+
 
 // rows of one image: x[r, c] <- max(a[c] * x[r, c], b[c] * x[r, c])
 HZ_CLONES static void dyrelu_rows(float* __restrict x, const float* __restrict a, const float* __restrict b,
@@ -444,7 +452,7 @@ HZ_INLINE void pack_transposed(const float* src, int64_t ss, int64_t N,
 // query rows [i0, i1) of one head, head dim 16·DV; kt (16·DV × Np) and s (8 × Np) are scratch. AVX-512: R × max(NV,
 // DV) accumulators, 24 of the 32 registers; AVX2: 6 rows × 16 columns, 12 of the 16 (each vector of 16 is two).
 template <int DV>
-static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
+void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
                         const float* pos, int64_t sp, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N,
                         float scale, float* kt, float* s, float* lse) {
   constexpr int64_t d = 16 * DV;
@@ -519,7 +527,7 @@ HZ_INLINE void attend_rows_back(
 
 // the backward of attend_head for all n query rows of one head (register blocking as there)
 template <int DV>
-static void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
+void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
                              const float* o, const float* dout, int64_t so, const float* lse, float* dq, float* dk,
                              float* dv, int64_t sg, int64_t n, int64_t N, float scale, float* scratch) {
   constexpr int64_t d = 16 * DV;
@@ -644,7 +652,7 @@ static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, i
 
 // y (MR rows, N) = x · wt + b for a handful of rows, wt (K, N) the transposed weight read in place (row stride N)
 template <int MR>
-static void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y) {
+void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y) {
   constexpr int TV = HzTiles<VR>::panel_vectors;
   int64_t n0 = 0;
   for (; n0 + 16 * TV <= N; n0 += 16 * TV)
@@ -671,7 +679,7 @@ static void panel_linear_act(const float* a, int64_t lda, int64_t M, const float
 
 // c (M, N; row stride ldc) = act(a (M, K; row stride lda) · Wᵀ + bias) (+ res, row stride ldr), W packed by
 // pack_panels
-static void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
+void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
                          const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
                          int act = ACT_NONE) {
   switch (act) {
@@ -686,7 +694,7 @@ static void panel_linear(const float* a, int64_t lda, int64_t M, const float* pa
 
 // y = LayerNorm(x) over rows of C values (C a multiple of 16; w, b optional): ATen's LayerNorm costs ~16 µs a call
 // on a thread's 98 rows of 192, mostly outside the arithmetic, 20 calls per thread in a ConViT-Ti forward
-static void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps,
+void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps,
                             float* y) {
   for (int64_t r = 0; r < n; ++r) {
     const float* xr = x + r * C;
@@ -714,7 +722,7 @@ static void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w
 // accumulated in a register from the bias, the activation applied, stored. At batch 1 oneDNN spends ~90 µs a call
 // on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs.
 template <int ACT>
-static void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias,
+void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias,
                           int64_t stride, int64_t ho, int64_t Wo, float* y) {
   for (int64_t wo = 0; wo < Wo; ++wo) {
     float* out = y + wo * C;
@@ -1332,16 +1340,57 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
 """
 
 
-def _isa_section(target: str, namespace: str, vectors: str, what: str) -> str:
-    """The kernels compiled for `target` (GCC's target pragma, x86-64 only) in namespace `namespace`."""
-    return (f"// ---- the kernels for {what} {'-' * (100 - len(what))}\n"
+# The kernels' entry points, which the operators call in the namespace of the instruction set in use: (template
+# parameter, its values, declaration). Each set's unit instantiates them; the operators' unit declares them.
+_ATTEND = ("const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* pos, "
+           "int64_t sp, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N, float scale, float* kt, float* s, "
+           "float* lse")
+_ATTEND_BACK = ("const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* o, "
+                "const float* dout, int64_t so, const float* lse, float* dq, float* dk, float* dv, int64_t sg, "
+                "int64_t n, int64_t N, float scale, float* scratch")
+_ENTRIES = (
+    ("int DV", (1, 2, 3, 4), f"void attend_head({_ATTEND})"),
+    ("int DV", (1, 2, 3, 4), f"void attend_head_back({_ATTEND_BACK})"),
+    (None, (), "void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N, "
+               "const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc, int act)"),
+    (None, (), "void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps, "
+               "float* y)"),
+    ("int ACT", ("ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_RELU", "ACT_SWISH"),
+     "void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias, "
+     "int64_t stride, int64_t ho, int64_t Wo, float* y)"),
+    ("int MR", (6, 2, 1), "void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y)"),
+)
+
+
+def _instances() -> str:
+    """Explicit instantiations of the templated entry points (in the namespace of one instruction set)."""
+    lines = []
+    for param, values, decl in _ENTRIES:
+        name, rest = decl.split("(", 1)
+        lines += [f"template {name}<{v}>({rest};" for v in values]
+    return "\n".join(lines) + "\n"
+
+
+def _declarations(namespace: str) -> str:
+    lines = [f"template <{param}> {decl};" if param else f"{decl};" for param, _, decl in _ENTRIES]
+    return f"namespace {namespace} {{\n" + "\n".join(lines) + f"\n}}  // namespace {namespace}\n"
+
+
+def _isa_unit(target: str, namespace: str, vectors: str, what: str) -> str:
+    """The kernels compiled for `target` (GCC's target pragma, x86-64 only) in namespace `namespace`: a translation
+    unit of its own, without PyTorch's headers, so that the units compile in parallel."""
+    return (f"// ---- the kernels for {what} {'-' * (100 - len(what))}\n{_COMMON}"
             f'#if HZ_X86\n#pragma GCC push_options\n#pragma GCC target("{target}")\n#endif\n'
-            f"namespace {namespace} {{\n{vectors}{_KERNELS}}}  // namespace {namespace}\n"
+            f"namespace {namespace} {{\n{vectors}{_KERNELS}{_instances()}}}  // namespace {namespace}\n"
             "#if HZ_X86\n#pragma GCC pop_options\n#endif\n")
 
 
-_SOURCE = (_PRELUDE + _isa_section("avx512f", "wide", _WIDE, "AVX-512")
-           + _isa_section("avx2,fma", "narrow", _NARROW, "AVX2 with FMA") + _OPS)
+# file name → source: three units that ninja compiles in parallel (one alone took ~45 s on a Zen 3 core)
+_SOURCES = {
+    "kernels_avx512.cpp": _isa_unit("avx512f", "wide", _WIDE, "AVX-512"),
+    "kernels_avx2.cpp": _isa_unit("avx2,fma", "narrow", _NARROW, "AVX2 with FMA"),
+    "ops.cpp": _TORCH_PRELUDE + _COMMON + _OPS_PRELUDE + _declarations("wide") + _declarations("narrow") + _OPS,
+}
 
 _FLAGS = ["-O3", "-fopenmp"]
 
@@ -1354,7 +1403,8 @@ def _enabled() -> bool:
 
 
 def _tag() -> str:
-    h = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:12]
+    text = "".join(f"{name}\n{source}" for name, source in sorted(_SOURCES.items()))
+    h = hashlib.sha256((text + " ".join(_FLAGS)).encode()).hexdigest()[:12]
     return f"torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{h}"
 
 
@@ -1395,7 +1445,8 @@ def _clear_stale_lock(folder: Path) -> bool:
 def _build(folder: Path) -> None:
     """Compile into `folder` (torch's file lock keeps concurrent processes, e.g. under torchrun, to one build;
     the others wait for it and load its library)."""
-    from torch.utils.cpp_extension import is_ninja_available, load_inline
+    from torch.utils.cpp_extension import is_ninja_available
+    from torch.utils.cpp_extension import load as load_sources
 
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx.split()[0]) is None:
@@ -1404,10 +1455,20 @@ def _build(folder: Path) -> None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
     folder.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(folder)
-    print(f"hybridzoo: compiling native CPU kernels once (about 80 s) into {folder}; HYBRIDZOO_NATIVE=0 skips "
+    print(f"hybridzoo: compiling native CPU kernels once (about 30 s on two cores) into {folder}; HYBRIDZOO_NATIVE=0 skips "
           "them", file=sys.stderr, flush=True)
-    load_inline(NAMESPACE, cpp_sources=_SOURCE, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                build_directory=str(folder), is_python_module=False, verbose=False)
+    paths = []
+    for name, source in _SOURCES.items():
+        path = folder / name
+        # a concurrent build (torchrun's other ranks) writes the same text; replaced whole, never half-written, and
+        # left alone when it is already there (ninja rebuilds what is newer than its object)
+        if not path.is_file() or path.read_text() != source:
+            tmp = folder / f"{name}.{os.getpid()}.tmp"
+            tmp.write_text(source)
+            os.replace(tmp, path)
+        paths.append(str(path))
+    load_sources(NAMESPACE, sources=paths, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                 build_directory=str(folder), is_python_module=False, verbose=False)
     tmp = folder / f"built.{os.getpid()}.tmp"
     tmp.write_text(f"{_tag()}\n")
     os.replace(tmp, folder / "built")

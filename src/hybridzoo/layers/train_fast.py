@@ -158,7 +158,7 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
 
     `native_attention`: the attention modules that can (`layers.attention.Attention`, ConViT's GPSA, CvT's) run
     through the native forward and backward kernels (`layers.native.attend`; compiled at the first call of a
-    process that has none cached, about 80 s), where they build and the CPU has AVX-512 or AVX2; elsewhere SDPA
+    process that has none cached, about 30 s), where they build and the CPU has AVX-512 or AVX2; elsewhere SDPA
     stays.
 
     Subclasses of `nn.Linear` are left alone (they may override forward). Parameters, buffers, the state
