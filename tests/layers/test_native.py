@@ -395,6 +395,7 @@ def test_attention_applies_only_where_it_can(monkeypatch):
 @pytest.mark.parametrize("B, H, n, N, d", [
     (2, 3, 1, 1, 16), (2, 3, 7, 9, 32), (1, 4, 196, 196, 48), (2, 6, 197, 50, 64), (3, 2, 13, 33, 48),
     (1, 2, 45, 17, 16), (1, 1, 301, 100, 64),
+    (2, 1, 33, 790, 64), (1, 2, 9, 1000, 48), (1, 1, 10, 3136, 16),   # the keys in blocks (CvT-13's long stages)
 ])
 def test_attention_gradients_are_softmax_attentions(attn, B, H, n, N, d, threads):
     """`attend`'s backward (the probabilities recomputed from the saved log-sum-exps, a tile of rows at a time)

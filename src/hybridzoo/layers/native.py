@@ -378,8 +378,8 @@ HZ_INLINE void scores_tile(const float* q, int64_t sq, const float* kt,
   }
 }
 
-// o[R rows, 16·DV] = scale[r] · (a[R rows, N] · v[N, 16·DV]), CH vectors of 16 columns at a time
-template <int R, int DV, int CH>
+// o[R rows, 16·DV] = scale[r] · (a[R rows, N] · v[N, 16·DV]) (ADD: o +=), CH vectors of 16 columns at a time
+template <int R, int DV, int CH, bool ADD = false>
 HZ_INLINE void values_tile(const float* a, int64_t Np, const float* v,
                            int64_t sv, int64_t N, const vec* scale,
                            float* o, int64_t so) {
@@ -397,7 +397,10 @@ HZ_INLINE void values_tile(const float* a, int64_t Np, const float* v,
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int u = 0; u < U; ++u) hz_store(o + r * so + 16 * (u0 + u), acc[r][u] * scale[r]);
+      for (int u = 0; u < U; ++u) {
+        float* dst = o + r * so + 16 * (u0 + u);
+        hz_store(dst, ADD ? hz_load(dst) + acc[r][u] * scale[r] : acc[r][u] * scale[r]);
+      }
   }
 }
 
@@ -490,21 +493,22 @@ HZ_INLINE void outer_tile(const float* a, int64_t Np, const float* x, int64_t sx
   }
 }
 
-// R query rows of one head, backward: P = exp(S - lse) recomputed, dP = dO vᵀ, dS = P ∘ (dP - D),
-// dq = scale · dS k, dv += Pᵀ dO, dk += dSᵀ q (the scale applied to dk once, by the caller)
+// R query rows of one head against the keys [jb, je) (je <= Np, both multiples of 16), backward: P = exp(S - lse)
+// recomputed, dP = dO vᵀ, dS = P ∘ (dP - D), dq += scale · dS k, dv += Pᵀ dO, dk += dSᵀ q (dk, dv the key block's
+// accumulators, row stride 16·DV; the scale applied to dk once, by the caller)
 template <int R, int NV, int DV, int CH>
 HZ_INLINE void attend_rows_back(
     const float* q, int64_t sq, const float* k, int64_t sk, const float* kt, const float* vt, const float* dout,
-    int64_t sdo, const float* lse, const float* D, int64_t N, int64_t Np, float scale, float* p, float* ds,
-    float* dq, int64_t sdq, float* dk, float* dv) {
+    int64_t sdo, const float* lse, const float* D, int64_t N, int64_t Np, int64_t jb, int64_t je, float scale,
+    float* p, float* ds, float* dq, int64_t sdq, float* dk, float* dv) {
   vec ignored[R];
   for (int r = 0; r < R; ++r) ignored[r] = vec{};
-  int64_t j0 = 0;
-  for (; j0 + 16 * NV <= Np; j0 += 16 * NV) {
+  int64_t j0 = jb;
+  for (; j0 + 16 * NV <= je; j0 += 16 * NV) {
     scores_tile<R, NV>(q, sq, kt, Np, 16 * DV, N, j0, p, ignored);
     scores_tile<R, NV>(dout, sdo, vt, Np, 16 * DV, N, j0, ds, ignored);
   }
-  for (; j0 < Np; j0 += 16) {
+  for (; j0 < je; j0 += 16) {
     scores_tile<R, 1>(q, sq, kt, Np, 16 * DV, N, j0, p, ignored);
     scores_tile<R, 1>(dout, sdo, vt, Np, 16 * DV, N, j0, ds, ignored);
   }
@@ -513,23 +517,27 @@ HZ_INLINE void attend_rows_back(
     float* prow = p + r * Np;
     float* drow = ds + r * Np;
     const vec l = hz_splat(lse[r]), dr = hz_splat(D[r]);
-    for (int64_t j = 0; j < Np; j += 16) {   // (the padding columns are never read: the products stop at N)
+    for (int64_t j = jb; j < je; j += 16) {   // (the padding columns are never read: the products stop at N)
       const vec e = hz_exp(hz_load(prow + j) - l);
       hz_store(prow + j, e);
       hz_store(drow + j, e * (hz_load(drow + j) - dr));
     }
     unit[r] = hz_splat(scale);
   }
-  values_tile<R, DV, CH>(ds, Np, k, sk, N, unit, dq, sdq);
-  outer_tile<R, DV, CH>(p, Np, dout, sdo, N, dv);
-  outer_tile<R, DV, CH>(ds, Np, q, sq, N, dk);
+  const int64_t jn = std::min(je, N) - jb;
+  values_tile<R, DV, CH, true>(ds + jb, Np, k + jb * sk, sk, jn, unit, dq, sdq);
+  outer_tile<R, DV, CH>(p + jb, Np, dout, sdo, jn, dv + jb * 16 * DV);
+  outer_tile<R, DV, CH>(ds + jb, Np, q, sq, jn, dk + jb * 16 * DV);
 }
 
-// the backward of attend_head for all n query rows of one head (register blocking as there)
+// the backward of attend_head for all n query rows of one head (register blocking as there). The keys go in blocks
+// of at most ~384: the blocks' dk and dv accumulators (N × d each, updated by every tile of query rows) then stay
+// in L2; whole, they left it above ~500 keys at d 64, where each tile's pass over them cost more than its
+// arithmetic (CvT-13's 785 and 3,136 tokens: 0.91-0.97x SDPA on AVX2, benchmarks/RESULTS.md, session 14).
 template <int DV>
 void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
-                             const float* o, const float* dout, int64_t so, const float* lse, float* dq, float* dk,
-                             float* dv, int64_t sg, int64_t n, int64_t N, float scale, float* scratch) {
+                      const float* o, const float* dout, int64_t so, const float* lse, float* dq, float* dk,
+                      float* dv, int64_t sg, int64_t n, int64_t N, float scale, float* scratch) {
   constexpr int64_t d = 16 * DV;
   constexpr int R = HzTiles<VR>::template attn_rows<DV>();
   constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
@@ -547,14 +555,23 @@ void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, co
   std::memset(acck, 0, sizeof(float) * 2 * N * d);
   for (int64_t i = 0; i < n; ++i) {
     vec t = vec{};
-    for (int u = 0; u < DV; ++u) t += hz_load(o + i * so + 16 * u) * hz_load(dout + i * so + 16 * u);
+    for (int u = 0; u < DV; ++u) {
+      t += hz_load(o + i * so + 16 * u) * hz_load(dout + i * so + 16 * u);
+      hz_store(dq + i * sg + 16 * u, vec{});
+    }
     D[i] = hz_first(hz_all_sum(t));
   }
+  // key blocks of a multiple of the scores tile's 16·NV columns, as even as that allows
+  const int64_t blocks = (N + 383) / 384, step = 16 * NV;
+  const int64_t width = ((Np + blocks - 1) / blocks + step - 1) / step * step;
+  for (int64_t jb = 0; jb < Np; jb += width) {
+    const int64_t je = std::min(jb + width, Np);
 #define HZ_BACK(T, i) attend_rows_back<T, NV, DV, CH>(q + (i) * sq, sq, k, sk, kt, vt, dout + (i) * so, so, \
-                                                      lse + (i), D + (i), N, Np, scale, p, ds, dq + (i) * sg, sg, \
-                                                      acck, accv)
-  HZ_ROW_TILES(HZ_BACK, 0, n);
+                                                      lse + (i), D + (i), N, Np, jb, je, scale, p, ds,         \
+                                                      dq + (i) * sg, sg, acck, accv)
+    HZ_ROW_TILES(HZ_BACK, 0, n);
 #undef HZ_BACK
+  }
   for (int64_t j = 0; j < N; ++j)
     for (int u = 0; u < DV; ++u) {
       hz_store(dk + j * sg + 16 * u, hz_load(acck + j * d + 16 * u) * scale);
