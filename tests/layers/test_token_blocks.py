@@ -186,6 +186,26 @@ def _spy(monkeypatch):
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+def test_a_wide_mlp_sums_fc2_in_chunks_and_adds_the_residual_once(kernels, monkeypatch):
+    """fc2 of a hidden width above 1,536 sums its K in chunks inside the one native call, the residual (read from
+    the other buffer) added at the last chunk only."""
+    model = small_transformer("deit_small_patch16_224", img_size=128, embed_dim=448, depth=2, num_heads=7)
+    fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
+    calls = _spy(monkeypatch)
+    x = torch.randn(1, 3, 128, 128)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out, eager = fast(x), model(x)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1] and model.blocks[0].mlp.fc1.out_features == 1792
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_tiny"])
 def test_frozen_models_run_their_token_shares_in_one_native_call(kernels, name, threads, monkeypatch):
@@ -330,11 +350,12 @@ def _act_args(name: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("lead, K, N", [((1,), 192, 576), ((5,), 33, 16), ((197,), 384, 1152), ((785,), 64, 80),
-                                        ((3, 7), 48, 64), ((2, 0), 16, 16)])
+                                        ((3, 7), 48, 64), ((2, 0), 16, 16), ((49,), 3072, 48), ((26,), 1700, 96)])
 @pytest.mark.parametrize("act", list(_ACTS))
 def test_rows_linear_is_the_linear_with_its_activation(kernels, threads, lead, K, N, act):
-    """Every row block split over the threads (785 rows: blocks of 131, as many per thread), row tails, panels of
-    16-64 columns, oneDNN's post-ops in the epilogue."""
+    """Every row block split over the threads (785 rows: blocks of 131, as many per thread), row tails (their tiles
+    wider on AVX2), panels of 16-64 columns, K summed in chunks (3,072 and 1,700: more than 1,536), oneDNN's post-ops
+    in the epilogue."""
     torch.manual_seed(K * N)
     lin = torch.nn.Linear(K, N, bias=N != 80)
     x = torch.randn(*lead, K) * 2

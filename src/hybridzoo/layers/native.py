@@ -619,15 +619,21 @@ HZ_INLINE vec hz_act(vec y) {
 }
 
 // c[MR rows, 16·NV columns] = act(a[MR rows, K] · b + bias) (+ res), b the panel's K × 16·NV columns (row stride
-// ldb)
+// ldb). One chunk of a longer sum: `first` starts from the bias (else from c, the chunks before), `last` applies the
+// activation and the residual (else c keeps the partial sum).
 template <int MR, int NV, int ACT>
 HZ_INLINE void panel_tile(const float* a, int64_t lda, const float* b, int64_t ldb,
                           int64_t K, const float* bias, const float* res,
-                          int64_t ldr, float* c, int64_t ldc) {
+                          int64_t ldr, float* c, int64_t ldc, bool first = true, bool last = true) {
   vec acc[MR][NV];
-  for (int v = 0; v < NV; ++v) {
-    const vec bv = bias ? hz_load(bias + 16 * v) : hz_splat(0.0f);
-    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
+  if (first) {
+    for (int v = 0; v < NV; ++v) {
+      const vec bv = bias ? hz_load(bias + 16 * v) : hz_splat(0.0f);
+      for (int m = 0; m < MR; ++m) acc[m][v] = bv;
+    }
+  } else {
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = hz_load(c + m * ldc + 16 * v);
   }
   for (int64_t k = 0; k < K; ++k) {
     vec w[NV];
@@ -639,32 +645,58 @@ HZ_INLINE void panel_tile(const float* a, int64_t lda, const float* b, int64_t l
   }
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) {
+      if (!last) {
+        hz_store(c + m * ldc + 16 * v, acc[m][v]);
+        continue;
+      }
       const vec y = hz_act<ACT>(acc[m][v]);
       hz_store(c + m * ldc + 16 * v, res ? y + hz_load(res + m * ldr + 16 * v) : y);
     }
 }
 
-// the M rows of a against one panel of 16·NV columns, 6 rows at a time; each tile TV vectors of 16 columns wide
-// (AVX-512: the whole panel, 24 accumulators of 32 registers; AVX2: 16 columns, 12 of 16)
+// vectors of 16 columns per tile of MR rows: AVX-512 the whole panel (24 accumulators of 32 registers at 6 rows);
+// AVX2 16 columns at 6 rows (12 of 16), and the tails wider, so that their sums are independent chains enough to
+// hide the FMA's latency (a 1-row tile of 16 columns is two chains: as slow as a whole 6-row tile)
+template <int MR, int NV>
+static constexpr int panel_tile_vectors() {
+  return HzTiles<VR>::wide ? NV : MR == 1 ? NV : (MR == 2 && NV % 2 == 0) ? 2 : 1;
+}
+
+// a panel of more than PANEL_K_WHOLE rows (384 KB at 64 columns) goes in chunks of at most PANEL_K_CHUNK rows (128 KB),
+// each of which stays in L2 while every tile of rows reads it: whole, K = 3,072 ran at 0.83x of that on Zen 3
+// (CoAtNet-0's last stage; benchmarks/RESULTS.md, session 15); K = 768 and 1,536 gained nothing from chunks
+constexpr int64_t PANEL_K_WHOLE = 1536, PANEL_K_CHUNK = 512;
+
+// the M rows of a against one panel of 16·NV columns, 6 rows at a time, the panel's K rows in chunks
 template <int NV, int ACT>
 static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, int64_t K, const float* bias,
                        const float* res, int64_t ldr, float* c, int64_t ldc) {
-  constexpr int TV = NV < HzTiles<VR>::panel_vectors ? NV : HzTiles<VR>::panel_vectors;
-#define HZ_PANEL_TILE(MR)                                                                                 \
-  for (int v0 = 0; v0 < NV; v0 += TV)                                                                     \
-    panel_tile<MR, TV, ACT>(a + m * lda, lda, b + 16 * v0, 16 * NV, K, bias ? bias + 16 * v0 : nullptr,   \
-                            res ? res + m * ldr + 16 * v0 : nullptr, ldr, c + m * ldc + 16 * v0, ldc)
-  int64_t m = 0;
-  for (; m + 6 <= M; m += 6) HZ_PANEL_TILE(6);
-  switch (M - m) {
-    case 5: HZ_PANEL_TILE(5); break;
-    case 4: HZ_PANEL_TILE(4); break;
-    case 3: HZ_PANEL_TILE(3); break;
-    case 2: HZ_PANEL_TILE(2); break;
-    case 1: HZ_PANEL_TILE(1); break;
-    default: break;
-  }
+  // (a residual read in place of the output, c == res, is summed in one chunk: a partial sum would overwrite it)
+  const int64_t chunks = res == c || K <= PANEL_K_WHOLE ? 1 : (K + PANEL_K_CHUNK - 1) / PANEL_K_CHUNK;
+  const int64_t kc = (K + chunks - 1) / chunks;
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t kn = std::min(kc, K - k0);
+    const bool first = k0 == 0, last = k0 + kn == K;
+#define HZ_PANEL_TILE(MR)                                                                                      \
+  do {                                                                                                         \
+    constexpr int TV = panel_tile_vectors<MR, NV>();                                                           \
+    for (int v0 = 0; v0 < NV; v0 += TV)                                                                        \
+      panel_tile<MR, TV, ACT>(a + m * lda + k0, lda, b + k0 * 16 * NV + 16 * v0, 16 * NV, kn,                  \
+                              bias ? bias + 16 * v0 : nullptr, res ? res + m * ldr + 16 * v0 : nullptr, ldr,   \
+                              c + m * ldc + 16 * v0, ldc, first, last);                                        \
+  } while (0)
+    int64_t m = 0;
+    for (; m + 6 <= M; m += 6) HZ_PANEL_TILE(6);
+    switch (M - m) {
+      case 5: HZ_PANEL_TILE(5); break;
+      case 4: HZ_PANEL_TILE(4); break;
+      case 3: HZ_PANEL_TILE(3); break;
+      case 2: HZ_PANEL_TILE(2); break;
+      case 1: HZ_PANEL_TILE(1); break;
+      default: break;
+    }
 #undef HZ_PANEL_TILE
+  }
 }
 
 // y (MR rows, N) = x · wt + b for a handful of rows, wt (K, N) the transposed weight read in place (row stride N)
