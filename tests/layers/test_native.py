@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridzoo
@@ -315,6 +316,53 @@ def test_attention_is_softmax_attention(attn, B, H, n, N, d, with_pos, threads):
 
 
 @needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, H, n, N, d, per_image", [
+    (1, 12, 196, 196, 32, False),    # CoAtNet-0's stage 3 at batch 1, the bias shared by the batch
+    (2, 3, 7, 9, 32, True), (3, 2, 13, 33, 48, False), (1, 1, 301, 100, 64, True), (2, 6, 197, 50, 16, False),
+])
+def test_attention_with_a_bias_is_sdpas_float_mask(attn, B, H, n, N, d, per_image, threads):
+    """The bias (1 or B, heads, n, N) is added to the scaled scores before the softmax, as SDPA's float attn_mask:
+    its rows follow the row tiles and row blocks, its columns stop at N (the padding keys stay out), and a bias
+    that moves a row's maximum (+30 on one key) is accounted for in the softmax."""
+    q, k, v = _heads(B, H, n, N, d, seed=B * H * n * N * d + 1)
+    bias = torch.randn(B if per_image else 1, H, n, N + 5)[..., 3:N + 3] * 2   # strided rows, unit stride along N
+    bias[..., N // 2] += 30.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = attn.attention(q, k, v, None, d ** -0.5, bias)
+    finally:
+        torch.set_num_threads(before)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double(), scale=d ** -0.5)
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(B, n, H * d).float(), rtol=1e-4, atol=2e-5)
+
+
+@needs_attention
+@pytest.mark.parametrize("side", [64, 96])   # the built grid (the cached bias) and another (the table resized)
+def test_coatnet_relative_attention_runs_on_the_kernel_with_its_bias(attn, side, monkeypatch):
+    from hybridzoo.factory import get_card
+    from hybridzoo.layers.onednn import optimize_for_cpu_inference
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("coatnet_0", **get_card("coatnet_0").test_kwargs).eval()
+    with torch.no_grad():
+        for m in model.modules():   # a bias far from zero, so that leaving it out cannot pass
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.normal_(0, 2.0)
+    fast = optimize_for_cpu_inference(model)
+    calls = []
+    real = native.attention
+    monkeypatch.setattr(native, "attention", lambda q, k, v, pos, scale, bias=None: calls.append(bias.shape) or real(
+        q, k, v, pos, scale, bias))
+    x = torch.randn(2, 3, side, side)
+    with torch.inference_mode():
+        out, ref = fast(x), model(x)
+    grids = {(side // 16) ** 2, (side // 32) ** 2}   # the two attention stages: 1/16 and 1/32 of the image side
+    assert {b[-1] for b in calls} == grids and all(b[-2] == b[-1] for b in calls)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@needs_attention
 def test_attention_softmax_holds_far_from_zero(attn):
     """Scores of about -1000 in every row, and a tail of padding keys (17 keys: 15 padding columns): the row's own
     maximum comes off before the exponential and the padding takes no part (counted as a score of 0 it would
@@ -338,11 +386,14 @@ def test_attention_softmax_holds_far_from_zero(attn):
     (lambda: (*_heads(1, 2, 5, 5, 16)[:2], torch.randn(1, 2, 6, 16), None), "k and v must be"),
     (lambda: (*_heads(1, 2, 5, 5, 16), torch.randn(2, 5, 4)), "pos must be float32 (2, 5, 5)"),
     (lambda: (*_heads(1, 2, 5, 5, 16), torch.randn(2, 5, 10)[..., ::2]), "unit stride along its last"),
+    (lambda: (*_heads(2, 2, 5, 5, 16), None, torch.randn(3, 2, 5, 5)), "bias must be float32 (1 or 2, 2, 5, 5)"),
+    (lambda: (*_heads(1, 2, 5, 5, 16), None, torch.randn(1, 2, 5, 5).double()), "bias must be float32"),
+    (lambda: (*_heads(1, 2, 5, 5, 16), None, torch.randn(1, 2, 5, 10)[..., ::2]), "unit stride along its last"),
 ])
 def test_attention_names_what_is_wrong(attn, bad, words):
-    q, k, v, pos = bad()
+    q, k, v, pos, *bias = bad()
     with pytest.raises(RuntimeError, match="hybridzoo_native::attention") as e:
-        attn.attention(q, k, v, pos, 1.0)
+        attn.attention(q, k, v, pos, 1.0, *bias)
     assert words in str(e.value)
 
 

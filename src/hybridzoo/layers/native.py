@@ -404,17 +404,35 @@ HZ_INLINE void values_tile(const float* a, int64_t Np, const float* v,
   }
 }
 
-// R query rows of one head: scores, softmax (plus the positional rows pos, row stride sp), the product with v
+// R query rows of one head: scores (plus the bias rows, row stride sb, before the softmax), softmax (plus the
+// positional rows pos, row stride sp, after it), the product with v
 template <int R, int NV, int DV, int CH>
 HZ_INLINE void attend_rows(const float* q, int64_t sq, const float* kt,
                            const float* v, int64_t sv, const float* pos,
-                           int64_t sp, int64_t N, int64_t Np, float* s,
+                           int64_t sp, const float* bias, int64_t sb, int64_t N, int64_t Np, float* s,
                            float* o, int64_t so, float* lse) {
   vec rmax[R], scale[R];
   for (int r = 0; r < R; ++r) rmax[r] = hz_splat(-INFINITY);
   int64_t j0 = 0;
   for (; j0 + 16 * NV <= Np; j0 += 16 * NV) scores_tile<R, NV>(q, sq, kt, Np, 16 * DV, N, j0, s, rmax);
   for (; j0 < Np; j0 += 16) scores_tile<R, 1>(q, sq, kt, Np, 16 * DV, N, j0, s, rmax);
+  if (bias) {   // s += bias over the N keys (the padding columns stay -inf), the row maxima taken again
+    const int64_t full = N / 16 * 16;
+    for (int r = 0; r < R; ++r) {
+      float* row = s + r * Np;
+      const float* brow = bias + r * sb;
+      vec m = hz_splat(-INFINITY);
+      int64_t j = 0;
+      for (; j < full; j += 16) {
+        const vec t = hz_load(row + j) + hz_load(brow + j);
+        hz_store(row + j, t);
+        m = hz_max(m, t);
+      }
+      float tail = -INFINITY;
+      for (; j < N; ++j) tail = std::max(tail, row[j] += brow[j]);
+      rmax[r] = hz_max(m, hz_splat(tail));
+    }
+  }
   for (int r = 0; r < R; ++r) {
     float* row = s + r * Np;
     const vec m = hz_all_max(rmax[r]);
@@ -456,16 +474,17 @@ HZ_INLINE void pack_transposed(const float* src, int64_t ss, int64_t N,
 // DV) accumulators, 24 of the 32 registers; AVX2: 6 rows × 16 columns, 12 of the 16 (each vector of 16 is two).
 template <int DV>
 void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
-                        const float* pos, int64_t sp, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N,
-                        float scale, float* kt, float* s, float* lse) {
+                        const float* pos, int64_t sp, const float* bias, int64_t sb, float* o, int64_t so,
+                        int64_t i0, int64_t i1, int64_t N, float scale, float* kt, float* s, float* lse) {
   constexpr int64_t d = 16 * DV;
   constexpr int R = HzTiles<VR>::template attn_rows<DV>();
   constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
   constexpr int CH = HzTiles<VR>::chunk;
   const int64_t Np = (N + 15) / 16 * 16;
   pack_transposed(k, sk, N, Np, d, scale, kt);
-#define HZ_ROWS(T, i) attend_rows<T, NV, DV, CH>(q + (i) * sq, sq, kt, v, sv, pos ? pos + (i) * sp : nullptr, sp, N, \
-                                                 Np, s, o + (i) * so, so, lse ? lse + (i) : nullptr)
+#define HZ_ROWS(T, i) attend_rows<T, NV, DV, CH>(q + (i) * sq, sq, kt, v, sv, pos ? pos + (i) * sp : nullptr, sp, \
+                                                 bias ? bias + (i) * sb : nullptr, sb, N, Np, s, o + (i) * so, so, \
+                                                 lse ? lse + (i) : nullptr)
   HZ_ROW_TILES(HZ_ROWS, i0, i1);
 #undef HZ_ROWS
 }
@@ -804,9 +823,9 @@ _OPS = r"""
 
 template <int DV>
 static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
-                        const float* pos, int64_t sp, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N,
-                        float scale, float* kt, float* s, float* lse) {
-  HZ_DISPATCH(attend_head<DV>(q, sq, k, sk, v, sv, pos, sp, o, so, i0, i1, N, scale, kt, s, lse));
+                        const float* pos, int64_t sp, const float* bias, int64_t sb, float* o, int64_t so,
+                        int64_t i0, int64_t i1, int64_t N, float scale, float* kt, float* s, float* lse) {
+  HZ_DISPATCH(attend_head<DV>(q, sq, k, sk, v, sv, pos, sp, bias, sb, o, so, i0, i1, N, scale, kt, s, lse));
 }
 
 template <int DV>
@@ -889,7 +908,8 @@ static void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k
 
 // out (B, n, H·d) and, when lse is defined, lse (B, H, n) <- the row log-sum-exps of the scores
 static void attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* pp,
-                           int64_t sp0, int64_t sp, double scale, at::Tensor& out, float* plse) {
+                           int64_t sp0, int64_t sp, double scale, at::Tensor& out, float* plse,
+                           const at::Tensor* bias = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
   const float* pq = q.data_ptr<float>();
   const float* pk = k.data_ptr<float>();
@@ -912,11 +932,15 @@ static void attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
       const float* kh = pk + b * k.stride(0) + h * k.stride(1);
       const float* vh = pv + b * v.stride(0) + h * v.stride(1);
       const float* ph = pp ? pp + h * sp0 : nullptr;
+      // the bias (1 or B, H, n, N): this image's (or the shared) rows of this head
+      const float* bh_ = bias ? bias->data_ptr<float>() + (bias->size(0) == 1 ? 0 : b * bias->stride(0))
+                                    + h * bias->stride(1) : nullptr;
+      const int64_t sb = bias ? bias->stride(2) : 0;
       float* oh = po + b * n * H * d + h * d;
       float* lh = plse ? plse + bh * n : nullptr;
       const float sc = static_cast<float>(scale);
-#define HZ_HEAD(DV) attend_head<DV>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, oh, H * d, i0, i1, N, \
-                                    sc, kt.data(), s.data(), lh)
+#define HZ_HEAD(DV) attend_head<DV>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), ph, sp, bh_, sb, oh, H * d, \
+                                    i0, i1, N, sc, kt.data(), s.data(), lh)
       switch (d) {
         case 16: HZ_HEAD(1); break;
         case 32: HZ_HEAD(2); break;
@@ -928,11 +952,12 @@ static void attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
   });
 }
 
-// softmax(scale · q kᵀ) · v, or (softmax(scale · q kᵀ) + pos) · v, heads first in and tokens first out:
-// q (B, H, n, d), k and v (B, H, N, d), each with unit stride along d (views of a qkv product do); pos (H, n, N) or
-// none; out (B, n, H·d), the layout the output projection reads. d is 16, 32, 48 or 64.
+// softmax(scale · q kᵀ [+ bias]) · v, or (softmax(scale · q kᵀ [+ bias]) + pos) · v, heads first in and tokens first
+// out: q (B, H, n, d), k and v (B, H, N, d), each with unit stride along d (views of a qkv product do); pos (H, n,
+// N) or none; bias (1 or B, H, n, N), added to the scores before the softmax as SDPA's float attn_mask (CoAtNet's
+// relative positions), or none; out (B, n, H·d), the layout the output projection reads. d is 16, 32, 48 or 64.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& pos, double scale) {
+                     const c10::optional<at::Tensor>& pos, double scale, const c10::optional<at::Tensor>& bias) {
   check_heads("attention", q, k, v);
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
   const bool has_pos = pos.has_value() && pos->defined();
@@ -942,10 +967,19 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 "hybridzoo_native::attention: pos must be float32 (", H, ", ", n, ", ", N, ") with unit stride "
                 "along its last dimension, got ", pos->sizes(), " strides ", pos->strides());
   }
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 4 && (bias->size(0) == 1 || bias->size(0) == B) && bias->size(1) == H
+                && bias->size(2) == n && bias->size(3) == N && bias->scalar_type() == at::kFloat
+                && bias->stride(3) == 1,
+                "hybridzoo_native::attention: bias must be float32 (1 or ", B, ", ", H, ", ", n, ", ", N, ") with "
+                "unit stride along its last dimension, got ", bias->sizes(), " ", bias->scalar_type(), " strides ",
+                bias->strides());
+  }
   at::Tensor out = at::empty({B, n, H * d}, q.options());
   if (out.numel() == 0) return out;
   attention_into(q, k, v, has_pos ? pos->data_ptr<float>() : nullptr, has_pos ? pos->stride(0) : 0,
-                 has_pos ? pos->stride(1) : 0, scale, out, nullptr);
+                 has_pos ? pos->stride(1) : 0, scale, out, nullptr, has_bias ? &*bias : nullptr);
   return out;
 }
 
@@ -1317,7 +1351,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         const at::Tensor k = all.select(2, 1).permute({0, 2, 1, 3}), v = all.select(2, 2).permute({0, 2, 1, 3});
         c10::optional<at::Tensor> p;
         if (pos[i].has_value() && pos[i]->defined()) p = pos[i]->narrow(1, r0, n);
-        const at::Tensor o = attention(q, k, v, p, scales[i]);   // (1, n, C)
+        const at::Tensor o = attention(q, k, v, p, scales[i], c10::nullopt);   // (1, n, C)
         panel_linear(o.data_ptr<float>(), C, n, P[PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[PROJ_B]),
                      h.data_ptr<float>(), C, mid.data_ptr<float>(), C);
         layer_norm_rows(mid.data_ptr<float>(), n, C, data_or_null(P[LN2_W]), data_or_null(P[LN2_B]),
@@ -1359,7 +1393,7 @@ std::string set_isa(const std::string& name) {
 TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_(Tensor(a!) x, Tensor s1, Tensor s2) -> Tensor(a!)");
   m.def("tiny_linear(Tensor x, Tensor wt, Tensor b) -> Tensor");
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? pos, float scale) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? pos, float scale, Tensor? bias=None) -> Tensor");
   m.def("attention_lse(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
@@ -1392,8 +1426,8 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
 # The kernels' entry points, which the operators call in the namespace of the instruction set in use: (template
 # parameter, its values, declaration). Each set's unit instantiates them; the operators' unit declares them.
 _ATTEND = ("const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* pos, "
-           "int64_t sp, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N, float scale, float* kt, float* s, "
-           "float* lse")
+           "int64_t sp, const float* bias, int64_t sb, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N, "
+           "float scale, float* kt, float* s, float* lse")
 _ATTEND_BACK = ("const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* o, "
                 "const float* dout, int64_t so, const float* lse, float* dq, float* dk, float* dv, int64_t sg, "
                 "int64_t n, int64_t N, float scale, float* scratch")
@@ -1648,13 +1682,16 @@ def attention_ready(head_dim: int) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None,
-              scale: float = 1.0) -> torch.Tensor:
-    """softmax(scale·q·kᵀ)·v, or (softmax(scale·q·kᵀ) + pos)·v, without a gradient (`attend` has one).
+              scale: float = 1.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale·q·kᵀ [+ bias])·v, or (softmax(scale·q·kᵀ [+ bias]) + pos)·v, without a gradient (`attend` has
+    one).
 
     q (B, heads, n, d), k and v (B, heads, N, d), float32 with unit stride along d (the views of a qkv product), d
-    in ATTENTION_HEAD_DIMS; pos (heads, n, N), with unit stride along N: ConViT's gated positional map, or None.
-    Returns (B, n, heads·d), contiguous: tokens first, as the output projection reads them."""
-    return _STATE["ops"].attention(q, k, v, pos, scale)
+    in ATTENTION_HEAD_DIMS; pos (heads, n, N), with unit stride along N: ConViT's gated positional map, or None;
+    bias (1 or B, heads, n, N) float32 with unit stride along N, added to the scores before the softmax (SDPA's
+    float `attn_mask`: CoAtNet's relative positions), or None. Returns (B, n, heads·d), contiguous: tokens first,
+    as the output projection reads them."""
+    return _STATE["ops"].attention(q, k, v, pos, scale, bias)
 
 
 def attention_applies(*heads: torch.Tensor) -> bool:

@@ -204,10 +204,14 @@ class RelativeAttention(nn.Module):
 
 class _FrozenRelativeAttention(nn.Module):
     """RelativeAttention for inference: the bias of the built grid is gathered once (it does not depend
-    on the input), not at every call; other grids resize the table as the original does."""
+    on the input), not at every call; other grids resize the table as the original does. Where the native
+    attention kernel runs (`layers.native`: fp32 on a CPU with AVX-512 or AVX2), it takes the bias before its
+    softmax and writes the output tokens first, as `proj` reads it (SDPA with a float mask and a transpose before)."""
 
     def __init__(self, m: RelativeAttention):
         super().__init__()
+        from hybridzoo.layers import native
+        self.native_attention = native.attention_ready(m.dim_head)
         self.qkv, self.proj = m.qkv, m.proj
         self.num_heads, self.dim_head, self.feat_size = m.num_heads, m.dim_head, m.feat_size
         # what RelativeAttention.relative_bias reads, for inputs of another size
@@ -220,6 +224,11 @@ class _FrozenRelativeAttention(nn.Module):
         B, H, W, _ = x.shape
         q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.bias if (H, W) == self.feat_size else RelativeAttention.relative_bias(self, H, W).unsqueeze(0)
+        if self.native_attention:
+            from hybridzoo.layers import native
+            if native.attention_applies(q, k, v):
+                x = native.attention(q, k, v, None, self.dim_head ** -0.5, bias.contiguous())   # B×HW×C
+                return self.proj(x.view(B, H, W, -1))
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
 
