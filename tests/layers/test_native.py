@@ -438,7 +438,7 @@ def test_attention_applies_only_where_it_can(monkeypatch):
     assert not native.attention_applies(q, q, q)
     monkeypatch.setattr(native, "_STATE", {"ops": type("Ops", (), {"attention_supported": lambda: False})})
     monkeypatch.setenv("HYBRIDZOO_NATIVE", "1")
-    assert not native.attention_applies(q, q, q)   # no AVX-512
+    assert not native.attention_applies(q, q, q)   # neither AVX-512 nor AVX2
 
 
 @needs_attention

@@ -7,9 +7,10 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   needs a product into a temporary and a maximum: three passes);
 - `tiny_linear`: a product of a few rows (Mobile-Former's 6 tokens at batch 1, its slope MLPs) on the calling
   thread, where MKL's and oneDNN's fixed costs per call are most of their time;
-- `attention`: softmax(scale·q·kᵀ [+ P])·v for head dims of 16-64 (DeiT / ViT, ConViT's MHSA and GPSA with its
-  positional map P, CvT), a tile of query rows at a time with the scores kept in cache, where ATen's SDPA and
-  `bmm` run such small products well below the GEMM peak; its output comes tokens first (B, n, heads·d), the
+- `attention`: (softmax(scale·q·kᵀ [+ A]) [+ P])·v for head dims of 16-64 (DeiT / ViT, ConViT's MHSA and GPSA with
+  its positional map P after the softmax, CvT, CoAtNet with its relative bias A before it), a tile of query rows at
+  a time with the scores kept in cache, where ATen's SDPA and `bmm` run such small products well below the GEMM
+  peak; its output comes tokens first (B, n, heads·d), the
   layout the output projection reads, so the transpose and copy after SDPA go too. `attend` adds the
   backward for training (`attention_lse` keeps each row's log-sum-exp, `attention_backward` recomputes the
   probabilities from it a tile of rows at a time);
@@ -1695,8 +1696,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tens
 
 
 def attention_applies(*heads: torch.Tensor) -> bool:
-    """Whether `attend` can take these q, k, v now: the kernels loaded, a CPU with AVX-512 (the kernel's register
-    blocking), plain float32 CPU tensors with a head dim it is built for, and no tracer or compiler watching (to
+    """Whether `attend` can take these q, k, v now: the kernels loaded, a CPU with AVX-512 or AVX2 with FMA (the
+    kernels' register blockings), plain float32 CPU tensors with a head dim it is built for, and no tracer or compiler watching (to
     them the kernel is an opaque call with no shape function: they keep SDPA). Cheap: the callers ask at every
     call."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not attention_supported():   # (dynamo folds the
