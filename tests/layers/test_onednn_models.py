@@ -210,9 +210,11 @@ def test_conv_weight_is_packed_once_per_input_shape():
         assert len(fused._packed) <= OneDNNConv2d.MAX_PACKED_SHAPES
 
 
-def test_conv_weight_is_packed_again_under_another_thread_count():
+def test_conv_weight_is_packed_again_under_another_thread_count(monkeypatch):
     # oneDNN lays the packed weight out for the threads it was packed under; reused under another count it ran
-    # 13–14× slower (BoT50's 1×1 residual convolutions at 14², batch 1 after a batch of 2 split into 1-thread parts)
+    # 13–14× slower (BoT50's 1×1 residual convolutions at 14², batch 1 after a batch of 2 split into 1-thread parts).
+    # The oneDNN route: with the native kernels on, a residual 1×1 convolution runs on the panel product instead
+    monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 1)
     fused = OneDNNConv2d(conv, act=nn.ReLU())
@@ -227,6 +229,40 @@ def test_conv_weight_is_packed_again_under_another_thread_count():
     finally:
         torch.set_num_threads(saved)
     assert set(fused._packed) == {(1, 8, 6, 6, 1), (1, 8, 6, 6, 2)}
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.GELU(), None])
+def test_a_residual_1x1_convolution_adds_before_its_activation_on_the_panel_product(act, monkeypatch):
+    """act(conv(x) + b + other), in place into `other` (the caller's fresh shortcut) or into a new map, on the
+    native panel product where it is built (no oneDNN convolution weight packed), else oneDNN's sum post-op."""
+    from hybridzoo.layers import native
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 32, 1)
+    fused = OneDNNConv2d(conv, act=act)
+    x = torch.randn(2, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = conv(x) + other
+        ref = act(ref) if act is not None else ref
+    calls = []
+    for name in ("rows_linear", "rows_linear_add_"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    with torch.inference_mode():
+        out = fused(x, other.clone())
+        buf = other.clone()
+        into = fused(x, buf, inplace=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(into, ref, rtol=1e-5, atol=1e-5)
+    assert into.data_ptr() == buf.data_ptr()   # written into the shortcut's buffer
+    if native.attention_supported():
+        assert calls == ["rows_linear", "rows_linear_add_"] and not fused._packed
+    # more pixels than RESIDUAL_PANEL_ROWS (a batch split's share at batch 32): oneDNN's convolution and sum
+    monkeypatch.setattr(OneDNNConv2d, "RESIDUAL_PANEL_ROWS", 2 * 5 * 7 - 1)
+    calls.clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x, other.clone(), inplace=True), ref, rtol=1e-5, atol=1e-5)
+    assert not calls and fused._packed
 
 
 def test_conv_weight_packing_from_several_threads_at_once():

@@ -383,11 +383,31 @@ def test_the_epilogue_activations_hold_from_minus_60_to_60(kernels, act):
     torch.testing.assert_close(out, ref, rtol=2e-6, atol=4e-7 if act == "gelu" else 2e-7)
 
 
+@pytest.mark.parametrize("lead, K, N", [((49,), 3072, 48), ((26,), 1700, 96), ((3, 7), 48, 64)])
+@pytest.mark.parametrize("act", ["relu", "gelu", "none"])
+def test_rows_linear_adds_a_residual_before_the_activation(kernels, lead, K, N, act):
+    """act(x·Wᵀ + b + res) (a residual 1×1 convolution), into a new tensor (K summed in chunks where it is long)
+    and into the residual itself (one chunk: each output is its own residual's place)."""
+    torch.manual_seed(K + N)
+    lin = torch.nn.Linear(K, N)
+    x, res = torch.randn(*lead, K), torch.randn(*lead, N)
+    panels = native.pack_panels(lin.weight.detach())
+    ref = _ACTS[act](F.linear(x.double(), lin.weight.double(), lin.bias.double()) + res.double()).float()
+    out = kernels.rows_linear(x, panels, lin.bias.detach(), *_act_args(act), res)
+    buf = res.clone()
+    into = kernels.rows_linear_add_(buf, x, panels, lin.bias.detach(), *_act_args(act))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert into.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("args, words", [
     ((torch.randn(4, 8), torch.randn(16 * 7), None, "none", ""), r"packed by pack_panels"),
     ((torch.randn(4, 8), torch.randn(16 * 8), torch.randn(8), "none", ""), r"bias must be contiguous float32 \(16\)"),
     ((torch.randn(4, 8).double(), torch.randn(16 * 8), None, "none", ""), "float32"),
     ((torch.randn(4, 8), torch.randn(16 * 8), None, "tanh", ""), "act must be none, gelu, relu or swish"),
+    ((torch.randn(4, 8), torch.randn(16 * 8), None, "none", "", torch.randn(4, 32)),
+     r"the residual must be contiguous float32 of the output's shape \[4, 16\]"),
 ])
 def test_rows_linear_names_what_is_wrong(kernels, args, words):
     with pytest.raises(RuntimeError, match=words):

@@ -56,8 +56,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend", "attention_applies",
-           "attention_ready", "attention_supported", "pack_panels", "rows_linear", "depthwise3x3", "patch_embed",
-           "token_blocks", "isa", "set_isa",
+           "attention_ready", "attention_supported", "pack_panels", "rows_linear", "rows_linear_add_", "depthwise3x3",
+           "patch_embed", "token_blocks", "isa", "set_isa",
            "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
@@ -638,9 +638,10 @@ HZ_INLINE vec hz_act(vec y) {
   return y;
 }
 
-// c[MR rows, 16·NV columns] = act(a[MR rows, K] · b + bias) (+ res), b the panel's K × 16·NV columns (row stride
-// ldb). One chunk of a longer sum: `first` starts from the bias (else from c, the chunks before), `last` applies the
-// activation and the residual (else c keeps the partial sum).
+// c[MR rows, 16·NV columns] = act(a[MR rows, K] · b + bias [+ res]), b the panel's K × 16·NV columns (row stride
+// ldb); the residual added before the activation, as oneDNN's sum post-op does. One chunk of a longer sum: `first`
+// starts from the bias (else from c, the chunks before), `last` adds the residual and applies the activation (else
+// c keeps the partial sum). c may be res itself (each value is read before it is written), in one chunk only.
 template <int MR, int NV, int ACT>
 HZ_INLINE void panel_tile(const float* a, int64_t lda, const float* b, int64_t ldb,
                           int64_t K, const float* bias, const float* res,
@@ -669,8 +670,8 @@ HZ_INLINE void panel_tile(const float* a, int64_t lda, const float* b, int64_t l
         hz_store(c + m * ldc + 16 * v, acc[m][v]);
         continue;
       }
-      const vec y = hz_act<ACT>(acc[m][v]);
-      hz_store(c + m * ldc + 16 * v, res ? y + hz_load(res + m * ldr + 16 * v) : y);
+      const vec y = res ? acc[m][v] + hz_load(res + m * ldr + 16 * v) : acc[m][v];
+      hz_store(c + m * ldc + 16 * v, hz_act<ACT>(y));
     }
 }
 
@@ -1118,33 +1119,56 @@ static int64_t check_panels(const char* op, const at::Tensor& panels, int64_t K,
   return N;
 }
 
-// y = act(x · Wᵀ + b) over the rows of x (..., K), W packed by pack_panels, in blocks of rows over the threads
-at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
-                       const std::string& act, const std::string& algorithm) {
-  check_isa("rows_linear");
+// y = act(x · Wᵀ + b [+ res]) over the rows of x (..., K), W packed by pack_panels, in blocks of rows over the
+// threads; into `out` (res's own storage for rows_linear_add_, else a new tensor)
+static at::Tensor rows_linear_impl(const char* op, const at::Tensor& x, const at::Tensor& panels,
+                                   const c10::optional<at::Tensor>& bias, const std::string& act,
+                                   const std::string& algorithm, const at::Tensor* res, bool into_res) {
+  check_isa(op);
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.size(-1) > 0,
-              "hybridzoo_native::rows_linear: x must be float32 (..., K), got ", x.sizes(), " ", x.scalar_type());
+              "hybridzoo_native::", op, ": x must be float32 (..., K), got ", x.sizes(), " ", x.scalar_type());
   const int64_t K = x.size(-1);
-  const int64_t N = check_panels("rows_linear", panels, K, bias);
-  const int kind = panel_act("rows_linear", act, algorithm);
+  const int64_t N = check_panels(op, panels, K, bias);
+  const int kind = panel_act(op, act, algorithm);
   const at::Tensor a = x.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  at::Tensor out = at::empty(shape, x.options());
+  if (res) {
+    TORCH_CHECK(res->sizes() == c10::IntArrayRef(shape) && res->scalar_type() == at::kFloat && res->is_contiguous(),
+                "hybridzoo_native::", op, ": the residual must be contiguous float32 of the output's shape ",
+                c10::IntArrayRef(shape), ", got ", res->sizes(), " ", res->scalar_type(), " strides ",
+                res->strides());
+  }
+  at::Tensor out = into_res ? *res : at::empty(shape, x.options());
   const int64_t rows = a.numel() / K;
   if (rows == 0) return out;
   const float* pa = a.data_ptr<float>();
   const float* pp = panels.data_ptr<float>();
   const float* pb = data_or_null(bias);
+  const float* pr = res ? res->data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
   const int64_t block = row_block(rows);
   at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * block, n = std::min(block, rows - r0);
-      panel_linear(pa + r0 * K, K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N, kind);
+      panel_linear(pa + r0 * K, K, n, pp, K, N, pb, pr ? pr + r0 * N : nullptr, N, po + r0 * N, N, kind);
     }
   });
   return out;
+}
+
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
+                       const std::string& act, const std::string& algorithm,
+                       const c10::optional<at::Tensor>& residual) {
+  const bool has_res = residual.has_value() && residual->defined();
+  return rows_linear_impl("rows_linear", x, panels, bias, act, algorithm, has_res ? &*residual : nullptr, false);
+}
+
+// res <- act(x · Wᵀ + b + res), in place (a residual 1×1 convolution whose shortcut buffer the caller owns)
+at::Tensor rows_linear_add_(at::Tensor res, const at::Tensor& x, const at::Tensor& panels,
+                            const c10::optional<at::Tensor>& bias, const std::string& act,
+                            const std::string& algorithm) {
+  return rows_linear_impl("rows_linear_add_", x, panels, bias, act, algorithm, &res, true);
 }
 
 
@@ -1402,7 +1426,9 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("pack_panels(Tensor w) -> Tensor");
-  m.def("rows_linear(Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) -> Tensor");
+  m.def("rows_linear(Tensor x, Tensor panels, Tensor? bias, str act, str algorithm, Tensor? residual=None) -> Tensor");
+  m.def("rows_linear_add_(Tensor(a!) residual, Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) "
+        "-> Tensor(a!)");
   m.def("patch_embed(Tensor x, Tensor panels, Tensor? bias, int ph, int pw) -> Tensor");
   m.def("depthwise3x3(Tensor x, Tensor w9, Tensor? bias, int stride, str act, str algorithm) -> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
@@ -1417,6 +1443,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("attention_backward", &attention_backward);
   m.impl("pack_panels", &pack_panels);
   m.impl("rows_linear", &rows_linear);
+  m.impl("rows_linear_add_", &rows_linear_add_);
   m.impl("patch_embed", &patch_embed);
   m.impl("depthwise3x3", &depthwise3x3);
   m.impl("token_blocks", &token_blocks);
@@ -1641,10 +1668,18 @@ def pack_panels(w: torch.Tensor) -> torch.Tensor:
 
 
 def rows_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, act: str = "none",
-                algorithm: str = "") -> torch.Tensor:
-    """act(x·Wᵀ + b) for float32 x (..., K), W (N, K) packed by `pack_panels`, the rows in blocks over the intra-op
-    threads; act as `OneDNNLinear.act` ("none", "gelu" with algorithm "none" or "tanh", "relu", "swish")."""
-    return _STATE["ops"].rows_linear(x, panels, bias, act, algorithm)
+                algorithm: str = "", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x·Wᵀ + b [+ residual]) for float32 x (..., K), W (N, K) packed by `pack_panels`, the rows in blocks over
+    the intra-op threads; act as `OneDNNLinear.act` ("none", "gelu" with algorithm "none" or "tanh", "relu",
+    "swish"), applied after the residual (contiguous, the output's shape) as oneDNN's sum post-op does."""
+    return _STATE["ops"].rows_linear(x, panels, bias, act, algorithm, residual)
+
+
+def rows_linear_add_(residual: torch.Tensor, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None,
+                     act: str = "none", algorithm: str = "") -> torch.Tensor:
+    """`rows_linear` with its residual, written into the residual's own storage (returned): for a caller that owns
+    that buffer (a shortcut's fresh output), no new output buffer."""
+    return _STATE["ops"].rows_linear_add_(residual, x, panels, bias, act, algorithm)
 
 
 def depthwise3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, stride: int, act: str = "none",

@@ -172,6 +172,7 @@ class OneDNNConv2d(nn.Module):
     """
 
     MAX_PACKED_SHAPES = 4
+    RESIDUAL_PANEL_ROWS = 4096   # residual 1×1 convolutions of at most this many pixels run on the panel product
     # False: 1×1 convolutions without a residual run as shape-packed convolutions too (measured level with the
     # inner product on whole BoT50 / CoAtNet-0 at batch 32 and 1, so the inner product stays; benchmarks/infer_levers.py)
     INNER_PRODUCT_1X1 = True
@@ -267,7 +268,23 @@ class OneDNNConv2d(nn.Module):
             return torch.ops.mkldnn._convolution_pointwise(
                 x, self._weight_for(x), self.packed_bias, self.padding, self.stride, self.dilation, self.groups,
                 self.attr, self.scalars, self.algorithm)
-        # a residual add: oneDNN's inner product with a binary post-op measured 2–3× slower than the
+        B, _, H, W = x.shape
+        if self.pointwise and self.panels is not None and B * H * W <= self.RESIDUAL_PANEL_ROWS and _native_call(x):
+            # the native panel product with the residual added in its epilogue (before the activation, as the
+            # sum post-op below), into `other` itself where the caller owns it: 1.07-1.17x oneDNN's convolution
+            # with its sum post-op at batch 1 (BoT50's and CoAtNet-0's shapes, Zen 3); with more rows (a batch
+            # split's share of 16 images) 0.84-1.25x, so those keep the convolution
+            # (benchmarks/RESULTS.md, session 15)
+            rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)   # a view of channels-last x
+            if inplace and other.is_contiguous(memory_format=torch.channels_last) and other.dtype == torch.float32:
+                res = other.permute(0, 2, 3, 1).view(B * H * W, self.out_channels)
+                native.rows_linear_add_(res, rows, self.panels, self.packed_bias, self.attr, self.algorithm)
+                return other
+            res = other.float().contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
+                B * H * W, self.out_channels)
+            y = native.rows_linear(rows, self.panels, self.packed_bias, self.attr, self.algorithm, res)
+            return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
+        # a residual add otherwise: oneDNN's inner product with a binary post-op measured 2–3× slower than the
         # convolution's sum post-op at every BoT50 shape, so residual 1×1 convolutions run as convolutions
         relu = self.attr == "relu"
         args = (self._weight_for(x), self.packed_bias, self.padding, self.stride, self.dilation, self.groups,
