@@ -10,9 +10,8 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
 - `attention`: (softmax(scale·q·kᵀ [+ A]) [+ P])·v for head dims of 16-64 (DeiT / ViT, ConViT's MHSA and GPSA with
   its positional map P after the softmax, CvT, CoAtNet with its relative bias A before it), a tile of query rows at
   a time with the scores kept in cache, where ATen's SDPA and `bmm` run such small products well below the GEMM
-  peak; its output comes tokens first (B, n, heads·d), the
-  layout the output projection reads, so the transpose and copy after SDPA go too. `attend` adds the
-  backward for training (`attention_lse` keeps each row's log-sum-exp, `attention_backward` recomputes the
+  peak; its output comes tokens first (B, n, heads·d), the layout the output projection reads, so the transpose
+  and copy after SDPA go too. `attend` adds the backward for training (`attention_lse` keeps each row's log-sum-exp, `attention_backward` recomputes the
   probabilities from it a tile of rows at a time);
 - `pack_panels` / `rows_linear`: fp32 products on a weight packed in panels of 64 output columns, the rows in
   blocks over the threads, the activation in the epilogue; faster than oneDNN's packed product at every size we
@@ -32,12 +31,12 @@ They are registered as PyTorch operators (``torch.ops.hybridzoo_native.*``), so 
 They are built with `torch.utils.cpp_extension` the first time a model that uses them is prepared (about 30 s on
 two cores, three translation units in parallel; a C++ compiler and ninja are needed then) into
 ``$HYBRIDZOO_CACHE/native/`` (default ``~/.cache/hybridzoo``), one folder per PyTorch version, Python version and
-kernel source. Later processes load the compiled library from there without a compiler. ``HYBRIDZOO_NATIVE=0`` turns them off. Without a compiler, or when the build
-fails, the path keeps its ATen code (a warning says why, once). Outputs are the same either way, the dynamic
-ReLU's bit for bit, the products' and attention's to fp32 rounding (the tests compare them). Linux only:
-elsewhere the ATen code runs, without a warning. The dynamic ReLU's and the small products' loops are compiled
-for AVX-512, AVX2 and plain x86-64, the others for AVX-512 and AVX2, and the CPU picks at run time, so a cache
-shared between machines stays valid.
+kernel source. Later processes load the compiled library from there without a compiler. ``HYBRIDZOO_NATIVE=0``
+turns them off. Without a compiler, or when the build fails, the path keeps its ATen code (a warning says why,
+once). Outputs are the same either way, the dynamic ReLU's bit for bit, the products' and attention's to fp32
+rounding (the tests compare them). Linux only: elsewhere the ATen code runs, without a warning. The dynamic
+ReLU's and the small products' loops are compiled for AVX-512, AVX2 and plain x86-64, the others for AVX-512 and
+AVX2, and the CPU picks at run time, so a cache shared between machines stays valid.
 """
 
 from __future__ import annotations
@@ -475,8 +474,8 @@ HZ_INLINE void pack_transposed(const float* src, int64_t ss, int64_t N,
 // DV) accumulators, 24 of the 32 registers; AVX2: 6 rows × 16 columns, 12 of the 16 (each vector of 16 is two).
 template <int DV>
 void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
-                        const float* pos, int64_t sp, const float* bias, int64_t sb, float* o, int64_t so,
-                        int64_t i0, int64_t i1, int64_t N, float scale, float* kt, float* s, float* lse) {
+                 const float* pos, int64_t sp, const float* bias, int64_t sb, float* o, int64_t so,
+                 int64_t i0, int64_t i1, int64_t N, float scale, float* kt, float* s, float* lse) {
   constexpr int64_t d = 16 * DV;
   constexpr int R = HzTiles<VR>::template attn_rows<DV>();
   constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
@@ -553,7 +552,8 @@ HZ_INLINE void attend_rows_back(
 // the backward of attend_head for all n query rows of one head (register blocking as there). The keys go in blocks
 // of at most ~384: the blocks' dk and dv accumulators (N × d each, updated by every tile of query rows) then stay
 // in L2; whole, they left it above ~500 keys at d 64, where each tile's pass over them cost more than its
-// arithmetic (CvT-13's 785 and 3,136 tokens: 0.91-0.97x SDPA on AVX2, benchmarks/RESULTS.md, session 14).
+// arithmetic (CvT-13's first stage, 3,136 queries against 784 keys: the backward 1.17x faster in blocks on AVX2,
+// benchmarks/RESULTS.md, session 15).
 template <int DV>
 void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
                       const float* o, const float* dout, int64_t so, const float* lse, float* dq, float* dk,
@@ -750,8 +750,8 @@ static void panel_linear_act(const float* a, int64_t lda, int64_t M, const float
 // c (M, N; row stride ldc) = act(a (M, K; row stride lda) · Wᵀ + bias) (+ res, row stride ldr), W packed by
 // pack_panels
 void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
-                         const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
-                         int act = ACT_NONE) {
+                  const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
+                  int act = ACT_NONE) {
   switch (act) {
     case ACT_GELU: panel_linear_act<ACT_GELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
     case ACT_GELU_TANH: panel_linear_act<ACT_GELU_TANH>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
@@ -765,7 +765,7 @@ void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, i
 // y = LayerNorm(x) over rows of C values (C a multiple of 16; w, b optional): ATen's LayerNorm costs ~16 µs a call
 // on a thread's 98 rows of 192, mostly outside the arithmetic, 20 calls per thread in a ConViT-Ti forward
 void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps,
-                            float* y) {
+                     float* y) {
   for (int64_t r = 0; r < n; ++r) {
     const float* xr = x + r * C;
     float* yr = y + r * C;
@@ -793,7 +793,7 @@ void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const
 // on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs.
 template <int ACT>
 void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias,
-                          int64_t stride, int64_t ho, int64_t Wo, float* y) {
+                   int64_t stride, int64_t ho, int64_t Wo, float* y) {
   for (int64_t wo = 0; wo < Wo; ++wo) {
     float* out = y + wo * C;
     for (int64_t c = 0; c < C; c += 16) {
