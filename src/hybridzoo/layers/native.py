@@ -11,8 +11,8 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   its positional map P after the softmax, CvT, CoAtNet with its relative bias A before it), a tile of query rows at
   a time with the scores kept in cache, where ATen's SDPA and `bmm` run such small products well below the GEMM
   peak; its output comes tokens first (B, n, heads·d), the layout the output projection reads, so the transpose
-  and copy after SDPA go too. `attend` adds the backward for training (`attention_lse` keeps each row's log-sum-exp, `attention_backward` recomputes the
-  probabilities from it a tile of rows at a time);
+  and copy after SDPA go too. `attend` adds the backward for training (`attention_lse` keeps each row's
+  log-sum-exp, `attention_backward` recomputes the probabilities from it a tile of rows at a time);
 - `pack_panels` / `rows_linear`: fp32 products on a weight packed in panels of 64 output columns, the rows in
   blocks over the threads, the activation in the epilogue; faster than oneDNN's packed product at every size we
   measured, most at batch 1 (`OneDNNLinear`, 1×1 convolutions); `patch_embed` (a convolution whose kernel is its
@@ -473,9 +473,7 @@ HZ_INLINE void pack_transposed(const float* src, int64_t ss, int64_t N,
 // query rows [i0, i1) of one head, head dim 16·DV; kt (16·DV × Np) and s (8 × Np) are scratch. AVX-512: R × max(NV,
 // DV) accumulators, 24 of the 32 registers; AVX2: 6 rows × 16 columns, 12 of the 16 (each vector of 16 is two).
 template <int DV>
-void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
-                 const float* pos, int64_t sp, const float* bias, int64_t sb, float* o, int64_t so,
-                 int64_t i0, int64_t i1, int64_t N, float scale, float* kt, float* s, float* lse) {
+void attend_head(HZ_ARGS_attend_head) {
   constexpr int64_t d = 16 * DV;
   constexpr int R = HzTiles<VR>::template attn_rows<DV>();
   constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
@@ -555,9 +553,7 @@ HZ_INLINE void attend_rows_back(
 // arithmetic (CvT-13's first stage, 3,136 queries against 784 keys: the backward 1.17x faster in blocks on AVX2,
 // benchmarks/RESULTS.md, session 15).
 template <int DV>
-void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
-                      const float* o, const float* dout, int64_t so, const float* lse, float* dq, float* dk,
-                      float* dv, int64_t sg, int64_t n, int64_t N, float scale, float* scratch) {
+void attend_head_back(HZ_ARGS_attend_head_back) {
   constexpr int64_t d = 16 * DV;
   constexpr int R = HzTiles<VR>::template attn_rows<DV>();
   constexpr int NV = HzTiles<VR>::template attn_cols<DV>();
@@ -722,7 +718,7 @@ static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, i
 
 // y (MR rows, N) = x · wt + b for a handful of rows, wt (K, N) the transposed weight read in place (row stride N)
 template <int MR>
-void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y) {
+void tiny_rows(HZ_ARGS_tiny_rows) {
   constexpr int TV = HzTiles<VR>::panel_vectors;
   int64_t n0 = 0;
   for (; n0 + 16 * TV <= N; n0 += 16 * TV)
@@ -747,11 +743,9 @@ static void panel_linear_act(const float* a, int64_t lda, int64_t M, const float
   }
 }
 
-// c (M, N; row stride ldc) = act(a (M, K; row stride lda) · Wᵀ + bias) (+ res, row stride ldr), W packed by
+// c (M, N; row stride ldc) = act(a (M, K; row stride lda) · Wᵀ + bias [+ res, row stride ldr]), W packed by
 // pack_panels
-void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
-                  const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
-                  int act = ACT_NONE) {
+void panel_linear(HZ_ARGS_panel_linear) {
   switch (act) {
     case ACT_GELU: panel_linear_act<ACT_GELU>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
     case ACT_GELU_TANH: panel_linear_act<ACT_GELU_TANH>(a, lda, M, panels, K, N, bias, res, ldr, c, ldc); break;
@@ -764,8 +758,7 @@ void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, i
 
 // y = LayerNorm(x) over rows of C values (C a multiple of 16; w, b optional): ATen's LayerNorm costs ~16 µs a call
 // on a thread's 98 rows of 192, mostly outside the arithmetic, 20 calls per thread in a ConViT-Ti forward
-void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps,
-                     float* y) {
+void layer_norm_rows(HZ_ARGS_layer_norm_rows) {
   for (int64_t r = 0; r < n; ++r) {
     const float* xr = x + r * C;
     float* yr = y + r * C;
@@ -792,8 +785,7 @@ void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const
 // accumulated in a register from the bias, the activation applied, stored. At batch 1 oneDNN spends ~90 µs a call
 // on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs.
 template <int ACT>
-void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias,
-                   int64_t stride, int64_t ho, int64_t Wo, float* y) {
+void depthwise_row(HZ_ARGS_depthwise_row) {
   for (int64_t wo = 0; wo < Wo; ++wo) {
     float* out = y + wo * C;
     for (int64_t c = 0; c < C; c += 16) {
@@ -814,52 +806,6 @@ void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float*
 """
 
 _OPS = r"""
-// ---- the kernels with the instruction set in use (hz_level) ----------------------------------------------------
-#define HZ_DISPATCH(CALL) \
-  do {                    \
-    if (hz_wide())        \
-      wide::CALL;         \
-    else                  \
-      narrow::CALL;       \
-  } while (0)
-
-template <int DV>
-static void attend_head(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
-                        const float* pos, int64_t sp, const float* bias, int64_t sb, float* o, int64_t so,
-                        int64_t i0, int64_t i1, int64_t N, float scale, float* kt, float* s, float* lse) {
-  HZ_DISPATCH(attend_head<DV>(q, sq, k, sk, v, sv, pos, sp, bias, sb, o, so, i0, i1, N, scale, kt, s, lse));
-}
-
-template <int DV>
-static void attend_head_back(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv,
-                             const float* o, const float* dout, int64_t so, const float* lse, float* dq, float* dk,
-                             float* dv, int64_t sg, int64_t n, int64_t N, float scale, float* scratch) {
-  HZ_DISPATCH(attend_head_back<DV>(q, sq, k, sk, v, sv, o, dout, so, lse, dq, dk, dv, sg, n, N, scale, scratch));
-}
-
-static void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N,
-                         const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc,
-                         int act = ACT_NONE) {
-  HZ_DISPATCH(panel_linear(a, lda, M, panels, K, N, bias, res, ldr, c, ldc, act));
-}
-
-static void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps,
-                            float* y) {
-  HZ_DISPATCH(layer_norm_rows(x, n, C, w, b, eps, y));
-}
-
-template <int ACT>
-static void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias,
-                          int64_t stride, int64_t ho, int64_t Wo, float* y) {
-  HZ_DISPATCH(depthwise_row<ACT>(x, H, W, C, w9, bias, stride, ho, Wo, y));
-}
-
-template <int MR>
-static void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y) {
-  HZ_DISPATCH(tiny_rows<MR>(x, K, wt, N, b, y));
-}
-#undef HZ_DISPATCH
-
 // A product with a handful of rows (Mobile-Former's 6 tokens, one class token): y = x·wt + b, wt (K, N) the
 // transposed weight, N a multiple of 16. On the calling thread: at this size MKL's and oneDNN's fixed costs per
 // call are most of theirs, and a second thread only adds its start.
@@ -1252,7 +1198,7 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10:
             dst += pw;
           }
       }
-      panel_linear(a.data(), K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N);
+      panel_linear(a.data(), K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N, ACT_NONE);
     }
   });
   return out;
@@ -1367,7 +1313,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         layer_norm_rows(h.data_ptr<float>(), n, C, data_or_null(P[LN1_W]), data_or_null(P[LN1_B]), eps[2 * i],
                         normed.data_ptr<float>());
         panel_linear(normed.data_ptr<float>(), C, n, P[QKV_W]->data_ptr<float>(), C, 3 * C, data_or_null(P[QKV_B]),
-                     nullptr, 0, buf.data_ptr<float>() + r0 * 3 * C, 3 * C);
+                     nullptr, 0, buf.data_ptr<float>() + r0 * 3 * C, 3 * C, ACT_NONE);
       });
 #pragma omp barrier
       step([&] {
@@ -1378,7 +1324,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         if (pos[i].has_value() && pos[i]->defined()) p = pos[i]->narrow(1, r0, n);
         const at::Tensor o = attention(q, k, v, p, scales[i], c10::nullopt);   // (1, n, C)
         panel_linear(o.data_ptr<float>(), C, n, P[PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[PROJ_B]),
-                     h.data_ptr<float>(), C, mid.data_ptr<float>(), C);
+                     h.data_ptr<float>(), C, mid.data_ptr<float>(), C, ACT_NONE);
         layer_norm_rows(mid.data_ptr<float>(), n, C, data_or_null(P[LN2_W]), data_or_null(P[LN2_B]),
                         eps[2 * i + 1], normed.data_ptr<float>());
         const int64_t hidden = P[FC1_W]->numel() / C;
@@ -1386,7 +1332,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         panel_linear(normed.data_ptr<float>(), C, n, P[FC1_W]->data_ptr<float>(), C, hidden, data_or_null(P[FC1_B]),
                      nullptr, 0, z.data_ptr<float>(), hidden_max, kinds[i]);
         panel_linear(z.data_ptr<float>(), hidden_max, n, P[FC2_W]->data_ptr<float>(), hidden, C,
-                     data_or_null(P[FC2_B]), mid.data_ptr<float>(), C, h.data_ptr<float>(), C);
+                     data_or_null(P[FC2_B]), mid.data_ptr<float>(), C, h.data_ptr<float>(), C, ACT_NONE);
       });
     }
     step([&] { out.narrow(1, r0, n).copy_(h.view({1, n, C})); });
@@ -1452,45 +1398,62 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
 
 
 # The kernels' entry points, which the operators call in the namespace of the instruction set in use: (template
-# parameter, its values, declaration). Each set's unit instantiates them; the operators' unit declares them.
-_ATTEND = ("const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* pos, "
-           "int64_t sp, const float* bias, int64_t sb, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N, "
-           "float scale, float* kt, float* s, float* lse")
-_ATTEND_BACK = ("const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* o, "
-                "const float* dout, int64_t so, const float* lse, float* dq, float* dk, float* dv, int64_t sg, "
-                "int64_t n, int64_t N, float scale, float* scratch")
+# parameter, its values, name, parameter list). The list is written once, here: every unit gets it as a macro,
+# HZ_ARGS_<name>, for the kernel's definition; each set's unit instantiates the templates; the operators' unit
+# declares them and dispatches to the set in use.
 _ENTRIES = (
-    ("int DV", (1, 2, 3, 4), f"void attend_head({_ATTEND})"),
-    ("int DV", (1, 2, 3, 4), f"void attend_head_back({_ATTEND_BACK})"),
-    (None, (), "void panel_linear(const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N, "
-               "const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc, int act)"),
-    (None, (), "void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps, "
-               "float* y)"),
-    ("int ACT", ("ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_RELU", "ACT_SWISH"),
-     "void depthwise_row(const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias, "
-     "int64_t stride, int64_t ho, int64_t Wo, float* y)"),
-    ("int MR", (6, 2, 1), "void tiny_rows(const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y)"),
+    ("int DV", (1, 2, 3, 4), "attend_head",
+     "const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* pos, "
+     "int64_t sp, const float* bias, int64_t sb, float* o, int64_t so, int64_t i0, int64_t i1, int64_t N, "
+     "float scale, float* kt, float* s, float* lse"),
+    ("int DV", (1, 2, 3, 4), "attend_head_back",
+     "const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* o, "
+     "const float* dout, int64_t so, const float* lse, float* dq, float* dk, float* dv, int64_t sg, int64_t n, "
+     "int64_t N, float scale, float* scratch"),
+    (None, (), "panel_linear",
+     "const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N, const float* bias, "
+     "const float* res, int64_t ldr, float* c, int64_t ldc, int act"),
+    (None, (), "layer_norm_rows",
+     "const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps, float* y"),
+    ("int ACT", ("ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_RELU", "ACT_SWISH"), "depthwise_row",
+     "const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias, int64_t stride, "
+     "int64_t ho, int64_t Wo, float* y"),
+    ("int MR", (6, 2, 1), "tiny_rows",
+     "const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y"),
 )
+
+
+def _argument_macros() -> str:
+    return "".join(f"#define HZ_ARGS_{name} {args}\n" for _, _, name, args in _ENTRIES)
 
 
 def _instances() -> str:
     """Explicit instantiations of the templated entry points (in the namespace of one instruction set)."""
-    lines = []
-    for param, values, decl in _ENTRIES:
-        name, rest = decl.split("(", 1)
-        lines += [f"template {name}<{v}>({rest};" for v in values]
-    return "\n".join(lines) + "\n"
+    return "".join(f"template void {name}<{v}>(HZ_ARGS_{name});\n"
+                   for param, values, name, _ in _ENTRIES for v in values)
 
 
 def _declarations(namespace: str) -> str:
-    lines = [f"template <{param}> {decl};" if param else f"{decl};" for param, _, decl in _ENTRIES]
+    lines = [(f"template <{param}> " if param else "") + f"void {name}(HZ_ARGS_{name});"
+             for param, _, name, _ in _ENTRIES]
     return f"namespace {namespace} {{\n" + "\n".join(lines) + f"\n}}  // namespace {namespace}\n"
+
+
+def _dispatchers() -> str:
+    """Each entry point in the global namespace, calling the kernels of the instruction set in use (hz_level)."""
+    out = "// ---- the kernels with the instruction set in use (hz_level) " + "-" * 52 + "\n"
+    for param, _, name, args in _ENTRIES:
+        names = ", ".join(a.split()[-1] for a in args.split(", "))
+        call = f"{name}<{param.split()[1]}>({names})" if param else f"{name}({names})"
+        out += ((f"template <{param}>\n" if param else "") + f"static void {name}(HZ_ARGS_{name}) {{\n"
+                f"  if (hz_wide())\n    wide::{call};\n  else\n    narrow::{call};\n}}\n\n")
+    return out
 
 
 def _isa_unit(target: str, namespace: str, vectors: str, what: str) -> str:
     """The kernels compiled for `target` (GCC's target pragma, x86-64 only) in namespace `namespace`: a translation
     unit of its own, without PyTorch's headers, so that the units compile in parallel."""
-    return (f"// ---- the kernels for {what} {'-' * (100 - len(what))}\n{_COMMON}"
+    return (f"// ---- the kernels for {what} {'-' * (100 - len(what))}\n{_COMMON}{_argument_macros()}"
             f'#if HZ_X86\n#pragma GCC push_options\n#pragma GCC target("{target}")\n#endif\n'
             f"namespace {namespace} {{\n{vectors}{_KERNELS}{_instances()}}}  // namespace {namespace}\n"
             "#if HZ_X86\n#pragma GCC pop_options\n#endif\n")
@@ -1500,7 +1463,8 @@ def _isa_unit(target: str, namespace: str, vectors: str, what: str) -> str:
 _SOURCES = {
     "kernels_avx512.cpp": _isa_unit("avx512f", "wide", _WIDE, "AVX-512"),
     "kernels_avx2.cpp": _isa_unit("avx2,fma", "narrow", _NARROW, "AVX2 with FMA"),
-    "ops.cpp": _TORCH_PRELUDE + _COMMON + _OPS_PRELUDE + _declarations("wide") + _declarations("narrow") + _OPS,
+    "ops.cpp": (_TORCH_PRELUDE + _COMMON + _argument_macros() + _OPS_PRELUDE + _declarations("wide")
+                + _declarations("narrow") + _dispatchers() + _OPS),
 }
 
 _FLAGS = ["-O3", "-fopenmp"]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridzoo.layers import native
 from hybridzoo.layers.conv import SqueezeExcite
 from hybridzoo.layers.drop import DropPath, drop_path_rates
 from hybridzoo.layers.helpers import check_image_input, checkpoint_seq, to_2tuple
@@ -210,7 +211,6 @@ class _FrozenRelativeAttention(nn.Module):
 
     def __init__(self, m: RelativeAttention):
         super().__init__()
-        from hybridzoo.layers import native
         self.native_attention = native.attention_ready(m.dim_head)
         self.qkv, self.proj = m.qkv, m.proj
         self.num_heads, self.dim_head, self.feat_size = m.num_heads, m.dim_head, m.feat_size
@@ -224,11 +224,9 @@ class _FrozenRelativeAttention(nn.Module):
         B, H, W, _ = x.shape
         q, k, v = self.qkv(x).view(B, H * W, 3, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.bias if (H, W) == self.feat_size else RelativeAttention.relative_bias(self, H, W).unsqueeze(0)
-        if self.native_attention:
-            from hybridzoo.layers import native
-            if native.attention_applies(q, k, v):
-                x = native.attention(q, k, v, None, self.dim_head ** -0.5, bias.contiguous())   # B×HW×C
-                return self.proj(x.view(B, H, W, -1))
+        if self.native_attention and native.attention_applies(q, k, v):
+            x = native.attention(q, k, v, None, self.dim_head ** -0.5, bias.contiguous())   # B×HW×C
+            return self.proj(x.view(B, H, W, -1))
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
 
