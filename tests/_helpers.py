@@ -87,5 +87,6 @@ def small_sr_val_folder(folder, count: int = 3, size: tuple[int, int] = (40, 48)
     for i in range(count):
         img = images[i % len(images)]
         top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2 + 7 * i
-        Image.fromarray(np.ascontiguousarray(img[top:top + h, left:left + w])).save(folder / f"{names[i % len(names)]}_{i}.png")
+        crop = np.ascontiguousarray(img[top:top + h, left:left + w])
+        Image.fromarray(crop).save(folder / f"{names[i % len(names)]}_{i}.png")
     return folder
