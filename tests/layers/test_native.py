@@ -121,8 +121,9 @@ def test_frozen_mobile_former_calls_the_kernel_and_computes_the_same(built, batc
     n_act = sum(isinstance(m, mf._FrozenDynamicReLU) for m in frozen.modules())
     assert n_act > 0 and len(calls) == 2 * n_act   # every activation, in both passes
     assert ops.names.count("hybridzoo_native.dyrelu_") == n_act   # in the first, each one by the kernel
-    # products of a few rows (the 6 tokens at batch 1, the slope MLPs' one row per image) by the tiny-product kernel
-    assert ops.names.count("hybridzoo_native.tiny_linear") > 0
+    # each block's token side in one call
+    assert ops.names.count("hybridzoo_native.former_tokens") == sum(isinstance(m, mf._FrozenMobileFormerBlock)
+                                                                    for m in frozen.modules()) > 0
     torch.testing.assert_close(fused, aten, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
 
@@ -394,6 +395,91 @@ def test_attention_names_what_is_wrong(attn, bad, words):
     q, k, v, pos, *bias = bad()
     with pytest.raises(RuntimeError, match="hybridzoo_native::attention") as e:
         attn.attention(q, k, v, pos, 1.0, *bias)
+    assert words in str(e.value)
+
+
+def _small_mobile_former(name: str) -> torch.nn.Module:
+    """A reduced Mobile-Former, perturbed (BatchNorm statistics and affine away from the identity); "padded": 5
+    tokens and widths that are not multiples of 16 (q|α 24, k|v 40, the slope MLPs' outputs), which the token
+    kernel pads."""
+    torch.manual_seed(0)
+    if name == "padded":
+        model = mf.MobileFormer(blocks=(("lite", 2, 12, 1, 0), ("down", 3, 20, 2, 2), ("mobile", 2, 20, 1, 2)),
+                                stem_chs=12, num_tokens=5, token_dim=32, num_features=64, num_classes=10)
+    else:
+        model = hybridzoo.create_model(name, **get_card(name).test_kwargs)
+    perturb(model.eval())
+    for blk in model.modules():   # a different eps for each of a block's three LayerNorms
+        if isinstance(blk, mf.MobileFormerBlock):
+            blk.mobile_former.norm.eps, blk.former.norm1.eps, blk.former.norm2.eps = 1e-3, 1e-4, 1e-2
+    return model
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@needs_attention
+@pytest.mark.parametrize("name", ["mobile_former_294m", "mobile_former_26m", "padded"])
+@pytest.mark.parametrize("batch, threads", [(1, 2), (1, 1), (3, 2)])
+def test_former_tokens_is_the_token_side(attn, name, batch, threads, monkeypatch):
+    """Each frozen block's token side in one call (`native.former_tokens`: one image on the whole team, or an image
+    per thread) gives what its ATen operators give, for contiguous and channels-last block inputs."""
+    frozen = optimize_for_cpu_inference(_small_mobile_former(name))
+    inputs = []
+    tokens = mf._FrozenMobileFormerBlock.tokens
+    monkeypatch.setattr(mf._FrozenMobileFormerBlock, "tokens",
+                        lambda self, x, z: inputs.append((self, x, z)) or tokens(self, x, z))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            frozen(torch.randn(batch, 3, 64, 64))
+            assert inputs and all(blk.native_tokens is not None for blk, _, _ in inputs)
+            for blk, x, z in inputs:
+                for layout in (torch.channels_last, torch.contiguous_format):
+                    xl = x.contiguous(memory_format=layout)
+                    with _Ops() as ops:
+                        got = tokens(blk, xl, z)
+                    assert ops.names == ["hybridzoo_native.former_tokens"]
+                    monkeypatch.setattr(blk, "NATIVE_TOKENS", False)
+                    want = tokens(blk, xl, z)
+                    monkeypatch.setattr(blk, "NATIVE_TOKENS", True)
+                    for g, w, what in zip(got, want, ("z", "u1", "u2", "kv")):
+                        assert g.shape == w.shape, what
+                        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()), msg=what)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _former_tokens_args():
+    frozen = optimize_for_cpu_inference(_small_mobile_former("padded"))
+    blk = next(m for m in frozen.modules() if isinstance(m, mf._FrozenMobileFormerBlock))
+    params, sizes, eps = blk.native_tokens
+    return torch.randn(1, 12, 8, 8), torch.randn(1, 5, 32), list(params), list(sizes), list(eps)
+
+
+def _with(i, value):
+    def make():
+        args = list(_former_tokens_args())
+        if isinstance(i, tuple):
+            args[i[0]][i[1]] = value(args[i[0]][i[1]])
+        else:
+            args[i] = value(args[i])
+        return args
+    return make
+
+
+@needs_attention
+@pytest.mark.parametrize("bad, words", [
+    (_with(0, lambda x: x.double()), "x must be a float32 map (B, C, H, W)"),
+    (_with(0, lambda x: x[..., ::2]), "contiguous or channels-last"),
+    (_with(1, lambda z: z.expand(2, 5, 32)), "z must be contiguous float32 tokens (1, T, D)"),
+    (_with(1, lambda z: z[..., :24].contiguous()), "D a multiple of 16"),
+    (_with(2, lambda p: p[:-1]), "expected 26 params"),
+    (_with((2, 2), lambda w: w[:-1]), "param 2 must be contiguous float32 with 384 values"),
+    (_with((3, 0), lambda n: 5), "inconsistent sizes: 12 channels for 5 heads"),
+])
+def test_former_tokens_names_what_is_wrong(attn, bad, words):
+    with pytest.raises(RuntimeError, match="hybridzoo_native::former_tokens") as e:
+        attn.former_tokens(*bad())
     assert words in str(e.value)
 
 

@@ -19,8 +19,11 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   stride) gathers the patches into rows for it; `depthwise3x3`: depthwise 3×3 convolutions, channels-last;
 - `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
   that meets once per block (`layers.onednn_tokens`).
+- `former_tokens`: Mobile-Former's token side of one block (Mobile→Former, the Former, the dynamic ReLUs' slope
+  MLPs, Former→Mobile's keys and values) in one call instead of ~25 operators on 6 tokens, each step shared by the
+  team at batch 1.
 
-These last four are written once on 16-float vectors and compiled twice, for AVX-512 and for AVX2 with FMA, each
+These last five are written once on 16-float vectors and compiled twice, for AVX-512 and for AVX2 with FMA, each
 with a register blocking of its own (32 registers of 16 floats, or 16 of 8); the CPU's best runs (`isa`), and
 `set_isa("avx2")` lowers it, so that an AVX-512 machine tests the AVX2 kernels too. Without either (other CPUs),
 `attention_supported()` is False and ATen's code runs.
@@ -54,7 +57,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "load", "dyrelu_", "tiny_linear", "attention", "attend", "attention_applies",
+__all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "rows_linear", "rows_linear_add_", "depthwise3x3",
            "patch_embed", "token_blocks", "isa", "set_isa",
            "ATTENTION_HEAD_DIMS", "build_dir"]
@@ -129,6 +132,32 @@ struct HzTiles {
 
 // the activations panel_linear applies to its outputs (oneDNN's post-ops of OneDNNLinear)
 enum PanelAct { ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWISH };
+
+// Mobile-Former's token side of one block (former_tokens): the sizes, and every product's weight transposed, (K, N)
+// with N padded by zero columns to a multiple of 16 (row stride pad16(N)), its bias padded alike; the attention
+// scales folded into the query products
+struct HzFormerTokens {
+  int64_t T, D, C, P;              // tokens, token width; the block input's channels and pixels
+  int64_t m2f_heads, heads;        // Mobile→Former's heads (over the map's channels), the Former's
+  int64_t hidden, reduced;         // the Former's FFN width; one slope MLP's hidden width (two side by side)
+  int64_t slopes1, slopes2, kv;    // the two slope MLPs' outputs; Former→Mobile's k|v outputs
+  float eps[3];                    // Mobile→Former's LayerNorm, the Former's two
+  const float *qa_w, *qa_b;        // Mobile→Former's q (scaled) | α/3, D → 2C
+  const float *proj_w, *proj_b, *norm_w, *norm_b;
+  const float *q_w, *q_b, *o_w, *o_b, *norm1_w, *norm1_b;    // the Former's attention (q scaled), proj, norm1
+  const float *fc1_w, *fc1_b, *fc2_w, *fc2_b, *norm2_w, *norm2_b;
+  const float *s_w, *s_b, *s1_w, *s1_b, *s2_w, *s2_b;          // the slope MLPs: both fc1 (ReLU), then each fc2 (/3)
+  const float *kv_w, *kv_b;                                    // Former→Mobile's k | v
+};
+
+static inline int64_t hz_pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// floats of scratch former_tokens needs for one image shared by `parts` threads
+static inline int64_t hz_former_scratch(const HzFormerTokens& p, int64_t parts) {
+  const int64_t Pp = hz_pad16(p.P);
+  return p.C * Pp + p.T * hz_pad16(2 * p.C) + p.T * p.C + 6 * p.T * p.D + p.T * p.hidden + hz_pad16(2 * p.reduced)
+         + parts * (p.T * Pp + p.T * p.T);
+}
 """
 
 # the operators' unit: the instruction set in use, the dynamic ReLU (compiled by target_clones)
@@ -803,6 +832,174 @@ void depthwise_row(HZ_ARGS_depthwise_row) {
     }
   }
 }
+
+// ---- Mobile-Former's token side: one call per image for what is otherwise ~25 small operators -------------------
+// y (M rows, row stride ldy) = act(x (M rows, row stride ldx) · wt + b [+ res, row stride ldr]) for this part's share
+// of the N columns (N a multiple of 16, split in vectors of 16 between `parts`); wt (K, N), row stride N
+template <int MR, int ACT>
+HZ_INLINE void few_rows_tile(const float* x, int64_t ldx, const float* wt, int64_t ldw, int64_t K, int64_t N,
+                             const float* b, const float* res, int64_t ldr, float* y, int64_t ldy) {
+  constexpr int TV = panel_tile_vectors<MR, 4>();
+  int64_t n0 = 0;
+  for (; n0 + 16 * TV <= N; n0 += 16 * TV)
+    panel_tile<MR, TV, ACT>(x, ldx, wt + n0, ldw, K, b ? b + n0 : nullptr, res ? res + n0 : nullptr, ldr, y + n0,
+                            ldy);
+  for (; n0 < N; n0 += 16)
+    panel_tile<MR, 1, ACT>(x, ldx, wt + n0, ldw, K, b ? b + n0 : nullptr, res ? res + n0 : nullptr, ldr, y + n0, ldy);
+}
+
+template <int ACT>
+static void few_rows(const float* x, int64_t ldx, int64_t M, const float* wt, int64_t K, int64_t N, const float* b,
+                     const float* res, int64_t ldr, float* y, int64_t ldy, int64_t part, int64_t parts) {
+  const int64_t v0 = N / 16 * part / parts, v1 = N / 16 * (part + 1) / parts, c0 = 16 * v0;
+  if (v0 == v1) return;
+  wt += c0;
+  y += c0;
+  if (b) b += c0;
+  if (res) res += c0;
+  int64_t m = 0;
+#define HZ_FEW(MR) few_rows_tile<MR, ACT>(x + m * ldx, ldx, wt, N, K, 16 * (v1 - v0), b, res ? res + m * ldr : nullptr, \
+                                          ldr, y + m * ldy, ldy)
+  for (; m + 6 <= M; m += 6) HZ_FEW(6);
+  for (; m + 2 <= M; m += 2) HZ_FEW(2);
+  if (m < M) HZ_FEW(1);
+#undef HZ_FEW
+}
+
+// Mobile→Former's attention for R tokens of one head: the queries q (R rows, row stride sq; scale folded in) against
+// the head's c channels of the map, xt (c rows of Pp pixels, zero past P), which are both the keys and the values;
+// s a scratch of R × Pp scores; o (R rows, row stride so) <- softmax(q · xt) · xtᵀ
+template <int R>
+HZ_INLINE void m2f_rows(const float* q, int64_t sq, const float* xt, int64_t Pp, int64_t c, int64_t P, float* s,
+                        float* o, int64_t so) {
+  constexpr int NV = HzTiles<VR>::wide ? 4 : 1;
+  vec rmax[R];
+  for (int r = 0; r < R; ++r) rmax[r] = hz_splat(-INFINITY);
+  int64_t j0 = 0;
+  for (; j0 + 16 * NV <= Pp; j0 += 16 * NV) scores_tile<R, NV>(q, sq, xt, Pp, c, P, j0, s, rmax);
+  for (; j0 < Pp; j0 += 16) scores_tile<R, 1>(q, sq, xt, Pp, c, P, j0, s, rmax);
+  float inv[R];
+  for (int r = 0; r < R; ++r) {   // e^(s − max) in place (the padding's -inf gives ~0), and 1 / its sum
+    const vec m = hz_all_max(rmax[r]);
+    vec sum = hz_splat(0.0f);
+    for (int64_t j = 0; j < Pp; j += 16) {
+      const vec e = hz_exp(hz_load(s + r * Pp + j) - m);
+      hz_store(s + r * Pp + j, e);
+      sum += e;
+    }
+    inv[r] = 1.0f / hz_first(hz_all_sum(sum));
+  }
+  for (int64_t ch = 0; ch < c; ++ch) {
+    vec acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = hz_splat(0.0f);
+    for (int64_t j = 0; j < Pp; j += 16) {
+      const vec w = hz_load(xt + ch * Pp + j);
+      for (int r = 0; r < R; ++r) acc[r] += hz_load(s + r * Pp + j) * w;
+    }
+    for (int r = 0; r < R; ++r) o[r * so + ch] = hz_first(hz_all_sum(acc[r])) * inv[r];
+  }
+}
+
+// Mobile-Former's token side of one block for one image (the frozen block's `tokens`): x the block input, channel ch
+// of pixel p at x[ch·sc + p·sp] (contiguous or channels-last), z (T, D) the tokens. Writes z after Mobile→Former and
+// the Former (zout, T × D), the two dynamic ReLUs' slope MLP outputs (u1, u2) and Former→Mobile's k | v (kv, T rows
+// of pad16(p.kv)). `parts` threads of one OpenMP team may share the work, each calling this with its `part` and the
+// same scratch (hz_former_scratch(p, parts) floats): products by columns, attention by heads, LayerNorms by rows,
+// the team meeting at a barrier after each step. Called with parts = 1 outside such a team (no barrier is met).
+void former_tokens(HZ_ARGS_former_tokens) {
+  const int64_t T = p.T, D = p.D, C = p.C, P = p.P, Pp = hz_pad16(P), lqa = hz_pad16(2 * C);
+  float* xt = scratch;         // the map channel-major, C × Pp
+  float* qa = xt + C * Pp;     // q | α/3, T × lqa
+  float* att = qa + T * lqa;   // Mobile→Former's attention, gated, T × C
+  float* t1 = att + T * C;     // T × D each: pre-norm sums, z after Mobile→Former, the Former's q, its attention, z
+  float* z1 = t1 + T * D;      // after its attention
+  float* fq = z1 + T * D;
+  float* fo = fq + T * D;
+  float* z2 = fo + T * D;
+  float* hid = z2 + T * D;     // the FFN's hidden rows, T × hidden
+  float* sh = hid + T * p.hidden;   // the slope MLPs' hidden row
+  float* s = sh + hz_pad16(2 * p.reduced) + part * (T * Pp + T * T);   // this part's scores: T × Pp, then T × T
+  float* ss = s + T * Pp;
+  auto meet = [parts] {
+    if (parts > 1) {
+#pragma omp barrier
+    }
+  };
+  const int64_t r0 = T * part / parts, r1 = T * (part + 1) / parts;   // this part's token rows (LayerNorms)
+  {   // x → xt, 16 pixels at a time (a block that stays in L1), this part's channels; the padding zero
+    const int64_t c0 = C * part / parts, c1 = C * (part + 1) / parts;
+    for (int64_t p0 = 0; p0 < P; p0 += 16) {
+      const int64_t p1 = std::min(P, p0 + 16);
+      for (int64_t ch = c0; ch < c1; ++ch)
+        for (int64_t q = p0; q < p1; ++q) xt[ch * Pp + q] = x[ch * sc + q * sp];
+    }
+    for (int64_t ch = c0; ch < c1; ++ch)
+      for (int64_t q = P; q < Pp; ++q) xt[ch * Pp + q] = 0.0f;
+  }
+  few_rows<ACT_NONE>(z, D, T, p.qa_w, D, lqa, p.qa_b, nullptr, 0, qa, lqa, part, parts);
+  meet();
+  // Mobile→Former: the tokens query the map, keys = values = its channels, a head per part in turn; the gate
+  // 2·hsigmoid(α) = clamp(α/3 + 1, 0, 2) on the head's channels
+  const int64_t c = C / p.m2f_heads;
+  for (int64_t h = part; h < p.m2f_heads; h += parts) {
+    const float* xh = xt + h * c * Pp;
+    int64_t t = 0;
+    for (; t + 6 <= T; t += 6) m2f_rows<6>(qa + t * lqa + h * c, lqa, xh, Pp, c, P, s, att + t * C + h * c, C);
+    for (; t + 2 <= T; t += 2) m2f_rows<2>(qa + t * lqa + h * c, lqa, xh, Pp, c, P, s, att + t * C + h * c, C);
+    if (t < T) m2f_rows<1>(qa + t * lqa + h * c, lqa, xh, Pp, c, P, s, att + t * C + h * c, C);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t ch = h * c; ch < (h + 1) * c; ++ch)
+        att[t * C + ch] *= std::min(std::max(qa[t * lqa + C + ch] + 1.0f, 0.0f), 2.0f);
+  }
+  meet();
+  few_rows<ACT_NONE>(att, C, T, p.proj_w, C, D, p.proj_b, z, D, t1, D, part, parts);
+  meet();
+  layer_norm_rows(t1 + r0 * D, r1 - r0, D, p.norm_w, p.norm_b, p.eps[0], z1 + r0 * D);
+  meet();
+  // the Former: queries projected, keys = values = the tokens themselves, post-norm; a head per part in turn
+  few_rows<ACT_NONE>(z1, D, T, p.q_w, D, D, p.q_b, nullptr, 0, fq, D, part, parts);
+  meet();
+  const int64_t d = D / p.heads;
+  for (int64_t h = part; h < p.heads; h += parts)
+    for (int64_t t = 0; t < T; ++t) {
+      float* sr = ss + t * T;
+      float m = -INFINITY;
+      for (int64_t u = 0; u < T; ++u) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < d; ++k) acc += fq[t * D + h * d + k] * z1[u * D + h * d + k];
+        sr[u] = acc;
+        m = std::max(m, acc);
+      }
+      float sum = 0.0f;
+      for (int64_t u = 0; u < T; ++u) sum += (sr[u] = std::exp(sr[u] - m));
+      const float inv = 1.0f / sum;
+      float* out = fo + t * D + h * d;
+      for (int64_t k = 0; k < d; ++k) out[k] = 0.0f;
+      for (int64_t u = 0; u < T; ++u) {
+        const float w = sr[u] * inv;
+        for (int64_t k = 0; k < d; ++k) out[k] += w * z1[u * D + h * d + k];
+      }
+    }
+  meet();
+  few_rows<ACT_NONE>(fo, D, T, p.o_w, D, D, p.o_b, z1, D, t1, D, part, parts);
+  meet();
+  layer_norm_rows(t1 + r0 * D, r1 - r0, D, p.norm1_w, p.norm1_b, p.eps[1], z2 + r0 * D);
+  meet();
+  few_rows<ACT_GELU>(z2, D, T, p.fc1_w, D, p.hidden, p.fc1_b, nullptr, 0, hid, p.hidden, part, parts);
+  meet();
+  few_rows<ACT_NONE>(hid, p.hidden, T, p.fc2_w, p.hidden, D, p.fc2_b, z2, D, t1, D, part, parts);
+  meet();
+  layer_norm_rows(t1 + r0 * D, r1 - r0, D, p.norm2_w, p.norm2_b, p.eps[2], zout + r0 * D);
+  meet();
+  // the dynamic ReLUs' slope MLPs on the first token; Former→Mobile's keys and values
+  const int64_t ls = hz_pad16(2 * p.reduced);
+  few_rows<ACT_RELU>(zout, D, 1, p.s_w, D, ls, p.s_b, nullptr, 0, sh, ls, part, parts);
+  few_rows<ACT_NONE>(zout, D, T, p.kv_w, D, hz_pad16(p.kv), p.kv_b, nullptr, 0, kv, hz_pad16(p.kv), part, parts);
+  meet();
+  few_rows<ACT_NONE>(sh, ls, 1, p.s1_w, p.reduced, hz_pad16(p.slopes1), p.s1_b, nullptr, 0, u1, 0, part, parts);
+  few_rows<ACT_NONE>(sh + p.reduced, ls, 1, p.s2_w, p.reduced, hz_pad16(p.slopes2), p.s2_b, nullptr, 0, u2, 0, part,
+                     parts);
+}
 """
 
 _OPS = r"""
@@ -1341,6 +1538,89 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
   return out;
 }
 
+// Mobile-Former's token side of one block (its frozen block's `tokens`) in one call: Mobile→Former, the Former, both
+// dynamic ReLUs' slope MLPs and Former→Mobile's keys and values; ~25 operators otherwise, each costing tens of µs
+// of dispatch on 6 tokens. x the block input (B, C, H, W), contiguous or channels-last; z (B, T, D) contiguous.
+// params: HzFormerTokens' weights and biases in its order (26), each weight transposed (K, N) and N padded to a
+// multiple of 16 by zero columns, scales folded in; sizes: Mobile→Former's heads, the Former's, the slope MLPs'
+// hidden width, their outputs (two) and k|v's outputs; eps: the three LayerNorms'. Returns (z, u1, u2, kv).
+// (named apart from the kernel entry point it calls, former_tokens)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> former_tokens_op(
+    const at::Tensor& x, const at::Tensor& z, const std::vector<at::Tensor>& params, c10::IntArrayRef sizes,
+    c10::ArrayRef<double> eps) {
+  check_isa("former_tokens");
+  const bool nchw = x.dim() == 4 && x.is_contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat
+              && (nchw || x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "hybridzoo_native::former_tokens: x must be a float32 map (B, C, H, W), contiguous or channels-last, "
+              "got ", x.sizes(), " ", x.scalar_type(), " strides ", x.strides());
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  TORCH_CHECK(z.dim() == 3 && z.size(0) == B && z.scalar_type() == at::kFloat && z.is_contiguous() && z.size(1) > 0
+              && z.size(2) % 16 == 0 && z.size(2) > 0,
+              "hybridzoo_native::former_tokens: z must be contiguous float32 tokens (", B, ", T, D), D a multiple "
+              "of 16, got ", z.sizes(), " ", z.scalar_type());
+  TORCH_CHECK(params.size() == 26 && sizes.size() == 6 && eps.size() == 3,
+              "hybridzoo_native::former_tokens: expected 26 params, 6 sizes and 3 eps, got ", params.size(), ", ",
+              sizes.size(), " and ", eps.size());
+  HzFormerTokens p{};
+  p.T = z.size(1), p.D = z.size(2), p.C = C, p.P = P;
+  p.m2f_heads = sizes[0], p.heads = sizes[1], p.reduced = sizes[2], p.slopes1 = sizes[3], p.slopes2 = sizes[4];
+  p.kv = sizes[5];
+  p.hidden = params[13].numel();
+  const int64_t D = p.D, hidden = p.hidden, r = p.reduced;
+  TORCH_CHECK(C > 0 && p.m2f_heads > 0 && C % p.m2f_heads == 0 && p.heads > 0 && D % p.heads == 0 && r > 0
+              && hidden % 16 == 0 && hidden > 0 && p.slopes1 > 0 && p.slopes2 > 0 && p.kv > 0,
+              "hybridzoo_native::former_tokens: inconsistent sizes: ", C, " channels for ", p.m2f_heads, " heads, ",
+              D, " token dims for ", p.heads, " heads, FFN width ", hidden, " (a multiple of 16), sizes ", sizes);
+  // (K, N) of each weight, N of each vector (K = 0), in HzFormerTokens' order
+  const std::pair<int64_t, int64_t> shapes[26] = {
+      {D, hz_pad16(2 * C)}, {0, hz_pad16(2 * C)}, {C, D}, {0, D}, {0, D}, {0, D},
+      {D, D}, {0, D}, {D, D}, {0, D}, {0, D}, {0, D},
+      {D, hidden}, {0, hidden}, {hidden, D}, {0, D}, {0, D}, {0, D},
+      {D, hz_pad16(2 * r)}, {0, hz_pad16(2 * r)}, {r, hz_pad16(p.slopes1)}, {0, hz_pad16(p.slopes1)},
+      {r, hz_pad16(p.slopes2)}, {0, hz_pad16(p.slopes2)}, {D, hz_pad16(p.kv)}, {0, hz_pad16(p.kv)}};
+  const float* ptr[26];
+  for (int i = 0; i < 26; ++i) {
+    const int64_t want = std::max<int64_t>(shapes[i].first, 1) * shapes[i].second;
+    TORCH_CHECK(params[i].scalar_type() == at::kFloat && params[i].is_contiguous() && params[i].numel() == want,
+                "hybridzoo_native::former_tokens: param ", i, " must be contiguous float32 with ", want, " values (",
+                shapes[i].first ? "a transposed weight (K, N padded to 16)" : "a vector", "), got ",
+                params[i].sizes(), " ", params[i].scalar_type());
+    ptr[i] = params[i].data_ptr<float>();
+  }
+  const float** fields[26] = {&p.qa_w, &p.qa_b, &p.proj_w, &p.proj_b, &p.norm_w, &p.norm_b, &p.q_w, &p.q_b,
+                              &p.o_w, &p.o_b, &p.norm1_w, &p.norm1_b, &p.fc1_w, &p.fc1_b, &p.fc2_w, &p.fc2_b,
+                              &p.norm2_w, &p.norm2_b, &p.s_w, &p.s_b, &p.s1_w, &p.s1_b, &p.s2_w, &p.s2_b,
+                              &p.kv_w, &p.kv_b};
+  for (int i = 0; i < 26; ++i) *fields[i] = ptr[i];
+  for (int i = 0; i < 3; ++i) p.eps[i] = static_cast<float>(eps[i]);
+  at::Tensor zout = at::empty({B, p.T, D}, z.options());
+  at::Tensor u1 = at::empty({B, hz_pad16(p.slopes1)}, z.options());
+  at::Tensor u2 = at::empty({B, hz_pad16(p.slopes2)}, z.options());
+  at::Tensor kv = at::empty({B, p.T, hz_pad16(p.kv)}, z.options());
+  const int64_t sc = nchw ? P : 1, sp = nchw ? 1 : C;
+  const float* px = x.data_ptr<float>();
+  const float* pz = z.data_ptr<float>();
+  float* po = zout.data_ptr<float>();
+  float* p1 = u1.data_ptr<float>();
+  float* p2 = u2.data_ptr<float>();
+  float* pkv = kv.data_ptr<float>();
+  if (B == 1) {   // one image: the intra-op team shares each step (a few hundred µs of small, memory-bound steps)
+    const int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.T));
+    std::vector<float> scratch(hz_former_scratch(p, want));
+#pragma omp parallel num_threads(want)
+    former_tokens(p, px, sc, sp, pz, po, p1, p2, pkv, scratch.data(), omp_get_thread_num(), omp_get_num_threads());
+  } else {        // a batch: an image per thread
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(hz_former_scratch(p, 1));
+      for (int64_t b = begin; b < end; ++b)
+        former_tokens(p, px + b * x.stride(0), sc, sp, pz + b * p.T * D, po + b * p.T * D, p1 + b * u1.size(1),
+                      p2 + b * u2.size(1), pkv + b * kv.size(1) * kv.size(2), scratch.data(), 0, 1);
+    });
+  }
+  return {zout, u1.narrow(1, 0, p.slopes1), u2.narrow(1, 0, p.slopes2), kv.narrow(2, 0, p.kv)};
+}
+
 bool attention_supported() { return hz_level.load() > 0; }
 
 // the instruction set the kernels run with: "avx512", "avx2" or "none"
@@ -1379,6 +1659,8 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("depthwise3x3(Tensor x, Tensor w9, Tensor? bias, int stride, str act, str algorithm) -> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
         "str[] algorithms, Tensor?[] pos) -> Tensor");
+  m.def("former_tokens(Tensor x, Tensor z, Tensor[] params, int[] sizes, float[] eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
@@ -1393,6 +1675,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("patch_embed", &patch_embed);
   m.impl("depthwise3x3", &depthwise3x3);
   m.impl("token_blocks", &token_blocks);
+  m.impl("former_tokens", &former_tokens_op);
 }
 """
 
@@ -1420,6 +1703,9 @@ _ENTRIES = (
      "int64_t ho, int64_t Wo, float* y"),
     ("int MR", (6, 2, 1), "tiny_rows",
      "const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y"),
+    (None, (), "former_tokens",
+     "const HzFormerTokens& p, const float* x, int64_t sc, int64_t sp, const float* z, float* zout, float* u1, "
+     "float* u2, float* kv, float* scratch, int64_t part, int64_t parts"),
 )
 
 
@@ -1669,6 +1955,15 @@ def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[f
     per block (fc1's activation: "none", "gelu" with algorithm "none" (erf) or "tanh", "relu", "swish"), eps two
     per block; pos per block a positional map (heads, N, N) added after the softmax, or None."""
     return _STATE["ops"].token_blocks(x, params, heads, scales, eps, acts, algorithms, pos)
+
+
+def former_tokens(x: torch.Tensor, z: torch.Tensor, params: list[torch.Tensor], sizes: list[int],
+                  eps: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mobile-Former's token side of one block in one call, on the calling thread (one image per thread for a
+    batch): returns (z after Mobile→Former and the Former, the two dynamic ReLUs' slope MLP outputs, Former→Mobile's
+    k|v). x (B, C, H, W) float32, contiguous or channels-last; z (B, T, D) contiguous float32, D a multiple of 16;
+    params, sizes and eps as `models.mobile_former._FrozenMobileFormerBlock` prepares them (`_native_tokens`)."""
+    return _STATE["ops"].former_tokens(x, z, params, sizes, eps)
 
 
 # the head dims the attention kernel is built for (one register blocking each)

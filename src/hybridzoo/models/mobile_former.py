@@ -26,6 +26,7 @@ from hybridzoo.layers import native
 from hybridzoo.layers.conv import ConvBnAct
 from hybridzoo.layers.drop import DropPath
 from hybridzoo.layers.helpers import check_image_input, checkpoint_seq
+from hybridzoo.layers.onednn import _native_call
 from hybridzoo.registry import register_model
 
 __all__ = ["MobileFormer", "convert_official"]
@@ -451,6 +452,8 @@ class _FrozenMobileFormerBlock(nn.Module):
     products — q|α of Mobile→Former, the two slope MLPs' first layers (ReLU fused) and k|v of Former→Mobile
     each run as one product; α is pre-scaled by 1/3 so that 2·hsigmoid(α) = clamp(α/3 + 1, 0, 2) is one
     clamp (exact algebra; fp32 rounding moves).
+    Where the native kernels are built, the whole token side is one call instead (`native.former_tokens`,
+    `NATIVE_TOKENS`), with the same function.
 
     Branch parallelism (`PARALLEL`, off by default — slower on an idle machine, see the attribute; one image
     with ≥ 2 intra-op threads): the Mobile sub-block's first
@@ -513,9 +516,54 @@ class _FrozenMobileFormerBlock(nn.Module):
                                                (mob.pw1[0].weight, 1)], batch_hint)
             _split_multiplier(mob, "dw2", [(mob.act2.fc2.weight, 0), (mob.act2.fc2.bias, 0),
                                            (mob.pw2[0].weight, 1)], batch_hint)
+        # the whole token side as one native call (after the permutations above, which the slope MLPs' fc2 read)
+        self.native_tokens = self._native_tokens(m2f, blk.former, mob, f2m) if self.NATIVE_TOKENS else None
+
+    # the token side as one native call (`native.former_tokens`), one image per thread: ~25 operators of tens of µs
+    # each on 6 tokens otherwise. Whole 294M, 2 threads, Zen 3, 9 interleaved rounds: 1.34× at batch 1, 1.54× at 2,
+    # 1.23× at 8, 1.10× at 32 (benchmarks/RESULTS.md, session 16)
+    NATIVE_TOKENS = True
+
+    @torch.no_grad()
+    def _native_tokens(self, m2f: MobileToFormer, former: Former, mob: nn.Module, f2m: FormerToMobile):
+        """`native.former_tokens`' parameters (weights transposed, their outputs padded to a multiple of 16 with
+        zeros, the attention scales folded into the queries, the slope MLPs' fc2 pre-scaled by 1/3), sizes and
+        eps; None where the kernels are not built or the sizes do not fit them."""
+        D = former.q.in_features
+        if not (native.load() and native.attention_supported()) or D % 16 or former.fc1.out_features % 16:
+            return None
+
+        def weight(w: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+            n = w.shape[0]
+            pad = (-n) % 16
+            wt = F.pad(w.detach().float().t(), (0, pad)).contiguous()
+            return [wt, F.pad(b.detach().float(), (0, pad)).contiguous()]
+
+        def linear(lin: nn.Linear, scale: float = 1.0) -> list[torch.Tensor]:
+            return weight(lin.weight * scale, lin.bias * scale)
+
+        def norm(ln: nn.LayerNorm) -> list[torch.Tensor]:
+            return [ln.weight.detach().float().contiguous(), ln.bias.detach().float().contiguous()]
+
+        act1, act2 = mob.act1, mob.act2
+        qa_w = torch.cat([m2f.q.weight * m2f.scale, m2f.alpha.weight / 3.0])
+        qa_b = torch.cat([m2f.q.bias * m2f.scale, m2f.alpha.bias / 3.0])
+        s_w, s_b = _stacked_weights(act1.fc1, act2.fc1)
+        kv_w, kv_b = _stacked_weights(f2m.k, f2m.v)
+        params = (weight(qa_w, qa_b) + linear(m2f.proj) + norm(m2f.norm)
+                  + linear(former.q, former.scale) + linear(former.proj) + norm(former.norm1)
+                  + linear(former.fc1) + linear(former.fc2) + norm(former.norm2)
+                  + weight(s_w, s_b) + linear(act1.fc2, 1.0 / 3.0) + linear(act2.fc2, 1.0 / 3.0) + weight(kv_w, kv_b))
+        sizes = [m2f.num_heads, former.num_heads, act1.fc1.out_features, act1.fc2.out_features,
+                 act2.fc2.out_features, 2 * f2m.k.out_features]
+        return params, sizes, [m2f.norm.eps, former.norm1.eps, former.norm2.eps]
 
     def tokens(self, x: torch.Tensor, z: torch.Tensor):
         """(z after Mobile→Former and the Former, slopes u1 and u2 of the two dynamic ReLUs, Former→Mobile's k|v)."""
+        if (self.native_tokens is not None and self.NATIVE_TOKENS and _native_call(x)
+                and z.dtype == torch.float32 and z.is_contiguous()
+                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
+            return native.former_tokens(x, z, *self.native_tokens)
         B, C, H, W = x.shape
         T, h = z.shape[1], self.m2f_heads
         qa = F.linear(z, self.m2f_qa_w, self.m2f_qa_b)
