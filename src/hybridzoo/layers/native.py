@@ -133,9 +133,9 @@ struct HzTiles {
 // the activations panel_linear applies to its outputs (oneDNN's post-ops of OneDNNLinear)
 enum PanelAct { ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWISH };
 
-// Mobile-Former's token side of one block (former_tokens): the sizes, and every product's weight transposed, (K, N)
-// with N padded by zero columns to a multiple of 16 (row stride pad16(N)), its bias padded alike; the attention
-// scales folded into the query products
+// Mobile-Former's token side of one block (former_tokens): the sizes, and every product's weight as (K, N) with N
+// padded by zero columns to a multiple of 16, in strips of 16 columns each K × 16 contiguous (`strip_tile`), its bias
+// padded alike; the attention scales folded into the query products
 struct HzFormerTokens {
   int64_t T, D, C, P;              // tokens, token width; the block input's channels and pixels
   int64_t m2f_heads, heads;        // Mobile→Former's heads (over the map's channels), the Former's
@@ -834,36 +834,57 @@ void depthwise_row(HZ_ARGS_depthwise_row) {
 }
 
 // ---- Mobile-Former's token side: one call per image for what is otherwise ~25 small operators -------------------
-// y (M rows, row stride ldy) = act(x (M rows, row stride ldx) · wt + b [+ res, row stride ldr]) for this part's share
-// of the N columns (N a multiple of 16, split in vectors of 16 between `parts`); wt (K, N), row stride N
-template <int MR, int ACT>
-HZ_INLINE void few_rows_tile(const float* x, int64_t ldx, const float* wt, int64_t ldw, int64_t K, int64_t N,
-                             const float* b, const float* res, int64_t ldr, float* y, int64_t ldy) {
-  constexpr int TV = panel_tile_vectors<MR, 4>();
-  int64_t n0 = 0;
-  for (; n0 + 16 * TV <= N; n0 += 16 * TV)
-    panel_tile<MR, TV, ACT>(x, ldx, wt + n0, ldw, K, b ? b + n0 : nullptr, res ? res + n0 : nullptr, ldr, y + n0,
-                            ldy);
-  for (; n0 < N; n0 += 16)
-    panel_tile<MR, 1, ACT>(x, ldx, wt + n0, ldw, K, b ? b + n0 : nullptr, res ? res + n0 : nullptr, ldr, y + n0, ldy);
+// c[MR rows, 16·V columns] = act(a[MR rows, K] · b + bias [+ res]), b V strips of 16 columns, each K × 16
+// contiguous: every strip is read front to back (a cold weight streams in order; a row-major (K, N) one would be
+// walked with a stride of N floats, across pages)
+template <int MR, int V, int ACT>
+HZ_INLINE void strip_tile(const float* a, int64_t lda, const float* b, int64_t K, const float* bias, const float* res,
+                          int64_t ldr, float* c, int64_t ldc) {
+  vec acc[MR][V];
+  for (int v = 0; v < V; ++v) {
+    const vec bv = bias ? hz_load(bias + 16 * v) : hz_splat(0.0f);
+    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    vec w[V];
+    for (int v = 0; v < V; ++v) w[v] = hz_load(b + v * 16 * K + 16 * k);
+    for (int m = 0; m < MR; ++m) {
+      const float x = a[m * lda + k];
+      for (int v = 0; v < V; ++v) acc[m][v] += x * w[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < V; ++v) {
+      const vec y = res ? acc[m][v] + hz_load(res + m * ldr + 16 * v) : acc[m][v];
+      hz_store(c + m * ldc + 16 * v, hz_act<ACT>(y));
+    }
 }
 
+// y (M rows, row stride ldy) = act(x (M rows, row stride ldx) · W + b [+ res, row stride ldr]) for this part's share
+// of the N columns (N a multiple of 16, split in strips of 16 between `parts`); W (K, N) in strips of 16 columns,
+// each K × 16 contiguous
 template <int ACT>
-static void few_rows(const float* x, int64_t ldx, int64_t M, const float* wt, int64_t K, int64_t N, const float* b,
+static void few_rows(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N, const float* b,
                      const float* res, int64_t ldr, float* y, int64_t ldy, int64_t part, int64_t parts) {
-  const int64_t v0 = N / 16 * part / parts, v1 = N / 16 * (part + 1) / parts, c0 = 16 * v0;
-  if (v0 == v1) return;
-  wt += c0;
-  y += c0;
-  if (b) b += c0;
-  if (res) res += c0;
+  const int64_t v0 = N / 16 * part / parts, v1 = N / 16 * (part + 1) / parts;
   int64_t m = 0;
-#define HZ_FEW(MR) few_rows_tile<MR, ACT>(x + m * ldx, ldx, wt, N, K, 16 * (v1 - v0), b, res ? res + m * ldr : nullptr, \
-                                          ldr, y + m * ldy, ldy)
-  for (; m + 6 <= M; m += 6) HZ_FEW(6);
-  for (; m + 2 <= M; m += 2) HZ_FEW(2);
-  if (m < M) HZ_FEW(1);
-#undef HZ_FEW
+#define HZ_STRIPS(MR)                                                                                           \
+  do {                                                                                                          \
+    constexpr int V = panel_tile_vectors<MR, 4>();                                                              \
+    const float* xm = x + m * ldx;                                                                              \
+    const float* rm = res ? res + m * ldr : nullptr;                                                            \
+    int64_t j = v0;                                                                                             \
+    for (; j + V <= v1; j += V)                                                                                 \
+      strip_tile<MR, V, ACT>(xm, ldx, w + j * 16 * K, K, b ? b + 16 * j : nullptr, rm ? rm + 16 * j : nullptr,  \
+                             ldr, y + m * ldy + 16 * j, ldy);                                                   \
+    for (; j < v1; ++j)                                                                                         \
+      strip_tile<MR, 1, ACT>(xm, ldx, w + j * 16 * K, K, b ? b + 16 * j : nullptr, rm ? rm + 16 * j : nullptr,  \
+                             ldr, y + m * ldy + 16 * j, ldy);                                                   \
+  } while (0)
+  for (; m + 6 <= M; m += 6) HZ_STRIPS(6);
+  for (; m + 2 <= M; m += 2) HZ_STRIPS(2);
+  if (m < M) HZ_STRIPS(1);
+#undef HZ_STRIPS
 }
 
 // Mobile→Former's attention for R tokens of one head: the queries q (R rows, row stride sq; scale folded in) against
@@ -1541,8 +1562,8 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
 // Mobile-Former's token side of one block (its frozen block's `tokens`) in one call: Mobile→Former, the Former, both
 // dynamic ReLUs' slope MLPs and Former→Mobile's keys and values; ~25 operators otherwise, each costing tens of µs
 // of dispatch on 6 tokens. x the block input (B, C, H, W), contiguous or channels-last; z (B, T, D) contiguous.
-// params: HzFormerTokens' weights and biases in its order (26), each weight transposed (K, N) and N padded to a
-// multiple of 16 by zero columns, scales folded in; sizes: Mobile→Former's heads, the Former's, the slope MLPs'
+// params: HzFormerTokens' weights and biases in its order (26), each weight (K, N) with N padded to a multiple of
+// 16 by zero columns, in strips of 16 columns (N / 16 × K × 16), scales folded in; sizes: Mobile→Former's heads, the Former's, the slope MLPs'
 // hidden width, their outputs (two) and k|v's outputs; eps: the three LayerNorms'. Returns (z, u1, u2, kv).
 // (named apart from the kernel entry point it calls, former_tokens)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> former_tokens_op(
@@ -1584,7 +1605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> former_tokens_op(
     const int64_t want = std::max<int64_t>(shapes[i].first, 1) * shapes[i].second;
     TORCH_CHECK(params[i].scalar_type() == at::kFloat && params[i].is_contiguous() && params[i].numel() == want,
                 "hybridzoo_native::former_tokens: param ", i, " must be contiguous float32 with ", want, " values (",
-                shapes[i].first ? "a transposed weight (K, N padded to 16)" : "a vector", "), got ",
+                shapes[i].first ? "a weight (K, N padded to 16) in strips of 16 columns" : "a vector", "), got ",
                 params[i].sizes(), " ", params[i].scalar_type());
     ptr[i] = params[i].data_ptr<float>();
   }

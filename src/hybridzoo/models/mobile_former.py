@@ -526,18 +526,18 @@ class _FrozenMobileFormerBlock(nn.Module):
 
     @torch.no_grad()
     def _native_tokens(self, m2f: MobileToFormer, former: Former, mob: nn.Module, f2m: FormerToMobile):
-        """`native.former_tokens`' parameters (weights transposed, their outputs padded to a multiple of 16 with
-        zeros, the attention scales folded into the queries, the slope MLPs' fc2 pre-scaled by 1/3), sizes and
-        eps; None where the kernels are not built or the sizes do not fit them."""
+        """`native.former_tokens`' parameters (weights in strips of 16 outputs, K × 16 each, their outputs padded to a
+        multiple of 16 with zeros, the attention scales folded into the queries, the slope MLPs' fc2 pre-scaled by
+        1/3), sizes and eps; None where the kernels are not built or the sizes do not fit them."""
         D = former.q.in_features
         if not (native.load() and native.attention_supported()) or D % 16 or former.fc1.out_features % 16:
             return None
 
         def weight(w: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
-            n = w.shape[0]
-            pad = (-n) % 16
-            wt = F.pad(w.detach().float().t(), (0, pad)).contiguous()
-            return [wt, F.pad(b.detach().float(), (0, pad)).contiguous()]
+            # (N, K) → N/16 strips of 16 outputs, each K × 16 contiguous, N padded with zero rows
+            k, pad = w.shape[1], (-w.shape[0]) % 16
+            strips = F.pad(w.detach().float(), (0, 0, 0, pad)).view(-1, 16, k).transpose(1, 2).contiguous()
+            return [strips, F.pad(b.detach().float(), (0, pad)).contiguous()]
 
         def linear(lin: nn.Linear, scale: float = 1.0) -> list[torch.Tensor]:
             return weight(lin.weight * scale, lin.bias * scale)
