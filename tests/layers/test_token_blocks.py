@@ -489,6 +489,30 @@ def test_depthwise3x3_is_the_grouped_convolution(kernels, threads, B, C, H, W, s
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, C, m, H, W, stride", [(1, 16, 6, 11, 12, 2), (1, 192, 4, 7, 7, 1), (2, 48, 6, 9, 7, 2),
+                                                    (3, 32, 2, 5, 6, 1), (1, 16, 3, 1, 1, 1)])
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_depthwise3x3_with_a_multiplier_is_the_grouped_convolution(kernels, threads, B, C, m, H, W, stride, act):
+    """C → m·C, groups C: output j·C + g of the kernel is the grouped convolution's output g·m + j."""
+    torch.manual_seed(B * C + m)
+    conv = torch.nn.Conv2d(C, m * C, 3, stride, 1, groups=C)
+    x = torch.randn(B, C, H, W).contiguous(memory_format=torch.channels_last)
+    order = torch.arange(m * C).view(C, m).t().reshape(-1)   # position j·C + g holds channel g·m + j
+    taps = conv.weight.detach()[order].reshape(m * C, 9).t().contiguous()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.depthwise3x3(x, taps, conv.bias.detach()[order].contiguous(), stride, *_act_args(act),
+                                   multiplier=m)
+    finally:
+        torch.set_num_threads(before)
+    ref = _ACTS[act](F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=stride, padding=1,
+                              groups=C))[:, order]
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("args, words", [
     ((torch.randn(1, 16, 4, 4), torch.randn(9, 16), None, 1, "none", ""), "channels-last"),
     ((torch.randn(1, 24, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(9, 24), None, 1, "none",
@@ -499,6 +523,10 @@ def test_depthwise3x3_is_the_grouped_convolution(kernels, threads, B, C, H, W, s
       ""), "stride must be 1 or 2"),
     ((torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(9, 16), None, 1,
       "hardswish", ""), "act must be"),
+    ((torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(9, 16), None, 1,
+      "none", "", 0), "multiplier must be at least 1, got 0"),
+    ((torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(9, 16), None, 1,
+      "none", "", 2), r"w9 must be contiguous float32 \(9, 32\)"),
 ])
 def test_depthwise3x3_names_what_is_wrong(kernels, args, words):
     with pytest.raises(RuntimeError, match=words):

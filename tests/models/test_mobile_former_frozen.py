@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hybridzoo
+from hybridzoo.layers import native
 from hybridzoo.layers.conv import ConvBnAct
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former as mf
@@ -144,19 +145,29 @@ def _multipliers(fast) -> list:
     return [m for m in fast.modules() if isinstance(m, mf._MultiplierDepthwise)]
 
 
-@pytest.mark.parametrize("parts", ["parts", "grouped"])
+@pytest.mark.parametrize("route", ["parts", "grouped", "native"])
 @pytest.mark.parametrize("strided", [False, True])
-def test_multiplier_depthwise_blocks_match_eager(strided, parts, monkeypatch):
+def test_multiplier_depthwise_blocks_match_eager(strided, route, monkeypatch):
     # reduced 294M: the lite block's dw (8 → 16) and both downsampling blocks' dw2 (×2) always; their stride-2 dw1
-    # (8 → 24, 16 → 48) only when the channel floor is lowered. Batch 1, an odd batch and three input sizes; every
-    # map through the m depthwise convolutions, or every map through the grouped one and the reordering copy.
+    # (8 → 24, 16 → 48) only when the channel floor is lowered, or, for 16 → 48, where the native kernel takes it
+    # in one call. Batch 1, an odd batch and three input sizes; every map through the m depthwise convolutions,
+    # or every map through the grouped one and the reordering copy, or (16 input channels) the native kernel.
     if strided:
         monkeypatch.setattr(Frozen, "MULTIPLIER_MIN_CHANNELS_STRIDED", 0)
-    monkeypatch.setattr(mf._MultiplierDepthwise, "PARTS_MIN_ELEMENTS", 0 if parts == "parts" else 1 << 62)
+    monkeypatch.setattr(mf._MultiplierDepthwise, "PARTS_MIN_ELEMENTS", 0 if route == "parts" else 1 << 62)
+    native_route = route == "native" and native.load() and native.attention_supported()
+    if route == "native" and not native_route:
+        pytest.skip("the native kernels are not built for this CPU")
+    monkeypatch.setattr(mf._MultiplierDepthwise, "NATIVE", native_route)
     model, fast = _models()
     parts = _multipliers(fast)
-    assert [(m.in_channels, m.out_channels) for m in parts] == (
-        [(8, 16), (8, 24), (16, 32), (16, 48), (24, 48)] if strided else [(8, 16), (16, 32), (24, 48)])
+    split = [(8, 16), (16, 32), (24, 48)]
+    if native_route:
+        split.insert(2, (16, 48))
+    if strided:
+        split = [(8, 16), (8, 24), (16, 32), (16, 48), (24, 48)]
+    assert [(m.in_channels, m.out_channels) for m in parts] == split
+    assert {m.taps is not None for m in parts if m.in_channels == 16} == {native_route}
     for batch, side in ((1, 64), (3, 72), (1, 48), (3, 64)):
         x = torch.randn(batch, 3, side, side)
         with torch.inference_mode():
@@ -207,6 +218,30 @@ def test_multiplier_depthwise_is_the_grouped_convolution_in_its_channel_order(st
     torch.testing.assert_close(by_parts, ref[:, order], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(by_grouped, ref[:, order], rtol=1e-5, atol=1e-5)
     assert by_grouped.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_multiplier_depthwise_runs_as_one_native_call(stride):
+    # 16 input channels and an activation the native kernel has: one call of it, no part and no grouped
+    # convolution, the output in the same j·C + g order
+    if not (native.load() and native.attention_supported()):
+        pytest.skip("the native kernels are not built for this CPU")
+    torch.manual_seed(0)
+    seq = ConvBnAct(16, 48, 3, stride, groups=16, act_layer=torch.nn.ReLU).eval()
+    perturb(seq)
+    frozen = mf._MultiplierDepthwise(seq, None)
+    assert frozen.taps is not None and tuple(frozen.taps.shape) == (9, 48)
+    calls = []
+    for part in [*frozen.parts, frozen.grouped]:
+        part.register_forward_hook(lambda *args: calls.append("oneDNN"))
+    x = torch.randn(2, 16, 13, 11)
+    with torch.inference_mode():
+        ref, out = seq(x), frozen(x)
+    assert calls == [] and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref[:, mf._multiplier_order(16, 3)], rtol=1e-5, atol=1e-5)
+    # ReLU6 (no epilogue in the kernel) keeps the oneDNN routes
+    assert mf._MultiplierDepthwise(ConvBnAct(16, 48, 3, stride, groups=16, act_layer=torch.nn.ReLU6).eval(),
+                                   None).taps is None
 
 
 def test_multiplier_depthwise_names_an_activation_without_a_post_op():

@@ -812,12 +812,14 @@ void layer_norm_rows(HZ_ARGS_layer_norm_rows) {
 // ---- depthwise 3×3 convolution, channels-last --------------------------------------------------------------------
 // One output row of one image: for every pixel and every 16 channels, the 9 taps (zero padding of 1, stride s)
 // accumulated in a register from the bias, the activation applied, stored. At batch 1 oneDNN spends ~90 µs a call
-// on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs.
+// on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs. With a channel multiplier
+// (C = m · Cin outputs), output channel c reads input channel c mod Cin: the m groups of Cin outputs side by side.
 template <int ACT>
 void depthwise_row(HZ_ARGS_depthwise_row) {
   for (int64_t wo = 0; wo < Wo; ++wo) {
     float* out = y + wo * C;
     for (int64_t c = 0; c < C; c += 16) {
+      const int64_t ci = c % Cin;   // the input channels these 16 outputs read
       vec acc = bias ? hz_load(bias + c) : hz_splat(0.0f);
       for (int64_t kh = 0; kh < 3; ++kh) {
         const int64_t hi = ho * stride - 1 + kh;
@@ -825,7 +827,7 @@ void depthwise_row(HZ_ARGS_depthwise_row) {
         for (int64_t kw = 0; kw < 3; ++kw) {
           const int64_t wi = wo * stride - 1 + kw;
           if (wi < 0 || wi >= W) continue;
-          acc += hz_load(x + (hi * W + wi) * C + c) * hz_load(w9 + (kh * 3 + kw) * C + c);
+          acc += hz_load(x + (hi * W + wi) * Cin + ci) * hz_load(w9 + (kh * 3 + kw) * C + c);
         }
       }
       hz_store(out + c, hz_act<ACT>(acc));
@@ -1336,16 +1338,19 @@ at::Tensor rows_linear_add_(at::Tensor res, const at::Tensor& x, const at::Tenso
 }
 
 
-// y = act(depthwise 3×3 convolution of x, padding 1, stride 1 or 2, + bias): x (B, C, H, W) channels-last, C a
-// multiple of 16; w9 (9, C) the taps of each channel, row kh·3 + kw; y channels-last
+// y = act(depthwise 3×3 convolution of x, padding 1, stride 1 or 2, + bias): x (B, Cin, H, W) channels-last, Cin a
+// multiple of 16; with a channel multiplier m, C = m · Cin outputs in m groups of Cin, output channel j·Cin + g
+// reading input channel g (the grouped convolution's channel g·m + j; the caller orders weights and readers so);
+// w9 (9, C) the taps of each output channel, row kh·3 + kw; y (B, C, Ho, Wo) channels-last
 at::Tensor depthwise3x3(const at::Tensor& x, const at::Tensor& w9, const c10::optional<at::Tensor>& bias,
-                        int64_t stride, const std::string& act, const std::string& algorithm) {
+                        int64_t stride, const std::string& act, const std::string& algorithm, int64_t multiplier) {
   check_isa("depthwise3x3");
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast)
               && x.size(1) % 16 == 0 && x.size(1) > 0,
               "hybridzoo_native::depthwise3x3: x must be a channels-last float32 (B, C, H, W) map with C a multiple "
               "of 16, got ", x.sizes(), " ", x.scalar_type(), " strides ", x.strides());
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(multiplier >= 1, "hybridzoo_native::depthwise3x3: multiplier must be at least 1, got ", multiplier);
+  const int64_t B = x.size(0), Cin = x.size(1), C = Cin * multiplier, H = x.size(2), W = x.size(3);
   TORCH_CHECK(w9.dim() == 2 && w9.size(0) == 9 && w9.size(1) == C && w9.scalar_type() == at::kFloat
               && w9.is_contiguous(), "hybridzoo_native::depthwise3x3: w9 must be contiguous float32 (9, ", C,
               "), got ", w9.sizes());
@@ -1363,9 +1368,9 @@ at::Tensor depthwise3x3(const at::Tensor& x, const at::Tensor& w9, const c10::op
   at::parallel_for(0, B * Ho, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / Ho, ho = r % Ho;
-      const float* xb = px + b * H * W * C;
+      const float* xb = px + b * H * W * Cin;
       float* yr = py + r * Wo * C;
-#define HZ_DW(A) depthwise_row<A>(xb, H, W, C, pw, pb, stride, ho, Wo, yr)
+#define HZ_DW(A) depthwise_row<A>(xb, H, W, Cin, C, pw, pb, stride, ho, Wo, yr)
       switch (kind) {
         case ACT_GELU: HZ_DW(ACT_GELU); break;
         case ACT_GELU_TANH: HZ_DW(ACT_GELU_TANH); break;
@@ -1677,7 +1682,8 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("rows_linear_add_(Tensor(a!) residual, Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) "
         "-> Tensor(a!)");
   m.def("patch_embed(Tensor x, Tensor panels, Tensor? bias, int ph, int pw) -> Tensor");
-  m.def("depthwise3x3(Tensor x, Tensor w9, Tensor? bias, int stride, str act, str algorithm) -> Tensor");
+  m.def("depthwise3x3(Tensor x, Tensor w9, Tensor? bias, int stride, str act, str algorithm, int multiplier=1) "
+        "-> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
         "str[] algorithms, Tensor?[] pos) -> Tensor");
   m.def("former_tokens(Tensor x, Tensor z, Tensor[] params, int[] sizes, float[] eps) "
@@ -1720,8 +1726,8 @@ _ENTRIES = (
     (None, (), "layer_norm_rows",
      "const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps, float* y"),
     ("int ACT", ("ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_RELU", "ACT_SWISH"), "depthwise_row",
-     "const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias, int64_t stride, "
-     "int64_t ho, int64_t Wo, float* y"),
+     "const float* x, int64_t H, int64_t W, int64_t Cin, int64_t C, const float* w9, const float* bias, "
+     "int64_t stride, int64_t ho, int64_t Wo, float* y"),
     ("int MR", (6, 2, 1), "tiny_rows",
      "const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y"),
     (None, (), "former_tokens",
@@ -1954,10 +1960,12 @@ def rows_linear_add_(residual: torch.Tensor, x: torch.Tensor, panels: torch.Tens
 
 
 def depthwise3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, stride: int, act: str = "none",
-                 algorithm: str = "") -> torch.Tensor:
+                 algorithm: str = "", multiplier: int = 1) -> torch.Tensor:
     """act(depthwise 3×3 convolution, padding 1, stride 1 or 2, + bias) of a channels-last float32 map x (B, C, H, W),
-    C a multiple of 16; w9 (9, C): channel c's weight (c, 0, kh, kw) at row kh·3 + kw; the output channels-last."""
-    return _STATE["ops"].depthwise3x3(x, w9, bias, stride, act, algorithm)
+    C a multiple of 16; w9 (9, m·C): output channel o's weight (o, 0, kh, kw) at row kh·3 + kw; the output
+    channels-last. With a channel multiplier m the m·C outputs come in m groups of C, output j·C + g reading input
+    channel g (the grouped convolution's output g·m + j: `models.mobile_former._MultiplierDepthwise`'s order)."""
+    return _STATE["ops"].depthwise3x3(x, w9, bias, stride, act, algorithm, multiplier)
 
 
 def patch_embed(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, ph: int, pw: int) -> torch.Tensor:

@@ -172,6 +172,10 @@ class _MultiplierDepthwise(nn.Module):
 
     Small maps (fewer than PARTS_MIN_ELEMENTS output elements per part: batch 1 below 28², where m calls cost more
     than the padding) run the grouped convolution instead, its output copied into the order j·C + g.
+
+    Where the native kernels are built and the parts are native depthwise convolutions (C a multiple of 16, an
+    activation the kernel has), all of it is one call of `native.depthwise3x3` with the multiplier, on any map
+    (`taps`, `NATIVE`).
     """
 
     PARTS_MIN_ELEMENTS = 1 << 15
@@ -193,9 +197,24 @@ class _MultiplierDepthwise(nn.Module):
             OneDNNConv2d(shape, None, act, batch_hint, weight=w[j::m].contiguous(), bias=b[j::m].contiguous())
             for j in range(m))
         self.grouped = OneDNNConv2d(conv, None, act, batch_hint, weight=w, bias=b)
+        # the native depthwise kernel with its multiplier: all m parts in one call, straight into the j·C + g order
+        p = self.parts[0]
+        self.taps = self.taps_bias = None
+        if (p.depthwise_taps is not None and self.NATIVE
+                and all(part.depthwise_taps is not None for part in self.parts)):
+            self.taps = torch.cat([part.depthwise_taps for part in self.parts], dim=1).contiguous()
+            self.taps_bias = torch.cat([part.packed_bias for part in self.parts]).contiguous()
+
+    # one native call where the parts are native depthwise convolutions (C a multiple of 16, an activation the
+    # kernel has): 294M at batch 1, 2 threads, Zen 3: the five such convolutions ran on oneDNN's grouped kernel
+    # (small maps) at ~2 ms of the forward (benchmarks/RESULTS.md, session 16)
+    NATIVE = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts[0]
+        if self.taps is not None and self.NATIVE and _native_call(x):
+            return native.depthwise3x3(x.contiguous(memory_format=torch.channels_last), self.taps, self.taps_bias,
+                                       p.stride[0], p.attr, p.algorithm, self.multiplier)
         rows, cols = _conv_output_size(x.shape[2:], p.kernel_size, p.padding, p.stride, p.dilation)
         if x.shape[0] * rows * cols * self.in_channels >= self.PARTS_MIN_ELEMENTS:
             return torch.cat([part(x) for part in self.parts], dim=1)
@@ -210,14 +229,17 @@ class _MultiplierDepthwise(nn.Module):
 
 @torch.no_grad()
 def _split_multiplier(owner: nn.Module, name: str, readers: list[tuple[torch.Tensor, int]],
-                      batch_hint: int | None) -> bool:
+                      batch_hint: int | None, native_only: bool = False) -> bool:
     """Replace owner.<name> (a multiplier ConvBnAct) by `_MultiplierDepthwise` and permute, in place, the tensors
     that read its output channels: (tensor, dim) with the channels along dim (a dynamic ReLU's fc2 rows hold two
-    slopes per channel: both halves permuted). False (nothing changed) where the convolution is not one."""
+    slopes per channel: both halves permuted). False (nothing changed) where the convolution is not one, or, with
+    `native_only`, where the native kernel would not take it in one call."""
     seq = getattr(owner, name)
     if not _is_multiplier_conv(seq):
         return False
     frozen = _MultiplierDepthwise(seq, batch_hint)
+    if native_only and frozen.taps is None:
+        return False
     perm = _multiplier_order(frozen.in_channels, frozen.multiplier)
     n = frozen.out_channels
     for t, dim in readers:
@@ -482,7 +504,8 @@ class _FrozenMobileFormerBlock(nn.Module):
     # the downsampling blocks' depthwise convolutions with a channel multiplier (dw1: ×6, stride 2; dw2: ×4) as m
     # plain depthwise convolutions (`_MultiplierDepthwise`; ungrouped variants), except strided ones on fewer than
     # MULTIPLIER_MIN_CHANNELS_STRIDED input channels: 294M's first dw1 (16 → 96 at 112², stride 2) measured 1.4×
-    # slower as six 16-channel convolutions that each read the whole input (1 thread, batch 16)
+    # slower as six 16-channel convolutions that each read the whole input (1 thread, batch 16). Those split only
+    # where the native kernel takes them in one call (`_MultiplierDepthwise.taps`).
     SPLIT_MULTIPLIER = True
     MULTIPLIER_MIN_CHANNELS_STRIDED = 24
     # Former→Mobile as two batched products with block-diagonal keys and values (`_former_to_mobile_products`) on
@@ -511,9 +534,9 @@ class _FrozenMobileFormerBlock(nn.Module):
         self.first_geometry = (first.kernel_size, first.padding, first.stride, first.dilation)
         if self.downsample and mob.groups == 1 and self.SPLIT_MULTIPLIER:
             # the block's own module tree (optimize_for_cpu_inference's copy): permuted in place
-            if mob.dw1[0].stride == (1, 1) or mob.in_chs >= self.MULTIPLIER_MIN_CHANNELS_STRIDED:
-                _split_multiplier(mob, "dw1", [(mob.act1.fc2.weight, 0), (mob.act1.fc2.bias, 0),
-                                               (mob.pw1[0].weight, 1)], batch_hint)
+            _split_multiplier(mob, "dw1", [(mob.act1.fc2.weight, 0), (mob.act1.fc2.bias, 0), (mob.pw1[0].weight, 1)],
+                              batch_hint, native_only=(mob.dw1[0].stride != (1, 1)
+                                                       and mob.in_chs < self.MULTIPLIER_MIN_CHANNELS_STRIDED))
             _split_multiplier(mob, "dw2", [(mob.act2.fc2.weight, 0), (mob.act2.fc2.bias, 0),
                                            (mob.pw2[0].weight, 1)], batch_hint)
         # the whole token side as one native call (after the permutations above, which the slope MLPs' fc2 read)
