@@ -155,7 +155,7 @@ static inline int64_t hz_pad16(int64_t n) { return (n + 15) / 16 * 16; }
 // floats of scratch former_tokens needs for one image shared by `parts` threads
 static inline int64_t hz_former_scratch(const HzFormerTokens& p, int64_t parts) {
   const int64_t Pp = hz_pad16(p.P);
-  return p.C * Pp + p.T * hz_pad16(2 * p.C) + p.T * p.C + 6 * p.T * p.D + p.T * p.hidden + hz_pad16(2 * p.reduced)
+  return p.C * Pp + p.T * hz_pad16(2 * p.C) + p.T * p.C + 5 * p.T * p.D + p.T * p.hidden + hz_pad16(2 * p.reduced)
          + parts * (p.T * Pp + p.T * p.T);
 }
 """
@@ -978,9 +978,9 @@ void former_tokens(HZ_ARGS_former_tokens) {
     for (; t + 6 <= T; t += 6) m2f_rows<6>(qa + t * lqa + h * c, lqa, xh, Pp, c, P, s, att + t * C + h * c, C);
     for (; t + 2 <= T; t += 2) m2f_rows<2>(qa + t * lqa + h * c, lqa, xh, Pp, c, P, s, att + t * C + h * c, C);
     if (t < T) m2f_rows<1>(qa + t * lqa + h * c, lqa, xh, Pp, c, P, s, att + t * C + h * c, C);
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t u = 0; u < T; ++u)
       for (int64_t ch = h * c; ch < (h + 1) * c; ++ch)
-        att[t * C + ch] *= std::min(std::max(qa[t * lqa + C + ch] + 1.0f, 0.0f), 2.0f);
+        att[u * C + ch] *= std::min(std::max(qa[u * lqa + C + ch] + 1.0f, 0.0f), 2.0f);
   }
   meet();
   few_rows<ACT_NONE>(att, C, T, p.proj_w, C, D, p.proj_b, z, D, t1, D, part, parts);
