@@ -134,7 +134,7 @@ struct HzTiles {
 enum PanelAct { ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWISH };
 
 // Mobile-Former's token side of one block (former_tokens): the sizes, and every product's weight as (K, N) with N
-// padded by zero columns to a multiple of 16, in strips of 16 columns each K × 16 contiguous (`strip_tile`), its bias
+// padded by zero columns to a multiple of 16, in strips of 16 columns each K × 16 contiguous (`few_rows`), its bias
 // padded alike; the attention scales folded into the query products
 struct HzFormerTokens {
   int64_t T, D, C, P;              // tokens, token width; the block input's channels and pixels
@@ -675,10 +675,12 @@ HZ_INLINE vec hz_act(vec y) {
 // ldb); the residual added before the activation, as oneDNN's sum post-op does. One chunk of a longer sum: `first`
 // starts from the bias (else from c, the chunks before), `last` adds the residual and applies the activation (else
 // c keeps the partial sum). c may be res itself (each value is read before it is written), in one chunk only.
+// sv: how far apart the tile's vectors of 16 columns lie in b (16: side by side in a panel; 16·K: one strip of K × 16
+// each, as former_tokens packs its weights so that a cold weight streams in order).
 template <int MR, int NV, int ACT>
 HZ_INLINE void panel_tile(const float* a, int64_t lda, const float* b, int64_t ldb,
                           int64_t K, const float* bias, const float* res,
-                          int64_t ldr, float* c, int64_t ldc, bool first = true, bool last = true) {
+                          int64_t ldr, float* c, int64_t ldc, bool first = true, bool last = true, int64_t sv = 16) {
   vec acc[MR][NV];
   if (first) {
     for (int v = 0; v < NV; ++v) {
@@ -691,7 +693,7 @@ HZ_INLINE void panel_tile(const float* a, int64_t lda, const float* b, int64_t l
   }
   for (int64_t k = 0; k < K; ++k) {
     vec w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = hz_load(b + k * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) w[v] = hz_load(b + k * ldb + sv * v);
     for (int m = 0; m < MR; ++m) {
       const float x = a[m * lda + k];
       for (int v = 0; v < NV; ++v) acc[m][v] += x * w[v];
@@ -844,35 +846,10 @@ void depthwise_row(HZ_ARGS_depthwise_row) {
 }
 
 // ---- Mobile-Former's token side: one call per image for what is otherwise ~25 small operators -------------------
-// c[MR rows, 16·V columns] = act(a[MR rows, K] · b + bias [+ res]), b V strips of 16 columns, each K × 16
-// contiguous: every strip is read front to back (a cold weight streams in order; a row-major (K, N) one would be
-// walked with a stride of N floats, across pages)
-template <int MR, int V, int ACT>
-HZ_INLINE void strip_tile(const float* a, int64_t lda, const float* b, int64_t K, const float* bias, const float* res,
-                          int64_t ldr, float* c, int64_t ldc) {
-  vec acc[MR][V];
-  for (int v = 0; v < V; ++v) {
-    const vec bv = bias ? hz_load(bias + 16 * v) : hz_splat(0.0f);
-    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    vec w[V];
-    for (int v = 0; v < V; ++v) w[v] = hz_load(b + v * 16 * K + 16 * k);
-    for (int m = 0; m < MR; ++m) {
-      const float x = a[m * lda + k];
-      for (int v = 0; v < V; ++v) acc[m][v] += x * w[v];
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < V; ++v) {
-      const vec y = res ? acc[m][v] + hz_load(res + m * ldr + 16 * v) : acc[m][v];
-      hz_store(c + m * ldc + 16 * v, hz_act<ACT>(y));
-    }
-}
-
 // y (M rows, row stride ldy) = act(x (M rows, row stride ldx) · W + b [+ res, row stride ldr]) for this part's share
 // of the N columns (N a multiple of 16, split in strips of 16 between `parts`); W (K, N) in strips of 16 columns,
-// each K × 16 contiguous
+// each K × 16 contiguous: every strip is read front to back (a cold weight streams in order; a row-major (K, N) one
+// would be walked with a stride of N floats, across pages)
 template <int ACT>
 static void few_rows(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N, const float* b,
                      const float* res, int64_t ldr, float* y, int64_t ldy, int64_t part, int64_t parts) {
@@ -885,10 +862,10 @@ static void few_rows(const float* x, int64_t ldx, int64_t M, const float* w, int
     const float* rm = res ? res + m * ldr : nullptr;                                                            \
     int64_t j = v0;                                                                                             \
     for (; j + V <= v1; j += V)                                                                                 \
-      strip_tile<MR, V, ACT>(xm, ldx, w + j * 16 * K, K, b ? b + 16 * j : nullptr, rm ? rm + 16 * j : nullptr,  \
-                             ldr, y + m * ldy + 16 * j, ldy);                                                   \
+      panel_tile<MR, V, ACT>(xm, ldx, w + j * 16 * K, 16, K, b ? b + 16 * j : nullptr, rm ? rm + 16 * j : nullptr, \
+                             ldr, y + m * ldy + 16 * j, ldy, true, true, 16 * K);                               \
     for (; j < v1; ++j)                                                                                         \
-      strip_tile<MR, 1, ACT>(xm, ldx, w + j * 16 * K, K, b ? b + 16 * j : nullptr, rm ? rm + 16 * j : nullptr,  \
+      panel_tile<MR, 1, ACT>(xm, ldx, w + j * 16 * K, 16, K, b ? b + 16 * j : nullptr, rm ? rm + 16 * j : nullptr, \
                              ldr, y + m * ldy + 16 * j, ldy);                                                   \
   } while (0)
   for (; m + 6 <= M; m += 6) HZ_STRIPS(6);

@@ -556,27 +556,23 @@ class _FrozenMobileFormerBlock(nn.Module):
         if not (native.load() and native.attention_supported()) or D % 16 or former.fc1.out_features % 16:
             return None
 
-        def weight(w: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
-            # (N, K) → N/16 strips of 16 outputs, each K × 16 contiguous, N padded with zero rows
+        def linear(*lins: nn.Linear, scales: tuple[float, ...] | None = None) -> list[torch.Tensor]:
+            # the layers' outputs side by side (W: N × K), as N/16 strips of 16 outputs, each K × 16 contiguous, N
+            # padded with zero rows; the bias padded alike
+            w, b = _stacked_weights(*lins, scales=scales)
             k, pad = w.shape[1], (-w.shape[0]) % 16
-            strips = F.pad(w.detach().float(), (0, 0, 0, pad)).view(-1, 16, k).transpose(1, 2).contiguous()
-            return [strips, F.pad(b.detach().float(), (0, pad)).contiguous()]
-
-        def linear(lin: nn.Linear, scale: float = 1.0) -> list[torch.Tensor]:
-            return weight(lin.weight * scale, lin.bias * scale)
+            strips = F.pad(w, (0, 0, 0, pad)).view(-1, 16, k).transpose(1, 2).contiguous()
+            return [strips, F.pad(b, (0, pad)).contiguous()]
 
         def norm(ln: nn.LayerNorm) -> list[torch.Tensor]:
             return [ln.weight.detach().float().contiguous(), ln.bias.detach().float().contiguous()]
 
         act1, act2 = mob.act1, mob.act2
-        qa_w = torch.cat([m2f.q.weight * m2f.scale, m2f.alpha.weight / 3.0])
-        qa_b = torch.cat([m2f.q.bias * m2f.scale, m2f.alpha.bias / 3.0])
-        s_w, s_b = _stacked_weights(act1.fc1, act2.fc1)
-        kv_w, kv_b = _stacked_weights(f2m.k, f2m.v)
-        params = (weight(qa_w, qa_b) + linear(m2f.proj) + norm(m2f.norm)
-                  + linear(former.q, former.scale) + linear(former.proj) + norm(former.norm1)
+        params = (linear(m2f.q, m2f.alpha, scales=(m2f.scale, 1.0 / 3.0)) + linear(m2f.proj) + norm(m2f.norm)
+                  + linear(former.q, scales=(former.scale,)) + linear(former.proj) + norm(former.norm1)
                   + linear(former.fc1) + linear(former.fc2) + norm(former.norm2)
-                  + weight(s_w, s_b) + linear(act1.fc2, 1.0 / 3.0) + linear(act2.fc2, 1.0 / 3.0) + weight(kv_w, kv_b))
+                  + linear(act1.fc1, act2.fc1) + linear(act1.fc2, scales=(1.0 / 3.0,))
+                  + linear(act2.fc2, scales=(1.0 / 3.0,)) + linear(f2m.k, f2m.v))
         sizes = [m2f.num_heads, former.num_heads, act1.fc1.out_features, act1.fc2.out_features,
                  act2.fc2.out_features, 2 * f2m.k.out_features]
         return params, sizes, [m2f.norm.eps, former.norm1.eps, former.norm2.eps]
