@@ -133,6 +133,19 @@ def test_cls_token_joins_after_the_gpsa_blocks():
     assert seen == [16, 16, 17]
 
 
+@pytest.mark.parametrize("pos_embed", [True, False])
+def test_the_token_stream_is_row_major(pos_embed):
+    """The blocks get (B, N, C) rows, not the patch map's transposed view: a residual sum keeps the layout of its
+    first operand, so a transposed stream would run through every block, each LayerNorm copying it (speed only)."""
+    model = hybridzoo.create_model("convit_small", **SMALL, use_pos_embed=pos_embed).train()
+    seen = []
+    for blk in model.blocks:
+        blk.norm1.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].is_contiguous()))
+        blk.norm2.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].is_contiguous()))
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert seen == [True] * 6
+
+
 def test_variable_input_size():
     model = hybridzoo.create_model("convit_small", **SMALL).eval()
     with torch.no_grad():
