@@ -564,6 +564,148 @@ def test_attention_gradients_are_softmax_attentions(attn, B, H, n, N, d, threads
         torch.testing.assert_close(got, exp.float(), rtol=1e-4, atol=2e-5)
 
 
+@needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, N, H, d, apart", [
+    (2, 7, 3, 32, False), (1, 197, 6, 64, False), (3, 13, 2, 48, True), (1, 196, 9, 48, True), (2, 1, 1, 16, False),
+    (1, 45, 2, 16, True),
+])
+def test_packed_attention_is_softmax_attention_with_the_packed_gradient(attn, B, N, H, d, apart, threads):
+    """`attend_packed` on a qkv product's output (or qk's, v apart: GPSA) against the float64 formula on the same
+    views: its output, and the gradients of the packed tensor (in its own layout, contiguous) and of v."""
+    C = H * d
+    torch.manual_seed(B * N * H * d)
+    packed = torch.randn(B, N, (2 if apart else 3) * C, requires_grad=True)
+    v = torch.randn(B, N, C, requires_grad=True) if apart else None
+    g = torch.randn(B, N, C)
+    assert attn.packed_attention_applies(packed, H, v)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = attn.attend_packed(packed, H, 0.7, v)
+        grads = torch.autograd.grad(out, [t for t in (packed, v) if t is not None], g)
+        with torch.no_grad():
+            plain = attn.attend_packed(packed, H, 0.7, v)
+    finally:
+        torch.set_num_threads(before)
+    p64 = packed.detach().double().requires_grad_()
+    v64 = v.detach().double().requires_grad_() if apart else None
+    parts = p64.view(B, N, 2 if apart else 3, H, d).permute(2, 0, 3, 1, 4)
+    vh = v64.view(B, N, H, d).transpose(1, 2) if apart else parts[2]
+    a = torch.softmax(parts[0] @ parts[1].transpose(-1, -2) * 0.7, dim=-1)
+    ref = (a @ vh).transpose(1, 2).reshape(B, N, C)
+    want = torch.autograd.grad(ref, [t for t in (p64, v64) if t is not None], g.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(plain, ref.float(), rtol=1e-4, atol=2e-5)
+    assert grads[0].shape == packed.shape and grads[0].is_contiguous()
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp.float(), rtol=1e-4, atol=2e-5)
+
+
+def test_packed_attention_applies_only_to_what_it_can_read(built):
+    assert not native.packed_attention_applies(torch.randn(2, 5, 3 * 40), 1)             # head dim 40
+    assert not native.packed_attention_applies(torch.randn(2, 5, 3 * 64 + 1), 2)         # not three parts
+    assert not native.packed_attention_applies(torch.randn(2, 3 * 64, 5).transpose(1, 2), 2)   # not contiguous
+    assert not native.packed_attention_applies(torch.randn(2, 5, 2 * 64), 2, torch.randn(2, 5, 32))   # v's width
+    assert not native.packed_attention_applies(torch.randn(2, 5, 2 * 64), 2, torch.randn(2, 64, 5).transpose(1, 2))
+    assert not native.packed_attention_applies(torch.randn(2, 5, 3 * 64).double(), 2)
+    assert native.packed_attention_applies(torch.randn(2, 5, 3 * 64), 2) == native.attention_supported()
+
+
+@needs_attention
+@pytest.mark.parametrize("bad, words", [
+    (lambda q, k, v: (torch.empty(1, 2, 6, 16), torch.empty_like(k), torch.empty_like(v)), "q's, k's and v's shapes"),
+    (lambda q, k, v: (torch.empty_like(q), torch.empty(1, 2, 16, 5).transpose(2, 3), torch.empty_like(v)),
+     "unit stride along head_dim"),
+    (lambda q, k, v: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v).double()), "float32"),
+])
+def test_attention_backward_into_names_what_is_wrong(attn, bad, words):
+    q, k, v = _heads(1, 2, 5, 5, 16)
+    out, lse = attn._STATE["ops"].attention_lse(q, k, v, 1.0)
+    with pytest.raises(RuntimeError, match="hybridzoo_native::attention_backward_") as e:
+        attn._STATE["ops"].attention_backward_(torch.randn_like(out), q, k, v, out, lse, 1.0, *bad(q, k, v))
+    assert words in str(e.value)
+
+
+@needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1,), (15,), (16,), (17,), (3, 7, 5), (8, 196, 1728), (70001,)])
+def test_gelu_and_its_gradient_are_the_erf_formula(attn, shape, threads):
+    """The training GELU's forward and backward against float64 GELU and autograd's gradient: within the rational
+    erf's bound (5e-7 absolute on erf) and fp32 rounding, over row tails (n mod 16) and the threads' chunks; exactly x
+    and 0 (forward), g and 0 (gradient) far out; NaN stays NaN."""
+    torch.manual_seed(len(shape) + shape[0])
+    x = torch.randn(shape) * 4
+    x.view(-1)[:6] = torch.tensor([60.0, -60.0, 1e30, -1e30, 0.0, float("nan")])[: x.numel()]
+    g = torch.randn(shape)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, dx = attn.gelu(x), attn.gelu(x, g)
+    finally:
+        torch.set_num_threads(before)
+    x64 = x.double().requires_grad_()
+    ref = F.gelu(x64)
+    (want,) = torch.autograd.grad(ref, x64, g.double())
+    finite = ~torch.isnan(x)
+    assert torch.isnan(y[~finite]).all() and torch.isnan(dx[~finite]).all()
+    err = (y.double() - ref).abs()[finite]
+    assert (err <= 2.3e-7 * x64.detach().abs()[finite] + 2e-6 * ref.detach().abs()[finite] + 1e-30).all()
+    derr = (dx.double() - want).abs()[finite]
+    assert (derr <= (4e-7 + 4e-7 * x64.detach().abs()[finite]) * g.double().abs()[finite] + 1e-30).all()
+    far = x.abs() >= 6   # erf(x/√2) is ±1 in float32: GELU is x, or 0
+    assert torch.equal(y[far & (x > 0)], x[far & (x > 0)]) and (y[far & (x < 0)] == 0).all()
+    assert torch.equal(dx[far & (x > 0)], g[far & (x > 0)])
+    assert (dx[x <= -14] == 0).all()   # x·φ(x) below float32's range (above it, x·φ is tiny, not 0)
+
+
+@needs_attention
+@pytest.mark.parametrize("bad, words", [
+    (lambda: (torch.randn(5, 4).t(), None), "contiguous"),
+    (lambda: (torch.randn(5).double(), None), "float32"),
+    (lambda: (torch.randn(5), torch.randn(6)), "grad must be contiguous float32 of x's shape [5]"),
+    (lambda: (torch.randn(5, 4), torch.randn(4, 5).t()), "grad must be contiguous"),
+])
+def test_gelu_names_what_is_wrong(attn, bad, words):
+    with pytest.raises(RuntimeError, match="hybridzoo_native::gelu") as e:
+        attn.gelu(*bad())
+    assert words in str(e.value)
+
+
+@needs_attention
+def test_fast_training_gelu_is_gelu_on_the_kernel_in_training_only(attn, monkeypatch):
+    """`optimize_for_cpu_training` makes exact GELUs `FastGELU`: in training with a gradient, the kernel, with the
+    plain module's output and gradient to fp32 rounding; in eval mode, without a gradient, for the tanh form and with
+    HYBRIDZOO_NATIVE=0, `F.gelu` bit for bit."""
+    from hybridzoo.layers.train_fast import FastGELU, optimize_for_cpu_training
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 40), torch.nn.GELU(), torch.nn.Linear(40, 8),
+                                torch.nn.GELU(approximate="tanh"))
+    fast = optimize_for_cpu_training(__import__("copy").deepcopy(model))
+    assert type(fast[1]) is FastGELU and type(fast[3]) is torch.nn.GELU
+    x = torch.randn(6, 8)
+    with _Ops() as ops:
+        out = fast(x)
+        out.sum().backward()
+    assert ops.names.count("hybridzoo_native.gelu") == 2   # forward and backward
+    ref = model(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast.parameters(), model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    t = torch.randn(4, 40)
+    with _Ops() as ops:
+        with torch.no_grad():
+            plain = fast[1](t)
+        evaluated = fast.eval()[1](t.requires_grad_())
+        fast.train()
+        monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+        off = fast[1](t)
+    assert "hybridzoo_native.gelu" not in ops.names
+    for y in (plain, evaluated, off):
+        assert torch.equal(y, F.gelu(t))
+
+
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 @needs_attention
 @pytest.mark.parametrize("name, kwargs, n_attn", [
@@ -595,7 +737,11 @@ def test_fast_cpu_training_attends_through_the_kernels(attn, name, kwargs, n_att
     ref_loss, ref_grads, _ = step(model)
     loss, grads, names = step(fast)
     assert names.count("hybridzoo_native.attention_lse") == n_attn
-    assert names.count("hybridzoo_native.attention_backward") == n_attn
+    # a packed qkv (or GPSA's qk) product's gradient is written in its own layout (attention_backward_); CvT's
+    # separate q, k, v products, and the last block of DeiT and ConViT (its class token alone queries), get three
+    packed = 0 if name.startswith("cvt") else n_attn - 1
+    assert names.count("hybridzoo_native.attention_backward_") == packed
+    assert names.count("hybridzoo_native.attention_backward") == n_attn - packed
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-5, msg=k)

@@ -41,7 +41,12 @@ class Attention(nn.Module):
         B, N, C = x.shape
         if num_queries is None:
             n = N
-            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = self.qkv(x)
+            if (self.native_attention and attn_mask is None and not (self.training and self.attn_drop > 0)
+                    and native.packed_attention_applies(qkv, self.num_heads)):
+                # the heads read in place, and in training the product's gradient written in its own layout
+                return self.proj_drop(self.proj(native.attend_packed(qkv, self.num_heads, self.scale)))
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             n = check_num_queries(num_queries, N)
             q = linear_rows(self.qkv, x[:, :n], 0, C).reshape(B, n, self.num_heads, self.head_dim).transpose(1, 2)

@@ -602,7 +602,7 @@ void attend_head_back(HZ_ARGS_attend_head_back) {
     vec t = vec{};
     for (int u = 0; u < DV; ++u) {
       t += hz_load(o + i * so + 16 * u) * hz_load(dout + i * so + 16 * u);
-      hz_store(dq + i * sg + 16 * u, vec{});
+      hz_store(dq + i * sdq + 16 * u, vec{});
     }
     D[i] = hz_first(hz_all_sum(t));
   }
@@ -613,14 +613,14 @@ void attend_head_back(HZ_ARGS_attend_head_back) {
     const int64_t je = std::min(jb + width, Np);
 #define HZ_BACK(T, i) attend_rows_back<T, NV, DV, CH>(q + (i) * sq, sq, k, sk, kt, vt, dout + (i) * so, so, \
                                                       lse + (i), D + (i), N, Np, jb, je, scale, p, ds,         \
-                                                      dq + (i) * sg, sg, acck, accv)
+                                                      dq + (i) * sdq, sdq, acck, accv)
     HZ_ROW_TILES(HZ_BACK, 0, n);
 #undef HZ_BACK
   }
   for (int64_t j = 0; j < N; ++j)
     for (int u = 0; u < DV; ++u) {
-      hz_store(dk + j * sg + 16 * u, hz_load(acck + j * d + 16 * u) * scale);
-      hz_store(dv + j * sg + 16 * u, hz_load(accv + j * d + 16 * u));
+      hz_store(dk + j * sdk + 16 * u, hz_load(acck + j * d + 16 * u) * scale);
+      hz_store(dv + j * sdv + 16 * u, hz_load(accv + j * d + 16 * u));
     }
 }
 
@@ -629,9 +629,8 @@ void attend_head_back(HZ_ARGS_attend_head_back) {
 // 1.3e-6 on GELU up to |x| = 10). No exp: 1.6-1.9x the speed of Abramowitz and Stegun's 7.1.26 with its e^(-z²) (AVX2,
 // one thread; benchmarks/RESULTS.md, session 16). Outside [-4, 4] erf is ±1 in float32, and the rational at the
 // clamped ±4 is exactly ±1: GELU is exactly x above and 0 below; NaN stays NaN.
-HZ_INLINE vec hz_gelu(vec x) {
+HZ_INLINE vec hz_erf(vec z) {
   const vec lo = hz_splat(-4.0f), hi = hz_splat(4.0f);
-  vec z = x * 0.70710678118654752f;
   z = hz_select(z < lo, lo, z);
   z = hz_select(hi < z, hi, z);
   const vec z2 = z * z;
@@ -645,7 +644,28 @@ HZ_INLINE vec hz_gelu(vec x) {
   q = q * z2 - 1.68282697438203e-03f;
   q = q * z2 - 7.37332916720468e-03f;
   q = q * z2 - 1.42647390514189e-02f;
-  return 0.5f * x * (1.0f + (p * z) / q);
+  return (p * z) / q;
+}
+
+HZ_INLINE vec hz_gelu(vec x) { return 0.5f * x * (1.0f + hz_erf(x * 0.70710678118654752f)); }
+
+// GELU'(x) = Φ(x) + x·φ(x), φ(x) = e^(−x²/2)/√(2π), as ATen's gelu_backward forms it; φ is 0 where x²/2 passes 87
+// (hz_exp's floor), so that x·φ stays 0 for the largest |x| instead of x·1e-38
+HZ_INLINE vec hz_gelu_slope(vec x) {
+  const vec t = -0.5f * x * x;
+  const vec e = hz_select(t < -87.0f, hz_splat(0.0f), hz_exp(t));
+  return 0.5f * (1.0f + hz_erf(x * 0.70710678118654752f)) + x * (e * 0.3989422804014327f);
+}
+
+// ---- GELU for training: y = GELU(x), or (g given) y = g · GELU'(x); n a multiple of 16 ------------------------------
+// ATen's exact GELU takes ~2.2 ns a value forward and ~3.4 backward on one Zen 3 thread (its erf and exp per lane);
+// these passes are bound by memory instead (benchmarks/RESULTS.md, session 17)
+void gelu_values(HZ_ARGS_gelu_values) {
+  if (g) {
+    for (int64_t i = 0; i < n; i += 16) hz_store(y + i, hz_load(g + i) * hz_gelu_slope(hz_load(x + i)));
+  } else {
+    for (int64_t i = 0; i < n; i += 16) hz_store(y + i, hz_gelu(hz_load(x + i)));
+  }
 }
 
 // tanh(u) = sign(u) · (1 − e^(−2|u|)) / (1 + e^(−2|u|))
@@ -1044,6 +1064,36 @@ at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tens
   return y;
 }
 
+// GELU (exact, erf) of x, or with grad its gradient grad · GELU'(x): float32, contiguous, one shape; the values
+// in chunks over the intra-op threads, the last n mod 16 through a padded copy
+at::Tensor gelu(const at::Tensor& x, const c10::optional<at::Tensor>& grad) {
+  check_isa("gelu");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "hybridzoo_native::gelu: x must be contiguous float32, got ", x.scalar_type(), " strides ", x.strides());
+  const bool back = grad.has_value();
+  if (back) {
+    TORCH_CHECK(grad->sizes() == x.sizes() && grad->scalar_type() == at::kFloat && grad->is_contiguous(),
+                "hybridzoo_native::gelu: grad must be contiguous float32 of x's shape ", x.sizes(), ", got ",
+                grad->sizes(), " ", grad->scalar_type(), " strides ", grad->strides());
+  }
+  at::Tensor y = at::empty_like(x);
+  const float* px = x.data_ptr<float>();
+  const float* pg = back ? grad->data_ptr<float>() : nullptr;
+  float* py = y.data_ptr<float>();
+  const int64_t n = x.numel(), body = n / 16 * 16;
+  at::parallel_for(0, body / 16, 4096, [&](int64_t begin, int64_t end) {
+    gelu_values(px + 16 * begin, pg ? pg + 16 * begin : nullptr, py + 16 * begin, 16 * (end - begin));
+  });
+  if (body < n) {
+    float tx[16] = {}, tg[16] = {}, ty[16];
+    std::copy(px + body, px + n, tx);
+    if (pg) std::copy(pg + body, pg + n, tg);
+    gelu_values(tx, pg ? tg : nullptr, ty, 16);
+    std::copy(ty, ty + (n - body), py + body);
+  }
+  return y;
+}
+
 static void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_isa(op);
   for (const at::Tensor* t : {&q, &k, &v}) {
@@ -1150,58 +1200,81 @@ std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor& q, const at::
 
 // the gradients of `attention_lse`'s output with respect to q, k and v, given dout (B, n, H·d) and that call's
 // out and lse; returned heads first (B, H, ·, d) as views of tokens-first buffers (B, ·, H, d)
+// the gradients of attention_lse's q, k, v written into dq, dk, dv: (B, heads, tokens, d) float32 with unit stride
+// along d, any other strides (the caller's layout: side by side in one buffer for a packed qkv product)
+static void attention_backward_into(const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+                                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  check_heads(op, q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
+  for (const at::Tensor* t : {&dout, &out}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == B && t->size(1) == n && t->size(2) == H * d
+                && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "hybridzoo_native::", op, ": dout and out must be contiguous float32 (", B, ", ", n, ", ", H * d,
+                "), got ", t->sizes());
+  }
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == n && lse.is_contiguous()
+              && lse.scalar_type() == at::kFloat,
+              "hybridzoo_native::", op, ": lse must be contiguous float32 (", B, ", ", H, ", ", n, "), got ",
+              lse.sizes());
+  for (const at::Tensor* t : {&dq, &dk, &dv}) {
+    const at::Tensor& like = t == &dq ? q : k;
+    TORCH_CHECK(t->sizes() == like.sizes() && t->scalar_type() == at::kFloat && t->stride(3) == 1,
+                "hybridzoo_native::", op, ": dq, dk and dv must be float32 of q's, k's and v's shapes with unit stride "
+                "along head_dim, got ", t->sizes(), " strides ", t->strides());
+  }
+  if (B * H * n == 0) return;
+  const float* pq = q.data_ptr<float>();
+  const float* pk = k.data_ptr<float>();
+  const float* pv = v.data_ptr<float>();
+  const float* po = out.data_ptr<float>();
+  const float* pdo = dout.data_ptr<float>();
+  const float* pl = lse.data_ptr<float>();
+  float* pdq = dq.data_ptr<float>();
+  float* pdk = dk.data_ptr<float>();
+  float* pdv = dv.data_ptr<float>();
+  const int64_t Np = (N + 15) / 16 * 16;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * d * Np + 16 * Np + 2 * N * d + n);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* qh = pq + b * q.stride(0) + h * q.stride(1);
+      const float* kh = pk + b * k.stride(0) + h * k.stride(1);
+      const float* vh = pv + b * v.stride(0) + h * v.stride(1);
+      const int64_t row = b * n * H * d + h * d;
+#define HZ_HEAD(DV) attend_head_back<DV>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), po + row, pdo + row, \
+                                         H * d, pl + bh * n, pdq + b * dq.stride(0) + h * dq.stride(1),          \
+                                         dq.stride(2), pdk + b * dk.stride(0) + h * dk.stride(1), dk.stride(2),  \
+                                         pdv + b * dv.stride(0) + h * dv.stride(1), dv.stride(2), n, N, sc,      \
+                                         scratch.data())
+      switch (d) {
+        case 16: HZ_HEAD(1); break;
+        case 32: HZ_HEAD(2); break;
+        case 48: HZ_HEAD(3); break;
+        default: HZ_HEAD(4); break;
+      }
+#undef HZ_HEAD
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale) {
   check_heads("attention_backward", q, k, v);
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
-  for (const at::Tensor* t : {&dout, &out}) {
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == B && t->size(1) == n && t->size(2) == H * d
-                && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "hybridzoo_native::attention_backward: dout and out must be contiguous float32 (", B, ", ", n, ", ",
-                H * d, "), got ", t->sizes());
-  }
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == n && lse.is_contiguous()
-              && lse.scalar_type() == at::kFloat,
-              "hybridzoo_native::attention_backward: lse must be contiguous float32 (", B, ", ", H, ", ", n,
-              "), got ", lse.sizes());
-  at::Tensor dq = at::empty({B, n, H, d}, q.options());
-  at::Tensor dk = at::empty({B, N, H, d}, q.options());
-  at::Tensor dv = at::empty({B, N, H, d}, q.options());
-  if (B * H * n > 0) {
-    const float* pq = q.data_ptr<float>();
-    const float* pk = k.data_ptr<float>();
-    const float* pv = v.data_ptr<float>();
-    const float* po = out.data_ptr<float>();
-    const float* pdo = dout.data_ptr<float>();
-    const float* pl = lse.data_ptr<float>();
-    float* pdq = dq.data_ptr<float>();
-    float* pdk = dk.data_ptr<float>();
-    float* pdv = dv.data_ptr<float>();
-    const int64_t Np = (N + 15) / 16 * 16;
-    const float sc = static_cast<float>(scale);
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(2 * d * Np + 16 * Np + 2 * N * d + n);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        const float* qh = pq + b * q.stride(0) + h * q.stride(1);
-        const float* kh = pk + b * k.stride(0) + h * k.stride(1);
-        const float* vh = pv + b * v.stride(0) + h * v.stride(1);
-        const int64_t row = b * n * H * d + h * d;
-#define HZ_HEAD(DV) attend_head_back<DV>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), po + row, pdo + row, \
-                                         H * d, pl + bh * n, pdq + row, pdk + b * N * H * d + h * d,         \
-                                         pdv + b * N * H * d + h * d, H * d, n, N, sc, scratch.data())
-        switch (d) {
-          case 16: HZ_HEAD(1); break;
-          case 32: HZ_HEAD(2); break;
-          case 48: HZ_HEAD(3); break;
-          default: HZ_HEAD(4); break;
-        }
-#undef HZ_HEAD
-      }
-    });
-  }
-  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+  at::Tensor dq = at::empty({B, n, H, d}, q.options()).transpose(1, 2);   // tokens first, as out
+  at::Tensor dk = at::empty({B, N, H, d}, q.options()).transpose(1, 2);
+  at::Tensor dv = at::empty({B, N, H, d}, q.options()).transpose(1, 2);
+  attention_backward_into("attention_backward", dout, q, k, v, out, lse, scale, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+void attention_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& out, const at::Tensor& lse, double scale, at::Tensor dq, at::Tensor dk,
+                         at::Tensor dv) {
+  attention_backward_into("attention_backward_", dout, q, k, v, out, lse, scale, dq, dk, dv);
 }
 
 
@@ -1659,9 +1732,12 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("attention_lse(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("attention_backward_(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
   m.def("attention_supported() -> bool", &attention_supported);
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
+  m.def("gelu(Tensor x, Tensor? grad=None) -> Tensor");
   m.def("pack_panels(Tensor w) -> Tensor");
   m.def("rows_linear(Tensor x, Tensor panels, Tensor? bias, str act, str algorithm, Tensor? residual=None) -> Tensor");
   m.def("rows_linear_add_(Tensor(a!) residual, Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) "
@@ -1681,6 +1757,8 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("attention", &attention);
   m.impl("attention_lse", &attention_lse);
   m.impl("attention_backward", &attention_backward);
+  m.impl("attention_backward_", &attention_backward_);
+  m.impl("gelu", &gelu);
   m.impl("pack_panels", &pack_panels);
   m.impl("rows_linear", &rows_linear);
   m.impl("rows_linear_add_", &rows_linear_add_);
@@ -1703,11 +1781,12 @@ _ENTRIES = (
      "float scale, float* kt, float* s, float* lse"),
     ("int DV", (1, 2, 3, 4), "attend_head_back",
      "const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* o, "
-     "const float* dout, int64_t so, const float* lse, float* dq, float* dk, float* dv, int64_t sg, int64_t n, "
-     "int64_t N, float scale, float* scratch"),
+     "const float* dout, int64_t so, const float* lse, float* dq, int64_t sdq, float* dk, int64_t sdk, float* dv, "
+     "int64_t sdv, int64_t n, int64_t N, float scale, float* scratch"),
     (None, (), "panel_linear",
      "const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N, const float* bias, "
      "const float* res, int64_t ldr, float* c, int64_t ldc, int act"),
+    (None, (), "gelu_values", "const float* x, const float* g, float* y, int64_t n"),
     (None, (), "layer_norm_rows",
      "const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps, float* y"),
     ("int ACT", ("ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_RELU", "ACT_SWISH"), "depthwise_row",
@@ -1923,6 +2002,12 @@ def set_isa(name: str) -> str:
     return now
 
 
+def gelu(x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact GELU of a contiguous float32 x, or with `grad` (x's shape, contiguous) its gradient grad·GELU'(x); a new
+    tensor, the values in chunks over the intra-op threads. erf by a rational function (absolute error below 5e-7)."""
+    return _STATE["ops"].gelu(x, grad)
+
+
 def pack_panels(w: torch.Tensor) -> torch.Tensor:
     """A product's weight (N, K), N a multiple of 16, packed for `token_blocks`: panels of 64 output columns (the
     last narrower), each K × 64 contiguous, flat."""
@@ -2033,6 +2118,66 @@ class _AttentionFn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _STATE["ops"].attention_backward(grad.contiguous(), q, k, v, out, lse, ctx.scale)
         return dq, dk, dv, None
+
+
+class _PackedAttentionFn(torch.autograd.Function):
+    """`_AttentionFn` on the heads of a packed product's output: q, k (and v) side by side in one (B, N, S·C) tensor.
+    Its backward writes their gradients side by side into one buffer, the packed tensor's gradient: autograd would
+    otherwise stack the three head gradients (a pass over them) and copy the stack into the product's layout (a
+    second), in the backward of every attention layer."""
+
+    @staticmethod
+    def forward(ctx, packed: torch.Tensor, v: torch.Tensor | None, heads: int, scale: float) -> torch.Tensor:
+        q, k, vh = _packed_heads(packed, v, heads)
+        out, lse = _STATE["ops"].attention_lse(q, k, vh, scale)
+        ctx.save_for_backward(packed, v, out, lse)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        packed, v, out, lse = ctx.saved_tensors
+        q, k, vh = _packed_heads(packed, v, ctx.heads)
+        d_packed = torch.empty_like(packed, memory_format=torch.contiguous_format)
+        dq, dk, dv = _packed_heads(d_packed, None if v is None else torch.empty_like(v), ctx.heads)
+        _STATE["ops"].attention_backward_(grad.contiguous(), q, k, vh, out, lse, ctx.scale, dq, dk, dv)
+        return d_packed, None if v is None else dv.transpose(1, 2).reshape(v.shape), None, None
+
+
+def _packed_heads(packed: torch.Tensor, v: torch.Tensor | None, heads: int):
+    """q, k, v (B, heads, N, d) as views of a packed (B, N, S·C) tensor (S = 3; S = 2 and v (B, N, C) apart)."""
+    B, N, W = packed.shape
+    S = 2 if v is not None else 3
+    parts = packed.view(B, N, S, heads, W // (S * heads)).transpose(1, 3)   # (B, heads, S, N, d)
+    vh = parts[:, :, 2] if v is None else v.view(B, N, heads, -1).transpose(1, 2)
+    return parts[:, :, 0], parts[:, :, 1], vh
+
+
+def packed_attention_applies(packed: torch.Tensor, heads: int, v: torch.Tensor | None = None) -> bool:
+    """Whether `attend_packed` can take this packed product's output now (see `attention_applies`): also contiguous,
+    its width S·C with C = heads · a head dim the kernels are built for, and v (B, N, C) with unit stride where given."""
+    if packed.dim() != 3 or not packed.is_contiguous() or heads <= 0:
+        return False
+    S = 3 if v is None else 2
+    W = packed.shape[-1]
+    if W % (S * heads):
+        return False
+    if v is not None and (v.shape != (*packed.shape[:2], W // S) or v.stride(-1) != 1
+                          or v.stride(-2) != v.shape[-1] or type(v) is not torch.Tensor):
+        return False
+    return attention_applies(packed.view(*packed.shape[:2], S * heads, W // (S * heads)))
+
+
+def attend_packed(packed: torch.Tensor, heads: int, scale: float, v: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale·q·kᵀ)·v for the heads of a qkv product's output (B, N, 3·C: q, k, v side by side, each heads ×
+    d), or of a qk product's (B, N, 2·C) with v (B, N, C) apart; tokens first out (B, N, C). With a gradient, that of
+    `packed` comes back in its own layout, written once (`_PackedAttentionFn`). For callers that checked
+    `packed_attention_applies`."""
+    if torch.is_grad_enabled() and (packed.requires_grad or (v is not None and v.requires_grad)):
+        return _PackedAttentionFn.apply(packed, v, heads, scale)
+    q, k, vh = _packed_heads(packed, v, heads)
+    return _STATE["ops"].attention(q, k, vh, None, scale)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -126,20 +126,24 @@ class GPSA(nn.Module):
 
     def forward(self, x: torch.Tensor, rel_indices: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        v_rows = self.v(x)
+        v = v_rows.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if self.training and self.attn_drop.p > 0:
             x = self.attn_drop(self.get_attention(x, rel_indices)) @ v
         else:
             # both softmaxes sum to one per row, so the official renormalisation is the identity here
-            q, k = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            if self.native_attention and native.attention_applies(q, k, v):
+            qk = self.qk(x)
+            if self.native_attention and native.packed_attention_applies(qk, self.num_heads, v_rows):
                 # the content attention through the native kernels (forward and backward), tokens first: the
-                # mix is formed in that layout, so the transpose and copy after it go
+                # mix is formed in that layout, so the transpose and copy after it go; q and k read in place from
+                # the qk product, whose gradient comes back in its own layout
                 gate = torch.sigmoid(self.gating_param).view(1, 1, -1, 1)
-                content = native.attend(q, k, v, self.scale).view(B, N, self.num_heads, self.head_dim)
+                content = native.attend_packed(qk, self.num_heads, self.scale, v_rows)
+                content = content.view(B, N, self.num_heads, self.head_dim)
                 positional = _apply_shared(self.positional_attention(rel_indices), v).transpose(1, 2)
                 x = ((1.0 - gate) * content + gate * positional).reshape(B, N, C)
                 return self.proj_drop(self.proj(x))
+            q, k = qk.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             gate = torch.sigmoid(self.gating_param).view(1, -1, 1, 1)
             content = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             x = (1.0 - gate) * content + gate * _apply_shared(self.positional_attention(rel_indices), v)
