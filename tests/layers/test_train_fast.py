@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hybridzoo
+from hybridzoo.layers import train_fast
 from hybridzoo.layers.mlp import QuickGELU
 from hybridzoo.layers.train_fast import (FastLinear, fast_linear, fast_training_available, onednn_linear,
                                         optimize_for_cpu_training)
@@ -22,6 +23,49 @@ from hybridzoo.registry import get_card
 pytestmark = pytest.mark.skipif(not fast_training_available(), reason="no oneDNN in this build")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def onednn_products(monkeypatch):
+    """The oneDNN route under test on every CPU (the default on AVX-512 ones; AVX2-only ones default to MKL's, which
+    `test_the_mkl_route_is_f_linear_bit_for_bit` covers)."""
+    monkeypatch.setattr(train_fast, "PRODUCTS", "onednn")
+
+
+@pytest.mark.parametrize("capability, env, want", [
+    ("AVX512", "", "onednn"), ("AVX512_BF16", None, "onednn"), ("AVX2", "", "mkl"), ("DEFAULT", None, "mkl"),
+    ("AVX2", "onednn", "onednn"), ("AVX512", " MKL ", "mkl"),
+])
+def test_the_products_route_follows_the_cpu_unless_told(monkeypatch, capability, env, want):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if env is None:
+        monkeypatch.delenv("HYBRIDZOO_TRAIN_PRODUCTS", raising=False)
+    else:
+        monkeypatch.setenv("HYBRIDZOO_TRAIN_PRODUCTS", env)
+    assert train_fast._default_products() == want
+
+
+def test_an_unknown_products_route_is_named_and_the_cpu_decides(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("HYBRIDZOO_TRAIN_PRODUCTS", "blas")
+    with pytest.warns(UserWarning, match="HYBRIDZOO_TRAIN_PRODUCTS='blas' is not one of onednn, mkl"):
+        assert train_fast._default_products() == "mkl"
+
+
+def test_the_mkl_route_is_f_linear_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(train_fast, "PRODUCTS", "mkl")
+    torch.manual_seed(0)
+    ref = nn.Linear(12, 9)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastLinear
+    x = torch.randn(3, 5, 12)
+    g = torch.randn(3, 5, 9)
+    y_ref, y = ref(x), fast(x)
+    assert not _fast_ran(y) and torch.equal(y, y_ref)
+    y_ref.backward(g)
+    y.backward(g)
+    for a, b in zip(fast.parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad)
 
 
 def _fast_ran(y: torch.Tensor) -> bool:

@@ -7,7 +7,9 @@ benchmarks/results_peak_epyc.json), `FastLinear` sends the forward (bias fused) 
 (through a contiguous Wᵀ, a few hundred KB copied per call) to oneDNN and keeps the weight gradient —
 a contraction over all the batch's tokens, where MKL measured as fast or faster on the transformer shapes
 at one thread (split at two) — on MKL.
-The benchmarks/RESULTS.md lever table has the per-product figures.
+The benchmarks/RESULTS.md lever table has the per-product figures. That route is taken on CPUs where PyTorch runs
+AVX-512 kernels; on AVX2-only ones (AMD Zen 3) MKL's products measured faster at one thread, forward and input
+gradient, and `FastLinear` is `F.linear` there (`PRODUCTS`, `HYBRIDZOO_TRAIN_PRODUCTS`).
 
 `optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model with at least 128×128 weights
 (smaller ones run faster on MKL) to `FastLinear` *in place*
@@ -50,6 +52,27 @@ _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, 
 
 def fast_training_available() -> bool:
     return _AVAILABLE
+
+
+def _default_products() -> str:
+    """Where `FastLinear` sends its forward and input-gradient products on this CPU: "onednn" where PyTorch runs
+    AVX-512 kernels (on AMD Zen 4 oneDNN's inner product ran 1.1-1.25x MKL's sgemm, benchmarks/RESULTS.md), "mkl"
+    elsewhere: on an AVX2-only AMD Zen 3, at one thread (the batch split's), MKL's forward measured 1.05x and its input
+    gradient 1.1x oneDNN's with the transposed weight that needs (session 17). HYBRIDZOO_TRAIN_PRODUCTS=onednn|mkl
+    overrides; the choice is fixed per process, so a run's steps are the same bits on every run on one machine."""
+    import os
+    import warnings
+
+    env = os.environ.get("HYBRIDZOO_TRAIN_PRODUCTS", "").strip().lower()
+    if env in ("onednn", "mkl"):
+        return env
+    if env:
+        warnings.warn(f"HYBRIDZOO_TRAIN_PRODUCTS={env!r} is not one of onednn, mkl; choosing by the CPU", stacklevel=2)
+    return "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "mkl"
+
+
+# "onednn" or "mkl" (see _default_products); read at every call, so a benchmark may switch it
+PRODUCTS = _default_products()
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -125,7 +148,8 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     `hybridzoo::onednn_linear` (same products, see the module docstring)."""
     if (not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
-            or torch.jit.is_tracing() or torch.jit.is_scripting() or not _applies(x, weight)):
+            or torch.jit.is_tracing() or torch.jit.is_scripting() or PRODUCTS != "onednn"
+            or not _applies(x, weight)):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return onednn_linear(x, weight, bias)
