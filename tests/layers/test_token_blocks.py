@@ -139,6 +139,14 @@ def test_pack_panels_lays_out_64_columns_by_k(kernels):
     torch.testing.assert_close(kernels.pack_panels(w.t().contiguous().t()), p, rtol=0, atol=0)   # strided in
 
 
+def test_pack_panels_lays_out_strips_of_16_columns_from_k_256(kernels):
+    w = torch.randn(80, 256)   # one 64-wide panel (four strips) and one 16-wide
+    p = kernels.pack_panels(w)
+    for j in range(5):   # strip j: columns 16j .. 16j + 15, K × 16 contiguous
+        torch.testing.assert_close(p[j * 16 * 256:(j + 1) * 16 * 256].view(256, 16), w[16 * j:16 * (j + 1)].t(),
+                                   rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("w, words", [
     (torch.randn(40, 8), "multiple of 16"),
     (torch.randn(32, 8, dtype=torch.float64), "float32"),

@@ -152,6 +152,12 @@ struct HzFormerTokens {
 
 static inline int64_t hz_pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
+// pack_panels / panel_rows: from this K on, a panel is stored as strips of 16 columns, each K × 16 contiguous, instead of K rows of its width:
+// the AVX2 tile of 16 columns then reads its weights front to back instead of 64 bytes every 256. On Zen 3, one thread,
+// blocks of 98-1,576 rows with K 384-1,728: 1.05-1.3x the row layout and 1.0-1.27x MKL; below K = 256 (CvT's K = 64
+// products, 0.8x) the rows stay (benchmarks/RESULTS.md, session 17)
+constexpr int64_t PANEL_STRIP_K = 256;
+
 // floats of scratch former_tokens needs for one image shared by `parts` threads
 static inline int64_t hz_former_scratch(const HzFormerTokens& p, int64_t parts) {
   const int64_t Pp = hz_pad16(p.P);
@@ -750,6 +756,7 @@ static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, i
   // (a residual read in place of the output, c == res, is summed in one chunk: a partial sum would overwrite it)
   const int64_t chunks = res == c || K <= PANEL_K_WHOLE ? 1 : (K + PANEL_K_CHUNK - 1) / PANEL_K_CHUNK;
   const int64_t kc = (K + chunks - 1) / chunks;
+  const bool strips = K >= PANEL_STRIP_K;
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kn = std::min(kc, K - k0);
     const bool first = k0 == 0, last = k0 + kn == K;
@@ -757,9 +764,10 @@ static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, i
   do {                                                                                                         \
     constexpr int TV = panel_tile_vectors<MR, NV>();                                                           \
     for (int v0 = 0; v0 < NV; v0 += TV)                                                                        \
-      panel_tile<MR, TV, ACT>(a + m * lda + k0, lda, b + k0 * 16 * NV + 16 * v0, 16 * NV, kn,                  \
-                              bias ? bias + 16 * v0 : nullptr, res ? res + m * ldr + 16 * v0 : nullptr, ldr,   \
-                              c + m * ldc + 16 * v0, ldc, first, last);                                        \
+      panel_tile<MR, TV, ACT>(a + m * lda + k0, lda, strips ? b + 16 * K * v0 + 16 * k0 : b + k0 * 16 * NV + 16 * v0, \
+                              strips ? 16 : 16 * NV, kn, bias ? bias + 16 * v0 : nullptr,                      \
+                              res ? res + m * ldr + 16 * v0 : nullptr, ldr, c + m * ldc + 16 * v0, ldc, first, \
+                              last, strips ? 16 * K : 16);                                                     \
   } while (0)
     int64_t m = 0;
     for (; m + 6 <= M; m += 6) HZ_PANEL_TILE(6);
@@ -1280,7 +1288,8 @@ void attention_backward_(const at::Tensor& dout, const at::Tensor& q, const at::
 
 // ---- Products on a weight packed in panels -----------------------------------------------------------------------
 // A product's weight W (N, K) is packed into panels of 64 output columns, each K × 64 contiguous (the last panel
-// narrower: N is a multiple of 16). The product of M rows runs panel by panel, 6 rows at a time against 4 vectors of
+// narrower: N is a multiple of 16), as K rows of the panel's width or, from K = PANEL_STRIP_K on, as strips of 16
+// columns each K × 16 contiguous. The product of M rows runs panel by panel, 6 rows at a time against 4 vectors of
 // 16 columns (24 accumulators), the panel streaming through L2 once per row tile. On one thread at the sizes of a
 // batch-1 block (98-197 rows, K and N 192-1536) this runs at 96-113 GFLOP/s on the EPYC against oneDNN's 77-106 with
 // its packed weights (benchmarks/RESULTS.md, session 13): oneDNN's blocking loses most at half an image's rows with
@@ -1297,7 +1306,8 @@ at::Tensor pack_panels(const at::Tensor& w) {
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int64_t nb = std::min<int64_t>(64, N - n0);
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < nb; ++j) pd[n0 * K + k * nb + j] = ps[(n0 + j) * K + k];
+      for (int64_t j = 0; j < nb; ++j)
+        pd[n0 * K + (K >= PANEL_STRIP_K ? (j / 16) * 16 * K + k * 16 + j % 16 : k * nb + j)] = ps[(n0 + j) * K + k];
   }
   return out;
 }
@@ -2010,7 +2020,8 @@ def gelu(x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
 
 def pack_panels(w: torch.Tensor) -> torch.Tensor:
     """A product's weight (N, K), N a multiple of 16, packed for `token_blocks`: panels of 64 output columns (the
-    last narrower), each K × 64 contiguous, flat."""
+    last narrower), each K × 64 contiguous, flat: K rows of the panel's width, or from K = 256 on strips of 16 columns
+    each K × 16."""
     return _STATE["ops"].pack_panels(w)
 
 
