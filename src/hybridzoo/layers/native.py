@@ -152,10 +152,10 @@ struct HzFormerTokens {
 
 static inline int64_t hz_pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// pack_panels / panel_rows: from this K on, a panel is stored as strips of 16 columns, each K × 16 contiguous, instead of K rows of its width:
-// the AVX2 tile of 16 columns then reads its weights front to back instead of 64 bytes every 256. On Zen 3, one thread,
-// blocks of 98-1,576 rows with K 384-1,728: 1.05-1.3x the row layout and 1.0-1.27x MKL; below K = 256 (CvT's K = 64
-// products, 0.8x) the rows stay (benchmarks/RESULTS.md, session 17)
+// pack_panels / panel_rows: from this K on, a panel is stored as strips of 16 columns, each K × 16 contiguous, not as
+// K rows of its width: the AVX2 tile of 16 columns then reads its weights front to back instead of 64 bytes every 256.
+// On Zen 3, one thread, 49-785 rows with K 384-3,072: 1.15-1.35x the row layout and 1.0-1.27x MKL; below K = 256
+// (CvT's K = 64 products, 0.8x) the rows stay (benchmarks/RESULTS.md, session 17)
 constexpr int64_t PANEL_STRIP_K = 256;
 
 // floats of scratch former_tokens needs for one image shared by `parts` threads
@@ -665,7 +665,7 @@ HZ_INLINE vec hz_gelu_slope(vec x) {
 
 // ---- GELU for training: y = GELU(x), or (g given) y = g · GELU'(x); n a multiple of 16 ------------------------------
 // ATen's exact GELU takes ~2.2 ns a value forward and ~3.4 backward on one Zen 3 thread (its erf and exp per lane);
-// these passes are bound by memory instead (benchmarks/RESULTS.md, session 17)
+// these take about half that (benchmarks/RESULTS.md, session 17)
 void gelu_values(HZ_ARGS_gelu_values) {
   if (g) {
     for (int64_t i = 0; i < n; i += 16) hz_store(y + i, hz_load(g + i) * hz_gelu_slope(hz_load(x + i)));
@@ -764,7 +764,8 @@ static void panel_rows(const float* a, int64_t lda, int64_t M, const float* b, i
   do {                                                                                                         \
     constexpr int TV = panel_tile_vectors<MR, NV>();                                                           \
     for (int v0 = 0; v0 < NV; v0 += TV)                                                                        \
-      panel_tile<MR, TV, ACT>(a + m * lda + k0, lda, strips ? b + 16 * K * v0 + 16 * k0 : b + k0 * 16 * NV + 16 * v0, \
+      panel_tile<MR, TV, ACT>(a + m * lda + k0, lda,                                                           \
+                              strips ? b + 16 * K * v0 + 16 * k0 : b + k0 * 16 * NV + 16 * v0,                 \
                               strips ? 16 : 16 * NV, kn, bias ? bias + 16 * v0 : nullptr,                      \
                               res ? res + m * ldr + 16 * v0 : nullptr, ldr, c + m * ldc + 16 * v0, ldc, first, \
                               last, strips ? 16 * K : 16);                                                     \
@@ -1206,10 +1207,9 @@ std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor& q, const at::
 }
 
 
-// the gradients of `attention_lse`'s output with respect to q, k and v, given dout (B, n, H·d) and that call's
-// out and lse; returned heads first (B, H, ·, d) as views of tokens-first buffers (B, ·, H, d)
-// the gradients of attention_lse's q, k, v written into dq, dk, dv: (B, heads, tokens, d) float32 with unit stride
-// along d, any other strides (the caller's layout: side by side in one buffer for a packed qkv product)
+// the gradients of `attention_lse`'s output with respect to q, k and v, given dout (B, n, H·d) and that call's out
+// and lse, written into dq, dk, dv: (B, heads, tokens, d) float32 with unit stride along d, any other strides (the
+// caller's layout: side by side in one buffer for a packed qkv product)
 static void attention_backward_into(const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
                                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
@@ -1267,6 +1267,7 @@ static void attention_backward_into(const char* op, const at::Tensor& dout, cons
   });
 }
 
+// the same, returned heads first (B, H, ·, d) as views of tokens-first buffers (B, ·, H, d)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale) {
@@ -2167,7 +2168,8 @@ def _packed_heads(packed: torch.Tensor, v: torch.Tensor | None, heads: int):
 
 def packed_attention_applies(packed: torch.Tensor, heads: int, v: torch.Tensor | None = None) -> bool:
     """Whether `attend_packed` can take this packed product's output now (see `attention_applies`): also contiguous,
-    its width S·C with C = heads · a head dim the kernels are built for, and v (B, N, C) with unit stride where given."""
+    its width S·C with C = heads · a head dim the kernels are built for, and v (B, N, C) with unit stride where
+    given."""
     if packed.dim() != 3 or not packed.is_contiguous() or heads <= 0:
         return False
     S = 3 if v is None else 2

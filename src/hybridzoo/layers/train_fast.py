@@ -42,8 +42,8 @@ from torch.autograd.function import once_differentiable
 
 from hybridzoo.layers.onednn import run_on_threads
 
-__all__ = ["FastLinear", "FastGELU", "optimize_for_cpu_training", "fast_training_available", "fast_linear", "onednn_linear",
-           "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
+__all__ = ["FastLinear", "FastGELU", "optimize_for_cpu_training", "fast_training_available", "fast_linear",
+           "onednn_linear", "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
 
 
 # Decided once: dynamo refuses to trace `torch.backends.mkldnn.is_available` (a graph break per layer).
