@@ -33,13 +33,17 @@ See its docstring and `split_training_blocker`.
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from hybridzoo.layers import native
+from hybridzoo.layers.fused import use_fused_cpu
 from hybridzoo.layers.onednn import run_on_threads
 
 __all__ = ["FastLinear", "FastGELU", "optimize_for_cpu_training", "fast_training_available", "fast_linear",
@@ -60,9 +64,6 @@ def _default_products() -> str:
     elsewhere: on an AVX2-only AMD Zen 3, at one thread (the batch split's), MKL's forward measured 1.05x and its input
     gradient 1.1x oneDNN's with the transposed weight that needs (session 17). HYBRIDZOO_TRAIN_PRODUCTS=onednn|mkl
     overrides; the choice is fixed per process, so a run's steps are the same bits on every run on one machine."""
-    import os
-    import warnings
-
     env = os.environ.get("HYBRIDZOO_TRAIN_PRODUCTS", "").strip().lower()
     if env in ("onednn", "mkl"):
         return env
@@ -176,18 +177,13 @@ class _NativeGELUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return _native().gelu(x)
+        return native.gelu(x)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return _native().gelu(x, grad_out.contiguous())
-
-
-def _native():
-    from hybridzoo.layers import native
-    return native
+        return native.gelu(x, grad_out.contiguous())
 
 
 class FastGELU(nn.GELU):
@@ -198,9 +194,8 @@ class FastGELU(nn.GELU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training and self.approximate == "none" and torch.is_grad_enabled() and x.requires_grad
-                and x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and _native().attention_supported()):
+                and use_fused_cpu(x) and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and native.attention_supported()):
             return _NativeGELUFn.apply(x.contiguous())
         return F.gelu(x, approximate=self.approximate)
 
@@ -233,7 +228,7 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
             m.__class__ = FastLinear
     if native_attention:
         _use_native_attention(model)
-    if native_gelu and _native().load() and _native().attention_supported():
+    if native_gelu and native.load() and native.attention_supported():
         for m in model.modules():
             if type(m) is nn.GELU and m.approximate == "none":
                 m.__class__ = FastGELU
@@ -241,8 +236,6 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
 
 
 def _use_native_attention(model: nn.Module) -> None:
-    from hybridzoo.layers import native
-
     for m in model.modules():
         if hasattr(type(m), "native_attention") and hasattr(m, "num_heads"):
             m.native_attention = native.attention_ready(getattr(m, "head_dim", None)
