@@ -18,7 +18,8 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   measured, most at batch 1 (`OneDNNLinear`, 1×1 convolutions); `patch_embed` (a convolution whose kernel is its
   stride) gathers the patches into rows for it; `depthwise3x3`: depthwise 3×3 convolutions, channels-last;
 - `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
-  that meets once per block (`layers.onednn_tokens`).
+  that meets once per block (`layers.onednn_tokens`); `conv_token_blocks`: the same for CvT's blocks, whose
+  convolutional projections make the team meet twice per block.
 - `former_tokens`: Mobile-Former's token side of one block (Mobile→Former, the Former, the dynamic ReLUs' slope
   MLPs, Former→Mobile's keys and values) in one call instead of ~25 operators on 6 tokens, each step shared by the
   team at batch 1.
@@ -59,7 +60,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "rows_linear", "rows_linear_add_", "depthwise3x3",
-           "patch_embed", "token_blocks", "isa", "set_isa",
+           "patch_embed", "token_blocks", "conv_token_blocks", "isa", "set_isa",
            "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
@@ -853,25 +854,37 @@ void layer_norm_rows(HZ_ARGS_layer_norm_rows) {
 // accumulated in a register from the bias, the activation applied, stored. At batch 1 oneDNN spends ~90 µs a call
 // on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs. With a channel multiplier
 // (C = m · Cin outputs), output channel c reads input channel c mod Cin: the m groups of Cin outputs side by side.
+// one output pixel (ho, wo): its C channels, 16 at a time
+template <int ACT>
+HZ_INLINE void depthwise_pixel(const float* x, int64_t H, int64_t W, int64_t Cin, int64_t C, const float* w9,
+                               const float* bias, int64_t stride, int64_t ho, int64_t wo, float* out) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const int64_t ci = c % Cin;   // the input channels these 16 outputs read
+    vec acc = bias ? hz_load(bias + c) : hz_splat(0.0f);
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const int64_t hi = ho * stride - 1 + kh;
+      if (hi < 0 || hi >= H) continue;
+      for (int64_t kw = 0; kw < 3; ++kw) {
+        const int64_t wi = wo * stride - 1 + kw;
+        if (wi < 0 || wi >= W) continue;
+        acc += hz_load(x + (hi * W + wi) * Cin + ci) * hz_load(w9 + (kh * 3 + kw) * C + c);
+      }
+    }
+    hz_store(out + c, hz_act<ACT>(acc));
+  }
+}
+
 template <int ACT>
 void depthwise_row(HZ_ARGS_depthwise_row) {
-  for (int64_t wo = 0; wo < Wo; ++wo) {
-    float* out = y + wo * C;
-    for (int64_t c = 0; c < C; c += 16) {
-      const int64_t ci = c % Cin;   // the input channels these 16 outputs read
-      vec acc = bias ? hz_load(bias + c) : hz_splat(0.0f);
-      for (int64_t kh = 0; kh < 3; ++kh) {
-        const int64_t hi = ho * stride - 1 + kh;
-        if (hi < 0 || hi >= H) continue;
-        for (int64_t kw = 0; kw < 3; ++kw) {
-          const int64_t wi = wo * stride - 1 + kw;
-          if (wi < 0 || wi >= W) continue;
-          acc += hz_load(x + (hi * W + wi) * Cin + ci) * hz_load(w9 + (kh * 3 + kw) * C + c);
-        }
-      }
-      hz_store(out + c, hz_act<ACT>(acc));
-    }
-  }
+  for (int64_t wo = 0; wo < Wo; ++wo) depthwise_pixel<ACT>(x, H, W, Cin, C, w9, bias, stride, ho, wo, y + wo * C);
+}
+
+// output pixels [p0, p1) of the map (row-major over Ho × Wo), no activation, into y (p1 − p0 rows of C): a thread's
+// share of a token map whose rows need not start at a map row (conv_token_blocks)
+void depthwise_pixels(HZ_ARGS_depthwise_pixels) {
+  const int64_t Wo = (W - 1) / stride + 1;
+  for (int64_t p = p0; p < p1; ++p)
+    depthwise_pixel<ACT_NONE>(x, H, W, C, C, w9, bias, stride, p / Wo, p % Wo, y + (p - p0) * C);
 }
 
 // ---- Mobile-Former's token side: one call per image for what is otherwise ~25 small operators -------------------
@@ -1633,6 +1646,171 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
   return out;
 }
 
+// ---- CvT's blocks on one image, the token rows shared between the threads (batch 1) ---------------------------------
+// the parameters of one CvT block, in the order of conv_token_blocks' `params` (CVT_PARAMS per block): norm1, the
+// depthwise 3×3 taps (9, C) and biases (BatchNorm folded) of the q, k and v projections, the q, k, v and output
+// products (packed by pack_panels) and their biases, norm2, fc1, fc2
+constexpr int64_t CVT_PARAMS = 22;
+enum { CV_LN1_W, CV_LN1_B, CV_DQ_W, CV_DQ_B, CV_DK_W, CV_DK_B, CV_DV_W, CV_DV_B, CV_Q_W, CV_Q_B, CV_K_W, CV_K_B,
+       CV_V_W, CV_V_B, CV_PROJ_W, CV_PROJ_B, CV_LN2_W, CV_LN2_B, CV_FC1_W, CV_FC1_B, CV_FC2_W, CV_FC2_B };
+
+// CvT's blocks (x + ConvAttention(norm1(x)), then + mlp(norm2(·))) in turn on one image's tokens x (1, N, C): N = cls
+// + H·W, the cls token (cls = 1) first, then the H × W map row-major. As token_blocks, each thread of the team takes
+// a contiguous share of the N rows through every block on its own; but the convolutional projections read each
+// pixel's neighbours, so the threads meet twice per block: after norm1, whose rows go into a buffer shared by the
+// team (the depthwise convolutions read it), and after the k and v products, whose rows (a share of the Nk = cls +
+// Hk·Wk key rows each) go into shared buffers that attention reads whole. One buffer of each suffices: a thread
+// writing block i+1's norm1 rows has passed block i's second barrier, after every read of block i's norm1 rows, and
+// it writes block i+1's keys only past block i+1's first barrier, which the others reach after their attention of
+// block i. The cls token bypasses the convolutions (its row of q, k, v is its norm1 row), as in the paper.
+// strides: the q projection's and the k / v projections'; heads, scales, acts, algorithms one per block, eps two.
+at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optional<at::Tensor>>& params,
+                             c10::IntArrayRef size, int64_t cls, c10::IntArrayRef strides, c10::IntArrayRef heads,
+                             c10::ArrayRef<double> scales, c10::ArrayRef<double> eps,
+                             const std::vector<std::string>& acts, const std::vector<std::string>& algorithms) {
+  check_isa("conv_token_blocks");
+  const int64_t L = static_cast<int64_t>(heads.size());
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(params.size()) == CVT_PARAMS * L
+              && static_cast<int64_t>(scales.size()) == L && static_cast<int64_t>(eps.size()) == 2 * L
+              && static_cast<int64_t>(acts.size()) == L && static_cast<int64_t>(algorithms.size()) == L,
+              "hybridzoo_native::conv_token_blocks: for ", L, " blocks expected ", CVT_PARAMS * L, " params, ", L,
+              " scales, ", 2 * L, " eps, ", L, " acts and algorithms, got ", params.size(), ", ", scales.size(), ", ",
+              eps.size(), ", ", acts.size(), " and ", algorithms.size());
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0 && (cls == 0 || cls == 1) && strides.size() == 2
+              && (strides[0] == 1 || strides[0] == 2) && (strides[1] == 1 || strides[1] == 2),
+              "hybridzoo_native::conv_token_blocks: size must be the map's (H, W), cls 0 or 1 and strides (q, kv) "
+              "each 1 or 2, got size ", size, ", cls ", cls, ", strides ", strides);
+  const int64_t Hm = size[0], Wm = size[1], sq = strides[0], skv = strides[1];
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous()
+              && x.size(1) == cls + Hm * Wm && x.size(2) % 16 == 0 && x.size(2) > 0,
+              "hybridzoo_native::conv_token_blocks: x must be one image's tokens, contiguous float32 (1, ",
+              cls + Hm * Wm, ", C) with C a multiple of 16 for a ", Hm, "×", Wm, " map and ", cls, " cls token, got ",
+              x.sizes(), " ", x.scalar_type());
+  const int64_t N = x.size(1), C = x.size(2);
+  TORCH_CHECK(sq == 1, "hybridzoo_native::conv_token_blocks: the q projection's stride must be 1 (one query per "
+              "token), got ", sq);
+  const int64_t Nk = cls + ((Hm - 1) / skv + 1) * ((Wm - 1) / skv + 1);
+  int64_t hidden_max = 0;
+  std::vector<int> kinds(L);   // fc1's activations
+  for (int64_t i = 0; i < L; ++i) {
+    const c10::optional<at::Tensor>* P = params.data() + CVT_PARAMS * i;
+    const int64_t H = heads[i];
+    TORCH_CHECK(H > 0 && C % H == 0 && (C / H == 16 || C / H == 32 || C / H == 48 || C / H == 64),
+                "hybridzoo_native::conv_token_blocks: block ", i, ": ", H, " heads for ", C, " channels (head_dim "
+                "must be 16, 32, 48 or 64)");
+    kinds[i] = panel_act("conv_token_blocks", acts[i], algorithms[i]);
+    const int64_t hidden = P[CV_FC1_W].has_value() && P[CV_FC1_W]->defined() ? P[CV_FC1_W]->numel() / C : 0;
+    hidden_max = std::max(hidden_max, hidden);
+    // (entry, values it must hold; required: a weight)
+    const std::tuple<int, int64_t, bool> shapes[] = {
+        {CV_LN1_W, C, false}, {CV_LN1_B, C, false}, {CV_DQ_W, 9 * C, true}, {CV_DQ_B, C, false},
+        {CV_DK_W, 9 * C, true}, {CV_DK_B, C, false}, {CV_DV_W, 9 * C, true}, {CV_DV_B, C, false},
+        {CV_Q_W, C * C, true}, {CV_Q_B, C, false}, {CV_K_W, C * C, true}, {CV_K_B, C, false},
+        {CV_V_W, C * C, true}, {CV_V_B, C, false}, {CV_PROJ_W, C * C, true}, {CV_PROJ_B, C, false},
+        {CV_LN2_W, C, false}, {CV_LN2_B, C, false}, {CV_FC1_W, hidden * C, true}, {CV_FC1_B, hidden, false},
+        {CV_FC2_W, C * hidden, true}, {CV_FC2_B, C, false}};
+    for (const auto& [j, values, weight] : shapes) {
+      const c10::optional<at::Tensor>& p = P[j];
+      const bool given = p.has_value() && p->defined();
+      TORCH_CHECK(given || !weight, "hybridzoo_native::conv_token_blocks: block ", i, ": parameter ", j,
+                  " (a weight) is missing");
+      TORCH_CHECK(!given || (p->scalar_type() == at::kFloat && p->is_contiguous() && p->numel() == values
+                             && values > 0 && values % 16 == 0),
+                  "hybridzoo_native::conv_token_blocks: block ", i, ": parameter ", j, " must be contiguous float32 "
+                  "with ", values, " values (a positive multiple of 16), got ", p->sizes(), " ", p->scalar_type());
+    }
+  }
+  at::Tensor out = at::empty_like(x);
+  // shared by the team: norm1's rows (read by the convolutions) and the key and value rows (read by attention)
+  at::Tensor normed = at::empty({N, C}, x.options());
+  at::Tensor keys = at::empty({1, Nk, C}, x.options()), values = at::empty({1, Nk, C}, x.options());
+  const bool inference = c10::InferenceMode::is_enabled();
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_lock;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
+#pragma omp parallel num_threads(want)
+  {
+    c10::InferenceMode mode(inference);
+    at::NoGradGuard no_grad;
+    const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t r0 = N * t / team, n = N * (t + 1) / team - r0;            // this thread's token rows
+    const int64_t k0 = Nk * t / team, nk = Nk * (t + 1) / team - k0;        // and its key / value rows
+    auto step = [&](auto&& work) {
+      if (failed.load(std::memory_order_relaxed) || n == 0) return;
+      try {
+        work();
+      } catch (...) {
+        std::lock_guard<std::mutex> hold(error_lock);
+        if (!error) error = std::current_exception();
+        failed.store(true);
+      }
+    };
+    // rows of a projection's input for token rows [a, a + m) of a map seen with stride s: the cls row (its norm1
+    // row) if the range starts at 0, then the convolution's output pixels; into y (m rows of C)
+    auto project_rows = [&](int64_t a, int64_t m, const float* w9, const float* b, int64_t s, float* y) {
+      const float* all = normed.data_ptr<float>();
+      int64_t row = a;
+      if (cls && row == 0 && m > 0) {
+        std::memcpy(y, all, C * sizeof(float));
+        ++row;
+      }
+      if (a + m > row)
+        depthwise_pixels(all + cls * C, Hm, Wm, C, w9, b, s, row - cls, a + m - cls, y + (row - a) * C);
+    };
+    at::Tensor h, mid, local, q, conv, hid;
+    step([&] {
+      h = x.narrow(1, r0, n).reshape({n, C}).clone();
+      mid = at::empty({n, C}, x.options());
+      local = at::empty({std::max(n, nk), C}, x.options());
+      q = at::empty({1, n, C}, x.options());
+      hid = at::empty({n, hidden_max}, x.options());
+    });
+    for (int64_t i = 0; i < L; ++i) {
+      const c10::optional<at::Tensor>* P = params.data() + CVT_PARAMS * i;
+      const int64_t H = heads[i], d = C / H;
+      step([&] {
+        layer_norm_rows(h.data_ptr<float>(), n, C, data_or_null(P[CV_LN1_W]), data_or_null(P[CV_LN1_B]),
+                        eps[2 * i], normed.data_ptr<float>() + r0 * C);
+      });
+#pragma omp barrier
+      step([&] {
+        float* lp = local.data_ptr<float>();
+        project_rows(r0, n, P[CV_DQ_W]->data_ptr<float>(), data_or_null(P[CV_DQ_B]), sq, lp);
+        panel_linear(lp, C, n, P[CV_Q_W]->data_ptr<float>(), C, C, data_or_null(P[CV_Q_B]), nullptr, 0,
+                     q.data_ptr<float>(), C, ACT_NONE);
+        if (nk > 0) {
+          project_rows(k0, nk, P[CV_DK_W]->data_ptr<float>(), data_or_null(P[CV_DK_B]), skv, lp);
+          panel_linear(lp, C, nk, P[CV_K_W]->data_ptr<float>(), C, C, data_or_null(P[CV_K_B]), nullptr, 0,
+                       keys.data_ptr<float>() + k0 * C, C, ACT_NONE);
+          project_rows(k0, nk, P[CV_DV_W]->data_ptr<float>(), data_or_null(P[CV_DV_B]), skv, lp);
+          panel_linear(lp, C, nk, P[CV_V_W]->data_ptr<float>(), C, C, data_or_null(P[CV_V_B]), nullptr, 0,
+                       values.data_ptr<float>() + k0 * C, C, ACT_NONE);
+        }
+      });
+#pragma omp barrier
+      step([&] {
+        const at::Tensor o = attention(q.view({1, n, H, d}).permute({0, 2, 1, 3}),
+                                       keys.view({1, Nk, H, d}).permute({0, 2, 1, 3}),
+                                       values.view({1, Nk, H, d}).permute({0, 2, 1, 3}), c10::nullopt, scales[i],
+                                       c10::nullopt);   // (1, n, C)
+        panel_linear(o.data_ptr<float>(), C, n, P[CV_PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[CV_PROJ_B]),
+                     h.data_ptr<float>(), C, mid.data_ptr<float>(), C, ACT_NONE);
+        layer_norm_rows(mid.data_ptr<float>(), n, C, data_or_null(P[CV_LN2_W]), data_or_null(P[CV_LN2_B]),
+                        eps[2 * i + 1], local.data_ptr<float>());
+        const int64_t hidden = P[CV_FC1_W]->numel() / C;
+        panel_linear(local.data_ptr<float>(), C, n, P[CV_FC1_W]->data_ptr<float>(), C, hidden,
+                     data_or_null(P[CV_FC1_B]), nullptr, 0, hid.data_ptr<float>(), hidden_max, kinds[i]);
+        panel_linear(hid.data_ptr<float>(), hidden_max, n, P[CV_FC2_W]->data_ptr<float>(), hidden, C,
+                     data_or_null(P[CV_FC2_B]), mid.data_ptr<float>(), C, h.data_ptr<float>(), C, ACT_NONE);
+      });
+    }
+    step([&] { out.narrow(1, r0, n).copy_(h.view({1, n, C})); });
+  }
+  if (error) std::rethrow_exception(error);
+  return out;
+}
+
 // Mobile-Former's token side of one block (its frozen block's `tokens`) in one call: Mobile→Former, the Former, both
 // dynamic ReLUs' slope MLPs and Former→Mobile's keys and values; ~25 operators otherwise, each costing tens of µs
 // of dispatch on 6 tokens. x the block input (B, C, H, W), contiguous or channels-last; z (B, T, D) contiguous.
@@ -1758,6 +1936,8 @@ TORCH_LIBRARY(hybridzoo_native, m) {
         "-> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
         "str[] algorithms, Tensor?[] pos) -> Tensor");
+  m.def("conv_token_blocks(Tensor x, Tensor?[] params, int[] size, int cls, int[] strides, int[] heads, "
+        "float[] scales, float[] eps, str[] acts, str[] algorithms) -> Tensor");
   m.def("former_tokens(Tensor x, Tensor z, Tensor[] params, int[] sizes, float[] eps) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -1776,6 +1956,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("patch_embed", &patch_embed);
   m.impl("depthwise3x3", &depthwise3x3);
   m.impl("token_blocks", &token_blocks);
+  m.impl("conv_token_blocks", &conv_token_blocks);
   m.impl("former_tokens", &former_tokens_op);
 }
 """
@@ -1803,6 +1984,9 @@ _ENTRIES = (
     ("int ACT", ("ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_RELU", "ACT_SWISH"), "depthwise_row",
      "const float* x, int64_t H, int64_t W, int64_t Cin, int64_t C, const float* w9, const float* bias, "
      "int64_t stride, int64_t ho, int64_t Wo, float* y"),
+    (None, (), "depthwise_pixels",
+     "const float* x, int64_t H, int64_t W, int64_t C, const float* w9, const float* bias, int64_t stride, "
+     "int64_t p0, int64_t p1, float* y"),
     ("int MR", (6, 2, 1), "tiny_rows",
      "const float* x, int64_t K, const float* wt, int64_t N, const float* b, float* y"),
     (None, (), "former_tokens",
@@ -2066,6 +2250,20 @@ def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[f
     per block (fc1's activation: "none", "gelu" with algorithm "none" (erf) or "tanh", "relu", "swish"), eps two
     per block; pos per block a positional map (heads, N, N) added after the softmax, or None."""
     return _STATE["ops"].token_blocks(x, params, heads, scales, eps, acts, algorithms, pos)
+
+
+def conv_token_blocks(x: torch.Tensor, params: list, size: tuple[int, int], cls: int, strides: tuple[int, int],
+                      heads: list[int], scales: list[float], eps: list[float], acts: list[str],
+                      algorithms: list[str]) -> torch.Tensor:
+    """CvT's blocks (`models.cvt.CvTBlock`, frozen) on one image's tokens x (1, cls + H·W, C), contiguous float32,
+    every thread of the intra-op team taking a share of the rows, meeting twice per block (`layers.onednn_tokens`).
+    size: the token map's (H, W); cls: 1 when a cls token leads the rows, else 0; strides: the q projection's (1) and
+    the k / v projections'. params per block: norm1's weight and bias; the q, k and v depthwise 3×3 taps (9, C)
+    (`OneDNNConv2d.depthwise_taps`, BatchNorm folded) and biases; the q, k, v and output products' weights
+    (`pack_panels`) and biases; norm2's; fc1's and fc2's (biases may be None; every length a multiple of 16). heads,
+    scales, acts and algorithms one per block (fc1's activation, as `token_blocks`), eps two per block."""
+    return _STATE["ops"].conv_token_blocks(x, params, list(size), cls, list(strides), heads, scales, eps, acts,
+                                           algorithms)
 
 
 def former_tokens(x: torch.Tensor, z: torch.Tensor, params: list[torch.Tensor], sizes: list[int],

@@ -38,8 +38,9 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   ~210,000 page faults per forward without, 1.11× with); with one intra-op thread the batch runs in the same
   sub-batches.
 - with `split_tokens=True` (default, fp32) one image through the transformer blocks that support it (ViT / DeiT,
-  ConViT) may run as one share of its token rows per intra-op thread, each on one thread, the threads meeting
-  once per block where attention needs every key (`layers.onednn_tokens`): batch 1 has no batch to split. Both
+  ConViT; CvT's, whose convolutional projections make the threads meet twice per block) may run as one share of
+  its token rows per intra-op thread, each on one thread, the threads meeting once per block where attention
+  needs every key (`layers.onednn_tokens`): batch 1 has no batch to split. Both
   ways are timed at the first call for each token count and the faster is kept. Mobile-Former's frozen block
   (models/mobile_former.py) can run one image's token side beside its first convolution and the rest as two
   halves of the map, one thread each (`PARALLEL`, off by default: slower on the idle machine).
@@ -741,8 +742,9 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
     tensors fall back to the whole batch. Batch 1 and other methods (`forward_features`) are unaffected.
 
     `split_tokens` (fp32): the transformer blocks that support it (`layers.onednn_tokens`) may run one image with
-    several intra-op threads as one share of the token rows per thread, meeting once per block at attention; the
-    container's `mode` ("auto": timed at the first call, the faster kept; "tokens"; "whole") decides."""
+    several intra-op threads as one share of the token rows per thread, meeting once per block at attention (CvT's
+    blocks twice, in one native call, with one thread too); the container's `mode` ("auto": timed at the first
+    call, the faster kept; "tokens"; "whole") decides."""
     if not onednn_available():
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support")
     if dtype not in (torch.float32, torch.bfloat16):

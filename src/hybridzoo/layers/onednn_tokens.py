@@ -19,6 +19,12 @@ one intra-op thread each call the blocks' own modules on their rows; with the in
 that way is slower than the blocks in turn on the 2-vCPU machines we measured, and the first call's timing
 (`calibrate`) keeps the faster.
 
+CvT's blocks (`ConvTokenBlockList`) project q, k and v by depthwise 3×3 convolutions over the token map, which read
+each pixel's neighbours in the other thread's rows: the threads meet twice per block (after norm1, before the
+projections; after the keys and values, before attention), and only in one native call (`native.conv_token_blocks`),
+which also runs at one thread (no Python between the ~20 kernels of a block): on CvT-13 at batch 1, 1.21× the blocks
+in turn on a Zen 3 EPYC (benchmarks/RESULTS.md, session 18).
+
 Same function as the sequential blocks: every row of every product, LayerNorm and add is computed on the same
 row values (by the same kernels on the Python threads; by a product kernel of its own, to fp32 rounding, in the
 native call); attention over the query rows of one thread is the same softmax per row.
@@ -39,8 +45,8 @@ from hybridzoo.layers import native
 from hybridzoo.layers.onednn import _pool
 from hybridzoo.models.convit import gpsa_attend
 
-__all__ = ["TokenParallelBlockList", "TokenParallelBlocks", "calibrate", "enable_token_parallel",
-           "token_parallel_forward"]
+__all__ = ["ConvTokenBlockList", "TokenParallelBlockList", "TokenParallelBlocks", "calibrate",
+           "conv_token_parallel_forward", "enable_token_parallel", "token_parallel_forward"]
 
 # a guard, not a tuned figure: with fewer rows per thread every product is tiny and the per-op costs dominate
 MIN_ROWS_PER_THREAD = 16
@@ -299,11 +305,17 @@ class _TokenParallel:
             x = blk(x, *args)
         return x
 
+    min_threads = 2   # one thread's share is the whole image: the blocks in turn do the same with no barrier
+
+    def _can_split(self, x: torch.Tensor, args) -> bool:
+        return True
+
     def _split_tokens(self, x: torch.Tensor, threads: int, args) -> bool:
         if self.mode not in ("auto", "tokens", "whole"):
             raise ValueError(f"{type(self).__name__}.mode must be 'auto', 'tokens' or 'whole', got {self.mode!r}")
-        if (self.mode == "whole" or threads < 2 or x.dim() != 3 or x.shape[0] != 1 or x.dtype != torch.float32
-                or x.shape[1] < threads * MIN_ROWS_PER_THREAD or (torch.is_grad_enabled() and x.requires_grad)):
+        if (self.mode == "whole" or threads < self.min_threads or x.dim() != 3 or x.shape[0] != 1
+                or x.dtype != torch.float32 or x.shape[1] < threads * MIN_ROWS_PER_THREAD
+                or (torch.is_grad_enabled() and x.requires_grad) or not self._can_split(x, args)):
             return False
         if self.mode == "tokens":
             return True
@@ -311,21 +323,24 @@ class _TokenParallel:
         choices = self.__dict__.setdefault("_choices", {})
         key = (id(self[0]), len(self), x.shape[1], threads)
         if key not in choices:
-            choices[key] = calibrate(lambda: self._whole(x, *args),
-                                     lambda: token_parallel_forward(self, x, threads, *args))
+            choices[key] = calibrate(lambda: self._whole(x, *args), lambda: self._parallel(x, threads, args))
         return choices[key]
 
     def __getitem__(self, idx):
         out = super().__getitem__(idx)
-        if isinstance(idx, slice):   # a slice keeps the mode and the measured choices
+        if isinstance(idx, slice):   # a slice keeps the mode, the measured choices and the eval / train mode
+            out.train(self.training)
             out.mode = self.mode
             out.__dict__["_choices"] = self.__dict__.setdefault("_choices", {})
         return out
 
+    def _parallel(self, x: torch.Tensor, threads: int, args) -> torch.Tensor:
+        return token_parallel_forward(self, x, threads, *args)
+
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         threads = torch.get_num_threads()
         if len(self) and self._split_tokens(x, threads, args):   # an empty slice (blocks[:-1] of one) is the identity
-            return token_parallel_forward(self, x, threads, *args)
+            return self._parallel(x, threads, args)
         return self._whole(x, *args)
 
 
@@ -338,6 +353,126 @@ class TokenParallelBlockList(_TokenParallel, nn.ModuleList):
     """nn.ModuleList of frozen transformer blocks (ConViT) with the token-parallel call; a slice is one too."""
 
 
+# ---- CvT's blocks: the native call only -------------------------------------------------------------------------------
+
+def _conv_projection_taps(proj: nn.Module, stride: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A frozen CvT convolutional projection's depthwise 3×3 taps (9, C) and bias (its BatchNorm folded in), or None
+    when it is not one `native.conv_token_blocks` runs: the native depthwise kernel's, with no activation, this
+    stride."""
+    from hybridzoo.layers.onednn import OneDNNConv2d
+    from hybridzoo.models.cvt import _FrozenConvProjection
+    conv = getattr(proj, "conv", None)
+    if not (type(proj) is _FrozenConvProjection and type(conv) is OneDNNConv2d and conv.depthwise_taps is not None
+            and conv.attr == "none" and conv.stride == [stride, stride]):
+        return None
+    return conv.depthwise_taps, conv.packed_bias
+
+
+def _cvt_block_ok(blk: nn.Module) -> bool:
+    """A frozen `models.cvt.CvTBlock` with LayerNorms and the frozen MLP; its stochastic depth (CvT-13's last stage
+    has some) is the identity in eval mode, which `ConvTokenBlockList` checks at every call."""
+    from hybridzoo.layers.drop import DropPath
+    from hybridzoo.layers.onednn import FrozenMlp
+    from hybridzoo.models.cvt import CvTBlock
+    return (type(blk) is CvTBlock and type(blk.drop_path) in (nn.Identity, DropPath) and type(blk.mlp) is FrozenMlp
+            and type(blk.norm1) is nn.LayerNorm and type(blk.norm2) is nn.LayerNorm)
+
+
+def _conv_native_params(blocks) -> tuple | None:
+    """(every module of the blocks, (params, strides, heads, scales, eps, acts, algorithms), cls) for
+    `native.conv_token_blocks`, or None when a block has a part it does not run: a projection that is not a native
+    depthwise 3×3 (q at stride 1, k and v at one stride for every block), a product that is not an fp32
+    `OneDNNLinear` with panels and no activation (fc1 apart), a head dim without an attention kernel, LayerNorms
+    over other shapes, blocks that differ in their cls token."""
+    params, heads, scales, eps, acts, algorithms = [], [], [], [], [], []
+    kv_stride = blocks[0].attn.conv_proj_k.conv.stride[0] if _cvt_block_ok(blocks[0]) else None
+    cls = {blk.attn.with_cls_token for blk in blocks if _cvt_block_ok(blk)}
+    if kv_stride not in (1, 2) or len(cls) != 1:
+        return None
+    for blk in blocks:
+        if not _cvt_block_ok(blk):
+            return None
+        a, mlp = blk.attn, blk.mlp
+        C = a.proj.in_features
+        taps = [_conv_projection_taps(p, s) for p, s in ((a.conv_proj_q, 1), (a.conv_proj_k, kv_stride),
+                                                          (a.conv_proj_v, kv_stride))]
+        products = (a.proj_q, a.proj_k, a.proj_v, a.proj, mlp.fc1, mlp.fc2)
+        packed = [_panels(layer) for layer in products]
+        if (any(t is None for t in taps) or any(w is None for w in packed) or not a.native_attention
+                or C // a.num_heads not in native.ATTENTION_HEAD_DIMS or a.with_cls_token not in cls
+                or any(layer.act != "none" for layer in products if layer is not mlp.fc1)
+                or not all(norm.normalized_shape == (C,) for norm in (blk.norm1, blk.norm2))):
+            return None
+        params += [blk.norm1.weight, blk.norm1.bias, *taps[0], *taps[1], *taps[2],
+                   packed[0], a.proj_q.packed_bias, packed[1], a.proj_k.packed_bias, packed[2], a.proj_v.packed_bias,
+                   packed[3], a.proj.packed_bias, blk.norm2.weight, blk.norm2.bias,
+                   packed[4], mlp.fc1.packed_bias, packed[5], mlp.fc2.packed_bias]
+        heads.append(a.num_heads)
+        scales.append(a.scale)
+        eps += [blk.norm1.eps, blk.norm2.eps]
+        acts.append(mlp.fc1.act)
+        algorithms.append(mlp.fc1.algorithm)
+    modules = [m for blk in blocks for m in blk.modules()]
+    return modules, (params, (1, kv_stride), heads, scales, eps, acts, algorithms), int(cls.pop())
+
+
+def conv_token_parallel_forward(blocks, x: torch.Tensor, threads: int, h: int, w: int) -> torch.Tensor:
+    """Frozen CvT blocks (`ConvTokenBlockList.applies_to`) on one image's tokens x (1 × cls + h·w × C) in one call of
+    `native.conv_token_blocks` by a team of `threads`, each taking a contiguous share of the rows. Raises where that
+    call cannot run them (`ConvTokenBlockList` checks first and runs the blocks in turn instead)."""
+    args = _conv_native_args(blocks, x)
+    if args is None:
+        raise ValueError("conv_token_parallel_forward: these blocks need the native kernels (AVX-512 or AVX2), an "
+                         "fp32 CPU input and frozen CvT blocks that conv_token_blocks runs, with no hooks")
+    params, strides, heads, scales, eps, acts, algorithms, cls = args
+    if x.dim() != 3 or x.shape[0] != 1 or x.shape[1] != cls + h * w:
+        raise ValueError(f"conv_token_parallel_forward takes one image's tokens, 1×{cls + h * w}×C for a {h}×{w} map"
+                         f"{' and a cls token' if cls else ''}, got shape {tuple(x.shape)}")
+    if not 1 <= threads <= x.shape[1]:
+        raise ValueError(f"conv_token_parallel_forward: threads must be in [1, N={x.shape[1]}], got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)   # the team's size
+    try:
+        return native.conv_token_blocks(x.contiguous(), params, (h, w), cls, strides, heads, scales, eps, acts,
+                                        algorithms)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _conv_native_args(blocks, x: torch.Tensor) -> tuple | None:
+    """conv_token_blocks' arguments after x, size and cls's place (params, strides, heads, scales, eps, acts,
+    algorithms, cls), or None where it cannot run these blocks on x (see `_native_args`)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or not native.attention_supported()
+            or x.dtype != torch.float32 or x.device.type != "cpu"):
+        return None
+    prepared = _cached(blocks, "conv-native", _conv_native_params)
+    if prepared is None:
+        return None
+    modules, params, cls = prepared
+    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        return None
+    return (*params, cls)
+
+
+class ConvTokenBlockList(_TokenParallel, nn.ModuleList):
+    """nn.ModuleList of frozen CvT blocks (`models.cvt.CvTBlock`, called as blk(x, h, w)) whose call on one image
+    may run `conv_token_parallel_forward`: the native call only (a block's convolutions read its neighbours' rows,
+    so the Python shares of `token_parallel_forward` do not apply), with one thread too (no Python between the
+    kernels), chosen as `_TokenParallel` chooses; the blocks in turn otherwise."""
+
+    min_threads = 1
+
+    @staticmethod
+    def applies_to(seq: nn.Module) -> bool:
+        return type(seq) is nn.ModuleList and len(seq) > 0 and all(_cvt_block_ok(b) for b in seq)
+
+    def _can_split(self, x: torch.Tensor, args) -> bool:
+        return not self.training and len(args) == 2 and _conv_native_args(self, x) is not None
+
+    def _parallel(self, x: torch.Tensor, threads: int, args) -> torch.Tensor:
+        return conv_token_parallel_forward(self, x, threads, *args)
+
+
 def enable_token_parallel(model: nn.Module) -> None:
     """Replace, in place, every plain nn.Sequential / nn.ModuleList of frozen blocks this module knows inside
     `model` by its token-parallel counterpart."""
@@ -346,4 +481,6 @@ def enable_token_parallel(model: nn.Module) -> None:
             if _TokenParallel.applies_to(child):
                 new = (TokenParallelBlocks(OrderedDict(child._modules)) if type(child) is nn.Sequential
                        else TokenParallelBlockList(list(child)))
-                setattr(parent, name, new)
+                setattr(parent, name, new.train(child.training))
+            elif ConvTokenBlockList.applies_to(child):
+                setattr(parent, name, ConvTokenBlockList(list(child)).train(child.training))
