@@ -119,6 +119,15 @@ def test_conv_token_blocks_are_the_blocks_written_out(kernels, threads, cls, siz
     ref = _reference(x, blocks, size, cls, kv_stride, H, scale, eps, act, algorithm)
     assert out.shape == x.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+    if cls:   # the last block computing the cls token's row alone: that row of the whole computation
+        torch.set_num_threads(threads)
+        try:
+            first = kernels.conv_token_blocks(x, *_args(blocks, size, cls, kv_stride, H, scale, eps, act, algorithm),
+                                              prefix=1)
+        finally:
+            torch.set_num_threads(before)
+        assert first.shape == (1, 1, C)
+        torch.testing.assert_close(first, ref[:, :1], rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
 
 
 def _good():
@@ -144,6 +153,9 @@ def _bad(change):
     (lambda: _bad(lambda a: a.__setitem__(8, ["gelu", "tanh"])), "act must be none, gelu, relu or swish"),
     (lambda: _bad(lambda a: a[1].__setitem__(2, torch.randn(9, 48))), r"parameter 2 must be .* 576 values"),
     (lambda: _bad(lambda a: a[1].__setitem__(22 + 8, None)), r"block 1: parameter 8 \(a weight\) is missing"),
+    (lambda: _bad(lambda a: a.append(2)), "prefix must be 0 .* or 1 with a cls token"),
+    (lambda: _bad(lambda a: (a.__setitem__(0, torch.randn(1, 20, 64)), a.__setitem__(3, 0), a.append(1))),
+     r"prefix must be 0 .* got prefix 1 with cls 0"),
 ])
 def test_conv_token_blocks_name_what_is_wrong(kernels, make, words):
     with pytest.raises(RuntimeError, match=words):
@@ -154,7 +166,7 @@ def _spy(monkeypatch):
     calls = []
     real = native.conv_token_blocks
     monkeypatch.setattr(native, "conv_token_blocks", lambda x, params, size, cls, strides, heads, *a: calls.append(
-        (tuple(x.shape), cls, len(heads))) or real(x, params, size, cls, strides, heads, *a))
+        (tuple(x.shape), cls, len(heads), a[-1])) or real(x, params, size, cls, strides, heads, *a))
     return calls
 
 
@@ -169,8 +181,8 @@ def _small_cvt():
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_frozen_cvt_runs_each_stage_in_one_native_call(kernels, threads, monkeypatch):
-    """Every stage's blocks in one call at batch 1 (the last stage's last block, which computes the cls token
-    alone, apart), with the model's values; a batch of 2 split over the threads runs one image per thread."""
+    """Every stage's blocks in one call at batch 1 (the last stage's last block computing the cls token alone, as
+    the model's forward does), with the model's values; `forward_features` takes every row of every block."""
     model = _small_cvt()
     fast = optimize_for_cpu_inference(model)
     lists = [s.blocks for s in fast.stages]
@@ -184,17 +196,21 @@ def test_the_frozen_cvt_runs_each_stage_in_one_native_call(kernels, threads, mon
     try:
         with torch.inference_mode():
             out = fast(x)
-            assert calls == [((1, 576, 32), 0, 1), ((1, 144, 48), 0, 2), ((1, 37, 64), 1, 2)]
+            assert calls == [((1, 576, 32), 0, 1, 0), ((1, 144, 48), 0, 2, 0), ((1, 37, 64), 1, 3, 1)]
             assert torch.get_num_threads() == threads
+            features = fast.forward_features(x)
+            assert calls[3:] == [((1, 576, 32), 0, 1, 0), ((1, 144, 48), 0, 2, 0), ((1, 37, 64), 1, 3, 0)]
             for b in lists:
                 b.mode = "whole"
-            whole = fast(x)
-            eager = model(x)
+            whole, whole_features = fast(x), fast.forward_features(x)
+            eager, eager_features = model(x), model.forward_features(x)
     finally:
         torch.set_num_threads(before)
-    assert len(calls) == 3
+    assert len(calls) == 6
     torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+    torch.testing.assert_close(features, whole_features, rtol=1e-5, atol=1e-5 * float(whole_features.abs().max()))
+    torch.testing.assert_close(features, eager_features, rtol=1e-4, atol=1e-4 * float(eager_features.abs().max()))
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")

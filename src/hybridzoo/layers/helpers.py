@@ -69,6 +69,9 @@ def run_blocks_for_prefix(blocks, x: torch.Tensor, num_prefix: int, *args, check
         return x[:, :num_prefix]
     if _EVERY_ROW["depth"]:
         return checkpoint_seq(blocks, x, *args, enabled=checkpointing)[:, :num_prefix]
+    if hasattr(blocks, "forward_prefix") and not (checkpointing and torch.is_grad_enabled()):
+        # a frozen container that schedules its blocks itself (layers.onednn_tokens.ConvTokenBlockList)
+        return blocks.forward_prefix(x, num_prefix, *args)
     x = checkpoint_seq(blocks[:-1], x, *args, enabled=checkpointing)
     if checkpointing and torch.is_grad_enabled():
         return checkpoint(blocks[-1], x, *args, num_queries=num_prefix, use_reentrant=False)

@@ -1664,10 +1664,14 @@ enum { CV_LN1_W, CV_LN1_B, CV_DQ_W, CV_DQ_B, CV_DK_W, CV_DK_B, CV_DV_W, CV_DV_B,
 // it writes block i+1's keys only past block i+1's first barrier, which the others reach after their attention of
 // block i. The cls token bypasses the convolutions (its row of q, k, v is its norm1 row), as in the paper.
 // strides: the q projection's and the k / v projections'; heads, scales, acts, algorithms one per block, eps two.
+// prefix 1 (with a cls token): the last block computes the cls token's row alone past its keys and values (what a
+// classifier reads; the other rows' query, attention, output projection and MLP are dead work) and the result is
+// that row, (1, 1, C); 0: every row, (1, N, C).
 at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optional<at::Tensor>>& params,
                              c10::IntArrayRef size, int64_t cls, c10::IntArrayRef strides, c10::IntArrayRef heads,
                              c10::ArrayRef<double> scales, c10::ArrayRef<double> eps,
-                             const std::vector<std::string>& acts, const std::vector<std::string>& algorithms) {
+                             const std::vector<std::string>& acts, const std::vector<std::string>& algorithms,
+                             int64_t prefix) {
   check_isa("conv_token_blocks");
   const int64_t L = static_cast<int64_t>(heads.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(params.size()) == CVT_PARAMS * L
@@ -1689,6 +1693,9 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
   const int64_t N = x.size(1), C = x.size(2);
   TORCH_CHECK(sq == 1, "hybridzoo_native::conv_token_blocks: the q projection's stride must be 1 (one query per "
               "token), got ", sq);
+  TORCH_CHECK(prefix == 0 || (prefix == 1 && cls == 1), "hybridzoo_native::conv_token_blocks: prefix must be 0 "
+              "(every row) or 1 with a cls token (its row alone in the last block), got prefix ", prefix, " with cls ",
+              cls);
   const int64_t Nk = cls + ((Hm - 1) / skv + 1) * ((Wm - 1) / skv + 1);
   int64_t hidden_max = 0;
   std::vector<int> kinds(L);   // fc1's activations
@@ -1720,7 +1727,7 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
                   "with ", values, " values (a positive multiple of 16), got ", p->sizes(), " ", p->scalar_type());
     }
   }
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty({1, prefix ? prefix : N, C}, x.options());
   // shared by the team: norm1's rows (read by the convolutions) and the key and value rows (read by attention)
   at::Tensor normed = at::empty({N, C}, x.options());
   at::Tensor keys = at::empty({1, Nk, C}, x.options()), values = at::empty({1, Nk, C}, x.options());
@@ -1769,6 +1776,9 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
     for (int64_t i = 0; i < L; ++i) {
       const c10::optional<at::Tensor>* P = params.data() + CVT_PARAMS * i;
       const int64_t H = heads[i], d = C / H;
+      // the rows this thread carries past the keys and values: the cls row alone (thread 0's first) in a prefix
+      // call's last block
+      const int64_t m = prefix && i == L - 1 ? (r0 == 0 ? prefix : 0) : n;
       step([&] {
         layer_norm_rows(h.data_ptr<float>(), n, C, data_or_null(P[CV_LN1_W]), data_or_null(P[CV_LN1_B]),
                         eps[2 * i], normed.data_ptr<float>() + r0 * C);
@@ -1776,9 +1786,11 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
 #pragma omp barrier
       step([&] {
         float* lp = local.data_ptr<float>();
-        project_rows(r0, n, P[CV_DQ_W]->data_ptr<float>(), data_or_null(P[CV_DQ_B]), sq, lp);
-        panel_linear(lp, C, n, P[CV_Q_W]->data_ptr<float>(), C, C, data_or_null(P[CV_Q_B]), nullptr, 0,
-                     q.data_ptr<float>(), C, ACT_NONE);
+        if (m > 0) {
+          project_rows(r0, m, P[CV_DQ_W]->data_ptr<float>(), data_or_null(P[CV_DQ_B]), sq, lp);
+          panel_linear(lp, C, m, P[CV_Q_W]->data_ptr<float>(), C, C, data_or_null(P[CV_Q_B]), nullptr, 0,
+                       q.data_ptr<float>(), C, ACT_NONE);
+        }
         if (nk > 0) {
           project_rows(k0, nk, P[CV_DK_W]->data_ptr<float>(), data_or_null(P[CV_DK_B]), skv, lp);
           panel_linear(lp, C, nk, P[CV_K_W]->data_ptr<float>(), C, C, data_or_null(P[CV_K_B]), nullptr, 0,
@@ -1790,22 +1802,26 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
       });
 #pragma omp barrier
       step([&] {
-        const at::Tensor o = attention(q.view({1, n, H, d}).permute({0, 2, 1, 3}),
+        if (m == 0) return;
+        const at::Tensor o = attention(q.narrow(1, 0, m).view({1, m, H, d}).permute({0, 2, 1, 3}),
                                        keys.view({1, Nk, H, d}).permute({0, 2, 1, 3}),
                                        values.view({1, Nk, H, d}).permute({0, 2, 1, 3}), c10::nullopt, scales[i],
                                        c10::nullopt);   // (1, n, C)
-        panel_linear(o.data_ptr<float>(), C, n, P[CV_PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[CV_PROJ_B]),
+        panel_linear(o.data_ptr<float>(), C, m, P[CV_PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[CV_PROJ_B]),
                      h.data_ptr<float>(), C, mid.data_ptr<float>(), C, ACT_NONE);
-        layer_norm_rows(mid.data_ptr<float>(), n, C, data_or_null(P[CV_LN2_W]), data_or_null(P[CV_LN2_B]),
+        layer_norm_rows(mid.data_ptr<float>(), m, C, data_or_null(P[CV_LN2_W]), data_or_null(P[CV_LN2_B]),
                         eps[2 * i + 1], local.data_ptr<float>());
         const int64_t hidden = P[CV_FC1_W]->numel() / C;
-        panel_linear(local.data_ptr<float>(), C, n, P[CV_FC1_W]->data_ptr<float>(), C, hidden,
+        panel_linear(local.data_ptr<float>(), C, m, P[CV_FC1_W]->data_ptr<float>(), C, hidden,
                      data_or_null(P[CV_FC1_B]), nullptr, 0, hid.data_ptr<float>(), hidden_max, kinds[i]);
-        panel_linear(hid.data_ptr<float>(), hidden_max, n, P[CV_FC2_W]->data_ptr<float>(), hidden, C,
+        panel_linear(hid.data_ptr<float>(), hidden_max, m, P[CV_FC2_W]->data_ptr<float>(), hidden, C,
                      data_or_null(P[CV_FC2_B]), mid.data_ptr<float>(), C, h.data_ptr<float>(), C, ACT_NONE);
       });
     }
-    step([&] { out.narrow(1, r0, n).copy_(h.view({1, n, C})); });
+    step([&] {
+      const int64_t m = prefix ? (r0 == 0 ? prefix : 0) : n;
+      if (m > 0) out.narrow(1, prefix ? 0 : r0, m).copy_(h.narrow(0, 0, m).view({1, m, C}));
+    });
   }
   if (error) std::rethrow_exception(error);
   return out;
@@ -1937,7 +1953,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
         "str[] algorithms, Tensor?[] pos) -> Tensor");
   m.def("conv_token_blocks(Tensor x, Tensor?[] params, int[] size, int cls, int[] strides, int[] heads, "
-        "float[] scales, float[] eps, str[] acts, str[] algorithms) -> Tensor");
+        "float[] scales, float[] eps, str[] acts, str[] algorithms, int prefix=0) -> Tensor");
   m.def("former_tokens(Tensor x, Tensor z, Tensor[] params, int[] sizes, float[] eps) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -2254,16 +2270,18 @@ def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[f
 
 def conv_token_blocks(x: torch.Tensor, params: list, size: tuple[int, int], cls: int, strides: tuple[int, int],
                       heads: list[int], scales: list[float], eps: list[float], acts: list[str],
-                      algorithms: list[str]) -> torch.Tensor:
+                      algorithms: list[str], prefix: int = 0) -> torch.Tensor:
     """CvT's blocks (`models.cvt.CvTBlock`, frozen) on one image's tokens x (1, cls + H·W, C), contiguous float32,
     every thread of the intra-op team taking a share of the rows, meeting twice per block (`layers.onednn_tokens`).
     size: the token map's (H, W); cls: 1 when a cls token leads the rows, else 0; strides: the q projection's (1) and
     the k / v projections'. params per block: norm1's weight and bias; the q, k and v depthwise 3×3 taps (9, C)
     (`OneDNNConv2d.depthwise_taps`, BatchNorm folded) and biases; the q, k, v and output products' weights
     (`pack_panels`) and biases; norm2's; fc1's and fc2's (biases may be None; every length a multiple of 16). heads,
-    scales, acts and algorithms one per block (fc1's activation, as `token_blocks`), eps two per block."""
+    scales, acts and algorithms one per block (fc1's activation, as `token_blocks`), eps two per block. prefix 1
+    (with a cls token): the last block computes the cls token's row alone past its keys and values and the result is
+    that row (1, 1, C), as `CvTBlock(..., num_queries=1)`; 0: every row, (1, N, C)."""
     return _STATE["ops"].conv_token_blocks(x, params, list(size), cls, list(strides), heads, scales, eps, acts,
-                                           algorithms)
+                                           algorithms, prefix)
 
 
 def former_tokens(x: torch.Tensor, z: torch.Tensor, params: list[torch.Tensor], sizes: list[int],

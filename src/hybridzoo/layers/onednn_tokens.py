@@ -416,10 +416,13 @@ def _conv_native_params(blocks) -> tuple | None:
     return modules, (params, (1, kv_stride), heads, scales, eps, acts, algorithms), int(cls.pop())
 
 
-def conv_token_parallel_forward(blocks, x: torch.Tensor, threads: int, h: int, w: int) -> torch.Tensor:
+def conv_token_parallel_forward(blocks, x: torch.Tensor, threads: int, h: int, w: int,
+                                num_prefix: int = 0) -> torch.Tensor:
     """Frozen CvT blocks (`ConvTokenBlockList.applies_to`) on one image's tokens x (1 × cls + h·w × C) in one call of
-    `native.conv_token_blocks` by a team of `threads`, each taking a contiguous share of the rows. Raises where that
-    call cannot run them (`ConvTokenBlockList` checks first and runs the blocks in turn instead)."""
+    `native.conv_token_blocks` by a team of `threads`, each taking a contiguous share of the rows; num_prefix 1 (with
+    a cls token): the last block computes the cls token's row alone, which is returned (1 × 1 × C), as
+    `CvTBlock(..., num_queries=1)`. Raises where that call cannot run them (`ConvTokenBlockList` checks first and
+    runs the blocks in turn instead)."""
     args = _conv_native_args(blocks, x)
     if args is None:
         raise ValueError("conv_token_parallel_forward: these blocks need the native kernels (AVX-512 or AVX2), an "
@@ -430,11 +433,14 @@ def conv_token_parallel_forward(blocks, x: torch.Tensor, threads: int, h: int, w
                          f"{' and a cls token' if cls else ''}, got shape {tuple(x.shape)}")
     if not 1 <= threads <= x.shape[1]:
         raise ValueError(f"conv_token_parallel_forward: threads must be in [1, N={x.shape[1]}], got {threads}")
+    if num_prefix not in (0, cls):
+        raise ValueError(f"conv_token_parallel_forward: num_prefix must be 0 (every row) or 1 with a cls token (its "
+                         f"row alone in the last block), got {num_prefix} for blocks with{'' if cls else 'out'} one")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)   # the team's size
     try:
         return native.conv_token_blocks(x.contiguous(), params, (h, w), cls, strides, heads, scales, eps, acts,
-                                        algorithms)
+                                        algorithms, num_prefix)
     finally:
         torch.set_num_threads(before)
 
@@ -471,6 +477,18 @@ class ConvTokenBlockList(_TokenParallel, nn.ModuleList):
 
     def _parallel(self, x: torch.Tensor, threads: int, args) -> torch.Tensor:
         return conv_token_parallel_forward(self, x, threads, *args)
+
+    def forward_prefix(self, x: torch.Tensor, num_prefix: int, *args) -> torch.Tensor:
+        """`helpers.run_blocks_for_prefix` for these blocks: the last one computes only the `num_prefix` leading rows
+        (B×num_prefix×C). One native call for every block where the call of the whole image would take it (the
+        timed choice of `forward`) and the prefix is the cls token; else the blocks but the last as `forward` runs
+        them, then the last as a module with num_queries."""
+        threads = torch.get_num_threads()
+        prepared = _cached(self, "conv-native", _conv_native_params) if len(self) else None
+        if num_prefix == 1 and prepared is not None and prepared[2] == 1 and self._split_tokens(x, threads, args):
+            return conv_token_parallel_forward(self, x, threads, *args, num_prefix=num_prefix)
+        x = self[:-1](x, *args)
+        return self[-1](x, *args, num_queries=num_prefix)
 
 
 def enable_token_parallel(model: nn.Module) -> None:
