@@ -112,6 +112,15 @@ def test_token_blocks_are_the_blocks_written_out(kernels, threads, N, C, H, hidd
     ref = _reference(x, blocks, H, scale, eps, act, algorithm)
     assert out.shape == x.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+    # the last block computing its first rows alone (class / distillation tokens): those rows of the whole
+    torch.set_num_threads(threads)
+    try:
+        firsts = [kernels.token_blocks(x, *_args(blocks, H, scale, eps, act, algorithm), prefix=p) for p in (1, 2)]
+    finally:
+        torch.set_num_threads(before)
+    for p, first in zip((1, 2), firsts):
+        assert first.shape == (1, p, C)
+        torch.testing.assert_close(first, ref[:, :p], rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
 
 
 def test_the_fused_gelu_is_the_exact_erf_one(kernels):
@@ -179,6 +188,8 @@ def _bad(change):
     (lambda: _bad(lambda a: a[1].__setitem__(16, None)), r"parameter 4 \(a product's packed weight\) is missing"),
     (lambda: _bad(lambda a: a[1].__setitem__(0, torch.randn(48))), "parameter 0 must be .* 64 values"),
     (lambda: _bad(lambda a: a[7].__setitem__(0, torch.rand(2, 20, 19))), r"pos must be float32 \(2, 20, 20\)"),
+    (lambda: _bad(lambda a: a.append(21)), r"prefix must be 0 \(every row\) or .* got 21"),
+    (lambda: _bad(lambda a: a.append(-1)), r"prefix must be 0 \(every row\) or .* got -1"),
 ])
 def test_token_blocks_name_what_is_wrong(kernels, make, words):
     with pytest.raises(RuntimeError, match=words):
@@ -188,7 +199,8 @@ def test_token_blocks_name_what_is_wrong(kernels, make, words):
 def _spy(monkeypatch):
     calls = []
     real = native.token_blocks
-    monkeypatch.setattr(native, "token_blocks", lambda x, params, heads, *a: calls.append(len(heads)) or real(
+    # (blocks in the call, prefix: the last block's leading rows computed alone, 0 for every row)
+    monkeypatch.setattr(native, "token_blocks", lambda x, params, heads, *a: calls.append((len(heads), a[-1])) or real(
         x, params, heads, *a))
     return calls
 
@@ -209,7 +221,7 @@ def test_a_wide_mlp_sums_fc2_in_chunks_and_adds_the_residual_once(kernels, monke
             out, eager = fast(x), model(x)
     finally:
         torch.set_num_threads(before)
-    assert calls == [1] and model.blocks[0].mlp.fc1.out_features == 1792
+    assert calls == [(2, 1)] and model.blocks[0].mlp.fc1.out_features == 1792
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
 
 
@@ -231,9 +243,9 @@ def test_frozen_models_run_their_token_shares_in_one_native_call(kernels, name, 
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
-    # DeiT: the first three blocks in one call (the last computes the class token alone); ConViT: its two GPSA
-    # blocks, then the first MHSA block (the class token joins between)
-    assert calls == ([3] if name == "deit_small_patch16_224" else [2, 1])
+    # DeiT: the four blocks in one call, the last computing the class token alone; ConViT: its two GPSA blocks,
+    # then the two MHSA blocks (the class token joins between), the last computing the class token alone
+    assert calls == ([(4, 1)] if name == "deit_small_patch16_224" else [(2, 0), (2, 1)])
     with torch.inference_mode():
         eager = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
@@ -254,13 +266,13 @@ def test_hooks_on_the_blocks_keep_the_python_shares(kernels, monkeypatch):
     try:
         with torch.inference_mode():
             fast(x)
-            assert calls == [2] and seen == []
+            assert calls == [(3, 1)] and seen == []
             handle = fast.blocks[1].mlp.fc2.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
             out = fast(x)
             handle.remove()
     finally:
         torch.set_num_threads(before)
-    assert calls == [2] and sorted(seen) == [18, 19]
+    assert calls == [(3, 1)] and sorted(seen) == [18, 19]
     with torch.inference_mode():
         ref = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -70,7 +70,7 @@ def run_blocks_for_prefix(blocks, x: torch.Tensor, num_prefix: int, *args, check
     if _EVERY_ROW["depth"]:
         return checkpoint_seq(blocks, x, *args, enabled=checkpointing)[:, :num_prefix]
     if hasattr(blocks, "forward_prefix") and not (checkpointing and torch.is_grad_enabled()):
-        # a frozen container that schedules its blocks itself (layers.onednn_tokens.ConvTokenBlockList)
+        # a frozen container that schedules its blocks itself (layers.onednn_tokens)
         return blocks.forward_prefix(x, num_prefix, *args)
     x = checkpoint_seq(blocks[:-1], x, *args, enabled=checkpointing)
     if checkpointing and torch.is_grad_enabled():

@@ -1522,10 +1522,12 @@ enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC1_W, FC1_B, F
 // params: BLOCK_PARAMS per block (LayerNorm weights and biases; the products' weights packed by pack_panels and their
 // biases, optional); heads and scales (attention's), acts and algorithms (fc1's activation) one per block; eps two
 // per block; pos: a block's positional map (heads, N, N) added after the softmax (ConViT's frozen GPSA), or none.
+// prefix > 0: the last block computes its first `prefix` rows alone past the keys and values (the class and
+// distillation tokens a classifier reads) and the result is those rows, (1, prefix, C); 0: every row, (1, N, C).
 at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at::Tensor>>& params,
                         c10::IntArrayRef heads, c10::ArrayRef<double> scales, c10::ArrayRef<double> eps,
                         const std::vector<std::string>& acts, const std::vector<std::string>& algorithms,
-                        const std::vector<c10::optional<at::Tensor>>& pos) {
+                        const std::vector<c10::optional<at::Tensor>>& pos, int64_t prefix) {
   check_isa("token_blocks");
   const int64_t L = static_cast<int64_t>(heads.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(params.size()) == BLOCK_PARAMS * L
@@ -1575,13 +1577,16 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
     }
   }
   TORCH_CHECK(hidden_max > 0, "hybridzoo_native::token_blocks: fc1 has no outputs");
-  at::Tensor out = at::empty_like(x);
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
+  TORCH_CHECK(prefix >= 0 && prefix <= N / want, "hybridzoo_native::token_blocks: prefix must be 0 (every row) or "
+              "a number of leading rows within the first thread's share (at most ", N / want, " of ", N, " rows on ",
+              want, " threads), got ", prefix);
+  at::Tensor out = at::empty({1, prefix ? prefix : N, C}, x.options());
   at::Tensor bufs[2] = {at::empty({1, N, 3 * C}, x.options()), at::empty({1, N, 3 * C}, x.options())};
   const bool inference = c10::InferenceMode::is_enabled();
   std::atomic<bool> failed{false};
   std::exception_ptr error;
   std::mutex error_lock;
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
 #pragma omp parallel num_threads(want)
   {
     // the caller's thread is in inference mode; the team's other threads need it set
@@ -1621,26 +1626,33 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
                      nullptr, 0, buf.data_ptr<float>() + r0 * 3 * C, 3 * C, ACT_NONE);
       });
 #pragma omp barrier
+      // the rows this thread carries past the keys and values: the prefix alone (thread 0's first) in a prefix
+      // call's last block
+      const int64_t m = prefix && i == L - 1 ? (r0 == 0 ? prefix : 0) : n;
       step([&] {
+        if (m == 0) return;
         const at::Tensor all = buf.view({1, N, 3, H, d});
-        const at::Tensor q = all.narrow(1, r0, n).select(2, 0).permute({0, 2, 1, 3});
+        const at::Tensor q = all.narrow(1, r0, m).select(2, 0).permute({0, 2, 1, 3});
         const at::Tensor k = all.select(2, 1).permute({0, 2, 1, 3}), v = all.select(2, 2).permute({0, 2, 1, 3});
         c10::optional<at::Tensor> p;
-        if (pos[i].has_value() && pos[i]->defined()) p = pos[i]->narrow(1, r0, n);
-        const at::Tensor o = attention(q, k, v, p, scales[i], c10::nullopt);   // (1, n, C)
-        panel_linear(o.data_ptr<float>(), C, n, P[PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[PROJ_B]),
+        if (pos[i].has_value() && pos[i]->defined()) p = pos[i]->narrow(1, r0, m);
+        const at::Tensor o = attention(q, k, v, p, scales[i], c10::nullopt);   // (1, m, C)
+        panel_linear(o.data_ptr<float>(), C, m, P[PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[PROJ_B]),
                      h.data_ptr<float>(), C, mid.data_ptr<float>(), C, ACT_NONE);
-        layer_norm_rows(mid.data_ptr<float>(), n, C, data_or_null(P[LN2_W]), data_or_null(P[LN2_B]),
+        layer_norm_rows(mid.data_ptr<float>(), m, C, data_or_null(P[LN2_W]), data_or_null(P[LN2_B]),
                         eps[2 * i + 1], normed.data_ptr<float>());
         const int64_t hidden = P[FC1_W]->numel() / C;
         at::Tensor z = hid.narrow(1, 0, hidden);
-        panel_linear(normed.data_ptr<float>(), C, n, P[FC1_W]->data_ptr<float>(), C, hidden, data_or_null(P[FC1_B]),
+        panel_linear(normed.data_ptr<float>(), C, m, P[FC1_W]->data_ptr<float>(), C, hidden, data_or_null(P[FC1_B]),
                      nullptr, 0, z.data_ptr<float>(), hidden_max, kinds[i]);
-        panel_linear(z.data_ptr<float>(), hidden_max, n, P[FC2_W]->data_ptr<float>(), hidden, C,
+        panel_linear(z.data_ptr<float>(), hidden_max, m, P[FC2_W]->data_ptr<float>(), hidden, C,
                      data_or_null(P[FC2_B]), mid.data_ptr<float>(), C, h.data_ptr<float>(), C, ACT_NONE);
       });
     }
-    step([&] { out.narrow(1, r0, n).copy_(h.view({1, n, C})); });
+    step([&] {
+      const int64_t m = prefix ? (r0 == 0 ? prefix : 0) : n;
+      if (m > 0) out.narrow(1, prefix ? 0 : r0, m).copy_(h.narrow(0, 0, m).view({1, m, C}));
+    });
   }
   if (error) std::rethrow_exception(error);
   return out;
@@ -1951,7 +1963,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("depthwise3x3(Tensor x, Tensor w9, Tensor? bias, int stride, str act, str algorithm, int multiplier=1) "
         "-> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
-        "str[] algorithms, Tensor?[] pos) -> Tensor");
+        "str[] algorithms, Tensor?[] pos, int prefix=0) -> Tensor");
   m.def("conv_token_blocks(Tensor x, Tensor?[] params, int[] size, int cls, int[] strides, int[] heads, "
         "float[] scales, float[] eps, str[] acts, str[] algorithms, int prefix=0) -> Tensor");
   m.def("former_tokens(Tensor x, Tensor z, Tensor[] params, int[] sizes, float[] eps) "
@@ -2257,15 +2269,17 @@ def patch_embed(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None
 
 
 def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[float], eps: list[float],
-                 acts: list[str], algorithms: list[str], pos: list) -> torch.Tensor:
+                 acts: list[str], algorithms: list[str], pos: list, prefix: int = 0) -> torch.Tensor:
     """Pre-norm transformer blocks (LayerNorm → qkv → attention → proj, + x; LayerNorm → fc1 with its post-op →
     fc2, + x) on one image's tokens x (1, N, C), contiguous float32, every thread of the intra-op team taking a
     share of the rows, the threads meeting once per block (`layers.onednn_tokens`). params: per block norm1's
     weight and bias, the qkv weight (`pack_panels`) and its bias, proj's, norm2's, fc1's and fc2's (biases may be
     None; every vector and every weight's output count a multiple of 16); heads, scales, acts and algorithms one
     per block (fc1's activation: "none", "gelu" with algorithm "none" (erf) or "tanh", "relu", "swish"), eps two
-    per block; pos per block a positional map (heads, N, N) added after the softmax, or None."""
-    return _STATE["ops"].token_blocks(x, params, heads, scales, eps, acts, algorithms, pos)
+    per block; pos per block a positional map (heads, N, N) added after the softmax, or None. prefix > 0: the last
+    block computes its first `prefix` rows alone past the keys and values (the class / distillation tokens), and
+    those rows are the result, (1, prefix, C), as a block called with num_queries=prefix; 0: every row."""
+    return _STATE["ops"].token_blocks(x, params, heads, scales, eps, acts, algorithms, pos, prefix)
 
 
 def conv_token_blocks(x: torch.Tensor, params: list, size: tuple[int, int], cls: int, strides: tuple[int, int],

@@ -114,7 +114,7 @@ def _buffers(N: int, C: int) -> list[torch.Tensor]:
     return bufs
 
 
-def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torch.Tensor:
+def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args, num_prefix: int = 0) -> torch.Tensor:
     """`blocks` (frozen blocks of the kinds `TokenParallelBlocks.applies_to` accepts, in order; `args` are what
     each block takes after x, such as ConViT's relative indices) applied to one image's tokens x (1×N×C) by
     `threads` threads, each taking a contiguous share of the N rows through every block with one thread's kernels.
@@ -122,24 +122,35 @@ def token_parallel_forward(blocks, x: torch.Tensor, threads: int, *args) -> torc
     Where the native kernels run every part of the blocks (`_native_args`: AVX-512 or AVX2, fp32 products packed by
     `optimize_for_cpu_inference`, head dims with an attention kernel, no hooks on the blocks' modules), the whole
     stack is one call of `native.token_blocks`: an OpenMP team of `threads` meeting at one barrier per block, with
-    no Python between the kernels. Otherwise Python threads run the shares, one intra-op thread each."""
+    no Python between the kernels. Otherwise Python threads run the shares, one intra-op thread each.
+
+    num_prefix > 0 (the native call only; the last block an attention block): the last block computes the first
+    num_prefix rows alone, which are returned (1×num_prefix×C), as the block called with num_queries=num_prefix."""
     if x.dim() != 3 or x.shape[0] != 1:
         raise ValueError(f"token_parallel_forward takes the tokens of one image, 1×N×C, got shape {tuple(x.shape)}")
     if not 1 <= threads <= x.shape[1]:
         raise ValueError(f"token_parallel_forward: threads must be in [1, N={x.shape[1]}], got {threads}")
-    # GPSA's positional map P′ is fetched (and cached) here, once, not from every thread
-    plan = [(kernel, blk.attn._positional(*args) if kernel is _gpsa_block_rows else None)
-            for blk, kernel in zip(blocks, _cached(blocks, "kernels", _kernels))]
+    plan = _plan(blocks, args)
     native_args = _native_args(blocks, plan) if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    if num_prefix and (native_args is None or plan[-1][0] is not _vit_block_rows):
+        raise ValueError("token_parallel_forward: num_prefix needs the native call (see _native_args) and blocks "
+                         "whose last is an attention block (a GPSA block computes every row)")
     if native_args is not None:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)   # the team's size
         try:
-            return native.token_blocks(x.contiguous(), *native_args)
+            return native.token_blocks(x.contiguous(), *native_args, num_prefix)
         finally:
             torch.set_num_threads(before)
     with _ONE_AT_A_TIME:
         return _run_shares(blocks, plan, x, threads)
+
+
+def _plan(blocks, args) -> list:
+    """(row-share kernel, positional map or None) per block: GPSA's map P′ is fetched (and cached) here, once, not
+    from every thread."""
+    return [(kernel, blk.attn._positional(*args) if kernel is _gpsa_block_rows else None)
+            for blk, kernel in zip(blocks, _cached(blocks, "kernels", _kernels))]
 
 
 def _panels(layer: nn.Module) -> torch.Tensor | None:
@@ -334,8 +345,29 @@ class _TokenParallel:
             out.__dict__["_choices"] = self.__dict__.setdefault("_choices", {})
         return out
 
-    def _parallel(self, x: torch.Tensor, threads: int, args) -> torch.Tensor:
-        return token_parallel_forward(self, x, threads, *args)
+    def _parallel(self, x: torch.Tensor, threads: int, args, num_prefix: int = 0) -> torch.Tensor:
+        return token_parallel_forward(self, x, threads, *args, num_prefix=num_prefix)
+
+    def _prefix_in_one_call(self, x: torch.Tensor, num_prefix: int, threads: int, args) -> bool:
+        """The native call can compute the last block's first num_prefix rows alone: it runs these blocks on x, the
+        last is an attention block, and the prefix lies in the first thread's share."""
+        if not (x.dim() == 3 and 1 <= num_prefix <= x.shape[1] // max(threads, 1)
+                and x.dtype == torch.float32 and x.device.type == "cpu"):
+            return False
+        plan = _plan(self, args)
+        return plan[-1][0] is _vit_block_rows and _native_args(self, plan) is not None
+
+    def forward_prefix(self, x: torch.Tensor, num_prefix: int, *args) -> torch.Tensor:
+        """`helpers.run_blocks_for_prefix` for these blocks: the last one computes only the `num_prefix` leading rows
+        (B×num_prefix×C). In one native call where `forward` would take it for the whole image (its timed choice)
+        and the call can compute the prefix alone (`_prefix_in_one_call`); else the blocks but the last as `forward`
+        runs them, then the last as a module with num_queries."""
+        threads = torch.get_num_threads()
+        if (len(self) and self._prefix_in_one_call(x, num_prefix, threads, args)
+                and self._split_tokens(x, threads, args)):
+            return self._parallel(x, threads, args, num_prefix)
+        x = self[:-1](x, *args)
+        return self[-1](x, *args, num_queries=num_prefix)
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         threads = torch.get_num_threads()
@@ -475,20 +507,13 @@ class ConvTokenBlockList(_TokenParallel, nn.ModuleList):
     def _can_split(self, x: torch.Tensor, args) -> bool:
         return not self.training and len(args) == 2 and _conv_native_args(self, x) is not None
 
-    def _parallel(self, x: torch.Tensor, threads: int, args) -> torch.Tensor:
-        return conv_token_parallel_forward(self, x, threads, *args)
+    def _parallel(self, x: torch.Tensor, threads: int, args, num_prefix: int = 0) -> torch.Tensor:
+        return conv_token_parallel_forward(self, x, threads, *args, num_prefix=num_prefix)
 
-    def forward_prefix(self, x: torch.Tensor, num_prefix: int, *args) -> torch.Tensor:
-        """`helpers.run_blocks_for_prefix` for these blocks: the last one computes only the `num_prefix` leading rows
-        (B×num_prefix×C). One native call for every block where the call of the whole image would take it (the
-        timed choice of `forward`) and the prefix is the cls token; else the blocks but the last as `forward` runs
-        them, then the last as a module with num_queries."""
-        threads = torch.get_num_threads()
-        prepared = _cached(self, "conv-native", _conv_native_params) if len(self) else None
-        if num_prefix == 1 and prepared is not None and prepared[2] == 1 and self._split_tokens(x, threads, args):
-            return conv_token_parallel_forward(self, x, threads, *args, num_prefix=num_prefix)
-        x = self[:-1](x, *args)
-        return self[-1](x, *args, num_queries=num_prefix)
+    def _prefix_in_one_call(self, x: torch.Tensor, num_prefix: int, threads: int, args) -> bool:
+        """The prefix is the cls token, which leads these blocks' rows."""
+        prepared = _cached(self, "conv-native", _conv_native_params)
+        return num_prefix == 1 and prepared is not None and prepared[2] == 1
 
 
 def enable_token_parallel(model: nn.Module) -> None:
