@@ -4,6 +4,7 @@ import contextlib
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -49,6 +50,13 @@ def small_transformer(name: str, img_size: int, embed_dim: int, depth: int, num_
     model = hybridzoo.create_model(name, **kw).eval()
     perturb(model)
     return model
+
+
+def activation(z: torch.Tensor, act: str, algorithm: str) -> torch.Tensor:
+    """The activation a frozen product's epilogue applies (`OneDNNLinear.act` / `.algorithm`), in ATen."""
+    if act == "gelu":
+        return F.gelu(z, approximate="tanh" if algorithm == "tanh" else "none")
+    return {"none": lambda t: t, "relu": F.relu, "swish": F.silu}[act](z)
 
 
 @contextlib.contextmanager

@@ -19,22 +19,7 @@ import hybridzoo
 from hybridzoo.layers import native, onednn_tokens
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.layers.onednn_tokens import ConvTokenBlockList
-from _helpers import kernels_with_isa, perturb  # tests/conftest.py puts tests/ on sys.path
-
-
-@pytest.fixture(scope="module", params=["avx512", "avx2"])
-def kernels(request):
-    """The kernels with each instruction set this CPU has (an AVX-512 machine tests the AVX2 kernels too)."""
-    if not native.load():
-        pytest.skip("no C++ compiler or ninja to build the native kernels")
-    with kernels_with_isa(native, request.param) as k:
-        yield k
-
-
-def _act(z: torch.Tensor, act: str, algorithm: str) -> torch.Tensor:
-    if act == "gelu":
-        return F.gelu(z, approximate="tanh" if algorithm == "tanh" else "none")
-    return {"none": lambda t: t, "relu": F.relu, "swish": F.silu}[act](z)
+from _helpers import activation, perturb  # tests/conftest.py puts tests/ on sys.path
 
 
 def _blocks(L, C, hidden, *, bias=True, seed=0):
@@ -90,7 +75,7 @@ def _reference(x, blocks, size, cls, kv_stride, H, scale, eps, act, algorithm):
         a = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) * scale, dim=-1)
         h = h + lin((a @ heads(v)).transpose(0, 1).reshape(N, C), p["proj"])
         y = F.layer_norm(h, (C,), p["ln2"][0].double(), p["ln2"][1].double(), eps)
-        h = h + lin(_act(lin(y, p["fc1"]), act, algorithm), p["fc2"])
+        h = h + lin(activation(lin(y, p["fc1"]), act, algorithm), p["fc2"])
     return h.float()[None]
 
 

@@ -1509,6 +1509,35 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10:
   return out;
 }
 
+// A team's first error: a thread whose step throws keeps meeting the others at every barrier (its later steps
+// skipped), so none waits forever; the error is raised after the team has finished (rethrow)
+struct TeamError {
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex lock;
+  template <class F>
+  void step(bool skip, F&& work) {
+    if (skip || failed.load(std::memory_order_relaxed)) return;
+    try {
+      work();
+    } catch (...) {
+      std::lock_guard<std::mutex> hold(lock);
+      if (!error) error = std::current_exception();
+      failed.store(true);
+    }
+  }
+  void rethrow() const {
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+// a block's H heads over C channels: a head dim the attention kernel has
+static void check_block_heads(const char* op, int64_t block, int64_t H, int64_t C) {
+  TORCH_CHECK(H > 0 && C % H == 0 && (C / H == 16 || C / H == 32 || C / H == 48 || C / H == 64),
+              "hybridzoo_native::", op, ": block ", block, ": ", H, " heads for ", C, " channels (head_dim must be 16, "
+              "32, 48 or 64)");
+}
+
 // ---- Transformer blocks on one image, the token rows shared between the threads (batch 1) ----------------------
 // the parameters of one pre-norm block, in the order of token_blocks' `params` (BLOCK_PARAMS per block)
 constexpr int64_t BLOCK_PARAMS = 12;
@@ -1546,9 +1575,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
   for (int64_t i = 0; i < L; ++i) {
     const c10::optional<at::Tensor>* P = params.data() + BLOCK_PARAMS * i;
     const int64_t H = heads[i];
-    TORCH_CHECK(H > 0 && C % H == 0 && (C / H == 16 || C / H == 32 || C / H == 48 || C / H == 64),
-                "hybridzoo_native::token_blocks: block ", i, ": ", H, " heads for ", C, " channels (head_dim must "
-                "be 16, 32, 48 or 64)");
+    check_block_heads("token_blocks", i, H, C);
     kinds[i] = panel_act("token_blocks", acts[i], algorithms[i]);
     const int64_t hidden = P[FC1_B].has_value() && P[FC1_B]->defined() ? P[FC1_B]->numel()
                            : (P[FC1_W].has_value() && P[FC1_W]->defined() ? P[FC1_W]->numel() / C : 0);
@@ -1584,9 +1611,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
   at::Tensor out = at::empty({1, prefix ? prefix : N, C}, x.options());
   at::Tensor bufs[2] = {at::empty({1, N, 3 * C}, x.options()), at::empty({1, N, 3 * C}, x.options())};
   const bool inference = c10::InferenceMode::is_enabled();
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-  std::mutex error_lock;
+  TeamError team_error;
 #pragma omp parallel num_threads(want)
   {
     // the caller's thread is in inference mode; the team's other threads need it set
@@ -1594,18 +1619,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
     at::NoGradGuard no_grad;
     const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t r0 = N * t / team, n = N * (t + 1) / team - r0;
-    // a thread whose step throws keeps meeting the others at every barrier (skipping its work), so none waits
-    // forever; the first error is raised after the team has finished
-    auto step = [&](auto&& work) {
-      if (failed.load(std::memory_order_relaxed) || n == 0) return;
-      try {
-        work();
-      } catch (...) {
-        std::lock_guard<std::mutex> hold(error_lock);
-        if (!error) error = std::current_exception();
-        failed.store(true);
-      }
-    };
+    auto step = [&](auto&& work) { team_error.step(n == 0, work); };
     // this thread's rows: h (n, C) the block's input, mid after the attention half, normed a LayerNorm's output,
     // hid the MLP's hidden rows
     at::Tensor h, mid, normed, hid;
@@ -1654,7 +1668,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
       if (m > 0) out.narrow(1, prefix ? 0 : r0, m).copy_(h.narrow(0, 0, m).view({1, m, C}));
     });
   }
-  if (error) std::rethrow_exception(error);
+  team_error.rethrow();
   return out;
 }
 
@@ -1713,10 +1727,7 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
   std::vector<int> kinds(L);   // fc1's activations
   for (int64_t i = 0; i < L; ++i) {
     const c10::optional<at::Tensor>* P = params.data() + CVT_PARAMS * i;
-    const int64_t H = heads[i];
-    TORCH_CHECK(H > 0 && C % H == 0 && (C / H == 16 || C / H == 32 || C / H == 48 || C / H == 64),
-                "hybridzoo_native::conv_token_blocks: block ", i, ": ", H, " heads for ", C, " channels (head_dim "
-                "must be 16, 32, 48 or 64)");
+    check_block_heads("conv_token_blocks", i, heads[i], C);
     kinds[i] = panel_act("conv_token_blocks", acts[i], algorithms[i]);
     const int64_t hidden = P[CV_FC1_W].has_value() && P[CV_FC1_W]->defined() ? P[CV_FC1_W]->numel() / C : 0;
     hidden_max = std::max(hidden_max, hidden);
@@ -1744,9 +1755,7 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
   at::Tensor normed = at::empty({N, C}, x.options());
   at::Tensor keys = at::empty({1, Nk, C}, x.options()), values = at::empty({1, Nk, C}, x.options());
   const bool inference = c10::InferenceMode::is_enabled();
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-  std::mutex error_lock;
+  TeamError team_error;
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
 #pragma omp parallel num_threads(want)
   {
@@ -1755,16 +1764,7 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
     const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t r0 = N * t / team, n = N * (t + 1) / team - r0;            // this thread's token rows
     const int64_t k0 = Nk * t / team, nk = Nk * (t + 1) / team - k0;        // and its key / value rows
-    auto step = [&](auto&& work) {
-      if (failed.load(std::memory_order_relaxed) || n == 0) return;
-      try {
-        work();
-      } catch (...) {
-        std::lock_guard<std::mutex> hold(error_lock);
-        if (!error) error = std::current_exception();
-        failed.store(true);
-      }
-    };
+    auto step = [&](auto&& work) { team_error.step(n == 0, work); };
     // rows of a projection's input for token rows [a, a + m) of a map seen with stride s: the cls row (its norm1
     // row) if the range starts at 0, then the convolution's output pixels; into y (m rows of C)
     auto project_rows = [&](int64_t a, int64_t m, const float* w9, const float* b, int64_t s, float* y) {
@@ -1835,7 +1835,7 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
       if (m > 0) out.narrow(1, prefix ? 0 : r0, m).copy_(h.narrow(0, 0, m).view({1, m, C}));
     });
   }
-  if (error) std::rethrow_exception(error);
+  team_error.rethrow();
   return out;
 }
 
