@@ -23,7 +23,7 @@ from hybridzoo.layers.onednn import OneDNNConv2d, onednn_available, optimize_for
 from _helpers import activation, perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
 
 
-def _blocks(L, C, H, hidden, N, *, act="gelu", algorithm="none", bias=True, pos_blocks=(), seed=0):
+def _blocks(L, C, H, hidden, N, *, act="gelu", algorithm="none", bias=True, pos_blocks=(), bias_blocks=(), seed=0):
     """Random parameters of L blocks: float64 masters for the reference and the kernel's arguments."""
     g = torch.Generator().manual_seed(seed)
     blocks = []
@@ -39,11 +39,14 @@ def _blocks(L, C, H, hidden, N, *, act="gelu", algorithm="none", bias=True, pos_
         p["pos"] = None
         if i in pos_blocks:   # a GPSA-like map: nonnegative rows
             p["pos"] = 0.3 * torch.softmax(torch.randn(H, N, N, generator=g), dim=-1)
+        # a relative-position bias before the softmax (CoAtNet's)
+        p["bias"] = 2.0 * torch.randn(1, H, N, N, generator=g) if i in bias_blocks else None
         blocks.append(p)
     return blocks
 
 
 def _args(blocks, H, scale, eps, act, algorithm):
+    """token_blocks' arguments after x (the biases, if any, go by keyword: `_bias`)."""
     params, pos = [], []
     for p in blocks:
         params += [p["ln1"][0], p["ln1"][1], native.pack_panels(p["qkv"][0]), p["qkv"][1],
@@ -52,6 +55,10 @@ def _args(blocks, H, scale, eps, act, algorithm):
         pos.append(p["pos"])
     L = len(blocks)
     return params, [H] * L, [scale] * L, [eps] * (2 * L), [act] * L, [algorithm] * L, pos
+
+
+def _bias(blocks) -> dict:
+    return {"bias": [p["bias"] for p in blocks]} if any(p["bias"] is not None for p in blocks) else {}
 
 
 def _reference(x, blocks, H, scale, eps, act, algorithm):
@@ -63,7 +70,8 @@ def _reference(x, blocks, H, scale, eps, act, algorithm):
     for p in blocks:
         y = F.layer_norm(h, (C,), p["ln1"][0].double(), p["ln1"][1].double(), eps)
         q, k, v = lin(y, p["qkv"]).view(N, 3, H, d).permute(1, 2, 0, 3)
-        a = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+        s = q @ k.transpose(-1, -2) * scale
+        a = torch.softmax(s if p["bias"] is None else s + p["bias"][0].double(), dim=-1)
         if p["pos"] is not None:
             a = a + p["pos"].double()
         h = h + lin((a @ v).transpose(0, 1).reshape(N, C), p["proj"])
@@ -73,25 +81,27 @@ def _reference(x, blocks, H, scale, eps, act, algorithm):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("N, C, H, hidden, act, algorithm, bias, pos_blocks", [
-    (197, 64, 2, 256, "gelu", "none", True, ()),         # DeiT-like; 98 / 99 rows: 6-row tiles and tails of 2, 3
-    (196, 96, 2, 384, "gelu", "none", False, (0, 1)),    # ConViT's GPSA: positional maps, no qkv bias; d = 48
-    (50, 128, 2, 80, "relu", "", True, (1,)),            # d = 64; a hidden layer of 5 vectors (a 16-wide panel)
-    (37, 64, 4, 144, "gelu", "tanh", True, ()),          # d = 16; tanh GELU
-    (23, 32, 1, 96, "swish", "", False, ()),             # one head; swish (x·σ(x))
-    (19, 48, 1, 32, "none", "", True, (0,)),             # no activation; 48 columns: a 3-vector panel
+@pytest.mark.parametrize("N, C, H, hidden, act, algorithm, bias, pos_blocks, bias_blocks", [
+    (197, 64, 2, 256, "gelu", "none", True, (), ()),      # DeiT-like; 98 / 99 rows: 6-row tiles and tails of 2, 3
+    (196, 96, 2, 384, "gelu", "none", False, (0, 1), ()),    # ConViT's GPSA: positional maps, no qkv bias; d = 48
+    (50, 128, 2, 80, "relu", "", True, (1,), ()),      # d = 64; a hidden layer of 5 vectors (a 16-wide panel)
+    (37, 64, 4, 144, "gelu", "tanh", True, (), ()),      # d = 16; tanh GELU
+    (23, 32, 1, 96, "swish", "", False, (), ()),      # one head; swish (x·σ(x))
+    (19, 48, 1, 32, "none", "", True, (0,), ()),      # no activation; 48 columns: a 3-vector panel
+    (49, 64, 2, 256, "gelu", "none", True, (), (0, 1, 2)),   # CoAtNet's: a relative bias before every softmax
+    (37, 96, 3, 192, "gelu", "none", True, (2,), (0,)),      # a bias in one block, a positional map in another
 ])
 def test_token_blocks_are_the_blocks_written_out(kernels, threads, N, C, H, hidden, act, algorithm, bias,
-                                                   pos_blocks):
+                                                   pos_blocks, bias_blocks):
     L, eps = 3, 1e-6
     scale = (C // H) ** -0.5
     blocks = _blocks(L, C, H, hidden, N, act=act, algorithm=algorithm, bias=bias, pos_blocks=pos_blocks,
-                     seed=N * C + H)
+                     bias_blocks=bias_blocks, seed=N * C + H)
     x = torch.randn(1, N, C, generator=torch.Generator().manual_seed(N))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = kernels.token_blocks(x, *_args(blocks, H, scale, eps, act, algorithm))
+        out = kernels.token_blocks(x, *_args(blocks, H, scale, eps, act, algorithm), **_bias(blocks))
     finally:
         torch.set_num_threads(before)
     ref = _reference(x, blocks, H, scale, eps, act, algorithm)
@@ -100,7 +110,8 @@ def test_token_blocks_are_the_blocks_written_out(kernels, threads, N, C, H, hidd
     # the last block computing its first rows alone (class / distillation tokens): those rows of the whole
     torch.set_num_threads(threads)
     try:
-        firsts = [kernels.token_blocks(x, *_args(blocks, H, scale, eps, act, algorithm), prefix=p) for p in (1, 2)]
+        firsts = [kernels.token_blocks(x, *_args(blocks, H, scale, eps, act, algorithm), prefix=p, **_bias(blocks))
+                  for p in (1, 2)]
     finally:
         torch.set_num_threads(before)
     for p, first in zip((1, 2), firsts):
@@ -174,6 +185,8 @@ def _bad(change):
     (lambda: _bad(lambda a: a[1].__setitem__(0, torch.randn(48))), "parameter 0 must be .* 64 values"),
     (lambda: _bad(lambda a: a[7].__setitem__(0, torch.rand(2, 20, 19))), r"pos must be float32 \(2, 20, 20\)"),
     (lambda: _bad(lambda a: a.append(21)), r"prefix must be 0 \(every row\) or .* got 21"),
+    (lambda: _bad(lambda a: (a.append(0), a.append([torch.rand(1, 2, 20, 20), torch.rand(1, 2, 20, 19)]))),
+     r"block 1: bias must be float32 \(1, 2, 20, 20\)"),
     (lambda: _bad(lambda a: a.append(-1)), r"prefix must be 0 \(every row\) or .* got -1"),
 ])
 def test_token_blocks_name_what_is_wrong(kernels, make, words):
@@ -567,3 +580,53 @@ def test_frozen_depthwise_convolutions_take_the_native_kernel(kernels, monkeypat
                   torch.nn.Conv2d(32, 32, 3, 1, 1, groups=2)):
         assert OneDNNConv2d(other).depthwise_taps is None
     assert OneDNNConv2d(conv, act=torch.nn.Hardswish()).depthwise_taps is None
+
+
+def _small_coatnet():
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("coatnet_0", img_size=128, dims=(16, 32, 64, 64), depths=(1, 2, 3, 2),
+                                   stem_width=16, head_hidden_size=64, num_classes=10).eval()
+    perturb(model)
+    return model
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_frozen_coatnet_runs_its_transformer_stages_past_their_first_block_in_one_call(kernels, threads, monkeypatch):
+    """S3 (8×8 tokens at 128 px) and S4 (4×4): each stage's first block (pooling, widening) as a module, the rest
+    in one `token_blocks` call with their relative biases; S4's 16 tokens are too few rows for two threads. The
+    model's values; another grid than the biases were built for, and hooks, keep the blocks in turn."""
+    model = _small_coatnet()
+    fast = optimize_for_cpu_inference(model)
+    stages = [s for s in fast.stages if type(s) is onednn_tokens.RelativeTokenBlocks]
+    assert len(stages) == 2
+    for s in stages:
+        s.mode = "tokens"
+    calls = []
+    real = native.token_blocks
+    monkeypatch.setattr(native, "token_blocks", lambda x, params, heads, *a, bias=None: calls.append(
+        (x.shape[1], len(heads), sum(b is not None for b in bias))) or real(x, params, heads, *a, bias=bias))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            x = torch.randn(1, 3, 128, 128)
+            out = fast(x)
+            assert calls == ([(64, 2, 2), (16, 1, 1)] if threads == 1 else [(64, 2, 2)])
+            for s in stages:
+                s.mode = "whole"
+            whole, eager = fast(x), model(x)
+            for s in stages:
+                s.mode = "tokens"
+            calls.clear()
+            other = torch.randn(1, 3, 160, 160)   # a 10×10 grid at S3: biases resized by the blocks in turn
+            torch.testing.assert_close(fast(other), model(other), rtol=1e-4, atol=1e-4)
+            handle = stages[0][1].mlp.fc2.register_forward_hook(lambda m, a, o: calls.append("hook"))
+            hooked = fast(x)
+            handle.remove()
+    finally:
+        torch.set_num_threads(before)
+    assert calls == (["hook", (16, 1, 1)] if threads == 1 else ["hook"])
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+    torch.testing.assert_close(hooked, out, rtol=1e-5, atol=1e-5 * float(out.abs().max()))

@@ -1551,21 +1551,24 @@ enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC1_W, FC1_B, F
 // params: BLOCK_PARAMS per block (LayerNorm weights and biases; the products' weights packed by pack_panels and their
 // biases, optional); heads and scales (attention's), acts and algorithms (fc1's activation) one per block; eps two
 // per block; pos: a block's positional map (heads, N, N) added after the softmax (ConViT's frozen GPSA), or none.
-// prefix > 0: the last block computes its first `prefix` rows alone past the keys and values (the class and
+// bias: a block's relative-position bias (1, heads, N, N) added to the scores before the softmax (CoAtNet's), or
+// none. prefix > 0: the last block computes its first `prefix` rows alone past the keys and values (the class and
 // distillation tokens a classifier reads) and the result is those rows, (1, prefix, C); 0: every row, (1, N, C).
 at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at::Tensor>>& params,
                         c10::IntArrayRef heads, c10::ArrayRef<double> scales, c10::ArrayRef<double> eps,
                         const std::vector<std::string>& acts, const std::vector<std::string>& algorithms,
-                        const std::vector<c10::optional<at::Tensor>>& pos, int64_t prefix) {
+                        const std::vector<c10::optional<at::Tensor>>& pos,
+                        const std::vector<c10::optional<at::Tensor>>& bias, int64_t prefix) {
   check_isa("token_blocks");
   const int64_t L = static_cast<int64_t>(heads.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(params.size()) == BLOCK_PARAMS * L
               && static_cast<int64_t>(scales.size()) == L && static_cast<int64_t>(eps.size()) == 2 * L
               && static_cast<int64_t>(acts.size()) == L && static_cast<int64_t>(algorithms.size()) == L
-              && static_cast<int64_t>(pos.size()) == L,
+              && static_cast<int64_t>(pos.size()) == L && static_cast<int64_t>(bias.size()) == L,
               "hybridzoo_native::token_blocks: for ", L, " blocks expected ", BLOCK_PARAMS * L, " params, ", L,
-              " scales, ", 2 * L, " eps, ", L, " acts, algorithms and pos, got ", params.size(), ", ", scales.size(),
-              ", ", eps.size(), ", ", acts.size(), ", ", algorithms.size(), " and ", pos.size());
+              " scales, ", 2 * L, " eps, ", L, " acts, algorithms, pos and bias, got ", params.size(), ", ",
+              scales.size(), ", ", eps.size(), ", ", acts.size(), ", ", algorithms.size(), ", ", pos.size(), " and ",
+              bias.size());
   TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) > 0,
               "hybridzoo_native::token_blocks: x must be one image's tokens, contiguous float32 (1, N, C), got ",
               x.sizes(), " ", x.scalar_type());
@@ -1601,6 +1604,13 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
                   && pos[i]->scalar_type() == at::kFloat && pos[i]->stride(2) == 1,
                   "hybridzoo_native::token_blocks: block ", i, ": pos must be float32 (", H, ", ", N, ", ", N,
                   ") with unit stride along its last dimension, got ", pos[i]->sizes());
+    }
+    if (bias[i].has_value() && bias[i]->defined()) {
+      TORCH_CHECK(bias[i]->dim() == 4 && bias[i]->size(0) == 1 && bias[i]->size(1) == H && bias[i]->size(2) == N
+                  && bias[i]->size(3) == N && bias[i]->scalar_type() == at::kFloat && bias[i]->stride(3) == 1,
+                  "hybridzoo_native::token_blocks: block ", i, ": bias must be float32 (1, ", H, ", ", N, ", ", N,
+                  ") with unit stride along its last dimension, got ", bias[i]->sizes(), " ",
+                  bias[i]->scalar_type());
     }
   }
   TORCH_CHECK(hidden_max > 0, "hybridzoo_native::token_blocks: fc1 has no outputs");
@@ -1650,7 +1660,9 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
         const at::Tensor k = all.select(2, 1).permute({0, 2, 1, 3}), v = all.select(2, 2).permute({0, 2, 1, 3});
         c10::optional<at::Tensor> p;
         if (pos[i].has_value() && pos[i]->defined()) p = pos[i]->narrow(1, r0, m);
-        const at::Tensor o = attention(q, k, v, p, scales[i], c10::nullopt);   // (1, m, C)
+        c10::optional<at::Tensor> b;
+        if (bias[i].has_value() && bias[i]->defined()) b = bias[i]->narrow(2, r0, m);
+        const at::Tensor o = attention(q, k, v, p, scales[i], b);   // (1, m, C)
         panel_linear(o.data_ptr<float>(), C, m, P[PROJ_W]->data_ptr<float>(), C, C, data_or_null(P[PROJ_B]),
                      h.data_ptr<float>(), C, mid.data_ptr<float>(), C, ACT_NONE);
         layer_norm_rows(mid.data_ptr<float>(), m, C, data_or_null(P[LN2_W]), data_or_null(P[LN2_B]),
@@ -1963,7 +1975,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("depthwise3x3(Tensor x, Tensor w9, Tensor? bias, int stride, str act, str algorithm, int multiplier=1) "
         "-> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
-        "str[] algorithms, Tensor?[] pos, int prefix=0) -> Tensor");
+        "str[] algorithms, Tensor?[] pos, Tensor?[] bias, int prefix=0) -> Tensor");
   m.def("conv_token_blocks(Tensor x, Tensor?[] params, int[] size, int cls, int[] strides, int[] heads, "
         "float[] scales, float[] eps, str[] acts, str[] algorithms, int prefix=0) -> Tensor");
   m.def("former_tokens(Tensor x, Tensor z, Tensor[] params, int[] sizes, float[] eps) "
@@ -2269,7 +2281,8 @@ def patch_embed(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None
 
 
 def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[float], eps: list[float],
-                 acts: list[str], algorithms: list[str], pos: list, prefix: int = 0) -> torch.Tensor:
+                 acts: list[str], algorithms: list[str], pos: list, prefix: int = 0,
+                 bias: list | None = None) -> torch.Tensor:
     """Pre-norm transformer blocks (LayerNorm → qkv → attention → proj, + x; LayerNorm → fc1 with its post-op →
     fc2, + x) on one image's tokens x (1, N, C), contiguous float32, every thread of the intra-op team taking a
     share of the rows, the threads meeting once per block (`layers.onednn_tokens`). params: per block norm1's
@@ -2278,8 +2291,11 @@ def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[f
     per block (fc1's activation: "none", "gelu" with algorithm "none" (erf) or "tanh", "relu", "swish"), eps two
     per block; pos per block a positional map (heads, N, N) added after the softmax, or None. prefix > 0: the last
     block computes its first `prefix` rows alone past the keys and values (the class / distillation tokens), and
-    those rows are the result, (1, prefix, C), as a block called with num_queries=prefix; 0: every row."""
-    return _STATE["ops"].token_blocks(x, params, heads, scales, eps, acts, algorithms, pos, prefix)
+    those rows are the result, (1, prefix, C), as a block called with num_queries=prefix; 0: every row. bias: per
+    block a relative-position bias (1, heads, N, N) added to the scores before the softmax (CoAtNet's), or None;
+    None for every block when not given."""
+    bias = [None] * len(heads) if bias is None else bias
+    return _STATE["ops"].token_blocks(x, params, heads, scales, eps, acts, algorithms, pos, bias, prefix)
 
 
 def conv_token_blocks(x: torch.Tensor, params: list, size: tuple[int, int], cls: int, strides: tuple[int, int],

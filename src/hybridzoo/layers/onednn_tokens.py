@@ -45,7 +45,7 @@ from hybridzoo.layers import native
 from hybridzoo.layers.onednn import _pool
 from hybridzoo.models.convit import gpsa_attend
 
-__all__ = ["ConvTokenBlockList", "TokenParallelBlockList", "TokenParallelBlocks", "calibrate",
+__all__ = ["ConvTokenBlockList", "RelativeTokenBlocks", "TokenParallelBlockList", "TokenParallelBlocks", "calibrate",
            "conv_token_parallel_forward", "enable_token_parallel", "token_parallel_forward"]
 
 # a guard, not a tuned figure: with fewer rows per thread every product is tiny and the per-op costs dominate
@@ -527,3 +527,123 @@ def enable_token_parallel(model: nn.Module) -> None:
                 setattr(parent, name, new.train(child.training))
             elif ConvTokenBlockList.applies_to(child):
                 setattr(parent, name, ConvTokenBlockList(list(child)).train(child.training))
+            elif RelativeTokenBlocks.applies_to(child):
+                setattr(parent, name, RelativeTokenBlocks(OrderedDict(child._modules)).train(child.training))
+
+
+# ---- CoAtNet's relative-attention stages: the native call only -----------------------------------------------------
+
+def _relative_block_ok(blk: nn.Module, first: bool) -> bool:
+    """A frozen `models.coatnet.TransformerBlock` whose attention is the frozen relative one; past a stage's first
+    block (the one that may pool and widen) a stride-1 block keeping its width, the kind `token_blocks` runs."""
+    from hybridzoo.layers.drop import DropPath
+    from hybridzoo.layers.onednn import FrozenMlp
+    from hybridzoo.models.coatnet import TransformerBlock, _FrozenRelativeAttention
+    if not (type(blk) is TransformerBlock and type(blk.attn) is _FrozenRelativeAttention):
+        return False
+    return first or (blk.stride == 1 and isinstance(blk.shortcut, nn.Identity) and type(blk.mlp) is FrozenMlp
+                     and type(blk.drop_path) in (nn.Identity, DropPath) and type(blk.norm1) is nn.LayerNorm
+                     and type(blk.norm2) is nn.LayerNorm)
+
+
+def _relative_native_params(blocks) -> tuple | None:
+    """(every module of the blocks, token_blocks' arguments after x: params, heads, scales, eps, acts, algorithms,
+    the relative biases, and the grid (H, W) they hold) for a stage's blocks past its first, or None when one has a
+    part the kernels do not run (as `_native_params`)."""
+    params, heads, scales, eps, acts, algorithms, biases = [], [], [], [], [], [], []
+    grids = {blk.attn.feat_size for blk in blocks}
+    if len(grids) != 1:
+        return None
+    for blk in blocks:
+        a, mlp = blk.attn, blk.mlp
+        C = a.num_heads * a.dim_head
+        products = (a.qkv, a.proj, mlp.fc1, mlp.fc2)
+        packed = [_panels(layer) for layer in products]
+        if (any(w is None for w in packed) or not a.native_attention or a.dim_head not in native.ATTENTION_HEAD_DIMS
+                or any(layer.act != "none" for layer in products if layer is not mlp.fc1)
+                or not all(norm.normalized_shape == (C,) for norm in (blk.norm1, blk.norm2))):
+            return None
+        params += [blk.norm1.weight, blk.norm1.bias, packed[0], a.qkv.packed_bias, packed[1], a.proj.packed_bias,
+                   blk.norm2.weight, blk.norm2.bias, packed[2], mlp.fc1.packed_bias, packed[3], mlp.fc2.packed_bias]
+        heads.append(a.num_heads)
+        scales.append(a.dim_head ** -0.5)
+        eps += [blk.norm1.eps, blk.norm2.eps]
+        acts.append(mlp.fc1.act)
+        algorithms.append(mlp.fc1.algorithm)
+        biases.append(a.bias.contiguous())
+    modules = [m for blk in blocks for m in blk.modules()]
+    return modules, (params, heads, scales, eps, acts, algorithms, biases), grids.pop()
+
+
+class RelativeTokenBlocks(nn.Sequential):
+    """nn.Sequential of a CoAtNet transformer stage's frozen blocks (B×H×W×C maps). For one image its first block
+    (which may pool and widen) runs as a module, and the rest, plain pre-norm blocks with a relative-position bias
+    before the softmax, may run as one call of `native.token_blocks`: one share of the token rows per thread, the
+    threads meeting once per block, no Python between the kernels (with one thread too). Timed against the blocks
+    in turn at the first call per token count and thread count, the faster kept (`mode` as `_TokenParallel`'s);
+    the blocks in turn with hooks on the later blocks' modules, in training mode, for another grid than the one the
+    biases were built for, or off AVX-512 / AVX2."""
+
+    runs_as_one = True
+    mode = "auto"
+
+    @staticmethod
+    def applies_to(seq: nn.Module) -> bool:
+        return (type(seq) is nn.Sequential and len(seq) > 1
+                and all(_relative_block_ok(b, i == 0) for i, b in enumerate(seq)))
+
+    def _whole(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self:
+            x = blk(x)
+        return x
+
+    def _after_first(self, y: torch.Tensor) -> torch.Tensor:
+        for blk in list(self)[1:]:
+            y = blk(y)
+        return y
+
+    def _native_args(self, y: torch.Tensor) -> tuple | None:
+        """token_blocks' arguments after x for the blocks past the first on their input y (1×H×W×C), or None."""
+        if (self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or not native.attention_supported() or y.dtype != torch.float32 or y.device.type != "cpu"):
+            return None
+        rest = list(self)[1:]
+        prepared = _cached(rest, "relative-native", _relative_native_params)
+        if prepared is None or tuple(y.shape[1:3]) != prepared[2]:
+            return None
+        modules, args, _ = prepared
+        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+            return None
+        return args
+
+    def _rest_in_one_call(self, y: torch.Tensor, args: tuple, threads: int) -> torch.Tensor:
+        params, heads, scales, eps, acts, algorithms, biases = args
+        B, H, W, C = y.shape
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)   # the team's size
+        try:
+            out = native.token_blocks(y.reshape(1, H * W, C).contiguous(), params, heads, scales, eps, acts,
+                                      algorithms, [None] * len(heads), bias=biases)
+        finally:
+            torch.set_num_threads(before)
+        return out.view(1, H, W, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode not in ("auto", "tokens", "whole"):
+            raise ValueError(f"{type(self).__name__}.mode must be 'auto', 'tokens' or 'whole', got {self.mode!r}")
+        threads = torch.get_num_threads()
+        if (self.mode == "whole" or x.dim() != 4 or x.shape[0] != 1
+                or (torch.is_grad_enabled() and x.requires_grad)):
+            return self._whole(x)
+        y = self[0](x)
+        args = self._native_args(y)
+        if args is None or y.shape[1] * y.shape[2] < threads * MIN_ROWS_PER_THREAD:
+            return self._after_first(y)
+        if self.mode == "auto":
+            choices = self.__dict__.setdefault("_choices", {})
+            key = (y.shape[1] * y.shape[2], threads)
+            if key not in choices:
+                choices[key] = calibrate(lambda: self._after_first(y), lambda: self._rest_in_one_call(y, args, threads))
+            if not choices[key]:
+                return self._after_first(y)
+        return self._rest_in_one_call(y, args, threads)
