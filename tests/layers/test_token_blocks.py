@@ -4,8 +4,9 @@ stride).
 
 `token_blocks` is pre-norm transformer blocks on one image's tokens, the rows shared by an OpenMP team: checked
 against the same blocks written out in float64 (every row tail of the product kernel, head dims 16-64, fc1's
-activations, missing biases, ConViT's positional maps, one to three threads), against the frozen models' blocks run
-in turn, and for the errors it gives. The Python threads' way of running the shares is tested in
+activations, missing biases, ConViT's positional maps, CoAtNet's relative biases, the last block's leading rows
+alone, one to three threads), against the frozen models' blocks run in turn (DeiT, ConViT, CoAtNet's transformer
+stages), and for the errors it gives. The Python threads' way of running the shares is tested in
 tests/layers/test_token_parallel.py.
 """
 

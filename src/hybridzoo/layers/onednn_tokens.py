@@ -23,7 +23,9 @@ CvT's blocks (`ConvTokenBlockList`) project q, k and v by depthwise 3×3 convolu
 each pixel's neighbours in the other thread's rows: the threads meet twice per block (after norm1, before the
 projections; after the keys and values, before attention), and only in one native call (`native.conv_token_blocks`),
 which also runs at one thread (no Python between the ~20 kernels of a block): on CvT-13 at batch 1, 1.21× the blocks
-in turn on a Zen 3 EPYC (benchmarks/RESULTS.md, session 18).
+in turn on a Zen 3 EPYC (benchmarks/RESULTS.md, session 18). CoAtNet's transformer stages (`RelativeTokenBlocks`)
+run their blocks past the first (which pools and widens) in one `token_blocks` call with each block's
+relative-position bias before the softmax.
 
 Same function as the sequential blocks: every row of every product, LayerNorm and add is computed on the same
 row values (by the same kernels on the Python threads; by a product kernel of its own, to fp32 rounding, in the
