@@ -631,3 +631,30 @@ def test_frozen_coatnet_runs_its_transformer_stages_past_their_first_block_in_on
     torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
     torch.testing.assert_close(hooked, out, rtol=1e-5, atol=1e-5 * float(out.abs().max()))
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+def test_one_thread_takes_the_native_call_and_never_python_shares(kernels, monkeypatch):
+    """At one intra-op thread the blocks run as one native call (no Python between the kernels); where that call
+    cannot run them (a hook) they run in turn, not as one Python share."""
+    model = small_transformer("deit_small_patch16_224", img_size=128, embed_dim=64, depth=3, num_heads=2)
+    fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
+    calls, shares = _spy(monkeypatch), []
+    monkeypatch.setattr(onednn_tokens, "_run_shares", lambda *a: shares.append(1))
+    x = torch.randn(1, 3, 128, 128)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            out = fast(x)
+            assert calls == [(3, 1)]
+            handle = fast.blocks[0].attn.qkv.register_forward_hook(lambda m, a, o: None)
+            hooked = fast(x)
+            handle.remove()
+            eager = model(x)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [(3, 1)] and shares == []
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+    torch.testing.assert_close(hooked, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))

@@ -297,9 +297,10 @@ def calibrate(run_whole, run_tokens, rounds: int = 3) -> bool:
 
 
 class _TokenParallel:
-    """Mixin for a container of frozen blocks: calling it on one image (1×N×C) with several intra-op threads and
-    at least MIN_ROWS_PER_THREAD rows per thread may run `token_parallel_forward`; anything else runs the blocks
-    in turn. `checkpoint_seq` calls the container itself (`runs_as_one`) instead of iterating over it.
+    """Mixin for a container of frozen blocks: calling it on one image (1×N×C) with at least MIN_ROWS_PER_THREAD rows
+    per intra-op thread may run `token_parallel_forward` (with one thread, only as the native call:
+    `_can_split`); anything else runs the blocks in turn. `checkpoint_seq` calls the container itself
+    (`runs_as_one`) instead of iterating over it.
 
     `mode`: "auto" (default) times both ways at the first such call for each (tokens, threads) and keeps the
     faster (`calibrate`: 8 extra runs of the blocks, once) — whether the token split wins depends on the machine
@@ -318,17 +319,18 @@ class _TokenParallel:
             x = blk(x, *args)
         return x
 
-    min_threads = 2   # one thread's share is the whole image: the blocks in turn do the same with no barrier
-
-    def _can_split(self, x: torch.Tensor, args) -> bool:
-        return True
+    def _can_split(self, x: torch.Tensor, args, threads: int) -> bool:
+        """Whether the shares can run: on two threads or more always (natively, else on Python threads); on one,
+        only as the native call (no Python between its kernels: 1.10× DeiT-S's and 1.15× ConViT-S's blocks in turn
+        on Zen 3, benchmarks/RESULTS.md session 18), since one Python share is the blocks in turn."""
+        return threads > 1 or (x.device.type == "cpu" and _native_args(self, _plan(self, args)) is not None)
 
     def _split_tokens(self, x: torch.Tensor, threads: int, args) -> bool:
         if self.mode not in ("auto", "tokens", "whole"):
             raise ValueError(f"{type(self).__name__}.mode must be 'auto', 'tokens' or 'whole', got {self.mode!r}")
-        if (self.mode == "whole" or threads < self.min_threads or x.dim() != 3 or x.shape[0] != 1
+        if (self.mode == "whole" or threads < 1 or x.dim() != 3 or x.shape[0] != 1
                 or x.dtype != torch.float32 or x.shape[1] < threads * MIN_ROWS_PER_THREAD
-                or (torch.is_grad_enabled() and x.requires_grad) or not self._can_split(x, args)):
+                or (torch.is_grad_enabled() and x.requires_grad) or not self._can_split(x, args, threads)):
             return False
         if self.mode == "tokens":
             return True
@@ -500,13 +502,11 @@ class ConvTokenBlockList(_TokenParallel, nn.ModuleList):
     so the Python shares of `token_parallel_forward` do not apply), with one thread too (no Python between the
     kernels), chosen as `_TokenParallel` chooses; the blocks in turn otherwise."""
 
-    min_threads = 1
-
     @staticmethod
     def applies_to(seq: nn.Module) -> bool:
         return type(seq) is nn.ModuleList and len(seq) > 0 and all(_cvt_block_ok(b) for b in seq)
 
-    def _can_split(self, x: torch.Tensor, args) -> bool:
+    def _can_split(self, x: torch.Tensor, args, threads: int) -> bool:
         return not self.training and len(args) == 2 and _conv_native_args(self, x) is not None
 
     def _parallel(self, x: torch.Tensor, threads: int, args, num_prefix: int = 0) -> torch.Tensor:
