@@ -1531,6 +1531,12 @@ struct TeamError {
   }
 };
 
+// the rows a thread of a token team carries past block i's keys and values (its share [r0, r0 + n)): in a prefix
+// call's last block the leading `prefix` rows alone, all in the first thread's share; else its share
+static inline int64_t carried_rows(int64_t prefix, bool last, int64_t r0, int64_t n) {
+  return prefix && last ? (r0 == 0 ? prefix : 0) : n;
+}
+
 // a block's H heads over C channels: a head dim the attention kernel has
 static void check_block_heads(const char* op, int64_t block, int64_t H, int64_t C) {
   TORCH_CHECK(H > 0 && C % H == 0 && (C / H == 16 || C / H == 32 || C / H == 48 || C / H == 64),
@@ -1650,9 +1656,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
                      nullptr, 0, buf.data_ptr<float>() + r0 * 3 * C, 3 * C, ACT_NONE);
       });
 #pragma omp barrier
-      // the rows this thread carries past the keys and values: the prefix alone (thread 0's first) in a prefix
-      // call's last block
-      const int64_t m = prefix && i == L - 1 ? (r0 == 0 ? prefix : 0) : n;
+      const int64_t m = carried_rows(prefix, i == L - 1, r0, n);
       step([&] {
         if (m == 0) return;
         const at::Tensor all = buf.view({1, N, 3, H, d});
@@ -1676,7 +1680,7 @@ at::Tensor token_blocks(const at::Tensor& x, const std::vector<c10::optional<at:
       });
     }
     step([&] {
-      const int64_t m = prefix ? (r0 == 0 ? prefix : 0) : n;
+      const int64_t m = carried_rows(prefix, true, r0, n);
       if (m > 0) out.narrow(1, prefix ? 0 : r0, m).copy_(h.narrow(0, 0, m).view({1, m, C}));
     });
   }
@@ -1800,9 +1804,7 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
     for (int64_t i = 0; i < L; ++i) {
       const c10::optional<at::Tensor>* P = params.data() + CVT_PARAMS * i;
       const int64_t H = heads[i], d = C / H;
-      // the rows this thread carries past the keys and values: the cls row alone (thread 0's first) in a prefix
-      // call's last block
-      const int64_t m = prefix && i == L - 1 ? (r0 == 0 ? prefix : 0) : n;
+      const int64_t m = carried_rows(prefix, i == L - 1, r0, n);
       step([&] {
         layer_norm_rows(h.data_ptr<float>(), n, C, data_or_null(P[CV_LN1_W]), data_or_null(P[CV_LN1_B]),
                         eps[2 * i], normed.data_ptr<float>() + r0 * C);
@@ -1843,7 +1845,7 @@ at::Tensor conv_token_blocks(const at::Tensor& x, const std::vector<c10::optiona
       });
     }
     step([&] {
-      const int64_t m = prefix ? (r0 == 0 ? prefix : 0) : n;
+      const int64_t m = carried_rows(prefix, true, r0, n);
       if (m > 0) out.narrow(1, prefix ? 0 : r0, m).copy_(h.narrow(0, 0, m).view({1, m, C}));
     });
   }

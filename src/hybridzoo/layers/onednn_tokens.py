@@ -183,20 +183,42 @@ def _kernels(blocks) -> list:
     return kernels
 
 
-def _native_args(blocks, plan) -> tuple | None:
-    """The arguments of `native.token_blocks` after x for these blocks, or None when the kernels are not built for
-    this CPU, a block has a part they do not run (`_native_params`), or a module in the blocks has forward hooks
-    (the kernels would pass them by; the Python shares call the products' modules). plan: (kernel, positional map)
-    per block."""
+def _native_prepared(blocks, what: str, make) -> tuple | None:
+    """make(blocks) (cached: every module of the blocks first, then what the native call takes), or None when the
+    call cannot run now: compiling or tracing, no kernels for this CPU, a part they do not run (make gives None),
+    or forward hooks on a module of the blocks (the kernels would pass them by)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not native.attention_supported():
         return None
-    prepared = _cached(blocks, "native", _native_params)
-    if prepared is None:
+    prepared = _cached(blocks, what, make)
+    if prepared is None or any(m._forward_hooks or m._forward_pre_hooks for m in prepared[0]):
         return None
-    modules, params = prepared
-    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
-        return None
-    return (*params, [pos for _, pos in plan])
+    return prepared
+
+
+def _check_mode(container: nn.Module) -> None:
+    if container.mode not in ("auto", "tokens", "whole"):
+        raise ValueError(f"{type(container).__name__}.mode must be 'auto', 'tokens' or 'whole', got "
+                         f"{container.mode!r}")
+
+
+def _prefers_tokens(container: nn.Module, key, run_whole, run_tokens) -> bool:
+    """The container's `mode` ("auto", "tokens", "whole") for one call that can run either way: "auto" times both at
+    the first call per key (`calibrate`) and keeps the faster, in `_choices` (shared with the container's slices)."""
+    _check_mode(container)
+    if container.mode != "auto":
+        return container.mode == "tokens"
+    choices = container.__dict__.setdefault("_choices", {})
+    if key not in choices:
+        choices[key] = calibrate(run_whole, run_tokens)
+    return choices[key]
+
+
+def _native_args(blocks, plan) -> tuple | None:
+    """The arguments of `native.token_blocks` after x for these blocks, or None where the call cannot run them
+    (`_native_prepared`; the Python shares call the products' modules, so their hooks see them). plan: (kernel,
+    positional map) per block."""
+    prepared = _native_prepared(blocks, "native", _native_params)
+    return None if prepared is None else (*prepared[1], [pos for _, pos in plan])
 
 
 def _native_params(blocks) -> tuple | None:
@@ -326,20 +348,14 @@ class _TokenParallel:
         return threads > 1 or (x.device.type == "cpu" and _native_args(self, _plan(self, args)) is not None)
 
     def _split_tokens(self, x: torch.Tensor, threads: int, args) -> bool:
-        if self.mode not in ("auto", "tokens", "whole"):
-            raise ValueError(f"{type(self).__name__}.mode must be 'auto', 'tokens' or 'whole', got {self.mode!r}")
-        if (self.mode == "whole" or threads < 1 or x.dim() != 3 or x.shape[0] != 1
-                or x.dtype != torch.float32 or x.shape[1] < threads * MIN_ROWS_PER_THREAD
-                or (torch.is_grad_enabled() and x.requires_grad) or not self._can_split(x, args, threads)):
+        _check_mode(self)
+        if (self.mode == "whole" or x.dim() != 3 or x.shape[0] != 1 or x.dtype != torch.float32
+                or x.shape[1] < threads * MIN_ROWS_PER_THREAD or (torch.is_grad_enabled() and x.requires_grad)
+                or not self._can_split(x, args, threads)):
             return False
-        if self.mode == "tokens":
-            return True
-        # shared with the slices of this container (ConViT runs `blocks[:10]`, a new container at every call)
-        choices = self.__dict__.setdefault("_choices", {})
-        key = (id(self[0]), len(self), x.shape[1], threads)
-        if key not in choices:
-            choices[key] = calibrate(lambda: self._whole(x, *args), lambda: self._parallel(x, threads, args))
-        return choices[key]
+        # the choices are shared with the slices of this container (ConViT runs `blocks[:10]`, a new one each call)
+        return _prefers_tokens(self, (id(self[0]), len(self), x.shape[1], threads),
+                               lambda: self._whole(x, *args), lambda: self._parallel(x, threads, args))
 
     def __getitem__(self, idx):
         out = super().__getitem__(idx)
@@ -420,14 +436,14 @@ def _conv_native_params(blocks) -> tuple | None:
     depthwise 3×3 (q at stride 1, k and v at one stride for every block), a product that is not an fp32
     `OneDNNLinear` with panels and no activation (fc1 apart), a head dim without an attention kernel, LayerNorms
     over other shapes, blocks that differ in their cls token."""
-    params, heads, scales, eps, acts, algorithms = [], [], [], [], [], []
-    kv_stride = blocks[0].attn.conv_proj_k.conv.stride[0] if _cvt_block_ok(blocks[0]) else None
-    cls = {blk.attn.with_cls_token for blk in blocks if _cvt_block_ok(blk)}
+    if not all(_cvt_block_ok(blk) for blk in blocks):
+        return None
+    kv_stride = blocks[0].attn.conv_proj_k.conv.stride[0]
+    cls = {blk.attn.with_cls_token for blk in blocks}
     if kv_stride not in (1, 2) or len(cls) != 1:
         return None
+    params, heads, scales, eps, acts, algorithms = [], [], [], [], [], []
     for blk in blocks:
-        if not _cvt_block_ok(blk):
-            return None
         a, mlp = blk.attn, blk.mlp
         C = a.proj.in_features
         taps = [_conv_projection_taps(p, s) for p, s in ((a.conv_proj_q, 1), (a.conv_proj_k, kv_stride),
@@ -435,7 +451,7 @@ def _conv_native_params(blocks) -> tuple | None:
         products = (a.proj_q, a.proj_k, a.proj_v, a.proj, mlp.fc1, mlp.fc2)
         packed = [_panels(layer) for layer in products]
         if (any(t is None for t in taps) or any(w is None for w in packed) or not a.native_attention
-                or C // a.num_heads not in native.ATTENTION_HEAD_DIMS or a.with_cls_token not in cls
+                or C // a.num_heads not in native.ATTENTION_HEAD_DIMS
                 or any(layer.act != "none" for layer in products if layer is not mlp.fc1)
                 or not all(norm.normalized_shape == (C,) for norm in (blk.norm1, blk.norm2))):
             return None
@@ -484,16 +500,9 @@ def conv_token_parallel_forward(blocks, x: torch.Tensor, threads: int, h: int, w
 def _conv_native_args(blocks, x: torch.Tensor) -> tuple | None:
     """conv_token_blocks' arguments after x, size and cls's place (params, strides, heads, scales, eps, acts,
     algorithms, cls), or None where it cannot run these blocks on x (see `_native_args`)."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or not native.attention_supported()
-            or x.dtype != torch.float32 or x.device.type != "cpu"):
-        return None
-    prepared = _cached(blocks, "conv-native", _conv_native_params)
-    if prepared is None:
-        return None
-    modules, params, cls = prepared
-    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
-        return None
-    return (*params, cls)
+    prepared = (_native_prepared(blocks, "conv-native", _conv_native_params)
+                if x.dtype == torch.float32 and x.device.type == "cpu" else None)
+    return None if prepared is None else (*prepared[1], prepared[2])
 
 
 class ConvTokenBlockList(_TokenParallel, nn.ModuleList):
@@ -606,17 +615,10 @@ class RelativeTokenBlocks(nn.Sequential):
 
     def _native_args(self, y: torch.Tensor) -> tuple | None:
         """token_blocks' arguments after x for the blocks past the first on their input y (1×H×W×C), or None."""
-        if (self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or not native.attention_supported() or y.dtype != torch.float32 or y.device.type != "cpu"):
+        if self.training or y.dtype != torch.float32 or y.device.type != "cpu":
             return None
-        rest = list(self)[1:]
-        prepared = _cached(rest, "relative-native", _relative_native_params)
-        if prepared is None or tuple(y.shape[1:3]) != prepared[2]:
-            return None
-        modules, args, _ = prepared
-        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
-            return None
-        return args
+        prepared = _native_prepared(list(self)[1:], "relative-native", _relative_native_params)
+        return None if prepared is None or tuple(y.shape[1:3]) != prepared[2] else prepared[1]
 
     def _rest_in_one_call(self, y: torch.Tensor, args: tuple, threads: int) -> torch.Tensor:
         params, heads, scales, eps, acts, algorithms, biases = args
@@ -631,21 +633,14 @@ class RelativeTokenBlocks(nn.Sequential):
         return out.view(1, H, W, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode not in ("auto", "tokens", "whole"):
-            raise ValueError(f"{type(self).__name__}.mode must be 'auto', 'tokens' or 'whole', got {self.mode!r}")
+        _check_mode(self)
         threads = torch.get_num_threads()
-        if (self.mode == "whole" or x.dim() != 4 or x.shape[0] != 1
-                or (torch.is_grad_enabled() and x.requires_grad)):
+        if self.mode == "whole" or x.dim() != 4 or x.shape[0] != 1 or (torch.is_grad_enabled() and x.requires_grad):
             return self._whole(x)
         y = self[0](x)
         args = self._native_args(y)
-        if args is None or y.shape[1] * y.shape[2] < threads * MIN_ROWS_PER_THREAD:
+        if (args is None or y.shape[1] * y.shape[2] < threads * MIN_ROWS_PER_THREAD
+                or not _prefers_tokens(self, (y.shape[1] * y.shape[2], threads), lambda: self._after_first(y),
+                                       lambda: self._rest_in_one_call(y, args, threads))):
             return self._after_first(y)
-        if self.mode == "auto":
-            choices = self.__dict__.setdefault("_choices", {})
-            key = (y.shape[1] * y.shape[2], threads)
-            if key not in choices:
-                choices[key] = calibrate(lambda: self._after_first(y), lambda: self._rest_in_one_call(y, args, threads))
-            if not choices[key]:
-                return self._after_first(y)
         return self._rest_in_one_call(y, args, threads)
