@@ -382,3 +382,23 @@ def test_quick_gelu_without_autograd_is_bitwise_the_autograd_formula():
     assert torch.equal(y.detach(), ref)
     y.sum().backward()
     assert xr.grad is not None
+
+
+@pytest.mark.parametrize("act, bias", [(nn.SiLU, True), (nn.ReLU, False)])
+def test_squeeze_excitation_freezes_to_products_on_the_pooled_rows(act, bias):
+    """The frozen SE's gate: its two 1×1 convolutions as products on the pooled (B, C) rows, no convolution left."""
+    from hybridzoo.layers.conv import SqueezeExcite
+    torch.manual_seed(0)
+    se = SqueezeExcite(48, 12, act_layer=act, bias=bias).eval()
+    perturb(se)
+    fast = optimize_for_cpu_inference(nn.Sequential(se), split_batch=False)
+    frozen = fast[0]
+    assert type(frozen).__name__ == "_FrozenSqueezeExcite"
+    assert not any(isinstance(m, (nn.Conv2d, OneDNNConv2d)) for m in frozen.modules())
+    x = torch.randn(3, 48, 5, 6)
+    with torch.inference_mode():
+        gate, ref = se.gate_of(x), se(x)
+        assert gate.shape == (3, 48, 1, 1) and float(gate.std()) > 1e-3
+        torch.testing.assert_close(frozen.gate_of(x), gate, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast(x), ref, rtol=1e-5, atol=1e-6)
+

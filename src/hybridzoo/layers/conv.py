@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -50,6 +51,33 @@ class SqueezeExcite(nn.Module):
     def gate_of(self, x: torch.Tensor) -> torch.Tensor:
         """The B×C×1×1 gate for x."""
         return self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate_of(x)
+
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        return _FrozenSqueezeExcite(self)
+
+
+class _FrozenSqueezeExcite(nn.Module):
+    """SqueezeExcite for the oneDNN inference path: its two 1×1 convolutions, which see the pooled 1×1 map, as
+    products on the pooled (B, C) rows. As frozen convolutions (each with its layout checks, permutes and a
+    one-row product) the gate's tail took 0.24 ms at CoAtNet-0's S1, as two `F.linear` 0.04 ms (Zen 3, 2 threads;
+    benchmarks/RESULTS.md, session 19)."""
+
+    def __init__(self, m: SqueezeExcite):
+        super().__init__()
+        self.act, self.gate = m.act, m.gate
+        for name, fc in (("1", m.fc1), ("2", m.fc2)):
+            self.register_buffer(f"w{name}", fc.weight.detach().float().reshape(fc.out_channels, -1).contiguous(),
+                                 persistent=False)
+            self.register_buffer(f"b{name}", None if fc.bias is None else fc.bias.detach().float().contiguous(),
+                                 persistent=False)
+
+    def gate_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The B×C×1×1 gate for x."""
+        g = self.gate(F.linear(self.act(F.linear(x.mean((2, 3)), self.w1, self.b1)), self.w2, self.b2))
+        return g.view(*g.shape, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate_of(x)
