@@ -402,3 +402,21 @@ def test_squeeze_excitation_freezes_to_products_on_the_pooled_rows(act, bias):
         torch.testing.assert_close(frozen.gate_of(x), gate, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast(x), ref, rtol=1e-5, atol=1e-6)
 
+
+def test_coatnet_folds_each_se_gate_into_the_projection_for_one_image(monkeypatch):
+    """At batch 1 every MBConv's SE gate scales conv3's packed weight (`native.scale_panels`), not conv2's output,
+    and the model still gives eager's outputs."""
+    from hybridzoo.layers import native
+    from hybridzoo.models.coatnet import _FrozenMBConv
+    if not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels for this CPU")
+    card = get_card("coatnet_0")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("coatnet_0", **card.test_kwargs)
+    perturb(model)
+    calls = []
+    real = native.scale_panels
+    monkeypatch.setattr(native, "scale_panels", lambda p, s: calls.append(s.numel()) or real(p, s))
+    fast = _compare(model, torch.randn(1, *card.test_input_size))   # runs the frozen copy twice
+    gated = [b.conv3.in_channels for b in fast.modules() if isinstance(b, _FrozenMBConv)]
+    assert gated and calls == 2 * gated

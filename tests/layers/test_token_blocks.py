@@ -163,6 +163,31 @@ def test_pack_panels_names_what_is_wrong(kernels, w, words):
         kernels.pack_panels(w)
 
 
+@pytest.mark.parametrize("N, K", [(80, 5), (96, 200), (80, 256), (48, 384)])
+def test_scale_panels_is_the_packed_weight_of_w_times_diag_s(kernels, N, K):
+    """Both layouts (rows below K = 256, strips from it), a last panel narrower than 64; exactly the packing of
+    W·diag(s), and the product on it is (x·diag(s))·Wᵀ."""
+    torch.manual_seed(N + K)
+    w, s = torch.randn(N, K), torch.rand(K) + 0.5
+    p = kernels.pack_panels(w)
+    scaled = kernels.scale_panels(p, s)
+    torch.testing.assert_close(scaled, kernels.pack_panels(w * s), rtol=0, atol=0)
+    x = torch.randn(7, K)
+    torch.testing.assert_close(kernels.rows_linear(x, scaled, None, "none", ""), (x * s) @ w.t(),
+                               rtol=1e-5, atol=1e-4)
+    assert torch.equal(p, kernels.pack_panels(w))   # the packed weight itself is left as it was
+
+
+@pytest.mark.parametrize("s, words", [
+    (torch.rand(7), r"panels must be a weight of \(N, 7\)"),
+    (torch.rand(8, dtype=torch.float64), "float32"),
+    (torch.rand(2, 4), "vector"),
+])
+def test_scale_panels_names_what_is_wrong(kernels, s, words):
+    with pytest.raises(RuntimeError, match=words):
+        kernels.scale_panels(kernels.pack_panels(torch.randn(32, 8)), s)
+
+
 def _good(N=20, C=64, H=2, hidden=128):
     blocks = _blocks(2, C, H, hidden, N, pos_blocks=(0,))
     x = torch.randn(1, N, C)
@@ -462,6 +487,36 @@ def test_frozen_linears_take_the_panel_product_and_keep_onednn_when_switched_off
     monkeypatch.setenv("HYBRIDZOO_NATIVE", "1")
     assert OneDNNLinear(lin, dtype=torch.bfloat16).panels is None
     assert OneDNNLinear(torch.nn.Linear(96, 100)).panels is None   # 100 outputs: oneDNN's
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_gated_pointwise_convolution_folds_the_gate_into_its_weight_for_one_image(kernels, monkeypatch, residual):
+    """forward_gated(x, g) is forward(x · g): for one image on the panel product through `scale_panels` (x left as
+    it was, even when the caller owns it), for two images, or with the kernels off, by scaling x (in place only
+    where the caller owns it)."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(48, 32, 1)
+    frozen = OneDNNConv2d(conv)
+    scaled = []
+    real = native.scale_panels
+    monkeypatch.setattr(native, "scale_panels", lambda p, s: scaled.append(tuple(s.shape)) or real(p, s))
+    with torch.inference_mode():
+        for B, native_on in ((1, True), (2, True), (1, False)):
+            monkeypatch.setenv("HYBRIDZOO_NATIVE", "1" if native_on else "0")
+            scaled.clear()
+            x = torch.randn(B, 48, 5, 7).contiguous(memory_format=torch.channels_last)
+            g = torch.rand(B, 48, 1, 1)
+            other = torch.randn(B, 32, 5, 7).contiguous(memory_format=torch.channels_last) if residual else None
+            ref = conv(x * g) + (other if residual else 0)
+            before = x.clone()
+            out = frozen.forward_gated(x, g, None if other is None else other.clone())
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            assert torch.equal(x, before)
+            assert scaled == ([(48,)] if B == 1 and native_on else [])
+            out = frozen.forward_gated(x, g, None if other is None else other.clone(), x_owned=True)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            assert torch.equal(x, before) == (B == 1 and native_on)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")

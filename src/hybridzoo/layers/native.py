@@ -15,7 +15,8 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   log-sum-exp, `attention_backward` recomputes the probabilities from it a tile of rows at a time);
 - `pack_panels` / `rows_linear`: fp32 products on a weight packed in panels of 64 output columns, the rows in
   blocks over the threads, the activation in the epilogue; faster than oneDNN's packed product at every size we
-  measured, most at batch 1 (`OneDNNLinear`, 1×1 convolutions); `patch_embed` (a convolution whose kernel is its
+  measured, most at batch 1 (`OneDNNLinear`, 1×1 convolutions); `scale_panels` scales a packed weight's inputs
+  (a per-image channel gate on the product's input); `patch_embed` (a convolution whose kernel is its
   stride) gathers the patches into rows for it; `depthwise3x3`: depthwise 3×3 convolutions, channels-last;
 - `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
   that meets once per block (`layers.onednn_tokens`); `conv_token_blocks`: the same for CvT's blocks, whose
@@ -59,8 +60,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
-           "attention_ready", "attention_supported", "pack_panels", "rows_linear", "rows_linear_add_", "depthwise3x3",
-           "patch_embed", "token_blocks", "conv_token_blocks", "isa", "set_isa",
+           "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
+           "depthwise3x3", "patch_embed", "token_blocks", "conv_token_blocks", "isa", "set_isa",
            "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
@@ -1419,6 +1420,35 @@ at::Tensor rows_linear_add_(at::Tensor res, const at::Tensor& x, const at::Tenso
   return rows_linear_impl("rows_linear_add_", x, panels, bias, act, algorithm, &res, true);
 }
 
+// the panels of W·diag(s) from those of W (N, K) packed by pack_panels: input k's weights scaled by s[k], in either
+// layout (K rows of a panel's width, or strips of K × 16). A per-image channel gate on a product's input (CoAtNet's
+// squeeze-excitation before its projection) then costs N · K multiplies instead of a pass over the input's rows.
+at::Tensor scale_panels(const at::Tensor& panels, const at::Tensor& s) {
+  TORCH_CHECK(s.dim() == 1 && s.numel() > 0 && s.scalar_type() == at::kFloat && s.is_contiguous(),
+              "hybridzoo_native::scale_panels: s must be a contiguous float32 vector of the K inputs, got ",
+              s.sizes(), " ", s.scalar_type());
+  const int64_t K = s.numel();
+  const int64_t N = check_panels("scale_panels", panels, K, c10::nullopt);
+  at::Tensor out = at::empty_like(panels);
+  const float* pp = panels.data_ptr<float>();
+  const float* ps = s.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nb = std::min<int64_t>(64, N - n0);
+    const float* src = pp + n0 * K;
+    float* dst = po + n0 * K;
+    if (K >= PANEL_STRIP_K) {
+      for (int64_t j = 0; j < nb / 16; ++j)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < 16; ++c) dst[(j * K + k) * 16 + c] = src[(j * K + k) * 16 + c] * ps[k];
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < nb; ++j) dst[k * nb + j] = src[k * nb + j] * ps[k];
+    }
+  }
+  return out;
+}
+
 
 // y = act(depthwise 3×3 convolution of x, padding 1, stride 1 or 2, + bias): x (B, Cin, H, W) channels-last, Cin a
 // multiple of 16; with a channel multiplier m, C = m · Cin outputs in m groups of Cin, output channel j·Cin + g
@@ -1970,6 +2000,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("gelu(Tensor x, Tensor? grad=None) -> Tensor");
   m.def("pack_panels(Tensor w) -> Tensor");
+  m.def("scale_panels(Tensor panels, Tensor s) -> Tensor");
   m.def("rows_linear(Tensor x, Tensor panels, Tensor? bias, str act, str algorithm, Tensor? residual=None) -> Tensor");
   m.def("rows_linear_add_(Tensor(a!) residual, Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) "
         "-> Tensor(a!)");
@@ -1993,6 +2024,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("attention_backward_", &attention_backward_);
   m.impl("gelu", &gelu);
   m.impl("pack_panels", &pack_panels);
+  m.impl("scale_panels", &scale_panels);
   m.impl("rows_linear", &rows_linear);
   m.impl("rows_linear_add_", &rows_linear_add_);
   m.impl("patch_embed", &patch_embed);
@@ -2250,6 +2282,11 @@ def pack_panels(w: torch.Tensor) -> torch.Tensor:
     last narrower), each K × 64 contiguous, flat: K rows of the panel's width, or from K = 256 on strips of 16 columns
     each K × 16."""
     return _STATE["ops"].pack_panels(w)
+
+
+def scale_panels(panels: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The panels of W·diag(s) from W's (N, K), packed by `pack_panels`; s (K,) float32: the product of x·diag(s)."""
+    return _STATE["ops"].scale_panels(panels, s)
 
 
 def rows_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, act: str = "none",

@@ -246,7 +246,31 @@ class OneDNNConv2d(nn.Module):
                 self._packed[key] = w
         return w
 
+    def _on_panels(self, x: torch.Tensor, other: torch.Tensor | None) -> bool:
+        """Whether forward(x, other) runs the native panel product (a pointwise convolution's packed weight)."""
+        if not (self.pointwise and self.panels is not None and _native_call(x)):
+            return False
+        if other is None:
+            return self.INNER_PRODUCT_1X1
+        return x.shape[0] * x.shape[2] * x.shape[3] <= self.RESIDUAL_PANEL_ROWS
+
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+        return self._forward(x, other, inplace, self.panels)
+
+    def forward_gated(self, x: torch.Tensor, gate: torch.Tensor, other: torch.Tensor | None = None,
+                      inplace: bool = False, x_owned: bool = False) -> torch.Tensor:
+        """forward(x · gate, other, inplace) for a per-channel gate (B, C_in, 1, 1) of x, such as a
+        squeeze-excitation's. One image on the native panel product scales the packed weight's inputs instead
+        (`native.scale_panels`: N·K multiplies, not a pass over x's pixels); otherwise x · gate is formed, in x
+        itself where the caller owns x (`x_owned`)."""
+        if x.dim() == 4 and x.shape[0] == 1 and gate.numel() == self.in_channels and self._on_panels(x, other):
+            _check_frozen_input(x, "OneDNNConv2d")
+            panels = native.scale_panels(self.panels, gate.reshape(-1).float().contiguous())
+            return self._forward(x, other, inplace, panels)
+        return self._forward(x.mul_(gate) if x_owned else x * gate, other, inplace, self.panels)
+
+    def _forward(self, x: torch.Tensor, other: torch.Tensor | None, inplace: bool,
+                 panels: torch.Tensor | None) -> torch.Tensor:
         _check_frozen_input(x, "OneDNNConv2d")
         if x.dim() != 4:
             raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
@@ -260,8 +284,8 @@ class OneDNNConv2d(nn.Module):
             if self.pointwise and self.INNER_PRODUCT_1X1:
                 B, _, H, W = x.shape
                 rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)   # a view of channels-last x
-                if self.panels is not None and _native_call(x):
-                    y = native.rows_linear(rows, self.panels, self.packed_bias, self.attr, self.algorithm)
+                if self._on_panels(x, None):
+                    y = native.rows_linear(rows, panels, self.packed_bias, self.attr, self.algorithm)
                 else:
                     y = torch.ops.mkldnn._linear_pointwise(rows, self._onednn_rows_weight(), self.packed_bias,
                                                            self.attr, self.scalars, self.algorithm)
@@ -270,7 +294,7 @@ class OneDNNConv2d(nn.Module):
                 x, self._weight_for(x), self.packed_bias, self.padding, self.stride, self.dilation, self.groups,
                 self.attr, self.scalars, self.algorithm)
         B, _, H, W = x.shape
-        if self.pointwise and self.panels is not None and B * H * W <= self.RESIDUAL_PANEL_ROWS and _native_call(x):
+        if self._on_panels(x, other):
             # the native panel product with the residual added in its epilogue (before the activation, as the
             # sum post-op below), into `other` itself where the caller owns it: 1.07-1.17x oneDNN's convolution
             # with its sum post-op at batch 1 (BoT50's and CoAtNet-0's shapes, Zen 3); with more rows (a batch
@@ -279,11 +303,11 @@ class OneDNNConv2d(nn.Module):
             rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)   # a view of channels-last x
             if inplace and other.is_contiguous(memory_format=torch.channels_last) and other.dtype == torch.float32:
                 res = other.permute(0, 2, 3, 1).view(B * H * W, self.out_channels)
-                native.rows_linear_add_(res, rows, self.panels, self.packed_bias, self.attr, self.algorithm)
+                native.rows_linear_add_(res, rows, panels, self.packed_bias, self.attr, self.algorithm)
                 return other
             res = other.float().contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
                 B * H * W, self.out_channels)
-            y = native.rows_linear(rows, self.panels, self.packed_bias, self.attr, self.algorithm, res)
+            y = native.rows_linear(rows, panels, self.packed_bias, self.attr, self.algorithm, res)
             return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
         # a residual add otherwise: oneDNN's inner product with a binary post-op measured 2–3× slower than the
         # convolution's sum post-op at every BoT50 shape, so residual 1×1 convolutions run as convolutions
