@@ -264,7 +264,6 @@ class OneDNNConv2d(nn.Module):
         (`native.scale_panels`: N·K multiplies, not a pass over x's pixels); otherwise x · gate is formed, in x
         itself where the caller owns x (`x_owned`)."""
         if x.dim() == 4 and x.shape[0] == 1 and gate.numel() == self.in_channels and self._on_panels(x, other):
-            _check_frozen_input(x, "OneDNNConv2d")
             panels = native.scale_panels(self.panels, gate.reshape(-1).float().contiguous())
             return self._forward(x, other, inplace, panels)
         return self._forward(x.mul_(gate) if x_owned else x * gate, other, inplace, self.panels)
