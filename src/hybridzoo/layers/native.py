@@ -1309,6 +1309,11 @@ void attention_backward_(const at::Tensor& dout, const at::Tensor& q, const at::
 // batch-1 block (98-197 rows, K and N 192-1536) this runs at 96-113 GFLOP/s on the EPYC against oneDNN's 77-106 with
 // its packed weights (benchmarks/RESULTS.md, session 13): oneDNN's blocking loses most at half an image's rows with
 // the weights not yet in cache, which is what each thread has here.
+// where pack_panels puts W's weight (n0 + j, k) of the panel of nb columns that starts at output n0
+static inline int64_t panel_offset(int64_t n0, int64_t nb, int64_t K, int64_t k, int64_t j) {
+  return n0 * K + (K >= PANEL_STRIP_K ? (j / 16) * 16 * K + k * 16 + j % 16 : k * nb + j);
+}
+
 at::Tensor pack_panels(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(0) % 16 == 0 && w.size(0) > 0,
               "hybridzoo_native::pack_panels: w must be a float32 (N, K) weight with N a positive multiple of 16, "
@@ -1321,8 +1326,7 @@ at::Tensor pack_panels(const at::Tensor& w) {
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int64_t nb = std::min<int64_t>(64, N - n0);
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < nb; ++j)
-        pd[n0 * K + (K >= PANEL_STRIP_K ? (j / 16) * 16 * K + k * 16 + j % 16 : k * nb + j)] = ps[(n0 + j) * K + k];
+      for (int64_t j = 0; j < nb; ++j) pd[panel_offset(n0, nb, K, k, j)] = ps[(n0 + j) * K + k];
   }
   return out;
 }
@@ -1420,8 +1424,7 @@ at::Tensor rows_linear_add_(at::Tensor res, const at::Tensor& x, const at::Tenso
   return rows_linear_impl("rows_linear_add_", x, panels, bias, act, algorithm, &res, true);
 }
 
-// the panels of W·diag(s) from those of W (N, K) packed by pack_panels: input k's weights scaled by s[k], in either
-// layout (K rows of a panel's width, or strips of K × 16). A per-image channel gate on a product's input (CoAtNet's
+// the panels of W·diag(s) from those of W (N, K) packed by pack_panels: input k's weights scaled by s[k]. A per-image channel gate on a product's input (CoAtNet's
 // squeeze-excitation before its projection) then costs N · K multiplies instead of a pass over the input's rows.
 at::Tensor scale_panels(const at::Tensor& panels, const at::Tensor& s) {
   TORCH_CHECK(s.dim() == 1 && s.numel() > 0 && s.scalar_type() == at::kFloat && s.is_contiguous(),
@@ -1435,16 +1438,11 @@ at::Tensor scale_panels(const at::Tensor& panels, const at::Tensor& s) {
   float* po = out.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int64_t nb = std::min<int64_t>(64, N - n0);
-    const float* src = pp + n0 * K;
-    float* dst = po + n0 * K;
-    if (K >= PANEL_STRIP_K) {
-      for (int64_t j = 0; j < nb / 16; ++j)
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t c = 0; c < 16; ++c) dst[(j * K + k) * 16 + c] = src[(j * K + k) * 16 + c] * ps[k];
-    } else {
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < nb; ++j) dst[k * nb + j] = src[k * nb + j] * ps[k];
-    }
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t at = panel_offset(n0, nb, K, k, j);
+        po[at] = pp[at] * ps[k];
+      }
   }
   return out;
 }
