@@ -18,6 +18,8 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   measured, most at batch 1 (`OneDNNLinear`, 1×1 convolutions); `scale_panels` scales a packed weight's inputs
   (a per-image channel gate on the product's input); `patch_embed` (a convolution whose kernel is its
   stride) gathers the patches into rows for it; `depthwise3x3`: depthwise 3×3 convolutions, channels-last;
+  `winograd3x3`: dense 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3), 16 products over the channels on that
+  product kernel (2.25x fewer multiplies), the weight transformed once by `winograd_weight`;
 - `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
   that meets once per block (`layers.onednn_tokens`); `conv_token_blocks`: the same for CvT's blocks, whose
   convolutional projections make the team meet twice per block.
@@ -61,8 +63,8 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
-           "depthwise3x3", "patch_embed", "token_blocks", "conv_token_blocks", "isa", "set_isa",
-           "ATTENTION_HEAD_DIMS", "build_dir"]
+           "depthwise3x3", "winograd_weight", "winograd3x3", "patch_embed", "token_blocks", "conv_token_blocks", "isa",
+           "set_isa", "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -80,6 +82,7 @@ _TORCH_PRELUDE = r"""#include <torch/library.h>
 #include <omp.h>
 #include <atomic>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -826,6 +829,84 @@ void panel_linear(HZ_ARGS_panel_linear) {
 }
 
 
+// ---- 3×3 convolutions, stride 1, padding 1, by Winograd's F(2×2, 3×3) -------------------------------------------
+// Each 2×2 block of outputs (a tile) is computed from the 4×4 inputs around it (Lavin and Gray, 2016): per input
+// channel V = Bᵀ·d·B; for each of the 16 positions e of the 4×4 transform one product over the channels,
+// M_e (tiles × Cout) = V_e (tiles × Cin) · U_e, U = G·g·Gᵀ from the weight (`winograd_weight`, once); then
+// Y = Aᵀ·M·A. 16 multiplies per output pair of channels for a 2×2 tile where the direct convolution does 36: 2.25x
+// fewer, for the additions of the two transforms. The tiles t0..t1 (numbered over the batch, row-major over each
+// image's ⌈H/2⌉ × ⌈W/2⌉ grid) go in one pass: their V and M in `scratch` (16·n·(Cin + Cout) floats, n = t1 − t0).
+//   Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]   Aᵀ = [1 1 1 0; 0 1 −1 −1]   G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]
+template <int ACT>
+static void winograd_out(const float* mm, int64_t n, int64_t H, int64_t W, int64_t Cout, const float* bias,
+                         int64_t t0, float* y) {
+  const int64_t TW = (W + 1) / 2, per_image = (H + 1) / 2 * TW;
+  for (int64_t t = t0; t < t0 + n; ++t) {
+    const int64_t b = t / per_image, h0 = t % per_image / TW * 2, w0 = t % TW * 2;
+    float* yt = y + ((b * H + h0) * W + w0) * Cout;
+    const bool down = h0 + 1 < H, right = w0 + 1 < W;   // the tile's second row / column inside the map
+    const float* mt = mm + (t - t0) * Cout;
+    for (int64_t c = 0; c < Cout; c += 16) {
+      vec z[2][4];   // Aᵀ·M: two rows of four
+      for (int j = 0; j < 4; ++j) {
+        const vec m0 = hz_load(mt + (0 + j) * n * Cout + c), m1 = hz_load(mt + (4 + j) * n * Cout + c);
+        const vec m2 = hz_load(mt + (8 + j) * n * Cout + c), m3 = hz_load(mt + (12 + j) * n * Cout + c);
+        z[0][j] = m0 + m1 + m2;
+        z[1][j] = m1 - m2 - m3;
+      }
+      const vec bv = bias ? hz_load(bias + c) : hz_splat(0.0f);
+      for (int i = 0; i < 2; ++i) {
+        if (i == 1 && !down) break;
+        float* yr = yt + i * W * Cout + c;
+        hz_store(yr, hz_act<ACT>(z[i][0] + z[i][1] + z[i][2] + bv));
+        if (right) hz_store(yr + Cout, hz_act<ACT>(z[i][1] - z[i][2] - z[i][3] + bv));
+      }
+    }
+  }
+}
+
+void winograd_tiles(HZ_ARGS_winograd_tiles) {
+  const int64_t n = t1 - t0, TW = (W + 1) / 2, per_image = (H + 1) / 2 * TW;
+  float* v = scratch;                  // 16 × n × Cin: V_e of tile t at v + (e·n + t − t0)·Cin
+  float* mm = scratch + 16 * n * Cin;  // 16 × n × Cout
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / per_image, h0 = t % per_image / TW * 2 - 1, w0 = t % TW * 2 - 1;
+    const float* xb = x + b * H * W * Cin;
+    bool inside[4][4];   // the 4×4 inputs within the map (the rest is the zero padding)
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) inside[i][j] = h0 + i >= 0 && h0 + i < H && w0 + j >= 0 && w0 + j < W;
+    float* vt = v + (t - t0) * Cin;
+    for (int64_t c = 0; c < Cin; c += 16) {
+      vec d[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+          d[i][j] = inside[i][j] ? hz_load(xb + ((h0 + i) * W + w0 + j) * Cin + c) : hz_splat(0.0f);
+      for (int j = 0; j < 4; ++j) {   // Bᵀ·d, in place by columns
+        const vec r0 = d[0][j] - d[2][j], r1 = d[1][j] + d[2][j], r2 = d[2][j] - d[1][j], r3 = d[1][j] - d[3][j];
+        d[0][j] = r0; d[1][j] = r1; d[2][j] = r2; d[3][j] = r3;
+      }
+      for (int i = 0; i < 4; ++i) {   // ·B
+        float* ve = vt + i * 4 * n * Cin + c;
+        hz_store(ve, d[i][0] - d[i][2]);
+        hz_store(ve + n * Cin, d[i][1] + d[i][2]);
+        hz_store(ve + 2 * n * Cin, d[i][2] - d[i][1]);
+        hz_store(ve + 3 * n * Cin, d[i][1] - d[i][3]);
+      }
+    }
+  }
+  for (int e = 0; e < 16; ++e)
+    panel_linear_act<ACT_NONE>(v + e * n * Cin, Cin, n, u + e * Cin * Cout, Cin, Cout, nullptr, nullptr, 0,
+                               mm + e * n * Cout, Cout);
+  switch (act) {
+    case ACT_GELU: winograd_out<ACT_GELU>(mm, n, H, W, Cout, bias, t0, y); break;
+    case ACT_GELU_TANH: winograd_out<ACT_GELU_TANH>(mm, n, H, W, Cout, bias, t0, y); break;
+    case ACT_RELU: winograd_out<ACT_RELU>(mm, n, H, W, Cout, bias, t0, y); break;
+    case ACT_SWISH: winograd_out<ACT_SWISH>(mm, n, H, W, Cout, bias, t0, y); break;
+    default: winograd_out<ACT_NONE>(mm, n, H, W, Cout, bias, t0, y); break;
+  }
+}
+
+
 // y = LayerNorm(x) over rows of C values (C a multiple of 16; w, b optional): ATen's LayerNorm costs ~16 µs a call
 // on a thread's 98 rows of 192, mostly outside the arithmetic, 20 calls per thread in a ConViT-Ti forward
 void layer_norm_rows(HZ_ARGS_layer_norm_rows) {
@@ -1495,6 +1576,42 @@ at::Tensor depthwise3x3(const at::Tensor& x, const at::Tensor& w9, const c10::op
 }
 
 
+// y = act(3×3 convolution of x, stride 1, padding 1, + bias) by Winograd's F(2×2, 3×3) (winograd_tiles): x
+// (B, Cin, H, W) channels-last, Cin a multiple of 16; u (16, Cout, Cin) from winograd_weight, Cout a multiple of 16;
+// y (B, Cout, H, W) channels-last. Each thread takes an even share of the tiles, in passes of at most `chunk`
+// tiles whose transforms (16·chunk·(Cin + Cout) floats) stay in L2.
+at::Tensor winograd3x3(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
+                       const std::string& act, const std::string& algorithm) {
+  check_isa("winograd3x3");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+              && x.size(1) % 16 == 0 && x.size(1) > 0,
+              "hybridzoo_native::winograd3x3: x must be a channels-last float32 (B, C, H, W) map with C a multiple "
+              "of 16, got ", x.sizes(), " ", x.scalar_type(), " strides ", x.strides());
+  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(2) == Cin && u.size(1) % 16 == 0 && u.size(1) > 0
+              && u.scalar_type() == at::kFloat && u.is_contiguous(),
+              "hybridzoo_native::winograd3x3: u must be a contiguous float32 (16, Cout, ", Cin, ") from "
+              "winograd_weight, Cout a multiple of 16, got ", u.sizes(), " ", u.scalar_type());
+  const int64_t Cout = u.size(1);
+  check_bias("winograd3x3", bias, Cout);
+  const int kind = panel_act("winograd3x3", act, algorithm);
+  at::Tensor y = at::empty({B, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const int64_t tiles = B * ((H + 1) / 2) * ((W + 1) / 2);
+  const int64_t chunk = std::max<int64_t>(6, std::min<int64_t>(96, 16384 / (Cin + Cout)));
+  const float* px = x.data_ptr<float>();
+  const float* pu = u.data_ptr<float>();
+  const float* pb = data_or_null(bias);
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, tiles, 6, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> scratch(new float[16 * std::min(chunk, end - begin) * (Cin + Cout)]);
+    for (int64_t t = begin; t < end; t += chunk)
+      winograd_tiles(px, H, W, Cin, pu, Cout, pb, kind, t, std::min(t + chunk, end), scratch.get(), py);
+  });
+  return y;
+}
+
+
 // A convolution whose kernel is its stride (a ViT's patch embedding) is a product of the image's patches, each
 // flattened (channel, row, column) as the weight is, with the weight. Each block of patch rows is gathered from the
 // image (NCHW) into a scratch block and multiplied by the panels; the output comes tokens first (B, Hp·Wp, N), the
@@ -2003,6 +2120,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("rows_linear_add_(Tensor(a!) residual, Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) "
         "-> Tensor(a!)");
   m.def("patch_embed(Tensor x, Tensor panels, Tensor? bias, int ph, int pw) -> Tensor");
+  m.def("winograd3x3(Tensor x, Tensor u, Tensor? bias, str act, str algorithm) -> Tensor");
   m.def("depthwise3x3(Tensor x, Tensor w9, Tensor? bias, int stride, str act, str algorithm, int multiplier=1) "
         "-> Tensor");
   m.def("token_blocks(Tensor x, Tensor?[] params, int[] heads, float[] scales, float[] eps, str[] acts, "
@@ -2027,6 +2145,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("rows_linear_add_", &rows_linear_add_);
   m.impl("patch_embed", &patch_embed);
   m.impl("depthwise3x3", &depthwise3x3);
+  m.impl("winograd3x3", &winograd3x3);
   m.impl("token_blocks", &token_blocks);
   m.impl("conv_token_blocks", &conv_token_blocks);
   m.impl("former_tokens", &former_tokens_op);
@@ -2051,6 +2170,9 @@ _ENTRIES = (
      "const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N, const float* bias, "
      "const float* res, int64_t ldr, float* c, int64_t ldc, int act"),
     (None, (), "gelu_values", "const float* x, const float* g, float* y, int64_t n"),
+    (None, (), "winograd_tiles",
+     "const float* x, int64_t H, int64_t W, int64_t Cin, const float* u, int64_t Cout, const float* bias, int act, "
+     "int64_t t0, int64_t t1, float* scratch, float* y"),
     (None, (), "layer_norm_rows",
      "const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps, float* y"),
     ("int ACT", ("ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_RELU", "ACT_SWISH"), "depthwise_row",
@@ -2309,6 +2431,30 @@ def depthwise3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, s
     channels-last. With a channel multiplier m the m·C outputs come in m groups of C, output j·C + g reading input
     channel g (the grouped convolution's output g·m + j: `models.mobile_former._MultiplierDepthwise`'s order)."""
     return _STATE["ops"].depthwise3x3(x, w9, bias, stride, act, algorithm, multiplier)
+
+
+# Winograd's F(2×2, 3×3) weight transform G·g·Gᵀ
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(w: torch.Tensor) -> torch.Tensor:
+    """A 3×3 convolution's weight (Cout, Cin, 3, 3), Cout a multiple of 16, as `winograd3x3` takes it: the 16
+    matrices (Cout, Cin) of G·g·Gᵀ (computed in float64), each packed by `pack_panels`, stacked (16, Cout, Cin)."""
+    if w.dim() != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[0] % 16 or not w.is_floating_point():
+        raise ValueError(f"winograd_weight: w must be a floating-point (Cout, Cin, 3, 3) weight with Cout a multiple "
+                         f"of 16, got {tuple(w.shape)} {w.dtype}")
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64)
+    u = torch.einsum("ak,oikl,bl->aboi", g, w.detach().double().cpu(), g).float()   # (4, 4, Cout, Cin)
+    return torch.stack([pack_panels(u[i, j].contiguous()) for i in range(4) for j in range(4)]).view(
+        16, w.shape[0], w.shape[1])
+
+
+def winograd3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, act: str = "none",
+                algorithm: str = "") -> torch.Tensor:
+    """act(3×3 convolution, stride 1, padding 1, + bias) of a channels-last float32 map x (B, Cin, H, W), Cin a
+    multiple of 16, by Winograd's F(2×2, 3×3): 2.25x fewer multiplies than the direct convolution; u from
+    `winograd_weight`; act as `rows_linear`'s; the output channels-last."""
+    return _STATE["ops"].winograd3x3(x, u, bias, act, algorithm)
 
 
 def patch_embed(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, ph: int, pw: int) -> torch.Tensor:

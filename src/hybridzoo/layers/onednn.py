@@ -169,7 +169,8 @@ class OneDNNConv2d(nn.Module):
 
     On CPUs with AVX-512 or AVX2, in fp32 (`_native_call`): the pointwise product runs on the native panel kernel, a
     patch embedding (kernel = stride, `patchify`) on `native.patch_embed` and a depthwise 3×3 convolution on
-    `native.depthwise3x3`, where their activation has an epilogue there and the outputs are a multiple of 16.
+    `native.depthwise3x3`, and a dense 3×3 stride-1 convolution (padding 1) on `native.winograd3x3`, where their
+    activation has an epilogue there and the channels are a multiple of 16.
     """
 
     MAX_PACKED_SHAPES = 4
@@ -177,6 +178,8 @@ class OneDNNConv2d(nn.Module):
     # False: 1×1 convolutions without a residual run as shape-packed convolutions too (measured level with the
     # inner product on whole BoT50 / CoAtNet-0 at batch 32 and 1, so the inner product stays; benchmarks/infer_levers.py)
     INNER_PRODUCT_1X1 = True
+    # False: dense 3×3 stride-1 convolutions stay on oneDNN's direct convolution (for A/B measurements)
+    WINOGRAD_3X3 = True
 
     def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None = None,
                  act: nn.Module | None = None, batch_hint: int | None = None,
@@ -224,6 +227,15 @@ class OneDNNConv2d(nn.Module):
                 and self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0
                 and native.load() and native.attention_supported()):
             self.depthwise_taps = w.reshape(self.out_channels, 9).t().contiguous()
+        # a dense 3×3 convolution, stride 1, padding 1: Winograd's F(2×2, 3×3) on the native kernels where it has
+        # the activation (2.25x fewer multiplies; 1.8-1.95x oneDNN's convolution on BoT50's shapes at batch 1, 1.4x
+        # on CoAtNet-0's stem at 112², Zen 3; benchmarks/RESULTS.md, session 20)
+        self.winograd_weight = None
+        if (tuple(self.kernel_size) == (3, 3) and self.padding == [1, 1] and self.stride == [1, 1]
+                and self.dilation == [1, 1] and self.groups == 1 and self.in_channels % 16 == 0
+                and self.out_channels % 16 == 0 and self.attr in ("none", "relu", "gelu", "swish")
+                and native.load() and native.attention_supported()):
+            self.winograd_weight = native.winograd_weight(w)
         self.packed_bias = None if b is None else b.contiguous()
         # the original tensors stay reachable for code that reads `conv.weight` (the forward uses the packed one)
         self.weight = conv.weight.detach()
@@ -245,6 +257,10 @@ class OneDNNConv2d(nn.Module):
                     self._packed.pop(next(iter(self._packed)))
                 self._packed[key] = w
         return w
+
+    @property
+    def _winograd(self) -> bool:
+        return self.winograd_weight is not None and self.WINOGRAD_3X3
 
     def _on_panels(self, x: torch.Tensor, other: torch.Tensor | None) -> bool:
         """Whether forward(x, other) runs the native panel product (a pointwise convolution's packed weight)."""
@@ -273,9 +289,12 @@ class OneDNNConv2d(nn.Module):
         _check_frozen_input(x, "OneDNNConv2d")
         if x.dim() != 4:
             raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
-        if other is None and (self.patchify or self.depthwise_taps is not None) and _native_call(x):
+        if other is None and (self.patchify or self.depthwise_taps is not None or self._winograd) and _native_call(x):
             if self.patchify:
                 return self._patch_embed(x)
+            if self._winograd:
+                return native.winograd3x3(x.contiguous(memory_format=torch.channels_last), self.winograd_weight,
+                                          self.packed_bias, self.attr, self.algorithm)
             return native.depthwise3x3(x.contiguous(memory_format=torch.channels_last), self.depthwise_taps,
                                        self.packed_bias, self.stride[0], self.attr, self.algorithm)
         x = x.contiguous(memory_format=torch.channels_last)
