@@ -400,12 +400,15 @@ def test_squeeze_excitation_freezes_to_products_on_the_pooled_rows(act, bias):
         gate, ref = se.gate_of(x), se(x)
         assert gate.shape == (3, 48, 1, 1) and float(gate.std()) > 1e-3
         torch.testing.assert_close(frozen.gate_of(x), gate, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(frozen.gate_of_mean(x.mean((2, 3))), gate, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(se.gate_of_mean(x.mean((2, 3))), gate, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(fast(x), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_coatnet_folds_each_se_gate_into_the_projection_for_one_image(monkeypatch):
     """At batch 1 every MBConv's SE gate scales conv3's packed weight (`native.scale_panels`), not conv2's output,
-    and the model still gives eager's outputs."""
+    its pooling summed by the depthwise kernel (`native.depthwise3x3_pooled`), and the model still gives eager's
+    outputs."""
     from hybridzoo.layers import native
     from hybridzoo.models.coatnet import _FrozenMBConv
     if not (native.load() and native.attention_supported()):
@@ -417,6 +420,9 @@ def test_coatnet_folds_each_se_gate_into_the_projection_for_one_image(monkeypatc
     calls = []
     real = native.scale_panels
     monkeypatch.setattr(native, "scale_panels", lambda p, s: calls.append(s.numel()) or real(p, s))
+    pooled = []
+    real_pooled = native.depthwise3x3_pooled
+    monkeypatch.setattr(native, "depthwise3x3_pooled", lambda x, *a: pooled.append(x.shape[1]) or real_pooled(x, *a))
     fast = _compare(model, torch.randn(1, *card.test_input_size))   # runs the frozen copy twice
     gated = [b.conv3.in_channels for b in fast.modules() if isinstance(b, _FrozenMBConv)]
-    assert gated and calls == 2 * gated
+    assert gated and calls == 2 * gated and pooled == 2 * gated

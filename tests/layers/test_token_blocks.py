@@ -566,6 +566,16 @@ def test_depthwise3x3_is_the_grouped_convolution(kernels, threads, B, C, H, W, s
                               stride=stride, padding=1, groups=C))
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    # with each image's channel means, summed by the kernel as it stores the rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pooled, mean = kernels.depthwise3x3_pooled(x, taps, None if conv.bias is None else conv.bias.detach(), stride,
+                                                   *_act_args(act))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(pooled, out) and mean.shape == (B, C)
+    torch.testing.assert_close(mean, ref.mean((2, 3)).float(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -590,6 +600,9 @@ def test_depthwise3x3_with_a_multiplier_is_the_grouped_convolution(kernels, thre
                               groups=C))[:, order]
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    _, mean = kernels.depthwise3x3_pooled(x, taps, conv.bias.detach()[order].contiguous(), stride, *_act_args(act),
+                                          multiplier=m)
+    torch.testing.assert_close(mean, ref.mean((2, 3)).float(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -608,8 +621,17 @@ def test_depthwise3x3_with_a_multiplier_is_the_grouped_convolution(kernels, thre
       "none", "", 2), r"w9 must be contiguous float32 \(9, 32\)"),
 ])
 def test_depthwise3x3_names_what_is_wrong(kernels, args, words):
-    with pytest.raises(RuntimeError, match=words):
+    with pytest.raises(RuntimeError, match="depthwise3x3: .*" + words):
         kernels.depthwise3x3(*args)
+    with pytest.raises(RuntimeError, match="depthwise3x3_pooled: .*" + words):
+        kernels.depthwise3x3_pooled(*args)
+
+
+def test_the_pooled_depthwise_of_an_empty_map_is_nan(kernels):
+    x = torch.randn(2, 16, 0, 5).contiguous(memory_format=torch.channels_last)
+    y, mean = kernels.depthwise3x3_pooled(x, torch.randn(9, 16), None, 1)
+    assert y.shape == (2, 16, 0, 5) and mean.shape == (2, 16) and bool(mean.isnan().all())
+    assert bool(x.mean((2, 3)).isnan().all())   # as ATen's mean
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
@@ -632,6 +654,17 @@ def test_frozen_depthwise_convolutions_take_the_native_kernel(kernels, monkeypat
     assert calls == [(2, 32, 9, 8)] and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(onednn, ref, rtol=1e-5, atol=1e-5)
+    # with the channel means: the kernel's own (depthwise3x3 not called), or a pass over oneDNN's output
+    pooled_calls = []
+    real_pooled = native.depthwise3x3_pooled
+    monkeypatch.setattr(native, "depthwise3x3_pooled", lambda x, *a: pooled_calls.append(1) or real_pooled(x, *a))
+    with torch.inference_mode():
+        for taps in (None, OneDNNConv2d(conv, bn, torch.nn.GELU()).depthwise_taps):
+            frozen.depthwise_taps = taps
+            y, mean = frozen.forward_pooled(x)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mean, ref.mean((2, 3)), rtol=1e-5, atol=1e-6)
+    assert pooled_calls == [1] and calls == [(2, 32, 9, 8)]
     for other in (torch.nn.Conv2d(32, 32, 5, 1, 2, groups=32), torch.nn.Conv2d(32, 32, 3, 3, 1, groups=32),
                   torch.nn.Conv2d(32, 32, 3, 1, 1, groups=2)):
         assert OneDNNConv2d(other).depthwise_taps is None

@@ -50,7 +50,11 @@ class SqueezeExcite(nn.Module):
 
     def gate_of(self, x: torch.Tensor) -> torch.Tensor:
         """The B×C×1×1 gate for x."""
-        return self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.gate_of_mean(x.mean((2, 3)))
+
+    def gate_of_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """The B×C×1×1 gate for a map whose channel means (B, C) are `mean`."""
+        return self.gate(self.fc2(self.act(self.fc1(mean[:, :, None, None]))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate_of(x)
@@ -76,7 +80,11 @@ class _FrozenSqueezeExcite(nn.Module):
 
     def gate_of(self, x: torch.Tensor) -> torch.Tensor:
         """The B×C×1×1 gate for x."""
-        g = self.gate(F.linear(self.act(F.linear(x.mean((2, 3)), self.w1, self.b1)), self.w2, self.b2))
+        return self.gate_of_mean(x.mean((2, 3)))
+
+    def gate_of_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """The B×C×1×1 gate for a map whose channel means (B, C) are `mean`."""
+        g = self.gate(F.linear(self.act(F.linear(mean, self.w1, self.b1)), self.w2, self.b2))
         return g.view(*g.shape, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

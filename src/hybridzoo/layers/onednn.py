@@ -284,6 +284,18 @@ class OneDNNConv2d(nn.Module):
             return self._forward(x, other, inplace, panels)
         return self._forward(x.mul_(gate) if x_owned else x * gate, other, inplace, self.panels)
 
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(x), its channel means (B, C)): on the native depthwise kernel the means are summed as the
+        output is stored (`native.depthwise3x3_pooled`), otherwise a pass over the output."""
+        if self.depthwise_taps is not None and _native_call(x):
+            _check_frozen_input(x, "OneDNNConv2d")
+            if x.dim() != 4:
+                raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
+            return native.depthwise3x3_pooled(x.contiguous(memory_format=torch.channels_last), self.depthwise_taps,
+                                              self.packed_bias, self.stride[0], self.attr, self.algorithm)
+        y = self(x)
+        return y, y.mean((2, 3))
+
     def _forward(self, x: torch.Tensor, other: torch.Tensor | None, inplace: bool,
                  panels: torch.Tensor | None) -> torch.Tensor:
         _check_frozen_input(x, "OneDNNConv2d")

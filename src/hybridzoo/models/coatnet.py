@@ -137,11 +137,13 @@ class _FrozenMBConv(nn.Module):
 
     def forward(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
         x, y = self.pooled_inputs(x)
-        y = self.conv2(self.conv1(y))
+        # the SE's pooling summed by the depthwise kernel as it stores conv2's output (no second pass over it)
+        y, pooled = self.conv2.forward_pooled(self.conv1(y))
         fresh = owned or self.stride == 2 or not isinstance(self.shortcut, nn.Identity)
         # the SE gate scales conv3's input: for one image folded into conv3's packed weight, else applied to
         # conv2's output in place (it is ours: no second buffer)
-        return self.conv3.forward_gated(y, self.se.gate_of(y), self.shortcut(x), inplace=fresh, x_owned=True)
+        return self.conv3.forward_gated(y, self.se.gate_of_mean(pooled), self.shortcut(x), inplace=fresh,
+                                        x_owned=True)
 
 
 def relative_position_index(height: int, width: int, device=None) -> torch.Tensor:
