@@ -148,3 +148,11 @@ def test_frozen_bot50_runs_its_3x3_convolutions_on_winograd(kernels, monkeypatch
     assert len(dense) == 3 and len(calls) == 3
     assert sum(isinstance(m, OneDNNConv2d) and m.winograd_weight is not None for m in fast.modules()) == 3
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    # a batch of 5 on two threads: split into parts, each on a thread of its own calling the kernel at one thread
+    x = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        _threads(2, lambda: fast(x))   # the first batch of a shape also probes one image's memory (one more forward)
+        calls.clear()
+        ref, out = model(x), _threads(2, lambda: fast(x))
+    assert len(calls) == 6 and sorted({c[0] for c in calls}) == [2, 3]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
