@@ -1,10 +1,10 @@
-"""Dense 3×3 convolutions (stride 1, padding 1) by Winograd's F(2×2, 3×3) on the native kernels
+"""Dense 3×3 convolutions (stride 1, padding 1) by Winograd's F(2×2, 3×3) and F(4×4, 3×3) on the native kernels
 (`native.winograd_weight`, `native.winograd3x3`) and the frozen path's use of them (`OneDNNConv2d`).
 
-Checked against the convolution in float64: partial tiles at odd heights and widths, maps of one pixel, a thread's
-share of the tiles running across images and in several passes, a last panel narrower than 64 outputs, every
-epilogue activation; the weight transform against G·g·Gᵀ written out; the errors; which frozen convolutions take
-the kernel, and BoT50's frozen model through it.
+Checked against the convolution in float64: partial tiles at sides that are not a multiple of the tile, maps of one
+pixel, a thread's share of the tiles running across images and in several passes, a last panel narrower than 64
+outputs, every epilogue activation; the weight transforms against G·g·Gᵀ written out; the errors; which frozen
+convolutions take the kernel, and BoT50's frozen model through it.
 """
 
 from __future__ import annotations
@@ -35,38 +35,52 @@ def _threads(n: int, fn):
         torch.set_num_threads(before)
 
 
+# the 4×4 tile's transforms have larger coefficients (up to 8, and 1/24 in G): errors ~10x the 2×2 tile's
+_ATOL = {2: 2e-5, 4: 1e-4}
+
+
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("B, Cin, Cout, H, W", [
     (1, 64, 64, 14, 14),     # BoT50's stage-3 shape, reduced
     (2, 16, 80, 7, 9),       # odd sides: partial tiles; 80 outputs: a last panel of 16
     (1, 48, 16, 1, 1),       # one pixel: the tile's other three outputs are off the map
     (3, 32, 48, 5, 2),       # a thread's tiles run across images
-    (1, 16, 16, 40, 36),     # 360 tiles: each thread's share in several passes
+    (1, 16, 16, 40, 36),     # 360 / 90 tiles: each thread's share in several passes
+    (2, 16, 16, 6, 13),      # sides 2 and 1 past a multiple of 4
 ])
 @pytest.mark.parametrize("act", list(_ACTS))
-def test_winograd3x3_is_the_convolution(kernels, threads, B, Cin, Cout, H, W, act):
+def test_winograd3x3_is_the_convolution(kernels, tile, threads, B, Cin, Cout, H, W, act):
     torch.manual_seed(B * Cin + H)
     conv = torch.nn.Conv2d(Cin, Cout, 3, 1, 1, bias=Cout != 48)
     x = torch.randn(B, Cin, H, W).contiguous(memory_format=torch.channels_last)
     bias = None if conv.bias is None else conv.bias.detach()
-    u = kernels.winograd_weight(conv.weight)
+    u = kernels.winograd_weight(conv.weight, tile)
+    assert u.shape == ((tile + 2) ** 2, Cout, Cin)
     out = _threads(threads, lambda: kernels.winograd3x3(x, u, bias, *_act_args(act)))
     ref = _ACTS[act](F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), padding=1))
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=_ATOL[tile])
 
 
-def test_the_weight_transform_is_g_w_gt_packed(kernels):
-    """Position (i, j) of the 4×4 transform: Σ G[i][k]·w[k][l]·G[j][l], each (Cout, Cin) matrix as pack_panels lays it."""
+_G = {2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+      4: [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+          [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]}
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_the_weight_transform_is_g_w_gt_packed(kernels, tile):
+    """Position (i, j) of the transform: Σ G[i][k]·w[k][l]·G[j][l], each (Cout, Cin) matrix as pack_panels lays it."""
     torch.manual_seed(1)
     w = torch.randn(80, 24, 3, 3)
-    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-    u = kernels.winograd_weight(w)
-    assert u.shape == (16, 80, 24) and u.dtype == torch.float32
-    for i in range(4):
-        for j in range(4):
+    g = torch.tensor(_G[tile], dtype=torch.float64)
+    d = tile + 2
+    u = kernels.winograd_weight(w, tile)
+    assert u.shape == (d * d, 80, 24) and u.dtype == torch.float32
+    for i in range(d):
+        for j in range(d):
             ref = sum(g[i, k] * g[j, ll] * w[:, :, k, ll].double() for k in range(3) for ll in range(3))
-            torch.testing.assert_close(u[4 * i + j].reshape(-1), kernels.pack_panels(ref.float()), rtol=0, atol=1e-6)
+            torch.testing.assert_close(u[d * i + j].reshape(-1), kernels.pack_panels(ref.float()), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("w", [torch.randn(16, 8, 5, 5), torch.randn(24, 8, 3, 3), torch.randn(16, 8, 3),
@@ -74,6 +88,8 @@ def test_the_weight_transform_is_g_w_gt_packed(kernels):
 def test_the_weight_transform_names_what_is_wrong(kernels, w):
     with pytest.raises(ValueError, match=r"\(Cout, Cin, 3, 3\) weight with Cout a multiple of 16, got"):
         kernels.winograd_weight(w)
+    with pytest.raises(ValueError, match="tile must be 2 or 4, got 3"):
+        kernels.winograd_weight(torch.randn(16, 8, 3, 3), 3)
 
 
 def _x(C=16, layout=torch.channels_last):
@@ -83,8 +99,8 @@ def _x(C=16, layout=torch.channels_last):
 @pytest.mark.parametrize("args, words", [
     ((_x(layout=torch.contiguous_format), torch.zeros(16, 16, 16), None, "none", ""), "channels-last"),
     ((_x(24), torch.zeros(16, 16, 24), None, "none", ""), "multiple of 16"),
-    ((_x(), torch.zeros(9, 16, 16), None, "none", ""), r"u must be a contiguous float32 \(16, Cout, 16\)"),
-    ((_x(), torch.zeros(16, 16, 32), None, "none", ""), r"u must be a contiguous float32 \(16, Cout, 16\)"),
+    ((_x(), torch.zeros(25, 16, 16), None, "none", ""), r"u must be a contiguous float32 \(16 or 36, Cout, 16\)"),
+    ((_x(), torch.zeros(36, 16, 32), None, "none", ""), r"u must be a contiguous float32 \(16 or 36, Cout, 16\)"),
     ((_x(), torch.zeros(16, 24, 16), None, "none", ""), "Cout a multiple of 16"),
     ((_x(), torch.zeros(16, 16, 16), torch.zeros(8), "none", ""), r"bias must be contiguous float32 \(16\)"),
     ((_x(), torch.zeros(16, 16, 16), None, "hardswish", ""), "act must be"),
@@ -111,6 +127,7 @@ def test_frozen_3x3_convolutions_take_winograd(kernels, monkeypatch):
     conv, bn = torch.nn.Conv2d(32, 48, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(48).eval()
     perturb(bn)
     frozen = OneDNNConv2d(conv, bn, torch.nn.ReLU())
+    assert frozen.winograd_weight.shape == (36, 48, 32)   # 4×4 tiles by default
     x = torch.randn(2, 32, 9, 8)   # NCHW in: made channels-last on the way
     with torch.inference_mode():
         out = frozen(x)

@@ -18,8 +18,9 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   measured, most at batch 1 (`OneDNNLinear`, 1×1 convolutions); `scale_panels` scales a packed weight's inputs
   (a per-image channel gate on the product's input); `patch_embed` (a convolution whose kernel is its
   stride) gathers the patches into rows for it; `depthwise3x3`: depthwise 3×3 convolutions, channels-last;
-  `winograd3x3`: dense 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3), 16 products over the channels on that
-  product kernel (2.25x fewer multiplies), the weight transformed once by `winograd_weight`;
+  `winograd3x3`: dense 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3) or F(4×4, 3×3), 16 or 36 products
+  over the channels on that product kernel (2.25x or 4x fewer multiplies), the weight transformed once by
+  `winograd_weight`;
 - `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
   that meets once per block (`layers.onednn_tokens`); `conv_token_blocks`: the same for CvT's blocks, whose
   convolutional projections make the team meet twice per block.
@@ -830,81 +831,115 @@ void panel_linear(HZ_ARGS_panel_linear) {
 }
 
 
-// ---- 3×3 convolutions, stride 1, padding 1, by Winograd's F(2×2, 3×3) -------------------------------------------
-// Each 2×2 block of outputs (a tile) is computed from the 4×4 inputs around it (Lavin and Gray, 2016): per input
-// channel V = Bᵀ·d·B; for each of the 16 positions e of the 4×4 transform one product over the channels,
-// M_e (tiles × Cout) = V_e (tiles × Cin) · U_e, U = G·g·Gᵀ from the weight (`winograd_weight`, once); then
-// Y = Aᵀ·M·A. 16 multiplies per output pair of channels for a 2×2 tile where the direct convolution does 36: 2.25x
-// fewer, for the additions of the two transforms. The tiles t0..t1 (numbered over the batch, row-major over each
-// image's ⌈H/2⌉ × ⌈W/2⌉ grid) go in one pass: their V and M in `scratch` (16·n·(Cin + Cout) floats, n = t1 − t0).
-//   Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]   Aᵀ = [1 1 1 0; 0 1 −1 −1]   G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]
-template <int ACT>
+// ---- 3×3 convolutions, stride 1, padding 1, by Winograd's minimal filtering ------------------------------------
+// F(T×T, 3×3) (Lavin and Gray, 2016): each T×T block of outputs (a tile) is computed from the (T+2)×(T+2) inputs
+// around it. Per input channel V = Bᵀ·d·B; for each of the (T+2)² positions e of the transform one product over the
+// channels, M_e (tiles × Cout) = V_e (tiles × Cin) · U_e, U = G·g·Gᵀ from the weight (`winograd_weight`, once); then
+// Y = Aᵀ·M·A. Per output and pair of channels that is (T+2)²/T² multiplies instead of 9: 2.25x fewer for T = 2,
+// 4x for T = 4, for the additions of the two transforms. The tiles t0..t1 (numbered over the batch, row-major over
+// each image's ⌈H/T⌉ × ⌈W/T⌉ grid) go in one pass: their V and M in `scratch` ((T+2)²·n·(Cin + Cout) floats).
+//   T = 2: Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]   Aᵀ = [1 1 1 0; 0 1 −1 −1]
+//   T = 4: Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0; 0 2 −1 −2 1 0; 0 4 0 −5 0 1]
+//          Aᵀ = [1 1 1 1 1 0; 0 1 −1 2 −2 0; 0 1 1 4 4 0; 0 1 −1 8 −8 1]
+
+// r = Bᵀ·d for one column of T + 2 inputs (d and r T + 2 apart by `s`)
+template <int T>
+HZ_INLINE void winograd_in(const vec* d, int s, vec* r) {
+  if constexpr (T == 2) {
+    r[0] = d[0] - d[2 * s];
+    r[s] = d[s] + d[2 * s];
+    r[2 * s] = d[2 * s] - d[s];
+    r[3 * s] = d[s] - d[3 * s];
+  } else {
+    const vec a = d[4 * s] - 4.0f * d[2 * s], b = d[3 * s] - 4.0f * d[s];
+    const vec c = d[4 * s] - d[2 * s], e = 2.0f * (d[3 * s] - d[s]);
+    r[0] = 4.0f * d[0] - 5.0f * d[2 * s] + d[4 * s];
+    r[s] = a + b;
+    r[2 * s] = a - b;
+    r[3 * s] = c + e;
+    r[4 * s] = c - e;
+    r[5 * s] = 4.0f * d[s] - 5.0f * d[3 * s] + d[5 * s];
+  }
+}
+
+// o = Aᵀ·m for one column of T + 2 values (m and o T + 2 apart by `s`)
+template <int T>
+HZ_INLINE void winograd_out_column(const vec* m, int s, vec* o) {
+  if constexpr (T == 2) {
+    o[0] = m[0] + m[s] + m[2 * s];
+    o[s] = m[s] - m[2 * s] - m[3 * s];
+  } else {
+    const vec a = m[s] + m[2 * s], b = m[s] - m[2 * s], c = m[3 * s] + m[4 * s], e = m[3 * s] - m[4 * s];
+    o[0] = m[0] + a + c;
+    o[s] = b + 2.0f * e;
+    o[2 * s] = a + 4.0f * c;
+    o[3 * s] = b + 8.0f * e + m[5 * s];
+  }
+}
+
+template <int T, int ACT>
 static void winograd_out(const float* mm, int64_t n, int64_t H, int64_t W, int64_t Cout, const float* bias,
                          int64_t t0, float* y) {
-  const int64_t TW = (W + 1) / 2, per_image = (H + 1) / 2 * TW;
+  constexpr int D = T + 2;
+  const int64_t TW = (W + T - 1) / T, per_image = (H + T - 1) / T * TW;
   for (int64_t t = t0; t < t0 + n; ++t) {
-    const int64_t b = t / per_image, h0 = t % per_image / TW * 2, w0 = t % TW * 2;
+    const int64_t b = t / per_image, h0 = t % per_image / TW * T, w0 = t % TW * T;
+    const int rows = static_cast<int>(std::min<int64_t>(T, H - h0)), cols = static_cast<int>(std::min<int64_t>(T, W - w0));
     float* yt = y + ((b * H + h0) * W + w0) * Cout;
-    const bool down = h0 + 1 < H, right = w0 + 1 < W;   // the tile's second row / column inside the map
     const float* mt = mm + (t - t0) * Cout;
     for (int64_t c = 0; c < Cout; c += 16) {
-      vec z[2][4];   // Aᵀ·M: two rows of four
-      for (int j = 0; j < 4; ++j) {
-        const vec m0 = hz_load(mt + (0 + j) * n * Cout + c), m1 = hz_load(mt + (4 + j) * n * Cout + c);
-        const vec m2 = hz_load(mt + (8 + j) * n * Cout + c), m3 = hz_load(mt + (12 + j) * n * Cout + c);
-        z[0][j] = m0 + m1 + m2;
-        z[1][j] = m1 - m2 - m3;
-      }
+      vec m[D * D], z[T * D], o[T * T];
+      for (int e = 0; e < D * D; ++e) m[e] = hz_load(mt + e * n * Cout + c);
+      for (int j = 0; j < D; ++j) winograd_out_column<T>(m + j, D, z + j);   // Aᵀ·M: T rows of D
+      for (int i = 0; i < T; ++i) winograd_out_column<T>(z + i * D, 1, o + i * T);   // ·A
       const vec bv = bias ? hz_load(bias + c) : hz_splat(0.0f);
-      for (int i = 0; i < 2; ++i) {
-        if (i == 1 && !down) break;
-        float* yr = yt + i * W * Cout + c;
-        hz_store(yr, hz_act<ACT>(z[i][0] + z[i][1] + z[i][2] + bv));
-        if (right) hz_store(yr + Cout, hz_act<ACT>(z[i][1] - z[i][2] - z[i][3] + bv));
-      }
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) hz_store(yt + (i * W + j) * Cout + c, hz_act<ACT>(o[i * T + j] + bv));
     }
   }
 }
 
-void winograd_tiles(HZ_ARGS_winograd_tiles) {
-  const int64_t n = t1 - t0, TW = (W + 1) / 2, per_image = (H + 1) / 2 * TW;
-  float* v = scratch;                  // 16 × n × Cin: V_e of tile t at v + (e·n + t − t0)·Cin
-  float* mm = scratch + 16 * n * Cin;  // 16 × n × Cout
+template <int T>
+static void winograd_pass(const float* x, int64_t H, int64_t W, int64_t Cin, const float* u, int64_t Cout,
+                          const float* bias, int act, int64_t t0, int64_t t1, float* scratch, float* y) {
+  constexpr int D = T + 2;
+  const int64_t n = t1 - t0, TW = (W + T - 1) / T, per_image = (H + T - 1) / T * TW;
+  float* v = scratch;                     // D² × n × Cin: V_e of tile t at v + (e·n + t − t0)·Cin
+  float* mm = scratch + D * D * n * Cin;  // D² × n × Cout
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / per_image, h0 = t % per_image / TW * 2 - 1, w0 = t % TW * 2 - 1;
+    const int64_t b = t / per_image, h0 = t % per_image / TW * T - 1, w0 = t % TW * T - 1;
     const float* xb = x + b * H * W * Cin;
-    bool inside[4][4];   // the 4×4 inputs within the map (the rest is the zero padding)
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) inside[i][j] = h0 + i >= 0 && h0 + i < H && w0 + j >= 0 && w0 + j < W;
+    bool inside[D][D];   // the inputs within the map (the rest is the zero padding)
+    for (int i = 0; i < D; ++i)
+      for (int j = 0; j < D; ++j) inside[i][j] = h0 + i >= 0 && h0 + i < H && w0 + j >= 0 && w0 + j < W;
     float* vt = v + (t - t0) * Cin;
     for (int64_t c = 0; c < Cin; c += 16) {
-      vec d[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j)
-          d[i][j] = inside[i][j] ? hz_load(xb + ((h0 + i) * W + w0 + j) * Cin + c) : hz_splat(0.0f);
-      for (int j = 0; j < 4; ++j) {   // Bᵀ·d, in place by columns
-        const vec r0 = d[0][j] - d[2][j], r1 = d[1][j] + d[2][j], r2 = d[2][j] - d[1][j], r3 = d[1][j] - d[3][j];
-        d[0][j] = r0; d[1][j] = r1; d[2][j] = r2; d[3][j] = r3;
-      }
-      for (int i = 0; i < 4; ++i) {   // ·B
-        float* ve = vt + i * 4 * n * Cin + c;
-        hz_store(ve, d[i][0] - d[i][2]);
-        hz_store(ve + n * Cin, d[i][1] + d[i][2]);
-        hz_store(ve + 2 * n * Cin, d[i][2] - d[i][1]);
-        hz_store(ve + 3 * n * Cin, d[i][1] - d[i][3]);
-      }
+      vec d[D * D], r[D * D];
+      for (int i = 0; i < D; ++i)
+        for (int j = 0; j < D; ++j)
+          d[i * D + j] = inside[i][j] ? hz_load(xb + ((h0 + i) * W + w0 + j) * Cin + c) : hz_splat(0.0f);
+      for (int j = 0; j < D; ++j) winograd_in<T>(d + j, D, r + j);   // Bᵀ·d, by columns
+      for (int i = 0; i < D; ++i) winograd_in<T>(r + i * D, 1, d + i * D);   // ·B, by rows
+      for (int e = 0; e < D * D; ++e) hz_store(vt + e * n * Cin + c, d[e]);
     }
   }
-  for (int e = 0; e < 16; ++e)
+  for (int e = 0; e < D * D; ++e)
     panel_linear_act<ACT_NONE>(v + e * n * Cin, Cin, n, u + e * Cin * Cout, Cin, Cout, nullptr, nullptr, 0,
                                mm + e * n * Cout, Cout);
   switch (act) {
-    case ACT_GELU: winograd_out<ACT_GELU>(mm, n, H, W, Cout, bias, t0, y); break;
-    case ACT_GELU_TANH: winograd_out<ACT_GELU_TANH>(mm, n, H, W, Cout, bias, t0, y); break;
-    case ACT_RELU: winograd_out<ACT_RELU>(mm, n, H, W, Cout, bias, t0, y); break;
-    case ACT_SWISH: winograd_out<ACT_SWISH>(mm, n, H, W, Cout, bias, t0, y); break;
-    default: winograd_out<ACT_NONE>(mm, n, H, W, Cout, bias, t0, y); break;
+    case ACT_GELU: winograd_out<T, ACT_GELU>(mm, n, H, W, Cout, bias, t0, y); break;
+    case ACT_GELU_TANH: winograd_out<T, ACT_GELU_TANH>(mm, n, H, W, Cout, bias, t0, y); break;
+    case ACT_RELU: winograd_out<T, ACT_RELU>(mm, n, H, W, Cout, bias, t0, y); break;
+    case ACT_SWISH: winograd_out<T, ACT_SWISH>(mm, n, H, W, Cout, bias, t0, y); break;
+    default: winograd_out<T, ACT_NONE>(mm, n, H, W, Cout, bias, t0, y); break;
   }
+}
+
+void winograd_tiles(HZ_ARGS_winograd_tiles) {
+  if (tile == 4)
+    winograd_pass<4>(x, H, W, Cin, u, Cout, bias, act, t0, t1, scratch, y);
+  else
+    winograd_pass<2>(x, H, W, Cin, u, Cout, bias, act, t0, t1, scratch, y);
 }
 
 
@@ -1621,10 +1656,10 @@ std::tuple<at::Tensor, at::Tensor> depthwise3x3_pooled(const at::Tensor& x, cons
 }
 
 
-// y = act(3×3 convolution of x, stride 1, padding 1, + bias) by Winograd's F(2×2, 3×3) (winograd_tiles): x
-// (B, Cin, H, W) channels-last, Cin a multiple of 16; u (16, Cout, Cin) from winograd_weight, Cout a multiple of 16;
-// y (B, Cout, H, W) channels-last. Each thread takes an even share of the tiles, in passes of at most `chunk`
-// tiles whose transforms (16·chunk·(Cin + Cout) floats) stay in L2.
+// y = act(3×3 convolution of x, stride 1, padding 1, + bias) by Winograd's F(T×T, 3×3) (winograd_tiles): x
+// (B, Cin, H, W) channels-last, Cin a multiple of 16; u ((T+2)², Cout, Cin) from winograd_weight (16 positions:
+// T = 2, 36: T = 4), Cout a multiple of 16; y (B, Cout, H, W) channels-last. Each thread takes an even share of the
+// tiles, in passes of at most `chunk` tiles whose transforms ((T+2)²·chunk·(Cin + Cout) floats) stay within L2.
 at::Tensor winograd3x3(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
                        const std::string& act, const std::string& algorithm) {
   check_isa("winograd3x3");
@@ -1633,25 +1668,25 @@ at::Tensor winograd3x3(const at::Tensor& x, const at::Tensor& u, const c10::opti
               "hybridzoo_native::winograd3x3: x must be a channels-last float32 (B, C, H, W) map with C a multiple "
               "of 16, got ", x.sizes(), " ", x.scalar_type(), " strides ", x.strides());
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(2) == Cin && u.size(1) % 16 == 0 && u.size(1) > 0
-              && u.scalar_type() == at::kFloat && u.is_contiguous(),
-              "hybridzoo_native::winograd3x3: u must be a contiguous float32 (16, Cout, ", Cin, ") from "
+  TORCH_CHECK(u.dim() == 3 && (u.size(0) == 16 || u.size(0) == 36) && u.size(2) == Cin && u.size(1) % 16 == 0
+              && u.size(1) > 0 && u.scalar_type() == at::kFloat && u.is_contiguous(),
+              "hybridzoo_native::winograd3x3: u must be a contiguous float32 (16 or 36, Cout, ", Cin, ") from "
               "winograd_weight, Cout a multiple of 16, got ", u.sizes(), " ", u.scalar_type());
-  const int64_t Cout = u.size(1);
+  const int64_t Cout = u.size(1), D2 = u.size(0), T = D2 == 36 ? 4 : 2;
   check_bias("winograd3x3", bias, Cout);
   const int kind = panel_act("winograd3x3", act, algorithm);
   at::Tensor y = at::empty({B, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
-  const int64_t tiles = B * ((H + 1) / 2) * ((W + 1) / 2);
-  const int64_t chunk = std::max<int64_t>(6, std::min<int64_t>(96, 16384 / (Cin + Cout)));
+  const int64_t tiles = B * ((H + T - 1) / T) * ((W + T - 1) / T);
+  const int64_t chunk = std::max<int64_t>(6, std::min<int64_t>(96, 16 * 16384 / D2 / (Cin + Cout)));
   const float* px = x.data_ptr<float>();
   const float* pu = u.data_ptr<float>();
   const float* pb = data_or_null(bias);
   float* py = y.data_ptr<float>();
   at::parallel_for(0, tiles, 6, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> scratch(new float[16 * std::min(chunk, end - begin) * (Cin + Cout)]);
+    std::unique_ptr<float[]> scratch(new float[D2 * std::min(chunk, end - begin) * (Cin + Cout)]);
     for (int64_t t = begin; t < end; t += chunk)
-      winograd_tiles(px, H, W, Cin, pu, Cout, pb, kind, t, std::min(t + chunk, end), scratch.get(), py);
+      winograd_tiles(px, H, W, Cin, pu, Cout, pb, kind, T, t, std::min(t + chunk, end), scratch.get(), py);
   });
   return y;
 }
@@ -2220,7 +2255,7 @@ _ENTRIES = (
     (None, (), "gelu_values", "const float* x, const float* g, float* y, int64_t n"),
     (None, (), "winograd_tiles",
      "const float* x, int64_t H, int64_t W, int64_t Cin, const float* u, int64_t Cout, const float* bias, int act, "
-     "int64_t t0, int64_t t1, float* scratch, float* y"),
+     "int64_t tile, int64_t t0, int64_t t1, float* scratch, float* y"),
     (None, (), "layer_norm_rows",
      "const float* x, int64_t n, int64_t C, const float* w, const float* b, double eps, float* y"),
     ("int ACT", ("ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_RELU", "ACT_SWISH"), "depthwise_row",
@@ -2488,27 +2523,35 @@ def depthwise3x3_pooled(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | 
     return _STATE["ops"].depthwise3x3_pooled(x, w9, bias, stride, act, algorithm, multiplier)
 
 
-# Winograd's F(2×2, 3×3) weight transform G·g·Gᵀ
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# Winograd's weight transforms G·g·Gᵀ: F(2×2, 3×3) and F(4×4, 3×3)
+_WINOGRAD_G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
+}
 
 
-def winograd_weight(w: torch.Tensor) -> torch.Tensor:
-    """A 3×3 convolution's weight (Cout, Cin, 3, 3), Cout a multiple of 16, as `winograd3x3` takes it: the 16
-    matrices (Cout, Cin) of G·g·Gᵀ (computed in float64), each packed by `pack_panels`, stacked (16, Cout, Cin)."""
+def winograd_weight(w: torch.Tensor, tile: int = 2) -> torch.Tensor:
+    """A 3×3 convolution's weight (Cout, Cin, 3, 3), Cout a multiple of 16, as `winograd3x3` takes it for output tiles
+    of `tile`×`tile` (2 or 4): the (tile + 2)² matrices (Cout, Cin) of G·g·Gᵀ (computed in float64), each packed by
+    `pack_panels`, stacked ((tile + 2)², Cout, Cin)."""
     if w.dim() != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[0] % 16 or not w.is_floating_point():
         raise ValueError(f"winograd_weight: w must be a floating-point (Cout, Cin, 3, 3) weight with Cout a multiple "
                          f"of 16, got {tuple(w.shape)} {w.dtype}")
-    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64)
-    u = torch.einsum("ak,oikl,bl->aboi", g, w.detach().double().cpu(), g).float()   # (4, 4, Cout, Cin)
-    return torch.stack([pack_panels(u[i, j].contiguous()) for i in range(4) for j in range(4)]).view(
-        16, w.shape[0], w.shape[1])
+    if tile not in _WINOGRAD_G:
+        raise ValueError(f"winograd_weight: tile must be 2 or 4, got {tile!r}")
+    g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64)
+    u = torch.einsum("ak,oikl,bl->aboi", g, w.detach().double().cpu(), g).float()   # (D, D, Cout, Cin)
+    d = tile + 2
+    return torch.stack([pack_panels(u[i, j].contiguous()) for i in range(d) for j in range(d)]).view(
+        d * d, w.shape[0], w.shape[1])
 
 
 def winograd3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, act: str = "none",
                 algorithm: str = "") -> torch.Tensor:
     """act(3×3 convolution, stride 1, padding 1, + bias) of a channels-last float32 map x (B, Cin, H, W), Cin a
-    multiple of 16, by Winograd's F(2×2, 3×3): 2.25x fewer multiplies than the direct convolution; u from
-    `winograd_weight`; act as `rows_linear`'s; the output channels-last."""
+    multiple of 16, by Winograd's F(2×2, 3×3) or F(4×4, 3×3) (u's tile: 16 or 36 positions from `winograd_weight`):
+    2.25x or 4x fewer multiplies than the direct convolution; act as `rows_linear`'s; the output channels-last."""
     return _STATE["ops"].winograd3x3(x, u, bias, act, algorithm)
 
 

@@ -169,7 +169,7 @@ class OneDNNConv2d(nn.Module):
 
     On CPUs with AVX-512 or AVX2, in fp32 (`_native_call`): the pointwise product runs on the native panel kernel, a
     patch embedding (kernel = stride, `patchify`) on `native.patch_embed` and a depthwise 3×3 convolution on
-    `native.depthwise3x3`, and a dense 3×3 stride-1 convolution (padding 1) on `native.winograd3x3`, where their
+    `native.depthwise3x3`, and a dense 3×3 stride-1 convolution (padding 1) on `native.winograd3x3` (F(4×4, 3×3)), where their
     activation has an epilogue there and the channels are a multiple of 16.
     """
 
@@ -180,6 +180,9 @@ class OneDNNConv2d(nn.Module):
     INNER_PRODUCT_1X1 = True
     # False: dense 3×3 stride-1 convolutions stay on oneDNN's direct convolution (for A/B measurements)
     WINOGRAD_3X3 = True
+    # their output tiles, 4×4 (F(4×4, 3×3): 1.5× F(2×2, 3×3) from 28² up, level at 14², on Zen 3) or 2×2 (read when
+    # the layer is built)
+    WINOGRAD_TILE = 4
 
     def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None = None,
                  act: nn.Module | None = None, batch_hint: int | None = None,
@@ -227,15 +230,15 @@ class OneDNNConv2d(nn.Module):
                 and self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0
                 and native.load() and native.attention_supported()):
             self.depthwise_taps = w.reshape(self.out_channels, 9).t().contiguous()
-        # a dense 3×3 convolution, stride 1, padding 1: Winograd's F(2×2, 3×3) on the native kernels where it has
-        # the activation (2.25x fewer multiplies; 1.8-1.95x oneDNN's convolution on BoT50's shapes at batch 1, 1.4x
-        # on CoAtNet-0's stem at 112², Zen 3; benchmarks/RESULTS.md, session 20)
+        # a dense 3×3 convolution, stride 1, padding 1: Winograd's F(4×4, 3×3) on the native kernels where it has
+        # the activation (4x fewer multiplies; 2.2-3x oneDNN's convolution on BoT50's shapes at batch 1, 1.7-2.7x
+        # at 32, 2.2x on CoAtNet-0's stem at 112², Zen 3; benchmarks/RESULTS.md, session 20)
         self.winograd_weight = None
         if (tuple(self.kernel_size) == (3, 3) and self.padding == [1, 1] and self.stride == [1, 1]
                 and self.dilation == [1, 1] and self.groups == 1 and self.in_channels % 16 == 0
                 and self.out_channels % 16 == 0 and self.attr in ("none", "relu", "gelu", "swish")
                 and native.load() and native.attention_supported()):
-            self.winograd_weight = native.winograd_weight(w)
+            self.winograd_weight = native.winograd_weight(w, self.WINOGRAD_TILE)
         self.packed_bias = None if b is None else b.contiguous()
         # the original tensors stay reachable for code that reads `conv.weight` (the forward uses the packed one)
         self.weight = conv.weight.detach()
