@@ -144,6 +144,11 @@ def test_frozen_3x3_convolutions_take_winograd(kernels, monkeypatch):
                   torch.nn.Conv2d(3, 48, 3, 1, 1), torch.nn.Conv2d(32, 40, 3, 1, 1)):
         assert OneDNNConv2d(other).winograd_weight is None
     assert OneDNNConv2d(conv, act=torch.nn.Hardswish()).winograd_weight is None
+    # 4×4 tiles up to 128² channel pairs, 2×2 tiles above (fewer transformed weights to stream)
+    assert OneDNNConv2d(torch.nn.Conv2d(128, 128, 3, 1, 1)).winograd_weight.shape == (36, 128, 128)
+    assert OneDNNConv2d(torch.nn.Conv2d(128, 144, 3, 1, 1)).winograd_weight.shape == (16, 144, 128)
+    monkeypatch.setattr(OneDNNConv2d, "WINOGRAD_TILE", 2)
+    assert OneDNNConv2d(conv).winograd_weight.shape == (16, 48, 32)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")

@@ -180,9 +180,11 @@ class OneDNNConv2d(nn.Module):
     INNER_PRODUCT_1X1 = True
     # False: dense 3×3 stride-1 convolutions stay on oneDNN's direct convolution (for A/B measurements)
     WINOGRAD_3X3 = True
-    # their output tiles, 4×4 (F(4×4, 3×3): 1.5× F(2×2, 3×3) from 28² up, level at 14², on Zen 3) or 2×2 (read when
-    # the layer is built)
+    # their output tiles (read when the layer is built): 4×4 (F(4×4, 3×3), 1.5× F(2×2, 3×3) alone from 28² up on
+    # Zen 3) up to Cin·Cout = 128², 2×2 above: 4×4 tiles hold 36 transformed weights per pair of channels (2×2: 16),
+    # and inside a forward, where they come from memory, BoT50's 256² ones (9.4 MB) made the whole model 0.95×
     WINOGRAD_TILE = 4
+    WINOGRAD_TILE4_MAX_PAIRS = 128 * 128
 
     def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None = None,
                  act: nn.Module | None = None, batch_hint: int | None = None,
@@ -238,7 +240,9 @@ class OneDNNConv2d(nn.Module):
                 and self.dilation == [1, 1] and self.groups == 1 and self.in_channels % 16 == 0
                 and self.out_channels % 16 == 0 and self.attr in ("none", "relu", "gelu", "swish")
                 and native.load() and native.attention_supported()):
-            self.winograd_weight = native.winograd_weight(w, self.WINOGRAD_TILE)
+            pairs = self.in_channels * self.out_channels
+            tile = 4 if self.WINOGRAD_TILE == 4 and pairs <= self.WINOGRAD_TILE4_MAX_PAIRS else 2
+            self.winograd_weight = native.winograd_weight(w, tile)
         self.packed_bias = None if b is None else b.contiguous()
         # the original tensors stay reachable for code that reads `conv.weight` (the forward uses the packed one)
         self.weight = conv.weight.detach()
