@@ -884,7 +884,9 @@ static void winograd_out(const float* mm, int64_t n, int64_t H, int64_t W, int64
   const int64_t TW = (W + T - 1) / T, per_image = (H + T - 1) / T * TW;
   for (int64_t t = t0; t < t0 + n; ++t) {
     const int64_t b = t / per_image, h0 = t % per_image / TW * T, w0 = t % TW * T;
-    const int rows = static_cast<int>(std::min<int64_t>(T, H - h0)), cols = static_cast<int>(std::min<int64_t>(T, W - w0));
+    // the tile's outputs inside the map (a side that is not a multiple of T cuts the last tiles)
+    const int rows = static_cast<int>(std::min<int64_t>(T, H - h0));
+    const int cols = static_cast<int>(std::min<int64_t>(T, W - w0));
     float* yt = y + ((b * H + h0) * W + w0) * Cout;
     const float* mt = mm + (t - t0) * Cout;
     for (int64_t c = 0; c < Cout; c += 16) {
@@ -1659,7 +1661,8 @@ std::tuple<at::Tensor, at::Tensor> depthwise3x3_pooled(const at::Tensor& x, cons
 // y = act(3×3 convolution of x, stride 1, padding 1, + bias) by Winograd's F(T×T, 3×3) (winograd_tiles): x
 // (B, Cin, H, W) channels-last, Cin a multiple of 16; u ((T+2)², Cout, Cin) from winograd_weight (16 positions:
 // T = 2, 36: T = 4), Cout a multiple of 16; y (B, Cout, H, W) channels-last. Each thread takes an even share of the
-// tiles, in passes of at most `chunk` tiles whose transforms ((T+2)²·chunk·(Cin + Cout) floats) stay within L2.
+// tiles, in passes of at most `chunk` tiles whose transforms ((T+2)²·chunk·(Cin + Cout) floats) take about 1 MB
+// (passes of 1/4 to 4x that measured level at BoT50's shapes, Zen 3)
 at::Tensor winograd3x3(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
                        const std::string& act, const std::string& algorithm) {
   check_isa("winograd3x3");
