@@ -169,8 +169,8 @@ class OneDNNConv2d(nn.Module):
 
     On CPUs with AVX-512 or AVX2, in fp32 (`_native_call`): the pointwise product runs on the native panel kernel, a
     patch embedding (kernel = stride, `patchify`) on `native.patch_embed` and a depthwise 3×3 convolution on
-    `native.depthwise3x3`, and a dense 3×3 stride-1 convolution (padding 1) on `native.winograd3x3` (F(4×4, 3×3)), where their
-    activation has an epilogue there and the channels are a multiple of 16.
+    `native.depthwise3x3`, and a dense 3×3 stride-1 convolution (padding 1) on `native.winograd3x3` (Winograd's
+    4×4 or 2×2 output tiles), where their activation has an epilogue there and the channels are a multiple of 16.
     """
 
     MAX_PACKED_SHAPES = 4
@@ -232,9 +232,10 @@ class OneDNNConv2d(nn.Module):
                 and self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0
                 and native.load() and native.attention_supported()):
             self.depthwise_taps = w.reshape(self.out_channels, 9).t().contiguous()
-        # a dense 3×3 convolution, stride 1, padding 1: Winograd's F(4×4, 3×3) on the native kernels where it has
-        # the activation (4x fewer multiplies; 2.2-3x oneDNN's convolution on BoT50's shapes at batch 1, 1.7-2.7x
-        # at 32, 2.2x on CoAtNet-0's stem at 112², Zen 3; benchmarks/RESULTS.md, session 20)
+        # a dense 3×3 convolution, stride 1, padding 1: Winograd's minimal filtering on the native kernels where it
+        # has the activation (4×4 tiles: 4x fewer multiplies, 2.2-3x oneDNN's convolution on BoT50's 64- and
+        # 128-channel shapes at batch 1, 2.2x on CoAtNet-0's stem at 112²; 2×2 tiles: 2.25x fewer, 1.95x on its
+        # 256-channel ones; Zen 3, benchmarks/RESULTS.md, session 20)
         self.winograd_weight = None
         if (tuple(self.kernel_size) == (3, 3) and self.padding == [1, 1] and self.stride == [1, 1]
                 and self.dilation == [1, 1] and self.groups == 1 and self.in_channels % 16 == 0
@@ -295,27 +296,32 @@ class OneDNNConv2d(nn.Module):
         """(forward(x), its channel means (B, C)): on the native depthwise kernel the means are summed as the
         output is stored (`native.depthwise3x3_pooled`), otherwise a pass over the output."""
         if self.depthwise_taps is not None and _native_call(x):
-            _check_frozen_input(x, "OneDNNConv2d")
-            if x.dim() != 4:
-                raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
-            return native.depthwise3x3_pooled(x.contiguous(memory_format=torch.channels_last), self.depthwise_taps,
-                                              self.packed_bias, self.stride[0], self.attr, self.algorithm)
+            self._check_input(x)
+            return self._depthwise(x, native.depthwise3x3_pooled)
         y = self(x)
         return y, y.mean((2, 3))
 
-    def _forward(self, x: torch.Tensor, other: torch.Tensor | None, inplace: bool,
-                 panels: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _check_input(x: torch.Tensor) -> None:
         _check_frozen_input(x, "OneDNNConv2d")
         if x.dim() != 4:
             raise ValueError(f"OneDNNConv2d expects a B×C×H×W tensor, got shape {tuple(x.shape)}")
+
+    def _depthwise(self, x: torch.Tensor, op):
+        """The native depthwise kernel `op` (native.depthwise3x3 or its pooled form) on x made channels-last."""
+        return op(x.contiguous(memory_format=torch.channels_last), self.depthwise_taps, self.packed_bias,
+                  self.stride[0], self.attr, self.algorithm)
+
+    def _forward(self, x: torch.Tensor, other: torch.Tensor | None, inplace: bool,
+                 panels: torch.Tensor | None) -> torch.Tensor:
+        self._check_input(x)
         if other is None and (self.patchify or self.depthwise_taps is not None or self._winograd) and _native_call(x):
             if self.patchify:
                 return self._patch_embed(x)
             if self._winograd:
                 return native.winograd3x3(x.contiguous(memory_format=torch.channels_last), self.winograd_weight,
                                           self.packed_bias, self.attr, self.algorithm)
-            return native.depthwise3x3(x.contiguous(memory_format=torch.channels_last), self.depthwise_taps,
-                                       self.packed_bias, self.stride[0], self.attr, self.algorithm)
+            return self._depthwise(x, native.depthwise3x3)
         x = x.contiguous(memory_format=torch.channels_last)
         if other is None:
             if self.pointwise and self.INNER_PRODUCT_1X1:
