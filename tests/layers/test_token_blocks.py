@@ -548,7 +548,8 @@ def test_frozen_pointwise_convolutions_take_the_panel_product(kernels, monkeypat
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("B, C, H, W, stride", [(1, 384, 14, 14, 1), (2, 48, 7, 9, 2), (1, 16, 1, 1, 1),
-                                                 (3, 64, 10, 5, 2), (1, 32, 2, 3, 1)])
+                                                 (3, 64, 10, 5, 2), (1, 32, 2, 3, 1), (1, 32, 5, 21, 2),
+                                                 (1, 16, 3, 8, 1)])
 @pytest.mark.parametrize("act", ["none", "gelu", "relu", "swish", "gelu-tanh"])
 def test_depthwise3x3_is_the_grouped_convolution(kernels, threads, B, C, H, W, stride, act):
     torch.manual_seed(B * C + H)

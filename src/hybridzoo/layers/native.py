@@ -970,46 +970,96 @@ void layer_norm_rows(HZ_ARGS_layer_norm_rows) {
 }
 
 // ---- depthwise 3×3 convolution, channels-last --------------------------------------------------------------------
-// One output row of one image: for every pixel and every 16 channels, the 9 taps (zero padding of 1, stride s)
-// accumulated in a register from the bias, the activation applied, stored. At batch 1 oneDNN spends ~90 µs a call
-// on CvT-13's 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs. With a channel multiplier
-// (C = m · Cin outputs), output channel c reads input channel c mod Cin: the m groups of Cin outputs side by side.
-// one output pixel (ho, wo): its C channels, 16 at a time
-template <int ACT>
-HZ_INLINE void depthwise_pixel(const float* x, int64_t H, int64_t W, int64_t Cin, int64_t C, const float* w9,
-                               const float* bias, int64_t stride, int64_t ho, int64_t wo, float* out,
-                               float* sum = nullptr) {
-  for (int64_t c = 0; c < C; c += 16) {
-    const int64_t ci = c % Cin;   // the input channels these 16 outputs read
-    vec acc = bias ? hz_load(bias + c) : hz_splat(0.0f);
-    for (int64_t kh = 0; kh < 3; ++kh) {
-      const int64_t hi = ho * stride - 1 + kh;
-      if (hi < 0 || hi >= H) continue;
-      for (int64_t kw = 0; kw < 3; ++kw) {
-        const int64_t wi = wo * stride - 1 + kw;
-        if (wi < 0 || wi >= W) continue;
-        acc += hz_load(x + (hi * W + wi) * Cin + ci) * hz_load(w9 + (kh * 3 + kw) * C + c);
-      }
+// The outputs by blocks of WB pixels of a row and 16 channels: the 9 taps (zero padding of 1, stride S) accumulated
+// in registers from the bias, a kernel row's three taps loaded once for the block and each input pixel once and given
+// to every output of the block it reaches (S·(WB−1)+3 input pixels a kernel row), the activation applied, stored;
+// blocks inside the map skip the bounds tests, and the channels are the inner loop, so the rows are read in order.
+// One pixel at a time, 9 input and 9 tap loads fed 9 products and the loads bound it: the blocks run 1.2-1.8x as
+// fast (Zen 3, one thread; benchmarks/RESULTS.md, session 21). At batch 1 oneDNN spends ~90 µs a call on CvT-13's
+// 14×14×384 maps (29 calls a forward), of which the arithmetic is a few µs. With a channel multiplier (C = m · Cin
+// outputs), output channel c reads input channel c mod Cin: the m groups of Cin outputs side by side.
+// WB output pixels (ho, wo0..wo0+WB−1) of the 16 channels from c (input channels from ci), their sum added to total
+template <int ACT, int S, int WB, bool EDGE>
+HZ_INLINE void depthwise_block(const float* x, int64_t H, int64_t W, int64_t Cin, int64_t C, const float* w9,
+                               const float* bias, int64_t ho, int64_t wo0, int64_t ci, int64_t c, float* out,
+                               vec& total) {
+  constexpr int NI = S * (WB - 1) + 3;
+  vec acc[WB];
+  const vec b = bias ? hz_load(bias + c) : hz_splat(0.0f);
+  for (int j = 0; j < WB; ++j) acc[j] = b;
+  for (int64_t kh = 0; kh < 3; ++kh) {
+    const int64_t hi = ho * S - 1 + kh;
+    if (hi < 0 || hi >= H) continue;
+    const float* xr = x + hi * W * Cin + ci;
+    const vec w0 = hz_load(w9 + kh * 3 * C + c), w1 = hz_load(w9 + (kh * 3 + 1) * C + c),
+              w2 = hz_load(w9 + (kh * 3 + 2) * C + c);
+    const int64_t first = wo0 * S - 1;
+#pragma GCC unroll 16
+    for (int i = 0; i < NI; ++i) {   // input pixel first + i reaches output j through tap i − S·j
+      const int64_t wi = first + i;
+      const vec v = !EDGE || (wi >= 0 && wi < W) ? hz_load(xr + wi * Cin) : hz_splat(0.0f);
+      if (i % S == 0 && i / S < WB) acc[i / S] += v * w0;
+      if (i >= 1 && (i - 1) % S == 0 && (i - 1) / S < WB) acc[(i - 1) / S] += v * w1;
+      if (i >= 2 && (i - 2) % S == 0 && (i - 2) / S < WB) acc[(i - 2) / S] += v * w2;
     }
-    const vec y = hz_act<ACT>(acc);
-    hz_store(out + c, y);
-    if (sum) hz_store(sum + c, hz_load(sum + c) + y);
+  }
+  for (int j = 0; j < WB; ++j) {
+    const vec y = hz_act<ACT>(acc[j]);
+    hz_store(out + j * C + c, y);
+    total += y;
   }
 }
 
+// outputs (ho, w0..w1−1), all C channels, into y (w1 − w0 pixels of C); sum, where given: their C sums, added to
+template <int ACT, int S>
+HZ_INLINE void depthwise_run(const float* x, int64_t H, int64_t W, int64_t Cin, int64_t C, const float* w9,
+                             const float* bias, int64_t ho, int64_t w0, int64_t w1, float* y, float* sum) {
+  constexpr int WB = 4;
+  int64_t wo = w0;
+  for (; wo + WB <= w1; wo += WB) {
+    // a block whose inputs all lie inside the map skips the bounds tests
+    const bool edge = wo == 0 || (wo + WB - 1) * S + 1 >= W;
+    float* yb = y + (wo - w0) * C;
+    for (int64_t c = 0; c < C; c += 16) {
+      const int64_t ci = Cin == C ? c : c % Cin;   // the input channels these 16 outputs read
+      vec total = hz_splat(0.0f);
+      if (edge)
+        depthwise_block<ACT, S, WB, true>(x, H, W, Cin, C, w9, bias, ho, wo, ci, c, yb, total);
+      else
+        depthwise_block<ACT, S, WB, false>(x, H, W, Cin, C, w9, bias, ho, wo, ci, c, yb, total);
+      if (sum) hz_store(sum + c, hz_load(sum + c) + total);
+    }
+  }
+  for (; wo < w1; ++wo)
+    for (int64_t c = 0; c < C; c += 16) {
+      const int64_t ci = Cin == C ? c : c % Cin;
+      vec total = hz_splat(0.0f);
+      depthwise_block<ACT, S, 1, true>(x, H, W, Cin, C, w9, bias, ho, wo, ci, c, y + (wo - w0) * C, total);
+      if (sum) hz_store(sum + c, hz_load(sum + c) + total);
+    }
+}
+
 template <int ACT>
-// (sum, where given: the row's C output sums, added to)
+// one output row, all its channels (sum, where given: the row's C output sums, added to)
 void depthwise_row(HZ_ARGS_depthwise_row) {
-  for (int64_t wo = 0; wo < Wo; ++wo)
-    depthwise_pixel<ACT>(x, H, W, Cin, C, w9, bias, stride, ho, wo, y + wo * C, sum);
+  if (stride == 1)
+    depthwise_run<ACT, 1>(x, H, W, Cin, C, w9, bias, ho, 0, Wo, y, sum);
+  else
+    depthwise_run<ACT, 2>(x, H, W, Cin, C, w9, bias, ho, 0, Wo, y, sum);
 }
 
 // output pixels [p0, p1) of the map (row-major over Ho × Wo), no activation, into y (p1 − p0 rows of C): a thread's
 // share of a token map whose rows need not start at a map row (conv_token_blocks)
 void depthwise_pixels(HZ_ARGS_depthwise_pixels) {
   const int64_t Wo = (W - 1) / stride + 1;
-  for (int64_t p = p0; p < p1; ++p)
-    depthwise_pixel<ACT_NONE>(x, H, W, C, C, w9, bias, stride, p / Wo, p % Wo, y + (p - p0) * C);
+  for (int64_t p = p0; p < p1;) {   // the share's runs within one output row
+    const int64_t ho = p / Wo, wo = p % Wo, end = std::min(Wo, wo + (p1 - p));
+    if (stride == 1)
+      depthwise_run<ACT_NONE, 1>(x, H, W, C, C, w9, bias, ho, wo, end, y + (p - p0) * C, nullptr);
+    else
+      depthwise_run<ACT_NONE, 2>(x, H, W, C, C, w9, bias, ho, wo, end, y + (p - p0) * C, nullptr);
+    p += end - wo;
+  }
 }
 
 // ---- Mobile-Former's token side: one call per image for what is otherwise ~25 small operators -------------------
