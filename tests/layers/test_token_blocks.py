@@ -394,12 +394,14 @@ def _act_args(name: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("lead, K, N", [((1,), 192, 576), ((5,), 33, 16), ((197,), 384, 1152), ((785,), 64, 80),
-                                        ((3, 7), 48, 64), ((2, 0), 16, 16), ((49,), 3072, 48), ((26,), 1700, 96)])
+                                        ((3, 7), 48, 64), ((2, 0), 16, 16), ((49,), 3072, 48), ((26,), 1700, 96),
+                                        ((7, 7), 256, 464), ((63,), 96, 256)])
 @pytest.mark.parametrize("act", list(_ACTS))
 def test_rows_linear_is_the_linear_with_its_activation(kernels, threads, lead, K, N, act):
     """Every row block split over the threads (785 rows: blocks of 131, as many per thread), row tails (their tiles
     wider on AVX2), panels of 16-64 columns, K summed in chunks (3,072 and 1,700: more than 1,536), oneDNN's post-ops
-    in the epilogue."""
+    in the epilogue; below 64 rows with at least two panels a thread, the panels split over the threads instead (49
+    rows: 8 panels, the last 16 columns wide, 4 and 4; weights in strips from K = 256 and in rows below)."""
     torch.manual_seed(K * N)
     lin = torch.nn.Linear(K, N, bias=N != 80)
     x = torch.randn(*lead, K) * 2
@@ -413,6 +415,26 @@ def test_rows_linear_is_the_linear_with_its_activation(kernels, threads, lead, K
     ref = _ACTS[act](F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double()))
     assert out.shape == (*lead, N)
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_linear_splits_few_rows_by_panels_and_gives_the_same_values(kernels):
+    """`set_column_split_rows` returns the value before, refuses a negative count, and a product of 49 rows on two
+    threads gives the same values split by its panels (the default) as split by its rows (0)."""
+    lin = torch.nn.Linear(256, 512)
+    x, panels = torch.randn(49, 256), native.pack_panels(lin.weight.detach())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        by_panels = kernels.rows_linear(x, panels, lin.bias.detach(), "gelu", "none")
+        assert native.set_column_split_rows(0) == 64
+        by_rows = kernels.rows_linear(x, panels, lin.bias.detach(), "gelu", "none")
+        with pytest.raises(RuntimeError, match="set_column_split_rows: rows must be 0 or more, got -1"):
+            native.set_column_split_rows(-1)
+    finally:
+        assert native.set_column_split_rows(64) == 0
+        torch.set_num_threads(before)
+    assert torch.equal(by_panels, by_rows)
+    torch.testing.assert_close(by_panels, F.gelu(lin(x)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("act", list(_ACTS))
@@ -432,19 +454,25 @@ def test_the_epilogue_activations_hold_from_minus_60_to_60(kernels, act):
         torch.testing.assert_close(out, ref.float(), rtol=2e-6, atol=2e-7)
 
 
-@pytest.mark.parametrize("lead, K, N", [((49,), 3072, 48), ((26,), 1700, 96), ((3, 7), 48, 64)])
+@pytest.mark.parametrize("lead, K, N", [((49,), 3072, 48), ((26,), 1700, 96), ((3, 7), 48, 64), ((49,), 512, 400)])
 @pytest.mark.parametrize("act", ["relu", "gelu", "none"])
 def test_rows_linear_adds_a_residual_before_the_activation(kernels, lead, K, N, act):
     """act(x·Wᵀ + b + res) (a residual 1×1 convolution), into a new tensor (K summed in chunks where it is long)
-    and into the residual itself (one chunk: each output is its own residual's place)."""
+    and into the residual itself (one chunk: each output is its own residual's place); on two threads, so that 49
+    rows against 7 panels split the panels."""
     torch.manual_seed(K + N)
     lin = torch.nn.Linear(K, N)
     x, res = torch.randn(*lead, K), torch.randn(*lead, N)
     panels = native.pack_panels(lin.weight.detach())
     ref = _ACTS[act](F.linear(x.double(), lin.weight.double(), lin.bias.double()) + res.double()).float()
-    out = kernels.rows_linear(x, panels, lin.bias.detach(), *_act_args(act), res)
-    buf = res.clone()
-    into = kernels.rows_linear_add_(buf, x, panels, lin.bias.detach(), *_act_args(act))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = kernels.rows_linear(x, panels, lin.bias.detach(), *_act_args(act), res)
+        buf = res.clone()
+        into = kernels.rows_linear_add_(buf, x, panels, lin.bias.detach(), *_act_args(act))
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert into.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(buf, ref, rtol=1e-5, atol=1e-5)

@@ -65,7 +65,7 @@ from torch.autograd.function import once_differentiable
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
            "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "token_blocks",
-           "conv_token_blocks", "isa", "set_isa", "ATTENTION_HEAD_DIMS", "build_dir"]
+           "conv_token_blocks", "isa", "set_isa", "set_column_split_rows", "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -1534,6 +1534,18 @@ static int64_t row_block(int64_t rows) {
   return std::max<int64_t>(1, (rows + blocks - 1) / blocks);
 }
 
+// A product of few rows against a wide weight splits its output columns over the threads (each a run of whole
+// panels, all the rows) instead of its rows. Split by rows, every thread streams the whole weight through its
+// caches: at a 7×7 map's 49 rows (CoAtNet-0's and BoT50's last stages, 1-9 MB a weight, out of the L3 by the next
+// forward) that is twice the traffic from memory for a product that then waits on it. Below column_split_rows rows
+// (`set_column_split_rows`; 0: never), with as many panels per thread or at least two.
+static std::atomic<int64_t> column_split_rows{64};
+static bool split_columns(int64_t rows, int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t panels = (N + 63) / 64;   // at least two a thread, or as many each
+  return threads > 1 && rows < column_split_rows.load() && (panels >= 2 * threads || panels % threads == 0);
+}
+
 // N, the outputs of a weight (N, K) packed by pack_panels, after checking it and the bias (N) if there is one
 static int64_t check_panels(const char* op, const at::Tensor& panels, int64_t K,
                             const c10::optional<at::Tensor>& bias) {
@@ -1574,6 +1586,14 @@ static at::Tensor rows_linear_impl(const char* op, const at::Tensor& x, const at
   const float* pb = data_or_null(bias);
   const float* pr = res ? res->data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
+  if (split_columns(rows, N)) {
+    at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t begin, int64_t end) {
+      const int64_t n0 = begin * 64, n1 = std::min(N, end * 64);
+      panel_linear(pa, K, rows, pp + n0 * K, K, n1 - n0, pb ? pb + n0 : nullptr, pr ? pr + n0 : nullptr, N, po + n0,
+                   N, kind);
+    });
+    return out;
+  }
   const int64_t block = row_block(rows);
   at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -2234,6 +2254,13 @@ std::string set_isa(const std::string& name) {
   return isa();
 }
 
+// products of fewer rows than `rows` split their panels over the threads (rows_linear); 0: none; returns the
+// value before (for tests and interleaved A/B runs)
+int64_t set_column_split_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "hybridzoo_native::set_column_split_rows: rows must be 0 or more, got ", rows);
+  return column_split_rows.exchange(rows);
+}
+
 TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_(Tensor(a!) x, Tensor s1, Tensor s2) -> Tensor(a!)");
   m.def("tiny_linear(Tensor x, Tensor wt, Tensor b) -> Tensor");
@@ -2246,6 +2273,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("attention_supported() -> bool", &attention_supported);
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
+  m.def("set_column_split_rows(int rows) -> int", &set_column_split_rows);
   m.def("gelu(Tensor x, Tensor? grad=None) -> Tensor");
   m.def("pack_panels(Tensor w) -> Tensor");
   m.def("scale_panels(Tensor panels, Tensor s) -> Tensor");
@@ -2525,6 +2553,15 @@ def set_isa(name: str) -> str:
     now = str(_STATE["ops"].set_isa(name))
     _STATE["attention"] = now != "none"
     return now
+
+
+def set_column_split_rows(rows: int) -> int:
+    """`rows_linear` on several threads splits a product of fewer than `rows` rows (64 by default; 0: none) by
+    its weight's panels instead of its rows, when there are at least two panels a thread: each thread then streams
+    its share of the weight, not all of it. Returns the value before; for tests and interleaved A/B benchmarks."""
+    if not load():
+        raise RuntimeError("hybridzoo's native kernels are not loaded (HYBRIDZOO_NATIVE=0, or the build failed)")
+    return int(_STATE["ops"].set_column_split_rows(rows))
 
 
 def gelu(x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
