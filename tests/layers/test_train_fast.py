@@ -27,14 +27,15 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture(autouse=True)
 def onednn_products(monkeypatch):
-    """The oneDNN route under test on every CPU (the default on AVX-512 ones; AVX2-only ones default to MKL's, which
+    """The oneDNN route under test on every CPU (the default on AVX-512 ones; AVX2-only ones default to the native
+    panel kernel's, which `test_the_native_route_*` cover, and others to MKL's, which
     `test_the_mkl_route_is_f_linear_bit_for_bit` covers)."""
     monkeypatch.setattr(train_fast, "PRODUCTS", "onednn")
 
 
 @pytest.mark.parametrize("capability, env, want", [
-    ("AVX512", "", "onednn"), ("AVX512_BF16", None, "onednn"), ("AVX2", "", "mkl"), ("DEFAULT", None, "mkl"),
-    ("AVX2", "onednn", "onednn"), ("AVX512", " MKL ", "mkl"),
+    ("AVX512", "", "onednn"), ("AVX512_BF16", None, "onednn"), ("AVX2", "", "native"), ("DEFAULT", None, "mkl"),
+    ("AVX2", "onednn", "onednn"), ("AVX512", " MKL ", "mkl"), ("AVX512", "native", "native"),
 ])
 def test_the_products_route_follows_the_cpu_unless_told(monkeypatch, capability, env, want):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
@@ -48,8 +49,8 @@ def test_the_products_route_follows_the_cpu_unless_told(monkeypatch, capability,
 def test_an_unknown_products_route_is_named_and_the_cpu_decides(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setenv("HYBRIDZOO_TRAIN_PRODUCTS", "blas")
-    with pytest.warns(UserWarning, match="HYBRIDZOO_TRAIN_PRODUCTS='blas' is not one of onednn, mkl"):
-        assert train_fast._default_products() == "mkl"
+    with pytest.warns(UserWarning, match="HYBRIDZOO_TRAIN_PRODUCTS='blas' is not one of onednn, native, mkl"):
+        assert train_fast._default_products() == "native"
 
 
 def test_the_mkl_route_is_f_linear_bit_for_bit(monkeypatch):
@@ -66,6 +67,43 @@ def test_the_mkl_route_is_f_linear_bit_for_bit(monkeypatch):
     y.backward(g)
     for a, b in zip(fast.parameters(), ref.parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("shape", [(7, 32), (3, 5, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_native_route_matches_linear(monkeypatch, shape, bias):
+    """Forward and input gradient on the native panel kernel (`_NativeLinearFn`), weight gradient on MKL: the
+    values and every gradient of `nn.Linear`, fp32 rounding aside."""
+    if not (train_fast.native.load() and train_fast.native.attention_supported()):
+        pytest.skip("the native kernels do not build or run on this CPU")
+    monkeypatch.setattr(train_fast, "PRODUCTS", "native")
+    torch.manual_seed(0)
+    ref = nn.Linear(32, 48, bias=bias)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastLinear
+    x = torch.randn(*shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(*shape[:-1], 48)
+    y_ref, y = ref(x), fast(x2)
+    assert "_NativeLinearFn" in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, y_ref, **TOL)
+    y_ref.backward(g)
+    y.backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, **TOL)
+    for a, b in zip(fast.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
+def test_the_native_route_leaves_widths_off_16_to_f_linear(monkeypatch):
+    """12 → 9 features: the panel kernel's outputs come in 16s, so the plain operator runs, bit for bit."""
+    monkeypatch.setattr(train_fast, "PRODUCTS", "native")
+    torch.manual_seed(0)
+    ref = nn.Linear(12, 9)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastLinear
+    x = torch.randn(3, 12, requires_grad=True)
+    y = fast(x)
+    assert type(y.grad_fn).__name__ == type(ref(x).grad_fn).__name__ and torch.equal(y, ref(x))
 
 
 def _fast_ran(y: torch.Tensor) -> bool:

@@ -8,8 +8,10 @@ benchmarks/results_peak_epyc.json), `FastLinear` sends the forward (bias fused) 
 a contraction over all the batch's tokens, where MKL measured as fast or faster on the transformer shapes
 at one thread (split at two) — on MKL.
 The benchmarks/RESULTS.md lever table has the per-product figures. That route is taken on CPUs where PyTorch runs
-AVX-512 kernels; on AVX2-only ones (AMD Zen 3) MKL's products measured faster at one thread, forward and input
-gradient, and `FastLinear` is `F.linear` there (`PRODUCTS`, `HYBRIDZOO_TRAIN_PRODUCTS`).
+AVX-512 kernels. On AVX2-only ones (AMD Zen 3) MKL's products measured faster than oneDNN's at one thread, and the
+native panel kernel (`layers.native.rows_linear`, the weight packed at each call) faster than both: there the
+forward and input gradient run on it (`_NativeLinearFn`; widths in 16s, else `F.linear`), the weight gradient on
+MKL (`PRODUCTS`, `HYBRIDZOO_TRAIN_PRODUCTS`).
 
 `optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model with at least 128×128 weights
 (smaller ones run faster on MKL) to `FastLinear` *in place*
@@ -60,19 +62,23 @@ def fast_training_available() -> bool:
 
 def _default_products() -> str:
     """Where `FastLinear` sends its forward and input-gradient products on this CPU: "onednn" where PyTorch runs
-    AVX-512 kernels (on AMD Zen 4 oneDNN's inner product ran 1.1-1.25x MKL's sgemm, benchmarks/RESULTS.md), "mkl"
-    elsewhere: on an AVX2-only AMD Zen 3, at one thread (the batch split's), MKL's forward measured 1.05x and its input
-    gradient 1.1x oneDNN's with the transposed weight that needs (session 17). HYBRIDZOO_TRAIN_PRODUCTS=onednn|mkl
-    overrides; the choice is fixed per process, so a run's steps are the same bits on every run on one machine."""
+    AVX-512 kernels (on AMD Zen 4 oneDNN's inner product ran 1.1-1.25x MKL's sgemm, benchmarks/RESULTS.md), "native"
+    where it runs AVX2 ones: on an AVX2-only AMD Zen 3, at one thread (the batch split's), MKL's forward measured
+    1.05x and its input gradient 1.1x oneDNN's (session 17), and the native panel kernel (`native.rows_linear`, the
+    weight packed at each call) 1.1-1.35x MKL's on both (session 21); "mkl" elsewhere, and where the native kernels
+    do not build. HYBRIDZOO_TRAIN_PRODUCTS=onednn|native|mkl overrides; the choice is fixed per process, so a run's
+    steps are the same bits on every run on one machine."""
     env = os.environ.get("HYBRIDZOO_TRAIN_PRODUCTS", "").strip().lower()
-    if env in ("onednn", "mkl"):
+    if env in ("onednn", "native", "mkl"):
         return env
     if env:
-        warnings.warn(f"HYBRIDZOO_TRAIN_PRODUCTS={env!r} is not one of onednn, mkl; choosing by the CPU", stacklevel=2)
-    return "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "mkl"
+        warnings.warn(f"HYBRIDZOO_TRAIN_PRODUCTS={env!r} is not one of onednn, native, mkl; choosing by the CPU",
+                      stacklevel=2)
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "onednn" if capability.startswith("AVX512") else "native" if capability == "AVX2" else "mkl"
 
 
-# "onednn" or "mkl" (see _default_products); read at every call, so a benchmark may switch it
+# "onednn", "native" or "mkl" (see _default_products); read at every call, so a benchmark may switch it
 PRODUCTS = _default_products()
 
 
@@ -89,6 +95,32 @@ def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Te
     dw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
     db = g2.sum(0) if need_b and ctx.has_bias else None
     return dx, dw, db
+
+
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # the weight packed at each call: ~1 ms for 384 × 1536 against ~24 ms for the product of 1,576 rows (one thread)
+    return native.rows_linear(x, native.pack_panels(weight), bias, "none", "")
+
+
+def _native_fits(weight: torch.Tensor) -> bool:
+    """Both products on the panel kernel: their output widths (out and in features) in 16s, the kernels loaded."""
+    return weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0 and native.load() and native.attention_supported()
+
+
+class _NativeLinearFn(torch.autograd.Function):
+    """y = x·Wᵀ + b: forward and dx = dy·W on the native panel kernel, dW through MKL, db as a column sum."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _native_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        return _linear_grads(ctx, x, weight, grad_out, _native_linear)
 
 
 class _FastLinearFn(torch.autograd.Function):
@@ -149,9 +181,13 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     `hybridzoo::onednn_linear` (same products, see the module docstring)."""
     if (not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
-            or torch.jit.is_tracing() or torch.jit.is_scripting() or PRODUCTS != "onednn"
+            or torch.jit.is_tracing() or torch.jit.is_scripting() or PRODUCTS not in ("onednn", "native")
             or not _applies(x, weight)):
         return F.linear(x, weight, bias)
+    if PRODUCTS == "native":
+        if torch.compiler.is_compiling() or not _native_fits(weight):
+            return F.linear(x, weight, bias)
+        return _NativeLinearFn.apply(x, weight, bias)
     if torch.compiler.is_compiling():
         return onednn_linear(x, weight, bias)
     return _FastLinearFn.apply(x, weight, bias)
