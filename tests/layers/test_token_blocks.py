@@ -151,6 +151,10 @@ def test_pack_panels_lays_out_strips_of_16_columns_from_k_256(kernels):
     for j in range(5):   # strip j: columns 16j .. 16j + 15, K × 16 contiguous
         torch.testing.assert_close(p[j * 16 * 256:(j + 1) * 16 * 256].view(256, 16), w[16 * j:16 * (j + 1)].t(),
                                    rtol=0, atol=0)
+    # a transposed contiguous weight (read as it lies) and another strided one (copied first) pack the same
+    assert torch.equal(kernels.pack_panels(w.t().contiguous().t()), p)
+    wide = torch.randn(80, 512)
+    assert torch.equal(kernels.pack_panels(wide[:, ::2]), p.new_tensor(kernels.pack_panels(wide[:, ::2].contiguous())))
 
 
 @pytest.mark.parametrize("w, words", [

@@ -1488,19 +1488,34 @@ static inline int64_t panel_offset(int64_t n0, int64_t nb, int64_t K, int64_t k,
   return n0 * K + (K >= PANEL_STRIP_K ? (j / 16) * 16 * K + k * 16 + j % 16 : k * nb + j);
 }
 
+// A transposed contiguous weight (w = vᵀ, v (K, N) contiguous: a training step's input gradient, dy·W, takes the
+// panels of Wᵀ) is read as it lies: each panel row is then a run of v's row, copied whole, with no transposed copy
+// first (0.5 ms for 384 × 1536 against 5.8 with one). Otherwise w's rows are read one after the other.
 at::Tensor pack_panels(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(0) % 16 == 0 && w.size(0) > 0,
               "hybridzoo_native::pack_panels: w must be a float32 (N, K) weight with N a positive multiple of 16, "
               "got ", w.sizes(), " ", w.scalar_type());
-  const at::Tensor src = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
+  const bool transposed = K > 1 && w.stride(0) == 1 && w.stride(1) == N;
+  const at::Tensor src = transposed ? w : w.contiguous();
   at::Tensor out = at::empty({N * K}, w.options());
   const float* ps = src.data_ptr<float>();
   float* pd = out.data_ptr<float>();
+  const bool strips = K >= PANEL_STRIP_K;
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int64_t nb = std::min<int64_t>(64, N - n0);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < nb; ++j) pd[panel_offset(n0, nb, K, k, j)] = ps[(n0 + j) * K + k];
+    // a strip's 16 columns (K × 16) or, without strips, the panel's nb (K × nb): width w0 from column c0
+    for (int64_t c0 = n0; c0 < n0 + nb; c0 += strips ? 16 : nb) {
+      const int64_t width = strips ? 16 : nb;
+      float* d = pd + panel_offset(n0, nb, K, 0, c0 - n0);
+      if (transposed) {
+        for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * width, ps + k * N + c0, width * sizeof(float));
+      } else {
+        for (int64_t k0 = 0; k0 < K; k0 += 256)   // runs of each row in order, what they fill staying in cache
+          for (int64_t j = 0; j < width; ++j)
+            for (int64_t k = k0; k < std::min(K, k0 + 256); ++k) d[k * width + j] = ps[(c0 + j) * K + k];
+      }
+    }
   }
   return out;
 }

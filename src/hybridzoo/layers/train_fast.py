@@ -86,12 +86,12 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, linear):
-    """dx through `linear` (oneDNN: dx = dy·W is a linear layer with weight Wᵀ, which oneDNN wants dense),
-    dW = dyᵀ·x through MKL (faster there, see the module docstring) and db as a column sum."""
+def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, linear, dense_t: bool = True):
+    """dx through `linear` (dx = dy·W is a linear layer with weight Wᵀ: dense for oneDNN, `dense_t`), dW = dyᵀ·x
+    through MKL (faster there, see the module docstring) and db as a column sum."""
     need_x, need_w, need_b = ctx.needs_input_grad
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    dx = linear(grad_out, weight.t().contiguous(), None) if need_x else None
+    dx = linear(grad_out, weight.t().contiguous() if dense_t else weight.t(), None) if need_x else None
     dw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
     db = g2.sum(0) if need_b and ctx.has_bias else None
     return dx, dw, db
@@ -120,7 +120,8 @@ class _NativeLinearFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        return _linear_grads(ctx, x, weight, grad_out, _native_linear)
+        # Wᵀ as it lies: pack_panels reads a transposed weight without a transposed copy
+        return _linear_grads(ctx, x, weight, grad_out, _native_linear, dense_t=False)
 
 
 class _FastLinearFn(torch.autograd.Function):
