@@ -28,7 +28,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 @pytest.fixture(autouse=True)
 def onednn_products(monkeypatch):
     """The oneDNN route under test on every CPU (the default on AVX-512 ones; AVX2-only ones default to the native
-    panel kernel's, which `test_the_native_route_*` cover, and others to MKL's, which
+    panel kernel's, which `test_fast_linear_matches_linear` also covers, and others to MKL's, which
     `test_the_mkl_route_is_f_linear_bit_for_bit` covers)."""
     monkeypatch.setattr(train_fast, "PRODUCTS", "onednn")
 
@@ -53,8 +53,11 @@ def test_an_unknown_products_route_is_named_and_the_cpu_decides(monkeypatch):
         assert train_fast._default_products() == "native"
 
 
-def test_the_mkl_route_is_f_linear_bit_for_bit(monkeypatch):
-    monkeypatch.setattr(train_fast, "PRODUCTS", "mkl")
+@pytest.mark.parametrize("route", ["mkl", "native"])
+def test_the_mkl_route_is_f_linear_bit_for_bit(monkeypatch, route):
+    """MKL's route is `F.linear`; so is the native route's for 12 → 9 features (the panel kernel's outputs come in
+    16s)."""
+    monkeypatch.setattr(train_fast, "PRODUCTS", route)
     torch.manual_seed(0)
     ref = nn.Linear(12, 9)
     fast = copy.deepcopy(ref)
@@ -69,43 +72,6 @@ def test_the_mkl_route_is_f_linear_bit_for_bit(monkeypatch):
         assert torch.equal(a.grad, b.grad)
 
 
-@pytest.mark.parametrize("shape", [(7, 32), (3, 5, 32)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_the_native_route_matches_linear(monkeypatch, shape, bias):
-    """Forward and input gradient on the native panel kernel (`_NativeLinearFn`), weight gradient on MKL: the
-    values and every gradient of `nn.Linear`, fp32 rounding aside."""
-    if not (train_fast.native.load() and train_fast.native.attention_supported()):
-        pytest.skip("the native kernels do not build or run on this CPU")
-    monkeypatch.setattr(train_fast, "PRODUCTS", "native")
-    torch.manual_seed(0)
-    ref = nn.Linear(32, 48, bias=bias)
-    fast = copy.deepcopy(ref)
-    fast.__class__ = FastLinear
-    x = torch.randn(*shape, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_(True)
-    g = torch.randn(*shape[:-1], 48)
-    y_ref, y = ref(x), fast(x2)
-    assert "_NativeLinearFn" in type(y.grad_fn).__name__
-    torch.testing.assert_close(y, y_ref, **TOL)
-    y_ref.backward(g)
-    y.backward(g)
-    torch.testing.assert_close(x2.grad, x.grad, **TOL)
-    for a, b in zip(fast.parameters(), ref.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, **TOL)
-
-
-def test_the_native_route_leaves_widths_off_16_to_f_linear(monkeypatch):
-    """12 → 9 features: the panel kernel's outputs come in 16s, so the plain operator runs, bit for bit."""
-    monkeypatch.setattr(train_fast, "PRODUCTS", "native")
-    torch.manual_seed(0)
-    ref = nn.Linear(12, 9)
-    fast = copy.deepcopy(ref)
-    fast.__class__ = FastLinear
-    x = torch.randn(3, 12, requires_grad=True)
-    y = fast(x)
-    assert type(y.grad_fn).__name__ == type(ref(x).grad_fn).__name__ and torch.equal(y, ref(x))
-
-
 def _fast_ran(y: torch.Tensor) -> bool:
     return y.grad_fn is not None and "_FastLinearFn" in type(y.grad_fn).__name__
 
@@ -114,16 +80,27 @@ def _grads(params):
     return [p.grad.clone() for p in params]
 
 
-@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12), (2, 3, 4, 12)])
+@pytest.mark.parametrize("route, K, N", [("onednn", 12, 9), ("native", 32, 48)])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fast_linear_matches_linear(shape, bias):
+def test_fast_linear_matches_linear(monkeypatch, route, K, N, shape, bias):
+    """Both routes (oneDNN's forward and input gradient; the native panel kernel's, whose outputs come in 16s) give
+    `nn.Linear`'s values and gradients, the weight gradient on MKL in both."""
+    products = []
+    if route == "native":
+        if not (train_fast.native.load() and train_fast.native.attention_supported()):
+            pytest.skip("the native kernels do not build or run on this CPU")
+        real = train_fast.native.rows_linear
+        monkeypatch.setattr(train_fast.native, "rows_linear", lambda *a: products.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(train_fast, "PRODUCTS", route)
     torch.manual_seed(0)
-    ref = nn.Linear(12, 9, bias=bias)
+    ref = nn.Linear(K, N, bias=bias)
     fast = copy.deepcopy(ref)
     fast.__class__ = FastLinear
+    shape = (*shape, K)
     x = torch.randn(*shape, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
-    g = torch.randn(*shape[:-1], 9)
+    g = torch.randn(*shape[:-1], N)
     y_ref, y = ref(x), fast(x2)
     assert _fast_ran(y) and not _fast_ran(y_ref)
     torch.testing.assert_close(y, y_ref, **TOL)
@@ -132,6 +109,8 @@ def test_fast_linear_matches_linear(shape, bias):
     torch.testing.assert_close(x2.grad, x.grad, **TOL)
     for a, b in zip(fast.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, **TOL)
+    if route == "native":   # the forward, then the input gradient (dy against Wᵀ), on the panel kernel
+        assert products == [x2.shape, g.shape]
 
 
 def test_non_contiguous_input_and_frozen_parts():

@@ -10,7 +10,7 @@ at one thread (split at two) — on MKL.
 The benchmarks/RESULTS.md lever table has the per-product figures. That route is taken on CPUs where PyTorch runs
 AVX-512 kernels. On AVX2-only ones (AMD Zen 3) MKL's products measured faster than oneDNN's at one thread, and the
 native panel kernel (`layers.native.rows_linear`, the weight packed at each call) faster than both: there the
-forward and input gradient run on it (`_NativeLinearFn`; widths in 16s, else `F.linear`), the weight gradient on
+forward and input gradient run on it (`_FastLinearFn` with `native_route`; widths in 16s, else `F.linear`), the weight gradient on
 MKL (`PRODUCTS`, `HYBRIDZOO_TRAIN_PRODUCTS`).
 
 `optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model with at least 128×128 weights
@@ -89,7 +89,7 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, linear, dense_t: bool = True):
     """dx through `linear` (dx = dy·W is a linear layer with weight Wᵀ: dense for oneDNN, `dense_t`), dW = dyᵀ·x
     through MKL (faster there, see the module docstring) and db as a column sum."""
-    need_x, need_w, need_b = ctx.needs_input_grad
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     dx = linear(grad_out, weight.t().contiguous() if dense_t else weight.t(), None) if need_x else None
     dw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
@@ -107,37 +107,25 @@ def _native_fits(weight: torch.Tensor) -> bool:
     return weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0 and native.load() and native.attention_supported()
 
 
-class _NativeLinearFn(torch.autograd.Function):
-    """y = x·Wᵀ + b: forward and dx = dy·W on the native panel kernel, dW through MKL, db as a column sum."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _native_linear(x, weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        # Wᵀ as it lies: pack_panels reads a transposed weight without a transposed copy
-        return _linear_grads(ctx, x, weight, grad_out, _native_linear, dense_t=False)
-
-
 class _FastLinearFn(torch.autograd.Function):
-    """y = x·Wᵀ + b: forward and dx through oneDNN, dW through MKL, db as a column sum (eager mode)."""
+    """y = x·Wᵀ + b: forward and dx through oneDNN, or with `native` through the native panel kernel; dW through MKL,
+    db as a column sum (eager mode)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                native_route: bool = False) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
+        ctx.native_route = native_route
+        return (_native_linear if native_route else _onednn_linear)(x, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        return _linear_grads(ctx, x, weight, grad_out, _onednn_linear)
+        # the native route takes Wᵀ as it lies: pack_panels reads a transposed weight without a transposed copy
+        linear = _native_linear if ctx.native_route else _onednn_linear
+        return (*_linear_grads(ctx, x, weight, grad_out, linear, dense_t=not ctx.native_route), None)
 
 
 # The same products as a custom operator, for `torch.compile`: dynamo cannot trace into oneDNN's call from an
@@ -188,7 +176,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if PRODUCTS == "native":
         if torch.compiler.is_compiling() or not _native_fits(weight):
             return F.linear(x, weight, bias)
-        return _NativeLinearFn.apply(x, weight, bias)
+        return _FastLinearFn.apply(x, weight, bias, True)
     if torch.compiler.is_compiling():
         return onednn_linear(x, weight, bias)
     return _FastLinearFn.apply(x, weight, bias)
