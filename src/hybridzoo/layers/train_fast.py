@@ -10,8 +10,8 @@ at one thread (split at two) — on MKL.
 The benchmarks/RESULTS.md lever table has the per-product figures. That route is taken on CPUs where PyTorch runs
 AVX-512 kernels. On AVX2-only ones (AMD Zen 3) MKL's products measured faster than oneDNN's at one thread, and the
 native panel kernel (`layers.native.rows_linear`, the weight packed at each call) faster than both: there the
-forward and input gradient run on it (`_FastLinearFn` with `native_route`; widths in 16s, else `F.linear`), the weight gradient on
-MKL (`PRODUCTS`, `HYBRIDZOO_TRAIN_PRODUCTS`).
+forward and input gradient run on it (`_FastLinearFn` with `native_route`; widths in 16s, else `F.linear`), the
+weight gradient on MKL (`PRODUCTS`, `HYBRIDZOO_TRAIN_PRODUCTS`).
 
 `optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model with at least 128×128 weights
 (smaller ones run faster on MKL) to `FastLinear` *in place*
@@ -98,7 +98,7 @@ def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Te
 
 
 def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # the weight packed at each call: ~1 ms for 384 × 1536 against ~24 ms for the product of 1,576 rows (one thread)
+    # the weight packed at each call: 0.3-0.5 ms for 384 × 1536 against ~24 ms for a product of 1,576 rows (one thread)
     return native.rows_linear(x, native.pack_panels(weight), bias, "none", "")
 
 
@@ -108,8 +108,8 @@ def _native_fits(weight: torch.Tensor) -> bool:
 
 
 class _FastLinearFn(torch.autograd.Function):
-    """y = x·Wᵀ + b: forward and dx through oneDNN, or with `native` through the native panel kernel; dW through MKL,
-    db as a column sum (eager mode)."""
+    """y = x·Wᵀ + b: forward and dx through oneDNN, or with `native_route` through the native panel kernel; dW through
+    MKL, db as a column sum (eager mode)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
