@@ -1010,33 +1010,33 @@ HZ_INLINE void depthwise_block(const float* x, int64_t H, int64_t W, int64_t Cin
   }
 }
 
+// the WB output pixels (ho, wo..wo+WB−1), all C channels, into out; sum, where given: their C sums, added to
+template <int ACT, int S, int WB, bool EDGE>
+HZ_INLINE void depthwise_pixels_of_block(const float* x, int64_t H, int64_t W, int64_t Cin, int64_t C,
+                                         const float* w9, const float* bias, int64_t ho, int64_t wo, float* out,
+                                         float* sum) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const int64_t ci = Cin == C ? c : c % Cin;   // the input channels these 16 outputs read
+    vec total = hz_splat(0.0f);
+    depthwise_block<ACT, S, WB, EDGE>(x, H, W, Cin, C, w9, bias, ho, wo, ci, c, out, total);
+    if (sum) hz_store(sum + c, hz_load(sum + c) + total);
+  }
+}
+
 // outputs (ho, w0..w1−1), all C channels, into y (w1 − w0 pixels of C); sum, where given: their C sums, added to
 template <int ACT, int S>
 HZ_INLINE void depthwise_run(const float* x, int64_t H, int64_t W, int64_t Cin, int64_t C, const float* w9,
                              const float* bias, int64_t ho, int64_t w0, int64_t w1, float* y, float* sum) {
   constexpr int WB = 4;
   int64_t wo = w0;
-  for (; wo + WB <= w1; wo += WB) {
-    // a block whose inputs all lie inside the map skips the bounds tests
-    const bool edge = wo == 0 || (wo + WB - 1) * S + 1 >= W;
-    float* yb = y + (wo - w0) * C;
-    for (int64_t c = 0; c < C; c += 16) {
-      const int64_t ci = Cin == C ? c : c % Cin;   // the input channels these 16 outputs read
-      vec total = hz_splat(0.0f);
-      if (edge)
-        depthwise_block<ACT, S, WB, true>(x, H, W, Cin, C, w9, bias, ho, wo, ci, c, yb, total);
-      else
-        depthwise_block<ACT, S, WB, false>(x, H, W, Cin, C, w9, bias, ho, wo, ci, c, yb, total);
-      if (sum) hz_store(sum + c, hz_load(sum + c) + total);
-    }
+  for (; wo + WB <= w1; wo += WB) {   // a block whose inputs all lie inside the map skips the bounds tests
+    if (wo == 0 || (wo + WB - 1) * S + 1 >= W)
+      depthwise_pixels_of_block<ACT, S, WB, true>(x, H, W, Cin, C, w9, bias, ho, wo, y + (wo - w0) * C, sum);
+    else
+      depthwise_pixels_of_block<ACT, S, WB, false>(x, H, W, Cin, C, w9, bias, ho, wo, y + (wo - w0) * C, sum);
   }
   for (; wo < w1; ++wo)
-    for (int64_t c = 0; c < C; c += 16) {
-      const int64_t ci = Cin == C ? c : c % Cin;
-      vec total = hz_splat(0.0f);
-      depthwise_block<ACT, S, 1, true>(x, H, W, Cin, C, w9, bias, ho, wo, ci, c, y + (wo - w0) * C, total);
-      if (sum) hz_store(sum + c, hz_load(sum + c) + total);
-    }
+    depthwise_pixels_of_block<ACT, S, 1, true>(x, H, W, Cin, C, w9, bias, ho, wo, y + (wo - w0) * C, sum);
 }
 
 template <int ACT>
@@ -1504,7 +1504,7 @@ at::Tensor pack_panels(const at::Tensor& w) {
   const bool strips = K >= PANEL_STRIP_K;
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int64_t nb = std::min<int64_t>(64, N - n0);
-    // a strip's 16 columns (K × 16) or, without strips, the panel's nb (K × nb): width w0 from column c0
+    // a strip's 16 columns (K × 16) or, without strips, the panel's nb (K × nb): `width` columns from c0
     for (int64_t c0 = n0; c0 < n0 + nb; c0 += strips ? 16 : nb) {
       const int64_t width = strips ? 16 : nb;
       float* d = pd + panel_offset(n0, nb, K, 0, c0 - n0);
@@ -2572,8 +2572,8 @@ def set_isa(name: str) -> str:
 
 def set_column_split_rows(rows: int) -> int:
     """`rows_linear` on several threads splits a product of fewer than `rows` rows (64 by default; 0: none) by
-    its weight's panels instead of its rows, when there are at least two panels a thread: each thread then streams
-    its share of the weight, not all of it. Returns the value before; for tests and interleaved A/B benchmarks."""
+    its weight's panels instead of its rows, when there are as many panels per thread or at least two: each thread
+    then streams its share of the weight, not all of it. Returns the value before; for tests and interleaved A/B benchmarks."""
     if not load():
         raise RuntimeError("hybridzoo's native kernels are not loaded (HYBRIDZOO_NATIVE=0, or the build failed)")
     return int(_STATE["ops"].set_column_split_rows(rows))
