@@ -64,7 +64,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
-           "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "token_blocks",
+           "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "gather_weight", "gather_conv", "token_blocks",
            "conv_token_blocks", "isa", "set_isa", "set_column_split_rows", "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
@@ -1780,46 +1780,131 @@ at::Tensor winograd3x3(const at::Tensor& x, const at::Tensor& u, const c10::opti
 }
 
 
-// A convolution whose kernel is its stride (a ViT's patch embedding) is a product of the image's patches, each
-// flattened (channel, row, column) as the weight is, with the weight. Each block of patch rows is gathered from the
-// image (NCHW) into a scratch block and multiplied by the panels; the output comes tokens first (B, Hp·Wp, N), the
-// layout the blocks read. One pass over the image instead of oneDNN's channels-last copy and convolution.
-at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
-                       int64_t ph, int64_t pw) {
-  check_isa("patch_embed");
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "hybridzoo_native::patch_embed: x must be a float32 "
+// A dense convolution as a product of gathered patches (im2col a block of rows at a time): each output pixel's
+// inputs under the kernel, zeros where it hangs over the padding, gathered into a scratch row of K = C·kh·kw floats
+// and multiplied by the weight's panels, the epilogue (bias, activation) as rows_linear's. From an NCHW map a row
+// is ordered (channel, kernel row, kernel column), a weight (N, C, kh, kw) flattened as it lies; from a channels-last
+// map (kernel row, kernel column, channel), the weight permuted to (N, kh, kw, C) (`native.gather_weight`). Either
+// way the row reads the map in runs of kw values or of kw·C. For the convolutions oneDNN runs far from the panel
+// kernel's rate at batch 1: an image stem (3 channels: oneDNN's channels-last copy of the image, then a product of
+// K = 27 or 147) and the strided convolutions of a ResNet stage.
+struct HzGatherConv {
+  const float* x;
+  int64_t C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo;
+  bool channels_last;
+};
+
+// one row's kh·kw inputs of each channel from an NCHW map, the kernel wholly on the map: loops with the kernel's
+// width known (KW > 0: an image stem's 3 or 7) rather than a call per run of 3 or 7 values, which made the stems'
+// gathering 8x their product
+template <int KW>
+static void gather_planes(const float* x, int64_t C, int64_t HW, int64_t W, int64_t kh, int64_t kw, float* dst) {
+  const int64_t width = KW > 0 ? KW : kw;
+  for (int64_t c = 0; c < C; ++c, x += HW)
+    for (int64_t u = 0; u < kh; ++u, dst += width)
+      for (int64_t v = 0; v < width; ++v) dst[v] = x[u * W + v];
+}
+
+static void gather_rows(const HzGatherConv& g, int64_t r0, int64_t n, float* a) {
+  const int64_t K = g.C * g.kh * g.kw, run = g.channels_last ? g.C : 1;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t p = r0 + r, b = p / (g.Ho * g.Wo), i = p / g.Wo % g.Ho, j = p % g.Wo;
+    const int64_t h0 = i * g.sh - g.ph, w0 = j * g.sw - g.pw;
+    float* dst = a + r * K;
+    if (!g.channels_last && h0 >= 0 && h0 + g.kh <= g.H && w0 >= 0 && w0 + g.kw <= g.W) {
+      const float* x = g.x + b * g.C * g.H * g.W + h0 * g.W + w0;
+      switch (g.kw) {
+        case 3: gather_planes<3>(x, g.C, g.H * g.W, g.W, g.kh, g.kw, dst); break;
+        case 7: gather_planes<7>(x, g.C, g.H * g.W, g.W, g.kh, g.kw, dst); break;
+        default: gather_planes<0>(x, g.C, g.H * g.W, g.W, g.kh, g.kw, dst); break;
+      }
+      continue;
+    }
+    // the kernel's columns v0..v1-1 lie on the map
+    const int64_t v0 = std::min(g.kw, std::max<int64_t>(0, -w0)), v1 = std::max(v0, std::min(g.kw, g.W - w0));
+    const int64_t planes = g.channels_last ? 1 : g.C;   // NCHW: one pass per channel
+    for (int64_t c = 0; c < planes; ++c) {
+      const float* plane = g.channels_last ? g.x + b * g.H * g.W * g.C : g.x + (b * g.C + c) * g.H * g.W;
+      for (int64_t u = 0; u < g.kh; ++u, dst += g.kw * run) {
+        const int64_t h = h0 + u;
+        if (h < 0 || h >= g.H || v1 == v0) {
+          std::fill_n(dst, g.kw * run, 0.0f);
+          continue;
+        }
+        std::fill_n(dst, v0 * run, 0.0f);
+        std::memcpy(dst + v0 * run, plane + (h * g.W + w0 + v0) * run, (v1 - v0) * run * sizeof(float));
+        std::fill_n(dst + v1 * run, (g.kw - v1) * run, 0.0f);
+      }
+    }
+  }
+}
+
+// y (B, N, Ho, Wo) channels-last = act(convolution of x (B, C, H, W) + bias): NCHW or channels-last as `channels_last`
+// says (x copied into that layout if it is not), panels the weight flattened in that order and packed by pack_panels
+static at::Tensor gather_conv_impl(const char* op, const at::Tensor& x, const at::Tensor& panels,
+                                   const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw, int64_t sh,
+                                   int64_t sw, int64_t ph, int64_t pw, bool channels_last, int kind) {
+  check_isa(op);
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "hybridzoo_native::", op, ": x must be a float32 "
               "batch of images (B, C, H, W), got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(ph > 0 && pw > 0 && x.size(2) >= ph && x.size(3) >= pw, "hybridzoo_native::patch_embed: patches of ",
-              ph, "×", pw, " do not fit images of ", x.size(2), "×", x.size(3));
-  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Hp = H / ph, Wp = W / pw;
-  const int64_t K = Cin * ph * pw;
-  const int64_t N = check_panels("patch_embed", panels, K, bias);
-  const at::Tensor img = x.contiguous();
-  at::Tensor out = at::empty({B, Hp * Wp, N}, x.options());
-  const int64_t rows = B * Hp * Wp;
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0, "hybridzoo_native::", op, ": the kernel ",
+              kh, "×", kw, " and stride ", sh, "×", sw, " must be positive and the padding ", ph, "×", pw,
+              " not negative");
+  TORCH_CHECK(x.size(2) + 2 * ph >= kh && x.size(3) + 2 * pw >= kw, "hybridzoo_native::", op, ": patches of ", kh,
+              "×", kw, " do not fit images of ", x.size(2), "×", x.size(3), " padded by ", ph, "×", pw);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1, K = C * kh * kw;
+  const int64_t N = check_panels(op, panels, K, bias);
+  const at::Tensor img = x.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty({B, N, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t rows = B * Ho * Wo;
   if (rows == 0) return out;
-  const float* px = img.data_ptr<float>();
+  const HzGatherConv g{img.data_ptr<float>(), C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, channels_last};
   const float* pb = data_or_null(bias);
   const float* pp = panels.data_ptr<float>();
   float* po = out.data_ptr<float>();
+  if (split_columns(rows, N)) {
+    // few rows against a wide weight (a strided 1×1 convolution at 7×7): the rows gathered once, the product split
+    // by the weight's panels as rows_linear's
+    std::unique_ptr<float[]> a(new float[rows * K]);
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      gather_rows(g, begin, end - begin, a.get() + begin * K);
+    });
+    at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t begin, int64_t end) {
+      const int64_t n0 = begin * 64, n1 = std::min(N, end * 64);
+      panel_linear(a.get(), K, rows, pp + n0 * K, K, n1 - n0, pb ? pb + n0 : nullptr, nullptr, 0, po + n0, N, kind);
+    });
+    return out;
+  }
   const int64_t block = row_block(rows);
   at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a(block * K);
+    std::unique_ptr<float[]> a(new float[block * K]);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * block, n = std::min(block, rows - r0);
-      for (int64_t r = 0; r < n; ++r) {
-        const int64_t b = (r0 + r) / (Hp * Wp), i = (r0 + r) / Wp % Hp, j = (r0 + r) % Wp;
-        float* dst = a.data() + r * K;
-        for (int64_t c = 0; c < Cin; ++c)
-          for (int64_t u = 0; u < ph; ++u) {
-            std::memcpy(dst, px + ((b * Cin + c) * H + i * ph + u) * W + j * pw, pw * sizeof(float));
-            dst += pw;
-          }
-      }
-      panel_linear(a.data(), K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N, ACT_NONE);
+      gather_rows(g, r0, n, a.get());
+      panel_linear(a.get(), K, n, pp, K, N, pb, nullptr, 0, po + r0 * N, N, kind);
     }
   });
   return out;
+}
+
+at::Tensor gather_conv(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
+                       at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, bool channels_last,
+                       const std::string& act, const std::string& algorithm) {
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2, "hybridzoo_native::gather_conv: the "
+              "kernel, stride and padding must be pairs, got ", kernel, ", ", stride, ", ", padding);
+  const int kind = panel_act("gather_conv", act, algorithm);
+  return gather_conv_impl("gather_conv", x, panels, bias, kernel[0], kernel[1], stride[0], stride[1], padding[0],
+                          padding[1], channels_last, kind);
+}
+
+// A convolution whose kernel is its stride (a ViT's patch embedding), from an NCHW image: the output tokens first,
+// (B, Hp·Wp, N), the layout the blocks read (the channels-last map's memory). One pass over the image instead of
+// oneDNN's channels-last copy and convolution.
+at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias,
+                       int64_t ph, int64_t pw) {
+  const at::Tensor y = gather_conv_impl("patch_embed", x, panels, bias, ph, pw, ph, pw, 0, 0, false, ACT_NONE);
+  return y.permute({0, 2, 3, 1}).reshape({y.size(0), y.size(2) * y.size(3), y.size(1)});
 }
 
 // A team's first error: a thread whose step throws keeps meeting the others at every barrier (its later steps
@@ -2296,6 +2381,8 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("rows_linear_add_(Tensor(a!) residual, Tensor x, Tensor panels, Tensor? bias, str act, str algorithm) "
         "-> Tensor(a!)");
   m.def("patch_embed(Tensor x, Tensor panels, Tensor? bias, int ph, int pw) -> Tensor");
+  m.def("gather_conv(Tensor x, Tensor panels, Tensor? bias, int[] kernel, int[] stride, int[] padding, "
+        "bool channels_last, str act, str algorithm) -> Tensor");
   m.def("winograd3x3(Tensor x, Tensor u, Tensor? bias, str act, str algorithm) -> Tensor");
   m.def("depthwise3x3(Tensor x, Tensor w9, Tensor? bias, int stride, str act, str algorithm, int multiplier=1) "
         "-> Tensor");
@@ -2322,6 +2409,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("rows_linear", &rows_linear);
   m.impl("rows_linear_add_", &rows_linear_add_);
   m.impl("patch_embed", &patch_embed);
+  m.impl("gather_conv", &gather_conv);
   m.impl("depthwise3x3", &depthwise3x3);
   m.impl("depthwise3x3_pooled", &depthwise3x3_pooled);
   m.impl("winograd3x3", &winograd3x3);
@@ -2664,6 +2752,27 @@ def patch_embed(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None
     """A convolution with kernel = stride = (ph, pw), no padding, over x (B, C, H, W) float32: its weight (N, C, ph,
     pw) flattened to (N, C·ph·pw) and packed by `pack_panels`; the output tokens first, (B, H//ph · W//pw, N)."""
     return _STATE["ops"].patch_embed(x, panels, bias, ph, pw)
+
+
+def gather_weight(w: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A convolution's weight (N, C, kh, kw), N a multiple of 16, packed for `gather_conv` over an NCHW map (flattened
+    as it lies) or a channels-last one (permuted to (N, kh, kw, C) first)."""
+    if w.dim() != 4 or w.shape[0] % 16 or not w.is_floating_point():
+        raise ValueError(f"gather_weight: w must be a floating-point (N, C, kh, kw) weight with N a multiple of 16, "
+                         f"got {tuple(w.shape)} {w.dtype}")
+    w = w.detach().float()
+    return pack_panels((w.permute(0, 2, 3, 1) if channels_last else w).reshape(w.shape[0], -1).contiguous())
+
+
+def gather_conv(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, kernel: tuple[int, int],
+                stride: tuple[int, int], padding: tuple[int, int], channels_last: bool, act: str = "none",
+                algorithm: str = "") -> torch.Tensor:
+    """act(convolution of x (B, C, H, W) float32 + bias), zero padding, no dilation or groups, as a product of the
+    patches under the kernel gathered a block of output pixels at a time; panels from `gather_weight` for the same
+    `channels_last` (the layout the patches are read in: x is copied to it if it is not); act as `rows_linear`'s; the
+    output (B, N, Ho, Wo) channels-last."""
+    return _STATE["ops"].gather_conv(x, panels, bias, list(kernel), list(stride), list(padding), channels_last, act,
+                                     algorithm)
 
 
 def token_blocks(x: torch.Tensor, params: list, heads: list[int], scales: list[float], eps: list[float],

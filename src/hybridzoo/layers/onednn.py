@@ -169,8 +169,10 @@ class OneDNNConv2d(nn.Module):
 
     On CPUs with AVX-512 or AVX2, in fp32 (`_native_call`): the pointwise product runs on the native panel kernel, a
     patch embedding (kernel = stride, `patchify`) on `native.patch_embed` and a depthwise 3×3 convolution on
-    `native.depthwise3x3`, and a dense 3×3 stride-1 convolution (padding 1) on `native.winograd3x3` (Winograd's
-    4×4 or 2×2 output tiles), where their activation has an epilogue there and the channels are a multiple of 16.
+    `native.depthwise3x3`, a dense 3×3 stride-1 convolution (padding 1) on `native.winograd3x3` (Winograd's
+    4×4 or 2×2 output tiles), and any other dense convolution of at least 64 outputs (an image stem, a strided
+    convolution) on `native.gather_conv`, where their activation has an epilogue there and the channels are a
+    multiple of 16.
     """
 
     MAX_PACKED_SHAPES = 4
@@ -185,6 +187,11 @@ class OneDNNConv2d(nn.Module):
     # and inside a forward, where they come from memory, BoT50's 256² ones (9.4 MB) made the whole model 0.95×
     WINOGRAD_TILE = 4
     WINOGRAD_TILE4_MAX_PAIRS = 128 * 128
+    # False: the other dense convolutions stay on oneDNN (for A/B measurements). The gathered product needs outputs
+    # enough to pay for gathering each pixel's patch: with 16 or 32 (Mobile-Former's and SCTNet's stems) it ran
+    # 0.75-0.79x oneDNN's convolution on a batch split's 16 images a thread (Zen 3, benchmarks/RESULTS.md, session 22)
+    GATHER_CONV = True
+    GATHER_MIN_OUT = 64
 
     def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None = None,
                  act: nn.Module | None = None, batch_hint: int | None = None,
@@ -244,6 +251,13 @@ class OneDNNConv2d(nn.Module):
             pairs = self.in_channels * self.out_channels
             tile = 4 if self.WINOGRAD_TILE == 4 and pairs <= self.WINOGRAD_TILE4_MAX_PAIRS else 2
             self.winograd_weight = native.winograd_weight(w, tile)
+        # any other dense convolution: the native product of the gathered patches (`native.gather_conv`), its panels
+        # packed on first use for the layout the input comes in (an image's planes, or a channels-last map)
+        self.gather = (self.groups == 1 and self.dilation == [1, 1] and not self.pointwise and not self.patchify
+                       and self.winograd_weight is None and self.depthwise_taps is None
+                       and self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0
+                       and self.out_channels >= self.GATHER_MIN_OUT and native.load() and native.attention_supported())
+        self._gather_panels: dict[bool, torch.Tensor] = {}
         self.packed_bias = None if b is None else b.contiguous()
         # the original tensors stay reachable for code that reads `conv.weight` (the forward uses the packed one)
         self.weight = conv.weight.detach()
@@ -269,6 +283,10 @@ class OneDNNConv2d(nn.Module):
     @property
     def _winograd(self) -> bool:
         return self.winograd_weight is not None and self.WINOGRAD_3X3
+
+    @property
+    def _gathered(self) -> bool:
+        return self.gather and self.GATHER_CONV
 
     def _on_panels(self, x: torch.Tensor, other: torch.Tensor | None) -> bool:
         """Whether forward(x, other) runs the native panel product (a pointwise convolution's packed weight)."""
@@ -315,9 +333,12 @@ class OneDNNConv2d(nn.Module):
     def _forward(self, x: torch.Tensor, other: torch.Tensor | None, inplace: bool,
                  panels: torch.Tensor | None) -> torch.Tensor:
         self._check_input(x)
-        if other is None and (self.patchify or self.depthwise_taps is not None or self._winograd) and _native_call(x):
+        if (other is None and (self.patchify or self.depthwise_taps is not None or self._winograd or self._gathered)
+                and _native_call(x)):
             if self.patchify:
                 return self._patch_embed(x)
+            if self._gathered:
+                return self._gather_conv(x)
             if self._winograd:
                 return native.winograd3x3(x.contiguous(memory_format=torch.channels_last), self.winograd_weight,
                                           self.packed_bias, self.attr, self.algorithm)
@@ -381,6 +402,20 @@ class OneDNNConv2d(nn.Module):
         kh, kw = self.kernel_size
         tokens = native.patch_embed(x, self._patch_panels, self.packed_bias, kh, kw)
         return tokens.view(x.shape[0], x.shape[2] // kh, x.shape[3] // kw, self.out_channels).permute(0, 3, 1, 2)
+
+    def _gather_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution by `native.gather_conv`: an image of few channels (an NCHW stem's input) gathered from its
+        planes as it lies, any other map from channels-last (copied so where it is not, as for oneDNN)."""
+        channels_last = not (self.in_channels < 16 and x.is_contiguous())
+        panels = self._gather_panels.get(channels_last)
+        if panels is None:
+            with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():   # usable in and out of inference mode
+                panels = self._gather_panels.get(channels_last)
+                if panels is None:
+                    panels = self._gather_panels[channels_last] = native.gather_weight(self.conv_weight,
+                                                                                       channels_last)
+        return native.gather_conv(x, panels, self.packed_bias, self.kernel_size, self.stride, self.padding,
+                                  channels_last, self.attr, self.algorithm)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
