@@ -20,7 +20,8 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   stride) gathers the patches into rows for it; `depthwise3x3`: depthwise 3×3 convolutions, channels-last;
   `winograd3x3`: dense 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3) or F(4×4, 3×3), 16 or 36 products
   over the channels on that product kernel (2.25x or 4x fewer multiplies), the weight transformed once by
-  `winograd_weight`;
+  `winograd_weight`; `gather_conv`: any other dense convolution (image stems, strided ones) as a product of its
+  patches gathered a block of output pixels at a time, the weight packed by `gather_weight`;
 - `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
   that meets once per block (`layers.onednn_tokens`); `conv_token_blocks`: the same for CvT's blocks, whose
   convolutional projections make the team meet twice per block.
