@@ -15,6 +15,9 @@ restored for their step only):
               convolution's sum post-op written into the shortcut's buffer
   1x1-as-conv today's path with the 1×1 convolutions without a residual as shape-packed convolutions too
               (`OneDNNConv2d.INNER_PRODUCT_1X1 = False`; not in the default set)
+  no-gather   today's path with the image stems and strided convolutions on oneDNN instead of the native product
+              of their gathered patches, as before session 22 (`OneDNNConv2d.GATHER_CONV = False`; `--variants
+              no-gather fast`: the ratios are the lever's)
 Mobile-Former (session 6; `--models mobile_former_294m --batch 1 --variants mf-unfrozen mf-serial mf-branches
 mf-halves mf-rows8`; the two-thread levers engage with ≥ 2 threads only):
   mf-unfrozen  the path as it was before session 6: the blocks' own modules, one op after the other (a copy
@@ -175,7 +178,7 @@ def _before_gpsa_rows(blk, x, rows, buf, barrier, pos):
 def patched(variant: str):
     saved = OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward
     gpsa_saved = convit._FrozenGPSA, onednn_tokens._gpsa_block_rows
-    inner = OneDNNConv2d.INNER_PRODUCT_1X1
+    inner, gather = OneDNNConv2d.INNER_PRODUCT_1X1, OneDNNConv2d.GATHER_CONV
     mf = mobile_former._FrozenMobileFormerBlock
     mf_saved = mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL, mf.SPLIT_MULTIPLIER
     per_image = mobile_former._FrozenDynamicReLU.PER_IMAGE
@@ -198,6 +201,8 @@ def patched(variant: str):
             InplaceChain.forward = _no_inplace_chain
         if variant == "1x1-as-conv":
             OneDNNConv2d.INNER_PRODUCT_1X1 = False
+        if variant == "no-gather":
+            OneDNNConv2d.GATHER_CONV = False
         if variant == "before":
             OneDNNConv2d.forward = _before_forward
             _FrozenMBConv.forward = _before_mbconv
@@ -208,7 +213,7 @@ def patched(variant: str):
             yield
     finally:
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
-        OneDNNConv2d.INNER_PRODUCT_1X1 = inner
+        OneDNNConv2d.INNER_PRODUCT_1X1, OneDNNConv2d.GATHER_CONV = inner, gather
         convit._FrozenGPSA, onednn_tokens._gpsa_block_rows = gpsa_saved
         mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL, mf.SPLIT_MULTIPLIER = mf_saved
         mobile_former._FrozenDynamicReLU.PER_IMAGE = per_image
