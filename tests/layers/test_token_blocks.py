@@ -167,14 +167,20 @@ def test_pack_panels_names_what_is_wrong(kernels, w, words):
         kernels.pack_panels(w)
 
 
-@pytest.mark.parametrize("N, K", [(80, 5), (96, 200), (80, 256), (48, 384)])
-def test_scale_panels_is_the_packed_weight_of_w_times_diag_s(kernels, N, K):
-    """Both layouts (rows below K = 256, strips from it), a last panel narrower than 64; exactly the packing of
-    W·diag(s), and the product on it is (x·diag(s))·Wᵀ."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N, K", [(80, 5), (96, 200), (80, 256), (48, 384), (208, 96)])
+def test_scale_panels_is_the_packed_weight_of_w_times_diag_s(kernels, threads, N, K):
+    """Both layouts (rows below K = 256, strips from it), a last panel narrower than 64, the groups of 16 columns
+    shared by the threads; exactly the packing of W·diag(s), and the product on it is (x·diag(s))·Wᵀ."""
     torch.manual_seed(N + K)
     w, s = torch.randn(N, K), torch.rand(K) + 0.5
     p = kernels.pack_panels(w)
-    scaled = kernels.scale_panels(p, s)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scaled = kernels.scale_panels(p, s)
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(scaled, kernels.pack_panels(w * s), rtol=0, atol=0)
     x = torch.randn(7, K)
     torch.testing.assert_close(kernels.rows_linear(x, scaled, None, "none", ""), (x * s) @ w.t(),

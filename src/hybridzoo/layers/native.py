@@ -1646,16 +1646,18 @@ at::Tensor scale_panels(const at::Tensor& panels, const at::Tensor& s) {
   const float* pp = panels.data_ptr<float>();
   const float* ps = s.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  // in either layout the 16 columns j0..j0+15 of input row k lie side by side: one run of 16 per (panel, k, j0)
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    const int64_t nb = std::min<int64_t>(64, N - n0);
-    for (int64_t j0 = 0; j0 < nb; j0 += 16)
+  // in either layout the 16 columns j0..j0+15 of input row k lie side by side: one run of 16 per (panel, k, j0); the
+  // groups of 16 columns over the threads (CoAtNet-0's 768 × 192 at batch 1: 0.17 ms a call on one thread)
+  at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n0 = g / 4 * 64, nb = std::min<int64_t>(64, N - n0), j0 = g * 16 - n0;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t at = panel_offset(n0, nb, K, k, j0);
         const float sk = ps[k];
         for (int64_t j = 0; j < 16; ++j) po[at + j] = pp[at + j] * sk;
       }
-  }
+    }
+  });
   return out;
 }
 
