@@ -59,6 +59,21 @@ def activation(z: torch.Tensor, act: str, algorithm: str) -> torch.Tensor:
     return {"none": lambda t: t, "relu": F.relu, "swish": F.silu}[act](z)
 
 
+# the native kernels' epilogue activations by test id: (act, algorithm) as the kernels take them
+EPILOGUES = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu-tanh": ("gelu", "tanh"), "relu": ("relu", ""),
+             "swish": ("swish", "")}
+
+
+def with_threads(n: int, fn):
+    """fn() with n intra-op threads, the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 @contextlib.contextmanager
 def kernels_with_isa(native, isa: str):
     """The loaded native kernels (`hybridzoo.layers.native`) running with instruction set `isa` ("avx512",

@@ -17,23 +17,8 @@ import torch.nn.functional as F
 import hybridzoo
 from hybridzoo.layers import native
 from hybridzoo.layers.onednn import OneDNNConv2d, onednn_available, optimize_for_cpu_inference
-from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
-
-_ACTS = {"none": lambda t: t, "gelu": F.gelu, "gelu-tanh": lambda t: F.gelu(t, approximate="tanh"),
-         "relu": F.relu, "swish": F.silu}
-
-
-def _act_args(name: str) -> tuple[str, str]:
-    return ("gelu", "tanh") if name == "gelu-tanh" else (name, "none" if name == "gelu" else "")
-
-
-def _threads(n: int, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
+# tests/conftest.py puts tests/ on sys.path
+from _helpers import EPILOGUES, activation, perturb, with_threads
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -47,7 +32,7 @@ def _threads(n: int, fn):
     (1, 16, 160, (1, 1), (2, 2), (0, 0), 6, 5),     # 9 rows against 3 panels: the product split by panels
     (2, 24, 80, (3, 3), (2, 2), (1, 1), 7, 7),      # a last panel of 16 outputs
 ])
-@pytest.mark.parametrize("act", list(_ACTS))
+@pytest.mark.parametrize("act", list(EPILOGUES))
 def test_gather_conv_is_the_convolution(kernels, threads, channels_last, B, C, N, k, s, p, H, W, act):
     torch.manual_seed(B * C + N + H)
     conv = torch.nn.Conv2d(C, N, k, s, p, bias=N != 16)
@@ -55,8 +40,10 @@ def test_gather_conv_is_the_convolution(kernels, threads, channels_last, B, C, N
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     bias = None if conv.bias is None else conv.bias.detach()
     panels = kernels.gather_weight(conv.weight, channels_last)
-    out = _threads(threads, lambda: kernels.gather_conv(x, panels, bias, k, s, p, channels_last, *_act_args(act)))
-    ref = _ACTS[act](F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), s, p))
+    out = with_threads(threads, lambda: kernels.gather_conv(x, panels, bias, k, s, p, channels_last,
+                                                            *EPILOGUES[act]))
+    conv64 = F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), s, p)
+    ref = activation(conv64, *EPILOGUES[act])
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=2e-5)
 
@@ -174,8 +161,8 @@ def test_frozen_models_run_their_gathered_convolutions(kernels, monkeypatch, nam
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
-        _threads(2, lambda: fast(x))   # the first batch of a shape also probes one image's memory
+        with_threads(2, lambda: fast(x))   # the first batch of a shape also probes one image's memory
         calls.clear()
-        ref, out = model(x), _threads(2, lambda: fast(x))
+        ref, out = model(x), with_threads(2, lambda: fast(x))
     assert len(calls) == 2 * gathered
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

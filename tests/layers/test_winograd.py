@@ -16,23 +16,8 @@ import torch.nn.functional as F
 import hybridzoo
 from hybridzoo.layers import native
 from hybridzoo.layers.onednn import OneDNNConv2d, onednn_available, optimize_for_cpu_inference
-from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
-
-_ACTS = {"none": lambda t: t, "gelu": F.gelu, "gelu-tanh": lambda t: F.gelu(t, approximate="tanh"),
-         "relu": F.relu, "swish": F.silu}
-
-
-def _act_args(name: str) -> tuple[str, str]:
-    return ("gelu", "tanh") if name == "gelu-tanh" else (name, "none" if name == "gelu" else "")
-
-
-def _threads(n: int, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
+# tests/conftest.py puts tests/ on sys.path
+from _helpers import EPILOGUES, activation, perturb, with_threads
 
 
 # the 4×4 tile's transforms have larger coefficients (up to 8, and 1/24 in G): errors ~10x the 2×2 tile's
@@ -49,7 +34,7 @@ _ATOL = {2: 2e-5, 4: 1e-4}
     (1, 16, 16, 40, 36),     # 360 / 90 tiles: each thread's share in several passes
     (2, 16, 16, 6, 13),      # sides 2 and 1 past a multiple of 4
 ])
-@pytest.mark.parametrize("act", list(_ACTS))
+@pytest.mark.parametrize("act", list(EPILOGUES))
 def test_winograd3x3_is_the_convolution(kernels, tile, threads, B, Cin, Cout, H, W, act):
     torch.manual_seed(B * Cin + H)
     conv = torch.nn.Conv2d(Cin, Cout, 3, 1, 1, bias=Cout != 48)
@@ -57,8 +42,9 @@ def test_winograd3x3_is_the_convolution(kernels, tile, threads, B, Cin, Cout, H,
     bias = None if conv.bias is None else conv.bias.detach()
     u = kernels.winograd_weight(conv.weight, tile)
     assert u.shape == ((tile + 2) ** 2, Cout, Cin)
-    out = _threads(threads, lambda: kernels.winograd3x3(x, u, bias, *_act_args(act)))
-    ref = _ACTS[act](F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), padding=1))
+    out = with_threads(threads, lambda: kernels.winograd3x3(x, u, bias, *EPILOGUES[act]))
+    conv64 = F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), padding=1)
+    ref = activation(conv64, *EPILOGUES[act])
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=_ATOL[tile])
 
@@ -173,8 +159,9 @@ def test_frozen_bot50_runs_its_3x3_convolutions_on_winograd(kernels, monkeypatch
     # a batch of 5 on two threads: split into parts, each on a thread of its own calling the kernel at one thread
     x = torch.randn(5, 3, 64, 64)
     with torch.inference_mode():
-        _threads(2, lambda: fast(x))   # the first batch of a shape also probes one image's memory (one more forward)
+        # the first batch of a shape also probes one image's memory (one more forward)
+        with_threads(2, lambda: fast(x))
         calls.clear()
-        ref, out = model(x), _threads(2, lambda: fast(x))
+        ref, out = model(x), with_threads(2, lambda: fast(x))
     assert len(calls) == 6 and sorted({c[0] for c in calls}) == [2, 3]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
