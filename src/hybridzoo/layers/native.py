@@ -65,8 +65,8 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
-           "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "gather_weight", "gather_conv", "token_blocks",
-           "conv_token_blocks", "isa", "set_isa", "set_column_split_rows", "ATTENTION_HEAD_DIMS", "build_dir"]
+           "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "gather_weight",
+           "gather_conv", "token_blocks", "conv_token_blocks", "isa", "set_isa", "set_column_split_rows", "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 

@@ -171,8 +171,8 @@ class OneDNNConv2d(nn.Module):
     patch embedding (kernel = stride, `patchify`) on `native.patch_embed` and a depthwise 3×3 convolution on
     `native.depthwise3x3`, a dense 3×3 stride-1 convolution (padding 1) on `native.winograd3x3` (Winograd's
     4×4 or 2×2 output tiles), and any other dense convolution of at least 64 outputs (an image stem, a strided
-    convolution) on `native.gather_conv`, where their activation has an epilogue there and the channels are a
-    multiple of 16.
+    convolution, any input channels) on `native.gather_conv`, where their activation has an epilogue there and the
+    channels are a multiple of 16.
     """
 
     MAX_PACKED_SHAPES = 4
