@@ -1562,6 +1562,16 @@ static bool split_columns(int64_t rows, int64_t N) {
   return threads > 1 && rows < column_split_rows.load() && (panels >= 2 * threads || panels % threads == 0);
 }
 
+// out (rows, N) = act(a (rows, K) · Wᵀ + b [+ res]) with the weight's panels split over the threads (split_columns)
+static void panel_linear_by_columns(const float* a, int64_t K, int64_t rows, const float* pp, int64_t N,
+                                    const float* pb, const float* pr, float* po, int kind) {
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = begin * 64, n1 = std::min(N, end * 64);
+    panel_linear(a, K, rows, pp + n0 * K, K, n1 - n0, pb ? pb + n0 : nullptr, pr ? pr + n0 : nullptr, N, po + n0, N,
+                 kind);
+  });
+}
+
 // N, the outputs of a weight (N, K) packed by pack_panels, after checking it and the bias (N) if there is one
 static int64_t check_panels(const char* op, const at::Tensor& panels, int64_t K,
                             const c10::optional<at::Tensor>& bias) {
@@ -1603,11 +1613,7 @@ static at::Tensor rows_linear_impl(const char* op, const at::Tensor& x, const at
   const float* pr = res ? res->data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
   if (split_columns(rows, N)) {
-    at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t begin, int64_t end) {
-      const int64_t n0 = begin * 64, n1 = std::min(N, end * 64);
-      panel_linear(pa, K, rows, pp + n0 * K, K, n1 - n0, pb ? pb + n0 : nullptr, pr ? pr + n0 : nullptr, N, po + n0,
-                   N, kind);
-    });
+    panel_linear_by_columns(pa, K, rows, pp, N, pb, pr, po, kind);
     return out;
   }
   const int64_t block = row_block(rows);
@@ -1873,10 +1879,7 @@ static at::Tensor gather_conv_impl(const char* op, const at::Tensor& x, const at
     at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
       gather_rows(g, begin, end - begin, a.get() + begin * K);
     });
-    at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t begin, int64_t end) {
-      const int64_t n0 = begin * 64, n1 = std::min(N, end * 64);
-      panel_linear(a.get(), K, rows, pp + n0 * K, K, n1 - n0, pb ? pb + n0 : nullptr, nullptr, 0, po + n0, N, kind);
-    });
+    panel_linear_by_columns(a.get(), K, rows, pp, N, pb, nullptr, po, kind);
     return out;
   }
   const int64_t block = row_block(rows);

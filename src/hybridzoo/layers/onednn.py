@@ -215,12 +215,14 @@ class OneDNNConv2d(nn.Module):
         self.folded_bn = bn is not None
         self.pointwise = (tuple(self.kernel_size) == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
                           and self.groups == 1)
+        # the native kernels below have this activation in their epilogue, and they are built for this CPU
+        native_epilogue = (self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0
+                           and native.load() and native.attention_supported())
         self.panels = None
         if self.pointwise:
             rows_weight = w.reshape(self.out_channels, self.in_channels).contiguous()
             # on the native panel kernel where it has the activation (as OneDNNLinear; oneDNN's copy packed lazily)
-            if (self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0 and native.load()
-                    and native.attention_supported()):
+            if native_epilogue:
                 self.panels = native.pack_panels(rows_weight)
             self.packed_weight = (None if self.panels is not None
                                   else torch.ops.mkldnn._reorder_linear_weight(rows_weight, batch_hint))
@@ -231,13 +233,11 @@ class OneDNNConv2d(nn.Module):
         self.patchify = (list(self.kernel_size) == self.stride and self.padding == [0, 0] and self.dilation == [1, 1]
                          and self.groups == 1 and self.attr == "none" and not self.pointwise
                          and self.out_channels % 16 == 0)
-        self._patch_panels: torch.Tensor | None = None
         # a depthwise 3×3 convolution (padding 1, stride 1 or 2): the native kernel where it has the activation
         self.depthwise_taps = None
         if (self.groups == self.in_channels == self.out_channels and tuple(self.kernel_size) == (3, 3)
                 and self.padding == [1, 1] and self.dilation == [1, 1] and self.stride in ([1, 1], [2, 2])
-                and self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0
-                and native.load() and native.attention_supported()):
+                and native_epilogue):
             self.depthwise_taps = w.reshape(self.out_channels, 9).t().contiguous()
         # a dense 3×3 convolution, stride 1, padding 1: Winograd's minimal filtering on the native kernels where it
         # has the activation (4×4 tiles: 4x fewer multiplies, 2.2-3x oneDNN's convolution on BoT50's 64- and
@@ -245,18 +245,16 @@ class OneDNNConv2d(nn.Module):
         # 256-channel ones; Zen 3, benchmarks/RESULTS.md, session 20)
         self.winograd_weight = None
         if (tuple(self.kernel_size) == (3, 3) and self.padding == [1, 1] and self.stride == [1, 1]
-                and self.dilation == [1, 1] and self.groups == 1 and self.in_channels % 16 == 0
-                and self.out_channels % 16 == 0 and self.attr in ("none", "relu", "gelu", "swish")
-                and native.load() and native.attention_supported()):
+                and self.dilation == [1, 1] and self.groups == 1 and self.in_channels % 16 == 0 and native_epilogue):
             pairs = self.in_channels * self.out_channels
             tile = 4 if self.WINOGRAD_TILE == 4 and pairs <= self.WINOGRAD_TILE4_MAX_PAIRS else 2
             self.winograd_weight = native.winograd_weight(w, tile)
-        # any other dense convolution: the native product of the gathered patches (`native.gather_conv`), its panels
-        # packed on first use for the layout the input comes in (an image's planes, or a channels-last map)
+        # any other dense convolution: the native product of the gathered patches (`native.gather_conv`)
         self.gather = (self.groups == 1 and self.dilation == [1, 1] and not self.pointwise and not self.patchify
-                       and self.winograd_weight is None and self.depthwise_taps is None
-                       and self.attr in ("none", "relu", "gelu", "swish") and self.out_channels % 16 == 0
-                       and self.out_channels >= self.GATHER_MIN_OUT and native.load() and native.attention_supported())
+                       and self.winograd_weight is None and self.depthwise_taps is None and native_epilogue
+                       and self.out_channels >= self.GATHER_MIN_OUT)
+        # the weight packed for the gathered patches (patch embeddings and `gather`), on first use, per layout the
+        # input is read in: True channels-last, False an image's planes
         self._gather_panels: dict[bool, torch.Tensor] = {}
         self.packed_bias = None if b is None else b.contiguous()
         # the original tensors stay reachable for code that reads `conv.weight` (the forward uses the packed one)
@@ -395,18 +393,18 @@ class OneDNNConv2d(nn.Module):
     def _patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         """The patch embedding by `native.patch_embed`: the same map, channels-last like oneDNN's output (to fp32
         rounding); 1.15-1.55× oneDNN's channels-last copy and convolution (benchmarks/RESULTS.md, session 13)."""
-        if self._patch_panels is None:
-            with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():   # usable in and out of inference mode
-                if self._patch_panels is None:
-                    self._patch_panels = native.pack_panels(self.conv_weight.reshape(self.out_channels, -1))
         kh, kw = self.kernel_size
-        tokens = native.patch_embed(x, self._patch_panels, self.packed_bias, kh, kw)
+        tokens = native.patch_embed(x, self._gather_weight(False), self.packed_bias, kh, kw)
         return tokens.view(x.shape[0], x.shape[2] // kh, x.shape[3] // kw, self.out_channels).permute(0, 3, 1, 2)
 
     def _gather_conv(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution by `native.gather_conv`: an image of few channels (an NCHW stem's input) gathered from its
         planes as it lies, any other map from channels-last (copied so where it is not, as for oneDNN)."""
         channels_last = not (self.in_channels < 16 and x.is_contiguous())
+        return native.gather_conv(x, self._gather_weight(channels_last), self.packed_bias, self.kernel_size,
+                                  self.stride, self.padding, channels_last, self.attr, self.algorithm)
+
+    def _gather_weight(self, channels_last: bool) -> torch.Tensor:
         panels = self._gather_panels.get(channels_last)
         if panels is None:
             with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():   # usable in and out of inference mode
@@ -414,8 +412,7 @@ class OneDNNConv2d(nn.Module):
                 if panels is None:
                     panels = self._gather_panels[channels_last] = native.gather_weight(self.conv_weight,
                                                                                        channels_last)
-        return native.gather_conv(x, panels, self.packed_bias, self.kernel_size, self.stride, self.padding,
-                                  channels_last, self.attr, self.algorithm)
+        return panels
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
