@@ -15,6 +15,9 @@ restored for their step only):
               convolution's sum post-op written into the shortcut's buffer
   1x1-as-conv today's path with the 1×1 convolutions without a residual as shape-packed convolutions too
               (`OneDNNConv2d.INNER_PRODUCT_1X1 = False`; not in the default set)
+  isa-avx2    today's path with the native kernels' AVX2 versions on an AVX-512 CPU (`native.set_isa("avx2")` for the
+              step; the packed weights are the same): whether the AVX-512 kernels pay on this CPU (Zen 4 runs
+              AVX-512 on 256-bit units)
   no-gather   today's path with the image stems and strided convolutions on oneDNN instead of the native product
               of their gathered patches, as before session 22 (`OneDNNConv2d.GATHER_CONV = False`; `--variants
               no-gather fast`: the ratios are the lever's)
@@ -75,7 +78,7 @@ import hybridzoo  # noqa: F401,I001
 from hybridzoo.factory import create_model
 from hybridzoo.layers import onednn
 from hybridzoo.layers.helpers import every_row
-from hybridzoo.layers import onednn_tokens
+from hybridzoo.layers import native, onednn_tokens
 from hybridzoo.layers.onednn import FrozenMlp, InplaceChain, OneDNNConv2d, optimize_for_cpu_inference
 from hybridzoo.models import convit, mobile_former
 from hybridzoo.models.coatnet import _FrozenMBConv
@@ -203,6 +206,8 @@ def patched(variant: str):
             OneDNNConv2d.INNER_PRODUCT_1X1 = False
         if variant == "no-gather":
             OneDNNConv2d.GATHER_CONV = False
+        if variant == "isa-avx2":
+            native.set_isa("avx2")
         if variant == "before":
             OneDNNConv2d.forward = _before_forward
             _FrozenMBConv.forward = _before_mbconv
@@ -214,6 +219,8 @@ def patched(variant: str):
     finally:
         OneDNNConv2d.forward, InplaceChain.forward, _FrozenMBConv.forward = saved
         OneDNNConv2d.INNER_PRODUCT_1X1, OneDNNConv2d.GATHER_CONV = inner, gather
+        if variant == "isa-avx2":
+            native.set_isa("best")
         convit._FrozenGPSA, onednn_tokens._gpsa_block_rows = gpsa_saved
         mf.PARALLEL, mf.SPLIT_ROWS, mf.SPLIT_MIN_ROWS, mf.F2M_BLOCK_DIAGONAL, mf.SPLIT_MULTIPLIER = mf_saved
         mobile_former._FrozenDynamicReLU.PER_IMAGE = per_image

@@ -19,6 +19,8 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
   fast-cl       the fast path with model and input in channels-last (`--channels-last`; convolution stages)
   fast-split-every-row  fast-split with the last block computing every token row (`layers.helpers.every_row`),
                 as before session 7 (fast-split computes only the class token's row there: the head reads no other)
+  fast-split-avx2  fast-split with the native kernels' AVX2 versions on an AVX-512 CPU (`native.set_isa("avx2")` for
+                the step): whether the AVX-512 kernels pay on this CPU
 Every variant starts from the same weights. Rounds go plain, fast-linear, ...; each round's ratio
 plain / variant is taken and the median and min–max over rounds are printed, so load that comes and goes
 hits every variant alike.
@@ -38,10 +40,21 @@ from _common import add_malloc_option, apply_malloc, make_train_step  # noqa: I0
 
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
+from hybridzoo.layers import native
 from hybridzoo.layers.helpers import every_row
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-every-row", "fast-split-sdpa"]
+          "fast-split-every-row", "fast-split-sdpa", "fast-split-avx2"]
+
+
+def _avx2(step):
+    def run():
+        native.set_isa("avx2")
+        try:
+            return step()
+        finally:
+            native.set_isa("best")
+    return run
 
 
 def _every_row(step):
@@ -73,15 +86,20 @@ def main() -> None:
         for lever in args.levers:  # every variant trains its own copy of the same weights
             variants[lever] = make_train_step(copy.deepcopy(base), x,
                                               linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
-                                                               "fast-cl", "fast-split-every-row", "fast-split-sdpa"),
+                                                               "fast-cl", "fast-split-every-row", "fast-split-sdpa",
+                                                               "fast-split-avx2"),
                                               fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
-                                                              "fast-cl", "fast-split-every-row", "fast-split-sdpa"),
-                                              split=lever in ("fast-split", "fast-split-every-row", "fast-split-sdpa"),
+                                                              "fast-cl", "fast-split-every-row", "fast-split-sdpa",
+                                                              "fast-split-avx2"),
+                                              split=lever in ("fast-split", "fast-split-every-row", "fast-split-sdpa",
+                                                              "fast-split-avx2"),
                                               native_attention=lever != "fast-split-sdpa",
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
         if "fast-split-every-row" in variants:
             variants["fast-split-every-row"] = _every_row(variants["fast-split-every-row"])
+        if "fast-split-avx2" in variants:
+            variants["fast-split-avx2"] = _avx2(variants["fast-split-avx2"])
         for v, step in variants.items():  # warm-up (and compilation)
             t0 = time.perf_counter()
             step()
@@ -108,6 +126,10 @@ def main() -> None:
         if "fast-split-sdpa" in times and "fast-split" in times:   # the native attention kernels, round by round
             r = [a / b for a, b in zip(times["fast-split-sdpa"], times["fast-split"])]
             print(f"\nfast-split (native attention) vs fast-split-sdpa: wall {statistics.median(r):.3f}x (min–max "
+                  f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
+        if "fast-split-avx2" in times and "fast-split" in times:   # the AVX-512 kernels against their AVX2 twins
+            r = [a / b for a, b in zip(times["fast-split-avx2"], times["fast-split"])]
+            print(f"\nfast-split (AVX-512 kernels) vs fast-split-avx2: wall {statistics.median(r):.3f}x (min–max "
                   f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
         if "fast" in times and "fast-split" in times:  # the batch split against the whole batch, round by round
             r = [w / s for w, s in zip(times["fast"], times["fast-split"])]
