@@ -4,8 +4,9 @@
     python benchmarks/bench_bf16.py accuracy --threads 1 --out benchmarks/results_bf16_accuracy.json
 
 `speed`, per model (random init, stochastic depth off): a training step (forward + cross-entropy +
-backward + AdamW) in fp32 and under `torch.autocast("cpu", torch.bfloat16)` — the path of
-`hybridzoo train --amp bf16` —, and inference through eager fp32, `optimize_for_cpu_inference` (fp32)
+backward + AdamW) in fp32, through the trainer's fp32 CPU path (`hybridzoo train` without `--amp`: fast linear
+layers, fused AdamW, the batch split) and under `torch.autocast("cpu", torch.bfloat16)` with the batch split — the
+path of `hybridzoo train --amp bf16` —, and inference through eager fp32, `optimize_for_cpu_inference` (fp32)
 and `optimize_for_cpu_inference(dtype=torch.bfloat16)`. Contestants alternate within each round (A, B,
 A, B, ...); each round gives a ratio, and the table prints the median ratio over the rounds with its
 min–max spread, on the wall clock and on process CPU time (the second is the one to read on a loaded
@@ -41,11 +42,13 @@ if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import make_train_step  # noqa: E402
 from peak import cpu_name, load_average  # noqa: E402
 
 import hybridzoo  # noqa: E402
 from hybridzoo.engine.amp import cpu_bf16_support  # noqa: E402
 from hybridzoo.layers.onednn import optimize_for_cpu_inference  # noqa: E402
+from hybridzoo.layers.train_fast import BatchSplitTraining, split_training_blocker  # noqa: E402
 
 MODELS = ["deit_small_patch16_224", "cvt_13", "convit_small", "coatnet_0", "mobile_former_294m"]
 BF16 = torch.bfloat16
@@ -55,13 +58,17 @@ def _logits(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def train_step(model, x, y, amp: bool) -> Callable[[], Any]:
+def train_step(model, x, y, amp: bool, split: bool = False) -> Callable[[], Any]:
+    """`split`: the batch split where the model allows it and there are threads (`hybridzoo train --amp bf16`)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    call = model
+    if split and torch.get_num_threads() > 1 and split_training_blocker(model) is None:
+        call = BatchSplitTraining(model)
 
     def step():
         with torch.autocast("cpu", dtype=BF16, enabled=amp):
-            loss = F.cross_entropy(_logits(model(x)), y)
+            loss = F.cross_entropy(_logits(call(x)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -113,12 +120,17 @@ def speed(args) -> dict[str, Any]:
         y = torch.randint(0, 1000, (args.train_batch,), generator=g)
         row: dict[str, Any] = {"model": name, "train_batch": args.train_batch, "infer_batch": args.batch}
         if "train" in args.scenarios:
-            print(f"[train] {name} batch {args.train_batch}: fp32, bf16 autocast", file=sys.stderr, flush=True)
-            t = interleave({"fp32": train_step(model, x, y, False), "bf16": train_step(model, x, y, True)}, args.rounds)
+            print(f"[train] {name} batch {args.train_batch}: fp32, fp32 fast path, bf16 autocast", file=sys.stderr,
+                  flush=True)
+            t = interleave({"fp32": train_step(model, x, y, False), "fp32_fast": make_train_step(model, x, fast=True),
+                            "bf16": train_step(model, x, y, True, split=True)}, args.rounds)
             row["train_fp32_s"] = statistics.median(t["fp32"]["wall"])
+            row["train_fp32_fast_s"] = statistics.median(t["fp32_fast"]["wall"])
             row["train_bf16_s"] = statistics.median(t["bf16"]["wall"])
             row["train_speedup_wall"] = ratio_stats(t, "fp32", "bf16", "wall")
             row["train_speedup_cpu"] = ratio_stats(t, "fp32", "bf16", "cpu")
+            row["train_bf16_vs_fast_wall"] = ratio_stats(t, "fp32_fast", "bf16", "wall")
+            row["train_bf16_vs_fast_cpu"] = ratio_stats(t, "fp32_fast", "bf16", "cpu")
         if "infer" in args.scenarios:
             model.eval()
             xi = torch.randn(args.batch, *size, generator=g)
@@ -143,15 +155,16 @@ def speed(args) -> dict[str, Any]:
 
     def fmt(s):
         return f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f})" if s else "–"
-    print("\n| model | train fp32 s/step | train bf16 / fp32 (wall) | (CPU time) | infer bf16 / oneDNN fp32 (wall) "
-          "| (CPU time) | bf16 / eager fp32 | logit dev max / mean | top-1 agree |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | train fp32 s/step | train bf16 / fp32 (wall) | (CPU time) | train bf16 / fp32 fast path (wall) "
+          "| infer bf16 / oneDNN fp32 (wall) | (CPU time) | bf16 / eager fp32 | logit dev max / mean | top-1 agree |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         dev = (f"{100 * r['logit_max_dev_rel']:.2f}% / {100 * r['logit_mean_dev_rel']:.2f}%"
                if "logit_max_dev_rel" in r else "–")
         agree = f"{r['top1_agreement']:.2f}" if "top1_agreement" in r else "–"
         train_s = f"{r['train_fp32_s']:.2f}" if "train_fp32_s" in r else "–"
         print(f"| {r['model']} | {train_s} | {fmt(r.get('train_speedup_wall'))} | {fmt(r.get('train_speedup_cpu'))} "
+              f"| {fmt(r.get('train_bf16_vs_fast_wall'))} "
               f"| {fmt(r.get('infer_bf16_vs_onednn_wall'))} | {fmt(r.get('infer_bf16_vs_onednn_cpu'))} "
               f"| {fmt(r.get('infer_bf16_vs_eager_wall'))} | {dev} | {agree} |")
     return {"rows": rows}

@@ -19,6 +19,9 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
   fast-cl       the fast path with model and input in channels-last (`--channels-last`; convolution stages)
   fast-split-every-row  fast-split with the last block computing every token row (`layers.helpers.every_row`),
                 as before session 7 (fast-split computes only the class token's row there: the head reads no other)
+  fast-split-onednn, fast-split-native, fast-split-mkl  fast-split with `FastLinear`'s forward and input-gradient
+                products on that route (`layers.train_fast.PRODUCTS`, set for the step; fast-split takes the CPU's
+                default: oneDNN where PyTorch runs AVX-512, native on AVX2, `HYBRIDZOO_TRAIN_PRODUCTS`)
   fast-split-avx2  fast-split with the native kernels' AVX2 versions on an AVX-512 CPU (`native.set_isa("avx2")` for
                 the step): whether the AVX-512 kernels pay on this CPU
 Every variant starts from the same weights. Rounds go plain, fast-linear, ...; each round's ratio
@@ -40,11 +43,23 @@ from _common import add_malloc_option, apply_malloc, make_train_step  # noqa: I0
 
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
-from hybridzoo.layers import native
+from hybridzoo.layers import native, train_fast
 from hybridzoo.layers.helpers import every_row
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-every-row", "fast-split-sdpa", "fast-split-avx2"]
+          "fast-split-every-row", "fast-split-sdpa", "fast-split-avx2", "fast-split-onednn", "fast-split-native",
+          "fast-split-mkl"]
+ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}
+
+
+def _route(step, products: str):
+    def run():
+        before, train_fast.PRODUCTS = train_fast.PRODUCTS, products
+        try:
+            return step()
+        finally:
+            train_fast.PRODUCTS = before
+    return run
 
 
 def _avx2(step):
@@ -87,17 +102,20 @@ def main() -> None:
             variants[lever] = make_train_step(copy.deepcopy(base), x,
                                               linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
                                                                "fast-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                               "fast-split-avx2"),
+                                                               "fast-split-avx2", *ROUTES),
                                               fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
                                                               "fast-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                              "fast-split-avx2"),
+                                                              "fast-split-avx2", *ROUTES),
                                               split=lever in ("fast-split", "fast-split-every-row", "fast-split-sdpa",
-                                                              "fast-split-avx2"),
+                                                              "fast-split-avx2", *ROUTES),
                                               native_attention=lever != "fast-split-sdpa",
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
         if "fast-split-every-row" in variants:
             variants["fast-split-every-row"] = _every_row(variants["fast-split-every-row"])
+        for lever, products in ROUTES.items():
+            if lever in variants:
+                variants[lever] = _route(variants[lever], products)
         if "fast-split-avx2" in variants:
             variants["fast-split-avx2"] = _avx2(variants["fast-split-avx2"])
         for v, step in variants.items():  # warm-up (and compilation)
@@ -127,6 +145,12 @@ def main() -> None:
             r = [a / b for a, b in zip(times["fast-split-sdpa"], times["fast-split"])]
             print(f"\nfast-split (native attention) vs fast-split-sdpa: wall {statistics.median(r):.3f}x (min–max "
                   f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
+        for lever in ("fast-split-native", "fast-split-mkl"):   # each route against oneDNN's, round by round
+            if lever in times and "fast-split-onednn" in times:
+                r = [a / b for a, b in zip(times["fast-split-onednn"], times[lever])]
+                rc = [a / b for a, b in zip(cpu["fast-split-onednn"], cpu[lever])]
+                print(f"\n{lever} vs fast-split-onednn: wall {statistics.median(r):.3f}x (min–max {min(r):.3f}–"
+                      f"{max(r):.3f}), CPU time {statistics.median(rc):.3f}x, medians of per-round ratios", flush=True)
         if "fast-split-avx2" in times and "fast-split" in times:   # the AVX-512 kernels against their AVX2 twins
             r = [a / b for a, b in zip(times["fast-split-avx2"], times["fast-split"])]
             print(f"\nfast-split (AVX-512 kernels) vs fast-split-avx2: wall {statistics.median(r):.3f}x (min–max "

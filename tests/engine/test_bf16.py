@@ -160,6 +160,78 @@ def test_bf16_training_keeps_fp32_state(make_args, tmp_path):
     assert torch.isfinite(torch.tensor(result.summary["val_loss"]))
 
 
+# ---- the batch split under bf16 -------------------------------------------------------------------------
+# Autocast is per thread: the split's worker threads take the caller's (layers.onednn.run_on_threads). Without it
+# the second part runs in fp32 (training: its logits come back fp32 and torch.cat promotes the whole output;
+# inference: the convolutions' bf16 weights meet an fp32 input).
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "coatnet_0"])
+def test_bf16_inference_splits_the_batch_and_every_part_runs_bf16(name, two_threads):
+    model, x = _model(name)
+    model.eval()
+    split = optimize_for_cpu_inference(model, dtype=BF16)
+    whole = optimize_for_cpu_inference(model, dtype=BF16, split_batch=False)
+    fast32 = optimize_for_cpu_inference(model)
+    with torch.inference_mode():
+        ref, out, one, out32 = _first(model(x)), _first(split(x)), _first(whole(x)), _first(fast32(x))
+    assert getattr(split, "_per_call", None), "the batch did not take the split"
+    assert_bf16_close(out, ref)
+    assert_bf16_close(one, out)
+    # the second part (a worker thread) ran in bf16 too: it strays from fp32 as bf16 does
+    half = x.shape[0] // 2
+    assert (out[half:] - ref[half:]).abs().max() > 10 * (out32[half:] - ref[half:]).abs().max()
+    assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "coatnet_0"])
+def test_bf16_training_by_batch_split_is_the_whole_batch_step(name, two_threads):
+    """Autocast training through BatchSplitTraining (BatchNorm2d split included: CoAtNet) gives the whole batch's
+    bf16 logits, loss and gradients, to bf16 rounding; every part ran in bf16 (the output stays bf16)."""
+    from hybridzoo.layers.train_fast import BatchSplitTraining
+
+    model, x = _model(name)
+    model.train()
+    y = torch.arange(x.shape[0]) % 5
+
+    def step(call):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=BF16):
+            out = _first(call(x))
+            loss = F.cross_entropy(out, y)
+        loss.backward()
+        return out, loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out_w, loss_w, g_w = step(model)
+    stats_w = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.load_state_dict(state)
+    out_s, loss_s, g_s = step(BatchSplitTraining(model))
+    assert out_s.dtype is BF16 and out_w.dtype is BF16
+    torch.testing.assert_close(out_s.float(), out_w.float(), rtol=0.02, atol=0.02 * float(out_w.abs().max()))
+    assert abs(float(loss_s - loss_w)) <= 0.01 * abs(float(loss_w))
+    assert g_w.norm() > 0 and F.cosine_similarity(g_s, g_w, dim=0) > 0.995
+    for k, v in stats_w.items():   # the running statistics: the whole batch's, once
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0.02, atol=1e-3, msg=k)
+
+
+def test_bf16_trainer_takes_the_batch_split(make_args, tmp_path, two_threads, capsys):
+    """`hybridzoo train --amp bf16` on the CPU splits the batch, and trains as --no-batch-split does (bf16 rounding)."""
+    res = {}
+    for run, extra in (("split", ()), ("whole", ("--no-batch-split",))):
+        args, task = make_args("--model", "hz_tiny_bn", "--batch-size", 16, "--limit-train-batches", 3,
+                               "--limit-val-batches", 2, "--epochs", 1, "--lr", 1e-3, "--amp", "bf16",
+                               "--output", tmp_path / run, *extra)
+        res[run] = train(args, task)
+        out = capsys.readouterr().out
+        assert ("batch split: 2 threads each train their share" in out) == (run == "split"), out
+    split, whole = res["split"], res["whole"]
+    assert split.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=0.02)
+    for (n, a), b in zip(split.model.state_dict().items(), whole.model.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=0.05, atol=0.02, msg=n)
+
+
 # ---- the native-bf16 check and the CLI's warning ----------------------------------------------------
 
 @pytest.fixture

@@ -235,9 +235,14 @@ def test_split_batch_in_a_forked_child(two_threads):
     torch.testing.assert_close(got, want)
 
 
-def test_bf16_copy_is_not_split(two_threads):
-    # autocast is thread-local: the bf16 copy's region would not reach worker threads, so it keeps whole batches
+def test_bf16_copy_is_split_and_every_part_runs_under_autocast(two_threads):
+    # autocast is per thread: the worker threads take the caller's (run_on_threads), or their part would be fp32
     fast = optimize_for_cpu_inference(Recorder(), dtype=torch.bfloat16)
+    seen = []
+    fast.fc.register_forward_hook(lambda m, a, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
     with torch.inference_mode():
-        fast(torch.randn(4, 8))
-    assert [c[0] for c in fast.calls] == [4]
+        out = fast(torch.randn(4, 8))
+    assert sorted(c[0] for c in fast.calls if c[0] != 1) == [2, 2]   # the probe's one input, then two parts
+    assert len({c[1] for c in fast.calls}) == 2
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
+    assert out[0].dtype is torch.float32 and not torch.is_autocast_enabled("cpu")

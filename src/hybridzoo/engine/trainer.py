@@ -368,8 +368,8 @@ def _batch_split_blocker(model: nn.Module, args: argparse.Namespace, info: distr
         return "--no-batch-split"
     if not getattr(args, "fast_cpu", True):
         return "--no-fast-cpu"
-    if info.device.type != "cpu" or args.amp != "none":
-        return "the batch split is for fp32 CPU training"
+    if info.device.type != "cpu" or args.amp not in ("none", "bf16"):
+        return "the batch split is for CPU training in fp32 or bf16"
     if info.world_size > 1:  # DDP all-reduces in the gradient hooks: once per part would be wrong and slow
         return "several processes (DDP)"
     if args.compile:

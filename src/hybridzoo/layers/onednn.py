@@ -28,7 +28,7 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   the shortcut's buffer instead of a fresh one; the chain's own input is never written;
 - with `channels_last=True` (default) convolution weights are stored channels-last, so oneDNN
   convolutions run in NHWC without reordering their input and output at every call;
-- with `split_batch=True` (default, fp32) `model(x)` on a batch cuts it into one part per intra-op thread and
+- with `split_batch=True` (default; the bf16 copy too, under the caller's autocast) `model(x)` on a batch cuts it into one part per intra-op thread and
   runs each part on a thread of its own with one intra-op thread (`split_batch_forward`): the same function,
   without the OpenMP fork/join (and the wait for the slower thread) at every LayerNorm, add, softmax and
   product of the forward, which on the 2-vCPU EPYC cost more than the products gain from sharing threads.
@@ -712,10 +712,16 @@ def _concat(parts: list):
 
 def run_on_threads(run, n: int) -> list:
     """[run(0), ..., run(n - 1)]: run(0) on the calling thread, the others on the pool, each with one intra-op
-    thread (its own OpenMP and MKL team); the caller's thread setting is restored afterwards."""
+    thread (its own OpenMP and MKL team) and the caller's CPU autocast (bf16 training and inference: autocast is
+    per thread); the caller's thread setting is restored afterwards."""
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
     def one_thread(i):
         torch.set_num_threads(1)
-        return run(i)
+        if amp is None:
+            return run(i)
+        with torch.autocast("cpu", dtype=amp):
+            return run(i)
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -836,7 +842,7 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
     `dtype=torch.bfloat16`: bf16 weights and autocast inside `model(x)` (not other methods such as
     `forward_features`), fp32 in and out; see the module docstring.
 
-    `split_batch` (fp32): `model(x)` on a batch of several inputs with several intra-op threads runs one part
+    `split_batch`: `model(x)` on a batch of several inputs with several intra-op threads runs one part
     of the batch per thread, each on one thread (`split_batch_forward`); outputs that are not per-input
     tensors fall back to the whole batch. Batch 1 and other methods (`forward_features`) are unaffected.
 
@@ -856,7 +862,7 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
         p.requires_grad_(False)
 
     # the folded convolutions and frozen blocks are fp32 kernels; the bf16 variant keeps the model's own
-    # convolutions (weights stored in bf16 below) and packs only the linear layers
+    # convolutions (weights stored in bf16 below) and packs only the linear layers; both split the batch
     fp32 = dtype is torch.float32
 
     def convert(parent: nn.Module) -> None:
@@ -900,6 +906,6 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
         model.register_forward_hook(_leave_bf16, always_call=True)
     if channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)
-    if split_batch and fp32:
+    if split_batch:
         model = _with_batch_split(model)
     return model
