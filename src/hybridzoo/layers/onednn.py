@@ -28,10 +28,11 @@ same pass over the output. `optimize_for_cpu_inference` makes a frozen copy of a
   the shortcut's buffer instead of a fresh one; the chain's own input is never written;
 - with `channels_last=True` (default) convolution weights are stored channels-last, so oneDNN
   convolutions run in NHWC without reordering their input and output at every call;
-- with `split_batch=True` (default; the bf16 copy too, under the caller's autocast) `model(x)` on a batch cuts it into one part per intra-op thread and
-  runs each part on a thread of its own with one intra-op thread (`split_batch_forward`): the same function,
-  without the OpenMP fork/join (and the wait for the slower thread) at every LayerNorm, add, softmax and
-  product of the forward, which on the 2-vCPU EPYC cost more than the products gain from sharing threads.
+- with `split_batch=True` (default; the bf16 copy too, under the caller's autocast) `model(x)` on a batch cuts it
+  into one part per intra-op thread and runs each part on a thread of its own with one intra-op thread
+  (`split_batch_forward`): the same function, without the OpenMP fork/join (and the wait for the slower thread)
+  at every LayerNorm, add, softmax and product of the forward, which on the 2-vCPU EPYC cost more than the
+  products gain from sharing threads.
   A part whose largest tensor would exceed glibc's mmap threshold (32 MiB) runs in sub-batches that stay under
   it (`images_per_call`: one input's forward under a dispatch mode at the first call per input shape), so its
   activations are reused heap memory instead of fresh mappings faulted in at every call (CoAtNet-0 at batch 32:
@@ -605,7 +606,7 @@ class FrozenMlp(nn.Module):
     one output buffer. Measured on the EPYC (1 thread, benchmarks/RESULTS.md "Session 8: CvT-13 inference"):
     1.18× on stage 2's MLP, level to 5% slower on hidden layers below 32 MB, so those run whole. Since session 9
     the batch split's sub-batches (`images_per_call`) keep `model(x)`'s parts under the same cap (CvT-13: 8 + 8
-    images per thread), so the chunks serve the calls that still go above it: `split_batch=False`, bf16 copies,
+    images per thread), so the chunks serve the calls that still go above it: `split_batch=False`,
     `forward_features`, inputs too large for one image to stay under it."""
 
     CHUNK_ABOVE = 32 * 1024 * 1024
