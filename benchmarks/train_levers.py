@@ -32,7 +32,9 @@ hits every variant alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import os
 import statistics
 import time
@@ -52,29 +54,28 @@ LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile"
 ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}
 
 
-def _route(step, products: str):
+@contextlib.contextmanager
+def _products(route: str):
+    before, train_fast.PRODUCTS = train_fast.PRODUCTS, route
+    try:
+        yield
+    finally:
+        train_fast.PRODUCTS = before
+
+
+@contextlib.contextmanager
+def _avx2_kernels():
+    native.set_isa("avx2")
+    try:
+        yield
+    finally:
+        native.set_isa("best")
+
+
+def _within(step, context):
+    """`step` run inside a fresh `context()` at every call."""
     def run():
-        before, train_fast.PRODUCTS = train_fast.PRODUCTS, products
-        try:
-            return step()
-        finally:
-            train_fast.PRODUCTS = before
-    return run
-
-
-def _avx2(step):
-    def run():
-        native.set_isa("avx2")
-        try:
-            return step()
-        finally:
-            native.set_isa("best")
-    return run
-
-
-def _every_row(step):
-    def run():
-        with every_row():
+        with context():
             return step()
     return run
 
@@ -111,13 +112,11 @@ def main() -> None:
                                               native_attention=lever != "fast-split-sdpa",
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
-        if "fast-split-every-row" in variants:
-            variants["fast-split-every-row"] = _every_row(variants["fast-split-every-row"])
-        for lever, products in ROUTES.items():
+        contexts = {"fast-split-every-row": every_row, "fast-split-avx2": _avx2_kernels,
+                    **{lever: functools.partial(_products, route) for lever, route in ROUTES.items()}}
+        for lever, context in contexts.items():
             if lever in variants:
-                variants[lever] = _route(variants[lever], products)
-        if "fast-split-avx2" in variants:
-            variants["fast-split-avx2"] = _avx2(variants["fast-split-avx2"])
+                variants[lever] = _within(variants[lever], context)
         for v, step in variants.items():  # warm-up (and compilation)
             t0 = time.perf_counter()
             step()
