@@ -673,6 +673,46 @@ def test_gelu_names_what_is_wrong(attn, bad, words):
 
 
 @needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T, O, I", [(1, 1, 16), (5, 11, 48), (37, 13, 80), (9, 8, 32), (20, 9, 16), (300, 100, 64),
+                                     (600, 30, 208), (70, 1536, 32)])
+def test_weight_grad_is_the_transposed_product(attn, T, O, I, threads):
+    """gᵀ·x against float64: every row tail of the 6-row tiles (O mod 6 = 1-5), panels of 16-64 columns, token chunks
+    of 256 (T = 300, 600), a row stride past 4 KB (O = 1,536), one and two threads; leading dims flattened."""
+    torch.manual_seed(T + O + I)
+    g, x = torch.randn(T, O), torch.randn(T, I)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dw = attn.weight_grad(g, x)
+        dw3 = attn.weight_grad(g.reshape(1, T, O), x.reshape(1, T, I))
+    finally:
+        torch.set_num_threads(before)
+    want = g.double().t() @ x.double()
+    assert dw.shape == (O, I) and dw.is_contiguous()
+    torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-5 * T ** 0.5)
+    assert torch.equal(dw3, dw)
+
+
+@needs_attention
+def test_weight_grad_of_no_tokens_is_zero(attn):
+    assert torch.equal(attn.weight_grad(torch.randn(0, 5), torch.randn(0, 32)), torch.zeros(5, 32))
+
+
+@needs_attention
+@pytest.mark.parametrize("bad, words", [
+    (lambda: (torch.randn(4, 5), torch.randn(4, 20)), "I a positive multiple of 16"),
+    (lambda: (torch.randn(4, 5), torch.randn(3, 16)), "the same leading shape"),
+    (lambda: (torch.randn(5, 4).t(), torch.randn(4, 16)), "contiguous"),
+    (lambda: (torch.randn(4, 5).double(), torch.randn(4, 16)), "Double"),
+])
+def test_weight_grad_names_what_is_wrong(attn, bad, words):
+    with pytest.raises(RuntimeError, match="hybridzoo_native::weight_grad") as e:
+        attn.weight_grad(*bad())
+    assert words in str(e.value)
+
+
+@needs_attention
 def test_fast_training_gelu_is_gelu_on_the_kernel_in_training_only(attn, monkeypatch):
     """`optimize_for_cpu_training` makes exact GELUs `FastGELU`: in training with a gradient, the kernel, with the
     plain module's output and gradient to fp32 rounding; in eval mode, without a gradient, for the tanh form and with
