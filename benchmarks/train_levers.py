@@ -22,6 +22,8 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
   fast-split-onednn, fast-split-native, fast-split-mkl  fast-split with `FastLinear`'s forward and input-gradient
                 products on that route (`layers.train_fast.PRODUCTS`, set for the step; fast-split takes the CPU's
                 default: oneDNN where PyTorch runs AVX-512, native on AVX2, `HYBRIDZOO_TRAIN_PRODUCTS`)
+  fast-split-dw-mkl, fast-split-dw-native  fast-split with `FastLinear`'s weight gradient on MKL's `mm` or on the
+                native kernel (`layers.train_fast.WEIGHT_GRADS`, set for the step)
   fast-split-avx2  fast-split with the native kernels' AVX2 versions on an AVX-512 CPU (`native.set_isa("avx2")` for
                 the step): whether the AVX-512 kernels pay on this CPU
 Every variant starts from the same weights. Rounds go plain, fast-linear, ...; each round's ratio
@@ -50,8 +52,9 @@ from hybridzoo.layers.helpers import every_row
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
           "fast-split-every-row", "fast-split-sdpa", "fast-split-avx2", "fast-split-onednn", "fast-split-native",
-          "fast-split-mkl"]
+          "fast-split-mkl", "fast-split-dw-mkl", "fast-split-dw-native"]
 ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}
+WEIGHT_GRADS = {"fast-split-dw-mkl": "mkl", "fast-split-dw-native": "native"}
 
 
 @contextlib.contextmanager
@@ -61,6 +64,15 @@ def _products(route: str):
         yield
     finally:
         train_fast.PRODUCTS = before
+
+
+@contextlib.contextmanager
+def _weight_grads(route: str):
+    before, train_fast.WEIGHT_GRADS = train_fast.WEIGHT_GRADS, route
+    try:
+        yield
+    finally:
+        train_fast.WEIGHT_GRADS = before
 
 
 @contextlib.contextmanager
@@ -103,17 +115,18 @@ def main() -> None:
             variants[lever] = make_train_step(copy.deepcopy(base), x,
                                               linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
                                                                "fast-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                               "fast-split-avx2", *ROUTES),
+                                                               "fast-split-avx2", *ROUTES, *WEIGHT_GRADS),
                                               fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
                                                               "fast-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                              "fast-split-avx2", *ROUTES),
+                                                              "fast-split-avx2", *ROUTES, *WEIGHT_GRADS),
                                               split=lever in ("fast-split", "fast-split-every-row", "fast-split-sdpa",
-                                                              "fast-split-avx2", *ROUTES),
+                                                              "fast-split-avx2", *ROUTES, *WEIGHT_GRADS),
                                               native_attention=lever != "fast-split-sdpa",
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
         contexts = {"fast-split-every-row": every_row, "fast-split-avx2": _avx2_kernels,
-                    **{lever: functools.partial(_products, route) for lever, route in ROUTES.items()}}
+                    **{lever: functools.partial(_products, route) for lever, route in ROUTES.items()},
+                    **{lever: functools.partial(_weight_grads, route) for lever, route in WEIGHT_GRADS.items()}}
         for lever, context in contexts.items():
             if lever in variants:
                 variants[lever] = _within(variants[lever], context)
@@ -150,6 +163,10 @@ def main() -> None:
                 rc = [a / b for a, b in zip(cpu["fast-split-onednn"], cpu[lever])]
                 print(f"\n{lever} vs fast-split-onednn: wall {statistics.median(r):.3f}x (min–max {min(r):.3f}–"
                       f"{max(r):.3f}), CPU time {statistics.median(rc):.3f}x, medians of per-round ratios", flush=True)
+        if "fast-split-dw-native" in times and "fast-split-dw-mkl" in times:   # the weight gradient's route
+            r = [a / b for a, b in zip(times["fast-split-dw-mkl"], times["fast-split-dw-native"])]
+            print(f"\nfast-split-dw-native vs fast-split-dw-mkl: wall {statistics.median(r):.3f}x (min–max "
+                  f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
         if "fast-split-avx2" in times and "fast-split" in times:   # the AVX-512 kernels against their AVX2 twins
             r = [a / b for a, b in zip(times["fast-split-avx2"], times["fast-split"])]
             print(f"\nfast-split (AVX-512 kernels) vs fast-split-avx2: wall {statistics.median(r):.3f}x (min–max "

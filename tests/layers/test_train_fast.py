@@ -34,7 +34,7 @@ def onednn_products(monkeypatch):
 
 
 @pytest.mark.parametrize("capability, env, want", [
-    ("AVX512", "", "onednn"), ("AVX512_BF16", None, "onednn"), ("AVX2", "", "native"), ("DEFAULT", None, "mkl"),
+    ("AVX512", "", "native"), ("AVX512_BF16", None, "native"), ("AVX2", "", "native"), ("DEFAULT", None, "mkl"),
     ("AVX2", "onednn", "onednn"), ("AVX512", " MKL ", "mkl"), ("AVX512", "native", "native"),
 ])
 def test_the_products_route_follows_the_cpu_unless_told(monkeypatch, capability, env, want):
@@ -51,13 +51,63 @@ def test_an_unknown_products_route_is_named_and_the_cpu_decides(monkeypatch):
     monkeypatch.setenv("HYBRIDZOO_TRAIN_PRODUCTS", "blas")
     with pytest.warns(UserWarning, match="HYBRIDZOO_TRAIN_PRODUCTS='blas' is not one of onednn, native, mkl"):
         assert train_fast._default_products() == "native"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NEON")
+    with pytest.warns(UserWarning, match="choosing by the CPU"):
+        assert train_fast._default_products() == "mkl"
+
+
+@pytest.mark.parametrize("capability, env, want", [
+    ("AVX512", None, "native"), ("AVX512_BF16", "", "native"), ("AVX2", None, "mkl"), ("DEFAULT", "", "mkl"),
+    ("AVX2", "native", "native"), ("AVX512", " MKL ", "mkl"),
+])
+def test_the_weight_gradient_route_follows_the_cpu_unless_told(monkeypatch, capability, env, want):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if env is None:
+        monkeypatch.delenv("HYBRIDZOO_TRAIN_WEIGHT_GRADS", raising=False)
+    else:
+        monkeypatch.setenv("HYBRIDZOO_TRAIN_WEIGHT_GRADS", env)
+    assert train_fast._default_weight_grads() == want
+
+
+def test_an_unknown_weight_gradient_route_is_named_and_the_cpu_decides(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("HYBRIDZOO_TRAIN_WEIGHT_GRADS", "onednn")
+    with pytest.warns(UserWarning, match="HYBRIDZOO_TRAIN_WEIGHT_GRADS='onednn' is not one of native, mkl"):
+        assert train_fast._default_weight_grads() == "mkl"
+
+
+@pytest.mark.parametrize("route", ["native", "mkl"])
+@pytest.mark.parametrize("K", [32, 12])
+def test_the_weight_gradient_takes_its_route(monkeypatch, route, K):
+    """dW on the native kernel when so routed and the input width is in 16s (else MKL), `nn.Linear`'s gradient
+    either way, from a non-contiguous input too."""
+    if route == "native" and not (train_fast.native.load() and train_fast.native.attention_supported()):
+        pytest.skip("the native kernels do not build or run on this CPU")
+    calls = []
+    real = train_fast.native.weight_grad
+    monkeypatch.setattr(train_fast.native, "weight_grad", lambda g, x: calls.append(x.shape) or real(g, x))
+    monkeypatch.setattr(train_fast, "WEIGHT_GRADS", route)
+    torch.manual_seed(0)
+    ref = nn.Linear(K, 20)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastLinear
+    x = torch.randn(3, 2 * K, 7).transpose(1, 2)[..., ::2]   # (3, 7, K), strided
+    g = torch.randn(3, 7, 20)
+    y = fast(x)
+    assert _fast_ran(y)
+    y.backward(g)
+    ref(x).backward(g)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, **TOL)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad, **TOL)
+    assert calls == ([(21, K)] if route == "native" and K % 16 == 0 else [])
 
 
 @pytest.mark.parametrize("route", ["mkl", "native"])
 def test_the_mkl_route_is_f_linear_bit_for_bit(monkeypatch, route):
     """MKL's route is `F.linear`; so is the native route's for 12 → 9 features (the panel kernel's outputs come in
-    16s)."""
+    16s) where oneDNN does not stand beside it (AVX2 CPUs)."""
     monkeypatch.setattr(train_fast, "PRODUCTS", route)
+    monkeypatch.setattr(train_fast, "ONEDNN_BESIDE_NATIVE", False)
     torch.manual_seed(0)
     ref = nn.Linear(12, 9)
     fast = copy.deepcopy(ref)
@@ -85,13 +135,14 @@ def _grads(params):
 @pytest.mark.parametrize("bias", [True, False])
 def test_fast_linear_matches_linear(monkeypatch, route, K, N, shape, bias):
     """Both routes (oneDNN's forward and input gradient; the native panel kernel's, whose outputs come in 16s) give
-    `nn.Linear`'s values and gradients, the weight gradient on MKL in both."""
+    `nn.Linear`'s values and gradients, the weight gradient on the CPU's route (`WEIGHT_GRADS`) in both."""
     products = []
     if route == "native":
         if not (train_fast.native.load() and train_fast.native.attention_supported()):
             pytest.skip("the native kernels do not build or run on this CPU")
         real = train_fast.native.rows_linear
         monkeypatch.setattr(train_fast.native, "rows_linear", lambda *a: products.append(a[0].shape) or real(*a))
+        monkeypatch.setattr(train_fast, "NATIVE_MIN_FEATURES", 16)
     monkeypatch.setattr(train_fast, "PRODUCTS", route)
     torch.manual_seed(0)
     ref = nn.Linear(K, N, bias=bias)
@@ -111,6 +162,40 @@ def test_fast_linear_matches_linear(monkeypatch, route, K, N, shape, bias):
         torch.testing.assert_close(a.grad, b.grad, **TOL)
     if route == "native":   # the forward, then the input gradient (dy against Wᵀ), on the panel kernel
         assert products == [x2.shape, g.shape]
+
+
+@pytest.mark.parametrize("K, N", [(12, 9), (64, 256), (256, 64)])
+@pytest.mark.parametrize("beside", [True, False])
+def test_the_native_route_leaves_what_it_does_not_take_to_onednn_on_avx512(monkeypatch, K, N, beside):
+    """On the native route a layer with widths not in 16s, or narrower than NATIVE_MIN_FEATURES (128), takes oneDNN's
+    products where oneDNN stands beside the kernel (AVX-512 CPUs); elsewhere (AVX2) widths in 16s take the kernel
+    at any size, others `F.linear`. The same values every way."""
+    if not (train_fast.native.load() and train_fast.native.attention_supported()):
+        pytest.skip("the native kernels do not build or run on this CPU")
+    products = []
+    real = train_fast.native.rows_linear
+    monkeypatch.setattr(train_fast.native, "rows_linear", lambda *a: products.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(train_fast, "PRODUCTS", "native")
+    monkeypatch.setattr(train_fast, "ONEDNN_BESIDE_NATIVE", beside)
+    torch.manual_seed(0)
+    ref = nn.Linear(K, N)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastLinear
+    x = torch.randn(4, 3, K, requires_grad=True)
+    g = torch.randn(4, 3, N)
+    y, y_ref = fast(x), ref(x)
+    on_kernel = not beside and K != 12
+    assert _fast_ran(y) is (beside or on_kernel)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    y.backward(g)
+    y_ref.backward(g)
+    for a, b in zip(fast.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL)
+    assert products == ([(4, 3, K), (4, 3, N)] if on_kernel else [])
+    if beside:
+        monkeypatch.setattr(train_fast, "NATIVE_MIN_FEATURES", 64)   # 64 → 256 and 256 → 64 now wide enough
+        fast(x).backward(g)
+        assert products == ([] if K == 12 else [(4, 3, K), (4, 3, N)])
 
 
 def test_non_contiguous_input_and_frozen_parts():

@@ -2,23 +2,23 @@
 
 A linear layer's training step is three matrix products: the forward y = x·Wᵀ, the input gradient
 dx = dy·W and the weight gradient dW = dyᵀ·x. On x86 CPUs `nn.Linear` runs all three through MKL's sgemm.
-On CPUs where oneDNN's inner-product kernels outrun MKL (AMD Zen 4: ≈ 210 vs 169 GFLOP/s on 2 threads,
-benchmarks/results_peak_epyc.json), `FastLinear` sends the forward (bias fused) and the input gradient
-(through a contiguous Wᵀ, a few hundred KB copied per call) to oneDNN and keeps the weight gradient —
-a contraction over all the batch's tokens, where MKL measured as fast or faster on the transformer shapes
-at one thread (split at two) — on MKL.
-The benchmarks/RESULTS.md lever table has the per-product figures. That route is taken on CPUs where PyTorch runs
-AVX-512 kernels. On AVX2-only ones (AMD Zen 3) MKL's products measured faster than oneDNN's at one thread, and the
-native panel kernel (`layers.native.rows_linear`, the weight packed at each call) faster than both: there the
-forward and input gradient run on it (`_FastLinearFn` with `native_route`; widths in 16s, else `F.linear`), the
-weight gradient on MKL (`PRODUCTS`, `HYBRIDZOO_TRAIN_PRODUCTS`).
+`FastLinear` sends the forward (bias fused) and the input gradient to the native panel kernel
+(`layers.native.rows_linear`, the weight packed at each call; `_FastLinearFn` with `native_route`) on CPUs where
+PyTorch runs AVX-512 or AVX2 kernels, and to oneDNN's inner product (through a contiguous Wᵀ for dx) where that is
+chosen (`PRODUCTS`, `HYBRIDZOO_TRAIN_PRODUCTS`) and, on AVX-512 CPUs, for the layers the panel kernel does not take
+(widths not in 16s, narrower than `NATIVE_MIN_FEATURES`, under `torch.compile`); elsewhere those are `F.linear`.
+The weight gradient dW = dyᵀ·x, a contraction over all the batch's tokens, runs on the native kernel
+`native.weight_grad` (both operands read as they lie) on AVX-512 CPUs and on MKL's `mm` elsewhere
+(`WEIGHT_GRADS`, `HYBRIDZOO_TRAIN_WEIGHT_GRADS`). The benchmarks/RESULTS.md lever tables have the per-product
+figures: on AMD Zen 4 oneDNN's inner product ran 1.1-1.25x MKL's sgemm, the panel kernel 1.0-1.1x oneDNN's at
+DeiT-S's shapes; on AVX2-only AMD Zen 3 MKL's products beat oneDNN's at one thread and the panel kernel beat both.
 
 `optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model with at least 128×128 weights
 (smaller ones run faster on MKL) to `FastLinear` *in place*
 (the class only: the same Parameter objects, state dict, hooks and optimiser references), so it can be
 applied before or after the optimiser is built, and checkpoints are unchanged. `FastLinear` computes the
 same function and gradients as `nn.Linear` (fp32 rounding aside: the two libraries sum in different
-orders). It takes the oneDNN route only in training mode, when a gradient is to be taken, from an fp32 CPU
+orders). It takes its routes only in training mode, when a gradient is to be taken, from an fp32 CPU
 tensor outside autocast; everywhere else (eval mode, no autograd, tracing, other dtypes or devices, oneDNN
 missing) it is `F.linear`, so evaluation and export see the plain operator bit for bit.
 
@@ -61,12 +61,13 @@ def fast_training_available() -> bool:
 
 
 def _default_products() -> str:
-    """Where `FastLinear` sends its forward and input-gradient products on this CPU: "onednn" where PyTorch runs
-    AVX-512 kernels (on AMD Zen 4 oneDNN's inner product ran 1.1-1.25x MKL's sgemm, benchmarks/RESULTS.md), "native"
-    where it runs AVX2 ones: on an AVX2-only AMD Zen 3, at one thread (the batch split's), MKL's forward measured
-    1.05x and its input gradient 1.1x oneDNN's (session 17), and the native panel kernel (`native.rows_linear`, the
-    weight packed at each call) 1.1-1.35x MKL's on both (session 21); "mkl" elsewhere, and where the native kernels
-    do not build. HYBRIDZOO_TRAIN_PRODUCTS=onednn|native|mkl overrides; the choice is fixed per process, so a run's
+    """Where `FastLinear` sends its forward and input-gradient products on this CPU: "native", the native panel kernel
+    (`native.rows_linear`, the weight packed at each call), where PyTorch runs AVX-512 or AVX2 kernels. On an AVX2-only
+    AMD Zen 3, at one thread (the batch split's), it ran 1.1-1.35x MKL's products, which ran 1.05-1.1x oneDNN's
+    (sessions 17, 21); on AMD Zen 4 (AVX-512) 1.0-1.1x oneDNN's at DeiT-S's shapes, whose products ran 1.1-1.25x
+    MKL's, and a DeiT-S step 1.02-1.05x (session 25; there the layers it does not take go to oneDNN,
+    `ONEDNN_BESIDE_NATIVE`). "mkl" elsewhere; where the native kernels do not build, the layers take oneDNN (AVX-512)
+    or MKL. HYBRIDZOO_TRAIN_PRODUCTS=onednn|native|mkl overrides; the choice is fixed per process, so a run's
     steps are the same bits on every run on one machine."""
     env = os.environ.get("HYBRIDZOO_TRAIN_PRODUCTS", "").strip().lower()
     if env in ("onednn", "native", "mkl"):
@@ -75,24 +76,57 @@ def _default_products() -> str:
         warnings.warn(f"HYBRIDZOO_TRAIN_PRODUCTS={env!r} is not one of onednn, native, mkl; choosing by the CPU",
                       stacklevel=2)
     capability = torch.backends.cpu.get_cpu_capability()
-    return "onednn" if capability.startswith("AVX512") else "native" if capability == "AVX2" else "mkl"
+    return "native" if capability.startswith("AVX512") or capability == "AVX2" else "mkl"
 
 
 # "onednn", "native" or "mkl" (see _default_products); read at every call, so a benchmark may switch it
 PRODUCTS = _default_products()
+
+# On the native route, where oneDNN's products beat MKL's (AVX-512 CPUs), the layers the panel kernel does not take
+# or takes slower go to oneDNN, not to `F.linear`: narrower than NATIVE_MIN_FEATURES inputs or outputs (CvT-13's
+# first stage, 64 wide, ran its forward and input gradient at 0.8x oneDNN's on the kernel on Zen 4, session 25),
+# under `torch.compile` (the custom operator), or with widths not in 16s. Elsewhere those stay `F.linear`.
+ONEDNN_BESIDE_NATIVE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+NATIVE_MIN_FEATURES = 128
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, linear, dense_t: bool = True):
+def _default_weight_grads() -> str:
+    """Where `FastLinear` takes its weight gradient dW = dyᵀ·x on this CPU: "native" (`native.weight_grad`, both
+    operands read as they lie) where PyTorch runs AVX-512 kernels, "mkl" (`mm` on the transposed view) elsewhere.
+    HYBRIDZOO_TRAIN_WEIGHT_GRADS=native|mkl overrides; fixed per process like `PRODUCTS`."""
+    env = os.environ.get("HYBRIDZOO_TRAIN_WEIGHT_GRADS", "").strip().lower()
+    if env in ("native", "mkl"):
+        return env
+    if env:
+        warnings.warn(f"HYBRIDZOO_TRAIN_WEIGHT_GRADS={env!r} is not one of native, mkl; choosing by the CPU",
+                      stacklevel=2)
+    return "native" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "mkl"
+
+
+# "native" or "mkl" (see _default_weight_grads); read at every call, so a benchmark may switch it
+WEIGHT_GRADS = _default_weight_grads()
+
+
+def _weight_grad(g2: torch.Tensor, x2: torch.Tensor, eager: bool) -> torch.Tensor:
+    """dW = g2ᵀ·x2 for g2 (T, O) and x2 (T, I): on the native kernel where `WEIGHT_GRADS` says so and it applies
+    (eager mode: the compiled path's backward is traced, and the kernel has no fake version), else MKL's `mm`."""
+    if eager and WEIGHT_GRADS == "native" and x2.shape[-1] % 16 == 0 and native.load() and native.attention_supported():
+        return native.weight_grad(g2.contiguous(), x2.contiguous())
+    return g2.t().mm(x2)
+
+
+def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, linear, dense_t: bool = True,
+                  eager: bool = True):
     """dx through `linear` (dx = dy·W is a linear layer with weight Wᵀ: dense for oneDNN, `dense_t`), dW = dyᵀ·x
-    through MKL (faster there, see the module docstring) and db as a column sum."""
+    through `_weight_grad` and db as a column sum."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     dx = linear(grad_out, weight.t().contiguous() if dense_t else weight.t(), None) if need_x else None
-    dw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+    dw = _weight_grad(g2, x.reshape(-1, x.shape[-1]), eager) if need_w else None
     db = g2.sum(0) if need_b and ctx.has_bias else None
     return dx, dw, db
 
@@ -108,8 +142,8 @@ def _native_fits(weight: torch.Tensor) -> bool:
 
 
 class _FastLinearFn(torch.autograd.Function):
-    """y = x·Wᵀ + b: forward and dx through oneDNN, or with `native_route` through the native panel kernel; dW through
-    MKL, db as a column sum (eager mode)."""
+    """y = x·Wᵀ + b: forward and dx through oneDNN, or with `native_route` through the native panel kernel; dW by
+    `_weight_grad`, db as a column sum (eager mode)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -150,7 +184,7 @@ def _op_setup_context(ctx, inputs, output) -> None:
 
 def _op_backward(ctx, grad_out: torch.Tensor):
     x, weight = ctx.saved_tensors
-    return _linear_grads(ctx, x, weight, grad_out, onednn_linear)
+    return _linear_grads(ctx, x, weight, grad_out, onednn_linear, eager=False)
 
 
 onednn_linear.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -163,27 +197,31 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` with the oneDNN/MKL routing of `FastLinear` where a gradient is to be taken.
+    """`F.linear` with the native/oneDNN/MKL routing of `FastLinear` where a gradient is to be taken.
 
     Without autograd (evaluation, inference) and while tracing or scripting it is exactly `F.linear`, so
     validation figures and exports see the plain operator; under `torch.compile` it is the custom operator
-    `hybridzoo::onednn_linear` (same products, see the module docstring)."""
+    `hybridzoo::onednn_linear` (oneDNN's products, see the module docstring) where oneDNN is the route or beside
+    it (`ONEDNN_BESIDE_NATIVE`), else `F.linear`."""
     if (not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
             or torch.jit.is_tracing() or torch.jit.is_scripting() or PRODUCTS not in ("onednn", "native")
             or not _applies(x, weight)):
         return F.linear(x, weight, bias)
     if PRODUCTS == "native":
-        if torch.compiler.is_compiling() or not _native_fits(weight):
+        if (not torch.compiler.is_compiling() and _native_fits(weight)
+                and (not ONEDNN_BESIDE_NATIVE or min(weight.shape) >= NATIVE_MIN_FEATURES)):
+            return _FastLinearFn.apply(x, weight, bias, True)
+        if not ONEDNN_BESIDE_NATIVE:
             return F.linear(x, weight, bias)
-        return _FastLinearFn.apply(x, weight, bias, True)
     if torch.compiler.is_compiling():
         return onednn_linear(x, weight, bias)
     return _FastLinearFn.apply(x, weight, bias)
 
 
 class FastLinear(nn.Linear):
-    """`nn.Linear` whose products take the faster of oneDNN / MKL on the CPU (see the module docstring)."""
+    """`nn.Linear` whose products take the fastest of the native kernels, oneDNN and MKL on the CPU (see the module
+    docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:  # eval mode is plain `nn.Linear`, bit for bit, with or without autograd
