@@ -677,8 +677,9 @@ def test_gelu_names_what_is_wrong(attn, bad, words):
 @pytest.mark.parametrize("T, O, I", [(1, 1, 16), (5, 11, 48), (37, 13, 80), (9, 8, 32), (20, 9, 16), (300, 100, 64),
                                      (600, 30, 208), (70, 1536, 32)])
 def test_weight_grad_is_the_transposed_product(attn, T, O, I, threads):
-    """gᵀ·x against float64: every row tail of the 6-row tiles (O mod 6 = 1-5), panels of 16-64 columns, token chunks
-    of 256 (T = 300, 600), a row stride past 4 KB (O = 1,536), one and two threads; leading dims flattened."""
+    """gᵀ·x against float64: every row tail of the 6-row tiles (O mod 6 = 1-5), panels of 16-64 columns and groups of
+    192 with a tail (I = 208), several token chunks (T = 300, 600), a row stride past 4 KB (O = 1,536), one and two
+    threads; leading dims flattened."""
     torch.manual_seed(T + O + I)
     g, x = torch.randn(T, O), torch.randn(T, I)
     before = torch.get_num_threads()

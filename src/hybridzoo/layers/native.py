@@ -809,8 +809,11 @@ void tiny_rows(HZ_ARGS_tiny_rows) {
 // A training step's dW = dyᵀ·x with no transposed copy of either (torch's took 1-5 ms a layer, as long as a fifth of
 // the product). A tile of MR rows of c (MR columns of g, broadcast one token at a time) against 16·NV of its
 // columns (vectors of x's row); g's next rows prefetched by hand: a row stride past 4 KB (1,152 or 1,536 outputs)
-// defeats the hardware prefetcher, and without it those shapes ran at 0.75x of the narrow ones on Zen 4.
-constexpr int64_t GRAD_PREFETCH = 32, GRAD_CHUNK = 256;
+// defeats the hardware prefetcher, and without it those shapes ran at 0.75x of the narrow ones on Zen 4. The tokens
+// go in chunks of GRAD_CHUNK, c's columns in groups of GRAD_GROUP: a chunk of the group's x (96 KB) stays in L2 and a
+// tile's run of g (8 KB) in L1 while the group's panels read it, so g streams from memory once per group, not once
+// per panel of 64 columns (from cold caches, as in a step: 1.05-1.2x on DeiT-S's shapes, session 25).
+constexpr int64_t GRAD_PREFETCH = 32, GRAD_CHUNK = 128, GRAD_GROUP = 192;
 
 template <int MR, int NV>
 HZ_INLINE void grad_tile(const float* g, int64_t ldg, const float* x, int64_t ldx, int64_t T, float* c, int64_t ldc,
@@ -831,46 +834,46 @@ HZ_INLINE void grad_tile(const float* g, int64_t ldg, const float* x, int64_t ld
     for (int v = 0; v < NV; ++v) hz_store(c + m * ldc + 16 * v, acc[m][v]);
 }
 
-// c's columns [16·NV] from i: every row of c, the tokens in chunks of GRAD_CHUNK (the chunk of x's columns stays
-// in L2 while every tile of rows reads it)
-template <int NV>
-static void grad_columns(const float* g, int64_t ldg, int64_t O, const float* x, int64_t ldx, int64_t T, float* c,
-                         int64_t ldc) {
-  for (int64_t t0 = 0; t0 < T; t0 += GRAD_CHUNK) {
-    const int64_t tn = std::min(GRAD_CHUNK, T - t0);
-    const bool first = t0 == 0;
-    const float* gt = g + t0 * ldg;
-    const float* xt = x + t0 * ldx;
-#define HZ_GRAD_TILE(MR)                                                                                     \
+// MR rows of c, its columns [n0, n1) (in 16s) in panels of 64, over the T tokens of the chunk g and x start at
+template <int MR>
+HZ_INLINE void grad_rows(const float* g, int64_t ldg, const float* x, int64_t ldx, int64_t T, float* c, int64_t ldc,
+                         bool first, int64_t n0, int64_t n1) {
+#define HZ_GRAD_PANEL(NV)                                                                                    \
   do {                                                                                                       \
     constexpr int TV = panel_tile_vectors<MR, NV>();                                                         \
     for (int v0 = 0; v0 < NV; v0 += TV)                                                                      \
-      grad_tile<MR, TV>(gt + o, ldg, xt + 16 * v0, ldx, tn, c + o * ldc + 16 * v0, ldc, first);              \
+      grad_tile<MR, TV>(g, ldg, x + n + 16 * v0, ldx, T, c + n + 16 * v0, ldc, first);                       \
   } while (0)
-    int64_t o = 0;
-    for (; o + 6 <= O; o += 6) HZ_GRAD_TILE(6);
-    switch (O - o) {
-      case 5: HZ_GRAD_TILE(5); break;
-      case 4: HZ_GRAD_TILE(4); break;
-      case 3: HZ_GRAD_TILE(3); break;
-      case 2: HZ_GRAD_TILE(2); break;
-      case 1: HZ_GRAD_TILE(1); break;
-      default: break;
+  for (int64_t n = n0; n < n1; n += 64) {
+    switch (std::min<int64_t>(64, n1 - n) / 16) {
+      case 4: HZ_GRAD_PANEL(4); break;
+      case 3: HZ_GRAD_PANEL(3); break;
+      case 2: HZ_GRAD_PANEL(2); break;
+      default: HZ_GRAD_PANEL(1); break;
     }
-#undef HZ_GRAD_TILE
   }
+#undef HZ_GRAD_PANEL
 }
 
-// c (O, ldc) columns [i0, i1) of gᵀ·x, i0 and i1 multiples of 16 (panels of 64 columns, the last narrower)
+// c (O, ldc) columns [i0, i1) of gᵀ·x, i0 and i1 multiples of 16
 void weight_grad(HZ_ARGS_weight_grad) {
-  for (int64_t n0 = i0; n0 < i1; n0 += 64) {
-    const float* xp = x + n0;
-    float* cp = c + n0;
-    switch (std::min<int64_t>(64, i1 - n0) / 16) {
-      case 4: grad_columns<4>(g, ldg, O, xp, ldx, T, cp, ldc); break;
-      case 3: grad_columns<3>(g, ldg, O, xp, ldx, T, cp, ldc); break;
-      case 2: grad_columns<2>(g, ldg, O, xp, ldx, T, cp, ldc); break;
-      default: grad_columns<1>(g, ldg, O, xp, ldx, T, cp, ldc); break;
+  for (int64_t n0 = i0; n0 < i1; n0 += GRAD_GROUP) {
+    const int64_t n1 = std::min(i1, n0 + GRAD_GROUP);
+    for (int64_t t0 = 0; t0 < T; t0 += GRAD_CHUNK) {
+      const int64_t tn = std::min(GRAD_CHUNK, T - t0);
+      const bool first = t0 == 0;
+      const float* gt = g + t0 * ldg;
+      const float* xt = x + t0 * ldx;
+      int64_t o = 0;
+      for (; o + 6 <= O; o += 6) grad_rows<6>(gt + o, ldg, xt, ldx, tn, c + o * ldc, ldc, first, n0, n1);
+      switch (O - o) {
+        case 5: grad_rows<5>(gt + o, ldg, xt, ldx, tn, c + o * ldc, ldc, first, n0, n1); break;
+        case 4: grad_rows<4>(gt + o, ldg, xt, ldx, tn, c + o * ldc, ldc, first, n0, n1); break;
+        case 3: grad_rows<3>(gt + o, ldg, xt, ldx, tn, c + o * ldc, ldc, first, n0, n1); break;
+        case 2: grad_rows<2>(gt + o, ldg, xt, ldx, tn, c + o * ldc, ldc, first, n0, n1); break;
+        case 1: grad_rows<1>(gt + o, ldg, xt, ldx, tn, c + o * ldc, ldc, first, n0, n1); break;
+        default: break;
+      }
     }
   }
 }
