@@ -58,21 +58,14 @@ WEIGHT_GRADS = {"fast-split-dw-mkl": "mkl", "fast-split-dw-native": "native"}
 
 
 @contextlib.contextmanager
-def _products(route: str):
-    before, train_fast.PRODUCTS = train_fast.PRODUCTS, route
+def _route(name: str, value: str):
+    """`train_fast.<name>` (PRODUCTS, WEIGHT_GRADS) set to `value` for the duration."""
+    before = getattr(train_fast, name)
+    setattr(train_fast, name, value)
     try:
         yield
     finally:
-        train_fast.PRODUCTS = before
-
-
-@contextlib.contextmanager
-def _weight_grads(route: str):
-    before, train_fast.WEIGHT_GRADS = train_fast.WEIGHT_GRADS, route
-    try:
-        yield
-    finally:
-        train_fast.WEIGHT_GRADS = before
+        setattr(train_fast, name, before)
 
 
 @contextlib.contextmanager
@@ -125,8 +118,8 @@ def main() -> None:
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
         contexts = {"fast-split-every-row": every_row, "fast-split-avx2": _avx2_kernels,
-                    **{lever: functools.partial(_products, route) for lever, route in ROUTES.items()},
-                    **{lever: functools.partial(_weight_grads, route) for lever, route in WEIGHT_GRADS.items()}}
+                    **{lever: functools.partial(_route, "PRODUCTS", route) for lever, route in ROUTES.items()},
+                    **{lever: functools.partial(_route, "WEIGHT_GRADS", route) for lever, route in WEIGHT_GRADS.items()}}
         for lever, context in contexts.items():
             if lever in variants:
                 variants[lever] = _within(variants[lever], context)

@@ -33,17 +33,27 @@ def onednn_products(monkeypatch):
     monkeypatch.setattr(train_fast, "PRODUCTS", "onednn")
 
 
-@pytest.mark.parametrize("capability, env, want", [
-    ("AVX512", "", "native"), ("AVX512_BF16", None, "native"), ("AVX2", "", "native"), ("DEFAULT", None, "mkl"),
-    ("AVX2", "onednn", "onednn"), ("AVX512", " MKL ", "mkl"), ("AVX512", "native", "native"),
+# each route's default: the function that chooses it and the environment variable that overrides it
+ROUTE_CHOICES = {"products": ("_default_products", "HYBRIDZOO_TRAIN_PRODUCTS"),
+                 "weight gradients": ("_default_weight_grads", "HYBRIDZOO_TRAIN_WEIGHT_GRADS")}
+
+
+@pytest.mark.parametrize("choice, capability, env, want", [
+    ("products", "AVX512", "", "native"), ("products", "AVX512_BF16", None, "native"),
+    ("products", "AVX2", "", "native"), ("products", "DEFAULT", None, "mkl"), ("products", "AVX2", "onednn", "onednn"),
+    ("products", "AVX512", " MKL ", "mkl"), ("products", "AVX512", "native", "native"),
+    ("weight gradients", "AVX512", None, "native"), ("weight gradients", "AVX512_BF16", "", "native"),
+    ("weight gradients", "AVX2", None, "mkl"), ("weight gradients", "DEFAULT", "", "mkl"),
+    ("weight gradients", "AVX2", "native", "native"), ("weight gradients", "AVX512", " MKL ", "mkl"),
 ])
-def test_the_products_route_follows_the_cpu_unless_told(monkeypatch, capability, env, want):
+def test_each_route_follows_the_cpu_unless_told(monkeypatch, choice, capability, env, want):
+    default, variable = ROUTE_CHOICES[choice]
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     if env is None:
-        monkeypatch.delenv("HYBRIDZOO_TRAIN_PRODUCTS", raising=False)
+        monkeypatch.delenv(variable, raising=False)
     else:
-        monkeypatch.setenv("HYBRIDZOO_TRAIN_PRODUCTS", env)
-    assert train_fast._default_products() == want
+        monkeypatch.setenv(variable, env)
+    assert getattr(train_fast, default)() == want
 
 
 def test_an_unknown_products_route_is_named_and_the_cpu_decides(monkeypatch):
@@ -54,19 +64,6 @@ def test_an_unknown_products_route_is_named_and_the_cpu_decides(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NEON")
     with pytest.warns(UserWarning, match="choosing by the CPU"):
         assert train_fast._default_products() == "mkl"
-
-
-@pytest.mark.parametrize("capability, env, want", [
-    ("AVX512", None, "native"), ("AVX512_BF16", "", "native"), ("AVX2", None, "mkl"), ("DEFAULT", "", "mkl"),
-    ("AVX2", "native", "native"), ("AVX512", " MKL ", "mkl"),
-])
-def test_the_weight_gradient_route_follows_the_cpu_unless_told(monkeypatch, capability, env, want):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    if env is None:
-        monkeypatch.delenv("HYBRIDZOO_TRAIN_WEIGHT_GRADS", raising=False)
-    else:
-        monkeypatch.setenv("HYBRIDZOO_TRAIN_WEIGHT_GRADS", env)
-    assert train_fast._default_weight_grads() == want
 
 
 def test_an_unknown_weight_gradient_route_is_named_and_the_cpu_decides(monkeypatch):
