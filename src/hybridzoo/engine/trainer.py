@@ -296,8 +296,8 @@ def _set_up(args: argparse.Namespace, task, info: distributed.DistInfo) -> _Run:
         model = model.to(memory_format=torch.channels_last)
     fast_cpu = getattr(args, "fast_cpu", True) and device.type == "cpu" and amp_dtype is None
     if fast_cpu:
-        # fp32 CPU training: linear layers take the faster of oneDNN / MKL per product (same function and
-        # gradients, same parameters and state dict; benchmarks/RESULTS.md)
+        # fp32 CPU training: linear layers take the fastest of the native kernels, oneDNN and MKL per product (same
+        # function and gradients, same parameters and state dict; benchmarks/RESULTS.md)
         optimize_for_cpu_training(model)
     from hybridzoo.profile import count_params
     n_params = count_params(model)
