@@ -137,8 +137,11 @@ def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _native_fits(weight: torch.Tensor) -> bool:
-    """Both products on the panel kernel: their output widths (out and in features) in 16s, the kernels loaded."""
-    return weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0 and native.load() and native.attention_supported()
+    """Both products on the panel kernel: their output widths (out and in features) in 16s, at least
+    NATIVE_MIN_FEATURES where oneDNN stands beside the kernel, the kernels loaded."""
+    return (weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+            and (not ONEDNN_BESIDE_NATIVE or min(weight.shape) >= NATIVE_MIN_FEATURES)
+            and native.load() and native.attention_supported())
 
 
 class _FastLinearFn(torch.autograd.Function):
@@ -209,8 +212,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             or not _applies(x, weight)):
         return F.linear(x, weight, bias)
     if PRODUCTS == "native":
-        if (not torch.compiler.is_compiling() and _native_fits(weight)
-                and (not ONEDNN_BESIDE_NATIVE or min(weight.shape) >= NATIVE_MIN_FEATURES)):
+        if not torch.compiler.is_compiling() and _native_fits(weight):
             return _FastLinearFn.apply(x, weight, bias, True)
         if not ONEDNN_BESIDE_NATIVE:
             return F.linear(x, weight, bias)
