@@ -157,6 +157,28 @@ def test_pack_panels_lays_out_strips_of_16_columns_from_k_256(kernels):
     assert torch.equal(kernels.pack_panels(wide[:, ::2]), p.new_tensor(kernels.pack_panels(wide[:, ::2].contiguous())))
 
 
+def _packed_layout(w: torch.Tensor) -> torch.Tensor:
+    """pack_panels's layout from its rule: panels of 64 rows of w (the last narrower), each K × width flat, or from
+    K = 256 on strips of 16 rows, each K × 16."""
+    parts = []
+    for n0 in range(0, w.shape[0], 64):
+        panel = w[n0:n0 + 64]
+        for strip in (panel.split(16) if w.shape[1] >= 256 else [panel]):
+            parts.append(strip.t().reshape(-1))
+    return torch.cat(parts)
+
+
+# K not a multiple of 4 (the transposing blocks' tail), K of 1, panels of 16-48 rows, strips with a tail panel
+@pytest.mark.parametrize("N, K", [(80, 5), (48, 7), (16, 1), (64, 4), (80, 259), (144, 300), (208, 384)])
+def test_pack_panels_matches_its_layout_from_every_kind_of_weight(kernels, N, K):
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N + K))
+    want = _packed_layout(w)
+    assert torch.equal(kernels.pack_panels(w), want)
+    assert torch.equal(kernels.pack_panels(w.t().contiguous().t()), want)   # Wᵀ read as it lies
+    wide = torch.randn(N, 2 * K, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(kernels.pack_panels(wide[:, ::2]), _packed_layout(wide[:, ::2]))   # strided: copied first
+
+
 @pytest.mark.parametrize("w, words", [
     (torch.randn(40, 8), "multiple of 16"),
     (torch.randn(32, 8, dtype=torch.float64), "float32"),

@@ -1587,9 +1587,36 @@ static inline int64_t panel_offset(int64_t n0, int64_t nb, int64_t K, int64_t k,
   return n0 * K + (K >= PANEL_STRIP_K ? (j / 16) * 16 * K + k * 16 + j % 16 : k * nb + j);
 }
 
+#if HZ_X86
+#include <xmmintrin.h>
+#endif
+
+// d (K × width, row stride width) <- w's `width` rows (each K long, row stride K) transposed, in blocks of 4 × 4
+// through SSE registers (every x86-64 CPU has SSE): a quarter to a half of the scalar loop's time, 0.5-0.7x from
+// cold caches (DeiT-S's weights, Zen 4; benchmarks/RESULTS.md, session 26)
+static void pack_rows_transposed(const float* w, int64_t K, int64_t width, float* d) {
+  int64_t k0 = 0;
+#if HZ_X86
+  for (; k0 + 4 <= K; k0 += 4)
+    for (int64_t j = 0; j < width; j += 4) {
+      __m128 r0 = _mm_loadu_ps(w + j * K + k0), r1 = _mm_loadu_ps(w + (j + 1) * K + k0);
+      __m128 r2 = _mm_loadu_ps(w + (j + 2) * K + k0), r3 = _mm_loadu_ps(w + (j + 3) * K + k0);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      _mm_storeu_ps(d + k0 * width + j, r0);
+      _mm_storeu_ps(d + (k0 + 1) * width + j, r1);
+      _mm_storeu_ps(d + (k0 + 2) * width + j, r2);
+      _mm_storeu_ps(d + (k0 + 3) * width + j, r3);
+    }
+#endif
+  for (; k0 < K; ++k0)
+    for (int64_t j = 0; j < width; ++j) d[k0 * width + j] = w[j * K + k0];
+}
+
 // A transposed contiguous weight (w = vᵀ, v (K, N) contiguous: a training step's input gradient, dy·W, takes the
-// panels of Wᵀ) is read as it lies: each panel row is then a run of v's row, copied whole, with no transposed copy
-// first (0.5 ms for 384 × 1536 against 5.8 with one). Otherwise w's rows are read one after the other.
+// panels of Wᵀ) is read as it lies, v's rows in order, each cut into the panels' runs: no transposed copy first
+// (0.5 ms for 384 × 1536 against 5.8 with one), and none of a panel's K runs, 6 KB apart, read one after the other
+// (the prefetchers lose such a stream: 0.8x the speed from cold caches). Otherwise w's rows are transposed a
+// strip (or panel) of them at a time.
 at::Tensor pack_panels(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(0) % 16 == 0 && w.size(0) > 0,
               "hybridzoo_native::pack_panels: w must be a float32 (N, K) weight with N a positive multiple of 16, "
@@ -1601,20 +1628,23 @@ at::Tensor pack_panels(const at::Tensor& w) {
   const float* ps = src.data_ptr<float>();
   float* pd = out.data_ptr<float>();
   const bool strips = K >= PANEL_STRIP_K;
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    const int64_t nb = std::min<int64_t>(64, N - n0);
-    // a strip's 16 columns (K × 16) or, without strips, the panel's nb (K × nb): `width` columns from c0
-    for (int64_t c0 = n0; c0 < n0 + nb; c0 += strips ? 16 : nb) {
-      const int64_t width = strips ? 16 : nb;
-      float* d = pd + panel_offset(n0, nb, K, 0, c0 - n0);
-      if (transposed) {
-        for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * width, ps + k * N + c0, width * sizeof(float));
-      } else {
-        for (int64_t k0 = 0; k0 < K; k0 += 256)   // runs of each row in order, what they fill staying in cache
-          for (int64_t j = 0; j < width; ++j)
-            for (int64_t k = k0; k < std::min(K, k0 + 256); ++k) d[k * width + j] = ps[(c0 + j) * K + k];
+  if (transposed) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float* row = ps + k * N;
+      for (int64_t n0 = 0; n0 < N; n0 += 64) {
+        const int64_t nb = std::min<int64_t>(64, N - n0), width = strips ? 16 : nb;   // a strip's run, or the panel's
+        for (int64_t j = 0; j < nb; j += width)
+          std::memcpy(pd + panel_offset(n0, nb, K, k, j), row + n0 + j, width * sizeof(float));
       }
     }
+    return out;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nb = std::min<int64_t>(64, N - n0);
+    // a strip's 16 columns (K × 16) or, without strips, the panel's nb (K × nb): `width` rows of w from c0
+    const int64_t width = strips ? 16 : nb;
+    for (int64_t c0 = n0; c0 < n0 + nb; c0 += width)
+      pack_rows_transposed(ps + c0 * K, K, width, pd + panel_offset(n0, nb, K, 0, c0 - n0));
   }
   return out;
 }
