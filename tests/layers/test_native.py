@@ -892,3 +892,65 @@ def test_compiled_training_keeps_sdpa_in_one_graph(attn):
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1,), (17,), (3, 7, 5), (8, 196, 768), (70001,)])
+def test_quick_gelu_and_its_gradient_are_the_formula(attn, shape, threads):
+    """QuickGELU x·σ(1.702x) and its gradient against float64 and autograd: within a few fp32 roundings of x (the
+    derivative crosses 0, so the bound scales with 1 + |x|), over row tails and the threads' chunks; exactly x and g
+    far above, -0 / 0 far below (not x times hz_exp's floor); NaN stays NaN."""
+    torch.manual_seed(len(shape) + shape[0])
+    x = torch.randn(shape) * 4
+    x.view(-1)[:6] = torch.tensor([60.0, -60.0, 1e30, -1e30, 0.0, float("nan")])[: x.numel()]
+    g = torch.randn(shape)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, dx = attn.gelu(x, quick=True), attn.gelu(x, g, quick=True)
+    finally:
+        torch.set_num_threads(before)
+    x64 = x.double().requires_grad_()
+    ref = x64 * torch.sigmoid(1.702 * x64)
+    (want,) = torch.autograd.grad(ref, x64, g.double())
+    finite, xa = ~torch.isnan(x), x.double().abs()
+    assert torch.isnan(y[~finite]).all() and torch.isnan(dx[~finite]).all()
+    assert ((y.double() - ref).abs() <= 4e-7 * xa + 1e-30)[finite].all()
+    assert ((dx.double() - want).abs() <= 4e-7 * (1 + xa) * g.double().abs() + 1e-30)[finite].all()
+    assert torch.equal(y[x >= 60], x[x >= 60]) and torch.equal(dx[x >= 60], g[x >= 60])
+    assert (y[x <= -60] == 0).all() and (dx[x <= -60] == 0).all()
+
+
+@needs_attention
+def test_fast_training_quick_gelu_is_quick_gelu_on_the_kernel_in_training_only(attn, monkeypatch):
+    """`optimize_for_cpu_training` makes every `QuickGELU` (CvT's MLPs) `FastQuickGELU`: in training with a gradient,
+    the kernel forward and back, with the plain module's output and gradients to fp32 rounding; in eval mode, without
+    a gradient and with HYBRIDZOO_NATIVE=0, `QuickGELU` bit for bit."""
+    from hybridzoo.layers.mlp import QuickGELU
+    from hybridzoo.layers.train_fast import FastQuickGELU, optimize_for_cpu_training
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 40), QuickGELU(), torch.nn.Linear(40, 8))
+    fast = optimize_for_cpu_training(__import__("copy").deepcopy(model))
+    assert type(fast[1]) is FastQuickGELU
+    x = torch.randn(6, 8) * 3
+    with _Ops() as ops:
+        out = fast(x)
+        out.sum().backward()
+    assert ops.names.count("hybridzoo_native.gelu") == 2   # forward and backward
+    ref = model(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast.parameters(), model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    t = torch.randn(4, 40)
+    with _Ops() as ops:
+        with torch.no_grad():
+            plain = fast[1](t)
+        evaluated = fast.eval()[1](t.requires_grad_())
+        fast.train()
+        monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+        off = fast[1](t)
+    assert "hybridzoo_native.gelu" not in ops.names
+    for y in (plain, evaluated, off):
+        assert torch.equal(y, QuickGELU()(t.detach()))

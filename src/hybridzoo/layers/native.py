@@ -674,10 +674,26 @@ HZ_INLINE vec hz_gelu_slope(vec x) {
   return 0.5f * (1.0f + hz_erf(x * 0.70710678118654752f)) + x * (e * 0.3989422804014327f);
 }
 
+// σ(z) = 1 / (1 + e^(−z)) for z ≥ 0 and e^z / (1 + e^z) below (hz_exp takes z ≤ 0); 0 below -87, where σ leaves
+// float32's normal range (hz_exp's floor would give 1e-38 there, and x·σ(x) of x = -1e30 -1e-8, not -0)
+HZ_INLINE vec hz_sigmoid(vec z) {
+  const vec e = hz_exp(-hz_abs(z));
+  return hz_select(z < -87.0f, hz_splat(0.0f), hz_select(z < 0.0f, e, hz_splat(1.0f)) / (1.0f + e));
+}
+
 // ---- GELU for training: y = GELU(x), or (g given) y = g · GELU'(x); n a multiple of 16 ------------------------------
 // ATen's exact GELU takes ~2.2 ns a value forward and ~3.4 backward on one Zen 3 thread (its erf and exp per lane);
-// these take about half that (benchmarks/RESULTS.md, session 17)
+// these take about half that (benchmarks/RESULTS.md, session 17). `quick`: QuickGELU x·σ(1.702x) (CvT), and its
+// derivative s + 1.702·x·s·(1 − s) with s = σ(1.702x), one pass each way where ATen's formula takes three
+// forward and two back (the multiply by 1.702 written out, then read again)
 void gelu_values(HZ_ARGS_gelu_values) {
+  if (quick) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const vec v = hz_load(x + i), s = hz_sigmoid(1.702f * v);
+      hz_store(y + i, g ? hz_load(g + i) * (s + 1.702f * v * s * (1.0f - s)) : v * s);
+    }
+    return;
+  }
   if (g) {
     for (int64_t i = 0; i < n; i += 16) hz_store(y + i, hz_load(g + i) * hz_gelu_slope(hz_load(x + i)));
   } else {
@@ -693,11 +709,8 @@ HZ_INLINE vec hz_tanh(vec u) {
   return hz_select(u < 0.0f, -t, t);
 }
 
-// x · σ(x), σ(x) = 1 / (1 + e^(−x)) for x ≥ 0 and e^x / (1 + e^x) below (hz_exp takes x ≤ 0)
-HZ_INLINE vec hz_swish(vec x) {
-  const vec e = hz_exp(-hz_abs(x));
-  return x * (hz_select(x < 0.0f, e, hz_splat(1.0f)) / (1.0f + e));
-}
+// x · σ(x)
+HZ_INLINE vec hz_swish(vec x) { return x * hz_sigmoid(x); }
 
 template <int ACT>
 HZ_INLINE vec hz_act(vec y) {
@@ -1356,9 +1369,9 @@ at::Tensor tiny_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tens
   return y;
 }
 
-// GELU (exact, erf) of x, or with grad its gradient grad · GELU'(x): float32, contiguous, one shape; the values
-// in chunks over the intra-op threads, the last n mod 16 through a padded copy
-at::Tensor gelu(const at::Tensor& x, const c10::optional<at::Tensor>& grad) {
+// GELU (exact, erf; or with `quick` QuickGELU) of x, or with grad its gradient grad · GELU'(x): float32,
+// contiguous, one shape; the values in chunks over the intra-op threads, the last n mod 16 through a padded copy
+at::Tensor gelu(const at::Tensor& x, const c10::optional<at::Tensor>& grad, bool quick) {
   check_isa("gelu");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(),
               "hybridzoo_native::gelu: x must be contiguous float32, got ", x.scalar_type(), " strides ", x.strides());
@@ -1374,13 +1387,13 @@ at::Tensor gelu(const at::Tensor& x, const c10::optional<at::Tensor>& grad) {
   float* py = y.data_ptr<float>();
   const int64_t n = x.numel(), body = n / 16 * 16;
   at::parallel_for(0, body / 16, 4096, [&](int64_t begin, int64_t end) {
-    gelu_values(px + 16 * begin, pg ? pg + 16 * begin : nullptr, py + 16 * begin, 16 * (end - begin));
+    gelu_values(px + 16 * begin, pg ? pg + 16 * begin : nullptr, py + 16 * begin, 16 * (end - begin), quick);
   });
   if (body < n) {
     float tx[16] = {}, tg[16] = {}, ty[16];
     std::copy(px + body, px + n, tx);
     if (pg) std::copy(pg + body, pg + n, tg);
-    gelu_values(tx, pg ? tg : nullptr, ty, 16);
+    gelu_values(tx, pg ? tg : nullptr, ty, 16, quick);
     std::copy(ty, ty + (n - body), py + body);
   }
   return y;
@@ -2526,7 +2539,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("set_column_split_rows(int rows) -> int", &set_column_split_rows);
-  m.def("gelu(Tensor x, Tensor? grad=None) -> Tensor");
+  m.def("gelu(Tensor x, Tensor? grad=None, bool quick=False) -> Tensor");
   m.def("weight_grad(Tensor g, Tensor x) -> Tensor");
   m.def("pack_panels(Tensor w) -> Tensor");
   m.def("scale_panels(Tensor panels, Tensor s) -> Tensor");
@@ -2590,7 +2603,7 @@ _ENTRIES = (
     (None, (), "panel_linear",
      "const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N, const float* bias, "
      "const float* res, int64_t ldr, float* c, int64_t ldc, int act"),
-    (None, (), "gelu_values", "const float* x, const float* g, float* y, int64_t n"),
+    (None, (), "gelu_values", "const float* x, const float* g, float* y, int64_t n, bool quick"),
     (None, (), "weight_grad",
      "const float* g, int64_t ldg, int64_t O, const float* x, int64_t ldx, int64_t T, float* c, int64_t ldc, "
      "int64_t i0, int64_t i1"),
@@ -2824,10 +2837,11 @@ def set_column_split_rows(rows: int) -> int:
     return int(_STATE["ops"].set_column_split_rows(rows))
 
 
-def gelu(x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+def gelu(x: torch.Tensor, grad: torch.Tensor | None = None, quick: bool = False) -> torch.Tensor:
     """Exact GELU of a contiguous float32 x, or with `grad` (x's shape, contiguous) its gradient grad·GELU'(x); a new
-    tensor, the values in chunks over the intra-op threads. erf by a rational function (absolute error below 5e-7)."""
-    return _STATE["ops"].gelu(x, grad)
+    tensor, the values in chunks over the intra-op threads. erf by a rational function (absolute error below 5e-7).
+    `quick`: QuickGELU x·σ(1.702x) instead (CvT's activation), σ through a degree-6 e^x (about 2 ulp)."""
+    return _STATE["ops"].gelu(x, grad, quick)
 
 
 def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,11 @@ from torch.autograd.function import once_differentiable
 
 from hybridzoo.layers import native
 from hybridzoo.layers.fused import use_fused_cpu
+from hybridzoo.layers.mlp import QuickGELU
 from hybridzoo.layers.onednn import run_on_threads
 
-__all__ = ["FastLinear", "FastGELU", "optimize_for_cpu_training", "fast_training_available", "fast_linear",
-           "onednn_linear", "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
+__all__ = ["FastLinear", "FastGELU", "FastQuickGELU", "optimize_for_cpu_training", "fast_training_available",
+           "fast_linear", "onednn_linear", "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
 
 
 # Decided once: dynamo refuses to trace `torch.backends.mkldnn.is_available` (a graph break per layer).
@@ -237,18 +238,26 @@ class FastLinear(nn.Linear):
 
 
 class _NativeGELUFn(torch.autograd.Function):
-    """Exact GELU through the native kernels, forward and backward (`layers.native.gelu`)."""
+    """Exact GELU, or QuickGELU (`quick`), through the native kernels, forward and backward (`layers.native.gelu`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, quick: bool) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return native.gelu(x)
+        ctx.quick = quick
+        return native.gelu(x, quick=quick)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
-        return native.gelu(x, grad_out.contiguous())
+        return native.gelu(x, grad_out.contiguous(), quick=ctx.quick), None
+
+
+def _native_gelu_applies(module: nn.Module, x: torch.Tensor) -> bool:
+    """A training step with a gradient, on a plain fp32 CPU tensor, eager, where the kernels run."""
+    return (module.training and torch.is_grad_enabled() and x.requires_grad and use_fused_cpu(x)
+            and type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and native.attention_supported())
 
 
 class FastGELU(nn.GELU):
@@ -258,11 +267,20 @@ class FastGELU(nn.GELU):
     compiling, other dtypes and CPUs without the kernels get `F.gelu`, bit for bit."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.training and self.approximate == "none" and torch.is_grad_enabled() and x.requires_grad
-                and use_fused_cpu(x) and type(x) is torch.Tensor and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and native.attention_supported()):
-            return _NativeGELUFn.apply(x.contiguous())
+        if self.approximate == "none" and _native_gelu_applies(self, x):
+            return _NativeGELUFn.apply(x.contiguous(), False)
         return F.gelu(x, approximate=self.approximate)
+
+
+class FastQuickGELU(QuickGELU):
+    """`QuickGELU` (CvT's x·σ(1.702x)) whose training forward and backward run on the native kernels: one pass over
+    memory each way, where the module's own takes three forward (1.702x written out, σ in place, the product) and
+    two back (values within fp32 rounding of ATen's sigmoid). Otherwise `QuickGELU`, bit for bit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _native_gelu_applies(self, x):
+            return _NativeGELUFn.apply(x.contiguous(), True)
+        return super().forward(x)
 
 
 # Below this many weights (in × out) oneDNN's per-call overhead loses to MKL: a 64×64 or 32×32 layer trained
@@ -280,8 +298,8 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     process that has none cached, about 30 s), where they build and the CPU has AVX-512 or AVX2; elsewhere SDPA
     stays.
 
-    `native_gelu`: every exact `nn.GELU` (approximate="none") becomes `FastGELU`, in place (the class only), where the
-    native kernels build and the CPU has AVX-512 or AVX2.
+    `native_gelu`: every exact `nn.GELU` (approximate="none") becomes `FastGELU`, and every `QuickGELU`
+    `FastQuickGELU`, in place (the class only), where the native kernels build and the CPU has AVX-512 or AVX2.
 
     Subclasses of `nn.Linear` are left alone (they may override forward). Parameters, buffers, the state
     dict and an optimiser built on the model are unaffected. Without oneDNN this is a no-op."""
@@ -297,6 +315,8 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
         for m in model.modules():
             if type(m) is nn.GELU and m.approximate == "none":
                 m.__class__ = FastGELU
+            elif type(m) is QuickGELU:
+                m.__class__ = FastQuickGELU
     return model
 
 
