@@ -12,6 +12,8 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
                 models without batch statistics): one share of the batch per thread, each on one thread; attention
                 on the native kernels where they build (`layers.native.attend`)
   fast-split-sdpa  fast-split with attention left to SDPA (`optimize_for_cpu_training(native_attention=False)`)
+  fast-split-aten-gelu  fast-split with GELU and QuickGELU left to ATen (`optimize_for_cpu_training(
+                native_gelu=False)`): what the native one-pass activations give
   compile       `torch.compile(model)` of the plain model (inductor C++), AdamW default; its compile time
                 is printed (not in the default set: compiling a full-size model takes minutes)
   fast-compile  the fast path compiled (`hybridzoo train --compile`): FastLinear's products stay oneDNN calls
@@ -51,8 +53,8 @@ from hybridzoo.layers import native, train_fast
 from hybridzoo.layers.helpers import every_row
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-every-row", "fast-split-sdpa", "fast-split-avx2", "fast-split-onednn", "fast-split-native",
-          "fast-split-mkl", "fast-split-dw-mkl", "fast-split-dw-native"]
+          "fast-split-every-row", "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2", "fast-split-onednn",
+          "fast-split-native", "fast-split-mkl", "fast-split-dw-mkl", "fast-split-dw-native"]
 ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}
 WEIGHT_GRADS = {"fast-split-dw-mkl": "mkl", "fast-split-dw-native": "native"}
 
@@ -108,13 +110,17 @@ def main() -> None:
             variants[lever] = make_train_step(copy.deepcopy(base), x,
                                               linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
                                                                "fast-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                               "fast-split-avx2", *ROUTES, *WEIGHT_GRADS),
+                                                               "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
+                                                               *WEIGHT_GRADS),
                                               fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
                                                               "fast-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                              "fast-split-avx2", *ROUTES, *WEIGHT_GRADS),
+                                                              "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
+                                                              *WEIGHT_GRADS),
                                               split=lever in ("fast-split", "fast-split-every-row", "fast-split-sdpa",
-                                                              "fast-split-avx2", *ROUTES, *WEIGHT_GRADS),
+                                                              "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
+                                                              *WEIGHT_GRADS),
                                               native_attention=lever != "fast-split-sdpa",
+                                              native_gelu=lever != "fast-split-aten-gelu",
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever == "fast-cl")
         contexts = {"fast-split-every-row": every_row, "fast-split-avx2": _avx2_kernels,
@@ -146,10 +152,11 @@ def main() -> None:
             print(f"| {v} | {statistics.median(ts):.3f} / {statistics.median(cpu[v]):.3f} | {statistics.median(r):.3f} "
                   f"| {min(r):.3f}–{max(r):.3f} | {statistics.median(cpu['plain']) / statistics.median(cpu[v]):.3f} |",
                   flush=True)
-        if "fast-split-sdpa" in times and "fast-split" in times:   # the native attention kernels, round by round
-            r = [a / b for a, b in zip(times["fast-split-sdpa"], times["fast-split"])]
-            print(f"\nfast-split (native attention) vs fast-split-sdpa: wall {statistics.median(r):.3f}x (min–max "
-                  f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
+        for lever, what in (("fast-split-sdpa", "native attention"), ("fast-split-aten-gelu", "native GELU")):
+            if lever in times and "fast-split" in times:   # a native kernel's share, round by round
+                r = [a / b for a, b in zip(times[lever], times["fast-split"])]
+                print(f"\nfast-split ({what}) vs {lever}: wall {statistics.median(r):.3f}x (min–max "
+                      f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
         for lever in ("fast-split-native", "fast-split-mkl"):   # each route against oneDNN's, round by round
             if lever in times and "fast-split-onednn" in times:
                 r = [a / b for a, b in zip(times["fast-split-onednn"], times[lever])]
