@@ -627,13 +627,9 @@ def test_attention_backward_into_names_what_is_wrong(attn, bad, words):
     assert words in str(e.value)
 
 
-@needs_attention
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(1,), (15,), (16,), (17,), (3, 7, 5), (8, 196, 1728), (70001,)])
-def test_gelu_and_its_gradient_are_the_erf_formula(attn, shape, threads):
-    """The training GELU's forward and backward against float64 GELU and autograd's gradient: within the rational
-    erf's bound (5e-7 absolute on erf) and fp32 rounding, over row tails (n mod 16) and the threads' chunks; exactly x
-    and 0 (forward), g and 0 (gradient) far out; NaN stays NaN."""
+def _gelu_against_float64(attn, shape, threads, quick, formula):
+    """`attn.gelu` forward and backward on `threads` threads over a seeded x (with ±60, ±1e30, 0 and NaN first) and
+    g, and the float64 formula's values and autograd gradient: (x, g, y, dx, ref, want)."""
     torch.manual_seed(len(shape) + shape[0])
     x = torch.randn(shape) * 4
     x.view(-1)[:6] = torch.tensor([60.0, -60.0, 1e30, -1e30, 0.0, float("nan")])[: x.numel()]
@@ -641,18 +637,29 @@ def test_gelu_and_its_gradient_are_the_erf_formula(attn, shape, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y, dx = attn.gelu(x), attn.gelu(x, g)
+        y, dx = attn.gelu(x, quick=quick), attn.gelu(x, g, quick=quick)
     finally:
         torch.set_num_threads(before)
     x64 = x.double().requires_grad_()
-    ref = F.gelu(x64)
+    ref = formula(x64)
     (want,) = torch.autograd.grad(ref, x64, g.double())
+    return x, g, y, dx, ref.detach(), want
+
+
+@needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1,), (15,), (16,), (17,), (3, 7, 5), (8, 196, 1728), (70001,)])
+def test_gelu_and_its_gradient_are_the_erf_formula(attn, shape, threads):
+    """The training GELU's forward and backward against float64 GELU and autograd's gradient: within the rational
+    erf's bound (5e-7 absolute on erf) and fp32 rounding, over row tails (n mod 16) and the threads' chunks; exactly x
+    and 0 (forward), g and 0 (gradient) far out; NaN stays NaN."""
+    x, g, y, dx, ref, want = _gelu_against_float64(attn, shape, threads, False, F.gelu)
     finite = ~torch.isnan(x)
     assert torch.isnan(y[~finite]).all() and torch.isnan(dx[~finite]).all()
     err = (y.double() - ref).abs()[finite]
-    assert (err <= 2.3e-7 * x64.detach().abs()[finite] + 2e-6 * ref.detach().abs()[finite] + 1e-30).all()
+    assert (err <= 2.3e-7 * x.double().abs()[finite] + 2e-6 * ref.abs()[finite] + 1e-30).all()
     derr = (dx.double() - want).abs()[finite]
-    assert (derr <= (4e-7 + 4e-7 * x64.detach().abs()[finite]) * g.double().abs()[finite] + 1e-30).all()
+    assert (derr <= (4e-7 + 4e-7 * x.double().abs()[finite]) * g.double().abs()[finite] + 1e-30).all()
     far = x.abs() >= 6   # erf(x/√2) is ±1 in float32: GELU is x, or 0
     assert torch.equal(y[far & (x > 0)], x[far & (x > 0)]) and (y[far & (x < 0)] == 0).all()
     assert torch.equal(dx[far & (x > 0)], g[far & (x > 0)])
@@ -911,19 +918,8 @@ def test_quick_gelu_and_its_gradient_are_the_formula(attn, shape, threads):
     """QuickGELU x·σ(1.702x) and its gradient against float64 and autograd: within a few fp32 roundings of x (the
     derivative crosses 0, so the bound scales with 1 + |x|), over row tails and the threads' chunks; exactly x and g
     far above, -0 / 0 far below (not x times hz_exp's floor); NaN stays NaN."""
-    torch.manual_seed(len(shape) + shape[0])
-    x = torch.randn(shape) * 4
-    x.view(-1)[:6] = torch.tensor([60.0, -60.0, 1e30, -1e30, 0.0, float("nan")])[: x.numel()]
-    g = torch.randn(shape)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y, dx = attn.gelu(x, quick=True), attn.gelu(x, g, quick=True)
-    finally:
-        torch.set_num_threads(before)
-    x64 = x.double().requires_grad_()
-    ref = x64 * torch.sigmoid(1.702 * x64)
-    (want,) = torch.autograd.grad(ref, x64, g.double())
+    x, g, y, dx, ref, want = _gelu_against_float64(attn, shape, threads, True,
+                                                   lambda v: v * torch.sigmoid(1.702 * v))
     finite, xa = ~torch.isnan(x), x.double().abs()
     assert torch.isnan(y[~finite]).all() and torch.isnan(dx[~finite]).all()
     assert ((y.double() - ref).abs() <= 4e-7 * xa + 1e-30)[finite].all()
