@@ -150,6 +150,19 @@ def test_bench_json(tmp_path, capsys):
     assert "latency_ms_bs1" in capsys.readouterr().out
 
 
+def test_bench_fast_is_the_cpu_path(tmp_path, monkeypatch, capsys):
+    """`bench --fast` (oneDNN) runs on the CPU: "auto" on a machine with a GPU means the CPU, and a GPU named
+    outright is refused, saying what to drop."""
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # as on a machine with a GPU
+    assert main(["--plugin", TINY, "bench", "hz_tiny_vit", "--fast", "--batch-size", "2", "--iters", "1",
+                 "--warmup", "0", "--threads", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["device"] == "cpu"
+    assert main(["--plugin", TINY, "bench", "hz_tiny_vit", "--fast", "--device", "cuda:1"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda:1" in err and "drop --fast" in err
+
+
 def test_bench_configs_hook(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["--plugin", TINY, "bench", "hz_tiny_bench", "--batch-size", "2", "--iters", "1", "--warmup", "0",

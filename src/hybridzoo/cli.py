@@ -606,6 +606,12 @@ def cmd_bench(args) -> int:
     if args.onnx:
         from hybridzoo.export import bench_onnx
         return bench_onnx(args)
+    if args.onednn:
+        # the frozen oneDNN path is CPU code: on a machine with a GPU, "auto" means the CPU here
+        if args.device != "auto" and torch.device(args.device).type != "cpu":
+            raise ValueError(f"--fast / --onednn is the CPU inference path (oneDNN); it cannot run on --device "
+                             f"{args.device}: drop --fast to benchmark the model on {args.device}")
+        args.device = "cpu"
     device = resolve_device(args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")

@@ -90,6 +90,15 @@ def test_frozen_blocks_match_eager_at_other_sizes(name, kwargs, sizes):
     _compare(model, torch.randn(2, 3, side, side), *[torch.randn(1, 3, s, s) for s in sizes])
 
 
+def test_a_model_off_the_cpu_is_refused_naming_where_it_is():
+    # a model on a GPU ("meta" stands in for one here) would fail deep inside with an error about one layer
+    card = get_card("cvt_13")
+    model = hybridzoo.create_model("cvt_13", **card.test_kwargs)
+    model.head.to("meta")
+    with pytest.raises(ValueError, match=r"weights are on meta: pass the model on the CPU \(model.cpu\(\)\)"):
+        optimize_for_cpu_inference(model)
+
+
 def test_gpsa_with_a_saturated_gate_keeps_the_original_computation():
     # σ(λ) rounds to 1: v cannot be rescaled by 1 − σ(λ), the frozen GPSA falls back to the module's own forward
     card = get_card("convit_tiny")

@@ -855,6 +855,10 @@ def optimize_for_cpu_inference(model: nn.Module, batch_hint: int | None = None,
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"optimize_for_cpu_inference: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    elsewhere = sorted({str(t.device) for t in (*model.parameters(), *model.buffers()) if t.device.type != "cpu"})
+    if elsewhere:
+        raise ValueError(f"optimize_for_cpu_inference builds CPU (oneDNN) kernels, but the model's weights are on "
+                         f"{', '.join(elsewhere)}: pass the model on the CPU (model.cpu()), or run it as it is there")
     # a copy made inside the caller's inference mode would hold inference tensors (parameters, cached tables such
     # as ConViT's relative indices), which have no version counter and cannot be updated outside that mode
     with torch.inference_mode(False):
