@@ -6,6 +6,8 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 @torch.no_grad()
@@ -113,3 +115,19 @@ def small_sr_val_folder(folder, count: int = 3, size: tuple[int, int] = (40, 48)
         crop = np.ascontiguousarray(img[top:top + h, left:left + w])
         Image.fromarray(crop).save(folder / f"{names[i % len(names)]}_{i}.png")
     return folder
+
+
+class OneDevice(TorchDispatchMode):
+    """Refuses an operator given tensors on two devices, as CUDA's kernels do; the meta device's own kernels check
+    only some (an embedding takes CPU indices on meta, not on CUDA). CPU scalars (0-d), indices of advanced
+    indexing and copies between devices are allowed, as on CUDA."""
+
+    MIXED_OK = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                torch.ops.aten._index_put_impl_.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.MIXED_OK:
+            devices = {t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.ndim}
+            if len(devices) > 1:
+                raise RuntimeError(f"{func} was given tensors on {sorted(map(str, devices))}")
+        return func(*args, **(kwargs or {}))

@@ -13,12 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import hybridzoo
 from hybridzoo.profile import count_params, example_input, measure_model
 from hybridzoo.registry import get_card
+from _helpers import OneDevice  # tests/conftest.py puts tests/ on sys.path
 
 ALL = hybridzoo.list_models()
 
@@ -79,36 +78,20 @@ def test_forward_backward(name):
     assert not no_grad, f"{name}: parameters without gradient: {no_grad[:10]}"
 
 
-class _OneDevice(TorchDispatchMode):
-    """Refuses an operator given tensors on two devices, as CUDA's kernels do; the meta device's own kernels check
-    only some (an embedding takes CPU indices on meta, not on CUDA). CPU scalars (0-d), indices of advanced
-    indexing and copies between devices are allowed, as on CUDA."""
-
-    MIXED_OK = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
-                torch.ops.aten._index_put_impl_.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in self.MIXED_OK:
-            devices = {t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.ndim}
-            if len(devices) > 1:
-                raise RuntimeError(f"{func} was given tensors on {sorted(map(str, devices))}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_runs_off_the_cpu(name):
     """Training forward + backward and an eval forward with the model and its input on another device: `meta`
-    stands in for a GPU (CI has none) and, under `_OneDevice`, refuses a tensor a forward made on the CPU without
+    stands in for a GPU (CI has none) and, under `OneDevice`, refuses a tensor a forward made on the CPU without
     `device=` as CUDA would. benchmarks/gpu_check.py runs the real thing on a GPU."""
     model, size = _reduced(name)
     model.to("meta").train()
     x = example_input(model, size, batch_size=2, device="meta")
-    with _OneDevice():
+    with OneDevice():
         tensors = _tensors(_run(model, x))
         sum(t.sum() for t in tensors if t.is_floating_point()).backward()
     assert all(p.grad is None or p.grad.device.type == "meta" for p in model.parameters())
     model.eval()
-    with torch.no_grad(), _OneDevice():
+    with torch.no_grad(), OneDevice():
         assert all(t.device.type == "meta" for t in _tensors(_run(model, x))), f"{name}: output left the device"
 
 
