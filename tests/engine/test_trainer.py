@@ -2,9 +2,12 @@
 
 import csv
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridzoo
 from hybridzoo.engine.checkpoint import load_checkpoint
@@ -74,6 +77,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_args, tmp_pat
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_non_finite_loss_in_an_accumulated_batch_names_it_and_leaves_the_weights(make_args, tmp_path, tiny,
+                                                                                 monkeypatch):
+    # 2 batches a step: the check runs once a step, after both backward passes, and still names the bad batch
+    tiny.Exploding.explode_after = 2  # batches 1-2 (step 1) fine, batch 3 (step 2's first) is NaN
+    args, task = make_args(*FAST, "--model", "hz_tiny_exploding", "--epochs", 1, "--accum-steps", 2,
+                           "--output", tmp_path)
+    from hybridzoo.engine import trainer
+
+    weights = {}
+    real_step = trainer._train_one_epoch
+
+    def keep(run, *a, **k):
+        weights["model"] = run.state.model
+        return real_step(run, *a, **k)
+    monkeypatch.setattr(trainer, "_train_one_epoch", keep)
+    with pytest.raises(NonFiniteLossError, match=r"step 2 \(epoch 1, batch 3\).*no checkpoint had been written"):
+        train(args, task)
+    assert all(torch.isfinite(p).all() for p in weights["model"].parameters())  # step 2 never touched them
+
+
 def test_non_finite_loss_through_the_cli(make_args, tmp_path, tiny, capsys):
     from hybridzoo.cli import main
 
@@ -83,6 +106,51 @@ def test_non_finite_loss_through_the_cli(make_args, tmp_path, tiny, capsys):
     assert rc == 3
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step 2" in err and "no checkpoint had been written yet" in err
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value into Python (`.item()`, `float()`, `bool()`: what makes the host wait
+    for a GPU) made by the training loop and the tasks, not by the data pipeline's augmentations on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            f = sys._getframe(1)
+            while f is not None and ("/torch/" in f.f_code.co_filename or f.f_code.co_filename.endswith(__file__)):
+                f = f.f_back
+            name = f.f_code.co_filename if f is not None else "?"
+            if "hybridzoo/engine/" in name or "hybridzoo/tasks/" in name:
+                self.where.append(f"{Path(name).name}:{f.f_lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_host_read_per_step(make_args, tmp_path, monkeypatch):
+    """Per optimiser step, the loop reads one value from the device (the non-finite check, after the backward
+    passes are queued), whatever the accumulation and the logs; the logs are read at the epoch's end."""
+    from hybridzoo.engine import trainer
+
+    args, task = make_args(*FAST, "--epochs", 1, "--accum-steps", 2, "--no-batch-split", "--output", tmp_path)
+    step = task.training_step
+    monkeypatch.setattr(task, "training_step",
+                        lambda model, batch, a: (lambda lo: (lo[0], {"twice": 2 * lo[0].detach()}))(step(model, batch, a)))
+    counts = []
+    one_epoch = trainer._train_one_epoch
+
+    def counted(*a, **k):
+        with _HostReads() as reads:
+            row = one_epoch(*a, **k)
+        counts.append(reads.where)
+        return row
+    monkeypatch.setattr(trainer, "_train_one_epoch", counted)
+    result = train(args, task)
+    steps = 3
+    # + once an epoch: the sampler's shuffle, the epoch's loss and step count, its one log
+    assert len(counts) == 1 and len(counts[0]) <= steps + 5, counts
+    row = result.history[-1]
+    assert row["train_twice"] == pytest.approx(2 * row["train_loss"], rel=1e-6)
 
 
 def test_bf16_ema_clip_and_channels_last(make_args, tmp_path):

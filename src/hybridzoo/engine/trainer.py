@@ -408,7 +408,8 @@ def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace
     run.train_sampler.set_epoch(epoch)
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    log_sums: dict[str, float] = {}
+    # the task's logs are summed where they are (a tensor on the device stays there): read once, at the epoch's end
+    log_sums: dict[str, Any] = {}
     bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=info.is_main and args.progress)
     lr = optimizer.param_groups[0]["lr"]
     batches = iter(run.train_loader)
@@ -418,28 +419,33 @@ def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace
         lr = state.schedule.set_step(state.step)
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        losses = []
         for micro in range(accum):
             batch = move_to_device(next(batches), device, args.channels_last)
             # gradients are all-reduced once per step, on the last accumulated batch
             with ddp.no_sync() if ddp is not None and micro < accum - 1 else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
                     loss, logs = task.training_step(train_model, batch, args)
-                # Checked before backward, on every process at once (one tiny all-reduce), so a NaN on any
-                # process stops all of them before the weights or the last good checkpoint are touched.
-                bad = distributed.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-                if bad.item() > 0:
-                    bar.close()
-                    kept = (f"the last good checkpoint {run.ckpt_path} (end of epoch {epoch}) is kept"
-                            if info.is_main and run.ckpt_path.is_file() else "no checkpoint had been written yet")
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.detach().float().item()}) at step {state.step + 1} (epoch {epoch + 1}, "
-                        f"batch {i * accum + micro + 1}); training stopped and {kept}. "
-                        "Try a lower --lr, --clip-grad 1.0, or --amp none.")
                 # each batch's loss is a mean over its samples: 1/accum makes the step the mean over all of them
                 scaler.scale(loss / accum if accum > 1 else loss).backward()
+            losses.append(loss.detach())
             step_loss += loss.detach().double() / accum
             for k, v in (logs or {}).items():
-                log_sums[k] = log_sums.get(k, 0.0) + float(v) / accum
+                v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                log_sums[k] = log_sums.get(k, 0.0) + v / accum
+        # One host read per step, after the backward passes are queued (a GPU is not left idle while the CPU
+        # launches them), on every process at once (one tiny all-reduce), before anything touches the weights:
+        # a non-finite loss on any process stops all of them with the weights and the last good checkpoint intact.
+        bad = distributed.all_reduce_sum(torch.stack([~torch.isfinite(v) for v in losses]).float())
+        if bad.sum().item() > 0:
+            bar.close()
+            micro = int(bad.nonzero()[0])
+            kept = (f"the last good checkpoint {run.ckpt_path} (end of epoch {epoch}) is kept"
+                    if info.is_main and run.ckpt_path.is_file() else "no checkpoint had been written yet")
+            raise NonFiniteLossError(
+                f"non-finite loss ({losses[micro].float().item()}) at step {state.step + 1} (epoch {epoch + 1}, "
+                f"batch {i * accum + micro + 1}); training stopped and {kept}. "
+                "Try a lower --lr, --clip-grad 1.0, or --amp none.")
         if args.clip_grad:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -456,7 +462,7 @@ def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace
     totals = distributed.all_reduce_sum(torch.tensor([loss_sum.item(), n_steps], dtype=torch.float64, device=device))
     row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(1.0, float(totals[1])))}
     for k, v in log_sums.items():
-        row[f"train_{k}"] = v / max(1, n_steps)
+        row[f"train_{k}"] = float(v) / max(1, n_steps)
     row["lr"] = float(lr)
     return row
 

@@ -85,8 +85,11 @@ class Task:
 
         return create_model(args.model, pretrained=getattr(args, "pretrained", None))
 
-    def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss on one batch (already on the device), and scalars to log."""
+    def training_step(self, model: nn.Module, batch: Any,
+                      args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """Loss on one batch (already on the device), and scalars to log: detached 0-d tensors where they are
+        computed on the device (the trainer sums them there and reads them once an epoch; a float() here would make
+        the host wait for the device every step)."""
         raise NotImplementedError
 
     # --- evaluation: the metric contract (hybridzoo.engine.metrics) ------------------------------

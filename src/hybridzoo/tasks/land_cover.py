@@ -371,11 +371,12 @@ class LandCoverTask(Task):
             return create_model(args.model, **kw)
 
     def training_step(self, model: nn.Module, batch: Any,
-                      args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
+                      args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        return loss, {"acc": float((logits.detach().argmax(1) == y).float().mean())}
+        # a tensor, read by the trainer once an epoch: float() here would wait for the device every step
+        return loss, {"acc": (logits.detach().argmax(1) == y).float().mean()}
 
     def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> "LandCoverMetric":
         return LandCoverMetric(data_info.get("num_classes"), data_info.get("class_names"))

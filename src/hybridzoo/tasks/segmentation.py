@@ -154,14 +154,16 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 
 
 def segmentation_loss(output: Any, target: torch.Tensor, model: nn.Module | None = None,
-                      ignore_index: int = IGNORE_INDEX, avg_non_ignore: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of a model output (tensor or dict, see the module docstring) and its parts."""
+                      ignore_index: int = IGNORE_INDEX,
+                      avg_non_ignore: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss of a model output (tensor or dict, see the module docstring) and its parts (detached 0-d tensors
+    on the loss's device: the trainer reads them once an epoch, not once a step)."""
     if isinstance(output, torch.Tensor):
         loss = cross_entropy(output, target, ignore_index, avg_non_ignore)
-        return loss, {"loss_ce": float(loss.detach())}
-    logs: dict[str, float] = {}
+        return loss, {"loss_ce": loss.detach()}
+    logs: dict[str, torch.Tensor] = {}
     loss = cross_entropy(output["logits"], target, ignore_index, avg_non_ignore)
-    logs["loss_ce"] = float(loss.detach())
+    logs["loss_ce"] = loss.detach()
     aux = output.get("aux_logits")
     if aux is not None:
         aux = [aux] if isinstance(aux, torch.Tensor) else list(aux)
@@ -169,11 +171,11 @@ def segmentation_loss(output: Any, target: torch.Tensor, model: nn.Module | None
         for k, (a, w) in enumerate(zip(aux, weights)):
             la = cross_entropy(a, target, ignore_index, avg_non_ignore)
             loss = loss + w * la
-            logs[f"loss_aux{k}"] = float(la.detach())
+            logs[f"loss_aux{k}"] = la.detach()
     for key, value in output.items():
         if key.startswith("loss_"):
             loss = loss + value
-            logs[key] = float(value.detach())
+            logs[key] = value.detach()
     return loss, logs
 
 
@@ -492,12 +494,13 @@ class SegmentationTask(Task):
         return poly_lr_lambda(total_steps, warm, 1.0, 1e-6)(step)
 
     # ---------------------------------------------------------------------------------- training
-    def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, model: nn.Module, batch: Any,
+                      args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = _to_device(batch, _model_device(model))
         images, masks = batch[0], batch[1]
         out = model(images)
         loss, logs = segmentation_loss(out, masks, model, avg_non_ignore=bool(self._arg(args, "avg_non_ignore", False)))
-        logs["loss"] = float(loss.detach())
+        logs["loss"] = loss.detach()
         return loss, logs
 
     @torch.no_grad()

@@ -412,7 +412,7 @@ class SuperResolutionTask(Task):
     def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace):
         lr, hr = batch
         loss = F.l1_loss(model(lr), hr)
-        return loss, {"l1": float(loss.detach())}
+        return loss, {"l1": loss.detach()}  # read by the trainer once an epoch
 
     def build_optimizer(self, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
         lr = getattr(args, "lr", None) or self.default_lr
