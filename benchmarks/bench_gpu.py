@@ -10,7 +10,9 @@ bot50 against timm as in bench_timm.py; cvt_13 against transformers' CvtForImage
 ours, like the official CvT, has QuickGELU).
 
 Both sides train as `hybridzoo train --device cuda` does: the model as built, autocast where the scenario says,
-cross-entropy on fixed random labels, backward, `torch.optim.AdamW` as torch builds it on CUDA. Inference runs
+cross-entropy on fixed random labels, backward, `torch.optim.AdamW` as torch builds it on CUDA. `--levers` times
+variants of our step beside it: the trainer's host read of the loss before or after the backward (`LEVERS`), and
+AdamW(fused=True). Inference runs
 under `torch.inference_mode()`. Each contestant runs its steps between two device synchronisations, the
 contestants take turns within a round, and the figures are the per-round medians with the quartiles of the
 per-round ratios. The GPU's dense bf16 and fp32 matrix-product rates are measured first; the share of that peak
@@ -74,7 +76,10 @@ def logits_of(out):
     raise TypeError(f"no logits in {type(out).__name__}")
 
 
-def make_step(model, x, training: bool, dtype):
+def make_step(model, x, training: bool, dtype, read: str | None = None, fused: bool = False):
+    """One inference call or one training step. `read` ("before" / "after" the backward): a read of the loss's
+    finiteness into Python, as the trainer's non-finite check (before session 29 it came before each backward,
+    since then once a step after the backward passes are queued); `fused`: AdamW(fused=True)."""
     dev = x.device.type
     if not training:
         model.eval()
@@ -85,16 +90,27 @@ def make_step(model, x, training: bool, dtype):
         return infer
     model.train()
     target = torch.randint(0, 1000, (x.shape[0],), device=x.device, generator=torch.Generator(x.device).manual_seed(0))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **({"fused": True} if fused else {}))
 
     def train():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(logits_of(model(x)).float(), target)
+        if read == "before" and not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError("non-finite loss")
         loss.backward()
+        if read == "after" and not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError("non-finite loss")
         opt.step()
         return loss
     return train
+
+
+LEVERS = {  # name: make_step keywords; timed for ours in the training scenarios
+    "read-before-backward": {"read": "before"},
+    "read-after-backward": {"read": "after"},
+    "fused-adamw": {"fused": True},
+}
 
 
 def _sync() -> None:
@@ -135,6 +151,8 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", default=["train-bf16", "infer-bf16"], choices=list(SCENARIOS))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--round-seconds", type=float, default=0.3, help="each contestant's time per round, about")
+    ap.add_argument("--levers", nargs="*", default=list(LEVERS), choices=list(LEVERS),
+                    help="variants of our training step, each timed beside the plain one (default: all)")
     ap.add_argument("--batch", type=int, default=None, help="one batch for every scenario (default: the scenario's)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu: a dry run of the script itself")
@@ -164,13 +182,15 @@ def main() -> int:
             batch = args.batch or batch
             x = torch.randn(batch, 3, 224, 224, device=device)
             steps = {"ours": make_step(ours, x, training, dtype), "peer": make_step(peer, x, training, dtype)}
+            for lever in args.levers if training else []:
+                steps[f"ours {lever}"] = make_step(ours, x, training, dtype, **LEVERS[lever])
             n = {}
             for side, step in steps.items():  # warm-up (cudnn's choice, allocator, autocast caches), then size
                 timed(step, 3)
                 n[side] = max(2, round(args.round_seconds / timed(step, 2)))
-            times = {"ours": [], "peer": []}
+            times = {side: [] for side in steps}
             for r in range(args.rounds):
-                order = ["ours", "peer"] if r % 2 == 0 else ["peer", "ours"]
+                order = list(steps) if r % 2 == 0 else list(steps)[::-1]
                 for side in order:
                     times[side].append(timed(steps[side], n[side]))
             ratios = [p / o for o, p in zip(times["ours"], times["peer"])]
@@ -183,12 +203,21 @@ def main() -> int:
                    "peer_share_of_peak": 2 * peer_macs * batch * (3 if training else 1)
                    / statistics.median(times["peer"]) / peak,
                    "macs_g": macs / 1e9, "peer_macs_g": peer_macs / 1e9, "steps_per_round": n,
-                   "ours_rounds_ms": [t * 1e3 for t in times["ours"]], "peer_rounds_ms": [t * 1e3 for t in times["peer"]]}
-            rows.append(row)
+                   "rounds_ms": {side: [t * 1e3 for t in v] for side, v in times.items()}, "levers": {}}
             print(f"{label:10s} {scen:11s} b{batch:<4d} ours {row['ours_ms']:7.1f} ms  peer {row['peer_ms']:7.1f} ms  "
                   f"ours/peer speed {row['ratio']:.2f}× (IQR {row['ratio_iqr'][0]:.2f}–{row['ratio_iqr'][1]:.2f})  "
                   f"share of peak ours {row['ours_share_of_peak']:.0%} peer {row['peer_share_of_peak']:.0%}",
                   flush=True)
+            for side in steps:
+                if not side.startswith("ours "):
+                    continue
+                gain = [o / v for o, v in zip(times["ours"], times[side])]  # > 1: the variant is faster
+                row["levers"][side[5:]] = {"ms": statistics.median(times[side]) * 1e3,
+                                           "speed_vs_plain": statistics.median(gain), "iqr": quartiles(gain)}
+                q = quartiles(gain)
+                print(f"{'':10s} {'':11s} {'':5s} {side:28s} {statistics.median(times[side]) * 1e3:7.1f} ms  "
+                      f"speed vs plain {statistics.median(gain):.3f}× (IQR {q[0]:.3f}–{q[1]:.3f})", flush=True)
+            rows.append(row)
             del steps
         del ours, peer
         if device.type == "cuda":
