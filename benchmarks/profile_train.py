@@ -246,10 +246,14 @@ def main() -> None:
               f"threads, {total:.2f} s ({args.timer} timer) after {warm} warm-up steps ({faults} minor page faults "
               f"in it), load average {os.getloadavg()[0]:.1f}")
         if macs:
+            # the step's FLOPs (6 per forward MAC: forward, input and weight gradients) are all in the products,
+            # attention and convolutions: their rate is over the time of those three, not of the products alone
             gf = 6 * macs * args.batch / 1e9
-            print(f"step {gf:.0f} GFLOP; GEMM time {gemm:.2f} s = {100 * gemm / total:.0f}% of the step -> "
-                  f"{gf / gemm:.0f} GFLOP/s in the GEMMs ({100 * gf / gemm / args.peak:.0f}% of the peak "
-                  f"{args.peak:.0f}); whole step {gf / total:.0f} GFLOP/s ({100 * gf / total / args.peak:.0f}% of peak)")
+            work = gemm + sum(v for k, v in cats.items() if k.startswith(("attention", "convolution")))
+            print(f"step {gf:.0f} GFLOP; products {gemm:.2f} s = {100 * gemm / total:.0f}% of the step; products, "
+                  f"attention and convolutions {work:.2f} s -> {gf / work:.0f} GFLOP/s ({100 * gf / work / args.peak:.0f}%"
+                  f" of the peak {args.peak:.0f}); whole step {gf / total:.0f} GFLOP/s "
+                  f"({100 * gf / total / args.peak:.0f}% of peak)")
         print("| category | s | share |\n| --- | ---: | ---: |")
         main_rows = sorted(((k, v) for k, v in cats.items() if not k.startswith("other: ")), key=lambda kv: -kv[1])
         others = sorted(((k, v) for k, v in cats.items() if k.startswith("other: ")), key=lambda kv: -kv[1])
