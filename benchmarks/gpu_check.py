@@ -213,23 +213,35 @@ TASK_MODELS = {"classification": "cvt_tiny_demo", "segmentation": "segnetr", "su
 SHORT = ["--epochs", "1", "--limit-train-batches", "2", "--limit-val-batches", "1", "--no-progress"]
 
 
+def _report(step: dict, device: str) -> dict:
+    """Prints the step as soon as it ends (a run cut short still shows what it did); a train command that says it
+    trained on another device than `device` is a failure."""
+    if step["code"] == 0 and " train " in f" {step['cmd']} " and device not in str(step["trained_on"]):
+        step["code"] = -1  # a run that silently trained on the CPU
+        step["tail"].append(f"trained on {step['trained_on'] or 'an unnamed device'}, not {device}")
+    print(f"{'ok  ' if step['code'] == 0 else 'FAIL'} {step['task']:16s} {step['seconds']:6.1f} s  {step['cmd'][:110]}"
+          + ("" if step["code"] == 0 else "\n      " + "\n      ".join(step["tail"])), flush=True)
+    return step
+
+
 def task_path(task: str, root: Path, device: str) -> list[dict]:
     d = root / task
     d.mkdir()
     run_dir = d / "run"
     model = ["--model", TASK_MODELS[task]] if TASK_MODELS[task] else []
     hz = _hz()
-    steps = [_run([*hz, "train", "--task", task, *model, "--device", device, "--amp", "bf16", *SHORT,
-                   "--output", str(run_dir)], str(d))]
-    if steps[-1]["code"] == 0:
-        steps.append(_run([*hz, "eval", "--run", str(run_dir)], str(d)))
-        steps.append(_run([*hz, "predict", "--run", str(run_dir), *_sample(task, d, run_dir)], str(d)))
-        steps.append(_run([*hz, "train", "--task", task, *model, "--device", device, "--amp", "bf16",
-                           "--resume", str(run_dir / "last.ckpt"), *SHORT[:1], "2", *SHORT[2:],
-                           "--output", str(run_dir)], str(d)))
-        steps.append(_run([*hz, "export", "--run", str(run_dir), "--output", str(d / "model.onnx")], str(d)))
-    for s in steps:
-        s["task"] = task
+    steps = []
+
+    def run(cmd):
+        steps.append(_report(dict(_run(cmd, str(d)), task=task), device))
+        return steps[-1]["code"] == 0
+    if run([*hz, "train", "--task", task, *model, "--device", device, "--amp", "bf16", *SHORT,
+            "--output", str(run_dir)]):
+        run([*hz, "eval", "--run", str(run_dir)])
+        run([*hz, "predict", "--run", str(run_dir), *_sample(task, d, run_dir)])
+        run([*hz, "train", "--task", task, *model, "--device", device, "--amp", "bf16",
+             "--resume", str(run_dir / "last.ckpt"), *SHORT[:1], "2", *SHORT[2:], "--output", str(run_dir)])
+        run([*hz, "export", "--run", str(run_dir), "--output", str(d / "model.onnx")])
     return steps
 
 
@@ -238,19 +250,17 @@ def classification_extras(root: Path, device: str) -> list[dict]:
     d = root / "classification-extras"
     d.mkdir()
     base = [*hz, "train", "--task", "classification", "--model", "cvt_tiny_demo", "--device", device, *SHORT]
-    steps = [] if device == "cpu" else [_run([*base, "--amp", "fp16", "--output", str(d / "fp16")], str(d))]
-    steps += [
-        _run([*base, "--amp", "bf16", "--compile", "--output", str(d / "compiled")], str(d)),
-        _run([*base, "--channels-last", "--output", str(d / "channels-last")], str(d)),
-        _run([*hz, "bench", "deit_small_patch16_224", "--device", device, "--amp", "bf16", "--batch-size", "64",
-              "--iters", "10"], str(d)),
-        _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-              "-m", "hybridzoo", "train", "--task", "classification", "--model", "cvt_tiny_demo", "--device",
-              device, *SHORT, "--output", str(d / "ddp")], str(d)),
+    cmds = [] if device == "cpu" else [[*base, "--amp", "fp16", "--output", str(d / "fp16")]]
+    cmds += [
+        [*base, "--amp", "bf16", "--compile", "--output", str(d / "compiled")],
+        [*base, "--channels-last", "--output", str(d / "channels-last")],
+        [*hz, "bench", "deit_small_patch16_224", "--device", device, "--amp", "bf16", "--batch-size", "64",
+         "--iters", "10"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "hybridzoo",
+         "train", "--task", "classification", "--model", "cvt_tiny_demo", "--device", device, *SHORT,
+         "--output", str(d / "ddp")],
     ]
-    for s in steps:
-        s["task"] = "classification+"
-    return steps
+    return [_report(dict(_run(cmd, str(d)), task="classification+"), device) for cmd in cmds]
 
 
 def section_paths(device: str) -> list[dict]:
@@ -259,16 +269,9 @@ def section_paths(device: str) -> list[dict]:
         with ThreadPoolExecutor(len(TASK_MODELS) + 1) as pool:
             jobs = [pool.submit(task_path, t, root, device) for t in TASK_MODELS]
             jobs.append(pool.submit(classification_extras, root, device))
-            steps = [s for j in jobs for s in j.result()]
+            return [s for j in jobs for s in j.result()]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    for s in steps:
-        if s["code"] == 0 and " train " in f" {s['cmd']} " and not str(s["trained_on"]).count(device):
-            s["code"] = -1  # a run that silently trained on the CPU is a failure
-            s["tail"].append(f"trained on {s['trained_on'] or 'an unnamed device'}, not {device}")
-        print(f"{'ok  ' if s['code'] == 0 else 'FAIL'} {s['task']:16s} {s['seconds']:6.1f} s  {s['cmd'][:110]}"
-              + ("" if s["code"] == 0 else "\n      " + "\n      ".join(s["tail"])), flush=True)
-    return steps
 
 
 def main() -> int:
