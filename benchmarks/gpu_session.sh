@@ -2,7 +2,7 @@
 # The GPU checks in one command, for a machine with an NVIDIA GPU and a Python that has torch, timm and
 # transformers (this checkout's src/ is put on the path; nothing is downloaded):
 #
-#     bash benchmarks/gpu_session.sh OUT_DIR            # about 6 minutes by the CPU dry runs' sizing
+#     bash benchmarks/gpu_session.sh OUT_DIR            # at most about 9 minutes, by the limits below
 #
 # 1. gpu_check.py's CLI paths (in the background) and its per-model check, side by side: neither is timed;
 # 2. then bench_gpu.py alone on the GPU, with the levers of our training step.
