@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import logits_of, quartiles  # noqa: E402
 from hybridzoo.factory import create_model  # noqa: E402
 from hybridzoo.profile import count_macs  # noqa: E402
 
@@ -64,16 +65,6 @@ def build_peer(spec: str):
         from bench_transformers import hf_cvt13
         return hf_cvt13(), f"transformers {transformers.__version__}"
     raise ValueError(spec)
-
-
-def logits_of(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return logits_of(out[0])
-    raise TypeError(f"no logits in {type(out).__name__}")
 
 
 def make_step(model, x, training: bool, dtype, read: str | None = None, fused: bool = False):
@@ -136,13 +127,6 @@ def matmul_peak(dtype, device, n: int = 8192, reps: int = 10) -> float:
     for _ in range(reps):
         times.append(timed(lambda: a @ b, 1))
     return 2 * n**3 / statistics.median(times) / 1e12
-
-
-def quartiles(v: list[float]) -> tuple[float, float]:
-    if len(v) < 2:
-        return v[0], v[0]
-    q = statistics.quantiles(v, n=4)
-    return q[0], q[2]
 
 
 def main() -> int:

@@ -35,11 +35,15 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test suite's weight perturbation, the same here
 
 import hybridzoo  # noqa: E402
 import hybridzoo.profile  # noqa: E402
+from hybridzoo.profile import _call  # noqa: E402
 from hybridzoo.registry import get_card  # noqa: E402
+from _helpers import perturb  # noqa: E402
 
 # relative errors above which a check fails: fp32 differs between the devices only by summation order (a deep
 # reduced model stays far under 1e-4; the backward's sums are longer); bf16 keeps 8 bits of mantissa
@@ -52,28 +56,12 @@ def _tensors(out) -> list[torch.Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _call(model, x):
-    return model(*x) if isinstance(x, tuple) else model(x)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights and batch-norm statistics off their initial values (a zero bias or unit scale hides a lot)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-
-
-def _compare(name: str, a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float | None, str]:
+def _compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float | None, str]:
     """The worst relative error over the outputs both sides produced with the same shapes."""
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         # detection heads keep a data-dependent number of boxes: rounding can move one across the threshold
@@ -87,7 +75,7 @@ def check_model(name: str, device: torch.device) -> dict:
     row: dict = {"model": name}
     torch.manual_seed(0)
     cpu = hybridzoo.create_model(name, **card.test_kwargs)
-    _perturb(cpu)
+    perturb(cpu)
     cpu.eval()
     size = card.test_input_size or card.input_size
     torch.manual_seed(1)
@@ -99,7 +87,7 @@ def check_model(name: str, device: torch.device) -> dict:
 
     # fp32 eval forward and the gradients of one fixed projection of its outputs
     out_cpu, out_gpu = _tensors(_call(cpu, x_cpu)), _tensors(_call(gpu, x_gpu))
-    row["fp32_forward_rel"], note = _compare(name, out_gpu, out_cpu)
+    row["fp32_forward_rel"], note = _compare(out_gpu, out_cpu)
     if note:
         row["note"] = note
     else:
@@ -120,7 +108,7 @@ def check_model(name: str, device: torch.device) -> dict:
         out_bf16 = _tensors(_call(gpu, x_gpu))
     with torch.no_grad():
         out_fp32 = _tensors(_call(gpu, x_gpu))
-    row["bf16_forward_rel"], _ = _compare(name, out_bf16, out_fp32)
+    row["bf16_forward_rel"], _ = _compare(out_bf16, out_fp32)
     gpu.train()
     torch.manual_seed(3)
     x_train = hybridzoo.profile.example_input(gpu, size, batch_size=2, device=device)

@@ -418,7 +418,6 @@ def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace
     for i in range(run.steps_per_epoch):
         lr = state.schedule.set_step(state.step)
         optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device, dtype=torch.float64)
         losses = []
         for micro in range(accum):
             batch = move_to_device(next(batches), device, args.channels_last)
@@ -429,14 +428,14 @@ def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace
                 # each batch's loss is a mean over its samples: 1/accum makes the step the mean over all of them
                 scaler.scale(loss / accum if accum > 1 else loss).backward()
             losses.append(loss.detach())
-            step_loss += loss.detach().double() / accum
             for k, v in (logs or {}).items():
                 v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
                 log_sums[k] = log_sums.get(k, 0.0) + v / accum
         # One host read per step, after the backward passes are queued (a GPU is not left idle while the CPU
         # launches them), on every process at once (one tiny all-reduce), before anything touches the weights:
         # a non-finite loss on any process stops all of them with the weights and the last good checkpoint intact.
-        bad = distributed.all_reduce_sum(torch.stack([~torch.isfinite(v) for v in losses]).float())
+        losses = torch.stack(losses)
+        bad = distributed.all_reduce_sum((~torch.isfinite(losses)).float())
         if bad.sum().item() > 0:
             bar.close()
             micro = int(bad.nonzero()[0])
@@ -454,6 +453,7 @@ def _train_one_epoch(run: _Run, train_model: nn.Module, args: argparse.Namespace
         if state.ema is not None:
             state.ema.update(model)
         state.step += 1
+        step_loss = losses.double().mean()  # the step's loss: the mean over its batches
         loss_sum += step_loss
         if bar.enabled:
             bar.update(step_loss, lr)
