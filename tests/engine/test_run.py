@@ -113,6 +113,34 @@ def test_classification_eval_and_predict_use_the_trained_model(cls_run, tmp_path
     assert [t["prob"] for t in top] == pytest.approx(probs.sort(descending=True).values.tolist(), abs=1e-6)
 
 
+def test_eval_and_predict_on_the_cpu_run_the_faster_path_unless_told_not_to(cls_run, tmp_path, capsys):
+    """fp32 on the CPU: eval and predict time eager against the frozen oneDNN path on the first calls of each kind of
+    input, say which they kept, and score the same; `--no-fast-cpu`, `--amp bf16` and the library default stay
+    eager."""
+    three_batches = ("--device", "cpu", "--batch-size", "1")   # 6 images at eval's twice 1: three calls, one race
+    raced = _eval_json(cls_run, tmp_path, *three_batches)
+    err = capsys.readouterr().err
+    assert "CPU inference on 2×3×32×32: the " in err and "--no-fast-cpu keeps eager" in err, err
+    eager = _eval_json(cls_run, tmp_path, *three_batches, "--no-fast-cpu")
+    assert "CPU inference" not in capsys.readouterr().err
+    assert raced == pytest.approx(eager, rel=1e-6)
+    _eval_json(cls_run, tmp_path, *three_batches, "--amp", "bf16")
+    assert "CPU inference" not in capsys.readouterr().err
+    img = str(_image(tmp_path / "x.png", 37, 45))
+    tops = []
+    for extra in ((), ("--no-fast-cpu",)):
+        out = tmp_path / f"p{len(tops)}.json"
+        assert main(["--plugin", TINY, "predict", "--run", str(cls_run), img, img, img, "--device", "cpu", "--json",
+                     str(out), *extra]) == 0
+        assert ("CPU inference on 1×3×32×32: the " in capsys.readouterr().err) == (not extra)
+        tops.append(json.loads(out.read_text()))
+    for a, b in zip(*tops):  # each image answered by the frozen path, eager, the frozen path / eager throughout
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], abs=1e-6)
+    assert not hasattr(load_run(cls_run, device="cpu").model, "race_log")
+    assert load_run(cls_run, device="cpu", fast_cpu=True).model.race_log == []
+
+
 def test_weights_choice_follows_the_summary(cls_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(cls_run, run)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,7 +333,8 @@ def _drop_empty_slots(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
 def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
              model: str | None = None, device: str | torch.device | None = "auto", *, task=None,
              weights: str = "auto", data_info: dict[str, Any] | None = None,
-             options: argparse.Namespace | dict | None = None, spec: RunSpec | None = None) -> Run:
+             options: argparse.Namespace | dict | None = None, spec: RunSpec | None = None,
+             fast_cpu: bool = False) -> Run:
     """Rebuild a trained model from a run folder or a weights file; see the module docstring.
 
     model: the model name, needed only for weights that do not name it (an official checkpoint).
@@ -343,6 +345,10 @@ def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.Path
     data_info: facts about the data for weights that carry none (an official checkpoint); the
         run's own data info wins.
     options: options given now (eval/predict command line); they override the saved ones.
+    fast_cpu: on the CPU, `run.model` is `layers.onednn.fastest_cpu_inference`'s frozen copy, which runs each kind
+        of input on the faster of the eager model and the oneDNN path (timed at its first call, the choice
+        printed on stderr): what `hybridzoo eval` and `predict` use in fp32. Inference only; the default keeps
+        the eager model.
     """
     from hybridzoo.factory import load_weights, read_state_dict
     from hybridzoo.registry import get_card
@@ -380,6 +386,11 @@ def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.Path
                          + str(e).replace(":\n  ", ": ").replace("\n  ", "; ")) from e
     dev = _resolve_device(device)
     net = net.to(dev).eval()
+    if fast_cpu and dev.type == "cpu":
+        from hybridzoo.layers.onednn import fastest_cpu_inference, onednn_available
+
+        if onednn_available():
+            net = fastest_cpu_inference(net, report=lambda line: print(line, file=sys.stderr))
     return Run(task=task, model_name=name, model=net, device=dev, data_info=info, args=args, weights=spec.weights,
                weights_kind=spec.weights_kind, run_dir=spec.run_dir, summary=spec.summary, note=spec.note)
 
@@ -398,7 +409,8 @@ def load_run_from_args(args: argparse.Namespace, task) -> Run:
         checkpoint, data_info = published["weights"], published["data_info"]
     return load_run(run_dir, checkpoint, model=getattr(args, "model", None),
                     device=getattr(args, "device", None) or "auto", task=task,
-                    weights=getattr(args, "weights", None) or "auto", data_info=data_info, options=args)
+                    weights=getattr(args, "weights", None) or "auto", data_info=data_info, options=args,
+                    fast_cpu=getattr(args, "fast_cpu", True) and getattr(args, "amp", "none") in (None, "none"))
 
 
 # ------------------------------------------------------------------------------------------ inputs

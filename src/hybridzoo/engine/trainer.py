@@ -605,7 +605,8 @@ def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
         amp_dtype = _amp_dtype(args.amp, info.device)
         seed_everything(args.seed)
         data = task.build_data(args)
-        run = load_run(spec=spec, model=name, device=info.device, task=task, data_info=data.info, options=options)
+        run = load_run(spec=spec, model=name, device=info.device, task=task, data_info=data.info, options=options,
+                       fast_cpu=getattr(args, "fast_cpu", True) and amp_dtype is None)
         check_same_classes(spec.weights, data.info, trained=run.data_info)
         if info.is_main:
             print(f"{run.describe()}; {len(data.val)} validation samples")
