@@ -38,46 +38,65 @@ def _pair(slow: str):
     return eager, fast, lines
 
 
+def _race(fast, eager, rows=(5, 6), **kwargs) -> int:
+    """Calls until the race is decided, each answered once by one path and equal to eager; the calls it took."""
+    before = len(fast.race_log)
+    for i in range(40):
+        x = torch.randn(rows[i % len(rows)], 8)
+        eager.calls = fast.calls = 0
+        with torch.no_grad():
+            ref = eager(x, **kwargs)
+            eager.calls -= 1
+            torch.testing.assert_close(fast(x, **kwargs), ref, rtol=1e-5, atol=1e-6)
+        # one path per call (the frozen copy splits a batch into one part per thread: one call or more), the first
+        # call the frozen path's, then eager and the frozen path in turn
+        assert (eager.calls, fast.calls > 0) == ((1, False) if i % 2 else (0, True)), i
+        if len(fast.race_log) > before:
+            return i + 1
+    raise AssertionError("the race never ended")
+
+
 @pytest.mark.parametrize("slow, chosen", [("eager", "oneDNN"), ("oneDNN", "eager")])
 def test_the_faster_path_answers_each_kind_of_input_from_then_on(slow, chosen):
     eager, fast, lines = _pair(slow)
     assert any(isinstance(m, OneDNNLinear) for m in fast.modules())
     assert not any(m is eager for m in fast.modules())    # the eager model is kept, not registered in the copy
-    with torch.no_grad():
-        # the race: the frozen path (untimed), eager, the frozen path; each call answered once, by one path
-        for i, rows in enumerate((5, 6, 5)):
-            x = torch.randn(rows, 8)
-            eager.calls = fast.calls = 0
-            torch.testing.assert_close(fast(x), eager(x), rtol=1e-5, atol=1e-6)
-            # (the frozen copy splits a batch into one part per thread: one call or more; eager(x) above is 1)
-            assert (eager.calls - 1, fast.calls > 0) == ((1, False) if i == 1 else (0, True))
-            assert len(lines) == (i == 2)
-        assert f"on 5×8: the {chosen} path" in lines[0] and "eager" in lines[0] and "on 6×8" in lines[0]
-        assert fast.race_log == lines
+    # calls of 0.1 ms and 30 ms never add up to RACE_SECONDS each: RACE_CALLS timed calls each, after the warm-up
+    assert _race(fast, eager) == 1 + 2 * fast.RACE_CALLS
+    assert len(lines) == 1 and f"on 5×8: the {chosen} path" in lines[0] and "median of 5" in lines[0]
+    assert fast.race_log == lines
+    for _ in range(3):                                     # the same kind (a batch of several): decided
         eager.calls = fast.calls = 0
-        assert fast(torch.randn(7, 8)).shape == (7, 4)   # same kind (a batch of several): no new race
+        with torch.no_grad():
+            assert fast(torch.randn(7, 8)).shape == (7, 4)
         assert (eager.calls, fast.calls > 0) == ((1, False) if chosen == "eager" else (0, True))
-        for _ in range(3):
-            fast(torch.randn(7, 8))
-        assert len(lines) == 1                            # decided once for the kind
-        for _ in range(3):
-            fast(torch.randn(1, 8))                       # one input is another kind (no batch to split): its race
-        for _ in range(3):
-            fast(torch.randn(5, 8), scale=2.0)            # and so are other arguments
+    assert len(lines) == 1
+    _race(fast, eager, rows=(1,))                          # one input is another kind (no batch to split): its race
+    _race(fast, eager, scale=2.0)                          # and so are other arguments
     assert len(lines) == 3
     assert all(f"the {chosen} path" in line for line in lines)
 
 
+def test_long_calls_decide_after_one_timed_call_each():
+    torch.manual_seed(0)
+    eager = Slowed()
+    fast = fastest_cpu_inference(eager)
+    fast.RACE_SECONDS = 0.05
+    eager.delay, fast.delay = 0.05, 0.06
+    assert _race(fast, eager) == 3
+    assert "the eager path" in fast.race_log[0]
+
+
 def test_timings_are_compared_per_input_element():
     """A kind's timed calls may have other sizes: eager on 2 rows against the frozen path on 64 is not a win for
-    eager because its call was shorter."""
+    eager because its calls were shorter."""
     torch.manual_seed(0)
     eager = Slowed()
     fast = fastest_cpu_inference(eager)
     eager.delay = fast.delay = 0.02   # the same time per call: the frozen path does 32× the work in it
     with torch.no_grad():
-        for rows in (64, 2, 64):
-            fast(torch.randn(rows, 8))
+        for i in range(1 + 2 * fast.RACE_CALLS):
+            fast(torch.randn(2 if i % 2 else 64, 8))
     assert "the oneDNN path" in fast.race_log[0]
 
 

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -934,38 +935,41 @@ def _describe_input(args: tuple) -> str:
 
 
 class _FasterForward:
-    """Mixin put in front of the frozen copy's class by `fastest_cpu_inference`. The first three calls of each kind
-    of input (`_input_kind`) run on the frozen path (untimed: its weight packs for the shape, the sub-batch and
-    token-split probes), the eager model, and the frozen path again, the last two timed per input element (the
-    shapes of one kind may differ: an image folder of many sizes); from the fourth call on the faster answers. Every
-    call computes its own answer once: the race costs only the slower path's excess on two calls. Methods other
-    than `forward` are the copy's."""
+    """Mixin put in front of the frozen copy's class by `fastest_cpu_inference`. The first call of each kind of input
+    (`_input_kind`) runs on the frozen path, untimed (its weight packs for the shape, the sub-batch and token-split
+    probes); the next ones alternate eager and the frozen path, timed per input element (the shapes of one kind may
+    differ: an image folder of many sizes), until each path has run RACE_SECONDS in all or RACE_CALLS calls; from
+    then on the one with the lower median answers. Every call computes its own answer once: the race costs only the slower
+    path's excess on the calls it lasts. Methods other than `forward` are the copy's."""
 
-    _ORDER = ("oneDNN", "eager", "oneDNN")
+    RACE_SECONDS = 0.3   # one call of 20 ms (land cover's 32 patches) is too noisy to decide on
+    RACE_CALLS = 5
 
     def forward(self, *args, **kwargs):
-        state = self._fastest.setdefault(_input_kind(args, kwargs), {"calls": 0, "seconds": {}, "shapes": {}})
+        state = self._fastest.setdefault(_input_kind(args, kwargs), {"calls": 0, "timed": {"eager": [], "oneDNN": []}})
         path = state.get("choice")
         if path is not None:
             return self._eager(*args, **kwargs) if path == "eager" else super().forward(*args, **kwargs)
         n = state["calls"]
         state["calls"] += 1
-        path = self._ORDER[n]
+        path = "eager" if n % 2 else "oneDNN"
         t = time.perf_counter()
         out = self._eager(*args, **kwargs) if path == "eager" else super().forward(*args, **kwargs)
         if n:
             first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             size = max(1, first.numel()) if first is not None else 1
-            state["seconds"][path] = (time.perf_counter() - t, size)
-            state["shapes"][path] = _describe_input(args)
-        if n == len(self._ORDER) - 1:
-            self._choose(state, _describe_input(args))
+            state["timed"][path].append((time.perf_counter() - t, size))
+            runs = state["timed"].values()
+            if all(runs) and (all(sum(sec for sec, _ in r) >= self.RACE_SECONDS for r in runs)
+                              or all(len(r) >= self.RACE_CALLS for r in runs)):
+                self._choose(state, _describe_input(args))
         return out
 
     def _choose(self, state: dict, shape: str) -> None:
-        per_element = {k: sec / size for k, (sec, size) in state["seconds"].items()}
+        per_element = {k: statistics.median(sec / size for sec, size in r) for k, r in state["timed"].items()}
         state["choice"] = best = min(per_element, key=per_element.get)
-        timed = ", ".join(f"{k} {sec * 1e3:.0f} ms on {state['shapes'][k]}" for k, (sec, _) in state["seconds"].items())
+        timed = ", ".join(f"{k} {statistics.median(sec for sec, _ in r) * 1e3:.0f} ms (median of {len(r)})"
+                          for k, r in state["timed"].items())
         line = f"CPU inference on {shape}: the {best} path ({timed}; --no-fast-cpu keeps eager)"
         self.race_log.append(line)
         if self._report is not None:
