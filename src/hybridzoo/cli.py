@@ -264,7 +264,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, verb: str) -> None:
                         "beside the measured one; ImageNet weights predict ImageNet class names")
     p.add_argument("--no-fast-cpu", dest="fast_cpu", action="store_false",
                    help="fp32 on the CPU: keep the eager model (by default each kind of input runs on the faster of "
-                        "eager and the frozen oneDNN path, timed at its first call; the same function, fp32 rounding "
+                        "eager and the frozen oneDNN path, timed on its first calls; the same function, fp32 rounding "
                         "apart)")
 
 

@@ -346,7 +346,7 @@ def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.Path
         run's own data info wins.
     options: options given now (eval/predict command line); they override the saved ones.
     fast_cpu: on the CPU, `run.model` is `layers.onednn.fastest_cpu_inference`'s frozen copy, which runs each kind
-        of input on the faster of the eager model and the oneDNN path (timed at its first call, the choice
+        of input on the faster of the eager model and the oneDNN path (timed on its first calls, the choice
         printed on stderr): what `hybridzoo eval` and `predict` use in fp32. Inference only; the default keeps
         the eager model.
     """

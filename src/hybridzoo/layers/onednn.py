@@ -982,7 +982,7 @@ def fastest_cpu_inference(model: nn.Module, report=None, **options) -> nn.Module
 
     What `hybridzoo eval` and `predict` run on the CPU in fp32: the frozen path is 1.5–3.7× eager on the image
     classifiers, but not faster everywhere (SegFormer-B0 at 512², whose 1×1 convolutions over 128² maps run slower
-    channels-last and slower still one image per thread: 0.7×), and which one wins depends on the CPU.
+    channels-last and slower still one image per thread: 0.7–0.95×), and which one wins depends on the CPU.
     Both compute the same function; outputs differ by fp32 rounding. `report(line)` is called with each choice,
     which `race_log` also keeps."""
     fast = optimize_for_cpu_inference(model, **options)
