@@ -345,7 +345,7 @@ def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.Path
     data_info: facts about the data for weights that carry none (an official checkpoint); the
         run's own data info wins.
     options: options given now (eval/predict command line); they override the saved ones.
-    fast_cpu: on the CPU, `run.model` is `layers.onednn.fastest_cpu_inference`'s frozen copy, which runs each kind
+    fast_cpu: on the CPU in fp32 (no `--amp` among the options), `run.model` is `layers.onednn.fastest_cpu_inference`'s frozen copy, which runs each kind
         of input on the faster of the eager model and the oneDNN path (timed on its first calls, the choice
         printed on stderr): what `hybridzoo eval` and `predict` use in fp32. Inference only; the default keeps
         the eager model.
@@ -386,7 +386,7 @@ def load_run(run_dir: str | os.PathLike | None = None, checkpoint: str | os.Path
                          + str(e).replace(":\n  ", ": ").replace("\n  ", "; ")) from e
     dev = _resolve_device(device)
     net = net.to(dev).eval()
-    if fast_cpu and dev.type == "cpu":
+    if fast_cpu and dev.type == "cpu" and args.amp in (None, "none"):  # under --amp: eager, in autocast
         from hybridzoo.layers.onednn import fastest_cpu_inference, onednn_available
 
         if onednn_available():
@@ -410,7 +410,7 @@ def load_run_from_args(args: argparse.Namespace, task) -> Run:
     return load_run(run_dir, checkpoint, model=getattr(args, "model", None),
                     device=getattr(args, "device", None) or "auto", task=task,
                     weights=getattr(args, "weights", None) or "auto", data_info=data_info, options=args,
-                    fast_cpu=getattr(args, "fast_cpu", True) and getattr(args, "amp", "none") in (None, "none"))
+                    fast_cpu=getattr(args, "fast_cpu", True))
 
 
 # ------------------------------------------------------------------------------------------ inputs

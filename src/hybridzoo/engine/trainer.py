@@ -606,7 +606,7 @@ def evaluate(args: argparse.Namespace, task=None) -> dict[str, float]:
         seed_everything(args.seed)
         data = task.build_data(args)
         run = load_run(spec=spec, model=name, device=info.device, task=task, data_info=data.info, options=options,
-                       fast_cpu=getattr(args, "fast_cpu", True) and amp_dtype is None)
+                       fast_cpu=getattr(args, "fast_cpu", True))
         check_same_classes(spec.weights, data.info, trained=run.data_info)
         if info.is_main:
             print(f"{run.describe()}; {len(data.val)} validation samples")
