@@ -435,3 +435,19 @@ def test_coatnet_folds_each_se_gate_into_the_projection_for_one_image(monkeypatc
     fast = _compare(model, torch.randn(1, *card.test_input_size))   # runs the frozen copy twice
     gated = [b.conv3.in_channels for b in fast.modules() if isinstance(b, _FrozenMBConv)]
     assert gated and calls == 2 * gated and pooled == 2 * gated
+
+
+@pytest.mark.parametrize("name", [*MODELS, "mobile_former_294m"])
+def test_building_and_running_the_copy_leaves_the_global_generator_alone(name):
+    # `hybridzoo train` validates on a frozen copy built at each epoch's end: a draw there (a throwaway layer's
+    # initial weights, a probe's random input) would move the training's random stream with the path chosen
+    card = get_card(name)
+    full = name == "mobile_former_294m"   # its multiplier depthwise convolutions are not in the reduced variants
+    model = hybridzoo.create_model(name, **({} if full else card.test_kwargs)).eval()
+    x = torch.randn(2, *(card.input_size if full else (card.test_input_size or card.input_size)))
+    before = torch.get_rng_state()
+    fast = optimize_for_cpu_inference(model)
+    if not full:
+        with torch.inference_mode():
+            fast(x), fast(x[:1])
+    assert torch.equal(torch.get_rng_state(), before)

@@ -178,7 +178,9 @@ class _FrozenGPSA(nn.Module):
         rows = torch.cat([torch.full((C,), m.scale, dtype=torch.float64, device=gate.device),
                           torch.ones(C, dtype=torch.float64, device=gate.device), (1.0 - gate).repeat_interleave(d)])
         with torch.no_grad():
-            qkv = nn.Linear(C, 3 * C, bias=m.qk.bias is not None or m.v.bias is not None, device=gate.device)
+            # skip_init: no initial weights drawn from the global generator (they are overwritten next)
+            qkv = nn.utils.skip_init(nn.Linear, C, 3 * C, bias=m.qk.bias is not None or m.v.bias is not None,
+                                     device=gate.device)
             qkv.weight.copy_((torch.cat([m.qk.weight.detach(), m.v.weight.detach()]).double() * rows[:, None]).float())
             if qkv.bias is not None:
                 parts = [lin.bias.detach().double() if lin.bias is not None else

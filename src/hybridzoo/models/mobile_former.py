@@ -191,7 +191,10 @@ class _MultiplierDepthwise(nn.Module):
         self.in_channels, self.out_channels = C, conv.out_channels
         w, b = fold_batch_norm(conv.weight.detach().float(), None if conv.bias is None else conv.bias.detach().float(),
                                bn)
-        shape = nn.Conv2d(C, C, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=C, bias=False)
+        # the parts' geometry only: skip_init draws no initial weights (building a frozen copy leaves the global
+        # generator alone, so validating on it inside `hybridzoo train` does not move the training's random stream)
+        shape = nn.utils.skip_init(nn.Conv2d, C, C, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                                   groups=C, bias=False)
         m = self.multiplier
         self.parts = nn.ModuleList(
             OneDNNConv2d(shape, None, act, batch_hint, weight=w[j::m].contiguous(), bias=b[j::m].contiguous())
