@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from hybridzoo.engine import trainer
+from hybridzoo.engine.checkpoint import atomic_save, load_checkpoint
 from hybridzoo.engine.trainer import train
 from hybridzoo.layers import train_fast
 from hybridzoo.layers.train_fast import FastLinear, fast_training_available
@@ -95,3 +97,73 @@ def test_batch_split_off_is_said(make_args, tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     assert "batch split off: one intra-op thread" in capsys.readouterr().out
+
+
+def test_the_validation_path_follows_from_the_history_alone():
+    path = trainer._validation_path
+    eager = {"epoch": 1, "eval_path": "eager", "eval_seconds": 4.0}
+    assert path([], True) == "eager" and path([eager], True) == "oneDNN"
+    for copy_seconds, kept in ((2.0, "oneDNN"), (4.0, "eager"), (5.0, "eager")):
+        history = [eager, {"epoch": 2, "eval_path": "oneDNN", "eval_seconds": copy_seconds}]
+        assert path(history, True) == kept
+        # the first time of each path decides: the kept path's own later epochs do not reopen the comparison
+        assert path(history + [{"epoch": 3, "eval_path": kept, "eval_seconds": 9.0}], True) == kept
+        assert path(history, False) == "eager"
+    # epochs validated without the choice (--no-fast-cpu, --amp) do not count: the comparison starts when it can
+    assert path([{"epoch": 1, "eval_seconds": 1.0}], True) == "eager"
+
+
+def test_validation_times_eager_then_the_frozen_copy_and_never_moves_the_training(make_args, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Three epochs: eager, then the copy, then the faster; the same scores as the training model's to fp32
+    rounding, and the same training bit for bit as a run validated eager throughout, even when building the copy
+    draws from the global generator."""
+    real, built = trainer.optimize_for_cpu_inference, []
+
+    def drawing_build(model):
+        built.append(torch.rand(1))     # a build that draws: validation must leave the training's stream alone
+        return real(model)
+
+    monkeypatch.setattr(trainer, "optimize_for_cpu_inference", drawing_build)
+    args, task = make_args(*FAST, "--epochs", 3, "--ema", "--ema-decay", 0.9, "--output", tmp_path / "fast")
+    fast = train(args, task)
+    paths = [row["eval_path"] for row in fast.history]
+    first = {row["eval_path"]: row["eval_seconds"] for row in fast.history[:2]}
+    assert paths[:2] == ["eager", "oneDNN"] and paths[2] == trainer._validation_path(fast.history[:2], True)
+    assert len(built) == 2 * paths.count("oneDNN")            # the model's copy and the EMA's, at every such epoch
+    assert f"validation on the CPU: the {paths[2]} path from the next epoch on (eager {first['eager']:.1f} s" \
+        in capsys.readouterr().out
+
+    monkeypatch.setattr(trainer, "_validation_path", lambda history, fast: "eager")
+    args, task = make_args(*FAST, "--epochs", 3, "--ema", "--ema-decay", 0.9, "--output", tmp_path / "eager")
+    eager = train(args, task)
+    assert _same_bytes(tmp_path / "fast", tmp_path / "eager")
+    assert _same_bytes(tmp_path / "fast", tmp_path / "eager", "model_ema.safetensors")
+    for a, b in zip(fast.history, eager.history):
+        assert a["train_loss"] == b["train_loss"]
+        for key in ("val_loss", "val_top1", "val_ema_loss", "val_ema_top1"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)
+
+
+def test_no_fast_cpu_validates_the_training_model(make_args, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "optimize_for_cpu_inference", lambda model: pytest.fail("a frozen copy was built"))
+    args, task = make_args(*FAST, "--epochs", 2, "--no-fast-cpu", "--output", tmp_path / "plain")
+    result = train(args, task)
+    assert all("eval_path" not in row and row["eval_seconds"] > 0 for row in result.history)
+
+
+@pytest.mark.parametrize("kept", ["eager", "oneDNN"])
+def test_a_resumed_run_validates_by_its_checkpoints_history(make_args, tmp_path, monkeypatch, kept):
+    args, task = make_args(*FAST, "--epochs", 3, "--stop-after-epochs", 2, "--output", tmp_path / "run")
+    train(args, task)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert [row["eval_path"] for row in ckpt["history"]] == ["eager", "oneDNN"]
+    # the times this run measured, set so that `kept` wins: the resumed epoch must follow them
+    ckpt["history"][0]["eval_seconds"], ckpt["history"][1]["eval_seconds"] = (1.0, 2.0) if kept == "eager" else (2.0, 1.0)
+    atomic_save(ckpt, tmp_path / "run" / "last.ckpt")
+    real, built = trainer.optimize_for_cpu_inference, []
+    monkeypatch.setattr(trainer, "optimize_for_cpu_inference", lambda model: built.append(1) or real(model))
+    args, task = make_args(*FAST, "--epochs", 3, "--resume", tmp_path / "run" / "last.ckpt")
+    resumed = train(args, task)
+    assert [row["eval_path"] for row in resumed.history] == ["eager", "oneDNN", kept]
+    assert len(built) == (kept == "oneDNN")

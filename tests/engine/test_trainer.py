@@ -34,7 +34,7 @@ def test_run_folder(make_args, tmp_path):
     assert summary["epochs"] == 2 and summary["model"] == "hz_tiny_vit" and summary["params"] == 15018
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert list(rows[0])[:4] == ["epoch", "train_loss", "val_loss", "val_top1"] and list(rows[0])[-3:] == ["lr", "train_seconds", "seconds"]
+    assert list(rows[0])[:4] == ["epoch", "train_loss", "val_loss", "val_top1"] and list(rows[0])[-5:] == ["lr", "eval_path", "train_seconds", "eval_seconds", "seconds"]
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # model.safetensors loads through the public factory and reproduces the trained model
     model = hybridzoo.create_model("hz_tiny_vit", pretrained=run / "model.safetensors", num_classes=10).eval()

@@ -19,7 +19,8 @@ __all__ = ["metric_columns", "write_metrics_csv", "write_summary", "plot_curves"
 
 
 def metric_columns(history: list[dict[str, Any]]) -> list[str]:
-    """epoch, train_loss, val_loss, val_<metric>..., anything else in first-seen order, lr, train_seconds, seconds."""
+    """epoch, train_loss, val_loss, val_<metric>..., anything else in first-seen order, lr, eval_path,
+    train_seconds, eval_seconds, seconds."""
     keys: list[str] = []
     for row in history:
         for k in row:
@@ -27,7 +28,7 @@ def metric_columns(history: list[dict[str, Any]]) -> list[str]:
                 keys.append(k)
     head = [k for k in ("epoch", "train_loss", "val_loss") if k in keys]
     vals = [k for k in keys if k.startswith("val_") and k not in head]
-    tail = [k for k in ("lr", "train_seconds", "seconds") if k in keys]
+    tail = [k for k in ("lr", "eval_path", "train_seconds", "eval_seconds", "seconds") if k in keys]
     rest = [k for k in keys if k not in head + vals + tail]
     return head + vals + rest + tail
 
