@@ -246,3 +246,32 @@ def test_bf16_copy_is_split_and_every_part_runs_under_autocast(two_threads):
     assert len({c[1] for c in fast.calls}) == 2
     assert seen and all(s == (True, torch.bfloat16) for s in seen)
     assert out[0].dtype is torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("name, side", [("deit_small_patch16_224", 96), ("cvt_13", None)])
+def test_the_sub_batch_probe_runs_the_blocks_in_turn_and_times_nothing(name, side, monkeypatch):
+    # the probe's one input on one thread could take the token split's single native call: timing it there cost
+    # 0.3-1 s of every frozen copy's first call (`hybridzoo train` builds one per epoch), for a choice the batch's
+    # parts never use
+    from hybridzoo.layers import onednn_tokens
+
+    timed = []
+    real = onednn_tokens.calibrate
+    monkeypatch.setattr(onednn_tokens, "calibrate", lambda *a, **k: timed.append(1) or real(*a, **k))
+    card = get_card(name)
+    torch.manual_seed(0)
+    # DeiT's reduced variant at 96 px: 37 tokens, enough rows for the split
+    fast = optimize_for_cpu_inference(hybridzoo.create_model(name, **{**card.test_kwargs,
+                                                                **({"img_size": side} if side else {})}))
+    x = torch.randn(4, 3, side, side) if side else torch.randn(4, *card.test_input_size)
+    with torch.inference_mode():
+        assert images_per_call(super(onednn._SplitBatch, fast).forward, x) is not None
+        assert timed == []
+        # outside the probe, one image on one thread still times the split
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fast(x[:1])
+        finally:
+            torch.set_num_threads(before)
+    assert timed, "one image on one thread no longer reaches the token split: the probe check above proves nothing"

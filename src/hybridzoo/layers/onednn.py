@@ -768,10 +768,12 @@ def images_per_call(forward, x: torch.Tensor) -> int | None:
     """How many inputs of x's shape `forward` can take at once with every tensor of the forward under
     SUB_BATCH_BYTES, from one input's forward on one intra-op thread; None when one input alone goes above it
     (nothing to keep under: the batch runs as it is)."""
+    from hybridzoo.layers.onednn_tokens import whole_blocks
     before = torch.get_num_threads()
-    torch.set_num_threads(1)   # the path a part of the batch split takes (one image never reaches the token split)
+    torch.set_num_threads(1)   # the path a part of the batch split takes
     try:
-        with OutputBytes() as probe:
+        # the blocks in turn, as a part of several inputs runs them: no token split, nor its timing
+        with OutputBytes() as probe, whole_blocks():
             forward(x[:1])
     finally:
         torch.set_num_threads(before)

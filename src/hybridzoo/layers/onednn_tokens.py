@@ -34,6 +34,7 @@ native call); attention over the query rows of one thread is the same softmax pe
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -201,10 +202,31 @@ def _check_mode(container: nn.Module) -> None:
                          f"{container.mode!r}")
 
 
+_probing = threading.local()
+
+
+@contextlib.contextmanager
+def whole_blocks():
+    """Inside it, on this thread, every container runs its blocks in turn and times nothing: for
+    `onednn.images_per_call`, whose probe runs one input on one thread to size the batch split's sub-batches. There
+    the token split's calibration (8 extra runs of the blocks, for a key the batch's parts never use) cost
+    0.3-1 s of the frozen copy's first call (DeiT-S 0.85 s of a 0.9 s probe), and its single native call hid the
+    blocks' own tensors from the probe."""
+    before = getattr(_probing, "whole", False)
+    _probing.whole = True
+    try:
+        yield
+    finally:
+        _probing.whole = before
+
+
 def _prefers_tokens(container: nn.Module, key, run_whole, run_tokens) -> bool:
     """The container's `mode` ("auto", "tokens", "whole") for one call that can run either way: "auto" times both at
-    the first call per key (`calibrate`) and keeps the faster, in `_choices` (shared with the container's slices)."""
+    the first call per key (`calibrate`) and keeps the faster, in `_choices` (shared with the container's slices).
+    Inside `whole_blocks()`: the blocks in turn."""
     _check_mode(container)
+    if getattr(_probing, "whole", False):
+        return False
     if container.mode != "auto":
         return container.mode == "tokens"
     choices = container.__dict__.setdefault("_choices", {})
