@@ -118,7 +118,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--no-fast-cpu", dest="fast_cpu", action="store_false",
                    help="fp32 CPU training with plain nn.Linear and AdamW instead of the default fast path "
-                        "(linear layers on native / oneDNN / MKL products, fused AdamW; same function and gradients)")
+                        "(linear layers on native / oneDNN / MKL products, fused AdamW; same function and gradients), "
+                        "and validation on the training model only (by default epoch 1 validates eager, epoch 2 on a "
+                        "frozen oneDNN copy, and the faster of the two validates from epoch 3 on)")
     g.add_argument("--no-batch-split", dest="batch_split", action="store_false",
                    help="fp32 CPU training of the whole batch at once instead of one share of it per intra-op "
                         "thread (the default for models without batch statistics other than BatchNorm2d's or "
