@@ -209,8 +209,9 @@ def _validation_path(history: list[dict[str, Any]], fast: bool) -> str:
     """Which model validates this epoch: the training model ("eager") or a frozen oneDNN copy of it ("oneDNN").
 
     The copy runs the image classifiers' forward 1.5-3.7x faster, but it is rebuilt from the weights at every
-    epoch, and its build and first call (weight packs, probes) cost 0.6-1 s for a full-size classifier: a small
-    validation set comes out slower, and a model whose frozen path is slower (SegFormer-B0 at 512^2) always does.
+    epoch, and its build and first call (weight packs, the sub-batch probe) cost about 0.3 s more than a later
+    batch for a full-size classifier: a small validation set (the segmentation and recommendation demos', under
+    0.1 s) comes out slower, and a model whose frozen path is slower (SegFormer-B0 at 512^2) always does.
     So the first validation runs eager and the second on the copy, each timed whole (`eval_seconds`, the
     slowest process's), and the faster answers from the third on. The choice follows from the history alone,
     which last.ckpt holds: a resumed run validates as the straight run did. `fast` (CPU, fp32, `--no-fast-cpu`
