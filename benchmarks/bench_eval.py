@@ -94,17 +94,25 @@ def prepare(setup: str, work: Path, args: argparse.Namespace, env: dict[str, str
     return [*HZ, "eval", "--run", str(out), "--device", "cpu", "--batch-size", str(args.batch_size)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setups", nargs="+", default=DEFAULT_SETUPS, help="folder:MODEL or demo:TASK")
+def parse_setup_arguments(doc: str, setups: list[str], *extra) -> tuple[argparse.Namespace, dict[str, str]]:
+    """The options this benchmark and bench_validation.py share, plus `extra` ((flags, kwargs) pairs); the
+    commands' environment."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setups", nargs="+", default=setups, help="folder:MODEL or demo:TASK")
     ap.add_argument("--images", type=int, default=160, help="validation images of the photo folder")
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=16, help="eval's --batch-size (it evaluates at twice this)")
+    for flags, kwargs in extra:
+        ap.add_argument(*flags, **kwargs)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the commands")
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    return args, {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+
+
+def main() -> None:
+    args, env = parse_setup_arguments(__doc__, DEFAULT_SETUPS, (
+        ("--batch-size",), {"type": int, "default": 16, "help": "eval's --batch-size (it evaluates at twice this)"}))
     print(f"CPU: {cpu_name()}; {args.threads} threads; {args.rounds} interleaved rounds; wall clock of the whole "
           "`hybridzoo eval` command", flush=True)
     rows = []

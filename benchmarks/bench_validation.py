@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import statistics
 import sys
@@ -32,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eval import HZ, photo_folder, run  # noqa: E402
+from bench_eval import HZ, parse_setup_arguments, photo_folder, run  # noqa: E402
 from peak import cpu_name  # noqa: E402
 
 DEFAULT_SETUPS = ["folder:deit_small_patch16_224", "folder:cvt_13", "folder:coatnet_0", "demo:classification",
@@ -63,16 +62,8 @@ def read_rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setups", nargs="+", default=DEFAULT_SETUPS, help="folder:MODEL or demo:TASK")
-    ap.add_argument("--images", type=int, default=160, help="validation images of the photo folder")
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--train-batches", type=int, default=2, help="training batches per epoch (--limit-train-batches)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the commands")
-    ap.add_argument("--json", default=None, metavar="PATH")
-    args = ap.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    args, env = parse_setup_arguments(__doc__, DEFAULT_SETUPS, (
+        ("--train-batches",), {"type": int, "default": 2, "help": "training batches per epoch (--limit-train-batches)"}))
     print(f"CPU: {cpu_name()}; {args.threads} threads; {args.rounds} rounds of a 3-epoch `hybridzoo train` each; "
           "validation seconds as metrics.csv's eval_seconds", flush=True)
     rows = []
