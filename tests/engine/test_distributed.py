@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from hybridzoo.layers.onednn import onednn_available
+
 TINY = Path(__file__).resolve().parents[1] / "hz_tiny_models.py"
 SRC = Path(__file__).resolve().parents[2] / "src"
 COMMON = ["--model", "hz_tiny_vit", "--epochs", "2", "--limit-train-batches", "3", "--limit-val-batches", "1",
@@ -49,6 +51,8 @@ def _worker(rank, world, port, out, accum):
     result = train(args, task)
     torch.save({k: v.clone() for k, v in result.model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
     torch.save(result.summary, Path(out) / f"summary{rank}.pt")
+    torch.save([{k: row[k] for k in ("eval_path", "eval_seconds") if k in row} for row in result.history],
+               Path(out) / f"validation{rank}.pt")
 
 
 @pytest.mark.timeout(300)
@@ -64,6 +68,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, accum):
     s0 = torch.load(tmp_path / "ddp" / "summary0.pt", weights_only=False)
     s1 = torch.load(tmp_path / "ddp" / "summary1.pt", weights_only=False)
     assert s0["world_size"] == 2 and s0["val_top1"] == s1["val_top1"]  # metrics all-reduced
+    # the validation path's choice is made from the history on every process: the same times on each (the slowest's)
+    v0, v1 = (torch.load(tmp_path / "ddp" / f"validation{r}.pt", weights_only=False) for r in (0, 1))
+    assert v0 == v1 and [row.get("eval_path") for row in v0] == (
+        ["eager", "oneDNN"] if onednn_available() else [None, None])
 
     from hybridzoo.engine.trainer import train
 
