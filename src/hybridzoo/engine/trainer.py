@@ -218,20 +218,24 @@ def _validation_path(history: list[dict[str, Any]], fast: bool) -> str:
     not given, oneDNN built in) off: always eager."""
     if not fast:
         return "eager"
-    timed: dict[str, float] = {}
+    first = _first_validations(history)
+    for path in VALIDATION_PATHS:
+        if path not in first:
+            return path
+    return "oneDNN" if first["oneDNN"]["eval_seconds"] < first["eager"]["eval_seconds"] else "eager"
+
+
+def _first_validations(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The first timed row of each validation path: the two that decide."""
+    first: dict[str, dict[str, Any]] = {}
     for row in history:
         if row.get("eval_path") in VALIDATION_PATHS and isinstance(row.get("eval_seconds"), float):
-            timed.setdefault(row["eval_path"], row["eval_seconds"])
-    for path in VALIDATION_PATHS:
-        if path not in timed:
-            return path
-    return "oneDNN" if timed["oneDNN"] < timed["eager"] else "eager"
+            first.setdefault(row["eval_path"], row)
+    return first
 
 
 def _validation_choice(history: list[dict[str, Any]]) -> str:
-    first = {}
-    for row in history:
-        first.setdefault(row.get("eval_path"), row)
+    first = _first_validations(history)
     timed = ", ".join(f"{p} {first[p]['eval_seconds']:.1f} s at epoch {first[p]['epoch']}" for p in VALIDATION_PATHS)
     return (f"validation on the CPU: the {_validation_path(history, True)} path from the next epoch on ({timed}; "
             "--no-fast-cpu keeps eager)")
@@ -318,6 +322,7 @@ class _Run:
     run_dir: Path
     amp_dtype: torch.dtype | None
     meta: dict[str, str]
+    fast_cpu: bool                          # fp32 on the CPU, --no-fast-cpu not given: the fast training path
 
     @property
     def ckpt_path(self) -> Path:
@@ -373,7 +378,7 @@ def _set_up(args: argparse.Namespace, task, info: distributed.DistInfo) -> _Run:
     args.output = str(run_dir)
     meta = {"model": args.model, "task": task.name, "data_info": json.dumps(_plain_info(data.info))}
     return _Run(state, data, n_params, train_loader, train_sampler, val_loader, steps_per_epoch, run_dir,
-                amp_dtype, meta)
+                amp_dtype, meta, fast_cpu)
 
 
 def _resume(run: _Run, args: argparse.Namespace, info: distributed.DistInfo) -> None:
@@ -515,8 +520,7 @@ def _end_of_epoch(run: _Run, row: dict[str, Any], t0: float, args: argparse.Name
     state = run.state
     lr = row.pop("lr")
     train_seconds = row.pop("train_seconds")
-    fast = (getattr(args, "fast_cpu", True) and info.device.type == "cpu" and run.amp_dtype is None
-            and onednn_available())
+    fast = run.fast_cpu and onednn_available()
     path = _validation_path(state.history, fast)
     t_eval = time.perf_counter()
     metrics = _evaluate(task, state.model, run.val_loader, args, info, run.amp_dtype, run.data.info, path)
@@ -549,7 +553,7 @@ def _end_of_epoch(run: _Run, row: dict[str, Any], t0: float, args: argparse.Name
         plot_curves(run.run_dir / "curves.png", state.history, task.headline_metric,
                     title=f"{args.model} — {task.name}")
         print(format_row(row, args.epochs), flush=True)
-        if fast and path == "oneDNN" and sum(r.get("eval_path") == "oneDNN" for r in state.history) == 1:
+        if fast and _first_validations(state.history).get("oneDNN") is row:   # the comparison is complete
             print(_validation_choice(state.history), flush=True)
     distributed.barrier()
 
