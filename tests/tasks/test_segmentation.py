@@ -67,6 +67,37 @@ def test_loss_adds_weighted_aux_and_ready_made_terms():
     assert set(logs) == {"loss_ce", "loss_aux0", "loss_siam"}
 
 
+class _TwoHeads(nn.Module):
+    """Logits and auxiliary logits, with an auxiliary weight of its own (not the default 0.4)."""
+    aux_loss_weights = (0.25,)
+
+    def __init__(self):
+        super().__init__()
+        self.main, self.aux = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return {"logits": self.main(x), "aux_logits": self.aux(x)}
+
+
+def test_training_step_reads_the_aux_weights_through_the_trainers_wrappers():
+    """The trainer hands training_step its wrapper (DDP, a compiled module, the batch split's); the model's own
+    auxiliary weight still applies."""
+    from hybridzoo.layers.train_fast import BatchSplitTraining
+
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    ce = lambda t: nn.functional.cross_entropy(t, y, ignore_index=255)  # noqa: E731
+    want = ce(model.main(x)) + 0.25 * ce(model.aux(x))
+    task = get_task("segmentation")
+    compiled = nn.Module()
+    compiled._orig_mod = model          # what torch.compile's OptimizedModule holds
+    compiled.forward = model.forward
+    for wrapper in (model, BatchSplitTraining(model, threads=1), compiled):
+        loss, _ = task.training_step(wrapper, (x, y), argparse.Namespace())
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6), type(wrapper).__name__
+
+
 def test_slide_inference_equals_whole_for_a_pointwise_model():
     torch.manual_seed(0)
     model = nn.Conv2d(3, 4, 1).eval()

@@ -247,10 +247,6 @@ def _base_dataset(ds):
     return ds
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
 
 def train(args: argparse.Namespace, task=None) -> TrainResult:
     """Train `args.model` on `args.task`'s data; rank 0 writes the run folder. See the module docstring."""

@@ -35,6 +35,15 @@ __all__ = ["Task", "TaskData", "register_task", "get_task", "TASK_REGISTRY"]
 TASK_REGISTRY: dict[str, type["Task"]] = {}
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside the trainer's wrappers (`torch.compile`, DDP, `BatchSplitTraining`): where a training step
+    reads the model's own attributes (auxiliary-loss weights, a detector's loss)."""
+    model = getattr(model, "_orig_mod", model)
+    from hybridzoo.layers.train_fast import BatchSplitTraining
+
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, BatchSplitTraining)) else model
+
+
 def register_task(cls: type["Task"]) -> type["Task"]:
     TASK_REGISTRY[cls.name] = cls
     return cls

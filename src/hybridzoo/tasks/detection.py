@@ -38,7 +38,7 @@ from hybridzoo.data.detection import (
     CocoDetection, DetTransform, SyntheticDetection, YoloDetection, collate_detection, detect_layout, read_image,
 )
 from hybridzoo.engine.metrics import Metric
-from hybridzoo.tasks.base import Task, TaskData, register_task
+from hybridzoo.tasks.base import Task, TaskData, register_task, unwrap_model
 
 __all__ = ["DetectionTask", "CocoMetric", "coco_summary", "draw_detections"]
 
@@ -137,10 +137,6 @@ def _to_original(det: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) 
     b[:, 1::2] = b[:, 1::2].clamp(0, oh)
     return {"boxes": b, "scores": det["scores"], "labels": det["labels"]}
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _arg(args, name, default=None):
@@ -304,7 +300,7 @@ class DetectionTask(Task):
     def training_step(self, model: nn.Module, batch: Any, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
         images, targets = batch
         out = model(images)
-        loss, logs = _unwrap(model).loss(out, targets, image_size=tuple(images.shape[-2:]))
+        loss, logs = unwrap_model(model).loss(out, targets, image_size=tuple(images.shape[-2:]))
         return loss, logs
 
     def build_metric(self, args: argparse.Namespace, data_info: dict[str, Any]) -> Metric:
@@ -313,7 +309,7 @@ class DetectionTask(Task):
     @torch.no_grad()
     def eval_step(self, model: nn.Module, batch: Any, metric: Metric, args: argparse.Namespace) -> None:
         images, targets = batch
-        core = _unwrap(model)
+        core = unwrap_model(model)
         if not metric.num_classes:
             metric.num_classes = int(core.num_classes)
         out = model(images)
@@ -382,7 +378,7 @@ class DetectionTask(Task):
         n = min(6, len(val))
         if n == 0:
             return
-        core = _unwrap(model)
+        core = unwrap_model(model)
         was = core.training
         core.eval()
         device = next(core.parameters()).device

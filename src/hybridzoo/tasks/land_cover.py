@@ -37,7 +37,7 @@ from torch import nn
 
 from hybridzoo.data import land_cover as lc
 from hybridzoo.engine.metrics import Metric
-from hybridzoo.tasks.base import Task, TaskData, register_task
+from hybridzoo.tasks.base import Task, TaskData, register_task, unwrap_model
 
 __all__ = ["LandCoverTask", "LandCoverMetric", "confusion_matrix", "land_cover_metrics", "predict_scene", "save_class_map_png",
            "class_colours", "metric_key"]
@@ -234,10 +234,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
 
 @register_task
 class LandCoverTask(Task):
@@ -385,7 +381,7 @@ class LandCoverTask(Task):
     def eval_step(self, model: nn.Module, batch: Any, metric: "LandCoverMetric", args: argparse.Namespace) -> None:
         x, y = batch
         if metric.num_classes is None:
-            metric.set_num_classes(_unwrap(model).num_classes)
+            metric.set_num_classes(unwrap_model(model).num_classes)
         metric.update(model(x).float(), y)
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
@@ -415,7 +411,7 @@ class LandCoverTask(Task):
         scene = data.val.scene
         if scene is None:
             return {}
-        model = _unwrap(model)
+        model = unwrap_model(model)
         info = data.info
         source = _ArraySource(scene.image, scene.geo)
         pred, stats = predict_scene(model, source, info["mean"], info["std"], info["patch_size"],

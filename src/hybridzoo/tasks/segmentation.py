@@ -36,7 +36,7 @@ from hybridzoo.data.segmentation import (
     SegTransform, SyntheticScenes, collate_segmentation, dataset_info, detect_layout, palette,
 )
 from hybridzoo.engine.metrics import Metric
-from hybridzoo.tasks.base import Task, TaskData, register_task
+from hybridzoo.tasks.base import Task, TaskData, register_task, unwrap_model
 
 __all__ = [
     "SegmentationTask", "SegMetrics", "intersect_and_union", "segmentation_loss", "slide_inference",
@@ -499,7 +499,9 @@ class SegmentationTask(Task):
         batch = _to_device(batch, _model_device(model))
         images, masks = batch[0], batch[1]
         out = model(images)
-        loss, logs = segmentation_loss(out, masks, model, avg_non_ignore=bool(self._arg(args, "avg_non_ignore", False)))
+        # the model's own auxiliary weights, through the trainer's wrappers (DDP, torch.compile)
+        loss, logs = segmentation_loss(out, masks, unwrap_model(model),
+                                       avg_non_ignore=bool(self._arg(args, "avg_non_ignore", False)))
         logs["loss"] = loss.detach()
         return loss, logs
 
