@@ -153,7 +153,9 @@ def test_training_step_optimizer_and_schedule():
     loss, logs = task.training_step(model, (lr, hr), _args())
     assert loss.item() == pytest.approx(F.l1_loss(model(lr), hr).item(), rel=1e-5) and "l1" in logs
     opt = task.build_optimizer(model, _args(lr=1e-4))
-    assert isinstance(opt, torch.optim.Adam) and opt.defaults["weight_decay"] == 0
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["weight_decay"] == 0 and opt.defaults["lr"] == 1e-4
+    assert task.build_optimizer(model, _args(lr=0.0)).defaults["lr"] == 0.0   # --lr 0 is kept, not the default
+    assert task.build_optimizer(model, _args()).defaults["lr"] == task.default_lr
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"])  # mean shifts stay frozen
     # 9 epochs of 4 steps: halved after epochs 3 and 6, constant within an epoch
     factors = [task.lr_factor(s, 36, 4, _args(epochs=9)) for s in range(36)]

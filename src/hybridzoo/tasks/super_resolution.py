@@ -415,7 +415,8 @@ class SuperResolutionTask(Task):
         return loss, {"l1": loss.detach()}  # read by the trainer once an epoch
 
     def build_optimizer(self, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-        lr = getattr(args, "lr", None) or self.default_lr
+        lr = getattr(args, "lr", None)
+        lr = self.default_lr if lr is None else lr   # --lr 0 is a learning rate (frozen weights), not "unset"
         params = [p for p in model.parameters() if p.requires_grad]  # the mean shifts are frozen
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
