@@ -639,6 +639,8 @@ class BatchSplitTraining(nn.Module):
         if any(f is None for f in flat) or len({len(f) for f in flat}) != 1 or not all(
                 t.dim() > 0 and t.shape[0] == p.shape[0] for f, p in zip(flat, parts) for t in f):
             self._ok = False  # outputs that are not per-sample tensors: run the whole batch, now and from now on
+            print(f"note: {type(self.module).__name__} returns outputs that are not per-sample tensors; "
+                  "training continues without the batch split")
             self._restore_bn_buffers(saved)   # the whole batch updates the running statistics instead
             return self.module(*args)
         n_out = len(flat[0])

@@ -79,8 +79,9 @@ class Task:
     default_lr: float = 1e-3
     default_weight_decay: float = 0.05
     default_warmup_epochs: float = 0
-    # training_step calls `model(inputs)` on the batch, output rows per sample, and reads no other attribute of
-    # `model` than `.module`: the fp32 CPU trainer may then train by batch split (BatchSplitTraining)
+    # training_step calls `model(inputs)` once on the batch, whose output (a tensor, or a tuple or list of them) has
+    # rows per sample, computes the loss on that whole output, and reads the model's own attributes through
+    # `unwrap_model`: the fp32 CPU trainer may then train by batch split (BatchSplitTraining)
     batch_split: bool = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

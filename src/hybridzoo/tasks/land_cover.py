@@ -238,6 +238,7 @@ def _model_device(model: nn.Module) -> torch.device:
 @register_task
 class LandCoverTask(Task):
     name = "land-cover"
+    batch_split = True  # training_step: model(x), the loss on the whole batch's logits
     default_model = "wetmapformer_small"
     headline_metric = "oa"
     higher_is_better = True

@@ -343,6 +343,8 @@ class SegmentationTask(Task):
     """Semantic segmentation (SCTNet, SegFormer, SegNetr, U-Net) on Cityscapes, ADE20K, folders or built-in scenes."""
 
     name = "segmentation"
+    # not trained by batch split: measured against the whole batch on the fast path (benchmarks/RESULTS.md, session
+    # 32), SCTNet-S ran 0.54-1.0x, U-Net 0.83-1.06x and SegNetr 0.98-1.53x, the split losing at the small crops
     default_model = "sctnet_s_seg50"
     headline_metric = "miou"
     higher_is_better = True

@@ -329,6 +329,7 @@ DEFAULT_BUILTIN_REPEAT = 128
 @register_task
 class SuperResolutionTask(Task):
     name = "super-resolution"
+    batch_split = True  # training_step: model(lr), the L1 loss on the whole batch's output
     default_model = "act_tiny_x2"
     headline_metric = "psnr_y"
     higher_is_better = True
