@@ -105,6 +105,34 @@ def test_task_trains_evaluates_and_draws_maps(tmp_path, split):
     json.dumps(info)   # the engine stores it in checkpoints and safetensors metadata
 
 
+def test_the_end_of_training_map_takes_the_faster_cpu_path(tmp_path, monkeypatch):
+    """The whole-scene map at the end of `hybridzoo train` runs as `hybridzoo predict` does on the CPU in fp32 (the
+    faster of eager and the frozen oneDNN path); `--no-fast-cpu` and `--amp` keep the training model."""
+    from hybridzoo.layers import onednn
+
+    if not onednn.onednn_available():
+        pytest.skip("no oneDNN in this build")
+    task = get_task("land-cover")
+    args = _args(task, ["--scene-size", "32"], model="wetmapformer_small")
+    data = task.build_data(args)
+    torch.manual_seed(0)
+    model = task.build_model(args, data.info).train()
+    built = []
+    real = onednn.fastest_cpu_inference
+    monkeypatch.setattr(onednn, "fastest_cpu_inference", lambda m, **kw: built.append(m) or real(m, **kw))
+    maps = {}
+    for name, extra in (("fast", {}), ("eager", {"fast_cpu": False}), ("amp", {"amp": "bf16"})):
+        for k, v in extra.items():
+            setattr(args, k, v)
+        task.on_train_end(tmp_path / name, model, data, args)
+        maps[name] = tifffile.imread(tmp_path / name / "class_map.tif")
+        assert model.training   # the training model's mode is left as it was
+        for k in extra:
+            delattr(args, k)
+    assert built == [model]     # once: the default run only
+    assert (maps["fast"] == maps["eager"]).mean() > 0.999   # the same function: fp32 rounding may flip a near tie
+
+
 def test_task_reads_files_and_requires_labels(tmp_path):
     task = get_task("land-cover")
     scene = lc.make_synthetic_scene(32, 32, seed=1)
