@@ -247,7 +247,6 @@ def _base_dataset(ds):
     return ds
 
 
-
 def train(args: argparse.Namespace, task=None) -> TrainResult:
     """Train `args.model` on `args.task`'s data; rank 0 writes the run folder. See the module docstring."""
     from hybridzoo.tasks.base import get_task

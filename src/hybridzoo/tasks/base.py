@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from hybridzoo.engine.metrics import Metric
 
-__all__ = ["Task", "TaskData", "register_task", "get_task", "TASK_REGISTRY"]
+__all__ = ["Task", "TaskData", "register_task", "get_task", "unwrap_model", "TASK_REGISTRY"]
 
 TASK_REGISTRY: dict[str, type["Task"]] = {}
 

@@ -138,7 +138,6 @@ def _to_original(det: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) 
     return {"boxes": b, "scores": det["scores"], "labels": det["labels"]}
 
 
-
 def _arg(args, name, default=None):
     v = getattr(args, name, default)
     return default if v is None else v

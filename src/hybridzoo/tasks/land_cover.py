@@ -234,7 +234,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-
 @register_task
 class LandCoverTask(Task):
     name = "land-cover"
