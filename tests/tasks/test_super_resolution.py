@@ -65,6 +65,13 @@ def test_ssim_hand_computed_identity_and_reference():
     ref = structural_similarity(rgb_to_y(noisy)[0, 3:-3, 3:-3].numpy(), rgb_to_y(img)[0, 3:-3, 3:-3].numpy(),
                                 gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
     assert ssim_y(noisy, img, 3).item() == pytest.approx(ref, abs=1e-9)
+    # a batch: one score per image, each its own (non-square, so rows and columns cannot be swapped)
+    hr = torch.rand(3, 3, 29, 43) * 255
+    sr = (hr + torch.randn_like(hr) * torch.tensor([5.0, 15.0, 40.0])[:, None, None, None]).clamp(0, 255).round()
+    refs = [structural_similarity(rgb_to_y(sr)[i, 2:-2, 2:-2].numpy(), rgb_to_y(hr)[i, 2:-2, 2:-2].numpy(),
+                                  gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
+            for i in range(3)]
+    torch.testing.assert_close(ssim_y(sr, hr, 2), torch.tensor(refs, dtype=torch.float64), atol=1e-9, rtol=0)
 
 
 class _Local(nn.Module):
