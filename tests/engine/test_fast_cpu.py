@@ -128,6 +128,34 @@ def test_batch_split_off_is_said(make_args, tmp_path, capsys):
     assert "batch split off: one intra-op thread" in capsys.readouterr().out
 
 
+def test_a_task_that_does_not_split_says_why():
+    """The default training path says why it is not the batch split (issue 16: "or says why not"): each task
+    that does not split names its own reason, and the trainer's line carries it."""
+    import argparse
+
+    from hybridzoo.engine import distributed
+    from hybridzoo.tasks.base import TASK_REGISTRY, Task, get_task
+
+    get_task("classification")   # registers every task
+    generic = Task.batch_split_off
+    args = argparse.Namespace(batch_split=True, fast_cpu=True, amp="none", compile=False)
+    info = distributed.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name, cls in sorted(TASK_REGISTRY.items()):
+            task = cls()
+            blocker = trainer._batch_split_blocker(torch.nn.Linear(2, 2), args, info, task)
+            if task.batch_split:
+                assert blocker is None, name
+            else:
+                assert task.batch_split_off != generic, f"{name}: no reason of its own for not splitting"
+                assert blocker == f"the {name} task's training step is not split: {task.batch_split_off}"
+    finally:
+        torch.set_num_threads(before)
+    assert {n for n, c in TASK_REGISTRY.items() if not c.batch_split} >= {"segmentation", "recommendation"}
+
+
 def test_the_validation_path_follows_from_the_history_alone():
     path = trainer._validation_path
     eager = {"epoch": 1, "eval_path": "eager", "eval_seconds": 4.0}

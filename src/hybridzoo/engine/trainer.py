@@ -419,7 +419,7 @@ def _batch_split_blocker(model: nn.Module, args: argparse.Namespace, info: distr
     if torch.get_num_threads() < 2:
         return "one intra-op thread"
     if not getattr(task, "batch_split", False):
-        return f"the {task.name} task's training step is not split (Task.batch_split)"
+        return f"the {task.name} task's training step is not split: {task.batch_split_off}"
     return split_training_blocker(model)
 
 

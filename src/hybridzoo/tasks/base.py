@@ -83,6 +83,8 @@ class Task:
     # rows per sample, computes the loss on that whole output, and reads the model's own attributes through
     # `unwrap_model`: the fp32 CPU trainer may then train by batch split (BatchSplitTraining)
     batch_split: bool = False
+    # where batch_split is False: why, for the trainer's "batch split off: ..." line
+    batch_split_off: str = "its training step is not declared splittable (Task.batch_split)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task-specific command-line options (added to `train`, `eval`, `predict`)."""

@@ -176,6 +176,8 @@ def _eval_set(data: SequenceData, split: str, max_len: int) -> _Tensors:
 class RecommendationTask(Task):
     name = "recommendation"
     default_model = "adamct_beauty"
+    batch_split_off = ("AdaMCT and SASRec measured level with the whole batch by batch split (1.01x, 0.94x at batch "
+                       "512; benchmarks/rec_batch_split_probe.py, RESULTS.md session 33)")
     headline_metric = "ndcg@10"
     higher_is_better = True
     default_epochs = 10
