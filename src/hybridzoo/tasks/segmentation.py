@@ -39,7 +39,7 @@ from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task, unwrap_model
 
 __all__ = [
-    "SegmentationTask", "SegMetrics", "intersect_and_union", "segmentation_loss", "slide_inference",
+    "SegmentationTask", "SegMetrics", "class_map", "intersect_and_union", "segmentation_loss", "slide_inference",
     "whole_inference", "poly_lr_lambda", "colorize", "overlay", "legend_handles", "overlay_figure",
 ]
 
@@ -60,6 +60,13 @@ def intersect_and_union(pred: torch.Tensor, label: torch.Tensor, num_classes: in
     area_label = torch.bincount(label, minlength=num_classes)[:num_classes]
     union = area_pred + area_label - inter
     return inter.double(), union.double(), area_pred.double(), area_label.double()
+
+
+def class_map(logits: torch.Tensor) -> torch.Tensor:
+    """N×K×H×W logits → N×H×W class indices: `argmax(1)` (the first maximum, NaN counted largest), taken as
+    `max(1).indices`, which gives the same indices 5× faster on the CPU at Cityscapes' K = 19 and 1024×2048
+    (53 against 257 ms) and 30× at K = 2: ATen's argmax over a strided class axis does not vectorise."""
+    return logits.max(1).indices
 
 
 class SegMetrics(Metric):
@@ -535,7 +542,7 @@ class SegmentationTask(Task):
             target = masks[j:j + 1, :mh, :mw]
             ce = F.cross_entropy(lg.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
             metric.add_loss(float(ce), int((target != IGNORE_INDEX).sum()))
-            metric.update(lg.argmax(1)[0], target[0])
+            metric.update(class_map(lg)[0], target[0])
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
         """mIoU of two trivial predictors fitted on raw training labels (at most 500 images).
@@ -594,7 +601,8 @@ class SegmentationTask(Task):
             img, mask, meta = val[r]
             logits = self.predict_logits(model, img[None].to(device), args, k)
             mh, mw = int(meta[2]), int(meta[3])
-            pred = F.interpolate(logits, size=(mh, mw), mode="bilinear", align_corners=False).argmax(1)[0].cpu().numpy()
+            logits = F.interpolate(logits, size=(mh, mw), mode="bilinear", align_corners=False)
+            pred = class_map(logits)[0].cpu().numpy()
             raw = val.raw_image(r)
             gt = mask.numpy().astype(np.int64)
             panels += [("image", raw), ("ground truth", overlay(raw, gt, pal), gt[gt != IGNORE_INDEX]),
@@ -637,7 +645,7 @@ class SegmentationTask(Task):
             img, _, _ = tf(raw, np.zeros(raw.shape[:2], np.uint8), np.random.default_rng(0))
             logits = self.predict_logits(model, img[None].to(device), run.args, k)
             logits = F.interpolate(logits, size=raw.shape[:2], mode="bilinear", align_corners=False)
-            pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8 if k <= 256 else np.int32)
+            pred = class_map(logits)[0].cpu().numpy().astype(np.uint8 if k <= 256 else np.int32)
             mask_path, overlay_path = out_dir / f"{f.stem}_mask.png", out_dir / f"{f.stem}_overlay.png"
             Image.fromarray(pred).save(mask_path)
             blend = overlay(raw, pred, pal)
