@@ -64,8 +64,8 @@ def intersect_and_union(pred: torch.Tensor, label: torch.Tensor, num_classes: in
 
 def class_map(logits: torch.Tensor) -> torch.Tensor:
     """N×K×H×W logits → N×H×W class indices: `argmax(1)` (the first maximum, NaN counted largest), taken as
-    `max(1).indices`, which gives the same indices 5× faster on the CPU at Cityscapes' K = 19 and 1024×2048
-    (53 against 257 ms) and 30× at K = 2: ATen's argmax over a strided class axis does not vectorise."""
+    `max(1).indices`, which gives the same indices faster on the CPU: 3-5× at Cityscapes' K = 19 and 1024×2048,
+    16-36× at K = 2, level at ADE20K's 150 (torch 2.13 and 2.14, NCHW; benchmarks/RESULTS.md, session 33)."""
     return logits.max(1).indices
 
 
