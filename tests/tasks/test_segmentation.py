@@ -262,4 +262,3 @@ def test_the_class_map_is_the_argmax_over_classes(k):
         assert got.dtype == torch.long and got.shape == (2, 9, 13)
         assert torch.equal(got, logits.argmax(1))
     assert int(class_map(logits)[1, 4, 4]) == 0 and int(class_map(logits)[0, 0, 0]) == k - 1
-

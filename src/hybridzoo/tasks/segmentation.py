@@ -350,10 +350,9 @@ class SegmentationTask(Task):
     """Semantic segmentation (SCTNet, SegFormer, SegNetr, U-Net) on Cityscapes, ADE20K, folders or built-in scenes."""
 
     name = "segmentation"
-    # not trained by batch split: measured against the whole batch on the fast path (benchmarks/RESULTS.md, session
-    # 32), SCTNet-S ran 0.54-1.0x, U-Net 0.83-1.06x and SegNetr 0.98-1.53x, the split losing at the small crops
-    batch_split_off = ("SCTNet-S measured 0.54-1.0x the whole batch by batch split (its parts meet at each of its 38 "
-                       "BatchNorms; benchmarks/RESULTS.md, session 32)")
+    batch_split_off = ("SCTNet-S measured 0.54-1.0x the whole batch by batch split, U-Net 0.83-1.06x, SegNetr "
+                       "0.98-1.53x: the parts meet at every BatchNorm and run their Python under one GIL "
+                       "(benchmarks/RESULTS.md, session 32)")
     default_model = "sctnet_s_seg50"
     headline_metric = "miou"
     higher_is_better = True
