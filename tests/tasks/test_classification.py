@@ -147,6 +147,11 @@ def test_eval_selects_a_supervit_subnetwork(monkeypatch):
     model = hybridzoo.create_model("supervit_deit_small", embed_dim=48, depth=10, num_heads=2, num_classes=3)
     kw = _subnetwork_kwargs(model, argparse.Namespace(resolution=160, keep_rate=0.7))
     assert kw == {"img_size": 160, "keep_rate": 0.7}
+    # through the trainer's wrappers too: a compiled model's forward takes (*args, **kwargs)
+    from hybridzoo.layers.train_fast import BatchSplitTraining
+
+    for wrapped in (torch.compile(model), BatchSplitTraining(model)):
+        assert _subnetwork_kwargs(wrapped, argparse.Namespace(resolution=160, keep_rate=0.7)) == kw
     other = hybridzoo.create_model("cvt_tiny_demo")
     with pytest.raises(ValueError, match="--keep-rate"):
         _subnetwork_kwargs(other, argparse.Namespace(resolution=None, keep_rate=0.7))

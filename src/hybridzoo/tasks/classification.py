@@ -26,7 +26,7 @@ from torch import nn
 
 from hybridzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, Mixup, RandomErasing, TrainTransform
 from hybridzoo.engine.metrics import Metric
-from hybridzoo.tasks.base import Task, TaskData, register_task
+from hybridzoo.tasks.base import Task, TaskData, register_task, unwrap_model
 
 __all__ = ["ClassificationTask", "ClassificationLoss", "ClassificationMetric", "build_classifier"]
 
@@ -89,7 +89,7 @@ def _subnetwork_kwargs(model: nn.Module, args: argparse.Namespace) -> dict[str, 
     wanted = {k: v for k, v in wanted.items() if v is not None}
     if not wanted:
         return {}
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap_model(model)   # the model's own forward: a compiled wrapper's takes (*args, **kwargs)
     accepted = inspect.signature(core.forward).parameters
     missing = [k for k in wanted if k not in accepted]
     if missing:
