@@ -260,3 +260,23 @@ def test_two_callers_with_three_threads_each_do_not_deadlock(threads, monkeypatc
 def test_token_parallel_forward_names_a_block_it_cannot_split():
     with pytest.raises(ValueError, match="no row-share kernel for Linear"):
         token_parallel_forward([torch.nn.Linear(64, 64)], torch.randn(1, 37, 64), 2)
+
+
+def test_a_slice_takes_the_containers_flags_without_touching_its_blocks():
+    """ConViT slices its blocks at every forward. A slice must carry the container's mode, its measured choices and
+    its train / eval flag, and leave each block as it was: a block set apart (here one left in training mode)
+    keeps its own flag."""
+    card = get_card("convit_tiny")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("convit_tiny", **{**card.test_kwargs, "img_size": 96, "depth": 4}).eval()
+    fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "whole"
+    fast.blocks[1].train()
+    part = fast.blocks[:3]
+    assert type(part) is type(fast.blocks) and not part.training and part.mode == "whole"
+    assert part.__dict__["_choices"] is fast.blocks.__dict__["_choices"]
+    assert list(part) == list(fast.blocks)[:3]
+    assert fast.blocks[1].training and fast.blocks[1].attn.training
+    assert not fast.blocks[0].training and not fast.blocks[2].training
+    fast.blocks.train()
+    assert fast.blocks[2:].training
