@@ -68,8 +68,8 @@ from torch.autograd.function import once_differentiable
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
            "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "gather_weight",
-           "gather_conv", "token_blocks", "conv_token_blocks", "isa", "set_isa", "set_column_split_rows", "weight_grad",
-           "ATTENTION_HEAD_DIMS", "build_dir"]
+           "gather_conv", "token_blocks", "conv_token_blocks", "seg_eval_stats", "isa", "set_isa", "set_column_split_rows",
+           "weight_grad", "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -267,6 +267,7 @@ HZ_INLINE float hz_first(vec v) { return v[0]; }
 HZ_INLINE ivec hz_bits(vec v) { return (ivec)v; }
 HZ_INLINE vec hz_from_bits(ivec i) { return (vec)i; }
 HZ_INLINE ivec hz_lanes() { return ivec{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+HZ_INLINE vec hz_to_float(ivec i) { return __builtin_convertvector(i, vec); }
 
 // every lane <- the maximum (the sum) of the 16 lanes: a butterfly over lanes 8, 4, 2 and 1 apart
 HZ_INLINE vec hz_lane_swap(vec v, int k) {
@@ -321,6 +322,10 @@ HZ_INLINE ivec operator+(ivec a, int32_t b) { return {a.lo + b, a.hi + b}; }
 HZ_INLINE ivec operator-(ivec a, ivec b) { return {a.lo - b.lo, a.hi - b.hi}; }
 HZ_INLINE ivec operator<<(ivec a, int b) { return {a.lo << b, a.hi << b}; }
 HZ_INLINE ivec operator>=(ivec a, int32_t b) { return {a.lo >= b, a.hi >= b}; }
+HZ_INLINE ivec operator>>(ivec a, int b) { return {a.lo >> b, a.hi >> b}; }
+HZ_INLINE ivec operator&(ivec a, int32_t b) { return {a.lo & b, a.hi & b}; }
+HZ_INLINE ivec operator|(ivec a, int32_t b) { return {a.lo | b, a.hi | b}; }
+HZ_INLINE vec hz_to_float(ivec i) { return {__builtin_convertvector(i.lo, v8), __builtin_convertvector(i.hi, v8)}; }
 
 HZ_INLINE vec hz_load(const float* p) {
   vec v;
@@ -1332,6 +1337,103 @@ void former_tokens(HZ_ARGS_former_tokens) {
   few_rows<ACT_NONE>(sh, ls, 1, p.s1_w, p.reduced, hz_pad16(p.slopes1), p.s1_b, nullptr, 0, u1, 0, part, parts);
   few_rows<ACT_NONE>(sh + p.reduced, ls, 1, p.s2_w, p.reduced, hz_pad16(p.slopes2), p.s2_b, nullptr, 0, u2, 0, part,
                      parts);
+}
+
+// ---- segmentation evaluation: cross-entropy and intersect/union counts in one pass over the logits ---------------
+// ln x for finite x > 0 (a row's sum of e^(v − max), at least 1) within ~1 ulp: x = 2^e · m with m in [√½, √2),
+// ln m = 2·atanh(u), u = (m − 1)/(m + 1), |u| ≤ 0.172, by its series to u⁹ (the next term is below 1e-9)
+HZ_INLINE vec hz_log(vec x) {
+  const ivec b = hz_bits(x);
+  vec m = hz_from_bits((b & 0x7fffff) | 0x3f800000);
+  vec e = hz_to_float((b >> 23) + (-127));
+  const ivec big = m > hz_splat(1.41421356f);
+  m = hz_select(big, m * 0.5f, m);
+  e = e + hz_select(big, hz_splat(1.0f), hz_splat(0.0f));
+  const vec u = (m - 1.0f) / (m + 1.0f), u2 = u * u;
+  vec p = u2 * (1.0f / 9) + 1.0f / 7;
+  p = p * u2 + 1.0f / 5;
+  p = p * u2 + 1.0f / 3;
+  p = p * u2 + 1.0f;
+  return e * 0.693147180559945309f + 2.0f * u * p;
+}
+
+// One pixel whose logits are not all finite, as ATen gives it: the class map's first NaN (else the first maximum),
+// and cross-entropy NaN where the maximum is not finite (NaN, +inf, or every logit -inf), else log-sum-exp − v[t]
+static void seg_pixel_exact(const float* p, int64_t sk, int64_t K, int64_t label, int64_t* pred, double* ce) {
+  int64_t best = 0;
+  float m = p[0];
+  for (int64_t k = 1; k < K; ++k) {
+    const float v = p[k * sk];
+    if (std::isnan(m)) break;
+    if (std::isnan(v) || v > m) {
+      m = v;
+      best = k;
+    }
+  }
+  *pred = best;
+  if (!std::isfinite(m)) {
+    *ce = std::nan("");
+    return;
+  }
+  double sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += std::exp(static_cast<double>(p[k * sk]) - m);
+  *ce = m + std::log(sum) - static_cast<double>(p[label * sk]);
+}
+
+// n pixels in a row: class k of pixel i at x[i·sp + k·sk], its label at t[i·st]. Per pixel, the class map (the first
+// maximum, as `class_map`) and, for a label in [0, K), its cross-entropy (added to *ce, the pixel to *labelled) and
+// the counts of `intersect_and_union`: counts[label] += (class == label), counts[K + class] and counts[2K + label]
+// += 1. A label that is neither `ignore` nor in [0, K) adds to *bad. 16 pixels at a time; where sp ≠ 1, or in the
+// last partial 16, the logits are gathered first into scratch (16·K floats).
+void seg_pixels(HZ_ARGS_seg_pixels) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const int64_t w = std::min<int64_t>(16, n - i0);
+    const float* p = x + i0 * sp;
+    int64_t s = sk;
+    if (sp != 1 || w < 16) {
+      for (int64_t l = 0; l < 16; ++l) {
+        const float* src = x + (i0 + std::min(l, w - 1)) * sp;   // a partial 16 repeats its last pixel
+        for (int64_t k = 0; k < K; ++k) scratch[k * 16 + l] = src[k * sk];
+      }
+      p = scratch;
+      s = 16;
+    }
+    vec m = hz_load(p), cls = hz_splat(0.0f), finite = m * 0.0f;   // 0 where finite, NaN where not
+    for (int64_t k = 1; k < K; ++k) {
+      const vec v = hz_load(p + k * s);
+      finite += v * 0.0f;
+      const ivec gt = v > m;
+      m = hz_select(gt, v, m);
+      cls = hz_select(gt, hz_splat(static_cast<float>(k)), cls);
+    }
+    vec sum = hz_splat(0.0f);
+    for (int64_t k = 0; k < K; ++k) sum += hz_exp(hz_load(p + k * s) - m);
+    float lse[16], cl[16], fin[16];
+    hz_store(lse, m + hz_log(sum));
+    hz_store(cl, cls);
+    hz_store(fin, finite);
+    for (int64_t l = 0; l < w; ++l) {
+      const int64_t label = t[(i0 + l) * st];
+      if (label == ignore) continue;
+      if (label < 0 || label >= K) {
+        ++*bad;
+        continue;
+      }
+      int64_t c;
+      double loss;
+      if (fin[l] == 0.0f) {
+        c = static_cast<int64_t>(cl[l]);
+        loss = static_cast<double>(lse[l]) - static_cast<double>(p[label * s + l]);
+      } else {
+        seg_pixel_exact(p + l, s, K, label, &c, &loss);
+      }
+      *ce += loss;
+      ++*labelled;
+      counts[label] += c == label;
+      ++counts[K + c];
+      ++counts[2 * K + label];
+    }
+  }
 }
 """
 
@@ -2526,6 +2628,55 @@ int64_t set_column_split_rows(int64_t rows) {
   return column_split_rows.exchange(rows);
 }
 
+// Segmentation evaluation in one pass over the logits (`tasks.segmentation.pixel_stats`): logits (B, K, H, W)
+// float32 and labels (B, H, W) int64, both with any strides (a slice of a padded batch, channels-last logits).
+// Returns counts (B, 3, K) int64, per class the intersection, predicted area and label area of
+// `intersect_and_union` over the labelled pixels (label in [0, K), not `ignore`), and loss (B, 3) float64: the summed
+// cross-entropy of those pixels, their number, and the number of labels neither `ignore` nor in [0, K). The rows
+// (b, h) are shared among the intra-op threads, each adding to counts of its own, summed at the end.
+std::tuple<at::Tensor, at::Tensor> seg_eval_stats(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore) {
+  check_isa("seg_eval_stats");
+  TORCH_CHECK(logits.dim() == 4 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
+              "hybridzoo_native::seg_eval_stats: logits must be float32 (B, K, H, W) with K >= 1, got ",
+              logits.sizes(), " ", logits.scalar_type());
+  const int64_t B = logits.size(0), K = logits.size(1), H = logits.size(2), W = logits.size(3);
+  TORCH_CHECK(labels.dim() == 3 && labels.scalar_type() == at::kLong && labels.size(0) == B && labels.size(1) == H
+              && labels.size(2) == W, "hybridzoo_native::seg_eval_stats: labels must be int64 (", B, ", ", H, ", ",
+              W, "), the logits' batch and map, got ", labels.sizes(), " ", labels.scalar_type());
+  const int64_t slots = 3 * K + 3;   // per image: the counts, then cross-entropy, labelled and bad
+  const int64_t teams = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<int64_t> counts(teams * B * slots, 0);
+  std::vector<double> ce(teams * B, 0.0);
+  const float* px = logits.data_ptr<float>();
+  const int64_t* pt = labels.data_ptr<int64_t>();
+  const int64_t lb = logits.stride(0), lk = logits.stride(1), lh = logits.stride(2), lw = logits.stride(3);
+  const int64_t tb = labels.stride(0), th = labels.stride(1), tw = labels.stride(2);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t team = std::min<int64_t>(at::get_thread_num(), teams - 1);
+    std::vector<float> scratch(16 * K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, h = r % H;
+      int64_t* c = counts.data() + (team * B + b) * slots;
+      seg_pixels(px + b * lb + h * lh, lw, lk, K, pt + b * tb + h * th, tw, W, ignore, scratch.data(), c,
+                 ce.data() + team * B + b, c + 3 * K + 1, c + 3 * K + 2);
+    }
+  });
+  at::Tensor out_counts = at::zeros({B, 3, K}, labels.options());
+  at::Tensor out_loss = at::zeros({B, 3}, labels.options().dtype(at::kDouble));
+  int64_t* oc = out_counts.data_ptr<int64_t>();
+  double* ol = out_loss.data_ptr<double>();
+  for (int64_t team = 0; team < teams; ++team) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t* c = counts.data() + (team * B + b) * slots;
+      for (int64_t j = 0; j < 3 * K; ++j) oc[b * 3 * K + j] += c[j];
+      ol[3 * b] += ce[team * B + b];
+      ol[3 * b + 1] += static_cast<double>(c[3 * K + 1]);
+      ol[3 * b + 2] += static_cast<double>(c[3 * K + 2]);
+    }
+  }
+  return {out_counts, out_loss};
+}
+
 TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_(Tensor(a!) x, Tensor s1, Tensor s2) -> Tensor(a!)");
   m.def("tiny_linear(Tensor x, Tensor wt, Tensor b) -> Tensor");
@@ -2560,6 +2711,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
         "float[] scales, float[] eps, str[] acts, str[] algorithms, int prefix=0) -> Tensor");
   m.def("former_tokens(Tensor x, Tensor z, Tensor[] params, int[] sizes, float[] eps) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("seg_eval_stats(Tensor logits, Tensor labels, int ignore) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
@@ -2583,6 +2735,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("token_blocks", &token_blocks);
   m.impl("conv_token_blocks", &conv_token_blocks);
   m.impl("former_tokens", &former_tokens_op);
+  m.impl("seg_eval_stats", &seg_eval_stats);
 }
 """
 
@@ -2623,6 +2776,9 @@ _ENTRIES = (
     (None, (), "former_tokens",
      "const HzFormerTokens& p, const float* x, int64_t sc, int64_t sp, const float* z, float* zout, float* u1, "
      "float* u2, float* kv, float* scratch, int64_t part, int64_t parts"),
+    (None, (), "seg_pixels",
+     "const float* x, int64_t sp, int64_t sk, int64_t K, const int64_t* t, int64_t st, int64_t n, int64_t ignore, "
+     "float* scratch, int64_t* counts, double* ce, int64_t* labelled, int64_t* bad"),
 )
 
 
@@ -2985,6 +3141,16 @@ def conv_token_blocks(x: torch.Tensor, params: list, size: tuple[int, int], cls:
     that row (1, 1, C), as `CvTBlock(..., num_queries=1)`; 0: every row, (1, N, C)."""
     return _STATE["ops"].conv_token_blocks(x, params, list(size), cls, list(strides), heads, scales, eps, acts,
                                            algorithms, prefix)
+
+
+def seg_eval_stats(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segmentation evaluation in one pass over float32 logits (B, K, H, W) and int64 labels (B, H, W), any strides
+    (channels-last logits, a slice of a padded batch): counts (B, 3, K) int64, per class the intersection, predicted
+    area and label area of `intersect_and_union` over the pixels labelled in [0, K) (the class map as `class_map`
+    takes it), and loss (B, 3) float64, the summed cross-entropy of those pixels (`F.cross_entropy`'s, NaN where a
+    pixel's logits hold a NaN or +inf), their number, and the number of labels neither `ignore_index` nor in
+    [0, K). About 3x fewer passes over the logits than cross-entropy, class map and counts apart."""
+    return _STATE["ops"].seg_eval_stats(logits, labels, ignore_index)
 
 
 def former_tokens(x: torch.Tensor, z: torch.Tensor, params: list[torch.Tensor], sizes: list[int],
