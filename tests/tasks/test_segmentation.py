@@ -9,14 +9,17 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 from hybridzoo.tasks.base import get_task
 from hybridzoo.tasks.segmentation import (
-    SegMetrics, class_map, intersect_and_union, poly_lr_lambda, segmentation_loss, slide_inference, whole_inference,
+    SegMetrics, class_map, intersect_and_union, pixel_stats, poly_lr_lambda, segmentation_loss, slide_inference,
+    whole_inference,
 )
+from _helpers import kernels_with_isa  # tests/conftest.py puts tests/ on sys.path
 
 
 def test_iou_hand_computed_with_ignore():
@@ -262,3 +265,116 @@ def test_the_class_map_is_the_argmax_over_classes(k):
         assert got.dtype == torch.long and got.shape == (2, 9, 13)
         assert torch.equal(got, logits.argmax(1))
     assert int(class_map(logits)[1, 4, 4]) == 0 and int(class_map(logits)[0, 0, 0]) == k - 1
+
+
+def _pixel_stats_ref(logits, labels, k):
+    """The three passes apart, in float64: cross-entropy summed per image, the counts of `class_map`'s classes."""
+    ce = F.cross_entropy(logits.double(), labels, ignore_index=255, reduction="none").flatten(1).sum(1)
+    n = (labels != 255).flatten(1).sum(1).double()
+    rows = []
+    for pred, label in zip(class_map(logits), labels):
+        inter, _, area_pred, area_label = intersect_and_union(pred, label, k)
+        rows.append(torch.stack([inter, area_pred, area_label]))
+    return torch.stack(rows), torch.stack([ce, n], 1)
+
+
+@pytest.fixture(params=["avx512", "avx2", "none"])
+def stats_isa(request):
+    """`pixel_stats` on the native kernels of each instruction set this CPU has, and ("none") on ATen's ops."""
+    from hybridzoo.layers import native
+    if not native.load():
+        pytest.skip("no native kernels here (no compiler); pixel_stats runs ATen's ops, as under 'none'")
+    with kernels_with_isa(native, request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("k", [1, 2, 19, 150])
+def test_pixel_stats_are_the_cross_entropy_and_the_counts_of_the_class_map(stats_isa, k):
+    """One pass for evaluation: the summed cross-entropy of the labelled pixels, their number, and per class the
+    intersection, predicted and label areas of `class_map` (ties to the first class), in any layout of the logits.
+    37 columns: two full vectors of 16 pixels and a partial one."""
+    g = torch.Generator().manual_seed(k)
+    logits = (torch.randn(2, k, 9, 37, generator=g) * 2).round()   # rounded: many ties
+    labels = torch.randint(0, k, (2, 9, 37), generator=g)
+    labels[0, 2] = 255
+    labels[1, :, 30:] = 255
+    padded = torch.randn(2, k, 12, 45, generator=g)
+    padded[:, :, :9, :37] = logits
+    want_counts, want_loss = _pixel_stats_ref(logits, labels, k)
+    for x in (logits, logits.contiguous(memory_format=torch.channels_last), padded[:, :, :9, :37]):
+        counts, loss = pixel_stats(x, labels, k)
+        assert counts.shape == (2, 3, k) and loss.shape == (2, 2)
+        assert torch.equal(counts, want_counts)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6 * k)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pixel_stats_treat_nan_and_infinite_logits_as_aten_does(stats_isa, k):
+    """Per image, one pixel (in the full vector of 16) holds: a NaN (its class map takes the NaN, its loss is NaN),
+    +inf (NaN), every logit -inf (NaN), the labelled class at -inf among finite others (+inf), nothing odd."""
+    logits = torch.randn(5, k, 1, 20, generator=torch.Generator().manual_seed(k))
+    labels = torch.zeros(5, 1, 20, dtype=torch.long)
+    logits[0, k - 1, 0, 2] = float("nan")
+    logits[1, 0, 0, 2] = float("inf")
+    logits[2, :, 0, 2] = float("-inf")
+    logits[3, 0, 0, 2] = float("-inf")
+    want_counts, want_loss = _pixel_stats_ref(logits, labels, k)
+    counts, loss = pixel_stats(logits, labels, k)
+    assert torch.equal(counts, want_counts)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert loss[:3, 0].isnan().all() and (loss[3, 0] == float("inf") if k > 1 else loss[3, 0].isnan())
+    assert loss[4, 0].isfinite()
+
+
+def test_pixel_stats_name_a_label_outside_the_classes(stats_isa):
+    logits, labels = torch.randn(1, 5, 4, 4), torch.randint(0, 5, (1, 4, 4))
+    labels[0, 1, 2] = 7
+    with pytest.raises(ValueError, match=r"a pixel has the label \[7\] outside the 5 classes 0\.\.4 and not the ignore"):
+        pixel_stats(logits, labels, 5)
+    labels[0, 3] = -1
+    with pytest.raises(ValueError, match=r"5 pixels have labels \[-1, 7\]"):
+        pixel_stats(logits, labels, 5)
+
+
+class _Logits(nn.Module):
+    """A fixed 1×1 convolution to K classes, channels-last output (as the frozen CPU path returns its logits)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, 1)
+        torch.manual_seed(k)
+        nn.init.normal_(self.conv.weight, std=2.0)
+
+    def forward(self, x):
+        return self.conv(x).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_eval_step_gives_the_metrics_of_the_class_map_and_the_cross_entropy(k):
+    """The task's eval_step on a padded batch (the second image smaller than the first, its label smaller again, so
+    its logits are cut and resized): every metric, the loss and the binary per-image scores included, as the class
+    map of those logits and `F.cross_entropy` give them."""
+    task = get_task("segmentation")
+    model = _Logits(k).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 24, 40, generator=g)
+    masks = torch.randint(0, k, (2, 24, 40), generator=g)
+    masks[0, :3] = 255
+    masks[1, 20:], masks[1, :, 30:] = 255, 255        # padding of the second label
+    meta = torch.tensor([[24, 40, 24, 40], [16, 28, 20, 30]])   # image 2: 16 × 28 inside, label 20 × 30
+    metric = task.build_metric(argparse.Namespace(), {"num_classes": k})
+    task.eval_step(model, (images, masks, meta), metric, argparse.Namespace())
+    want = task.build_metric(argparse.Namespace(), {"num_classes": k})
+    with torch.no_grad():
+        logits = model(images)
+        for j, (ih, iw, mh, mw) in enumerate(meta.tolist()):
+            lg = F.interpolate(logits[j:j + 1, :, :ih, :iw], size=(mh, mw), mode="bilinear", align_corners=False)
+            target = masks[j:j + 1, :mh, :mw]
+            want.add_loss(float(F.cross_entropy(lg.double(), target, ignore_index=255, reduction="sum")),
+                          int((target != 255).sum()))
+            want.update(lg.argmax(1)[0], target[0])
+    got, expected = metric.compute(), want.compute()
+    assert got.keys() == expected.keys() and {"miou", "acc", "macc", "loss"} <= got.keys()
+    assert ("dice_img" in got) == (k == 2)
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-6, nan_ok=True), name

@@ -39,7 +39,8 @@ from hybridzoo.engine.metrics import Metric
 from hybridzoo.tasks.base import Task, TaskData, register_task, unwrap_model
 
 __all__ = [
-    "SegmentationTask", "SegMetrics", "class_map", "intersect_and_union", "segmentation_loss", "slide_inference",
+    "SegmentationTask", "SegMetrics", "class_map", "intersect_and_union", "pixel_stats", "segmentation_loss",
+    "slide_inference",
     "whole_inference", "poly_lr_lambda", "colorize", "overlay", "legend_handles", "overlay_figure",
 ]
 
@@ -69,6 +70,50 @@ def class_map(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(1).indices
 
 
+def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= num_classes))]
+    if bad.numel():
+        values = sorted({int(v) for v in bad.unique()[:8]})
+        pixels = f"{bad.numel()} pixels have labels" if bad.numel() > 1 else "a pixel has the label"
+        raise ValueError(f"segmentation: {pixels} {values} outside the {num_classes} classes "
+                         f"0..{num_classes - 1} and not the ignore label {ignore_index}; remap them (to "
+                         f"{ignore_index} for void) or give the right --num-classes")
+
+
+def pixel_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """What evaluation needs from logits (B, K, H, W) against labels (B, H, W): counts (B, 3, K) float64, per class the
+    intersection, predicted area and label area of `intersect_and_union` on `class_map(logits)`, and loss (B, 2)
+    float64, the summed cross-entropy of the labelled pixels and their number.
+
+    On the CPU in float32 one pass of the native kernels (`layers.native.seg_eval_stats`) reads the logits once, in
+    any layout, for all of it: 8.6× (NCHW) and 11× (channels-last) the three passes apart at 19 × 1024 × 2048
+    (benchmarks/RESULTS.md, session 34). Elsewhere, or without the kernels, `F.cross_entropy`, `class_map` and
+    `intersect_and_union` (also where the logits have more classes than the metric: their class map is clamped to
+    the metric's last class, as `intersect_and_union` counts it). A label neither `ignore_index` nor in [0, K) is an
+    error that names it, either way."""
+    if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"pixel_stats: logits (B, K, H, W) and labels (B, H, W) of the same batch and size expected, "
+                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    labels = labels.long()
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape[1] == num_classes:
+        from hybridzoo.layers import native
+        if native.load() and native.attention_supported():
+            counts, loss = native.seg_eval_stats(logits, labels, ignore_index)
+            if loss[:, 2].any():
+                _check_labels(labels, num_classes, ignore_index)
+            return counts.double(), loss[:, :2].clone()
+    _check_labels(labels, num_classes, ignore_index)
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+    keep = labels != ignore_index
+    rows = []
+    for pred, label in zip(class_map(logits), labels):
+        inter, _, area_pred, area_label = intersect_and_union(pred, label, num_classes, ignore_index)
+        rows.append(torch.stack([inter, area_pred, area_label]))
+    loss = torch.stack([ce.flatten(1).double().sum(1), keep.flatten(1).sum(1).double()], 1)
+    return torch.stack(rows).cpu(), loss.cpu()
+
+
 class SegMetrics(Metric):
     """Pooled intersections/unions over a dataset (and per-image Dice/IoU sums for binary tasks), plus
     the summed pixel cross-entropy when `update` is given logits' loss (`loss`, per labelled pixel)."""
@@ -90,16 +135,23 @@ class SegMetrics(Metric):
         if pred.ndim == 2:
             pred, label = pred[None], label[None]
         for p, l in zip(pred, label):
-            i, u, ap, al = (t.cpu() for t in intersect_and_union(p, l, self.num_classes, self.ignore_index))
-            self.inter += i
-            self.union += u
-            self.area_pred += ap
-            self.area_label += al
-            if self.num_classes == 2:
-                denom = ap[1] + al[1]
-                dice = 1.0 if denom == 0 else float(2 * i[1] / denom)
-                iou = 1.0 if u[1] == 0 else float(i[1] / u[1])
-                self.image_sums += torch.tensor([dice, iou, 1.0], dtype=torch.float64)
+            i, _, ap, al = (t.cpu() for t in intersect_and_union(p, l, self.num_classes, self.ignore_index))
+            self.add_counts(i, ap, al)
+
+    def add_counts(self, inter: torch.Tensor, area_pred: torch.Tensor, area_label: torch.Tensor) -> None:
+        """One image's per-class intersection, predicted area and label area (`intersect_and_union`, `pixel_stats`):
+        the pooled counts, and for two classes the image's own Dice and IoU."""
+        i, ap, al = (t.double().cpu() for t in (inter, area_pred, area_label))
+        u = ap + al - i
+        self.inter += i
+        self.union += u
+        self.area_pred += ap
+        self.area_label += al
+        if self.num_classes == 2:
+            denom = ap[1] + al[1]
+            dice = 1.0 if denom == 0 else float(2 * i[1] / denom)
+            iou = 1.0 if u[1] == 0 else float(i[1] / u[1])
+            self.image_sums += torch.tensor([dice, iou, 1.0], dtype=torch.float64)
 
     def add_loss(self, loss_sum: float, n_pixels: int) -> None:
         self.loss_sums += torch.tensor([float(loss_sum), float(n_pixels)], dtype=torch.float64)
@@ -539,9 +591,10 @@ class SegmentationTask(Task):
             if (ih, iw) != (mh, mw):
                 lg = F.interpolate(lg, size=(mh, mw), mode="bilinear", align_corners=False)
             target = masks[j:j + 1, :mh, :mw]
-            ce = F.cross_entropy(lg.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-            metric.add_loss(float(ce), int((target != IGNORE_INDEX).sum()))
-            metric.update(class_map(lg)[0], target[0])
+            # cross-entropy, class map and counts in one pass over the logits on the CPU (pixel_stats)
+            counts, loss = pixel_stats(lg, target, metric.num_classes, metric.ignore_index)
+            metric.add_loss(float(loss[0, 0]), int(loss[0, 1]))
+            metric.add_counts(*counts[0])
 
     def baselines(self, data: TaskData, args: argparse.Namespace) -> dict[str, float]:
         """mIoU of two trivial predictors fitted on raw training labels (at most 500 images).
