@@ -1,0 +1,129 @@
+"""What segmentation evaluation spends beside the model: `SegmentationTask.eval_step` with its one pass over the
+logits (`tasks.segmentation.pixel_stats`: cross-entropy, class map and intersect/union counts together, the native
+kernel on the CPU) against the three passes apart it replaced (`F.cross_entropy`, `class_map`,
+`intersect_and_union`), on the logits of the model `hybridzoo eval` runs (`fastest_cpu_inference`).
+
+    python benchmarks/seg_eval_probe.py                            # SCTNet-S, 19 classes, 1024 × 2048, 3 images
+    python benchmarks/seg_eval_probe.py --model sctnet_s_seg50 --size 512 1024 --images 4 --rounds 7
+
+Synthetic images and labels (random, labelled so; void pixels as Cityscapes has them). The model runs once per image
+and its logits are kept, so a round times the stats alone, both ways on the same logits, alternating; the step with
+the model is timed once per way at the end for scale. Both ways must give the same counts and losses (to 1e-6), or
+the probe stops. Prints the medians, the per-round ratio apart / one pass with its range, and the whole step's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import _common  # noqa: F401,I001  (puts this checkout's src/ on sys.path)
+
+import hybridzoo.tasks.segmentation as seg
+from hybridzoo.factory import create_model
+from hybridzoo.layers.onednn import fastest_cpu_inference
+from peak import cpu_name
+
+
+def apart(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+          ignore_index: int = seg.IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pixel_stats` as evaluation took it before: cross-entropy, class map and counts, each a pass of its own."""
+    rows, losses = [], []
+    for lg, label in zip(logits, labels):
+        ce = F.cross_entropy(lg[None].float(), label[None], ignore_index=ignore_index, reduction="sum")
+        losses.append([float(ce), float((label != ignore_index).sum())])
+        inter, _, area_pred, area_label = seg.intersect_and_union(seg.class_map(lg[None])[0], label, num_classes,
+                                                                  ignore_index)
+        rows.append(torch.stack([inter, area_pred, area_label]))
+    return torch.stack(rows), torch.tensor(losses, dtype=torch.float64)
+
+
+def _time(fn, reps: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def measure(model_name: str, classes: int, size: tuple[int, int], images: int, rounds: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = fastest_cpu_inference(create_model(model_name, num_classes=classes).eval())
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    batches = []
+    for _ in range(images):
+        x = torch.randn(1, 3, h, w, generator=g)
+        labels = torch.randint(0, classes, (1, h, w), generator=g)
+        labels[:, : h // 10] = seg.IGNORE_INDEX     # void, as Cityscapes' ego vehicle and borders
+        with torch.inference_mode():
+            logits = model(x)
+            logits = model(x)                       # past the first-call race: the path eval keeps
+        batches.append((x, labels, logits))
+    layout = "channels-last" if batches[0][2].is_contiguous(memory_format=torch.channels_last) and classes > 1 \
+        else "NCHW"
+    for _, labels, logits in batches:
+        (c1, l1), (c2, l2) = seg.pixel_stats(logits, labels, classes), apart(logits, labels, classes)
+        if not torch.equal(c1, c2) or not torch.allclose(l1, l2, rtol=1e-6, atol=1e-6):
+            raise RuntimeError(f"{model_name}: one pass and apart disagree (counts equal: {torch.equal(c1, c2)}, "
+                               f"losses {l1.tolist()} against {l2.tolist()})")
+    one, sep = [], []
+    for _ in range(rounds):
+        with torch.inference_mode():
+            one.append(_time(lambda: [seg.pixel_stats(lg, lb, classes) for _, lb, lg in batches]) / images)
+            sep.append(_time(lambda: [apart(lg, lb, classes) for _, lb, lg in batches]) / images)
+    ratios = [s / o for s, o in zip(sep, one)]
+    # the whole step, model included, once per way (for scale): eval_step with pixel_stats, then with `apart`
+    task, metric = seg.SegmentationTask(), seg._SegEvalMetric(classes)
+    args = SimpleNamespace(inference="whole")
+    step = {}
+    for way, stats in (("one pass", seg.pixel_stats), ("apart", apart)):
+        before = seg.pixel_stats
+        seg.pixel_stats = stats
+        try:
+            step[way] = statistics.median(
+                _time(lambda: task.eval_step(model, (x, lb, torch.tensor([[h, w, h, w]])), metric, args))
+                for x, lb, _ in batches)
+        finally:
+            seg.pixel_stats = before
+    return {"model": model_name, "classes": classes, "size": [h, w], "images": images, "rounds": rounds,
+            "logits_layout": layout, "threads": torch.get_num_threads(),
+            "one_pass_ms": statistics.median(one) * 1e3, "apart_ms": statistics.median(sep) * 1e3,
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "step_one_pass_ms": step["one pass"] * 1e3, "step_apart_ms": step["apart"] * 1e3}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="sctnet_s_seg50")
+    ap.add_argument("--classes", type=int, default=19)
+    ap.add_argument("--size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    ap.add_argument("--images", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="write the row here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    row = measure(args.model, args.classes, tuple(args.size), args.images, args.rounds)
+    row["cpu"] = cpu_name()
+    print(f"{args.model}, {args.classes} classes at {args.size[0]} × {args.size[1]} ({row['logits_layout']} logits), "
+          f"{args.threads} threads, {args.rounds} rounds of {args.images} images, on {row['cpu']}")
+    print("| per image | one pass | apart | apart / one pass: median (min–max) |")
+    print("| --- | ---: | ---: | --- |")
+    print(f"| loss, class map, counts | {row['one_pass_ms']:.1f} ms | {row['apart_ms']:.1f} ms | "
+          f"{row['ratio_median']:.2f}× ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) |")
+    print(f"| eval_step with the model | {row['step_one_pass_ms']:.0f} ms | {row['step_apart_ms']:.0f} ms | "
+          f"{row['step_apart_ms'] / row['step_one_pass_ms']:.2f}× (once each) |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": [row]}, f, indent=1)
+    return row
+
+
+if __name__ == "__main__":
+    main()
