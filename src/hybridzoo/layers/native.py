@@ -68,8 +68,8 @@ from torch.autograd.function import once_differentiable
 __all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
            "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "gather_weight",
-           "gather_conv", "token_blocks", "conv_token_blocks", "seg_eval_stats", "isa", "set_isa", "set_column_split_rows",
-           "weight_grad", "ATTENTION_HEAD_DIMS", "build_dir"]
+           "gather_conv", "token_blocks", "conv_token_blocks", "seg_eval_stats", "seg_cross_entropy", "isa", "set_isa",
+           "set_column_split_rows", "weight_grad", "ATTENTION_HEAD_DIMS", "build_dir"]
 
 NAMESPACE = "hybridzoo_native"
 
@@ -1339,7 +1339,7 @@ void former_tokens(HZ_ARGS_former_tokens) {
                      parts);
 }
 
-// ---- segmentation evaluation: cross-entropy and intersect/union counts in one pass over the logits ---------------
+// ---- segmentation: cross-entropy with its gradient or the intersect/union counts, one pass over the logits ----
 // ln x for finite x > 0 (a row's sum of e^(v − max), at least 1) within ~1 ulp: x = 2^e · m with m in [√½, √2),
 // ln m = 2·atanh(u), u = (m − 1)/(m + 1), |u| ≤ 0.172, by its series to u⁹ (the next term is below 1e-9)
 HZ_INLINE vec hz_log(vec x) {
@@ -1357,9 +1357,11 @@ HZ_INLINE vec hz_log(vec x) {
   return e * 0.693147180559945309f + 2.0f * u * p;
 }
 
-// One pixel whose logits are not all finite, as ATen gives it: the class map's first NaN (else the first maximum),
-// and cross-entropy NaN where the maximum is not finite (NaN, +inf, or every logit -inf), else log-sum-exp − v[t]
-static void seg_pixel_exact(const float* p, int64_t sk, int64_t K, int64_t label, int64_t* pred, double* ce) {
+// One pixel whose logits are not all finite, as ATen gives it: the class map's first NaN (else the first maximum);
+// cross-entropy NaN where the maximum is not finite (NaN, +inf, or every logit -inf), else log-sum-exp − v[t]; and
+// with gl the gradient of scale · CE, scale · (softmax − one-hot of t), at gl[k · gs] (NaN where the loss is).
+static void seg_pixel_exact(const float* p, int64_t sk, int64_t K, int64_t label, int64_t* pred, double* ce,
+                            float* gl, int64_t gs, float scale) {
   int64_t best = 0;
   float m = p[0];
   for (int64_t k = 1; k < K; ++k) {
@@ -1373,19 +1375,31 @@ static void seg_pixel_exact(const float* p, int64_t sk, int64_t K, int64_t label
   *pred = best;
   if (!std::isfinite(m)) {
     *ce = std::nan("");
+    if (gl) for (int64_t k = 0; k < K; ++k) gl[k * gs] = std::nanf("");
     return;
   }
   double sum = 0;
   for (int64_t k = 0; k < K; ++k) sum += std::exp(static_cast<double>(p[k * sk]) - m);
   *ce = m + std::log(sum) - static_cast<double>(p[label * sk]);
+  if (gl) {
+    for (int64_t k = 0; k < K; ++k) {
+      const double q = std::exp(static_cast<double>(p[k * sk]) - m) / sum;
+      gl[k * gs] = static_cast<float>(scale * (q - (k == label ? 1.0 : 0.0)));
+    }
+  }
 }
 
-// n pixels in a row: class k of pixel i at x[i·sp + k·sk], its label at t[i·st]. Per pixel, the class map (the first
-// maximum, as `class_map`) and, for a label in [0, K), its cross-entropy (added to *ce, the pixel to *labelled) and
-// the counts of `intersect_and_union`: counts[label] += (class == label), counts[K + class] and counts[2K + label]
-// += 1. A label that is neither `ignore` nor in [0, K) adds to *bad. 16 pixels at a time; where sp ≠ 1, or in the
-// last partial 16, the logits are gathered first into scratch (16·K floats).
+// n pixels in a row: class k of pixel i at x[i·sp + k·sk], its label at t[i·st]. For each pixel labelled in [0, K),
+// its cross-entropy is added to *ce and the pixel to *labelled; a label neither `ignore` nor in [0, K) adds to *bad.
+// With counts (evaluation), the class map (the first maximum, as `class_map`) and the counts of
+// `intersect_and_union`: counts[label] += (class == label), counts[K + class] and counts[2K + label] += 1. With g
+// (training), the gradient of scale · Σ CE: g[i·gp + k·gk] = scale · (softmax_k − [k = label]) for a labelled pixel,
+// 0 for the others. 16 pixels at a time; where sp ≠ 1 (gp ≠ 1), or in the last partial 16, the logits (the gradient)
+// go through scratch (48·K floats: the logits, their exponentials, the gradient).
 void seg_pixels(HZ_ARGS_seg_pixels) {
+  float* xs = scratch;
+  float* es = scratch + 16 * K;
+  float* gs16 = scratch + 32 * K;
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
     const int64_t w = std::min<int64_t>(16, n - i0);
     const float* p = x + i0 * sp;
@@ -1393,9 +1407,9 @@ void seg_pixels(HZ_ARGS_seg_pixels) {
     if (sp != 1 || w < 16) {
       for (int64_t l = 0; l < 16; ++l) {
         const float* src = x + (i0 + std::min(l, w - 1)) * sp;   // a partial 16 repeats its last pixel
-        for (int64_t k = 0; k < K; ++k) scratch[k * 16 + l] = src[k * sk];
+        for (int64_t k = 0; k < K; ++k) xs[k * 16 + l] = src[k * sk];
       }
-      p = scratch;
+      p = xs;
       s = 16;
     }
     vec m = hz_load(p), cls = hz_splat(0.0f), finite = m * 0.0f;   // 0 where finite, NaN where not
@@ -1404,19 +1418,32 @@ void seg_pixels(HZ_ARGS_seg_pixels) {
       finite += v * 0.0f;
       const ivec gt = v > m;
       m = hz_select(gt, v, m);
-      cls = hz_select(gt, hz_splat(static_cast<float>(k)), cls);
+      if (counts) cls = hz_select(gt, hz_splat(static_cast<float>(k)), cls);
     }
     vec sum = hz_splat(0.0f);
-    for (int64_t k = 0; k < K; ++k) sum += hz_exp(hz_load(p + k * s) - m);
+    for (int64_t k = 0; k < K; ++k) {
+      const vec e = hz_exp(hz_load(p + k * s) - m);
+      sum += e;
+      if (g) hz_store(es + k * 16, e);
+    }
+    // the gradient's 16 pixels: in place where they lie in a row, else staged in gs16 and scattered at the end
+    const bool direct = g && gp == 1 && w == 16;
+    float* gd = direct ? g + i0 * gp : gs16;
+    const int64_t gst = direct ? gk : 16;
+    if (g) {
+      const vec inv = hz_splat(scale) / sum;
+      for (int64_t k = 0; k < K; ++k) hz_store(gd + k * gst, hz_load(es + k * 16) * inv);
+    }
     float lse[16], cl[16], fin[16];
     hz_store(lse, m + hz_log(sum));
     hz_store(cl, cls);
     hz_store(fin, finite);
     for (int64_t l = 0; l < w; ++l) {
       const int64_t label = t[(i0 + l) * st];
-      if (label == ignore) continue;
-      if (label < 0 || label >= K) {
-        ++*bad;
+      const bool in = label >= 0 && label < K;
+      if (!in || label == ignore) {
+        if (label != ignore) ++*bad;
+        if (g) for (int64_t k = 0; k < K; ++k) gd[k * gst + l] = 0.0f;
         continue;
       }
       int64_t c;
@@ -1424,14 +1451,21 @@ void seg_pixels(HZ_ARGS_seg_pixels) {
       if (fin[l] == 0.0f) {
         c = static_cast<int64_t>(cl[l]);
         loss = static_cast<double>(lse[l]) - static_cast<double>(p[label * s + l]);
+        if (g) gd[label * gst + l] -= scale;
       } else {
-        seg_pixel_exact(p + l, s, K, label, &c, &loss);
+        seg_pixel_exact(p + l, s, K, label, &c, &loss, g ? gd + l : nullptr, gst, scale);
       }
       *ce += loss;
       ++*labelled;
-      counts[label] += c == label;
-      ++counts[K + c];
-      ++counts[2 * K + label];
+      if (counts) {
+        counts[label] += c == label;
+        ++counts[K + c];
+        ++counts[2 * K + label];
+      }
+    }
+    if (g && !direct) {
+      for (int64_t l = 0; l < w; ++l)
+        for (int64_t k = 0; k < K; ++k) g[(i0 + l) * gp + k * gk] = gs16[k * 16 + l];
     }
   }
 }
@@ -2628,53 +2662,77 @@ int64_t set_column_split_rows(int64_t rows) {
   return column_split_rows.exchange(rows);
 }
 
-// Segmentation evaluation in one pass over the logits (`tasks.segmentation.pixel_stats`): logits (B, K, H, W)
-// float32 and labels (B, H, W) int64, both with any strides (a slice of a padded batch, channels-last logits).
-// Returns counts (B, 3, K) int64, per class the intersection, predicted area and label area of
-// `intersect_and_union` over the labelled pixels (label in [0, K), not `ignore`), and loss (B, 3) float64: the summed
-// cross-entropy of those pixels, their number, and the number of labels neither `ignore` nor in [0, K). The rows
-// (b, h) are shared among the intra-op threads, each adding to counts of its own, summed at the end.
-std::tuple<at::Tensor, at::Tensor> seg_eval_stats(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore) {
-  check_isa("seg_eval_stats");
+// One pass of seg_pixels over logits (B, K, H, W) float32 and labels (B, H, W) int64, both with any strides (a
+// slice of a padded batch, channels-last logits), the rows (b, h) shared among the intra-op threads, each adding to
+// sums of its own (added up at the end). Returns loss (B, 3) float64: per image the summed cross-entropy of the
+// pixels labelled in [0, K), their number, and the number of labels neither `ignore` nor in [0, K); and with
+// `counts` (B, 3, K) int64 filled, with `grad` (the logits' shape, any strides) written, as seg_pixels says.
+static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::Tensor& labels, int64_t ignore,
+                           double scale, at::Tensor* counts, at::Tensor* grad) {
+  check_isa(op);
   TORCH_CHECK(logits.dim() == 4 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
-              "hybridzoo_native::seg_eval_stats: logits must be float32 (B, K, H, W) with K >= 1, got ",
-              logits.sizes(), " ", logits.scalar_type());
+              "hybridzoo_native::", op, ": logits must be float32 (B, K, H, W) with K >= 1, got ", logits.sizes(),
+              " ", logits.scalar_type());
   const int64_t B = logits.size(0), K = logits.size(1), H = logits.size(2), W = logits.size(3);
   TORCH_CHECK(labels.dim() == 3 && labels.scalar_type() == at::kLong && labels.size(0) == B && labels.size(1) == H
-              && labels.size(2) == W, "hybridzoo_native::seg_eval_stats: labels must be int64 (", B, ", ", H, ", ",
-              W, "), the logits' batch and map, got ", labels.sizes(), " ", labels.scalar_type());
-  const int64_t slots = 3 * K + 3;   // per image: the counts, then cross-entropy, labelled and bad
+              && labels.size(2) == W, "hybridzoo_native::", op, ": labels must be int64 (", B, ", ", H, ", ", W,
+              "), the logits' batch and map, got ", labels.sizes(), " ", labels.scalar_type());
+  const int64_t slots = 3 * K + 2;   // per image and thread: the counts, then labelled and bad
   const int64_t teams = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<int64_t> counts(teams * B * slots, 0);
+  std::vector<int64_t> sums(teams * B * slots, 0);
   std::vector<double> ce(teams * B, 0.0);
   const float* px = logits.data_ptr<float>();
   const int64_t* pt = labels.data_ptr<int64_t>();
+  float* pg = grad ? grad->data_ptr<float>() : nullptr;
   const int64_t lb = logits.stride(0), lk = logits.stride(1), lh = logits.stride(2), lw = logits.stride(3);
   const int64_t tb = labels.stride(0), th = labels.stride(1), tw = labels.stride(2);
+  const int64_t gb = grad ? grad->stride(0) : 0, gk = grad ? grad->stride(1) : 0, gh = grad ? grad->stride(2) : 0,
+                gw = grad ? grad->stride(3) : 0;
+  const float fscale = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const int64_t team = std::min<int64_t>(at::get_thread_num(), teams - 1);
-    std::vector<float> scratch(16 * K);
+    std::vector<float> scratch(48 * K);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, h = r % H;
-      int64_t* c = counts.data() + (team * B + b) * slots;
-      seg_pixels(px + b * lb + h * lh, lw, lk, K, pt + b * tb + h * th, tw, W, ignore, scratch.data(), c,
-                 ce.data() + team * B + b, c + 3 * K + 1, c + 3 * K + 2);
+      int64_t* c = sums.data() + (team * B + b) * slots;
+      seg_pixels(px + b * lb + h * lh, lw, lk, K, pt + b * tb + h * th, tw, W, ignore, fscale,
+                 pg ? pg + b * gb + h * gh : nullptr, gw, gk, scratch.data(), counts ? c : nullptr,
+                 ce.data() + team * B + b, c + 3 * K, c + 3 * K + 1);
     }
   });
-  at::Tensor out_counts = at::zeros({B, 3, K}, labels.options());
-  at::Tensor out_loss = at::zeros({B, 3}, labels.options().dtype(at::kDouble));
-  int64_t* oc = out_counts.data_ptr<int64_t>();
-  double* ol = out_loss.data_ptr<double>();
+  at::Tensor loss = at::zeros({B, 3}, labels.options().dtype(at::kDouble));
+  double* ol = loss.data_ptr<double>();
+  if (counts) *counts = at::zeros({B, 3, K}, labels.options());
+  int64_t* oc = counts ? counts->data_ptr<int64_t>() : nullptr;
   for (int64_t team = 0; team < teams; ++team) {
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t* c = counts.data() + (team * B + b) * slots;
-      for (int64_t j = 0; j < 3 * K; ++j) oc[b * 3 * K + j] += c[j];
+      const int64_t* c = sums.data() + (team * B + b) * slots;
+      if (oc) for (int64_t j = 0; j < 3 * K; ++j) oc[b * 3 * K + j] += c[j];
       ol[3 * b] += ce[team * B + b];
-      ol[3 * b + 1] += static_cast<double>(c[3 * K + 1]);
-      ol[3 * b + 2] += static_cast<double>(c[3 * K + 2]);
+      ol[3 * b + 1] += static_cast<double>(c[3 * K]);
+      ol[3 * b + 2] += static_cast<double>(c[3 * K + 1]);
     }
   }
-  return {out_counts, out_loss};
+  return loss;
+}
+
+// Segmentation evaluation in one pass over the logits (`tasks.segmentation.pixel_stats`): counts (B, 3, K) int64, per
+// class the intersection, predicted area and label area of `intersect_and_union` over the labelled pixels, and loss
+// (B, 3) float64 (seg_pass).
+std::tuple<at::Tensor, at::Tensor> seg_eval_stats(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore) {
+  at::Tensor counts;
+  at::Tensor loss = seg_pass("seg_eval_stats", logits, labels, ignore, 0.0, &counts, nullptr);
+  return {counts, loss};
+}
+
+// Training's pixel cross-entropy in one pass (`tasks.segmentation.cross_entropy` on the CPU): loss (B, 3) float64
+// (seg_pass) and, with `grad`, the gradient of scale · Σ CE with respect to the logits in their layout (empty_like):
+// scale · (softmax − one-hot) at the labelled pixels, 0 elsewhere; else an empty tensor.
+std::tuple<at::Tensor, at::Tensor> seg_cross_entropy(const at::Tensor& logits, const at::Tensor& labels,
+                                                     int64_t ignore, double scale, bool grad) {
+  at::Tensor g = grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  at::Tensor loss = seg_pass("seg_cross_entropy", logits, labels, ignore, scale, nullptr, grad ? &g : nullptr);
+  return {loss, g};
 }
 
 TORCH_LIBRARY(hybridzoo_native, m) {
@@ -2712,6 +2770,7 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("former_tokens(Tensor x, Tensor z, Tensor[] params, int[] sizes, float[] eps) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("seg_eval_stats(Tensor logits, Tensor labels, int ignore) -> (Tensor, Tensor)");
+  m.def("seg_cross_entropy(Tensor logits, Tensor labels, int ignore, float scale, bool grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
@@ -2736,6 +2795,7 @@ TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("conv_token_blocks", &conv_token_blocks);
   m.impl("former_tokens", &former_tokens_op);
   m.impl("seg_eval_stats", &seg_eval_stats);
+  m.impl("seg_cross_entropy", &seg_cross_entropy);
 }
 """
 
@@ -2778,7 +2838,8 @@ _ENTRIES = (
      "float* u2, float* kv, float* scratch, int64_t part, int64_t parts"),
     (None, (), "seg_pixels",
      "const float* x, int64_t sp, int64_t sk, int64_t K, const int64_t* t, int64_t st, int64_t n, int64_t ignore, "
-     "float* scratch, int64_t* counts, double* ce, int64_t* labelled, int64_t* bad"),
+     "float scale, float* g, int64_t gp, int64_t gk, float* scratch, int64_t* counts, double* ce, int64_t* labelled, "
+     "int64_t* bad"),
 )
 
 
@@ -3151,6 +3212,16 @@ def seg_eval_stats(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     pixel's logits hold a NaN or +inf), their number, and the number of labels neither `ignore_index` nor in
     [0, K). About 3x fewer passes over the logits than cross-entropy, class map and counts apart."""
     return _STATE["ops"].seg_eval_stats(logits, labels, ignore_index)
+
+
+def seg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float = 1.0,
+                      grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training's pixel cross-entropy in one pass over float32 logits (B, K, H, W) and int64 labels (B, H, W), any
+    strides: loss (B, 3) float64, per image the summed cross-entropy of the pixels labelled in [0, K), their number
+    and the number of labels neither `ignore_index` nor in [0, K); and with `grad` the gradient of scale · that sum
+    with respect to the logits, in their layout: scale · (softmax − one-hot) at the labelled pixels, 0 at the others
+    (else an empty tensor)."""
+    return _STATE["ops"].seg_cross_entropy(logits, labels, ignore_index, scale, grad)
 
 
 def former_tokens(x: torch.Tensor, z: torch.Tensor, params: list[torch.Tensor], sizes: list[int],
