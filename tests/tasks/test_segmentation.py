@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from hybridzoo.tasks.base import get_task
 from hybridzoo.tasks.segmentation import (
-    SegMetrics, class_map, intersect_and_union, pixel_stats, poly_lr_lambda, segmentation_loss, slide_inference,
+    SegMetrics, class_map, cross_entropy, intersect_and_union, pixel_stats, poly_lr_lambda, segmentation_loss, slide_inference,
     whole_inference,
 )
 from _helpers import kernels_with_isa  # tests/conftest.py puts tests/ on sys.path
@@ -378,3 +378,60 @@ def test_eval_step_gives_the_metrics_of_the_class_map_and_the_cross_entropy(k):
     assert ("dice_img" in got) == (k == 2)
     for name in expected:
         assert got[name] == pytest.approx(expected[name], rel=1e-6, nan_ok=True), name
+
+
+def _ce_ref(logits, target, avg_non_ignore, weight):
+    """weight × F.cross_entropy (mean over every pixel, or over the labelled ones) in float64, and its gradient."""
+    x = logits.detach().double().requires_grad_()
+    up = F.interpolate(x, size=target.shape[-2:], mode="bilinear", align_corners=False) \
+        if x.shape[-2:] != target.shape[-2:] else x
+    per = F.cross_entropy(up, target, ignore_index=255, reduction="none")
+    loss = weight * (per.sum() / (target != 255).sum() if avg_non_ignore else per.mean())
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("k", [1, 2, 19])
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_training_cross_entropy_and_its_gradient_are_atens(stats_isa, k, avg_non_ignore):
+    """The loss the trainer backpropagates (one pass of the native kernel on the CPU, ATen's ops under 'none'): its
+    value and gradient are F.cross_entropy's, in every layout of the logits, resized to the labels first where
+    smaller, with a weight folded in, and with the loss scaled again before backward (grad_output ≠ 1)."""
+    g = torch.Generator().manual_seed(k)
+    target = torch.randint(0, k, (2, 12, 37), generator=g)
+    target[0, :2] = 255
+    base = torch.randn(2, k, 12, 37, generator=g) * 3
+    padded = torch.randn(2, k, 14, 40, generator=g)
+    padded[:, :, :12, :37] = base
+    cases = [base, base.contiguous(memory_format=torch.channels_last), padded[:, :, :12, :37],
+             torch.randn(2, k, 6, 19, generator=g)]   # the last resized to 12 × 37 first
+    for logits in cases:
+        for weight, then in ((1.0, 1.0), (0.4, 1.0), (1.0, 3.0)):
+            want_loss, want_grad = _ce_ref(logits, target, avg_non_ignore, weight)
+            x = logits.detach().clone().requires_grad_()
+            if logits.is_contiguous(memory_format=torch.channels_last) and k > 1:
+                x = logits.detach().clone(memory_format=torch.channels_last).requires_grad_()
+            loss = cross_entropy(x, target, 255, avg_non_ignore, weight=weight)
+            assert loss.dtype == torch.float32 and loss.dim() == 0
+            (loss * then).backward()
+            torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad.double(), want_grad * then, rtol=1e-4, atol=1e-7)
+
+
+def test_training_cross_entropy_gradient_at_odd_pixels(stats_isa):
+    """A labelled pixel with a NaN logit has a NaN loss and gradient (as ATen's); its neighbours and every ignored
+    pixel keep theirs (0 for the ignored); a label outside the classes is named."""
+    logits = torch.randn(1, 3, 2, 20, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 3, (1, 2, 20), generator=torch.Generator().manual_seed(1))
+    target[0, 1] = 255
+    logits[0, 1, 0, 4] = float("nan")
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, target, 255)
+    loss.backward()
+    assert loss.isnan() and x.grad[0, :, 0, 4].isnan().all()
+    others = torch.ones(2, 20, dtype=torch.bool)
+    others[0, 4] = False
+    assert x.grad[0][:, others].isfinite().all() and (x.grad[0, :, 1] == 0).all()
+    target[0, 0, 3] = 9
+    with pytest.raises(ValueError, match=r"a pixel has the label \[9\] outside the 3 classes"):
+        cross_entropy(logits.clone().requires_grad_(), target, 255)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from hybridzoo.data.segmentation import (
     IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ADE20KSegmentation, CityscapesSegmentation, FolderSegmentation,
@@ -96,13 +97,12 @@ def pixel_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
         raise ValueError(f"pixel_stats: logits (B, K, H, W) and labels (B, H, W) of the same batch and size expected, "
                          f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
     labels = labels.long()
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape[1] == num_classes:
+    if logits.shape[1] == num_classes and _native_kernels_take(logits):
         from hybridzoo.layers import native
-        if native.load() and native.attention_supported():
-            counts, loss = native.seg_eval_stats(logits, labels, ignore_index)
-            if loss[:, 2].any():
-                _check_labels(labels, num_classes, ignore_index)
-            return counts.double(), loss[:, :2].clone()
+        counts, loss = native.seg_eval_stats(logits, labels, ignore_index)
+        if loss[:, 2].any():
+            _check_labels(labels, num_classes, ignore_index)
+        return counts.double(), loss[:, :2].clone()
     _check_labels(labels, num_classes, ignore_index)
     ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
     keep = labels != ignore_index
@@ -197,19 +197,60 @@ def _safe(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------- losses
 
+def _native_kernels_take(logits: torch.Tensor) -> bool:
+    """The one-pass kernels (`layers.native`) can take these logits: float32 on a CPU they run on, outside a tracer
+    or compiler (to which they are opaque calls)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    from hybridzoo.layers import native
+    return native.load() and native.attention_supported()
+
+
+class _PixelCrossEntropy(torch.autograd.Function):
+    """scale · Σ cross-entropy over the labelled pixels in one pass of `native.seg_cross_entropy`, which writes the
+    gradient, scale · (softmax − one-hot), in the same pass. ATen takes log_softmax and its backward, the gathers
+    and the mean in ~7 passes over the logits: 110 ms forward and backward at 2 × 19 × 512 × 1024 on two Zen 4 cores,
+    against 37 ms here, most of it the fresh 80 MB gradient's page faults (benchmarks/RESULTS.md, session 34)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int, scale: float) -> torch.Tensor:
+        from hybridzoo.layers import native
+        sums, grad = native.seg_cross_entropy(logits, target, ignore_index, scale, ctx.needs_input_grad[0])
+        if sums[:, 2].any():
+            _check_labels(target, logits.shape[1], ignore_index)
+        ctx.save_for_backward(grad)
+        return logits.new_tensor(float(sums[:, 0].sum()) * scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        grad, = ctx.saved_tensors
+        # the loss backpropagated as it is (g = 1: a weight is folded into the scale) needs no pass over the gradient
+        return grad if bool(g == 1) else grad * g, None, None, None
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                  avg_non_ignore: bool = False) -> torch.Tensor:
-    """Pixel-wise CE; logits are resized to the target first (bilinear, as mmseg's decode heads).
+                  avg_non_ignore: bool = False, weight: float = 1.0) -> torch.Tensor:
+    """weight × pixel-wise CE; logits are resized to the target first (bilinear, as mmseg's decode heads).
 
     avg_non_ignore=False divides by all pixels, ignored ones included: mmseg 0.26's default, which
-    the SCTNet recipes train with.
+    the SCTNet recipes train with. On the CPU in float32 one pass of the native kernels computes the loss and its
+    gradient (`_PixelCrossEntropy`); the value equals `F.cross_entropy`'s to fp32 rounding.
     """
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
-    if avg_non_ignore:
-        return loss.sum() / (target != ignore_index).sum().clamp(min=1)
-    return loss.mean()
+    logits = logits.float()
+    count = None if not avg_non_ignore else (target != ignore_index).sum().clamp(min=1)
+    if _native_kernels_take(logits) and target.dtype == torch.long:
+        denom = target.numel() if count is None else int(count)
+        return _PixelCrossEntropy.apply(logits, target, ignore_index, weight / max(denom, 1))
+    if logits.device.type == "cpu":   # ATen's "Target 9 is out of bounds" names neither the classes nor the fix
+        _check_labels(target, logits.shape[1], ignore_index)
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    loss = loss.mean() if count is None else loss.sum() / count
+    return loss if weight == 1.0 else weight * loss
 
 
 def segmentation_loss(output: Any, target: torch.Tensor, model: nn.Module | None = None,
@@ -228,9 +269,14 @@ def segmentation_loss(output: Any, target: torch.Tensor, model: nn.Module | None
         aux = [aux] if isinstance(aux, torch.Tensor) else list(aux)
         weights = list(getattr(model, "aux_loss_weights", None) or [0.4] * len(aux))
         for k, (a, w) in enumerate(zip(aux, weights)):
-            la = cross_entropy(a, target, ignore_index, avg_non_ignore)
-            loss = loss + w * la
-            logs[f"loss_aux{k}"] = la.detach()
+            if w:   # the weight inside: the one-pass gradient comes out scaled (no pass over it in backward)
+                wla = cross_entropy(a, target, ignore_index, avg_non_ignore, weight=float(w))
+                loss = loss + wla
+                logs[f"loss_aux{k}"] = wla.detach() / float(w)
+            else:
+                la = cross_entropy(a, target, ignore_index, avg_non_ignore)
+                loss = loss + w * la
+                logs[f"loss_aux{k}"] = la.detach()
     for key, value in output.items():
         if key.startswith("loss_"):
             loss = loss + value
