@@ -1,20 +1,30 @@
-"""What segmentation evaluation spends beside the model: `SegmentationTask.eval_step` with its one pass over the
-logits (`tasks.segmentation.pixel_stats`: cross-entropy, class map and intersect/union counts together, the native
-kernel on the CPU) against the three passes apart it replaced (`F.cross_entropy`, `class_map`,
-`intersect_and_union`), on the logits of the model `hybridzoo eval` runs (`fastest_cpu_inference`).
+"""What segmentation spends beside the model, in evaluation and in training: our one pass over the logits against
+ATen's passes apart, on the logits of the model itself.
 
-    python benchmarks/seg_eval_probe.py                            # SCTNet-S, 19 classes, 1024 × 2048, 3 images
-    python benchmarks/seg_eval_probe.py --model sctnet_s_seg50 --size 512 1024 --images 4 --rounds 7
+Evaluation (default): `SegmentationTask.eval_step`'s stats from `tasks.segmentation.pixel_stats` (cross-entropy,
+class map and intersect/union counts together, the native kernel on the CPU) against the three passes it replaced
+(`F.cross_entropy`, `class_map`, `intersect_and_union`), on the logits of the model `hybridzoo eval` runs
+(`fastest_cpu_inference`). The model runs once per image and its logits are kept, so a round times the stats alone,
+both ways on the same logits, alternating; the step with the model is timed once per way at the end for scale. Both
+ways must give the same counts and losses (to 1e-6), or the probe stops.
 
-Synthetic images and labels (random, labelled so; void pixels as Cityscapes has them). The model runs once per image
-and its logits are kept, so a round times the stats alone, both ways on the same logits, alternating; the step with
-the model is timed once per way at the end for scale. Both ways must give the same counts and losses (to 1e-6), or
-the probe stops. Prints the medians, the per-round ratio apart / one pass with its range, and the whole step's.
+Training (`--train`): one step of the trainer's fp32 CPU path (`optimize_for_cpu_training`, fused AdamW; the model's
+main and auxiliary heads) with the loss of `tasks.segmentation.segmentation_loss` taken in one pass with its
+gradient (`_PixelCrossEntropy`) against `F.cross_entropy`'s autograd, alternating, on two copies of the same
+weights; their first losses must agree (to 1e-5), or the probe stops.
+
+    python benchmarks/seg_loss_probe.py                            # SCTNet-S, 19 classes, 1024 × 2048, 3 images
+    python benchmarks/seg_loss_probe.py --model sctnet_s_seg50 --size 512 1024 --images 4 --rounds 7
+    python benchmarks/seg_loss_probe.py --train --size 512 1024 --images 2 --rounds 5   # a batch of 2 crops
+
+Synthetic images and labels (random, labelled so; void pixels as Cityscapes has them). Prints the medians and the
+per-round ratio apart / one pass with its range.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -28,6 +38,7 @@ import _common  # noqa: F401,I001  (puts this checkout's src/ on sys.path)
 import hybridzoo.tasks.segmentation as seg
 from hybridzoo.factory import create_model
 from hybridzoo.layers.onednn import fastest_cpu_inference
+from hybridzoo.layers.train_fast import optimize_for_cpu_training
 from peak import cpu_name
 
 
@@ -98,17 +109,76 @@ def measure(model_name: str, classes: int, size: tuple[int, int], images: int, r
             "step_one_pass_ms": step["one pass"] * 1e3, "step_apart_ms": step["apart"] * 1e3}
 
 
+def measure_train(model_name: str, classes: int, size: tuple[int, int], batch: int, rounds: int,
+                  seed: int = 0) -> dict:
+    """One training step each way per round, alternating; the ratio apart / one pass per round."""
+    torch.manual_seed(seed)
+    base = create_model(model_name, num_classes=classes)
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    x = torch.randn(batch, 3, h, w, generator=g)
+    labels = torch.randint(0, classes, (batch, h, w), generator=g)
+    labels[:, : h // 10] = seg.IGNORE_INDEX
+
+    def make_step(kernels: bool):
+        model = optimize_for_cpu_training(copy.deepcopy(base)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def step() -> float:
+            before = seg._native_kernels_take
+            if not kernels:
+                seg._native_kernels_take = lambda logits: False
+            try:
+                opt.zero_grad(set_to_none=True)
+                loss, _ = seg.segmentation_loss(model(x), labels, model)
+                loss.backward()
+                opt.step()
+            finally:
+                seg._native_kernels_take = before
+            return float(loss.detach())
+        return step
+
+    one_step, apart_step = make_step(True), make_step(False)
+    first = []
+    for step in (one_step, apart_step):
+        torch.manual_seed(seed + 1)   # the same dropout and drop-path draws on both sides
+        first.append(step())
+    if abs(first[0] - first[1]) > 1e-5 * abs(first[1]):
+        raise RuntimeError(f"{model_name}: the first losses differ, one pass {first[0]} against apart {first[1]}")
+    one, sep = [], []
+    for _ in range(rounds):
+        one.append(_time(one_step))
+        sep.append(_time(apart_step))
+    ratios = [s / o for s, o in zip(sep, one)]
+    return {"model": model_name, "classes": classes, "size": [h, w], "batch": batch, "rounds": rounds,
+            "threads": torch.get_num_threads(), "train_one_pass_ms": statistics.median(one) * 1e3,
+            "train_apart_ms": statistics.median(sep) * 1e3, "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="sctnet_s_seg50")
     ap.add_argument("--classes", type=int, default=19)
     ap.add_argument("--size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
-    ap.add_argument("--images", type=int, default=3)
+    ap.add_argument("--images", type=int, default=3, help="images (with --train: the batch)")
+    ap.add_argument("--train", action="store_true", help="a training step instead of evaluation")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the row here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.train:
+        row = measure_train(args.model, args.classes, tuple(args.size), args.images, args.rounds)
+        row["cpu"] = cpu_name()
+        print(f"{args.model} training, {args.classes} classes, batch {args.images} × {args.size[0]} × "
+              f"{args.size[1]}, {args.threads} threads, {args.rounds} rounds, on {row['cpu']}")
+        print("| step | one pass | apart | apart / one pass: median (min–max) |")
+        print("| --- | ---: | ---: | --- |")
+        print(f"| forward, loss, backward, AdamW | {row['train_one_pass_ms']:.0f} ms | {row['train_apart_ms']:.0f} ms | "
+              f"{row['ratio_median']:.2f}× ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) |")
+        _write(args.json, row)
+        return row
     row = measure(args.model, args.classes, tuple(args.size), args.images, args.rounds)
     row["cpu"] = cpu_name()
     print(f"{args.model}, {args.classes} classes at {args.size[0]} × {args.size[1]} ({row['logits_layout']} logits), "
@@ -119,10 +189,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"{row['ratio_median']:.2f}× ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) |")
     print(f"| eval_step with the model | {row['step_one_pass_ms']:.0f} ms | {row['step_apart_ms']:.0f} ms | "
           f"{row['step_apart_ms'] / row['step_one_pass_ms']:.2f}× (once each) |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": [row]}, f, indent=1)
+    _write(args.json, row)
     return row
+
+
+def _write(path: str | None, row: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"rows": [row]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""benchmarks/seg_eval_probe.py on small maps: both ways run on the same logits and must agree (the speed itself is
-the benchmark's to measure, not a test's)."""
+"""benchmarks/seg_loss_probe.py on small maps: both ways run on the same logits (the same weights in training) and
+must agree (the speed itself is the benchmark's to measure, not a test's)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import hybridzoo.tasks.segmentation as seg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 try:
-    import seg_eval_probe as probe
+    import seg_loss_probe as probe
 finally:
     sys.path.pop(0)
 
@@ -52,3 +52,23 @@ def test_apart_is_the_old_three_passes_and_a_disagreement_stops_the_probe(thread
     monkeypatch.setattr(seg, "pixel_stats", off_by_one)
     with pytest.raises(RuntimeError, match="one pass and apart disagree"):
         probe.measure("sctnet_s_seg50", 3, (64, 128), images=1, rounds=1)
+
+
+def test_the_training_probe_times_both_losses_on_the_same_weights(tmp_path, threads, monkeypatch, capsys):
+    row = probe.main(["--train", "--classes", "4", "--size", "32", "64", "--images", "2", "--rounds", "1",
+                      "--threads", "1"])
+    assert row["train_one_pass_ms"] > 0 and row["train_apart_ms"] > 0
+    assert "| forward, loss, backward, AdamW |" in capsys.readouterr().out
+    # the "apart" side must really leave the kernels: a loss that differs there stops the probe
+    from hybridzoo.layers import native
+    if not native.load():
+        pytest.skip("no native kernels here: both sides run ATen's loss")
+    real = seg.cross_entropy
+
+    def off_without_kernels(logits, *a, **kw):
+        loss = real(logits, *a, **kw)
+        return loss if seg._native_kernels_take(logits.float()) else loss * 1.01
+
+    monkeypatch.setattr(seg, "cross_entropy", off_without_kernels)
+    with pytest.raises(RuntimeError, match="the first losses differ"):
+        probe.measure_train("sctnet_s_seg50", 4, (32, 64), batch=2, rounds=1)
