@@ -2662,21 +2662,79 @@ int64_t set_column_split_rows(int64_t rows) {
   return column_split_rows.exchange(rows);
 }
 
-// One pass of seg_pixels over logits (B, K, H, W) float32 and labels (B, H, W) int64, both with any strides (a
-// slice of a padded batch, channels-last logits), the rows (b, h) shared among the intra-op threads, each adding to
-// sums of its own (added up at the end). Returns loss (B, 3) float64: per image the summed cross-entropy of the
-// pixels labelled in [0, K), their number, and the number of labels neither `ignore` nor in [0, K); and with
-// `counts` (B, 3, K) int64 filled, with `grad` (the logits' shape, any strides) written, as seg_pixels says.
+// Bilinear resizing as F.interpolate(align_corners=False) takes it, for one output row of logits resized inside the
+// pass (seg_pass): the output coordinate's source is max(0, (i + ½)·in/out − ½) in float, its floor the first tap,
+// the next (or the same, at the last) the second, the fraction the second's weight.
+static void bilinear_taps(int64_t in, int64_t out, int64_t* i0, int64_t* i1, float* frac) {
+  const float step = static_cast<float>(in) / static_cast<float>(out);
+  for (int64_t i = 0; i < out; ++i) {
+    const float src = std::max(step * (static_cast<float>(i) + 0.5f) - 0.5f, 0.0f);
+    const int64_t j = static_cast<int64_t>(src);
+    i0[i] = j;
+    i1[i] = j + (j < in - 1 ? 1 : 0);
+    frac[i] = std::min(std::max(src - static_cast<float>(j), 0.0f), 1.0f);
+  }
+}
+
+// r[k, j] = (1 − ly)·a[k, j] + ly·c[k, j] (K × w, rows a and c of the input: class stride sk, column stride sw), then
+// out[k, x] = (1 − lx[x])·r[k, x0[x]] + lx[x]·r[k, x1[x]] (K × W)
+HZ_CLONES static void resize_row(const float* a, const float* c, int64_t sk, int64_t sw, int64_t K, int64_t w,
+                                 float ly, const int64_t* x0, const int64_t* x1, const float* lx, int64_t W,
+                                 float* __restrict r, float* __restrict out) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* ak = a + k * sk;
+    const float* ck = c + k * sk;
+    float* rk = r + k * w;
+    for (int64_t j = 0; j < w; ++j) rk[j] = (1.0f - ly) * ak[j * sw] + ly * ck[j * sw];
+    float* ok = out + k * W;
+    #pragma omp simd
+    for (int64_t x = 0; x < W; ++x) ok[x] = (1.0f - lx[x]) * rk[x0[x]] + lx[x] * rk[x1[x]];
+  }
+}
+
+// resize_row's transpose: the gradient g (K × W) of an output row back onto rows a and c of the input's gradient
+// (K × w each, class stride sk), through r's gradient dr (K × w, overwritten)
+HZ_CLONES static void resize_row_back(const float* __restrict g, int64_t K, int64_t W, const int64_t* x0,
+                                      const int64_t* x1, const float* lx, int64_t w, float ly, float* __restrict dr,
+                                      float* da, float* dc, int64_t sk) {
+  for (int64_t k = 0; k < K; ++k) {
+    float* drk = dr + k * w;
+    std::fill(drk, drk + w, 0.0f);
+    const float* gk = g + k * W;
+    for (int64_t x = 0; x < W; ++x) {
+      drk[x0[x]] += (1.0f - lx[x]) * gk[x];
+      drk[x1[x]] += lx[x] * gk[x];
+    }
+    float* dak = da + k * sk;
+    float* dck = dc + k * sk;
+    for (int64_t j = 0; j < w; ++j) dak[j] += (1.0f - ly) * drk[j];
+    for (int64_t j = 0; j < w; ++j) dck[j] += ly * drk[j];
+  }
+}
+
+// One pass of seg_pixels over logits (B, K, h, w) float32 and labels (B, H, W) int64, both with any strides (a
+// slice of a padded batch, channels-last logits), the rows (b, y) of the labels shared among the intra-op threads,
+// each adding to sums of its own (added up at the end). Logits of another size than the labels are resized to them
+// on the way, a row at a time (bilinear, as F.interpolate(align_corners=False)), never whole. Returns loss (B, 3)
+// float64: per image the summed cross-entropy of the pixels labelled in [0, K), their number, and the number of
+// labels neither `ignore` nor in [0, K); and with `counts` (B, 3, K) int64 filled (same size only), with `grad`
+// (the logits' shape; contiguous where they are resized) written, as seg_pixels says.
 static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::Tensor& labels, int64_t ignore,
                            double scale, at::Tensor* counts, at::Tensor* grad) {
   check_isa(op);
-  TORCH_CHECK(logits.dim() == 4 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
-              "hybridzoo_native::", op, ": logits must be float32 (B, K, H, W) with K >= 1, got ", logits.sizes(),
-              " ", logits.scalar_type());
-  const int64_t B = logits.size(0), K = logits.size(1), H = logits.size(2), W = logits.size(3);
-  TORCH_CHECK(labels.dim() == 3 && labels.scalar_type() == at::kLong && labels.size(0) == B && labels.size(1) == H
-              && labels.size(2) == W, "hybridzoo_native::", op, ": labels must be int64 (", B, ", ", H, ", ", W,
-              "), the logits' batch and map, got ", labels.sizes(), " ", labels.scalar_type());
+  TORCH_CHECK(logits.dim() == 4 && logits.scalar_type() == at::kFloat && logits.size(1) > 0 && logits.size(2) > 0
+              && logits.size(3) > 0, "hybridzoo_native::", op, ": logits must be float32 (B, K, H, W) with K, H, "
+              "W >= 1, got ", logits.sizes(), " ", logits.scalar_type());
+  const int64_t B = logits.size(0), K = logits.size(1), h = logits.size(2), w = logits.size(3);
+  TORCH_CHECK(labels.dim() == 3 && labels.scalar_type() == at::kLong && labels.size(0) == B,
+              "hybridzoo_native::", op, ": labels must be int64 (", B, ", H, W), the logits' batch, got ",
+              labels.sizes(), " ", labels.scalar_type());
+  const int64_t H = labels.size(1), W = labels.size(2);
+  const bool resized = H != h || W != w;
+  TORCH_CHECK(!resized || !counts, "hybridzoo_native::", op, ": labels must be (", B, ", ", h, ", ", w,
+              "), the logits' map, got ", labels.sizes());
+  TORCH_CHECK(!resized || !grad || grad->is_contiguous(), "hybridzoo_native::", op,
+              ": a resized pass writes a contiguous gradient");
   const int64_t slots = 3 * K + 2;   // per image and thread: the counts, then labelled and bad
   const int64_t teams = std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> sums(teams * B * slots, 0);
@@ -2689,17 +2747,47 @@ static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::T
   const int64_t gb = grad ? grad->stride(0) : 0, gk = grad ? grad->stride(1) : 0, gh = grad ? grad->stride(2) : 0,
                 gw = grad ? grad->stride(3) : 0;
   const float fscale = static_cast<float>(scale);
+  // resized: the taps of every output column and row, and per thread a gradient of the logits of its own
+  std::vector<int64_t> x0(resized ? W : 0), x1(resized ? W : 0), y0(resized ? H : 0), y1(resized ? H : 0);
+  std::vector<float> lx(resized ? W : 0), ly(resized ? H : 0);
+  if (resized) {
+    bilinear_taps(w, W, x0.data(), x1.data(), lx.data());
+    bilinear_taps(h, H, y0.data(), y1.data(), ly.data());
+  }
+  const int64_t plane = K * h * w;
+  std::vector<float> own(resized && grad ? teams * B * plane : 0, 0.0f);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const int64_t team = std::min<int64_t>(at::get_thread_num(), teams - 1);
     std::vector<float> scratch(48 * K);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, h = r % H;
+    // resized: the input rows' blend r (K × w), the output row e (K × W) and its gradient ge (K × W)
+    std::vector<float> r(resized ? K * w : 0), e(resized ? K * W : 0), ge(resized && grad ? K * W : 0);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H, y = row % H;
       int64_t* c = sums.data() + (team * B + b) * slots;
-      seg_pixels(px + b * lb + h * lh, lw, lk, K, pt + b * tb + h * th, tw, W, ignore, fscale,
-                 pg ? pg + b * gb + h * gh : nullptr, gw, gk, scratch.data(), counts ? c : nullptr,
-                 ce.data() + team * B + b, c + 3 * K, c + 3 * K + 1);
+      double* loss = ce.data() + team * B + b;
+      const int64_t* t = pt + b * tb + y * th;
+      if (!resized) {
+        seg_pixels(px + b * lb + y * lh, lw, lk, K, t, tw, W, ignore, fscale, pg ? pg + b * gb + y * gh : nullptr,
+                   gw, gk, scratch.data(), counts ? c : nullptr, loss, c + 3 * K, c + 3 * K + 1);
+        continue;
+      }
+      resize_row(px + b * lb + y0[y] * lh, px + b * lb + y1[y] * lh, lk, lw, K, w, ly[y], x0.data(), x1.data(),
+                 lx.data(), W, r.data(), e.data());
+      seg_pixels(e.data(), 1, W, K, t, tw, W, ignore, fscale, grad ? ge.data() : nullptr, 1, W, scratch.data(),
+                 nullptr, loss, c + 3 * K, c + 3 * K + 1);
+      if (grad) {
+        float* d = own.data() + (team * B + b) * plane;
+        resize_row_back(ge.data(), K, W, x0.data(), x1.data(), lx.data(), w, ly[y], r.data(), d + y0[y] * w,
+                        d + y1[y] * w, h * w);
+      }
     }
   });
+  if (resized && grad) {   // the threads' gradients added up (each saw its own rows)
+    for (int64_t team = 0; team < teams; ++team) {
+      const float* d = own.data() + team * B * plane;
+      for (int64_t i = 0; i < B * plane; ++i) pg[i] = team ? pg[i] + d[i] : d[i];
+    }
+  }
   at::Tensor loss = at::zeros({B, 3}, labels.options().dtype(at::kDouble));
   double* ol = loss.data_ptr<double>();
   if (counts) *counts = at::zeros({B, 3, K}, labels.options());
@@ -2726,11 +2814,14 @@ std::tuple<at::Tensor, at::Tensor> seg_eval_stats(const at::Tensor& logits, cons
 }
 
 // Training's pixel cross-entropy in one pass (`tasks.segmentation.cross_entropy` on the CPU): loss (B, 3) float64
-// (seg_pass) and, with `grad`, the gradient of scale · Σ CE with respect to the logits in their layout (empty_like):
-// scale · (softmax − one-hot) at the labelled pixels, 0 elsewhere; else an empty tensor.
+// (seg_pass) and, with `grad`, the gradient of scale · Σ CE with respect to the logits: in their layout (empty_like)
+// scale · (softmax − one-hot) at the labelled pixels, 0 elsewhere; where they are resized to the labels on the way,
+// that gradient taken back through the resizing (contiguous); else an empty tensor.
 std::tuple<at::Tensor, at::Tensor> seg_cross_entropy(const at::Tensor& logits, const at::Tensor& labels,
                                                      int64_t ignore, double scale, bool grad) {
-  at::Tensor g = grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  const bool resized = logits.dim() == 4 && labels.dim() == 3 && logits.sizes().slice(2) != labels.sizes().slice(1);
+  at::Tensor g = !grad ? at::empty({0}, logits.options())
+                 : resized ? at::empty(logits.sizes(), logits.options()) : at::empty_like(logits);
   at::Tensor loss = seg_pass("seg_cross_entropy", logits, labels, ignore, scale, nullptr, grad ? &g : nullptr);
   return {loss, g};
 }
