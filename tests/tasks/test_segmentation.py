@@ -395,22 +395,23 @@ def _ce_ref(logits, target, avg_non_ignore, weight):
 @pytest.mark.parametrize("avg_non_ignore", [False, True])
 def test_training_cross_entropy_and_its_gradient_are_atens(stats_isa, k, avg_non_ignore):
     """The loss the trainer backpropagates (one pass of the native kernel on the CPU, ATen's ops under 'none'): its
-    value and gradient are F.cross_entropy's, in every layout of the logits, resized to the labels first where
-    smaller, with a weight folded in, and with the loss scaled again before backward (grad_output ≠ 1)."""
+    value and gradient are F.cross_entropy's, in every layout of the logits, resized to the labels first where their
+    size differs (F.interpolate's bilinear), with a weight folded in, and with the loss scaled again before backward
+    (grad_output ≠ 1)."""
     g = torch.Generator().manual_seed(k)
     target = torch.randint(0, k, (2, 12, 37), generator=g)
     target[0, :2] = 255
     base = torch.randn(2, k, 12, 37, generator=g) * 3
     padded = torch.randn(2, k, 14, 40, generator=g)
     padded[:, :, :12, :37] = base
+    small = torch.randn(2, k, 3, 9, generator=g)
     cases = [base, base.contiguous(memory_format=torch.channels_last), padded[:, :, :12, :37],
-             torch.randn(2, k, 6, 19, generator=g)]   # the last resized to 12 × 37 first
+             # resized to the labels' 12 × 37 first: up (a decode head's smaller map, in either layout), and down
+             small, small.contiguous(memory_format=torch.channels_last), torch.randn(2, k, 16, 45, generator=g)]
     for logits in cases:
         for weight, then in ((1.0, 1.0), (0.4, 1.0), (1.0, 3.0)):
             want_loss, want_grad = _ce_ref(logits, target, avg_non_ignore, weight)
-            x = logits.detach().clone().requires_grad_()
-            if logits.is_contiguous(memory_format=torch.channels_last) and k > 1:
-                x = logits.detach().clone(memory_format=torch.channels_last).requires_grad_()
+            x = logits.detach().clone().requires_grad_()   # (clone keeps a dense tensor's layout)
             loss = cross_entropy(x, target, 255, avg_non_ignore, weight=weight)
             assert loss.dtype == torch.float32 and loss.dim() == 0
             (loss * then).backward()

@@ -7,9 +7,10 @@ the foreground Dice and IoU, pooled over the dataset (smp's "micro") and per ima
 ("micro-imagewise", empty/empty = 1).
 
 Models return logits (B, K, H, W) at the input size in eval. In training they may return a dict:
-`logits`, optional `aux_logits` (a tensor or a list, weighted by the model's `aux_loss_weights`,
-default 0.4 each as SCTNet's auxiliary head) and any number of ready-made `loss_*` terms (SCTNet's
-SIAM alignment loss), which are added as they are.
+`logits` (at the input size, or at the head's own smaller size, which the loss resizes to the labels as
+mmseg's decode heads do: SCTNet returns its 1/8 maps), optional `aux_logits` (a tensor or a list, weighted
+by the model's `aux_loss_weights`, default 0.4 each as SCTNet's auxiliary head) and any number of
+ready-made `loss_*` terms (SCTNet's SIAM alignment loss), which are added as they are.
 
 Inference: whole image (the SCTNet configs' `test_cfg=dict(mode='whole')`) or sliding window
 (`--inference slide`, crop and stride as mmseg's `slide_inference`); logits are resized to the
@@ -212,7 +213,10 @@ class _PixelCrossEntropy(torch.autograd.Function):
     """scale · Σ cross-entropy over the labelled pixels in one pass of `native.seg_cross_entropy`, which writes the
     gradient, scale · (softmax − one-hot), in the same pass. ATen takes log_softmax and its backward, the gathers
     and the mean in ~7 passes over the logits: 110 ms forward and backward at 2 × 19 × 512 × 1024 on two Zen 4 cores,
-    against 37 ms here, most of it the fresh 80 MB gradient's page faults (benchmarks/RESULTS.md, session 34)."""
+    against 37 ms here, most of it the fresh 80 MB gradient's page faults. Logits smaller than the labels (a decode
+    head's 1/8) are resized on the way, a row at a time, and the gradient comes back at their size: 202 ms for
+    F.interpolate and the loss, forward and backward, from 64 × 128 against 46 ms (benchmarks/RESULTS.md, session
+    34)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int, scale: float) -> torch.Tensor:
@@ -237,15 +241,17 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 
     avg_non_ignore=False divides by all pixels, ignored ones included: mmseg 0.26's default, which
     the SCTNet recipes train with. On the CPU in float32 one pass of the native kernels computes the loss and its
-    gradient (`_PixelCrossEntropy`); the value equals `F.cross_entropy`'s to fp32 rounding.
+    gradient (`_PixelCrossEntropy`), resizing the logits a row at a time on the way; the value and the gradient
+    equal F.interpolate's and `F.cross_entropy`'s to fp32 rounding.
     """
+    count = None if not avg_non_ignore else (target != ignore_index).sum().clamp(min=1)
+    if _native_kernels_take(logits.float()) and target.dtype == torch.long and target.dim() == 3:
+        # the kernel resizes the logits to the labels a row at a time on its way (never the whole map)
+        denom = target.numel() if count is None else int(count)
+        return _PixelCrossEntropy.apply(logits.float(), target, ignore_index, weight / max(denom, 1))
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     logits = logits.float()
-    count = None if not avg_non_ignore else (target != ignore_index).sum().clamp(min=1)
-    if _native_kernels_take(logits) and target.dtype == torch.long:
-        denom = target.numel() if count is None else int(count)
-        return _PixelCrossEntropy.apply(logits, target, ignore_index, weight / max(denom, 1))
     if logits.device.type == "cpu":   # ATen's "Target 9 is out of bounds" names neither the classes nor the fix
         _check_labels(target, logits.shape[1], ignore_index)
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
