@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hybridzoo
 from hybridzoo.models.sctnet import CFBlock, ConvolutionalAttention, channel_wise_divergence, official_fps_settings
@@ -73,14 +74,21 @@ def test_conv_attention_normalises_over_space_then_heads():
 
 
 def test_training_returns_aux_and_eval_returns_logits():
+    """Eval: logits at the input size, any size. Training: both heads' own 1/8 maps, which the loss resizes to the
+    labels, as the model resizes them in eval (the same bilinear resize, so the same loss)."""
     model = _small()
-    x = torch.randn(2, 3, 70, 100)               # any size: logits come back at the input size
+    x = torch.randn(2, 3, 70, 100)
     model.train()
     out = model(x)
     assert set(out) == {"logits", "aux_logits"}
-    assert out["logits"].shape == out["aux_logits"].shape == (2, 5, 70, 100)
+    assert out["logits"].shape == out["aux_logits"].shape == (2, 5, 9, 13)
     model.eval()
-    assert model(x).shape == (2, 5, 70, 100)
+    with torch.no_grad():
+        full = model(x)
+        assert full.shape == (2, 5, 70, 100)
+        train_logits = model.decode_head(model.forward_features(x)["x_out"])
+    torch.testing.assert_close(F.interpolate(train_logits, size=(70, 100), mode="bilinear", align_corners=False),
+                               full)
 
 
 def test_channel_wise_divergence_by_hand():

@@ -381,14 +381,15 @@ class SCTNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         feats = self.forward_features(x)
-        size = x.shape[-2:]
-        logits = F.interpolate(self.decode_head(feats["x_out"]), size=size, mode="bilinear", align_corners=False)
+        logits = self.decode_head(feats["x_out"])
         if not self.training:
-            return logits
+            return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # training: the heads' own 1/8 maps, which the loss resizes to the labels (bilinear, as mmseg's decode heads
+        # do in their losses); on the CPU its one-pass kernel does so a row at a time and never holds the full-size
+        # logits (tasks.segmentation.cross_entropy)
         out = {"logits": logits}
         if self.auxiliary_head is not None:
-            out["aux_logits"] = F.interpolate(self.auxiliary_head(feats["x2"]), size=size, mode="bilinear",
-                                              align_corners=False)
+            out["aux_logits"] = self.auxiliary_head(feats["x2"])
         if self.siam is not None:
             out["loss_siam"] = self.siam(x, feats)
         return out
