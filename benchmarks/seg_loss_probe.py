@@ -10,8 +10,9 @@ ways must give the same counts and losses (to 1e-6), or the probe stops.
 
 Training (`--train`): one step of the trainer's fp32 CPU path (`optimize_for_cpu_training`, fused AdamW; the model's
 main and auxiliary heads) with the loss of `tasks.segmentation.segmentation_loss` taken in one pass with its
-gradient (`_PixelCrossEntropy`) against `F.cross_entropy`'s autograd, alternating, on two copies of the same
-weights; their first losses must agree (to 1e-5), or the probe stops.
+gradient (`_PixelCrossEntropy`, which also resizes a head's smaller logits to the labels on the way) against
+`F.interpolate` and `F.cross_entropy` under autograd, alternating, on two copies of the same weights; their first
+losses must agree (to 1e-5), or the probe stops.
 
     python benchmarks/seg_loss_probe.py                            # SCTNet-S, 19 classes, 1024 × 2048, 3 images
     python benchmarks/seg_loss_probe.py --model sctnet_s_seg50 --size 512 1024 --images 4 --rounds 7
