@@ -436,3 +436,36 @@ def test_training_cross_entropy_gradient_at_odd_pixels(stats_isa):
     target[0, 0, 3] = 9
     with pytest.raises(ValueError, match=r"a pixel has the label \[9\] outside the 3 classes"):
         cross_entropy(logits.clone().requires_grad_(), target, 255)
+
+
+def test_no_fast_cpu_keeps_atens_loss_and_stats(monkeypatch):
+    """The one-pass kernels are part of the fast CPU path: `--no-fast-cpu` (args.fast_cpu False) trains and
+    evaluates on ATen's ops, and the default takes the kernels where they build."""
+    from hybridzoo.layers import native
+    task = get_task("segmentation")
+    model = _Logits(3).train()
+    images, masks = torch.randn(2, 3, 8, 20), torch.randint(0, 3, (2, 8, 20))
+    meta = torch.tensor([[8, 20, 8, 20]] * 2)
+    used = []
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            used.append(name)
+            raise RuntimeError("the kernel was called")
+        return call
+
+    monkeypatch.setattr(native, "seg_cross_entropy", refuse("loss"))
+    monkeypatch.setattr(native, "seg_eval_stats", refuse("stats"))
+    off = argparse.Namespace(fast_cpu=False)
+    loss, _ = task.training_step(model, (images, masks), off)
+    loss.backward()
+    task.eval_step(model.eval(), (images, masks, meta), task.build_metric(off, {"num_classes": 3}), off)
+    assert used == []
+    if not native.load():
+        pytest.skip("no native kernels here: the default path is ATen's too")
+    on = argparse.Namespace(fast_cpu=True)
+    with pytest.raises(RuntimeError, match="the kernel was called"):
+        task.training_step(model.train(), (images, masks), on)
+    with pytest.raises(RuntimeError, match="the kernel was called"):
+        task.eval_step(model.eval(), (images, masks, meta), task.build_metric(on, {"num_classes": 3}), on)
+    assert used == ["loss", "stats"]

@@ -83,7 +83,7 @@ def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> 
 
 
 def pixel_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+                ignore_index: int = IGNORE_INDEX, native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """What evaluation needs from logits (B, K, H, W) against labels (B, H, W): counts (B, 3, K) float64, per class the
     intersection, predicted area and label area of `intersect_and_union` on `class_map(logits)`, and loss (B, 2)
     float64, the summed cross-entropy of the labelled pixels and their number.
@@ -92,13 +92,13 @@ def pixel_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
     any layout, for all of it: 8.6× (NCHW) and 11× (channels-last) the three passes apart at 19 × 1024 × 2048
     (benchmarks/RESULTS.md, session 34). Elsewhere, or without the kernels, `F.cross_entropy`, `class_map` and
     `intersect_and_union` (also where the logits have more classes than the metric: their class map is clamped to
-    the metric's last class, as `intersect_and_union` counts it). A label neither `ignore_index` nor in [0, K) is an
-    error that names it, either way."""
+    the metric's last class, as `intersect_and_union` counts it; and with native=False, `--no-fast-cpu`). A label
+    neither `ignore_index` nor in [0, K) is an error that names it, either way."""
     if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"pixel_stats: logits (B, K, H, W) and labels (B, H, W) of the same batch and size expected, "
                          f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
     labels = labels.long()
-    if logits.shape[1] == num_classes and _native_kernels_take(logits):
+    if native and logits.shape[1] == num_classes and _native_kernels_take(logits):
         from hybridzoo.layers import native
         counts, loss = native.seg_eval_stats(logits, labels, ignore_index)
         if loss[:, 2].any():
@@ -236,16 +236,16 @@ class _PixelCrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                  avg_non_ignore: bool = False, weight: float = 1.0) -> torch.Tensor:
+                  avg_non_ignore: bool = False, weight: float = 1.0, native: bool = True) -> torch.Tensor:
     """weight × pixel-wise CE; logits are resized to the target first (bilinear, as mmseg's decode heads).
 
     avg_non_ignore=False divides by all pixels, ignored ones included: mmseg 0.26's default, which
     the SCTNet recipes train with. On the CPU in float32 one pass of the native kernels computes the loss and its
     gradient (`_PixelCrossEntropy`), resizing the logits a row at a time on the way; the value and the gradient
-    equal F.interpolate's and `F.cross_entropy`'s to fp32 rounding.
+    equal F.interpolate's and `F.cross_entropy`'s to fp32 rounding. native=False (`--no-fast-cpu`): ATen's ops.
     """
     count = None if not avg_non_ignore else (target != ignore_index).sum().clamp(min=1)
-    if _native_kernels_take(logits.float()) and target.dtype == torch.long and target.dim() == 3:
+    if native and _native_kernels_take(logits.float()) and target.dtype == torch.long and target.dim() == 3:
         # the kernel resizes the logits to the labels a row at a time on its way (never the whole map)
         denom = target.numel() if count is None else int(count)
         return _PixelCrossEntropy.apply(logits.float(), target, ignore_index, weight / max(denom, 1))
@@ -260,15 +260,15 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 
 
 def segmentation_loss(output: Any, target: torch.Tensor, model: nn.Module | None = None,
-                      ignore_index: int = IGNORE_INDEX,
-                      avg_non_ignore: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      ignore_index: int = IGNORE_INDEX, avg_non_ignore: bool = False,
+                      native: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of a model output (tensor or dict, see the module docstring) and its parts (detached 0-d tensors
     on the loss's device: the trainer reads them once an epoch, not once a step)."""
     if isinstance(output, torch.Tensor):
-        loss = cross_entropy(output, target, ignore_index, avg_non_ignore)
+        loss = cross_entropy(output, target, ignore_index, avg_non_ignore, native=native)
         return loss, {"loss_ce": loss.detach()}
     logs: dict[str, torch.Tensor] = {}
-    loss = cross_entropy(output["logits"], target, ignore_index, avg_non_ignore)
+    loss = cross_entropy(output["logits"], target, ignore_index, avg_non_ignore, native=native)
     logs["loss_ce"] = loss.detach()
     aux = output.get("aux_logits")
     if aux is not None:
@@ -276,11 +276,11 @@ def segmentation_loss(output: Any, target: torch.Tensor, model: nn.Module | None
         weights = list(getattr(model, "aux_loss_weights", None) or [0.4] * len(aux))
         for k, (a, w) in enumerate(zip(aux, weights)):
             if w:   # the weight inside: the one-pass gradient comes out scaled (no pass over it in backward)
-                wla = cross_entropy(a, target, ignore_index, avg_non_ignore, weight=float(w))
+                wla = cross_entropy(a, target, ignore_index, avg_non_ignore, weight=float(w), native=native)
                 loss = loss + wla
                 logs[f"loss_aux{k}"] = wla.detach() / float(w)
             else:
-                la = cross_entropy(a, target, ignore_index, avg_non_ignore)
+                la = cross_entropy(a, target, ignore_index, avg_non_ignore, native=native)
                 loss = loss + w * la
                 logs[f"loss_aux{k}"] = la.detach()
     for key, value in output.items():
@@ -614,8 +614,10 @@ class SegmentationTask(Task):
         images, masks = batch[0], batch[1]
         out = model(images)
         # the model's own auxiliary weights, through the trainer's wrappers (DDP, torch.compile)
+        # (the loss's one-pass kernel is part of the fast CPU path: --no-fast-cpu takes ATen's ops)
         loss, logs = segmentation_loss(out, masks, unwrap_model(model),
-                                       avg_non_ignore=bool(self._arg(args, "avg_non_ignore", False)))
+                                       avg_non_ignore=bool(self._arg(args, "avg_non_ignore", False)),
+                                       native=bool(getattr(args, "fast_cpu", True)))
         logs["loss"] = loss.detach()
         return loss, logs
 
@@ -644,7 +646,8 @@ class SegmentationTask(Task):
                 lg = F.interpolate(lg, size=(mh, mw), mode="bilinear", align_corners=False)
             target = masks[j:j + 1, :mh, :mw]
             # cross-entropy, class map and counts in one pass over the logits on the CPU (pixel_stats)
-            counts, loss = pixel_stats(lg, target, metric.num_classes, metric.ignore_index)
+            counts, loss = pixel_stats(lg, target, metric.num_classes, metric.ignore_index,
+                                       native=bool(getattr(args, "fast_cpu", True)))
             metric.add_loss(float(loss[0, 0]), int(loss[0, 1]))
             metric.add_counts(*counts[0])
 
