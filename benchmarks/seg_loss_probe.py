@@ -90,19 +90,15 @@ def measure(model_name: str, classes: int, size: tuple[int, int], images: int, r
             one.append(_time(lambda: [seg.pixel_stats(lg, lb, classes) for _, lb, lg in batches]) / images)
             sep.append(_time(lambda: [apart(lg, lb, classes) for _, lb, lg in batches]) / images)
     ratios = [s / o for s, o in zip(sep, one)]
-    # the whole step, model included, once per way (for scale): eval_step with pixel_stats, then with `apart`
+    # the whole step, model included, once per way (for scale): eval_step as `hybridzoo eval` runs it, and with
+    # --no-fast-cpu's stats (ATen's passes; the model the same)
     task, metric = seg.SegmentationTask(), seg._SegEvalMetric(classes)
-    args = SimpleNamespace(inference="whole")
     step = {}
-    for way, stats in (("one pass", seg.pixel_stats), ("apart", apart)):
-        before = seg.pixel_stats
-        seg.pixel_stats = stats
-        try:
-            step[way] = statistics.median(
-                _time(lambda: task.eval_step(model, (x, lb, torch.tensor([[h, w, h, w]])), metric, args))
-                for x, lb, _ in batches)
-        finally:
-            seg.pixel_stats = before
+    for way, fast in (("one pass", True), ("apart", False)):
+        args = SimpleNamespace(inference="whole", fast_cpu=fast)
+        step[way] = statistics.median(
+            _time(lambda: task.eval_step(model, (x, lb, torch.tensor([[h, w, h, w]])), metric, args))
+            for x, lb, _ in batches)
     return {"model": model_name, "classes": classes, "size": [h, w], "images": images, "rounds": rounds,
             "logits_layout": layout, "threads": torch.get_num_threads(),
             "one_pass_ms": statistics.median(one) * 1e3, "apart_ms": statistics.median(sep) * 1e3,
@@ -126,16 +122,10 @@ def measure_train(model_name: str, classes: int, size: tuple[int, int], batch: i
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step() -> float:
-            before = seg._native_kernels_take
-            if not kernels:
-                seg._native_kernels_take = lambda logits: False
-            try:
-                opt.zero_grad(set_to_none=True)
-                loss, _ = seg.segmentation_loss(model(x), labels, model)
-                loss.backward()
-                opt.step()
-            finally:
-                seg._native_kernels_take = before
+            opt.zero_grad(set_to_none=True)
+            loss, _ = seg.segmentation_loss(model(x), labels, model, native=kernels)   # (False: --no-fast-cpu's)
+            loss.backward()
+            opt.step()
             return float(loss.detach())
         return step
 

@@ -245,10 +245,12 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     equal F.interpolate's and `F.cross_entropy`'s to fp32 rounding. native=False (`--no-fast-cpu`): ATen's ops.
     """
     count = None if not avg_non_ignore else (target != ignore_index).sum().clamp(min=1)
-    if native and _native_kernels_take(logits.float()) and target.dtype == torch.long and target.dim() == 3:
-        # the kernel resizes the logits to the labels a row at a time on its way (never the whole map)
-        denom = target.numel() if count is None else int(count)
-        return _PixelCrossEntropy.apply(logits.float(), target, ignore_index, weight / max(denom, 1))
+    if native and target.dtype == torch.long and target.dim() == 3 and logits.device.type == "cpu":
+        x = logits.float()   # (itself when float32)
+        if _native_kernels_take(x):
+            # the kernel resizes the logits to the labels a row at a time on its way (never the whole map)
+            denom = target.numel() if count is None else int(count)
+            return _PixelCrossEntropy.apply(x, target, ignore_index, weight / max(denom, 1))
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     logits = logits.float()
