@@ -164,24 +164,31 @@ def main(argv: list[str] | None = None) -> dict:
         row["cpu"] = cpu_name()
         print(f"{args.model} training, {args.classes} classes, batch {args.images} × {args.size[0]} × "
               f"{args.size[1]}, {args.threads} threads, {args.rounds} rounds, on {row['cpu']}")
-        print("| step | one pass | apart | apart / one pass: median (min–max) |")
-        print("| --- | ---: | ---: | --- |")
-        print(f"| forward, loss, backward, AdamW | {row['train_one_pass_ms']:.0f} ms | {row['train_apart_ms']:.0f} ms | "
-              f"{row['ratio_median']:.2f}× ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) |")
+        _table("step", [("forward, loss, backward, AdamW", f"{row['train_one_pass_ms']:.0f} ms",
+                         f"{row['train_apart_ms']:.0f} ms", _spread(row))])
         _write(args.json, row)
         return row
     row = measure(args.model, args.classes, tuple(args.size), args.images, args.rounds)
     row["cpu"] = cpu_name()
     print(f"{args.model}, {args.classes} classes at {args.size[0]} × {args.size[1]} ({row['logits_layout']} logits), "
           f"{args.threads} threads, {args.rounds} rounds of {args.images} images, on {row['cpu']}")
-    print("| per image | one pass | apart | apart / one pass: median (min–max) |")
-    print("| --- | ---: | ---: | --- |")
-    print(f"| loss, class map, counts | {row['one_pass_ms']:.1f} ms | {row['apart_ms']:.1f} ms | "
-          f"{row['ratio_median']:.2f}× ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) |")
-    print(f"| eval_step with the model | {row['step_one_pass_ms']:.0f} ms | {row['step_apart_ms']:.0f} ms | "
-          f"{row['step_apart_ms'] / row['step_one_pass_ms']:.2f}× (once each) |")
+    _table("per image", [
+        ("loss, class map, counts", f"{row['one_pass_ms']:.1f} ms", f"{row['apart_ms']:.1f} ms", _spread(row)),
+        ("eval_step with the model", f"{row['step_one_pass_ms']:.0f} ms", f"{row['step_apart_ms']:.0f} ms",
+         f"{row['step_apart_ms'] / row['step_one_pass_ms']:.2f}× (once each)")])
     _write(args.json, row)
     return row
+
+
+def _spread(row: dict) -> str:
+    return f"{row['ratio_median']:.2f}× ({row['ratio_min']:.2f}–{row['ratio_max']:.2f})"
+
+
+def _table(first: str, rows: list[tuple[str, str, str, str]]) -> None:
+    print(f"| {first} | one pass | apart | apart / one pass: median (min–max) |")
+    print("| --- | ---: | ---: | --- |")
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
 
 
 def _write(path: str | None, row: dict) -> None:

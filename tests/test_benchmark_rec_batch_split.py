@@ -19,13 +19,6 @@ finally:
     sys.path.pop(0)
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_both_models_run_both_sides_and_write_the_table(tmp_path, threads, capsys):
     out = tmp_path / "rows.json"
     rows = probe.main(["--batch", "8", "--items", "60", "--max-len", "10", "--rounds", "1", "--steps", "1",

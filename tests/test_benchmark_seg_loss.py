@@ -19,13 +19,6 @@ finally:
     sys.path.pop(0)
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_the_probe_times_both_ways_and_writes_the_row(tmp_path, threads, capsys):
     out = tmp_path / "row.json"
     row = probe.main(["--classes", "5", "--size", "64", "128", "--images", "2", "--rounds", "2", "--threads", "1",

@@ -42,8 +42,7 @@ from hybridzoo.tasks.base import Task, TaskData, register_task, unwrap_model
 
 __all__ = [
     "SegmentationTask", "SegMetrics", "class_map", "intersect_and_union", "pixel_stats", "segmentation_loss",
-    "slide_inference",
-    "whole_inference", "poly_lr_lambda", "colorize", "overlay", "legend_handles", "overlay_figure",
+    "slide_inference", "whole_inference", "poly_lr_lambda", "colorize", "overlay", "legend_handles", "overlay_figure",
 ]
 
 
