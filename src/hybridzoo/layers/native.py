@@ -2717,7 +2717,8 @@ HZ_CLONES static void resize_row_back(const float* __restrict g, int64_t K, int6
 // each adding to sums of its own (added up at the end). Logits of another size than the labels are resized to them
 // on the way, a row at a time (bilinear, as F.interpolate(align_corners=False)), never whole. Returns loss (B, 3)
 // float64: per image the summed cross-entropy of the pixels labelled in [0, K), their number, and the number of
-// labels neither `ignore` nor in [0, K); and with `counts` (B, 3, K) int64 filled (same size only), with `grad`
+// labels neither `ignore` nor in [0, K); and with `counts` (B, 3, K) int64 filled (the class map of the resized
+// logits where they are resized), with `grad`
 // (the logits' shape; contiguous where they are resized) written, as seg_pixels says.
 static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::Tensor& labels, int64_t ignore,
                            double scale, at::Tensor* counts, at::Tensor* grad) {
@@ -2731,8 +2732,6 @@ static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::T
               labels.sizes(), " ", labels.scalar_type());
   const int64_t H = labels.size(1), W = labels.size(2);
   const bool resized = H != h || W != w;
-  TORCH_CHECK(!resized || !counts, "hybridzoo_native::", op, ": labels must be (", B, ", ", h, ", ", w,
-              "), the logits' map, got ", labels.sizes());
   TORCH_CHECK(!resized || !grad || grad->is_contiguous(), "hybridzoo_native::", op,
               ": a resized pass writes a contiguous gradient");
   const int64_t slots = 3 * K + 2;   // per image and thread: the counts, then labelled and bad
@@ -2774,7 +2773,7 @@ static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::T
       resize_row(px + b * lb + y0[y] * lh, px + b * lb + y1[y] * lh, lk, lw, K, w, ly[y], x0.data(), x1.data(),
                  lx.data(), W, r.data(), e.data());
       seg_pixels(e.data(), 1, W, K, t, tw, W, ignore, fscale, grad ? ge.data() : nullptr, 1, W, scratch.data(),
-                 nullptr, loss, c + 3 * K, c + 3 * K + 1);
+                 counts ? c : nullptr, loss, c + 3 * K, c + 3 * K + 1);
       if (grad) {
         float* d = own.data() + (team * B + b) * plane;
         resize_row_back(ge.data(), K, W, x0.data(), x1.data(), lx.data(), w, ly[y], r.data(), d + y0[y] * w,
@@ -2806,7 +2805,7 @@ static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::T
 
 // Segmentation evaluation in one pass over the logits (`tasks.segmentation.pixel_stats`): counts (B, 3, K) int64, per
 // class the intersection, predicted area and label area of `intersect_and_union` over the labelled pixels, and loss
-// (B, 3) float64 (seg_pass).
+// (B, 3) float64 (seg_pass); logits of another size than the labels resized to them on the way.
 std::tuple<at::Tensor, at::Tensor> seg_eval_stats(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore) {
   at::Tensor counts;
   at::Tensor loss = seg_pass("seg_eval_stats", logits, labels, ignore, 0.0, &counts, nullptr);
@@ -3296,8 +3295,9 @@ def conv_token_blocks(x: torch.Tensor, params: list, size: tuple[int, int], cls:
 
 
 def seg_eval_stats(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segmentation evaluation in one pass over float32 logits (B, K, H, W) and int64 labels (B, H, W), any strides
-    (channels-last logits, a slice of a padded batch): counts (B, 3, K) int64, per class the intersection, predicted
+    """Segmentation evaluation in one pass over float32 logits (B, K, h, w) and int64 labels (B, H, W), any strides
+    (channels-last logits, a slice of a padded batch; logits of another size resized to the labels on the way,
+    bilinear as F.interpolate(align_corners=False)): counts (B, 3, K) int64, per class the intersection, predicted
     area and label area of `intersect_and_union` over the pixels labelled in [0, K) (the class map as `class_map`
     takes it), and loss (B, 3) float64, the summed cross-entropy of those pixels (`F.cross_entropy`'s, NaN where a
     pixel's logits hold a NaN or +inf), their number, and the number of labels neither `ignore_index` nor in
