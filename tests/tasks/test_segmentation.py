@@ -308,6 +308,24 @@ def test_pixel_stats_are_the_cross_entropy_and_the_counts_of_the_class_map(stats
         torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6 * k)
 
 
+@pytest.mark.parametrize("k", [2, 19])
+def test_pixel_stats_resize_the_logits_to_the_labels_as_eval_did(stats_isa, k):
+    """Logits of another size than their labels (an image resized for the model, its label at the original size)
+    are resized first, as `F.interpolate(bilinear)` and then the three passes give it: up and down, in either
+    layout, on a slice of a padded batch."""
+    g = torch.Generator().manual_seed(k)
+    labels = torch.randint(0, k, (2, 9, 37), generator=g)
+    labels[0, 1] = 255
+    padded = torch.randn(2, k, 8, 16, generator=g) * 3
+    for logits in (padded[:, :, :5, :11], padded[:, :, :5, :11].contiguous(memory_format=torch.channels_last),
+                   torch.randn(2, k, 12, 40, generator=g) * 3):
+        resized = F.interpolate(logits, size=(9, 37), mode="bilinear", align_corners=False)
+        want_counts, want_loss = _pixel_stats_ref(resized, labels, k)
+        counts, loss = pixel_stats(logits, labels, k)
+        assert torch.equal(counts, want_counts)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5 * k)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_pixel_stats_treat_nan_and_infinite_logits_as_aten_does(stats_isa, k):
     """Per image, one pixel (in the full vector of 16) holds: a NaN (its class map takes the NaN, its loss is NaN),

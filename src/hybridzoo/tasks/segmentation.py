@@ -83,9 +83,10 @@ def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> 
 
 def pixel_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
                 ignore_index: int = IGNORE_INDEX, native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """What evaluation needs from logits (B, K, H, W) against labels (B, H, W): counts (B, 3, K) float64, per class the
+    """What evaluation needs from logits (B, K, h, w) against labels (B, H, W): counts (B, 3, K) float64, per class the
     intersection, predicted area and label area of `intersect_and_union` on `class_map(logits)`, and loss (B, 2)
-    float64, the summed cross-entropy of the labelled pixels and their number.
+    float64, the summed cross-entropy of the labelled pixels and their number. Logits of another size are resized
+    to the labels first (bilinear, as `eval_step` always did); the native pass does so a row at a time.
 
     On the CPU in float32 one pass of the native kernels (`layers.native.seg_eval_stats`) reads the logits once, in
     any layout, for all of it: 8.6× (NCHW) and 11× (channels-last) the three passes apart at 19 × 1024 × 2048
@@ -93,9 +94,9 @@ def pixel_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
     `intersect_and_union` (also where the logits have more classes than the metric: their class map is clamped to
     the metric's last class, as `intersect_and_union` counts it; and with native=False, `--no-fast-cpu`). A label
     neither `ignore_index` nor in [0, K) is an error that names it, either way."""
-    if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"pixel_stats: logits (B, K, H, W) and labels (B, H, W) of the same batch and size expected, "
-                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if logits.dim() != 4 or labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"pixel_stats: logits (B, K, H, W) and labels (B, H, W) of the same batch expected, got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
     labels = labels.long()
     if native and logits.shape[1] == num_classes and _native_kernels_take(logits):
         from hybridzoo.layers import native
@@ -104,6 +105,8 @@ def pixel_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
             _check_labels(labels, num_classes, ignore_index)
         return counts.double(), loss[:, :2].clone()
     _check_labels(labels, num_classes, ignore_index)
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
     keep = labels != ignore_index
     rows = []
@@ -643,10 +646,9 @@ class SegmentationTask(Task):
         for j in range(images.shape[0]):
             ih, iw, mh, mw = (int(v) for v in meta[j])
             lg = logits[j:j + 1, :, :ih, :iw]
-            if (ih, iw) != (mh, mw):
-                lg = F.interpolate(lg, size=(mh, mw), mode="bilinear", align_corners=False)
             target = masks[j:j + 1, :mh, :mw]
-            # cross-entropy, class map and counts in one pass over the logits on the CPU (pixel_stats)
+            # cross-entropy, class map and counts in one pass over the logits on the CPU, resizing them to the
+            # label's size on the way where it differs (pixel_stats)
             counts, loss = pixel_stats(lg, target, metric.num_classes, metric.ignore_index,
                                        native=bool(getattr(args, "fast_cpu", True)))
             metric.add_loss(float(loss[0, 0]), int(loss[0, 1]))
