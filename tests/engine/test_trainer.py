@@ -164,6 +164,22 @@ def test_bf16_ema_clip_and_channels_last(make_args, tmp_path):
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
 
+@pytest.mark.parametrize("flags, want", [((), True), (("--no-channels-last",), False), (("--no-fast-cpu",), False),
+                                         (("--channels-last",), True)])
+def test_a_model_may_choose_channels_last_training_on_the_fast_cpu_path(make_args, tmp_path, monkeypatch, capsys,
+                                                                         flags, want):
+    """A model with `train_channels_last` (SCTNet) trains channels-last on the fast CPU path unless told otherwise;
+    --no-fast-cpu keeps channels-first, and --channels-last gives it to any model."""
+    cls = type(hybridzoo.create_model("hz_tiny_vit", num_classes=10))
+    monkeypatch.setattr(cls, "train_channels_last", True, raising=False)
+    args, task = make_args(*FAST, "--epochs", 1, "--output", tmp_path, *flags)
+    assert args.channels_last is {"--channels-last": True, "--no-channels-last": False}.get(flags[0] if flags else "")
+    train(args, task)
+    assert args.channels_last is want
+    said = "channels-last: " in capsys.readouterr().out
+    assert said == (want and not flags)   # said only when the model chose it
+
+
 def test_fp16_on_cpu_is_refused(make_args, tmp_path):
     args, task = make_args(*FAST, "--epochs", 1, "--amp", "fp16", "--device", "cpu", "--output", tmp_path)
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):

@@ -54,7 +54,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "task": None, "model": None, "data": None, "epochs": None, "batch_size": None, "eval_batch_size": None,
     "lr": None, "weight_decay": None, "warmup_epochs": None, "min_lr": 1e-6, "output": None, "resume": None,
     "seed": 0, "device": "auto", "workers": None, "amp": "none", "compile": False, "ema": False,
-    "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": False,
+    "ema_decay": 0.9998, "clip_grad": None, "pretrained": None, "channels_last": None,
     "limit_train_batches": None, "limit_val_batches": None, "stop_after_epochs": None, "progress": True,
     "early_stop": None, "accum_steps": 1, "overwrite": False, "layer_decay": None, "fast_cpu": True,
     "batch_split": True,
@@ -334,9 +334,16 @@ def _set_up(args: argparse.Namespace, task, info: distributed.DistInfo) -> _Run:
     seed_everything(args.seed)
     data = task.build_data(args)
     model = task.build_model(args, data.info).to(device)
+    fast_cpu = getattr(args, "fast_cpu", True) and device.type == "cpu" and amp_dtype is None
+    if args.channels_last is None:
+        # neither --channels-last nor --no-channels-last: the model's own choice on the fast CPU path, where it was
+        # measured (SCTNet: 1.14x a step at 2 x 512 x 1024; SegNetr ran 0.6x, so not a default for every model;
+        # benchmarks/RESULTS.md, session 34), channels-first elsewhere
+        args.channels_last = bool(fast_cpu and getattr(model, "train_channels_last", False))
+        if args.channels_last and info.is_main:
+            print(f"channels-last: {type(model).__name__}'s choice for training on the CPU (--no-channels-last: not)")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fast_cpu = getattr(args, "fast_cpu", True) and device.type == "cpu" and amp_dtype is None
     if fast_cpu:
         # fp32 CPU training: linear layers take the fastest of the native kernels, oneDNN and MKL per product (same
         # function and gradients, same parameters and state dict; benchmarks/RESULTS.md)

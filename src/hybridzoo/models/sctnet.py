@@ -309,6 +309,10 @@ class SCTNet(nn.Module):
     """SCTNet: eval output logits (B, K, H, W) at the input size; training output a dict with
     `logits`, `aux_logits` (weight `aux_loss_weights`) and, with SIAM enabled, `loss_siam`."""
 
+    # `hybridzoo train` on the fast CPU path takes channels-last unless told otherwise: a step 1.14x at
+    # 2 x 512 x 1024, level at the demo's 64² scenes (benchmarks/RESULTS.md, session 34)
+    train_channels_last = True
+
     def __init__(self, *, num_classes: int = 19, in_chans: int = 3, base_channels: int = 64, spp_channels: int = 128,
                  num_heads: int = 8, drop_rate: float = 0.0, drop_path_rate: float = 0.1, aux_head: bool = True,
                  siam: bool = False, teacher_kwargs: dict[str, Any] | None = None):
