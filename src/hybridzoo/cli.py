@@ -137,8 +137,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-decay", type=float, default=None, metavar="D",
                    help="layer-wise lr decay for fine-tuning: block k of K trains at lr × D^(K+1-k), the head at lr")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: the model's choice on the fast CPU path, SCTNet's; "
-                        "channels-first elsewhere)")
+                   help="channels-last memory format (default: the model's choice on the fast CPU path, SCTNet's "
+                        "and U-Net's; channels-first elsewhere)")
     g.add_argument("--limit-train-batches", type=positive_int, default=None,
                    help="at most this many optimiser steps per epoch (each of --accum-steps batches)")
     g.add_argument("--limit-val-batches", type=positive_int, default=None)

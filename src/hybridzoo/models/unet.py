@@ -48,6 +48,9 @@ class UNet(nn.Module):
     """Vanilla U-Net; logits (B, K, H, W) at the input size (H, W multiples of 16)."""
 
     size_divisor = 16
+    # `hybridzoo train` on the fast CPU path takes channels-last unless told otherwise: a step 1.17-1.27x at
+    # 4 x 256², level at 8 x 64² (benchmarks/RESULTS.md, session 34)
+    train_channels_last = True
 
     def __init__(self, *, num_classes: int = 2, in_chans: int = 3, base_channels: int = 64):
         super().__init__()
