@@ -2718,8 +2718,8 @@ HZ_CLONES static void resize_row_back(const float* __restrict g, int64_t K, int6
 // on the way, a row at a time (bilinear, as F.interpolate(align_corners=False)), never whole. Returns loss (B, 3)
 // float64: per image the summed cross-entropy of the pixels labelled in [0, K), their number, and the number of
 // labels neither `ignore` nor in [0, K); and with `counts` (B, 3, K) int64 filled (the class map of the resized
-// logits where they are resized), with `grad`
-// (the logits' shape; contiguous where they are resized) written, as seg_pixels says.
+// logits where they are resized), with `grad` the gradient as seg_pixels says, made here: in the logits' layout
+// (empty_like), contiguous where they are resized.
 static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::Tensor& labels, int64_t ignore,
                            double scale, at::Tensor* counts, at::Tensor* grad) {
   check_isa(op);
@@ -2732,8 +2732,7 @@ static at::Tensor seg_pass(const char* op, const at::Tensor& logits, const at::T
               labels.sizes(), " ", labels.scalar_type());
   const int64_t H = labels.size(1), W = labels.size(2);
   const bool resized = H != h || W != w;
-  TORCH_CHECK(!resized || !grad || grad->is_contiguous(), "hybridzoo_native::", op,
-              ": a resized pass writes a contiguous gradient");
+  if (grad) *grad = resized ? at::empty(logits.sizes(), logits.options()) : at::empty_like(logits);
   const int64_t slots = 3 * K + 2;   // per image and thread: the counts, then labelled and bad
   const int64_t teams = std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> sums(teams * B * slots, 0);
@@ -2818,9 +2817,7 @@ std::tuple<at::Tensor, at::Tensor> seg_eval_stats(const at::Tensor& logits, cons
 // that gradient taken back through the resizing (contiguous); else an empty tensor.
 std::tuple<at::Tensor, at::Tensor> seg_cross_entropy(const at::Tensor& logits, const at::Tensor& labels,
                                                      int64_t ignore, double scale, bool grad) {
-  const bool resized = logits.dim() == 4 && labels.dim() == 3 && logits.sizes().slice(2) != labels.sizes().slice(1);
-  at::Tensor g = !grad ? at::empty({0}, logits.options())
-                 : resized ? at::empty(logits.sizes(), logits.options()) : at::empty_like(logits);
+  at::Tensor g = at::empty({0}, logits.options());
   at::Tensor loss = seg_pass("seg_cross_entropy", logits, labels, ignore, scale, nullptr, grad ? &g : nullptr);
   return {loss, g};
 }
