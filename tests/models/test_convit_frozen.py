@@ -12,7 +12,8 @@ import torch
 
 import hybridzoo
 from hybridzoo.layers.onednn import OneDNNLinear, onednn_available, optimize_for_cpu_inference
-from hybridzoo.models.convit import GPSA, gpsa_attend, relative_indices
+from hybridzoo.layers import native
+from hybridzoo.models.convit import GPSA, ConViT, gpsa_attend, relative_indices
 from hybridzoo.registry import get_card
 from _helpers import perturb  # tests/conftest.py puts tests/ on sys.path
 
@@ -93,3 +94,98 @@ def test_frozen_gpsa_names_a_wrong_input():
             frozen(torch.randn(1, 6, 12), rel)
         with pytest.raises(ValueError, match="rel_indices are for 6 tokens, the input has 8"):
             frozen(torch.randn(1, 8, 16), rel)
+
+
+def _one_image_model(threads, n_threads: int):
+    """A ConViT the native kernels run whole (head dim 16, 64 patches: 32 rows per thread at two), frozen, its
+    blocks' container set to split the tokens (no timed choice)."""
+    if not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels for this CPU (or no compiler to build them)")
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("convit_tiny", embed_dim=64, num_heads=4, depth=4, local_up_to_layer=2,
+                                   img_size=64, patch_size=8).eval()
+    perturb(model)
+    _random_gates(model)
+    fast = optimize_for_cpu_inference(model)
+    fast.blocks.mode = "tokens"
+    threads(n_threads)
+    return model, fast
+
+
+def _general_path(fast, x):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ConViT, "_one_image", lambda self, x: None)
+        return fast(x)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_one_image_in_native_calls_gives_the_general_paths_values(threads, monkeypatch, n_threads):
+    model, fast = _one_image_model(threads, n_threads)
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    token_blocks = native.token_blocks
+    monkeypatch.setattr(native, "token_blocks", lambda t, *a: calls.append((tuple(t.shape), a[-1])) or token_blocks(t, *a))
+    monkeypatch.setattr(ConViT, "_tokens", lambda *a, **k: pytest.fail("the general path ran"))
+    with torch.inference_mode():
+        out = fast(x)
+        out2 = fast(x)   # the kept plan
+        monkeypatch.undo()
+        general, eager = _general_path(fast, x), model(x)
+    # the GPSA blocks on the 64 patches, then the MHSA blocks on 65 rows computing the class row alone
+    assert calls == [((1, 64, 64), 0), ((1, 65, 64), 1)] * 2
+    torch.testing.assert_close(out, general, rtol=0, atol=0)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+
+
+def test_one_image_leaves_to_the_general_path_what_it_does_not_run(threads):
+    model, fast = _one_image_model(threads, 2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert fast._one_image(x) is not None
+        # another image size (the position embedding resampled), a batch, a hook anywhere, a global hook, "whole"
+        # blocks or blocks not yet timed, training
+        for other in (torch.randn(1, 3, 96, 64), torch.randn(2, 3, 64, 64)):
+            assert fast._one_image(other) is None
+            torch.testing.assert_close(fast(other), model(other), rtol=1e-4, atol=1e-4)
+        seen = []
+        handle = fast.norm.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+        assert fast._one_image(x) is None
+        fast(x)
+        assert seen == [(1, 1, 64)]
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: None)
+        assert fast._one_image(x) is None
+        handle.remove()
+        assert fast._one_image(x) is not None
+        fast.blocks.mode = "whole"
+        assert fast._one_image(x) is None
+        fast.blocks.mode = "auto"
+        assert fast._one_image(x) is None   # until the first call has timed both ways
+        fast(x)
+        timed = fast.blocks._choices   # (first block, blocks, rows, threads) → split the tokens
+        assert (fast._one_image(x) is not None) == (timed[(id(fast.blocks[0]), 2, 64, 2)]
+                                                    and timed[(id(fast.blocks[2]), 2, 65, 2)])
+        fast.blocks.mode = "tokens"
+        fast.training = True
+        assert fast._one_image(x) is None
+        fast.training = False
+        assert fast._one_image(x) is not None
+
+
+def test_one_image_follows_a_block_replaced_in_the_container(threads):
+    _, fast = _one_image_model(threads, 2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        before = fast(x)
+        fast.blocks[3] = fast.blocks[2]   # the last MHSA block now the one before it, twice
+        after = fast(x)
+        assert not torch.equal(after, before)
+        torch.testing.assert_close(after, _general_path(fast, x), rtol=0, atol=0)
+        # a new head, with a hook: the general path, which calls it as a module
+        seen, head = [], torch.nn.Linear(fast.embed_dim, fast.num_classes)
+        head.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+        fast.head = head
+        assert fast._one_image(x) is None
+        fast(x)
+        assert seen == [(1, fast.num_classes)]

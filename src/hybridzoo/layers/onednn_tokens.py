@@ -402,6 +402,28 @@ class _TokenParallel:
         plan = _plan(self, args)
         return plan[-1][0] is _vit_block_rows and _native_args(self, plan) is not None
 
+    def native_call_args(self, x: torch.Tensor, args, num_prefix: int = 0) -> tuple | None:
+        """What `native.token_blocks` takes after x (ending with num_prefix) when calling these blocks on x —
+        `forward`, or `forward_prefix` for num_prefix > 0 — would make that one native call now: the choice timed
+        for x's rows and the intra-op threads taken (mode "auto"; or mode "tokens"), every part of the blocks on the
+        kernels, x one image's fp32 tokens. Else None, also before that choice is made (the first call makes it).
+        For a caller that keeps the arguments and makes the call itself (`models.convit`'s one-image path): it
+        checks the hooks of the blocks' modules at each call, which `_native_args` checks only now."""
+        _check_mode(self)
+        threads, N = torch.get_num_threads(), x.shape[1]
+        if (not len(self) or self.mode == "whole" or getattr(_probing, "whole", False) or x.dim() != 3
+                or x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu"
+                or N < threads * MIN_ROWS_PER_THREAD):
+            return None
+        if (self.mode == "auto"
+                and self.__dict__.get("_choices", {}).get((id(self[0]), len(self), N, threads)) is not True):
+            return None
+        plan = _plan(self, args)
+        if num_prefix and (plan[-1][0] is not _vit_block_rows or not 1 <= num_prefix <= N // threads):
+            return None
+        native_args = _native_args(self, plan)
+        return None if native_args is None else (*native_args, num_prefix)
+
     def forward_prefix(self, x: torch.Tensor, num_prefix: int, *args) -> torch.Tensor:
         """`helpers.run_blocks_for_prefix` for these blocks: the last one computes only the `num_prefix` leading rows
         (B×num_prefix×C). In one native call where `forward` would take it for the whole image (its timed choice)

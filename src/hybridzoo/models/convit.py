@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from hybridzoo.layers import (Attention, DropPath, Mlp, PatchEmbed, check_image_input, checkpoint_seq,
                               drop_path_rates, init_weights_vit, native, resample_abs_pos_embed,
@@ -351,12 +352,58 @@ class ConViT(nn.Module):
         grid = (x.shape[-2], x.shape[-1])
         x = self.pos_drop(self._pos_embed(x.flatten(2).transpose(1, 2), grid))
         rel = self._relative_indices(grid, x)
-        local, rest = self.blocks[: self.local_up_to_layer], self.blocks[self.local_up_to_layer:]
+        local, rest = self._block_halves()
         x = checkpoint_seq(local, x, rel, enabled=self.grad_checkpointing)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if cls_only:
             return run_blocks_for_prefix(rest, x, 1, rel, checkpointing=self.grad_checkpointing)
         return checkpoint_seq(rest, x, rel, enabled=self.grad_checkpointing)
+
+    def _block_halves(self) -> tuple[nn.Module, nn.Module]:
+        """(the GPSA blocks, the MHSA blocks): slices of self.blocks. The frozen copy's container
+        (`layers.onednn_tokens`) slices into new containers, ~20 µs each; those are kept while the container, its
+        blocks, mode and train / eval flag stay the same (`_OneImage`)."""
+        blocks, split = self.blocks, self.local_up_to_layer
+        if not hasattr(blocks, "native_call_args"):   # the trainable model's ModuleList
+            return blocks[:split], blocks[split:]
+        return self._one_image_plan().halves
+
+    def _one_image_plan(self) -> _OneImage:
+        # one per count of intra-op threads: the batch split's parts call forward with one each
+        threads, kept = torch.get_num_threads(), self.__dict__.setdefault("_one_image_kept", {})
+        plan = kept.get(threads)
+        if plan is None or not plan.fits(self):
+            plan = kept[threads] = _OneImage(self)
+        return plan
+
+    def _one_image(self, x: torch.Tensor) -> torch.Tensor | None:
+        """forward(x) for one image on the frozen CPU copy (`optimize_for_cpu_inference`) as four native calls with
+        no module between them — the patch embedding, the GPSA blocks, the MHSA blocks for the class row alone,
+        then norm and head — where the general path would make the same calls: its containers' timed choice taken
+        (`TokenParallelBlockList.native_call_args`), the image of the size the model was built for, no hook on any
+        module. Else None, and forward takes that path. Around its calls the general path spent ~1 ms of
+        ConViT-Ti's 14 ms in Python and layout steps, most of it in caches its blocks had just evicted
+        (benchmarks/RESULTS.md, session 35). Same values: the same kernels on the same rows."""
+        if (not hasattr(self.blocks, "native_call_args") or self.training or type(x) is not torch.Tensor
+                or x.dim() != 4 or x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu"
+                or torch.is_grad_enabled() and x.requires_grad or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or not native.attention_supported()):
+            return None
+        plan = self._one_image_plan()
+        if x.shape[1:] != plan.image or plan.hooked():
+            return None
+        call = plan.calls(self)
+        if call is None:
+            return None
+        local_args, rest_args = call
+        proj = self.patch_embed.proj
+        t = native.patch_embed(x, proj._gather_weight(False), proj.packed_bias, *proj.kernel_size)
+        if self.pos_embed is not None:
+            t += self.pos_embed   # (t is this call's own tensor)
+        if local_args is not None:
+            t = native.token_blocks(t, *local_args)
+        t = native.token_blocks(torch.cat([self.cls_token, t], dim=1), *rest_args)
+        return self.head(self.norm(t)[:, 0])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self._tokens(x, cls_only=False))
@@ -368,7 +415,53 @@ class ConViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # = forward_head(forward_features(x)); the head reads only the class token, so the last MHSA block
         # computes only its row
-        return self.forward_head(self.norm(self._tokens(x, cls_only=True)))
+        y = self._one_image(x)
+        return self.forward_head(self.norm(self._tokens(x, cls_only=True))) if y is None else y
+
+
+class _OneImage:
+    """What `ConViT._one_image` keeps for a frozen copy and a count of intra-op threads: the container's two halves
+    (sliced once), the image size it takes, every module's hook tables but the model's own (its hooks run around
+    forward), and once the halves' timed choices are made, the two `native.token_blocks` calls' arguments after x."""
+
+    def __init__(self, model: ConViT):
+        blocks, split = model.blocks, model.local_up_to_layer
+        self.blocks, self.members, self.parts = blocks, list(blocks._modules.values()), self._parts(model)
+        self.mode, self.training = blocks.mode, blocks.training
+        self.halves = (blocks[:split], blocks[split:])
+        pe = model.patch_embed
+        self.image = torch.Size((model.in_chans, *pe.img_size))
+        self.tables = [t for m in model.modules() if m is not model for t in (m._forward_pre_hooks, m._forward_hooks)]
+        proj = pe.proj
+        self.patchify = getattr(proj, "patchify", False) and hasattr(proj, "_gather_weight")   # (OneDNNConv2d's)
+        self.args = None
+
+    @staticmethod
+    def _parts(model: ConViT) -> list[nn.Module]:
+        return [*model._modules.values(), model.patch_embed.proj]
+
+    def fits(self, model: ConViT) -> bool:
+        """Whether this plan is still the model's: the same children, patch projection, blocks and container flags."""
+        blocks = model.blocks
+        return (blocks is self.blocks and blocks.mode == self.mode and blocks.training == self.training
+                and list(blocks._modules.values()) == self.members and self._parts(model) == self.parts)
+
+    def hooked(self) -> bool:
+        return any(self.tables) or bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
+
+    def calls(self, model: ConViT):
+        """(the GPSA blocks' arguments or None where there are none, the MHSA blocks') for `native.token_blocks`, or
+        None where the general path would not make those calls (yet)."""
+        if self.args is None and self.patchify:
+            local, rest = self.halves
+            n, c = model.patch_embed.num_patches, model.embed_dim
+            rel = model._relative_indices(model.patch_embed.grid_size, torch.empty(0))
+            tokens = torch.empty(1, n, c)
+            local_args = local.native_call_args(tokens, (rel,)) if len(local) else None
+            rest_args = rest.native_call_args(torch.empty(1, n + 1, c), (rel,), 1) if len(rest) else None
+            if (local_args is not None or not len(local)) and rest_args is not None:
+                self.args = (local_args, rest_args)
+        return self.args
 
 
 def convert_official(state_dict: dict[str, torch.Tensor], model: ConViT) -> dict[str, torch.Tensor]:
