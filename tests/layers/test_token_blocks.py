@@ -546,7 +546,38 @@ def test_frozen_linears_take_the_panel_product_and_keep_onednn_when_switched_off
     torch.testing.assert_close(onednn, ref, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("HYBRIDZOO_NATIVE", "1")
     assert OneDNNLinear(lin, dtype=torch.bfloat16).panels is None
-    assert OneDNNLinear(torch.nn.Linear(96, 100)).panels is None   # 100 outputs: oneDNN's
+    assert OneDNNLinear(torch.nn.Linear(96, 100)).panels is None   # 100 outputs: padded panels (below)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
+@pytest.mark.parametrize("K,N,bias,act", [(96, 1000, True, "none"), (192, 500, False, "gelu"), (768, 100, True, "relu")])
+@pytest.mark.parametrize("lead", [(1,), (3, 7), (63,)])
+def test_frozen_linears_of_other_widths_take_the_panel_product_padded(kernels, monkeypatch, K, N, bias, act, lead):
+    """A large weight of a width that is not a multiple of 16 (a classifier's 1,000 classes) runs on
+    `native.rows_linear` too for fewer than 64 rows: padded by zero rows to a multiple of 16, the output cut back to
+    N, contiguous. `panels` stays None (the token kernels read exact widths). With HYBRIDZOO_NATIVE=0 set later, 64
+    rows or more, or a small weight: the products as before."""
+    from hybridzoo.layers.onednn import OneDNNLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, N, bias=bias)
+    padded = -(-N // 16) * 16
+    calls = []
+    real = native.rows_linear
+    monkeypatch.setattr(native, "rows_linear", lambda x, w, *a: calls.append(w.numel()) or real(x, w, *a))
+    frozen = OneDNNLinear(lin, act=act)
+    assert frozen.panels is None and frozen.packed_weight is None
+    assert OneDNNLinear(torch.nn.Linear(72, 72)).padded_panels is None   # a small weight
+    x, more = torch.randn(*lead, K), torch.randn(64, K)
+    with torch.inference_mode():
+        out, out_more = frozen(x), frozen(more)
+        monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+        onednn = frozen(x)
+    assert calls == [K * padded]
+    assert out.shape == (*lead, N) and out.is_contiguous()
+    ref = _ACTS[act](lin(x))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(onednn, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_more, _ACTS[act](lin(more)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")

@@ -482,6 +482,12 @@ TINY_PRODUCT = 6 * 192 * 192
 # (`layers.native.tiny_linear`) where it is built: per call 2.4-3.6x faster than MKL with the weight in cache,
 # 1.1-2x with it arriving cold
 TINY_ROWS = 8
+# products of another width than a multiple of 16, with a weight of at least PADDED_WEIGHT elements and fewer rows
+# than PADDED_ROWS, go to the native kernel, the weight padded (`OneDNNLinear.padded_panels`): the weight's stream is
+# then the cost, and the kernel splits it by columns over the threads (below `native.set_column_split_rows`, 64 rows).
+# Measured on classifier heads (192-768 inputs, 1,000 outputs) from 1 to 32 rows
+PADDED_WEIGHT = 64 * 1024
+PADDED_ROWS = 64
 _TINY_ACT = {"none": lambda y, alg: y, "relu": lambda y, alg: y.relu_(),
              "gelu": lambda y, alg: nn.functional.gelu(y, approximate=alg),
              "swish": lambda y, alg: nn.functional.silu(y, inplace=True)}
@@ -518,16 +524,27 @@ class OneDNNLinear(nn.Module):
         # on the Zen 4 EPYC (AVX-512) at every size we measured, most at a few hundred rows on two threads (batch 1),
         # 0.95-1.3× on a Zen 3 EPYC (AVX2; level at the largest, ahead at the smaller products); oneDNN's
         # copy is then packed only if a call needs it (HYBRIDZOO_NATIVE=0 set later, a tracer, a compiler)
-        self.panels = None
-        if dtype is torch.float32 and self.out_features % 16 == 0 and native.load() and native.attention_supported():
-            self.panels = native.pack_panels(weight)
+        self.panels = self.padded_panels = self.padded_bias = None
+        if dtype is torch.float32 and native.load() and native.attention_supported():
+            if self.out_features % 16 == 0:
+                self.panels = native.pack_panels(weight)
+            elif weight.numel() >= PADDED_WEIGHT:
+                # a large weight of another output count (a classifier's 1,000) on the same kernel, padded by zero
+                # rows to a multiple of 16, the output cut back: a 1,000-class head at batch 1 from cold caches ran
+                # 2.2-2.8x oneDNN's or MKL's product (about 50 against 140 µs on two threads; 1.35x at 32 rows;
+                # benchmarks/RESULTS.md, session 35). `panels` stays None: the callers that read it take exact widths
+                pad = -self.out_features % 16
+                self.padded_panels = native.pack_panels(nn.functional.pad(weight, (0, 0, 0, pad)))
+                self.padded_bias = nn.functional.pad(bias if bias is not None else weight.new_zeros(self.out_features),
+                                                     (0, pad))
         # bf16 where oneDNN has no bf16 kernels for this CPU (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; AVX2
         # machines such as AMD Zen 3 have neither, and packing refuses): ATen's bf16 product on a plain bf16 copy
         self.bf16_weight = self.bf16_bias = None
         if dtype is torch.bfloat16 and not onednn_bf16_available():
             self.bf16_weight = weight.to(dtype)
             self.bf16_bias = None if bias is None else bias.to(dtype)
-        self.packed_weight = (None if self.panels is not None or self.bf16_weight is not None
+        self.packed_weight = (None if self.panels is not None or self.padded_panels is not None
+                              or self.bf16_weight is not None
                               else torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch_hint))
         # a plain copy of a small fp32 weight for tiny products (see forward)
         self.small_weight = weight if dtype is torch.float32 and weight.numel() <= SMALL_WEIGHT else None
@@ -552,6 +569,9 @@ class OneDNNLinear(nn.Module):
             # a few rows (Mobile-Former's tokens at batch 1): the native kernel, on this thread, faster than MKL
             return _TINY_ACT[self.act](native.tiny_linear(x.contiguous(), self.tiny_wt, self.tiny_b),
                                        self.algorithm)
+        if self.padded_panels is not None and x.numel() < PADDED_ROWS * self.in_features and _native_call(x):
+            return native.rows_linear(x, self.padded_panels, self.padded_bias, self.act,
+                                      self.algorithm)[..., :self.out_features].contiguous()
         if self.small_weight is not None and x.numel() * self.out_features <= TINY_PRODUCT and x.dtype is torch.float32:
             # oneDNN's fixed cost per call (~17 µs on the EPYC, 1 thread) is several times MKL's on tiny
             # products such as Mobile-Former's 6-token linears (6×192 → 192: 11 vs 19 µs)
