@@ -1,13 +1,26 @@
 """Helpers shared by several test files (tests/conftest.py puts this folder on sys.path)."""
 
 import contextlib
+import importlib
+import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+def benchmark_module(name: str):
+    """The module `name` of benchmarks/ (a script, not a package), imported with that folder on sys.path for the
+    import only, as the scripts import their siblings (`_common`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 @torch.no_grad()

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from hybridzoo.layers.train_fast import fast_training_available
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-try:
-    import bench_batch_split
-finally:
-    sys.path.pop(0)
+from _helpers import benchmark_module  # tests/conftest.py puts tests/ on sys.path
+
+bench_batch_split = benchmark_module("bench_batch_split")
 
 pytestmark = pytest.mark.skipif(not fast_training_available(), reason="no oneDNN: no fast CPU training path")
 SMALL = "--model act_tiny_x2 --patch-size 12 --batch-size 4 --limit-val-batches 1"

@@ -4,17 +4,14 @@ the script's model runs are benchmarks, not tests."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-try:
-    import ceiling
-finally:
-    sys.path.pop(0)
+from _helpers import benchmark_module  # tests/conftest.py puts tests/ on sys.path
+
+ceiling = benchmark_module("ceiling")
 
 
 class TwoLinears(nn.Module):

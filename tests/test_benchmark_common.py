@@ -3,17 +3,13 @@ share of it each round's steps reached. Values only; the benchmarks themselves a
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-try:
-    import _common
-finally:
-    sys.path.pop(0)
+from _helpers import benchmark_module  # tests/conftest.py puts tests/ on sys.path
+
+_common = benchmark_module("_common")
 
 
 def test_the_reference_runs_once_at_the_start_of_every_round():

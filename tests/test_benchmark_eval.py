@@ -3,17 +3,13 @@ commands themselves are timed by the benchmark, not here."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-try:
-    import bench_eval
-finally:
-    sys.path.pop(0)
+from _helpers import benchmark_module  # tests/conftest.py puts tests/ on sys.path
+
+bench_eval = benchmark_module("bench_eval")
 
 
 def test_the_photo_folder_is_an_image_folder_of_500_by_375_jpegs(tmp_path):

@@ -4,19 +4,15 @@ split (the speed itself is the benchmark's to measure, not a test's)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hybridzoo.layers import train_fast
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-try:
-    import rec_batch_split_probe as probe
-finally:
-    sys.path.pop(0)
+from _helpers import benchmark_module  # tests/conftest.py puts tests/ on sys.path
+
+probe = benchmark_module("rec_batch_split_probe")
 
 
 def test_both_models_run_both_sides_and_write_the_table(tmp_path, threads, capsys):

@@ -4,19 +4,15 @@ must agree (the speed itself is the benchmark's to measure, not a test's)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import hybridzoo.tasks.segmentation as seg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-try:
-    import seg_loss_probe as probe
-finally:
-    sys.path.pop(0)
+from _helpers import benchmark_module  # tests/conftest.py puts tests/ on sys.path
+
+probe = benchmark_module("seg_loss_probe")
 
 
 def test_the_probe_times_both_ways_and_writes_the_row(tmp_path, threads, capsys):

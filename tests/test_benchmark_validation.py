@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from hybridzoo.layers.onednn import onednn_available
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-try:
-    import bench_validation
-finally:
-    sys.path.pop(0)
+from _helpers import benchmark_module  # tests/conftest.py puts tests/ on sys.path
+
+bench_validation = benchmark_module("bench_validation")
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN: training validates eager only")

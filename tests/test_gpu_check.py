@@ -4,18 +4,14 @@ exists to catch."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 
 import hybridzoo
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-try:
-    import gpu_check
-finally:
-    sys.path.pop(0)
+from _helpers import benchmark_module  # tests/conftest.py puts tests/ on sys.path
+
+gpu_check = benchmark_module("gpu_check")
 
 CPU = torch.device("cpu")
 
