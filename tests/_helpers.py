@@ -130,6 +130,18 @@ def small_sr_val_folder(folder, count: int = 3, size: tuple[int, int] = (40, 48)
     return folder
 
 
+class OpNames(TorchDispatchMode):
+    """Records the name of every operator dispatched on this thread (`aten.convolution`, `hybridzoo_native.gelu`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
 class OneDevice(TorchDispatchMode):
     """Refuses an operator given tensors on two devices, as CUDA's kernels do; the meta device's own kernels check
     only some (an embedding takes CPU indices on meta, not on CUDA). CPU scalars (0-d), indices of advanced

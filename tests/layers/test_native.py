@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridzoo
 from hybridzoo.layers import native
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former as mf
 from hybridzoo.registry import get_card
-from _helpers import kernels_with_isa, perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
+from _helpers import OpNames as _Ops, kernels_with_isa, perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 HAS_TOOLS = shutil.which(os.environ.get("CXX", "c++").split()[0]) is not None and shutil.which("ninja") is not None
@@ -78,16 +77,6 @@ def test_dyrelu_names_what_is_wrong(built, bad, words):
     with pytest.raises(RuntimeError, match="hybridzoo_native::dyrelu_") as e:
         built.dyrelu_(*bad())
     assert words in str(e.value)
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
@@ -731,6 +720,28 @@ def test_fast_training_gelu_is_gelu_on_the_kernel_in_training_only(attn, monkeyp
                                 torch.nn.GELU(approximate="tanh"))
     fast = _check_fast_activation(model, torch.randn(6, 8), F.gelu, monkeypatch)
     assert type(fast[1]) is FastGELU and type(fast[3]) is torch.nn.GELU
+
+
+@needs_attention
+def test_fast_training_gelu_keeps_a_channels_last_map_channels_last(attn):
+    """A channels-last map goes through `FastGELU` as its NHWC storage, both ways: the output and the input gradient
+    channels-last (the layout BatchNorm's backward wants beside it), no copy of the map, the values `F.gelu`'s."""
+    from hybridzoo.layers.train_fast import FastGELU
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 5, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, 48, 5, 3).contiguous(memory_format=torch.channels_last)
+    with _Ops() as ops:
+        y = FastGELU()(x)
+        y.backward(g)
+    assert ops.names.count("hybridzoo_native.gelu") == 2
+    assert not {"aten.clone", "aten.copy_", "aten.contiguous"} & set(ops.names), ops.names
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    ref = x.detach().clone().requires_grad_()
+    F.gelu(ref).backward(g)
+    torch.testing.assert_close(y, F.gelu(x.detach()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-6)
 
 
 def _check_fast_activation(model, x, reference, monkeypatch):

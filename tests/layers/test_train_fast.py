@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import hybridzoo
-from hybridzoo.layers import train_fast
+from hybridzoo.layers import native, train_fast
 from hybridzoo.layers.mlp import QuickGELU
-from hybridzoo.layers.train_fast import (FastLinear, fast_linear, fast_training_available, onednn_linear,
-                                        optimize_for_cpu_training)
+from hybridzoo.layers.train_fast import (FastLinear, FastPointwiseConv2d, fast_linear, fast_training_available,
+                                        onednn_linear, optimize_for_cpu_training)
 from hybridzoo.registry import get_card
+
+from _helpers import OpNames  # tests/conftest.py puts tests/ on sys.path
 
 pytestmark = pytest.mark.skipif(not fast_training_available(), reason="no oneDNN in this build")
 
@@ -120,7 +122,31 @@ def test_the_mkl_route_is_f_linear_bit_for_bit(monkeypatch, route):
 
 
 def _fast_ran(y: torch.Tensor) -> bool:
-    return y.grad_fn is not None and "_FastLinearFn" in type(y.grad_fn).__name__
+    """y came from the product routes' autograd Function, seen through the views of its output (oneDNN's products
+    of more than 2-D rows and the pointwise convolutions' NCHW view)."""
+    fn = y.grad_fn
+    while fn is not None and type(fn).__name__ in ("ViewBackward0", "PermuteBackward0"):
+        fn = fn.next_functions[0][0]
+    return fn is not None and "_FastLinearFn" in type(fn).__name__
+
+
+@pytest.mark.parametrize("route", ["onednn", "native"])
+def test_an_in_place_activation_may_follow_the_products(monkeypatch, route):
+    """`ReLU(inplace=True)` after a FastLinear of token rows (B, N, C) trains as after `nn.Linear`: the products hand
+    back an output that may be written in place."""
+    monkeypatch.setattr(train_fast, "PRODUCTS", route)
+    if route == "native" and not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels here")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(128, 144), nn.ReLU(inplace=True), nn.Linear(144, 128))
+    fast = optimize_for_cpu_training(copy.deepcopy(plain))
+    x = torch.randn(2, 7, 128)
+    y = fast(x)
+    assert _fast_ran(fast[0](x))
+    y.sum().backward()
+    plain(x).sum().backward()
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=n)
 
 
 def _grads(params):
@@ -245,6 +271,46 @@ def test_switch_is_in_place_and_leaves_subclasses():
     model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 127))
     optimize_for_cpu_training(model)
     assert type(model[0]) is FastLinear and type(model[1]) is nn.Linear
+
+
+@pytest.mark.parametrize("route", ["onednn", "native", "mkl"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pointwise_convolutions_train_as_products_over_a_channels_last_map(monkeypatch, route, channels_last):
+    """`optimize_for_cpu_training` makes 1×1 stride-1 convolutions `FastPointwiseConv2d`: on a channels-last map in
+    training, FastLinear's products over its pixels (the output channels-last too), with the convolution's output
+    and gradients to fp32 rounding; an NCHW map, the MKL route (where FastLinear is `F.linear`), eval mode and no
+    gradient are the convolution bit for bit. Other convolutions and small ones stay `nn.Conv2d`."""
+    monkeypatch.setattr(train_fast, "PRODUCTS", route)
+    if route == "native" and not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels here")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(128, 144, 1), nn.Conv2d(144, 128, 1, bias=False), nn.Conv2d(128, 128, 3),
+                          nn.Conv2d(128, 128, 1, stride=2), nn.Conv2d(8, 8, 1))
+    fast = optimize_for_cpu_training(copy.deepcopy(plain))
+    assert [type(m) for m in fast] == [FastPointwiseConv2d, FastPointwiseConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 128, 5, 7).contiguous(memory_format=fmt)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with OpNames() as ops:   # with an in-place activation between them, as ResNet blocks have
+        y = fast[1](F.relu_(fast[0](xs[0])))
+    y_ref = plain[1](F.relu_(plain[0](xs[1])))
+    products = channels_last and route != "mkl"
+    assert ("aten.convolution" not in ops.names) == products
+    assert _fast_ran(y) == products   # the product route itself ran, not F.linear
+    if not products:
+        assert torch.equal(y, y_ref)
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, **TOL)
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=n)
+    with torch.no_grad():
+        assert torch.equal(fast[0](x), plain[0](x))
+    assert torch.equal(fast.eval()[0](x), plain[0](x))
 
 
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_small", "cvt_13"])

@@ -447,7 +447,7 @@ class InplaceChain(nn.Sequential):
 
 
 def supports_conv(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    return ((type(conv) is nn.Conv2d or getattr(type(conv), "plain_in_eval", False)) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and conv.weight.device.type == "cpu")
 
 

@@ -15,7 +15,8 @@ DeiT-S's shapes; on AVX2-only AMD Zen 3 MKL's products beat oneDNN's at one thre
 
 `optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model with at least 128×128 weights
 (smaller ones run faster on MKL) to `FastLinear` *in place*
-(the class only: the same Parameter objects, state dict, hooks and optimiser references), so it can be
+(the class only: the same Parameter objects, state dict, hooks and optimiser references), and every 1×1 stride-1
+`nn.Conv2d` to `FastPointwiseConv2d` (the same products over a channels-last map's pixels), so it can be
 applied before or after the optimiser is built, and checkpoints are unchanged. `FastLinear` computes the
 same function and gradients as `nn.Linear` (fp32 rounding aside: the two libraries sum in different
 orders). It takes its routes only in training mode, when a gradient is to be taken, from an fp32 CPU
@@ -49,8 +50,8 @@ from hybridzoo.layers.fused import use_fused_cpu
 from hybridzoo.layers.mlp import QuickGELU
 from hybridzoo.layers.onednn import run_on_threads
 
-__all__ = ["FastLinear", "FastGELU", "FastQuickGELU", "optimize_for_cpu_training", "fast_training_available",
-           "fast_linear", "onednn_linear", "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
+__all__ = ["FastLinear", "FastPointwiseConv2d", "FastGELU", "FastQuickGELU", "optimize_for_cpu_training",
+           "fast_training_available", "fast_linear", "onednn_linear", "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
 
 
 # Decided once: dynamo refuses to trace `torch.backends.mkldnn.is_available` (a graph break per layer).
@@ -207,19 +208,34 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     validation figures and exports see the plain operator; under `torch.compile` it is the custom operator
     `hybridzoo::onednn_linear` (oneDNN's products, see the module docstring) where oneDNN is the route or beside
     it (`ONEDNN_BESIDE_NATIVE`), else `F.linear`."""
+    route = _product_route(x, weight, bias)
+    if route is None:
+        return F.linear(x, weight, bias)
+    if route == "native":
+        return _FastLinearFn.apply(x, weight, bias, True)
+    if route == "op":
+        return onednn_linear(x, weight, bias)
+    if x.dim() > 2:
+        # oneDNN's product of more than 2-D rows returns a view of its output, and a view made inside an autograd
+        # Function may not be written in place (a ReLU(inplace=True) after the layer): 2-D rows in, a fresh output
+        return _FastLinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return _FastLinearFn.apply(x, weight, bias)
+
+
+def _product_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Where `fast_linear` sends x·Wᵀ + b: "native", "onednn", "op" (the custom operator, under torch.compile) or
+    None (`F.linear`)."""
     if (not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
             or torch.jit.is_tracing() or torch.jit.is_scripting() or PRODUCTS not in ("onednn", "native")
             or not _applies(x, weight)):
-        return F.linear(x, weight, bias)
+        return None
     if PRODUCTS == "native":
         if not torch.compiler.is_compiling() and _native_fits(weight):
-            return _FastLinearFn.apply(x, weight, bias, True)
+            return "native"
         if not ONEDNN_BESIDE_NATIVE:
-            return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():
-        return onednn_linear(x, weight, bias)
-    return _FastLinearFn.apply(x, weight, bias)
+            return None
+    return "op" if torch.compiler.is_compiling() else "onednn"
 
 
 class FastLinear(nn.Linear):
@@ -235,6 +251,28 @@ class FastLinear(nn.Linear):
         """`self(x)[..., lo:hi]` from weight rows lo:hi only (`layers.attention.linear_rows`)."""
         w, b = self.weight[lo:hi], None if self.bias is None else self.bias[lo:hi]
         return F.linear(x, w, b) if not self.training else fast_linear(x, w, b)
+
+
+class FastPointwiseConv2d(nn.Conv2d):
+    """A 1×1, stride-1 `nn.Conv2d` whose training products on a channels-last map are `FastLinear`'s over its pixels:
+    the map's NHWC storage is already the (B·H·W, C) rows of a linear layer, so the forward, input gradient and
+    weight gradient take the native kernels as a token product does (a channels-last BoT50 step 1.08× oneDNN's
+    convolutions; benchmarks/RESULTS.md, session 36). An NCHW map, eval mode and everything `fast_linear` leaves to
+    `F.linear` are the convolution itself, bit for bit."""
+
+    plain_in_eval = True   # the frozen inference path folds it as it does an nn.Conv2d (`onednn.supports_conv`)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.dim() == 4:
+            rows, weight = x.permute(0, 2, 3, 1), self.weight.flatten(1)
+            if rows.is_contiguous() and _product_route(rows, weight, self.bias) is not None:
+                return fast_linear(rows, weight, self.bias).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
+def _pointwise(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.dilation == (1, 1)
+            and m.padding == (0, 0) and m.groups == 1)
 
 
 class _NativeGELUFn(torch.autograd.Function):
@@ -260,6 +298,14 @@ def _native_gelu_applies(module: nn.Module, x: torch.Tensor) -> bool:
             and native.attention_supported())
 
 
+def _native_gelu(x: torch.Tensor, quick: bool) -> torch.Tensor:
+    """The native activation of x in x's own layout: a channels-last map goes through as its dense NHWC view, where
+    a contiguous copy would cost a pass each way and leave BatchNorm's backward to mix two layouts (3× slower)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return _NativeGELUFn.apply(x.permute(0, 2, 3, 1), quick).permute(0, 3, 1, 2)
+    return _NativeGELUFn.apply(x.contiguous(), quick)
+
+
 class FastGELU(nn.GELU):
     """`nn.GELU` (exact) whose training forward and backward run on the native kernels: one pass over memory each
     way, where ATen's erf and exp per value cost 2–3× that on a CPU thread. Its erf is a rational approximation
@@ -268,7 +314,7 @@ class FastGELU(nn.GELU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.approximate == "none" and _native_gelu_applies(self, x):
-            return _NativeGELUFn.apply(x.contiguous(), False)
+            return _native_gelu(x, False)
         return F.gelu(x, approximate=self.approximate)
 
 
@@ -279,7 +325,7 @@ class FastQuickGELU(QuickGELU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _native_gelu_applies(self, x):
-            return _NativeGELUFn.apply(x.contiguous(), True)
+            return _native_gelu(x, True)
         return super().forward(x)
 
 
@@ -291,7 +337,8 @@ MIN_WEIGHT_NUMEL = 128 * 128
 def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = None,
                               native_attention: bool = True, native_gelu: bool = True) -> nn.Module:
     """Switch every exact `nn.Linear` of `model` with at least `min_weight_numel` weights (default
-    `MIN_WEIGHT_NUMEL`) to `FastLinear`, in place; returns `model`.
+    `MIN_WEIGHT_NUMEL`) to `FastLinear`, and every exact 1×1 stride-1 `nn.Conv2d` of that many to
+    `FastPointwiseConv2d` (its products `FastLinear`'s on a channels-last map), in place; returns `model`.
 
     `native_attention`: the attention modules that can (`layers.attention.Attention`, ConViT's GPSA, CvT's) run
     through the native forward and backward kernels (`layers.native.attend`; compiled at the first call of a
@@ -309,6 +356,8 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     for m in model.modules():
         if type(m) is nn.Linear and m.in_features * m.out_features >= min_weight_numel:
             m.__class__ = FastLinear
+        elif _pointwise(m) and m.in_channels * m.out_channels >= min_weight_numel:
+            m.__class__ = FastPointwiseConv2d
     if native_attention:
         _use_native_attention(model)
     if native_gelu and native.load() and native.attention_supported():
