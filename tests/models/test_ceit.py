@@ -9,6 +9,8 @@ from torch import nn
 import hybridzoo
 from hybridzoo.models.ceit import I2T, LCABlock, LeFF
 
+from _helpers import OpNames  # tests/conftest.py puts tests/ on sys.path
+
 SMALL = dict(embed_dim=24, num_heads=2, depth=3, stem_chans=8, img_size=64, num_classes=5)
 
 
@@ -35,6 +37,57 @@ def test_leff_passes_the_cls_token_and_mixes_only_3x3_neighbours():
         diff = (leff(x2, (6, 6)) - y)[0, 1:].abs().sum(-1).reshape(6, 6)
     changed = (diff > 0).nonzero().tolist()
     assert sorted(changed) == [[r, c] for r in (1, 2, 3) for c in (1, 2, 3)]
+
+
+def _leff_as_official(leff: LeFF, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The official forward: the patch tokens transposed to an NCHW map, three convolutions with BN, back to tokens."""
+    B, N, C = x.shape
+    y = x[:, 1:].transpose(1, 2).reshape(B, C, *grid)
+    y = leff.act(leff.bn1(leff.conv1(y)))
+    y = leff.act(leff.bn2(leff.conv2(y)))
+    y = leff.bn3(leff.conv3(y))
+    return torch.cat([x[:, :1], y.flatten(2).transpose(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_leff_on_a_channels_last_map_is_the_official_nchw_computation(fast):
+    """LeFF lays the tokens out as a channels-last map (its 1×1 convolutions become products over the token rows):
+    output, batch statistics, running statistics and gradients as the official NCHW computation, in training and
+    in eval mode; `fast`: through `optimize_for_cpu_training`, to fp32 rounding."""
+    from hybridzoo.layers.train_fast import optimize_for_cpu_training
+
+    torch.manual_seed(0)
+    ref = LeFF(32, 128)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    leff = __import__("copy").deepcopy(ref)
+    if fast:
+        optimize_for_cpu_training(leff, min_weight_numel=1)
+    layouts = []
+    leff.conv1.register_forward_pre_hook(lambda m, i: layouts.append(i[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(3, 1 + 30, 32)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with OpNames() as ops:
+        y = leff(xs[0], (5, 6))
+    y_ref = _leff_as_official(ref, xs[1], (5, 6))
+    assert layouts == [True]
+    assert ops.names.count("aten.convolution") == (1 if fast else 3)   # fast: the depthwise one alone
+    tol = dict(rtol=1e-4, atol=1e-4) if fast else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, **tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol)
+    for (n, a), b in zip(leff.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3 if fast else 1e-5, atol=1e-3 if fast else 1e-5, msg=n)
+    for (n, a), b in zip(leff.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(leff.eval()(x, (5, 6)), _leff_as_official(ref.eval(), x, (5, 6)), rtol=1e-6,
+                                   atol=1e-6)
 
 
 def test_block_adds_normalised_cls_token_through_leff():

@@ -70,12 +70,15 @@ class LeFF(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
+        H, W = grid_size
         cls_token, tokens = x[:, :1], x[:, 1:]
-        y = tokens.transpose(1, 2).reshape(B, C, grid_size[0], grid_size[1])
+        # the patch tokens as a channels-last map (B×H×W×C in memory, viewed as B×C×H×W): the 1×1 convolutions are
+        # then products over the token rows and the map needs no transposed copy on the way in or out
+        y = tokens.reshape(B, H, W, C).contiguous().permute(0, 3, 1, 2)
         y = self.act(self.bn1(self.conv1(y)))
         y = self.act(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return torch.cat([cls_token, y.flatten(2).transpose(1, 2)], dim=1)
+        return torch.cat([cls_token, y.permute(0, 2, 3, 1).reshape(B, H * W, C)], dim=1)
 
 
 class Block(nn.Module):
