@@ -73,7 +73,7 @@ TRAIN_NOTE = "train: optimize_for_cpu_training + fused AdamW + batch split where
 
 def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, call=None,
                     fast: bool = False, *, linear: bool | None = None, fused: bool | None = None,
-                    compiled: bool = False, channels_last: bool = False, split: bool | None = None,
+                    compiled: bool = False, channels_last: bool | None = None, split: bool | None = None,
                     native_attention: bool = True, native_gelu: bool = True) -> Callable[[], Any]:
     """Forward in train mode, cross-entropy on fixed random labels, backward, AdamW step.
 
@@ -81,13 +81,16 @@ def make_train_step(model: nn.Module, x: torch.Tensor, num_classes: int = 1000, 
     `optimize_for_cpu_training` on a copy of the model and `AdamW(fused=True)`. The peers get AdamW as
     torch builds it by default. `linear` / `fused` take one of the two levers alone (benchmarks/train_levers.py);
     `compiled` wraps the call in `torch.compile`; `channels_last` converts the model and the input (as
-    `hybridzoo train --channels-last` does); `split` (default: `fast`) trains by batch split where the trainer
+    `hybridzoo train --channels-last` does; default: with `fast`, the model's own choice, `train_channels_last`,
+    as `hybridzoo train` takes it on the CPU); `split` (default: `fast`) trains by batch split where the trainer
     does (`BatchSplitTraining`: models without batch statistics, ≥ 2 threads, not compiled); `native_attention`
     (with `linear`): attention through the native kernels where they build, as the trainer does, else SDPA;
     `native_gelu` (with `linear`): exact GELU and QuickGELU likewise, else ATen's."""
     linear = fast if linear is None else linear
     split = fast if split is None else split
     fused = fast if fused is None else fused
+    if channels_last is None:
+        channels_last = fast and getattr(model, "train_channels_last", False)
     if linear:
         from hybridzoo.layers.train_fast import optimize_for_cpu_training
         model = optimize_for_cpu_training(copy.deepcopy(model), native_attention=native_attention,

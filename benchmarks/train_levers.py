@@ -19,6 +19,7 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
   fast-compile  the fast path compiled (`hybridzoo train --compile`): FastLinear's products stay oneDNN calls
                 (the custom op `hybridzoo::onednn_linear`), inductor fuses the rest; fused AdamW
   fast-cl       the fast path with model and input in channels-last (`--channels-last`; convolution stages)
+  fast-split-cl fast-split with model and input in channels-last: the layout measured beside the batch split
   fast-split-every-row  fast-split with the last block computing every token row (`layers.helpers.every_row`),
                 as before session 7 (fast-split computes only the class token's row there: the head reads no other)
   fast-split-onednn, fast-split-native, fast-split-mkl  fast-split with `FastLinear`'s forward and input-gradient
@@ -53,7 +54,7 @@ from hybridzoo.layers import native, train_fast
 from hybridzoo.layers.helpers import every_row
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-every-row", "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2", "fast-split-onednn",
+          "fast-split-cl", "fast-split-every-row", "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2", "fast-split-onednn",
           "fast-split-native", "fast-split-mkl", "fast-split-dw-mkl", "fast-split-dw-native"]
 ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}
 WEIGHT_GRADS = {"fast-split-dw-mkl": "mkl", "fast-split-dw-native": "native"}
@@ -109,20 +110,20 @@ def main() -> None:
         for lever in args.levers:  # every variant trains its own copy of the same weights
             variants[lever] = make_train_step(copy.deepcopy(base), x,
                                               linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
-                                                               "fast-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                               "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
+                                                               "fast-cl", "fast-split-cl", "fast-split-every-row",
+                                                               "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
                                                                *WEIGHT_GRADS),
                                               fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
-                                                              "fast-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                              "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
+                                                              "fast-cl", "fast-split-cl", "fast-split-every-row",
+                                                              "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
                                                               *WEIGHT_GRADS),
-                                              split=lever in ("fast-split", "fast-split-every-row", "fast-split-sdpa",
+                                              split=lever in ("fast-split", "fast-split-cl", "fast-split-every-row", "fast-split-sdpa",
                                                               "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
                                                               *WEIGHT_GRADS),
                                               native_attention=lever != "fast-split-sdpa",
                                               native_gelu=lever != "fast-split-aten-gelu",
                                               compiled=lever in ("compile", "fast-compile"),
-                                              channels_last=lever == "fast-cl")
+                                              channels_last=lever in ("fast-cl", "fast-split-cl"))
         contexts = {"fast-split-every-row": every_row, "fast-split-avx2": _avx2_kernels,
                     **{lever: functools.partial(_route, "PRODUCTS", route) for lever, route in ROUTES.items()},
                     **{lever: functools.partial(_route, "WEIGHT_GRADS", route) for lever, route in WEIGHT_GRADS.items()}}
@@ -171,6 +172,12 @@ def main() -> None:
             r = [a / b for a, b in zip(times["fast-split-avx2"], times["fast-split"])]
             print(f"\nfast-split (AVX-512 kernels) vs fast-split-avx2: wall {statistics.median(r):.3f}x (min–max "
                   f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
+        for a, b in (("fast-cl", "fast"), ("fast-split-cl", "fast-split")):   # channels-last, round by round
+            if a in times and b in times:
+                r = [y / z for y, z in zip(times[b], times[a])]
+                rc = [y / z for y, z in zip(cpu[b], cpu[a])]
+                print(f"\n{a} vs {b}: wall {statistics.median(r):.3f}x (min–max {min(r):.3f}–{max(r):.3f}), "
+                      f"CPU time {statistics.median(rc):.3f}x, medians of per-round ratios", flush=True)
         if "fast" in times and "fast-split" in times:  # the batch split against the whole batch, round by round
             r = [w / s for w, s in zip(times["fast"], times["fast-split"])]
             rc = [w / s for w, s in zip(cpu["fast"], cpu["fast-split"])]

@@ -248,6 +248,10 @@ class BoTNet(nn.Module):
     se_ratio: SE in the convolutional blocks (1/16 in the S1 nets, None in BoT50).
     """
 
+    # `hybridzoo train` on the fast CPU path takes channels-last unless told otherwise: a BoT50 step 1.22x (batch
+    # 16, 224², beside the batch split; benchmarks/RESULTS.md, session 36)
+    train_channels_last = True
+
     def __init__(self, *, stage_sizes=(3, 4, 6, 3), stride_one: bool = False, se_ratio: float | None = None,
                  act_layer: type[nn.Module] = nn.ReLU, num_heads: int = 4, stem_width: int = 64,
                  img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,

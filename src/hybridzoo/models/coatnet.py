@@ -272,6 +272,10 @@ class CoAtNet(nn.Module):
     resize the tables on the fly.
     """
 
+    # `hybridzoo train` on the fast CPU path takes channels-last unless told otherwise: a step 1.08x (batch 16,
+    # 224², beside the batch split; benchmarks/RESULTS.md, session 36)
+    train_channels_last = True
+
     def __init__(self, *, dims: tuple[int, int, int, int], depths: tuple[int, int, int, int], stem_width: int,
                  head_hidden_size: int | None = None, dim_head: int = 32, expand_ratio: int = 4, mlp_ratio: int = 4,
                  se_ratio: float = 0.25, pool_type: str = "avg", img_size: int | tuple[int, int] = 224,

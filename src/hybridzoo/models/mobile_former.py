@@ -791,6 +791,10 @@ class MobileFormer(nn.Module):
     `forward_features` returns the pair (local map, tokens) that the head merges.
     """
 
+    # `hybridzoo train` on the fast CPU path takes channels-last unless told otherwise: a Mobile-Former-294M step
+    # 1.15x (batch 16, 224²; benchmarks/RESULTS.md, session 36)
+    train_channels_last = True
+
     def __init__(self, *, blocks: tuple, stem_chs: int, num_tokens: int, token_dim: int, num_features: int,
                  groups: int = 1, head_expand: int = 6, bridge_heads: int = 2, former_heads: int = 4,
                  num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
