@@ -210,6 +210,9 @@ def main() -> None:
     ap.add_argument("--peak", type=float, default=None,
                     help="GEMM peak in GFLOP/s at these threads (default 105 per thread: results_peak_epyc.json's "
                          "210 at two)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="model and images channels-last (what `hybridzoo train` does for a model whose "
+                         "`train_channels_last` is set)")
     ap.add_argument("--other-rows", type=int, default=6)
     add_malloc_option(ap)
     ap.add_argument("--table", type=int, default=0,
@@ -236,7 +239,11 @@ def main() -> None:
         if fast:
             from hybridzoo.layers.train_fast import optimize_for_cpu_training
             model = optimize_for_cpu_training(model)
-        prof, wall, warm, faults = profile_step(model, x, target, fast, timer=args.timer)
+        xs = x
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            xs = x.contiguous(memory_format=torch.channels_last)
+        prof, wall, warm, faults = profile_step(model, xs, target, fast, timer=args.timer)
         cats, total = categorise(prof)
         if args.timer == "ops":  # the wall time no operator holds: Python, autograd's engine, the dispatch itself
             cats["between operators (Python, autograd)"] = max(wall - total, 0.0)

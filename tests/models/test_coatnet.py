@@ -208,3 +208,22 @@ def test_loads_timm_layout(tmp_path):
         hybridzoo.load_weights(loaded, str(path))
     # our own layout (no timm names) is never questioned
     hybridzoo.load_weights(hybridzoo.create_model("coatnet_0", **get_card("coatnet_0").test_kwargs), state)
+
+
+def test_every_gelu_takes_the_fast_training_kernel():
+    """The stem's and MBConvs' GELUs are modules, so `optimize_for_cpu_training` gives them the one-pass kernel:
+    a training step on the fast path (channels-last, as `hybridzoo train` runs CoAtNet) calls no ATen GELU."""
+    from hybridzoo.layers import native
+    from hybridzoo.layers.train_fast import optimize_for_cpu_training
+
+    from _helpers import OpNames  # tests/conftest.py puts tests/ on sys.path
+
+    if not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels here")
+    model = optimize_for_cpu_training(_reduced().train()).to(memory_format=torch.channels_last)
+    assert model.train_channels_last
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with OpNames() as ops:
+        model(x).sum().backward()
+    assert ops.names.count("hybridzoo_native.gelu") >= 2 * (1 + 2 * 3)   # stem + two per MBConv, each way
+    assert not {"aten.gelu", "aten.gelu_backward"} & set(ops.names)

@@ -53,9 +53,10 @@ class Stem(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, width, 3, 2, 1, bias=False)
         self.norm1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.act = nn.GELU()   # a module, not F.gelu: the fast CPU training path swaps it for its one-pass kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.gelu(self.norm1(self.conv1(x))))
+        return self.conv2(self.act(self.norm1(self.conv1(x))))
 
     def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
         from hybridzoo.layers.onednn import OneDNNConv2d
@@ -85,13 +86,14 @@ class MBConv(nn.Module):
         self.se = SqueezeExcite(mid, int(se_ratio * out_chs), act_layer=nn.SiLU)
         self.conv3 = nn.Conv2d(mid, out_chs, 1)
         self.drop_path = DropPath(drop_path)
+        self.act = nn.GELU()   # a module, not F.gelu: the fast CPU training path swaps it for its one-pass kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pre_norm(x)
         if self.stride == 2:
             x, y = _pool(x, self.pool_type), _pool(y, self.pool_type)
-        y = F.gelu(self.norm1(self.conv1(y)))
-        y = self.se(F.gelu(self.norm2(self.conv2(y))))
+        y = self.act(self.norm1(self.conv1(y)))
+        y = self.se(self.act(self.norm2(self.conv2(y))))
         return self.shortcut(x) + self.drop_path(self.conv3(y))
 
     def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
