@@ -177,3 +177,32 @@ def test_384_variant_has_24x24_position_grid():
     with torch.device("meta"):
         model = hybridzoo.create_model("ceit_small_384")
     assert model.pos_embed.shape == (1, 24 * 24 + 1, 384)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+def test_the_frozen_copy_folds_leff_batchnorms_into_its_convolutions():
+    """`optimize_for_cpu_inference`: every LeFF's BatchNorms folded into its convolutions and its GELUs into their
+    epilogues (no BatchNorm left in the blocks), the eval model's logits; a LeFF normalising with batch statistics
+    in eval mode is left as it is."""
+    from hybridzoo.layers.onednn import optimize_for_cpu_inference
+    from hybridzoo.models.ceit import _FrozenLeFF
+
+    torch.manual_seed(0)
+    model = hybridzoo.create_model("ceit_tiny", **SMALL)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    frozen = optimize_for_cpu_inference(model, split_batch=False)
+    assert all(type(b.leff) is _FrozenLeFF for b in frozen.blocks)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.blocks.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(frozen(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    model.blocks[0].leff.bn2.track_running_stats = False
+    assert type(optimize_for_cpu_inference(model, split_batch=False).blocks[0].leff) is LeFF

@@ -80,6 +80,25 @@ class LeFF(nn.Module):
         y = self.bn3(self.conv3(y))
         return torch.cat([cls_token, y.permute(0, 2, 3, 1).reshape(B, H * W, C)], dim=1)
 
+    def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
+        if not (all(bn.track_running_stats for bn in (self.bn1, self.bn2, self.bn3)) and type(self.act) is nn.GELU):
+            return self   # batch statistics in eval mode, or an activation oneDNN has no post-op for
+        return _FrozenLeFF(self, batch_hint)
+
+
+class _FrozenLeFF(LeFF):
+    """LeFF for the oneDNN inference path: each BatchNorm folded into the convolution before it and the GELUs into
+    their epilogues, so the hidden map is written once per convolution (the 1×1 ones as products on the panel
+    kernel, the depthwise one on its native kernel) instead of three more passes for BN, GELU and BN."""
+
+    def __init__(self, m: LeFF, batch_hint: int | None):
+        nn.Module.__init__(self)
+        from hybridzoo.layers.onednn import OneDNNConv2d
+        self.conv1 = OneDNNConv2d(m.conv1, m.bn1, nn.GELU(approximate=m.act.approximate), batch_hint)
+        self.conv2 = OneDNNConv2d(m.conv2, m.bn2, nn.GELU(approximate=m.act.approximate), batch_hint)
+        self.conv3 = OneDNNConv2d(m.conv3, m.bn3, batch_hint=batch_hint)
+        self.bn1 = self.bn2 = self.bn3 = self.act = nn.Identity()
+
 
 class Block(nn.Module):
     """Pre-norm block: MHSA, then LeFF on the patch grid."""
