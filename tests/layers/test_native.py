@@ -63,6 +63,45 @@ def test_dyrelu_is_the_aten_formula_bit_for_bit(built, shape, layout, threads):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("shape", [(3, 37, 9, 11), (5, 96, 1, 1), (2, 8, 40, 41)])
+def test_dyrelu_training_kernels_are_autograds_maximum(built, shape, layout, threads):
+    """`dyrelu` (out of place, x's layout) is the ATen formula bit for bit; `dyrelu_backward` gives autograd's
+    gradients of torch.maximum(s1·x, s2·x), the halves at ties included (x = 0, equal slopes), to fp32 rounding."""
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape)
+    x.view(-1)[::5] = 0.0
+    x = x.contiguous(memory_format=layout)
+    g = torch.randn(shape).contiguous(memory_format=layout)
+    s1, s2 = torch.randn(2, shape[0], shape[1]).unbind(0)
+    s2[0, :3] = s1[0, :3]
+    xr, a, b = (t.clone().requires_grad_() for t in (x, s1, s2))
+    ref = torch.maximum(xr * a[:, :, None, None], xr * b[:, :, None, None])
+    ref.backward(g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = built.dyrelu(x, s1, s2)
+        dx, d1, d2 = built.dyrelu_backward(x, g, s1, s2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y, ref) and y.is_contiguous(memory_format=layout)
+    assert dx.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(dx, xr.grad, rtol=1e-6, atol=1e-6)
+    scale = shape[2] * shape[3]
+    for got, want in ((d1, a.grad), (d2, b.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale ** 0.5)
+
+
+@needs_kernels
+def test_dyrelu_backward_names_a_gradient_of_another_layout(built):
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="hybridzoo_native::dyrelu_backward: grad must be .* strides"):
+        built.dyrelu_backward(x, torch.randn(2, 3, 4, 5), torch.randn(2, 3), torch.randn(2, 3))
+
+
+@needs_kernels
 @pytest.mark.parametrize("bad, words", [
     (lambda: (torch.randn(2, 3, 4, 10)[..., ::2], torch.randn(2, 3), torch.randn(2, 3)), "channels-last"),
     (lambda: (torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(2, 3)), "4-d"),

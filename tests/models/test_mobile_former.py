@@ -236,3 +236,40 @@ def test_torch_compile_matches_eager_at_batch_1():
             torch.testing.assert_close(compiled, model(x), rtol=1e-4, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fast_training_takes_the_dynamic_relu_kernels_with_the_same_gradients(channels_last):
+    """`optimize_for_cpu_training` (what `hybridzoo train` does on the CPU) runs every dynamic ReLU's training forward
+    and backward on the native kernels, one pass each: the plain model's loss and parameter gradients to fp32
+    rounding, and no ATen maximum left; without it the autograd formula runs."""
+    from hybridzoo.layers import native
+    from hybridzoo.layers.train_fast import optimize_for_cpu_training
+
+    from _helpers import OpNames  # tests/conftest.py puts tests/ on sys.path
+
+    if not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels here")
+    plain = _reduced("mobile_former_26m").train()
+    _randomize_norms(plain)
+    fast = optimize_for_cpu_training(__import__("copy").deepcopy(plain))
+    n_act = sum(isinstance(m, DynamicReLU) for m in plain.modules())
+    assert n_act > 0 and all(m.native_training for m in fast.modules() if isinstance(m, DynamicReLU))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, y = torch.randn(3, 3, 64, 64).contiguous(memory_format=fmt), torch.tensor([0, 1, 2])
+    if channels_last:
+        plain, fast = plain.to(memory_format=fmt), fast.to(memory_format=fmt)
+    with OpNames() as ops:
+        loss = F.cross_entropy(fast(x), y)
+        loss.backward()
+    assert ops.names.count("hybridzoo_native.dyrelu") == n_act
+    assert ops.names.count("hybridzoo_native.dyrelu_backward") == n_act
+    assert "aten.maximum" not in ops.names
+    with OpNames() as ops:
+        ref = F.cross_entropy(plain(x), y)
+        ref.backward()
+    assert ops.names.count("aten.maximum") == n_act and "hybridzoo_native.dyrelu" not in ops.names
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * scale, msg=n)

@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "load", "dyrelu_", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
+__all__ = ["available", "load", "dyrelu_", "dyrelu", "dyrelu_backward", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
            "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
            "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "gather_weight",
            "gather_conv", "token_blocks", "conv_token_blocks", "seg_eval_stats", "seg_cross_entropy", "isa", "set_isa",
@@ -211,19 +211,144 @@ HZ_CLONES static void dyrelu_plane(float* __restrict x, float a, float b, int64_
   }
 }
 
+// the same out of place, y <- max(a·x, b·x): the training forward, which keeps x for its backward
+HZ_CLONES static void dyrelu_rows_to(const float* __restrict x, float* __restrict y, const float* __restrict a,
+                                     const float* __restrict b, int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r) {
+    #pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = x[r * C + c];
+      y[r * C + c] = std::max(v * a[c], v * b[c]);
+    }
+  }
+}
+
+HZ_CLONES static void dyrelu_plane_to(const float* __restrict x, float* __restrict y, float a, float b, int64_t n) {
+  #pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = std::max(x[i] * a, x[i] * b);
+}
+
+// The backward of y = max(a·x, b·x) as autograd takes it through torch.maximum: the branch that is larger gets
+// the gradient, each half of it where they are equal (x = 0 among others). w = 1, 1/2 or 0:
+// dx = g·(a·w + b·(1 − w)), da += g·x·w, db += g·x·(1 − w).
+HZ_INLINE float dyrelu_weight(float p, float q) { return p > q ? 1.0f : (p == q ? 0.5f : 0.0f); }
+
+// rows of one image, channels last: da and db (C) accumulate over the rows
+HZ_CLONES static void dyrelu_back_rows(const float* __restrict x, const float* __restrict g, float* __restrict dx,
+                                       const float* __restrict a, const float* __restrict b, int64_t rows, int64_t C,
+                                       float* __restrict da, float* __restrict db) {
+  for (int64_t r = 0; r < rows; ++r) {
+    #pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = x[r * C + c], gr = g[r * C + c];
+      const float w = dyrelu_weight(v * a[c], v * b[c]), gv = gr * v;
+      dx[r * C + c] = gr * (a[c] * w + b[c] * (1.0f - w));
+      da[c] += gv * w;
+      db[c] += gv * (1.0f - w);
+    }
+  }
+}
+
+// one channel plane of n values: its two slope gradients
+HZ_CLONES static void dyrelu_back_plane(const float* __restrict x, const float* __restrict g, float* __restrict dx,
+                                        float a, float b, int64_t n, float* da, float* db) {
+  float sa = 0.0f, sb = 0.0f;
+  #pragma omp simd reduction(+ : sa, sb)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i], w = dyrelu_weight(v * a, v * b), gv = g[i] * v;
+    dx[i] = g[i] * (a * w + b * (1.0f - w));
+    sa += gv * w;
+    sb += gv * (1.0f - w);
+  }
+  *da = sa;
+  *db = sb;
+}
+
+// x a 4-d float32 map, contiguous or channels-last (returned: true for channels-last); slopes (B, C)
+static bool check_dyrelu(const char* op, const at::Tensor& x, const at::Tensor& s1, const at::Tensor& s2) {
+  const bool nhwc = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && (nhwc || x.is_contiguous()),
+              "hybridzoo_native::", op, ": x must be a 4-d float32 map, contiguous or channels-last, got ",
+              x.sizes(), " ", x.scalar_type(), " strides ", x.strides());
+  const int64_t B = x.size(0), C = x.size(1);
+  for (const at::Tensor& s : {s1, s2}) {
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 && s.size(0) == B
+                && s.size(1) == C, "hybridzoo_native::", op, ": slopes must be contiguous float32 (", B, ", ", C,
+                "), got ", s.sizes());
+  }
+  return nhwc && !x.is_contiguous();
+}
+
+// y = max(s1·x, s2·x), a new map in x's layout (the training forward)
+at::Tensor dyrelu(const at::Tensor& x, const at::Tensor& s1, const at::Tensor& s2) {
+  const bool nhwc = check_dyrelu("dyrelu", x, s1, s2);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  at::Tensor y = at::empty_like(x);
+  const float* px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  const float* p1 = s1.data_ptr<float>();
+  const float* p2 = s2.data_ptr<float>();
+  if (nhwc) {
+    at::parallel_for(0, B * HW, 256, [&](int64_t begin, int64_t end) {
+      while (begin < end) {
+        const int64_t img = begin / HW, stop = std::min(end, (img + 1) * HW);
+        dyrelu_rows_to(px + begin * C, py + begin * C, p1 + img * C, p2 + img * C, stop - begin, C);
+        begin = stop;
+      }
+    });
+  } else {
+    at::parallel_for(0, B * C * HW, 4096, [&](int64_t begin, int64_t end) {
+      while (begin < end) {
+        const int64_t plane = begin / HW, stop = std::min(end, (plane + 1) * HW);
+        dyrelu_plane_to(px + begin, py + begin, p1[plane], p2[plane], stop - begin);
+        begin = stop;
+      }
+    });
+  }
+  return y;
+}
+
+// (dx, ds1, ds2) of y = max(s1·x, s2·x) given dy (x's shape and layout): one read of x and dy, one write of dx
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dyrelu_backward(const at::Tensor& x, const at::Tensor& grad,
+                                                               const at::Tensor& s1, const at::Tensor& s2) {
+  const bool nhwc = check_dyrelu("dyrelu_backward", x, s1, s2);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat && grad.strides() == x.strides(),
+              "hybridzoo_native::dyrelu_backward: grad must be float32 of x's shape ", x.sizes(), " and strides ",
+              x.strides(), ", got ", grad.sizes(), " ", grad.scalar_type(), " strides ", grad.strides());
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor d1 = at::zeros({B, C}, s1.options()), d2 = at::zeros({B, C}, s1.options());
+  const float* px = x.data_ptr<float>();
+  const float* pg = grad.data_ptr<float>();
+  float* pdx = dx.data_ptr<float>();
+  const float* p1 = s1.data_ptr<float>();
+  const float* p2 = s2.data_ptr<float>();
+  float* pd1 = d1.data_ptr<float>();
+  float* pd2 = d2.data_ptr<float>();
+  if (nhwc) {   // a whole image per work item: its C sums are that item's alone
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t img = begin; img < end; ++img) {
+        const int64_t o = img * HW * C;
+        dyrelu_back_rows(px + o, pg + o, pdx + o, p1 + img * C, p2 + img * C, HW, C, pd1 + img * C, pd2 + img * C);
+      }
+    });
+  } else {
+    at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(HW, 1)), [&](int64_t begin,
+                                                                                          int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t o = plane * HW;
+        dyrelu_back_plane(px + o, pg + o, pdx + o, p1[plane], p2[plane], HW, pd1 + plane, pd2 + plane);
+      }
+    });
+  }
+  return {dx, d1, d2};
+}
+
 // Mobile-Former's dynamic ReLU, in place: x (B, C, H, W) float32, contiguous or channels-last; s1 and s2 (B, C)
 // slopes. One read and one write of the map, where ATen needs a product into a temporary and a maximum.
 at::Tensor dyrelu_(at::Tensor x, const at::Tensor& s1, const at::Tensor& s2) {
-  const bool nhwc = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && (nhwc || x.is_contiguous()),
-              "hybridzoo_native::dyrelu_: x must be a 4-d float32 map, contiguous or channels-last, got ",
-              x.sizes(), " ", x.scalar_type(), " strides ", x.strides());
+  const bool nhwc = check_dyrelu("dyrelu_", x, s1, s2);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  for (const at::Tensor& s : {s1, s2}) {
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 && s.size(0) == B
-                && s.size(1) == C, "hybridzoo_native::dyrelu_: slopes must be contiguous float32 (", B, ", ", C,
-                "), got ", s.sizes());
-  }
   float* px = x.data_ptr<float>();
   const float* p1 = s1.data_ptr<float>();
   const float* p2 = s2.data_ptr<float>();
@@ -2824,6 +2949,8 @@ std::tuple<at::Tensor, at::Tensor> seg_cross_entropy(const at::Tensor& logits, c
 
 TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_(Tensor(a!) x, Tensor s1, Tensor s2) -> Tensor(a!)");
+  m.def("dyrelu(Tensor x, Tensor s1, Tensor s2) -> Tensor");
+  m.def("dyrelu_backward(Tensor x, Tensor grad, Tensor s1, Tensor s2) -> (Tensor, Tensor, Tensor)");
   m.def("tiny_linear(Tensor x, Tensor wt, Tensor b) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? pos, float scale, Tensor? bias=None) -> Tensor");
   m.def("attention_lse(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
@@ -2862,6 +2989,8 @@ TORCH_LIBRARY(hybridzoo_native, m) {
 
 TORCH_LIBRARY_IMPL(hybridzoo_native, CPU, m) {
   m.impl("dyrelu_", &dyrelu_);
+  m.impl("dyrelu", &dyrelu);
+  m.impl("dyrelu_backward", &dyrelu_backward);
   m.impl("tiny_linear", &tiny_linear);
   m.impl("attention", &attention);
   m.impl("attention_lse", &attention_lse);
@@ -3103,6 +3232,19 @@ def dyrelu_(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor
     """x ← max(s1·x, s2·x) in place, x a float32 map (B, C, H, W), contiguous or channels-last, s1 and s2
     contiguous (B, C)."""
     return _STATE["ops"].dyrelu_(x, s1, s2)
+
+
+def dyrelu(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """max(s1·x, s2·x) as a new map in x's layout (the training forward); arguments as `dyrelu_`."""
+    return _STATE["ops"].dyrelu(x, s1, s2)
+
+
+def dyrelu_backward(x: torch.Tensor, grad: torch.Tensor, s1: torch.Tensor,
+                    s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, ds1, ds2) of max(s1·x, s2·x) given its gradient `grad` (x's shape and strides), in one pass over the
+    map: the larger branch takes the gradient, each half of it where the two are equal, as autograd's
+    `torch.maximum`."""
+    return _STATE["ops"].dyrelu_backward(x, grad, s1, s2)
 
 
 def attention_supported() -> bool:

@@ -345,6 +345,9 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     process that has none cached, about 30 s), where they build and the CPU has AVX-512 or AVX2; elsewhere SDPA
     stays.
 
+    Modules with a training kernel of their own (a class attribute `native_training`: Mobile-Former's dynamic
+    ReLU) are told to use it, where the native kernels build and the CPU has AVX-512 or AVX2.
+
     `native_gelu`: every exact `nn.GELU` (approximate="none") becomes `FastGELU`, and every `QuickGELU`
     `FastQuickGELU`, in place (the class only), where the native kernels build and the CPU has AVX-512 or AVX2.
 
@@ -360,6 +363,10 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
             m.__class__ = FastPointwiseConv2d
     if native_attention:
         _use_native_attention(model)
+    if native.load() and native.attention_supported():
+        for m in model.modules():   # element-wise layers with a training kernel of their own (Mobile-Former's DyReLU)
+            if hasattr(type(m), "native_training"):
+                m.native_training = True
     if native_gelu and native.load() and native.attention_supported():
         for m in model.modules():
             if type(m) is nn.GELU and m.approximate == "none":
