@@ -54,10 +54,12 @@ from hybridzoo.layers import native, train_fast
 from hybridzoo.layers.helpers import every_row
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-cl", "fast-split-every-row", "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2", "fast-split-onednn",
-          "fast-split-native", "fast-split-mkl", "fast-split-dw-mkl", "fast-split-dw-native"]
+          "fast-split-cl", "fast-split-every-row", "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2",
+          "fast-split-onednn", "fast-split-native", "fast-split-mkl", "fast-split-dw-mkl", "fast-split-dw-native"]
 ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}
 WEIGHT_GRADS = {"fast-split-dw-mkl": "mkl", "fast-split-dw-native": "native"}
+# the variants of the trainer's step by batch split (fast linear layers and fused AdamW with it)
+SPLIT = {lever for lever in LEVERS if lever.startswith("fast-split")}
 
 
 @contextlib.contextmanager
@@ -109,17 +111,11 @@ def main() -> None:
         variants = {"plain": make_train_step(copy.deepcopy(base), x)}
         for lever in args.levers:  # every variant trains its own copy of the same weights
             variants[lever] = make_train_step(copy.deepcopy(base), x,
-                                              linear=lever in ("fast-linear", "fast", "fast-split", "fast-compile",
-                                                               "fast-cl", "fast-split-cl", "fast-split-every-row",
-                                                               "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
-                                                               *WEIGHT_GRADS),
-                                              fused=lever in ("fused-adamw", "fast", "fast-split", "fast-compile",
-                                                              "fast-cl", "fast-split-cl", "fast-split-every-row",
-                                                              "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
-                                                              *WEIGHT_GRADS),
-                                              split=lever in ("fast-split", "fast-split-cl", "fast-split-every-row", "fast-split-sdpa",
-                                                              "fast-split-aten-gelu", "fast-split-avx2", *ROUTES,
-                                                              *WEIGHT_GRADS),
+                                              linear=lever in SPLIT or lever in ("fast-linear", "fast", "fast-compile",
+                                                                                 "fast-cl"),
+                                              fused=lever in SPLIT or lever in ("fused-adamw", "fast", "fast-compile",
+                                                                                "fast-cl"),
+                                              split=lever in SPLIT,
                                               native_attention=lever != "fast-split-sdpa",
                                               native_gelu=lever != "fast-split-aten-gelu",
                                               compiled=lever in ("compile", "fast-compile"),

@@ -20,7 +20,8 @@ from hybridzoo.layers import native
 from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former as mf
 from hybridzoo.registry import get_card
-from _helpers import OpNames as _Ops, kernels_with_isa, perturb, small_transformer  # tests/conftest.py puts tests/ on sys.path
+# tests/conftest.py puts tests/ on sys.path
+from _helpers import OpNames as _Ops, kernels_with_isa, perturb, small_transformer
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 HAS_TOOLS = shutil.which(os.environ.get("CXX", "c++").split()[0]) is not None and shutil.which("ninja") is not None
@@ -97,8 +98,13 @@ def test_dyrelu_training_kernels_are_autograds_maximum(built, shape, layout, thr
 @needs_kernels
 def test_dyrelu_backward_names_a_gradient_of_another_layout(built):
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
-    with pytest.raises(RuntimeError, match="hybridzoo_native::dyrelu_backward: grad must be .* strides"):
+    with pytest.raises(RuntimeError, match="hybridzoo_native::dyrelu_backward: grad must be .* channels-last as x"):
         built.dyrelu_backward(x, torch.randn(2, 3, 4, 5), torch.randn(2, 3), torch.randn(2, 3))
+    # a 1×1 map is both layouts: the gradient's strides along its size-1 dimensions may be either's
+    x, s1, s2 = torch.randn(4, 32, 1, 1), torch.rand(4, 32), torch.rand(4, 32) - 1
+    g = torch.empty_strided((4, 32, 1, 1), (32, 1, 32, 32)).copy_(torch.randn(4, 32, 1, 1))
+    dx, d1, d2 = built.dyrelu_backward(x, g, s1, s2)
+    torch.testing.assert_close(dx, built.dyrelu_backward(x, g.contiguous(), s1, s2)[0])
 
 
 @needs_kernels

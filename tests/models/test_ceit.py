@@ -67,7 +67,8 @@ def test_leff_on_a_channels_last_map_is_the_official_nchw_computation(fast):
     if fast:
         optimize_for_cpu_training(leff, min_weight_numel=1)
     layouts = []
-    leff.conv1.register_forward_pre_hook(lambda m, i: layouts.append(i[0].is_contiguous(memory_format=torch.channels_last)))
+    leff.conv1.register_forward_pre_hook(
+        lambda m, i: layouts.append(i[0].is_contiguous(memory_format=torch.channels_last)))
     x = torch.randn(3, 1 + 30, 32)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     with OpNames() as ops:

@@ -65,8 +65,8 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "load", "dyrelu_", "dyrelu", "dyrelu_backward", "tiny_linear", "former_tokens", "attention", "attend", "attention_applies",
-           "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
+__all__ = ["available", "load", "dyrelu_", "dyrelu", "dyrelu_backward", "tiny_linear", "former_tokens", "attention",
+           "attend", "attention_applies", "attention_ready", "attention_supported", "pack_panels", "scale_panels", "rows_linear", "rows_linear_add_",
            "depthwise3x3", "depthwise3x3_pooled", "winograd_weight", "winograd3x3", "patch_embed", "gather_weight",
            "gather_conv", "token_blocks", "conv_token_blocks", "seg_eval_stats", "seg_cross_entropy", "isa", "set_isa",
            "set_column_split_rows", "weight_grad", "ATTENTION_HEAD_DIMS", "build_dir"]
@@ -312,9 +312,12 @@ at::Tensor dyrelu(const at::Tensor& x, const at::Tensor& s1, const at::Tensor& s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dyrelu_backward(const at::Tensor& x, const at::Tensor& grad,
                                                                const at::Tensor& s1, const at::Tensor& s2) {
   const bool nhwc = check_dyrelu("dyrelu_backward", x, s1, s2);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat && grad.strides() == x.strides(),
-              "hybridzoo_native::dyrelu_backward: grad must be float32 of x's shape ", x.sizes(), " and strides ",
-              x.strides(), ", got ", grad.sizes(), " ", grad.scalar_type(), " strides ", grad.strides());
+  // the same layout as x's (strides may differ along dimensions of size 1: a 1×1 map is both layouts at once)
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat
+              && (nhwc ? grad.is_contiguous(at::MemoryFormat::ChannelsLast) : grad.is_contiguous()),
+              "hybridzoo_native::dyrelu_backward: grad must be float32 of x's shape ", x.sizes(), ", ",
+              nhwc ? "channels-last" : "contiguous", " as x, got ", grad.sizes(), " ", grad.scalar_type(), " strides ",
+              grad.strides());
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   at::Tensor dx = at::empty_like(x);
   at::Tensor d1 = at::zeros({B, C}, s1.options()), d2 = at::zeros({B, C}, s1.options());

@@ -447,8 +447,9 @@ class InplaceChain(nn.Sequential):
 
 
 def supports_conv(conv: nn.Module) -> bool:
-    return ((type(conv) is nn.Conv2d or getattr(type(conv), "plain_in_eval", False)) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and conv.weight.device.type == "cpu")
+    # exactly nn.Conv2d, or a subclass that declares itself the same convolution in eval mode (FastPointwiseConv2d)
+    return ((type(conv) is nn.Conv2d or getattr(type(conv), "plain_in_eval", False)) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and conv.weight.device.type == "cpu")
 
 
 def _fold_sequential(seq: nn.Sequential, batch_hint: int | None) -> None:

@@ -51,7 +51,8 @@ from hybridzoo.layers.mlp import QuickGELU
 from hybridzoo.layers.onednn import run_on_threads
 
 __all__ = ["FastLinear", "FastPointwiseConv2d", "FastGELU", "FastQuickGELU", "optimize_for_cpu_training",
-           "fast_training_available", "fast_linear", "onednn_linear", "MIN_WEIGHT_NUMEL", "BatchSplitTraining", "split_training_blocker"]
+           "fast_training_available", "fast_linear", "onednn_linear", "MIN_WEIGHT_NUMEL", "BatchSplitTraining",
+           "split_training_blocker"]
 
 
 # Decided once: dynamo refuses to trace `torch.backends.mkldnn.is_available` (a graph break per layer).
