@@ -364,16 +364,15 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
             m.__class__ = FastPointwiseConv2d
     if native_attention:
         _use_native_attention(model)
-    if native.load() and native.attention_supported():
-        for m in model.modules():   # element-wise layers with a training kernel of their own (Mobile-Former's DyReLU)
-            if hasattr(type(m), "native_training"):
-                m.native_training = True
-    if native_gelu and native.load() and native.attention_supported():
-        for m in model.modules():
-            if type(m) is nn.GELU and m.approximate == "none":
-                m.__class__ = FastGELU
-            elif type(m) is QuickGELU:
-                m.__class__ = FastQuickGELU
+    if not (native.load() and native.attention_supported()):
+        return model
+    for m in model.modules():
+        if hasattr(type(m), "native_training"):   # a training kernel of its own (Mobile-Former's DyReLU)
+            m.native_training = True
+        elif native_gelu and type(m) is nn.GELU and m.approximate == "none":
+            m.__class__ = FastGELU
+        elif native_gelu and type(m) is QuickGELU:
+            m.__class__ = FastQuickGELU
     return model
 
 

@@ -99,6 +99,8 @@ class _FrozenLeFF(LeFF):
         self.conv3 = OneDNNConv2d(m.conv3, m.bn3, batch_hint=batch_hint)
         self.bn1 = self.bn2 = self.bn3 = self.act = nn.Identity()
 
+    freeze_for_cpu_inference = None   # frozen already: `optimize_for_cpu_inference` leaves it as it is
+
 
 class Block(nn.Module):
     """Pre-norm block: MHSA, then LeFF on the patch grid."""
