@@ -636,6 +636,79 @@ def test_packed_attention_is_softmax_attention_with_the_packed_gradient(attn, B,
         torch.testing.assert_close(got, exp.float(), rtol=1e-4, atol=2e-5)
 
 
+@needs_attention
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, N, H, d, per_image", [
+    (3, 49, 4, 32, False),     # CoAtNet's last stage, one bias for the batch: its gradient sums the images
+    (2, 7, 3, 16, True), (1, 45, 2, 48, False), (4, 20, 1, 64, False), (2, 17, 5, 32, True),
+    (2, 400, 1, 16, False),    # keys in two blocks
+])
+def test_packed_attention_with_a_bias_trains_as_sdpas_float_mask(attn, B, N, H, d, per_image, threads):
+    """`attend_packed` with a bias (CoAtNet's relative positions): the output, and the gradients of the packed
+    product and of the bias against autograd through float64 SDPA with that float attn_mask. One bias for the batch
+    gets the sum of every image's gradient whatever the threads take (they split the heads); a bias spike that moves
+    a row's maximum is in the recomputed probabilities; keys past a multiple of 16 stay out of the bias's gradient.
+    The gradients are checked to be far from zero, so that a wrong one cannot pass as rounding."""
+    C = H * d
+    torch.manual_seed(B * N * H * d + per_image)
+    packed = torch.randn(B, N, 3 * C, requires_grad=True)
+    bias = torch.randn(B if per_image else 1, H, N, N) * 2
+    bias[..., ::3, N // 2] += 30.0   # every third row (a spike in all would leave every other score's gradient ~0)
+    bias.requires_grad_()
+    g = torch.randn(B, N, C)
+    assert attn.attention_bias_applies(bias, packed, H)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = attn.attend_packed(packed, H, d ** -0.5, bias=bias)
+        d_packed, d_bias = torch.autograd.grad(out, [packed, bias], g)
+        with torch.no_grad():
+            plain = attn.attend_packed(packed, H, d ** -0.5, bias=bias)
+    finally:
+        torch.set_num_threads(before)
+    p64, b64 = packed.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    q, k, v = p64.view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=b64).transpose(1, 2).reshape(B, N, C)
+    want_packed, want_bias = torch.autograd.grad(ref, [p64, b64], g.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(plain, ref.float(), rtol=1e-4, atol=2e-5)
+    assert d_bias.shape == bias.shape and d_bias.is_contiguous() and float(want_bias.abs().mean()) > 1e-3
+    torch.testing.assert_close(d_packed, want_packed.float(), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(d_bias, want_bias.float(), rtol=1e-4, atol=2e-5)
+    # without a gradient for the bias (a frozen table), none comes back
+    out = attn.attend_packed(packed, H, d ** -0.5, bias=bias.detach())
+    assert torch.autograd.grad(out, [packed], g)[0].shape == packed.shape
+
+
+@needs_attention
+@pytest.mark.parametrize("bad, words", [
+    (lambda b: (b, None), "bias and dbias come together"),
+    (lambda b: (b, torch.empty(2, *b.shape[1:])), "dbias must be contiguous float32 of the bias's shape"),
+    (lambda b: (b, torch.empty(b.shape[::-1]).transpose(0, 3).transpose(1, 2)), "dbias must be contiguous"),
+    (lambda b: (b[..., :4], torch.empty(1, 2, 5, 4)), "bias must be float32 (1 or 1, 2, 5, 5)"),
+])
+def test_attention_backward_with_a_bias_names_what_is_wrong(attn, bad, words):
+    q, k, v = _heads(1, 2, 5, 5, 16)
+    bias = torch.randn(1, 2, 5, 5)
+    out, lse = attn._STATE["ops"].attention_lse(q, k, v, 1.0, bias)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    with pytest.raises(RuntimeError, match="hybridzoo_native::attention_backward_") as e:
+        attn._STATE["ops"].attention_backward_(torch.randn_like(out), q, k, v, out, lse, 1.0, dq, dk, dv,
+                                               *bad(bias))
+    assert words in str(e.value)
+
+
+def test_attention_bias_applies_only_to_what_it_can_read(built):
+    packed = torch.randn(2, 5, 3 * 64)
+    assert native.attention_bias_applies(torch.randn(1, 2, 5, 5), packed, 2)
+    assert native.attention_bias_applies(torch.randn(2, 2, 5, 5), packed, 2)
+    assert not native.attention_bias_applies(torch.randn(3, 2, 5, 5), packed, 2)       # neither 1 nor B images
+    assert not native.attention_bias_applies(torch.randn(1, 1, 5, 5), packed, 2)       # heads
+    assert not native.attention_bias_applies(torch.randn(2, 5, 5), packed, 2)          # 3-D
+    assert not native.attention_bias_applies(torch.randn(1, 2, 5, 5).double(), packed, 2)
+    assert not native.attention_bias_applies(torch.randn(1, 2, 5, 5).transpose(2, 3), packed, 2)   # strided keys
+
+
 def test_packed_attention_applies_only_to_what_it_can_read(built):
     assert not native.packed_attention_applies(torch.randn(2, 5, 3 * 40), 1)             # head dim 40
     assert not native.packed_attention_applies(torch.randn(2, 5, 3 * 64 + 1), 2)         # not three parts
@@ -826,6 +899,7 @@ def _check_fast_activation(model, x, reference, monkeypatch):
     ("deit_small_patch16_224", dict(img_size=32, embed_dim=96, depth=2, num_heads=2), 2),
     ("cvt_13", None, 4),
     ("convit_tiny", dict(img_size=64, embed_dim=96, depth=3, num_heads=2, local_up_to_layer=2), 3),   # 2 GPSA
+    ("coatnet_0", None, 3),   # relative attention: the bias table's gradient from the kernel's backward
 ])
 def test_fast_cpu_training_attends_through_the_kernels(attn, name, kwargs, n_attn, monkeypatch):
     """`optimize_for_cpu_training` (what `hybridzoo train` does on the CPU) sends attention's forward and backward
@@ -853,7 +927,7 @@ def test_fast_cpu_training_attends_through_the_kernels(attn, name, kwargs, n_att
     assert names.count("hybridzoo_native.attention_lse") == n_attn
     # a packed qkv (or GPSA's qk) product's gradient is written in its own layout (attention_backward_); CvT's
     # separate q, k, v products, and the last block of DeiT and ConViT (its class token alone queries), get three
-    packed = 0 if name.startswith("cvt") else n_attn - 1
+    packed = 0 if name.startswith("cvt") else n_attn if name.startswith("coatnet") else n_attn - 1
     assert names.count("hybridzoo_native.attention_backward_") == packed
     assert names.count("hybridzoo_native.attention_backward") == n_attn - packed
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)

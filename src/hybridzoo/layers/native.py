@@ -689,14 +689,25 @@ HZ_INLINE void outer_tile(const float* a, int64_t Np, const float* x, int64_t sx
   }
 }
 
+// the bias row's values at the keys [j, j + 16), zero past N (its padding keys are not in memory)
+HZ_INLINE vec hz_bias_at(const float* row, int64_t j, int64_t N) {
+  if (j + 16 <= N) return hz_load(row + j);
+  alignas(64) float t[16] = {};
+  for (int64_t c = j; c < N; ++c) t[c - j] = row[c];
+  return hz_load(t);
+}
+
 // R query rows of one head against the keys [jb, je) (je <= Np, both multiples of 16), backward: P = exp(S - lse)
 // recomputed, dP = dO vᵀ, dS = P ∘ (dP - D), dq += scale · dS k, dv += Pᵀ dO, dk += dSᵀ q (dk, dv the key block's
-// accumulators, row stride 16·DV; the scale applied to dk once, by the caller)
+// accumulators, row stride 16·DV; the scale applied to dk once, by the caller). With a bias (its R rows, row stride
+// sb), S holds it as the forward's did, and dS is its gradient: added into dbias's R rows (row stride sdb), so that
+// the images of a batch that share one bias sum into it.
 template <int R, int NV, int DV, int CH>
 HZ_INLINE void attend_rows_back(
     const float* q, int64_t sq, const float* k, int64_t sk, const float* kt, const float* vt, const float* dout,
     int64_t sdo, const float* lse, const float* D, int64_t N, int64_t Np, int64_t jb, int64_t je, float scale,
-    float* p, float* ds, float* dq, int64_t sdq, float* dk, float* dv) {
+    float* p, float* ds, float* dq, int64_t sdq, float* dk, float* dv, const float* bias, int64_t sb, float* dbias,
+    int64_t sdb) {
   vec ignored[R];
   for (int r = 0; r < R; ++r) ignored[r] = vec{};
   int64_t j0 = jb;
@@ -713,10 +724,26 @@ HZ_INLINE void attend_rows_back(
     float* prow = p + r * Np;
     float* drow = ds + r * Np;
     const vec l = hz_splat(lse[r]), dr = hz_splat(D[r]);
-    for (int64_t j = jb; j < je; j += 16) {   // (the padding columns are never read: the products stop at N)
-      const vec e = hz_exp(hz_load(prow + j) - l);
-      hz_store(prow + j, e);
-      hz_store(drow + j, e * (hz_load(drow + j) - dr));
+    if (bias) {
+      const float* brow = bias + r * sb;
+      float* grow = dbias + r * sdb;
+      for (int64_t j = jb; j < je; j += 16) {
+        const vec e = hz_exp(hz_load(prow + j) + hz_bias_at(brow, j, N) - l);
+        hz_store(prow + j, e);
+        const vec g = e * (hz_load(drow + j) - dr);
+        hz_store(drow + j, g);
+        if (j + 16 <= N) {
+          hz_store(grow + j, hz_load(grow + j) + g);
+        } else {
+          for (int64_t c = j; c < N; ++c) grow[c] += drow[c];
+        }
+      }
+    } else {
+      for (int64_t j = jb; j < je; j += 16) {   // (the padding columns are never read: the products stop at N)
+        const vec e = hz_exp(hz_load(prow + j) - l);
+        hz_store(prow + j, e);
+        hz_store(drow + j, e * (hz_load(drow + j) - dr));
+      }
     }
     unit[r] = hz_splat(scale);
   }
@@ -730,7 +757,8 @@ HZ_INLINE void attend_rows_back(
 // of at most ~384: the blocks' dk and dv accumulators (N × d each, updated by every tile of query rows) then stay
 // in L2; whole, they left it above ~500 keys at d 64, where each tile's pass over them cost more than its
 // arithmetic (CvT-13's first stage, 3,136 queries against 784 keys: the backward 1.17x faster in blocks on AVX2,
-// benchmarks/RESULTS.md, session 15).
+// benchmarks/RESULTS.md, session 15). bias (n × N, row stride sb) or null: the forward's; dbias (row stride sdb):
+// where its gradient is added.
 template <int DV>
 void attend_head_back(HZ_ARGS_attend_head_back) {
   constexpr int64_t d = 16 * DV;
@@ -763,7 +791,9 @@ void attend_head_back(HZ_ARGS_attend_head_back) {
     const int64_t je = std::min(jb + width, Np);
 #define HZ_BACK(T, i) attend_rows_back<T, NV, DV, CH>(q + (i) * sq, sq, k, sk, kt, vt, dout + (i) * so, so, \
                                                       lse + (i), D + (i), N, Np, jb, je, scale, p, ds,         \
-                                                      dq + (i) * sdq, sdq, acck, accv)
+                                                      dq + (i) * sdq, sdq, acck, accv,                         \
+                                                      bias ? bias + (i) * sb : nullptr, sb,                    \
+                                                      dbias ? dbias + (i) * sdb : nullptr, sdb)
     HZ_ROW_TILES(HZ_BACK, 0, n);
 #undef HZ_BACK
   }
@@ -1746,6 +1776,15 @@ static void attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
   });
 }
 
+// a bias added to the scores before the softmax: (1 or B, H, n, N) float32, unit stride along N
+static void check_bias_rows(const char* op, const at::Tensor& bias, int64_t B, int64_t H, int64_t n, int64_t N) {
+  TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == 1 || bias.size(0) == B) && bias.size(1) == H
+              && bias.size(2) == n && bias.size(3) == N && bias.scalar_type() == at::kFloat && bias.stride(3) == 1,
+              "hybridzoo_native::", op, ": bias must be float32 (1 or ", B, ", ", H, ", ", n, ", ", N, ") with "
+              "unit stride along its last dimension, got ", bias.sizes(), " ", bias.scalar_type(), " strides ",
+              bias.strides());
+}
+
 // softmax(scale · q kᵀ [+ bias]) · v, or (softmax(scale · q kᵀ [+ bias]) + pos) · v, heads first in and tokens first
 // out: q (B, H, n, d), k and v (B, H, N, d), each with unit stride along d (views of a qkv product do); pos (H, n,
 // N) or none; bias (1 or B, H, n, N), added to the scores before the softmax as SDPA's float attn_mask (CoAtNet's
@@ -1762,14 +1801,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 "along its last dimension, got ", pos->sizes(), " strides ", pos->strides());
   }
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 4 && (bias->size(0) == 1 || bias->size(0) == B) && bias->size(1) == H
-                && bias->size(2) == n && bias->size(3) == N && bias->scalar_type() == at::kFloat
-                && bias->stride(3) == 1,
-                "hybridzoo_native::attention: bias must be float32 (1 or ", B, ", ", H, ", ", n, ", ", N, ") with "
-                "unit stride along its last dimension, got ", bias->sizes(), " ", bias->scalar_type(), " strides ",
-                bias->strides());
-  }
+  if (has_bias) check_bias_rows("attention", *bias, B, H, n, N);
   at::Tensor out = at::empty({B, n, H * d}, q.options());
   if (out.numel() == 0) return out;
   attention_into(q, k, v, has_pos ? pos->data_ptr<float>() : nullptr, has_pos ? pos->stride(0) : 0,
@@ -1778,23 +1810,29 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 // the training forward: the output as `attention` gives it, and the row log-sum-exps (B, H, n) the backward needs
+// (of the scores with the bias, where one is given)
 std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 double scale) {
+                                                 double scale, const c10::optional<at::Tensor>& bias) {
   check_heads("attention_lse", q, k, v);
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check_bias_rows("attention_lse", *bias, B, H, n, k.size(2));
   at::Tensor out = at::empty({B, n, H * d}, q.options());
   at::Tensor lse = at::empty({B, H, n}, q.options());
-  if (out.numel() > 0) attention_into(q, k, v, nullptr, 0, 0, scale, out, lse.data_ptr<float>());
+  if (out.numel() > 0)
+    attention_into(q, k, v, nullptr, 0, 0, scale, out, lse.data_ptr<float>(), has_bias ? &*bias : nullptr);
   return {out, lse};
 }
 
 
 // the gradients of `attention_lse`'s output with respect to q, k and v, given dout (B, n, H·d) and that call's out
 // and lse, written into dq, dk, dv: (B, heads, tokens, d) float32 with unit stride along d, any other strides (the
-// caller's layout: side by side in one buffer for a packed qkv product)
+// caller's layout: side by side in one buffer for a packed qkv product). With that call's bias, its gradient too,
+// written into dbias (the bias's shape, contiguous).
 static void attention_backward_into(const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
-                                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                    const at::Tensor* bias = nullptr, at::Tensor* dbias = nullptr) {
   check_heads(op, q, k, v);
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), N = k.size(2);
   for (const at::Tensor* t : {&dout, &out}) {
@@ -1813,6 +1851,14 @@ static void attention_backward_into(const char* op, const at::Tensor& dout, cons
                 "hybridzoo_native::", op, ": dq, dk and dv must be float32 of q's, k's and v's shapes with unit stride "
                 "along head_dim, got ", t->sizes(), " strides ", t->strides());
   }
+  TORCH_CHECK((bias == nullptr) == (dbias == nullptr), "hybridzoo_native::", op, ": bias and dbias come together");
+  if (bias) {
+    check_bias_rows(op, *bias, B, H, n, N);
+    TORCH_CHECK(dbias->sizes() == bias->sizes() && dbias->scalar_type() == at::kFloat && dbias->is_contiguous(),
+                "hybridzoo_native::", op, ": dbias must be contiguous float32 of the bias's shape ", bias->sizes(),
+                ", got ", dbias->sizes(), " ", dbias->scalar_type(), " strides ", dbias->strides());
+    dbias->zero_();   // the images that share one bias add into it
+  }
   if (B * H * n == 0) return;
   const float* pq = q.data_ptr<float>();
   const float* pk = k.data_ptr<float>();
@@ -1825,10 +1871,21 @@ static void attention_backward_into(const char* op, const at::Tensor& dout, cons
   float* pdv = dv.data_ptr<float>();
   const int64_t Np = (N + 15) / 16 * 16;
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // the bias's rows of (image, head), and where their gradient goes; a bias the batch shares (CoAtNet's relative
+  // positions) takes the gradients of all its images, so the threads then split the heads, each taking every image
+  // of its heads in turn: no two threads add into the same rows
+  const float* pb = bias ? bias->data_ptr<float>() : nullptr;
+  float* pdb = dbias ? dbias->data_ptr<float>() : nullptr;
+  const bool shared = bias && bias->size(0) == 1 && B > 1;
+  const int64_t sbb = bias && bias->size(0) > 1 ? bias->stride(0) : 0, sbh = bias ? bias->stride(1) : 0;
+  const int64_t sb = bias ? bias->stride(2) : 0, sdbb = bias && bias->size(0) > 1 ? H * n * N : 0;
+  const int64_t images = shared ? B : 1;   // per work item
+  at::parallel_for(0, B * H / images, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * d * Np + 16 * Np + 2 * N * d + n);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
+    for (int64_t t = begin * images; t < end * images; ++t) {
+      const int64_t b = shared ? t % B : t / H, h = shared ? t / B : t % H, bh = b * H + h;
+      const float* bias_h = pb ? pb + b * sbb + h * sbh : nullptr;
+      float* dbias_h = pdb ? pdb + b * sdbb + h * n * N : nullptr;
       const float* qh = pq + b * q.stride(0) + h * q.stride(1);
       const float* kh = pk + b * k.stride(0) + h * k.stride(1);
       const float* vh = pv + b * v.stride(0) + h * v.stride(1);
@@ -1837,7 +1894,7 @@ static void attention_backward_into(const char* op, const at::Tensor& dout, cons
                                          H * d, pl + bh * n, pdq + b * dq.stride(0) + h * dq.stride(1),          \
                                          dq.stride(2), pdk + b * dk.stride(0) + h * dk.stride(1), dk.stride(2),  \
                                          pdv + b * dv.stride(0) + h * dv.stride(1), dv.stride(2), n, N, sc,      \
-                                         scratch.data())
+                                         scratch.data(), bias_h, sb, dbias_h, N)
       switch (d) {
         case 16: HZ_HEAD(1); break;
         case 32: HZ_HEAD(2); break;
@@ -1862,10 +1919,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq, dk, dv};
 }
 
+// the same into the caller's dq, dk, dv; with the forward's bias, its gradient into dbias
 void attention_backward_(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& out, const at::Tensor& lse, double scale, at::Tensor dq, at::Tensor dk,
-                         at::Tensor dv) {
-  attention_backward_into("attention_backward_", dout, q, k, v, out, lse, scale, dq, dk, dv);
+                         at::Tensor dv, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& dbias) {
+  const bool has_bias = bias.has_value() && bias->defined(), has_dbias = dbias.has_value() && dbias->defined();
+  at::Tensor grad = has_dbias ? *dbias : at::Tensor();
+  attention_backward_into("attention_backward_", dout, q, k, v, out, lse, scale, dq, dk, dv,
+                          has_bias ? &*bias : nullptr, has_dbias ? &grad : nullptr);
 }
 
 
@@ -2956,11 +3017,11 @@ TORCH_LIBRARY(hybridzoo_native, m) {
   m.def("dyrelu_backward(Tensor x, Tensor grad, Tensor s1, Tensor s2) -> (Tensor, Tensor, Tensor)");
   m.def("tiny_linear(Tensor x, Tensor wt, Tensor b) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? pos, float scale, Tensor? bias=None) -> Tensor");
-  m.def("attention_lse(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("attention_lse(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("attention_backward_(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor? bias=None, Tensor(d!)? dbias=None) -> ()");
   m.def("attention_supported() -> bool", &attention_supported);
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
@@ -3031,7 +3092,8 @@ _ENTRIES = (
     ("int DV", (1, 2, 3, 4), "attend_head_back",
      "const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, const float* o, "
      "const float* dout, int64_t so, const float* lse, float* dq, int64_t sdq, float* dk, int64_t sdk, float* dv, "
-     "int64_t sdv, int64_t n, int64_t N, float scale, float* scratch"),
+     "int64_t sdv, int64_t n, int64_t N, float scale, float* scratch, const float* bias, int64_t sb, float* dbias, "
+     "int64_t sdb"),
     (None, (), "panel_linear",
      "const float* a, int64_t lda, int64_t M, const float* panels, int64_t K, int64_t N, const float* bias, "
      "const float* res, int64_t ldr, float* c, int64_t ldc, int act"),
@@ -3525,25 +3587,32 @@ class _PackedAttentionFn(torch.autograd.Function):
     """`_AttentionFn` on the heads of a packed product's output: q, k (and v) side by side in one (B, N, S·C) tensor.
     Its backward writes their gradients side by side into one buffer, the packed tensor's gradient: autograd would
     otherwise stack the three head gradients (a pass over them) and copy the stack into the product's layout (a
-    second), in the backward of every attention layer."""
+    second), in the backward of every attention layer. A bias added to the scores before the softmax (CoAtNet's
+    relative positions) gets its gradient from the same pass: the scores' own, summed over the images that share
+    it, where SDPA would take the math path (the probabilities stored, softmax and its backward as passes of
+    their own)."""
 
     @staticmethod
-    def forward(ctx, packed: torch.Tensor, v: torch.Tensor | None, heads: int, scale: float) -> torch.Tensor:
+    def forward(ctx, packed: torch.Tensor, v: torch.Tensor | None, bias: torch.Tensor | None, heads: int,
+                scale: float) -> torch.Tensor:
         q, k, vh = _packed_heads(packed, v, heads)
-        out, lse = _STATE["ops"].attention_lse(q, k, vh, scale)
-        ctx.save_for_backward(packed, v, out, lse)
+        out, lse = _STATE["ops"].attention_lse(q, k, vh, scale, bias)
+        ctx.save_for_backward(packed, v, bias, out, lse)
         ctx.heads, ctx.scale = heads, scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        packed, v, out, lse = ctx.saved_tensors
+        packed, v, bias, out, lse = ctx.saved_tensors
         q, k, vh = _packed_heads(packed, v, ctx.heads)
         d_packed = torch.empty_like(packed, memory_format=torch.contiguous_format)
         dq, dk, dv = _packed_heads(d_packed, None if v is None else torch.empty_like(v), ctx.heads)
-        _STATE["ops"].attention_backward_(grad.contiguous(), q, k, vh, out, lse, ctx.scale, dq, dk, dv)
-        return d_packed, None if v is None else dv.transpose(1, 2).reshape(v.shape), None, None
+        d_bias = None if bias is None else torch.empty(bias.shape, dtype=bias.dtype)
+        _STATE["ops"].attention_backward_(grad.contiguous(), q, k, vh, out, lse, ctx.scale, dq, dk, dv, bias, d_bias)
+        if d_bias is not None and not ctx.needs_input_grad[2]:
+            d_bias = None
+        return d_packed, None if v is None else dv.transpose(1, 2).reshape(v.shape), d_bias, None, None
 
 
 def _packed_heads(packed: torch.Tensor, v: torch.Tensor | None, heads: int):
@@ -3571,15 +3640,27 @@ def packed_attention_applies(packed: torch.Tensor, heads: int, v: torch.Tensor |
     return attention_applies(packed.view(*packed.shape[:2], S * heads, W // (S * heads)))
 
 
-def attend_packed(packed: torch.Tensor, heads: int, scale: float, v: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(scale·q·kᵀ)·v for the heads of a qkv product's output (B, N, 3·C: q, k, v side by side, each heads ×
-    d), or of a qk product's (B, N, 2·C) with v (B, N, C) apart; tokens first out (B, N, C). With a gradient, that of
-    `packed` comes back in its own layout, written once (`_PackedAttentionFn`). For callers that checked
+def attend_packed(packed: torch.Tensor, heads: int, scale: float, v: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale·q·kᵀ [+ bias])·v for the heads of a qkv product's output (B, N, 3·C: q, k, v side by side, each
+    heads × d), or of a qk product's (B, N, 2·C) with v (B, N, C) apart; tokens first out (B, N, C). bias: (1 or B,
+    heads, N, N) float32 with unit stride along its last dimension (`attention_bias_applies`), added to the scores
+    before the softmax as SDPA's float `attn_mask`, or None. With a gradient, that of `packed` comes back in its own
+    layout, written once, and the bias's from the same pass (`_PackedAttentionFn`). For callers that checked
     `packed_attention_applies`."""
-    if torch.is_grad_enabled() and (packed.requires_grad or (v is not None and v.requires_grad)):
-        return _PackedAttentionFn.apply(packed, v, heads, scale)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (packed, v, bias)):
+        return _PackedAttentionFn.apply(packed, v, bias, heads, scale)
     q, k, vh = _packed_heads(packed, v, heads)
-    return _STATE["ops"].attention(q, k, vh, None, scale)
+    return _STATE["ops"].attention(q, k, vh, None, scale, bias)
+
+
+def attention_bias_applies(bias: torch.Tensor, packed: torch.Tensor, heads: int) -> bool:
+    """Whether `attend_packed` can take `bias` with this packed product's output (B, N, ·): a plain float32 CPU
+    tensor of shape (1 or B, heads, N, N) with unit stride along its last dimension."""
+    B, N = packed.shape[:2]
+    return (type(bias) is torch.Tensor and bias.dtype == torch.float32 and bias.device.type == "cpu"
+            and bias.dim() == 4 and bias.shape[0] in (1, B) and tuple(bias.shape[1:]) == (heads, N, N)
+            and bias.stride(-1) == 1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
