@@ -124,6 +124,75 @@ def test_dyrelu_names_what_is_wrong(built, bad, words):
     assert words in str(e.value)
 
 
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("shape", [(1, 16, 7, 7), (3, 37, 9, 11), (2, 1, 5, 4), (5, 96, 1, 1), (2, 20, 40, 41),
+                                   (1, 3, 300, 301)])   # rows and planes past one block of the float sums
+def test_channel_dot_is_the_per_channel_sum_of_the_product(built, shape, layout, threads):
+    torch.manual_seed(sum(shape))
+    a, b = (torch.randn(shape).contiguous(memory_format=layout) + 0.5 for _ in range(2))   # sums that do not cancel
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = built.channel_dot(a, b)
+    finally:
+        torch.set_num_threads(before)
+    want = (a.double() * b.double()).sum((2, 3))
+    assert out.shape == shape[:2] and out.dtype == torch.float32
+    torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-5 * (shape[2] * shape[3]) ** 0.5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad, words", [
+    (lambda: (torch.randn(2, 3, 4, 10)[..., ::2], torch.randn(2, 3, 4, 5)), "contiguous or channels-last"),
+    (lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4)), "4-d"),
+    (lambda: (torch.randn(2, 3, 4, 5).double(), torch.randn(2, 3, 4, 5).double()), "float32"),
+    (lambda: (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 5, 4)), "of a's shape [2, 3, 4, 5]"),
+    (lambda: (torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.randn(2, 3, 4, 5)),
+     "channels-last as a"),
+])
+def test_channel_dot_names_what_is_wrong(built, bad, words):
+    with pytest.raises(RuntimeError, match="hybridzoo_native::channel_dot") as e:
+        built.channel_dot(*bad())
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("kernels", ["native", "aten"])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_two_pass_squeeze_excite_has_autograds_gradients(built, layout, kernels, monkeypatch):
+    """The squeeze-excitation's training step on the fast path (`_GatedByMeanFn`: the gate's sum of dy·x in one
+    pass, then dx in one) against autograd through the same module: output, input and parameter gradients, in the
+    input's layout, with the kernels and without (HYBRIDZOO_NATIVE=0: the sum in ATen); no product-then-sum pass
+    where the kernel runs. Without a gradient, or in eval mode, the module is its formula."""
+    from hybridzoo.layers.conv import SqueezeExcite
+
+    if kernels == "aten":
+        monkeypatch.setenv("HYBRIDZOO_NATIVE", "0")
+    torch.manual_seed(0)
+    plain = SqueezeExcite(48, 12, act_layer=torch.nn.SiLU).train()
+    perturb(plain)
+    fast = __import__("copy").deepcopy(plain)
+    fast.native_training = True
+    x = torch.randn(3, 48, 11, 9).contiguous(memory_format=layout)
+    g = torch.randn(3, 48, 11, 9)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain(xa).backward(g)
+    with _Ops() as ops:
+        y = fast(xb)
+        y.backward(g)
+    assert ops.names.count("hybridzoo_native.channel_dot") == (kernels == "native")
+    torch.testing.assert_close(y, x * plain.gate_of(x), rtol=0, atol=0)
+    assert xb.grad.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
+    with _Ops() as ops:
+        fast(xb.detach())
+        fast.eval()(xb)
+    assert "hybridzoo_native.channel_dot" not in ops.names
+
+
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this build")
 @needs_kernels
 @pytest.mark.parametrize("batch, threads", [(1, 2), (3, 1)])
@@ -930,6 +999,9 @@ def test_fast_cpu_training_attends_through_the_kernels(attn, name, kwargs, n_att
     packed = 0 if name.startswith("cvt") else n_attn if name.startswith("coatnet") else n_attn - 1
     assert names.count("hybridzoo_native.attention_backward_") == packed
     assert names.count("hybridzoo_native.attention_backward") == n_attn - packed
+    # CoAtNet's MBConv squeeze-excitations: the gate's gradient summed by the kernel, in one pass
+    n_se = sum(type(m).__name__ == "SqueezeExcite" for m in model.modules())
+    assert names.count("hybridzoo_native.channel_dot") == n_se and (n_se > 0) == name.startswith("coatnet")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-5, msg=k)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridzoo.layers import native
+
 
 class ConvBnAct(nn.Sequential):
     """Conv (no bias) → BatchNorm → activation; `act_layer=None` leaves it linear."""
@@ -37,8 +39,47 @@ class DepthwiseSeparableConv(nn.Module):
         return self.conv_pw(self.conv_dw(x))
 
 
+class _GatedByMeanFn(torch.autograd.Function):
+    """y = x · gate(mean(x)) for a squeeze-excitation's training step, the gradient in two passes over the map.
+
+    Autograd's backward of the same formula makes six: the product's two gradients (dy·g, and dy·x then summed
+    for the gate), the mean's, a map of dm / HW, and the sum of the two gradients of x. Here the first pass sums
+    dy·x per channel (`native.channel_dot` where the kernels are loaded, one read of each map), the gate's own
+    backward (its small MLP on the (B, C) means) gives dm, and the second pass writes dx = dy·g + dm / HW."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, se: SqueezeExcite, *params: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():   # the gate's graph, from the means, for the backward's torch.autograd.grad
+            mean = x.detach().mean((2, 3)).requires_grad_()
+            gate = se.gate_of_mean(mean)
+        ctx.save_for_backward(x)
+        ctx.mean, ctx.gate, ctx.params = mean, gate, params
+        return x * gate.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, = ctx.saved_tensors
+        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        grad = grad.contiguous(memory_format=fmt)
+        if native.available() and x.dtype == torch.float32 and x.is_contiguous(memory_format=fmt):
+            dgate = native.channel_dot(grad, x)
+        else:
+            dgate = (grad * x).sum((2, 3))
+        wanted = [ctx.mean, *(p for p in ctx.params if p.requires_grad)]
+        grads = iter(torch.autograd.grad(ctx.gate, wanted, dgate.view_as(ctx.gate)))
+        dmean = next(grads)
+        dx = torch.addcmul((dmean / (x.shape[2] * x.shape[3]))[:, :, None, None], grad, ctx.gate.detach())
+        ctx.mean = ctx.gate = None
+        return (dx, None, *(next(grads) if p.requires_grad else None for p in ctx.params))
+
+
 class SqueezeExcite(nn.Module):
     """Channel attention: global pool → 1×1 reduce → act → 1×1 expand → sigmoid gate."""
+
+    # set by `optimize_for_cpu_training`: the training step through `_GatedByMeanFn` (the gradient in two passes
+    # over the map instead of six)
+    native_training = False
 
     def __init__(self, chs: int, rd_chs: int, act_layer: type[nn.Module] = nn.ReLU,
                  gate_layer: type[nn.Module] = nn.Sigmoid, bias: bool = True):
@@ -57,6 +98,10 @@ class SqueezeExcite(nn.Module):
         return self.gate(self.fc2(self.act(self.fc1(mean[:, :, None, None]))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.native_training and self.training and torch.is_grad_enabled() and x.requires_grad
+                and x.dim() == 4 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
+            return _GatedByMeanFn.apply(x, self, *self.parameters())
         return x * self.gate_of(x)
 
     def freeze_for_cpu_inference(self, batch_hint: int | None = None) -> nn.Module:
