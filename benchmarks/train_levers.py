@@ -20,6 +20,10 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
                 (the custom op `hybridzoo::onednn_linear`), inductor fuses the rest; fused AdamW
   fast-cl       the fast path with model and input in channels-last (`--channels-last`; convolution stages)
   fast-split-cl fast-split with model and input in channels-last: the layout measured beside the batch split
+  fast-split-cl-sdpa  fast-split-cl with attention left to SDPA (CoAtNet's relative attention with its float mask
+                on SDPA's math path, as before session 37)
+  fast-split-cl-autograd-se  fast-split-cl with every squeeze-excitation through autograd's formula (x · gate, six
+                passes back) instead of `_GatedByMeanFn` (two)
   fast-split-every-row  fast-split with the last block computing every token row (`layers.helpers.every_row`),
                 as before session 7 (fast-split computes only the class token's row there: the head reads no other)
   fast-split-onednn, fast-split-native, fast-split-mkl  fast-split with `FastLinear`'s forward and input-gradient
@@ -51,11 +55,13 @@ from _common import add_malloc_option, apply_malloc, make_train_step  # noqa: I0
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
 from hybridzoo.layers import native, train_fast
+from hybridzoo.layers.conv import SqueezeExcite
 from hybridzoo.layers.helpers import every_row
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-cl", "fast-split-every-row", "fast-split-sdpa", "fast-split-aten-gelu", "fast-split-avx2",
-          "fast-split-onednn", "fast-split-native", "fast-split-mkl", "fast-split-dw-mkl", "fast-split-dw-native"]
+          "fast-split-cl", "fast-split-cl-sdpa", "fast-split-cl-autograd-se", "fast-split-every-row", "fast-split-sdpa",
+          "fast-split-aten-gelu", "fast-split-avx2", "fast-split-onednn", "fast-split-native", "fast-split-mkl",
+          "fast-split-dw-mkl", "fast-split-dw-native"]
 ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}
 WEIGHT_GRADS = {"fast-split-dw-mkl": "mkl", "fast-split-dw-native": "native"}
 # the variants of the trainer's step by batch split (fast linear layers and fused AdamW with it)
@@ -80,6 +86,17 @@ def _avx2_kernels():
         yield
     finally:
         native.set_isa("best")
+
+
+@contextlib.contextmanager
+def _autograd_squeeze_excite():
+    """Every SqueezeExcite's forward as its formula for the duration, autograd taking the backward."""
+    before = SqueezeExcite.forward
+    SqueezeExcite.forward = lambda self, x: x * self.gate_of(x)
+    try:
+        yield
+    finally:
+        SqueezeExcite.forward = before
 
 
 def _within(step, context):
@@ -116,11 +133,15 @@ def main() -> None:
                                               fused=lever in SPLIT or lever in ("fused-adamw", "fast", "fast-compile",
                                                                                 "fast-cl"),
                                               split=lever in SPLIT,
-                                              native_attention=lever != "fast-split-sdpa",
+                                              native_attention=lever not in ("fast-split-sdpa",
+                                                                             "fast-split-cl-sdpa"),
                                               native_gelu=lever != "fast-split-aten-gelu",
                                               compiled=lever in ("compile", "fast-compile"),
-                                              channels_last=lever in ("fast-cl", "fast-split-cl"))
+                                              channels_last=lever in ("fast-cl", "fast-split-cl",
+                                                                      "fast-split-cl-sdpa",
+                                                                      "fast-split-cl-autograd-se"))
         contexts = {"fast-split-every-row": every_row, "fast-split-avx2": _avx2_kernels,
+                    "fast-split-cl-autograd-se": _autograd_squeeze_excite,
                     **{lever: functools.partial(_route, "PRODUCTS", route) for lever, route in ROUTES.items()},
                     **{lever: functools.partial(_route, "WEIGHT_GRADS", route) for lever, route in WEIGHT_GRADS.items()}}
         for lever, context in contexts.items():
@@ -149,10 +170,13 @@ def main() -> None:
             print(f"| {v} | {statistics.median(ts):.3f} / {statistics.median(cpu[v]):.3f} | {statistics.median(r):.3f} "
                   f"| {min(r):.3f}–{max(r):.3f} | {statistics.median(cpu['plain']) / statistics.median(cpu[v]):.3f} |",
                   flush=True)
-        for lever, what in (("fast-split-sdpa", "native attention"), ("fast-split-aten-gelu", "native GELU")):
-            if lever in times and "fast-split" in times:   # a native kernel's share, round by round
-                r = [a / b for a, b in zip(times[lever], times["fast-split"])]
-                print(f"\nfast-split ({what}) vs {lever}: wall {statistics.median(r):.3f}x (min–max "
+        for base, lever, what in (("fast-split", "fast-split-sdpa", "native attention"),
+                                  ("fast-split", "fast-split-aten-gelu", "native GELU"),
+                                  ("fast-split-cl", "fast-split-cl-sdpa", "native attention"),
+                                  ("fast-split-cl", "fast-split-cl-autograd-se", "two-pass squeeze-excitation")):
+            if lever in times and base in times:   # a native kernel's share, round by round
+                r = [a / b for a, b in zip(times[lever], times[base])]
+                print(f"\n{base} ({what}) vs {lever}: wall {statistics.median(r):.3f}x (min–max "
                       f"{min(r):.3f}–{max(r):.3f}), median of per-round ratios", flush=True)
         for lever in ("fast-split-native", "fast-split-mkl"):   # each route against oneDNN's, round by round
             if lever in times and "fast-split-onednn" in times:

@@ -21,7 +21,7 @@ from hybridzoo.layers.onednn import onednn_available, optimize_for_cpu_inference
 from hybridzoo.models import mobile_former as mf
 from hybridzoo.registry import get_card
 # tests/conftest.py puts tests/ on sys.path
-from _helpers import OpNames as _Ops, kernels_with_isa, perturb, small_transformer
+from _helpers import OpNames as _Ops, kernels_with_isa, perturb, small_transformer, with_threads
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 HAS_TOOLS = shutil.which(os.environ.get("CXX", "c++").split()[0]) is not None and shutil.which("ninja") is not None
@@ -132,12 +132,7 @@ def test_dyrelu_names_what_is_wrong(built, bad, words):
 def test_channel_dot_is_the_per_channel_sum_of_the_product(built, shape, layout, threads):
     torch.manual_seed(sum(shape))
     a, b = (torch.randn(shape).contiguous(memory_format=layout) + 0.5 for _ in range(2))   # sums that do not cancel
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = built.channel_dot(a, b)
-    finally:
-        torch.set_num_threads(before)
+    out = with_threads(threads, lambda: built.channel_dot(a, b))
     want = (a.double() * b.double()).sum((2, 3))
     assert out.shape == shape[:2] and out.dtype == torch.float32
     torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-5 * (shape[2] * shape[3]) ** 0.5)
@@ -726,15 +721,14 @@ def test_packed_attention_with_a_bias_trains_as_sdpas_float_mask(attn, B, N, H, 
     bias.requires_grad_()
     g = torch.randn(B, N, C)
     assert attn.attention_bias_applies(bias, packed, H)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+
+    def run():
         out = attn.attend_packed(packed, H, d ** -0.5, bias=bias)
-        d_packed, d_bias = torch.autograd.grad(out, [packed, bias], g)
         with torch.no_grad():
             plain = attn.attend_packed(packed, H, d ** -0.5, bias=bias)
-    finally:
-        torch.set_num_threads(before)
+        return out, plain, *torch.autograd.grad(out, [packed, bias], g)
+
+    out, plain, d_packed, d_bias = with_threads(threads, run)
     p64, b64 = packed.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     q, k, v = p64.view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=b64).transpose(1, 2).reshape(B, N, C)
