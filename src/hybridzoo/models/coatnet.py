@@ -207,7 +207,7 @@ class RelativeAttention(nn.Module):
         # a 4-D mask: with a 3-D one PyTorch's CPU SDPA leaves its fused kernel for the slow math path
         bias = self.relative_bias(H, W).to(qkv.dtype).unsqueeze(0)
         if self.native_attention and not (self.training and self.attn_drop > 0):
-            packed = qkv.view(B, H * W, -1) if qkv.is_contiguous() else qkv.reshape(B, H * W, -1)
+            packed = qkv.reshape(B, H * W, -1)
             if (native.packed_attention_applies(packed, self.num_heads)
                     and native.attention_bias_applies(bias, packed, self.num_heads)):
                 x = native.attend_packed(packed, self.num_heads, self.dim_head ** -0.5, bias=bias)
