@@ -341,13 +341,14 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     `MIN_WEIGHT_NUMEL`) to `FastLinear`, and every exact 1×1 stride-1 `nn.Conv2d` of that many to
     `FastPointwiseConv2d` (its products `FastLinear`'s on a channels-last map), in place; returns `model`.
 
-    `native_attention`: the attention modules that can (`layers.attention.Attention`, ConViT's GPSA, CvT's) run
-    through the native forward and backward kernels (`layers.native.attend`; compiled at the first call of a
+    `native_attention`: the attention modules that can (`layers.attention.Attention`, ConViT's GPSA, CvT's,
+    CoAtNet's relative attention with its bias) run through the native forward and backward kernels (`layers.native.attend`; compiled at the first call of a
     process that has none cached, about 30 s), where they build and the CPU has AVX-512 or AVX2; elsewhere SDPA
     stays.
 
     Modules with a training kernel of their own (a class attribute `native_training`: Mobile-Former's dynamic
-    ReLU) are told to use it, where the native kernels build and the CPU has AVX-512 or AVX2.
+    ReLU, the squeeze-excitation's two-pass gradient) are told to use it, where the native kernels build and the
+    CPU has AVX-512 or AVX2.
 
     `native_gelu`: every exact `nn.GELU` (approximate="none") becomes `FastGELU`, and every `QuickGELU`
     `FastQuickGELU`, in place (the class only), where the native kernels build and the CPU has AVX-512 or AVX2.
