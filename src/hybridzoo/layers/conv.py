@@ -62,7 +62,7 @@ class _GatedByMeanFn(torch.autograd.Function):
         x, = ctx.saved_tensors
         fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
         grad = grad.contiguous(memory_format=fmt)
-        if native.available() and x.dtype == torch.float32 and x.is_contiguous(memory_format=fmt):
+        if native.available() and x.dtype == torch.float32:   # (x is contiguous or channels-last: the forward's gate)
             dgate = native.channel_dot(grad, x)
         else:
             dgate = (grad * x).sum((2, 3))

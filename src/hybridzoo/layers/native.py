@@ -264,19 +264,37 @@ HZ_CLONES static void dyrelu_back_plane(const float* __restrict x, const float* 
   *db = sb;
 }
 
-// x a 4-d float32 map, contiguous or channels-last (returned: true for channels-last); slopes (B, C)
-static bool check_dyrelu(const char* op, const at::Tensor& x, const at::Tensor& s1, const at::Tensor& s2) {
+// x (called `name`) a 4-d float32 map, contiguous or channels-last; returned: true for channels-last and not also
+// contiguous (a map both layouts describe, 1×1 or of one channel, is read as contiguous)
+static bool check_map(const char* op, const char* name, const at::Tensor& x) {
   const bool nhwc = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && (nhwc || x.is_contiguous()),
-              "hybridzoo_native::", op, ": x must be a 4-d float32 map, contiguous or channels-last, got ",
+              "hybridzoo_native::", op, ": ", name, " must be a 4-d float32 map, contiguous or channels-last, got ",
               x.sizes(), " ", x.scalar_type(), " strides ", x.strides());
+  return nhwc && !x.is_contiguous();
+}
+
+// t (called `name`) float32 of the map x's shape and layout (`nhwc` from check_map); strides may differ along
+// dimensions of size 1
+static void check_like_map(const char* op, const char* name, const at::Tensor& t, const char* x_name,
+                           const at::Tensor& x, bool nhwc) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == at::kFloat
+              && (nhwc ? t.is_contiguous(at::MemoryFormat::ChannelsLast) : t.is_contiguous()),
+              "hybridzoo_native::", op, ": ", name, " must be float32 of ", x_name, "'s shape ", x.sizes(), ", ",
+              nhwc ? "channels-last" : "contiguous", " as ", x_name, ", got ", t.sizes(), " ", t.scalar_type(),
+              " strides ", t.strides());
+}
+
+// x a 4-d float32 map, contiguous or channels-last (returned: true for channels-last); slopes (B, C)
+static bool check_dyrelu(const char* op, const at::Tensor& x, const at::Tensor& s1, const at::Tensor& s2) {
+  const bool nhwc = check_map(op, "x", x);
   const int64_t B = x.size(0), C = x.size(1);
   for (const at::Tensor& s : {s1, s2}) {
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 && s.size(0) == B
                 && s.size(1) == C, "hybridzoo_native::", op, ": slopes must be contiguous float32 (", B, ", ", C,
                 "), got ", s.sizes());
   }
-  return nhwc && !x.is_contiguous();
+  return nhwc;
 }
 
 // y = max(s1·x, s2·x), a new map in x's layout (the training forward)
@@ -312,12 +330,7 @@ at::Tensor dyrelu(const at::Tensor& x, const at::Tensor& s1, const at::Tensor& s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dyrelu_backward(const at::Tensor& x, const at::Tensor& grad,
                                                                const at::Tensor& s1, const at::Tensor& s2) {
   const bool nhwc = check_dyrelu("dyrelu_backward", x, s1, s2);
-  // the same layout as x's (strides may differ along dimensions of size 1: a 1×1 map is both layouts at once)
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat
-              && (nhwc ? grad.is_contiguous(at::MemoryFormat::ChannelsLast) : grad.is_contiguous()),
-              "hybridzoo_native::dyrelu_backward: grad must be float32 of x's shape ", x.sizes(), ", ",
-              nhwc ? "channels-last" : "contiguous", " as x, got ", grad.sizes(), " ", grad.scalar_type(), " strides ",
-              grad.strides());
+  check_like_map("dyrelu_backward", "grad", grad, "x", x, nhwc);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   at::Tensor dx = at::empty_like(x);
   at::Tensor d1 = at::zeros({B, C}, s1.options()), d2 = at::zeros({B, C}, s1.options());
@@ -401,15 +414,8 @@ HZ_CLONES static float dot_values(const float* __restrict a, const float* __rest
 // out (B, C) float32: Σ over each channel's pixels of a · b, for two 4-d float32 maps of one shape, both contiguous
 // or both channels-last: one read of each, where ATen's (a * b).sum((2, 3)) writes and reads the product too
 at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b) {
-  const bool nhwc = a.dim() == 4 && !a.is_contiguous() && a.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(a.dim() == 4 && a.scalar_type() == at::kFloat && (nhwc || a.is_contiguous()),
-              "hybridzoo_native::channel_dot: a must be a 4-d float32 map, contiguous or channels-last, got ",
-              a.sizes(), " ", a.scalar_type(), " strides ", a.strides());
-  TORCH_CHECK(b.sizes() == a.sizes() && b.scalar_type() == at::kFloat
-              && (nhwc ? b.is_contiguous(at::MemoryFormat::ChannelsLast) : b.is_contiguous()),
-              "hybridzoo_native::channel_dot: b must be float32 of a's shape ", a.sizes(), ", ",
-              nhwc ? "channels-last" : "contiguous", " as a, got ", b.sizes(), " ", b.scalar_type(), " strides ",
-              b.strides());
+  const bool nhwc = check_map("channel_dot", "a", a);
+  check_like_map("channel_dot", "b", b, "a", a, nhwc);
   const int64_t B = a.size(0), C = a.size(1), HW = a.size(2) * a.size(3);
   at::Tensor out = at::empty({B, C}, a.options());
   const float* pa = a.data_ptr<float>();
