@@ -850,13 +850,14 @@ def test_gelu_names_what_is_wrong(attn, bad, words):
 
 
 @needs_attention
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("T, O, I", [(1, 1, 16), (5, 11, 48), (37, 13, 80), (9, 8, 32), (20, 9, 16), (300, 100, 64),
-                                     (600, 30, 208), (70, 1536, 32)])
+                                     (600, 30, 208), (70, 1536, 32), (40, 200, 512)])
 def test_weight_grad_is_the_transposed_product(attn, T, O, I, threads):
     """gᵀ·x against float64: every row tail of the 6-row tiles (O mod 6 = 1-5), panels of 16-64 columns and groups of
-    192 with a tail (I = 208), several token chunks (T = 300, 600), a row stride past 4 KB (O = 1,536), one and two
-    threads; leading dims flattened."""
+    192 with a tail (I = 208), several token chunks (T = 300, 600), a row stride past 4 KB (O = 1,536), one, two and
+    four threads, so that they split the rows (fewer than two panels each: I ≤ 128), the columns (I = 512) or both
+    (I = 208 at four); leading dims flattened."""
     torch.manual_seed(T + O + I)
     g, x = torch.randn(T, O), torch.randn(T, I)
     before = torch.get_num_threads()

@@ -1768,7 +1768,7 @@ at::Tensor gelu(const at::Tensor& x, const c10::optional<at::Tensor>& grad, bool
 }
 
 // dW = gᵀ·x for g (..., O) and x (..., I), float32, contiguous, the same leading shape, I a multiple of 16: a new
-// (O, I) tensor, its panels of 64 columns over the intra-op threads
+// (O, I) tensor, its columns and rows over the intra-op threads (below)
 at::Tensor weight_grad_op(const at::Tensor& g, const at::Tensor& x) {
   check_isa("weight_grad");
   TORCH_CHECK(g.dim() >= 1 && x.dim() == g.dim() && g.sizes().slice(0, g.dim() - 1) == x.sizes().slice(0, x.dim() - 1)
@@ -1783,8 +1783,21 @@ at::Tensor weight_grad_op(const at::Tensor& g, const at::Tensor& x) {
   const float* px = x.data_ptr<float>();
   float* pc = c.data_ptr<float>();
   if (T == 0) return c.zero_();
-  at::parallel_for(0, (I + 63) / 64, 1, [&](int64_t begin, int64_t end) {
-    weight_grad(pg, O, O, px, I, T, pc, I, begin * 64, std::min(I, end * 64));
+  // the threads split c's columns while each keeps two or more panels of 64, and its rows beyond that: with fewer
+  // panels (I ≤ 128) a column split left one thread idle (I = 64) or each one a single panel, paying its stream of g
+  // for half the work (1.5-1.66x at 2 threads on BoT50's and CoAtNet-0's narrow layers; benchmarks/RESULTS.md,
+  // session 38)
+  const int64_t panels = (I + 63) / 64, threads = at::get_num_threads();
+  const int64_t cparts = std::max<int64_t>(1, std::min(threads, panels / 2));
+  const int64_t rparts = std::max<int64_t>(1, std::min(threads / cparts, (O + 5) / 6));
+  const int64_t rows = (O + rparts - 1) / rparts, rstep = (rows + 5) / 6 * 6;
+  at::parallel_for(0, cparts * rparts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t cp = w % cparts, rp = w / cparts;
+      const int64_t p0 = panels * cp / cparts, p1 = panels * (cp + 1) / cparts;
+      const int64_t o0 = std::min(O, rp * rstep), o1 = std::min(O, o0 + rstep);
+      if (o1 > o0) weight_grad(pg + o0, O, o1 - o0, px, I, T, pc + o0 * I, I, p0 * 64, std::min(I, p1 * 64));
+    }
   });
   return c;
 }
