@@ -24,6 +24,8 @@ A training step is forward + cross-entropy + backward + AdamW step (fp32, batch 
                 on SDPA's math path, as before session 37)
   fast-split-cl-autograd-se  fast-split-cl with every squeeze-excitation through autograd's formula (x · gate, six
                 passes back) instead of `_GatedByMeanFn` (two)
+  fast-split-cl-direct-conv  fast-split-cl with the dense 3×3 stride-1 convolutions on oneDNN's direct convolution
+                (`FastConv3x3.WINOGRAD` off) instead of Winograd's tiles on the native kernels
   fast-split-every-row  fast-split with the last block computing every token row (`layers.helpers.every_row`),
                 as before session 7 (fast-split computes only the class token's row there: the head reads no other)
   fast-split-onednn, fast-split-native, fast-split-mkl  fast-split with `FastLinear`'s forward and input-gradient
@@ -57,9 +59,10 @@ from hybridzoo.factory import create_model
 from hybridzoo.layers import native, train_fast
 from hybridzoo.layers.conv import SqueezeExcite
 from hybridzoo.layers.helpers import every_row
+from hybridzoo.layers.train_fast import FastConv3x3
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-cl", "fast-split-cl-sdpa", "fast-split-cl-autograd-se", "fast-split-every-row", "fast-split-sdpa",
+          "fast-split-cl", "fast-split-cl-sdpa", "fast-split-cl-autograd-se", "fast-split-cl-direct-conv", "fast-split-every-row", "fast-split-sdpa",
           "fast-split-aten-gelu", "fast-split-avx2", "fast-split-onednn", "fast-split-native", "fast-split-mkl",
           "fast-split-dw-mkl", "fast-split-dw-native"]
 ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}
@@ -97,6 +100,16 @@ def _autograd_squeeze_excite():
         yield
     finally:
         SqueezeExcite.forward = before
+
+
+@contextlib.contextmanager
+def _direct_conv3x3():
+    """Every FastConv3x3 on the convolution for the duration, not Winograd's tiles."""
+    FastConv3x3.WINOGRAD = False
+    try:
+        yield
+    finally:
+        FastConv3x3.WINOGRAD = True
 
 
 def _within(step, context):
@@ -139,9 +152,11 @@ def main() -> None:
                                               compiled=lever in ("compile", "fast-compile"),
                                               channels_last=lever in ("fast-cl", "fast-split-cl",
                                                                       "fast-split-cl-sdpa",
-                                                                      "fast-split-cl-autograd-se"))
+                                                                      "fast-split-cl-autograd-se",
+                                                                      "fast-split-cl-direct-conv"))
         contexts = {"fast-split-every-row": every_row, "fast-split-avx2": _avx2_kernels,
                     "fast-split-cl-autograd-se": _autograd_squeeze_excite,
+                    "fast-split-cl-direct-conv": _direct_conv3x3,
                     **{lever: functools.partial(_route, "PRODUCTS", route) for lever, route in ROUTES.items()},
                     **{lever: functools.partial(_route, "WEIGHT_GRADS", route) for lever, route in WEIGHT_GRADS.items()}}
         for lever, context in contexts.items():
@@ -173,7 +188,8 @@ def main() -> None:
         for base, lever, what in (("fast-split", "fast-split-sdpa", "native attention"),
                                   ("fast-split", "fast-split-aten-gelu", "native GELU"),
                                   ("fast-split-cl", "fast-split-cl-sdpa", "native attention"),
-                                  ("fast-split-cl", "fast-split-cl-autograd-se", "two-pass squeeze-excitation")):
+                                  ("fast-split-cl", "fast-split-cl-autograd-se", "two-pass squeeze-excitation"),
+                                  ("fast-split-cl", "fast-split-cl-direct-conv", "Winograd 3×3 convolutions")):
             if lever in times and base in times:   # a native kernel's share, round by round
                 r = [a / b for a, b in zip(times[lever], times[base])]
                 print(f"\n{base} ({what}) vs {lever}: wall {statistics.median(r):.3f}x (min–max "

@@ -16,7 +16,7 @@ from torch import nn
 import hybridzoo
 from hybridzoo.layers import native, train_fast
 from hybridzoo.layers.mlp import QuickGELU
-from hybridzoo.layers.train_fast import (FastLinear, FastPointwiseConv2d, fast_linear, fast_training_available,
+from hybridzoo.layers.train_fast import (FastConv3x3, FastLinear, FastPointwiseConv2d, fast_linear, fast_training_available,
                                         onednn_linear, optimize_for_cpu_training)
 from hybridzoo.registry import get_card
 
@@ -313,6 +313,66 @@ def test_pointwise_convolutions_train_as_products_over_a_channels_last_map(monke
     assert torch.equal(fast.eval()[0](x), plain[0](x))
 
 
+def test_only_dense_3x3_stride_1_convolutions_with_channels_in_16s_train_by_winograd():
+    """`optimize_for_cpu_training` makes `FastConv3x3` of exact 3×3 stride-1 padding-1 dense convolutions whose
+    channels come in 16s (both ways: the input gradient is the same product with the two swapped); any other
+    convolution stays `nn.Conv2d`."""
+    if not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels here")
+    keep = [nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1), nn.Conv2d(16, 16, 3, 2, 1),
+            nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Conv2d(16, 16, 3, padding=2, dilation=2),
+            nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), nn.Conv2d(16, 16, 5, padding=2)]
+    model = optimize_for_cpu_training(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), *keep))
+    assert type(model[0]) is FastConv3x3
+    assert [type(m) for m in model[1:]] == [nn.Conv2d] * len(keep)
+
+
+@pytest.mark.parametrize("cin, cout, side, bias", [(32, 16, 9, True), (128, 144, 7, False), (160, 48, 5, True)])
+def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(cin, cout, side, bias):
+    """`FastConv3x3` on a channels-last map in training: the forward and the input gradient by Winograd's tiles on
+    the native kernels (4×4 tiles up to 128·128 channel pairs, 2×2 above; sides that leave part tiles), the weight
+    and bias gradients by oneDNN's convolution backward alone; output and gradients as float64's convolution to the
+    transforms' fp32 rounding, the output channels-last. An NCHW map, eval mode and no gradient are the convolution
+    bit for bit; an input without a gradient gets none computed."""
+    if not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels here")
+    torch.manual_seed(cin + side)
+    plain = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+    fast = optimize_for_cpu_training(copy.deepcopy(plain))
+    assert type(fast) is FastConv3x3
+    x = torch.randn(2, cin, side, side + 2).contiguous(memory_format=torch.channels_last)
+    xs = x.clone().requires_grad_()
+    with OpNames() as ops:
+        y = fast(xs)
+        g = torch.randn_like(y)
+        y.backward(g)
+    assert ops.names.count("hybridzoo_native.winograd3x3") == 2 and "aten.convolution" not in ops.names
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    ref = copy.deepcopy(plain).double()
+    xd = x.double().requires_grad_()
+    y_ref = ref(xd)
+    y_ref.backward(g.double())
+    scale = dict(rtol=1e-4, atol=1e-4 * y_ref.abs().max().item())
+    torch.testing.assert_close(y.double(), y_ref, **scale)
+    torch.testing.assert_close(xs.grad.double(), xd.grad, rtol=1e-4, atol=1e-4 * xd.grad.abs().max().item())
+    torch.testing.assert_close(fast.weight.grad.double(), ref.weight.grad, rtol=1e-5,
+                               atol=1e-5 * ref.weight.grad.abs().max().item())
+    if bias:
+        torch.testing.assert_close(fast.bias.grad.double(), ref.bias.grad, rtol=1e-5,
+                                   atol=1e-5 * ref.bias.grad.abs().max().item())
+    nchw = x.contiguous()
+    assert torch.equal(fast(nchw), plain(nchw))
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+    assert torch.equal(fast.eval()(x), plain(x))
+    fast.train().weight.grad = None
+    with OpNames() as ops:   # the input without a gradient (an image): the weight's alone, one Winograd call
+        fast(x).backward(g)
+    assert ops.names.count("hybridzoo_native.winograd3x3") == 1
+    torch.testing.assert_close(fast.weight.grad.double(), ref.weight.grad, rtol=1e-5,
+                               atol=1e-5 * ref.weight.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "convit_small", "cvt_13"])
 def test_model_forward_and_gradients_match_plain(name):
     """A reduced build of each transformer: loss and every parameter's gradient as the plain model's."""
@@ -342,6 +402,33 @@ def test_model_forward_and_gradients_match_plain(name):
         assert b.grad is not None, n
         atol = 1e-4 * float(b.grad.abs().max()) + 1e-6 * scale
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=atol, msg=n)
+
+
+def test_botnet_trains_its_3x3_convolutions_by_winograd_on_the_fast_channels_last_path():
+    """A reduced BoTNet (widths 16-64, so its bottlenecks' 3×3 convolutions qualify; two blocks in each convolution
+    stage, so that each has a stride-1 one) on the trainer's fast path with channels-last maps: its output, loss and
+    every gradient as the plain model's, through Winograd's tiles."""
+    if not (native.load() and native.attention_supported()):
+        pytest.skip("no native kernels here")
+    card = get_card("botnet_t3")
+    torch.manual_seed(0)
+    kw = dict(card.test_kwargs, stem_width=16, stage_sizes=(2, 2, 2, 1))
+    plain = hybridzoo.create_model("botnet_t3", **kw).train()
+    fast = optimize_for_cpu_training(copy.deepcopy(plain)).to(memory_format=torch.channels_last)
+    assert sum(type(m) is FastConv3x3 for m in fast.modules()) == 4
+    x = torch.randn(3, *card.test_input_size)
+    target = torch.tensor([0, 1, 2])
+    out_p = plain(x)
+    with OpNames() as ops:
+        out_f = fast(x.contiguous(memory_format=torch.channels_last))
+        F.cross_entropy(out_f, target).backward()
+    assert ops.names.count("hybridzoo_native.winograd3x3") == 8
+    torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-4 * float(out_p.detach().abs().max()))
+    F.cross_entropy(out_p, target).backward()
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * float(b.grad.abs().max()) + 1e-6 * scale,
+                                   msg=n)
 
 
 @pytest.mark.parametrize("bias", [True, False])

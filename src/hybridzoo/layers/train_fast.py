@@ -15,8 +15,9 @@ DeiT-S's shapes; on AVX2-only AMD Zen 3 MKL's products beat oneDNN's at one thre
 
 `optimize_for_cpu_training(model)` switches every exact `nn.Linear` of a model with at least 128×128 weights
 (smaller ones run faster on MKL) to `FastLinear` *in place*
-(the class only: the same Parameter objects, state dict, hooks and optimiser references), and every 1×1 stride-1
-`nn.Conv2d` to `FastPointwiseConv2d` (the same products over a channels-last map's pixels), so it can be
+(the class only: the same Parameter objects, state dict, hooks and optimiser references), every 1×1 stride-1
+`nn.Conv2d` to `FastPointwiseConv2d` (the same products over a channels-last map's pixels), and every dense 3×3
+stride-1 one to `FastConv3x3` (Winograd's tiles on a channels-last map), so it can be
 applied before or after the optimiser is built, and checkpoints are unchanged. `FastLinear` computes the
 same function and gradients as `nn.Linear` (fp32 rounding aside: the two libraries sum in different
 orders). It takes its routes only in training mode, when a gradient is to be taken, from an fp32 CPU
@@ -50,7 +51,7 @@ from hybridzoo.layers.fused import use_fused_cpu
 from hybridzoo.layers.mlp import QuickGELU
 from hybridzoo.layers.onednn import run_on_threads
 
-__all__ = ["FastLinear", "FastPointwiseConv2d", "FastGELU", "FastQuickGELU", "optimize_for_cpu_training",
+__all__ = ["FastLinear", "FastPointwiseConv2d", "FastConv3x3", "FastGELU", "FastQuickGELU", "optimize_for_cpu_training",
            "fast_training_available", "fast_linear", "onednn_linear", "MIN_WEIGHT_NUMEL", "BatchSplitTraining",
            "split_training_blocker"]
 
@@ -276,6 +277,79 @@ def _pointwise(m: nn.Module) -> bool:
             and m.padding == (0, 0) and m.groups == 1)
 
 
+def winograd_panels(w: torch.Tensor, tile: int, transposed: bool = False) -> torch.Tensor:
+    """`native.winograd3x3`'s weight for the 3×3 weight w (Cout, Cin, 3, 3), in float32 at each training step
+    (`native.winograd_weight` computes the inference copy's once, in float64: 3-7x slower). `transposed`: the
+    weight of the input gradient's convolution, w with its two channel axes swapped and its taps flipped (a 3×3
+    stride-1 padding-1 convolution's dx is that convolution of dy). One product of the (3·3 → (T+2)²) transform
+    G⊗G with the taps, then a transposed copy to (T+2)² matrices and their panels."""
+    g = torch.tensor(native._WINOGRAD_G[tile], dtype=torch.float32)
+    kron = torch.kron(g, g)   # [a·D + b, k·3 + l] = G[a, k]·G[b, l]
+    if transposed:
+        w, kron = w.transpose(0, 1), kron.flip(1)   # tap (k, l) of the flipped kernel is (2 − k, 2 − l)
+    cout, cin, d2 = w.shape[0], w.shape[1], kron.shape[0]
+    u = torch.mm(w.detach().reshape(cout * cin, 9), kron.t()).t().contiguous().view(d2, cout, cin)
+    return torch.stack([native.pack_panels(u[i]) for i in range(d2)]).view(d2, cout, cin)
+
+
+class _Winograd3x3Fn(torch.autograd.Function):
+    """A 3×3 stride-1 padding-1 convolution of a channels-last map whose forward and input gradient run by
+    Winograd's minimal filtering on the native kernels (`native.winograd3x3`); the weight and bias gradients are
+    oneDNN's (`convolution_backward`, those two alone)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tile):
+        ctx.save_for_backward(x, weight)
+        ctx.tile, ctx.has_bias = tile, bias is not None
+        return native.winograd3x3(x, winograd_panels(weight, tile), bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = native.winograd3x3(dy, winograd_panels(weight, ctx.tile, transposed=True), None)
+        want_w, want_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if want_w or want_b:
+            _, dw, db = torch.ops.aten.convolution_backward(
+                dy, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                1, [False, want_w, want_b])
+        return dx, dw, db, None
+
+
+class FastConv3x3(nn.Conv2d):
+    """A dense 3×3, stride-1, padding-1 `nn.Conv2d` whose training forward and input gradient on a channels-last
+    fp32 map run by Winograd's F(4×4, 3×3) or F(2×2, 3×3) on the native kernels: 4x or 2.25x fewer multiplies
+    than the direct convolution, its weight transformed at each call (`winograd_panels`). The weight gradient stays
+    oneDNN's. Outputs and gradients agree with the convolution's to fp32 rounding of the transforms (relative
+    ~1e-5 with 4×4 tiles). NCHW maps, eval mode, no gradient, tracing and compiling are the convolution itself, bit
+    for bit."""
+
+    plain_in_eval = True   # the frozen inference path folds it as it does an nn.Conv2d (`onednn.supports_conv`)
+    # 4×4 tiles up to this many channel pairs (Cin·Cout), 2×2 above, as the inference copy chooses
+    # (`onednn.OneDNNConv2d.WINOGRAD_TILE4_MAX_PAIRS`): with 256 channels the 4×4 tiles' weight transform per step
+    # costs more than their fewer multiplies save at 14² maps
+    TILE4_MAX_PAIRS = 128 * 128
+    WINOGRAD = True   # False: the convolution (benchmarks/train_levers.py's A/B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.WINOGRAD and self.training and torch.is_grad_enabled() and x.dim() == 4 and x.numel() > 0
+                and use_fused_cpu(x) and type(x) is torch.Tensor and x.is_contiguous(memory_format=torch.channels_last)
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            tile = 4 if self.in_channels * self.out_channels <= self.TILE4_MAX_PAIRS else 2
+            return _Winograd3x3Fn.apply(x, self.weight, self.bias, tile)
+        return super().forward(x)
+
+
+def _dense3x3(m: nn.Module) -> bool:
+    """An exact 3×3 stride-1 padding-1 convolution that `native.winograd3x3` takes both ways (channels in 16s)."""
+    return (type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.dilation == (1, 1)
+            and m.padding == (1, 1) and m.groups == 1 and m.padding_mode == "zeros" and m.in_channels % 16 == 0
+            and m.out_channels % 16 == 0)
+
+
 class _NativeGELUFn(torch.autograd.Function):
     """Exact GELU, or QuickGELU (`quick`), through the native kernels, forward and backward (`layers.native.gelu`)."""
 
@@ -346,6 +420,10 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     process that has none cached, about 30 s), where they build and the CPU has AVX-512 or AVX2; elsewhere SDPA
     stays.
 
+    Where the native kernels build, every exact 3×3 stride-1 padding-1 dense `nn.Conv2d` with channels in 16s
+    becomes `FastConv3x3`: on a channels-last map in training its forward and input gradient run by Winograd's
+    tiles (BoT50's step 1.06×).
+
     Modules with a training kernel of their own (a class attribute `native_training`: Mobile-Former's dynamic
     ReLU, the squeeze-excitation's two-pass gradient) are told to use it, where the native kernels build and the
     CPU has AVX-512 or AVX2.
@@ -370,6 +448,8 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     for m in model.modules():
         if hasattr(type(m), "native_training"):   # a training kernel of its own (Mobile-Former's DyReLU)
             m.native_training = True
+        elif _dense3x3(m):
+            m.__class__ = FastConv3x3
         elif native_gelu and type(m) is nn.GELU and m.approximate == "none":
             m.__class__ = FastGELU
         elif native_gelu and type(m) is QuickGELU:
