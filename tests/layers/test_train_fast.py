@@ -328,12 +328,12 @@ def test_only_dense_3x3_stride_1_convolutions_with_channels_in_16s_train_by_wino
 
 
 @pytest.mark.parametrize("cin, cout, side, bias", [(32, 16, 9, True), (128, 144, 7, False), (160, 48, 5, True)])
-def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(cin, cout, side, bias):
+def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(monkeypatch, cin, cout, side, bias):
     """`FastConv3x3` on a channels-last map in training: the forward and the input gradient by Winograd's tiles on
     the native kernels (4×4 tiles up to 128·128 channel pairs, 2×2 above; sides that leave part tiles), the weight
     and bias gradients by oneDNN's convolution backward alone; output and gradients as float64's convolution to the
-    transforms' fp32 rounding, the output channels-last. An NCHW map, eval mode and no gradient are the convolution
-    bit for bit; an input without a gradient gets none computed."""
+    transforms' fp32 rounding, the output channels-last. A map under `MIN_VALUES`, an NCHW map, eval mode and no
+    gradient are the convolution bit for bit; an input without a gradient gets none computed."""
     if not (native.load() and native.attention_supported()):
         pytest.skip("no native kernels here")
     torch.manual_seed(cin + side)
@@ -341,6 +341,11 @@ def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(cin, co
     fast = optimize_for_cpu_training(copy.deepcopy(plain))
     assert type(fast) is FastConv3x3
     x = torch.randn(2, cin, side, side + 2).contiguous(memory_format=torch.channels_last)
+    assert x.numel() < FastConv3x3.MIN_VALUES   # too small a map to pay for the transforms: the convolution
+    with OpNames() as ops:
+        y = fast(x.clone().requires_grad_())
+    assert "hybridzoo_native.winograd3x3" not in ops.names and torch.equal(y, plain(x))
+    monkeypatch.setattr(FastConv3x3, "MIN_VALUES", x.numel())
     xs = x.clone().requires_grad_()
     with OpNames() as ops:
         y = fast(xs)
@@ -404,7 +409,7 @@ def test_model_forward_and_gradients_match_plain(name):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=atol, msg=n)
 
 
-def test_botnet_trains_its_3x3_convolutions_by_winograd_on_the_fast_channels_last_path():
+def test_botnet_trains_its_3x3_convolutions_by_winograd_on_the_fast_channels_last_path(monkeypatch):
     """A reduced BoTNet (widths 16-64, so its bottlenecks' 3×3 convolutions qualify; two blocks in each convolution
     stage, so that each has a stride-1 one) on the trainer's fast path with channels-last maps: its output, loss and
     every gradient as the plain model's, through Winograd's tiles."""
@@ -412,6 +417,7 @@ def test_botnet_trains_its_3x3_convolutions_by_winograd_on_the_fast_channels_las
         pytest.skip("no native kernels here")
     card = get_card("botnet_t3")
     torch.manual_seed(0)
+    monkeypatch.setattr(FastConv3x3, "MIN_VALUES", 0)   # a reduced build's maps are under the threshold
     kw = dict(card.test_kwargs, stem_width=16, stage_sizes=(2, 2, 2, 1))
     plain = hybridzoo.create_model("botnet_t3", **kw).train()
     fast = optimize_for_cpu_training(copy.deepcopy(plain)).to(memory_format=torch.channels_last)

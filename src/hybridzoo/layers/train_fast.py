@@ -322,8 +322,8 @@ class _Winograd3x3Fn(torch.autograd.Function):
 class FastConv3x3(nn.Conv2d):
     """A dense 3×3, stride-1, padding-1 `nn.Conv2d` whose training forward and input gradient on a channels-last
     fp32 map run by Winograd's F(4×4, 3×3) or F(2×2, 3×3) on the native kernels: 4x or 2.25x fewer multiplies
-    than the direct convolution, its weight transformed at each call (`winograd_panels`). The weight gradient stays
-    oneDNN's. Outputs and gradients agree with the convolution's to fp32 rounding of the transforms (relative
+    than the direct convolution, its weight transformed at each call (`winograd_panels`), on maps of at least
+    `MIN_VALUES` values. The weight gradient stays oneDNN's. Outputs and gradients agree with the convolution's to fp32 rounding of the transforms (relative
     ~1e-5 with 4×4 tiles). NCHW maps, eval mode, no gradient, tracing and compiling are the convolution itself, bit
     for bit."""
 
@@ -332,10 +332,16 @@ class FastConv3x3(nn.Conv2d):
     # (`onednn.OneDNNConv2d.WINOGRAD_TILE4_MAX_PAIRS`): with 256 channels the 4×4 tiles' weight transform per step
     # costs more than their fewer multiplies save at 14² maps
     TILE4_MAX_PAIRS = 128 * 128
-    WINOGRAD = True   # False: the convolution (benchmarks/train_levers.py's A/B)
+    # Winograd from this many input values (pixels × channels) on: below, the transforms of the weight (per call,
+    # ∝ channels²) and of the data (∝ pixels × channels) cost more than the fewer multiplies save (∝ pixels ×
+    # channels²). A layer's forward and backward broke even at 200-380 K values for 32-256 channels (AMD Zen 4, 1
+    # and 2 threads; 0.4-0.9x below, up to 1.6x above: benchmarks/RESULTS.md, session 38)
+    MIN_VALUES = 384 * 1024
+    WINOGRAD = True   # False: the convolution (benchmarks/train_levers.py's and winograd_train.py's A/B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.WINOGRAD and self.training and torch.is_grad_enabled() and x.dim() == 4 and x.numel() > 0
+        if (self.WINOGRAD and self.training and torch.is_grad_enabled() and x.dim() == 4
+                and x.numel() >= self.MIN_VALUES
                 and use_fused_cpu(x) and type(x) is torch.Tensor and x.is_contiguous(memory_format=torch.channels_last)
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             tile = 4 if self.in_channels * self.out_channels <= self.TILE4_MAX_PAIRS else 2

@@ -1,0 +1,89 @@
+"""Dense 3×3 convolutions in training: Winograd's tiles (`FastConv3x3`) against oneDNN's direct convolution, one
+model toggled round by round in one process, for any task's model (classification, segmentation, super-resolution).
+
+    python benchmarks/winograd_train.py --models unet sctnet_s_seg75 --input 4 3 256 256 --rounds 9
+    python benchmarks/winograd_train.py --models botnet_bot50 coatnet_0 --input 16 3 224 224 --split
+
+The step is the trainer's fast fp32 CPU path: `optimize_for_cpu_training`, channels-last where the model asks for it
+(`train_channels_last`), the batch split with `--split` (classification; segmentation trains whole), forward, a
+loss (the mean square of the output: the convolutions' cost does not depend on it), backward and fused AdamW.
+Each round times one step with `FastConv3x3.WINOGRAD` on and one with it off, in alternating order; the median of
+the per-round ratios and their range are printed, and the convolutions each variant ran are counted once before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from _common import add_malloc_option, apply_malloc  # noqa: I001  (puts this checkout's src/ on sys.path)
+
+import hybridzoo  # noqa: F401
+from hybridzoo.factory import create_model
+from hybridzoo.layers.train_fast import BatchSplitTraining, FastConv3x3, optimize_for_cpu_training
+
+
+def _first_tensor(out):
+    """The main output: the first of a tuple or list, the first value of a dict (a segmentation model's `out`)."""
+    while isinstance(out, (tuple, list, dict)):
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["botnet_bot50"])
+    ap.add_argument("--input", nargs=4, type=int, default=[16, 3, 224, 224], metavar=("B", "C", "H", "W"))
+    ap.add_argument("--split", action="store_true", help="the batch split (BatchSplitTraining), as classification")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
+    add_malloc_option(ap)
+    args = ap.parse_args()
+    apply_malloc(args)
+    torch.set_num_threads(args.threads)
+    print(f"# {args.threads} threads, input {args.input}, split {args.split}, {args.rounds} rounds, torch "
+          f"{torch.__version__}, load average {os.getloadavg()}")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = optimize_for_cpu_training(create_model(name)).train()
+        n_fast = sum(type(m) is FastConv3x3 for m in model.modules())
+        x = torch.randn(*args.input)
+        if getattr(model, "train_channels_last", False):
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        call = BatchSplitTraining(model) if args.split else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            _first_tensor(call(x)).float().square().mean().backward()
+            opt.step()
+
+        def timed(winograd: bool) -> float:
+            FastConv3x3.WINOGRAD = winograd
+            try:
+                t0 = time.perf_counter()
+                step()
+                return time.perf_counter() - t0
+            finally:
+                FastConv3x3.WINOGRAD = True
+
+        for w in (True, False, True, False):   # warm-up: packed weights, the allocator's pools
+            timed(w)
+        on, off = [], []
+        for r in range(args.rounds):
+            for w in ((True, False) if r % 2 == 0 else (False, True)):
+                (on if w else off).append(timed(w))
+        ratios = [b / a for a, b in zip(on, off)]
+        print(f"\n## {name}: {n_fast} FastConv3x3 layers (load average now {os.getloadavg()[0]:.1f})\n"
+              f"Winograd {statistics.median(on):.3f} s/step, direct {statistics.median(off):.3f} s/step: "
+              f"**{statistics.median(ratios):.3f}x** (min–max {min(ratios):.3f}–{max(ratios):.3f}), "
+              "median of the per-round ratios", flush=True)
+
+
+if __name__ == "__main__":
+    main()
