@@ -241,7 +241,11 @@ def test_super_resolution_eval_and_predict_use_the_trained_model(sr_run, tmp_pat
     assert got.shape == (40, 52, 3)
     model = _trained("act_tiny_x2", sr_run)
     want = quantize(super_resolve(model, to_tensor(np.asarray(Image.open(img)))[None], 2)[0])
-    assert np.array_equal(got, want.to(torch.uint8).permute(1, 2, 0).numpy())
+    # predict's first call may run the frozen oneDNN copy (`fastest_cpu_inference` times both paths on its first
+    # calls), whose sums round differently from eager's (~1e-4 here): a value at a .5 boundary may land one grey
+    # level away. Another model's output would differ almost everywhere, and by far more.
+    diff = np.abs(got.astype(int) - want.to(torch.uint8).permute(1, 2, 0).numpy().astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).sum())
 
 
 # --------------------------------------------------------------------------------------- recommendation

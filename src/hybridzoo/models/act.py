@@ -260,6 +260,11 @@ class ACT(nn.Module):
     Input: RGB images in [0, rgb_range] (B×3×H×W, any H, W ≥ 1); output B×3×(s·H)×(s·W) in the same range.
     """
 
+    # `hybridzoo train` on the fast CPU path takes channels-last unless told otherwise, where its 3×3 convolutions
+    # train by Winograd's tiles: ACT ×2 1.09x a step at 8 × 48², ACT-tiny ×2 1.10x at 16 × 24² and 1.03x at 8 × 48²
+    # (beside the batch split; benchmarks/RESULTS.md, session 38)
+    train_channels_last = True
+
     def __init__(self, *, upscale: int = 4, in_chans: int = 3, n_feats: int = 64, num_stages: int = 4,
                  n_resblocks: int = 12, reduction: int = 16, token_size: int = 3, num_heads: int = 8,
                  mlp_ratio: int = 4, rgb_range: float = 255.0):
