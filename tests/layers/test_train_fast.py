@@ -332,8 +332,9 @@ def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(monkeyp
     """`FastConv3x3` on a channels-last map in training: the forward and the input gradient by Winograd's tiles on
     the native kernels (4×4 tiles up to 128·128 channel pairs, 2×2 above; sides that leave part tiles), the weight
     and bias gradients by oneDNN's convolution backward alone; output and gradients as float64's convolution to the
-    transforms' fp32 rounding, the output channels-last. A map under `MIN_VALUES`, an NCHW map, eval mode and no
-    gradient are the convolution bit for bit; an input without a gradient gets none computed."""
+    transforms' fp32 rounding, the output channels-last. A map too small to pay for the transforms (`MIN_VALUES`,
+    doubled for 32 input channels), an NCHW map, eval mode and no gradient are the convolution bit for bit; an input
+    without a gradient gets none computed."""
     if not (native.load() and native.attention_supported()):
         pytest.skip("no native kernels here")
     torch.manual_seed(cin + side)
@@ -341,11 +342,17 @@ def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(monkeyp
     fast = optimize_for_cpu_training(copy.deepcopy(plain))
     assert type(fast) is FastConv3x3
     x = torch.randn(2, cin, side, side + 2).contiguous(memory_format=torch.channels_last)
-    assert x.numel() < FastConv3x3.MIN_VALUES   # too small a map to pay for the transforms: the convolution
-    with OpNames() as ops:
-        y = fast(x.clone().requires_grad_())
-    assert "hybridzoo_native.winograd3x3" not in ops.names and torch.equal(y, plain(x))
-    monkeypatch.setattr(FastConv3x3, "MIN_VALUES", x.numel())
+    side = 64 if cin < 64 else 32   # 524-655 K values: Winograd (32 channels: twice the threshold, exactly)
+    big = torch.randn(4, cin, side, side).contiguous(memory_format=torch.channels_last)
+    mid = torch.randn(4, cin, 48, 48).contiguous(memory_format=torch.channels_last)   # 32 channels: 288 K, too few
+    cases = [(x, False), (big, True)] + [(mid, False)] * (cin < 64)   # x: 6-16 K values, too few
+    for m, winograd in cases:
+        with OpNames() as ops:
+            y = fast(m.clone().requires_grad_())
+        assert ("hybridzoo_native.winograd3x3" in ops.names) == winograd
+        if not winograd:
+            assert torch.equal(y, plain(m))
+    monkeypatch.setattr(FastConv3x3, "MIN_VALUES", 0)
     xs = x.clone().requires_grad_()
     with OpNames() as ops:
         y = fast(xs)

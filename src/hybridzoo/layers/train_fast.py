@@ -282,14 +282,16 @@ def winograd_panels(w: torch.Tensor, tile: int, transposed: bool = False) -> tor
     (`native.winograd_weight` computes the inference copy's once, in float64: 3-7x slower). `transposed`: the
     weight of the input gradient's convolution, w with its two channel axes swapped and its taps flipped (a 3×3
     stride-1 padding-1 convolution's dx is that convolution of dy). One product of the (3·3 → (T+2)²) transform
-    G⊗G with the taps, then a transposed copy to (T+2)² matrices and their panels."""
+    G⊗G with the taps, ordered input channel first, so that each of the (T+2)² matrices comes out as the rows of
+    Wᵀ that `pack_panels` copies as they lie (1.2-3x the same product transposed and packed by columns)."""
     g = torch.tensor(native._WINOGRAD_G[tile], dtype=torch.float32)
     kron = torch.kron(g, g)   # [a·D + b, k·3 + l] = G[a, k]·G[b, l]
     if transposed:
         w, kron = w.transpose(0, 1), kron.flip(1)   # tap (k, l) of the flipped kernel is (2 − k, 2 − l)
     cout, cin, d2 = w.shape[0], w.shape[1], kron.shape[0]
-    u = torch.mm(w.detach().reshape(cout * cin, 9), kron.t()).t().contiguous().view(d2, cout, cin)
-    return torch.stack([native.pack_panels(u[i]) for i in range(d2)]).view(d2, cout, cin)
+    taps = w.detach().permute(1, 0, 2, 3).reshape(cin * cout, 9)   # rows (input channel, output channel)
+    u = torch.mm(kron, taps.t()).view(d2, cin, cout)                 # each position's Wᵀ, (Cin, Cout)
+    return torch.stack([native.pack_panels(u[e].t()) for e in range(d2)]).view(d2, cout, cin)
 
 
 class _Winograd3x3Fn(torch.autograd.Function):
@@ -322,8 +324,8 @@ class _Winograd3x3Fn(torch.autograd.Function):
 class FastConv3x3(nn.Conv2d):
     """A dense 3×3, stride-1, padding-1 `nn.Conv2d` whose training forward and input gradient on a channels-last
     fp32 map run by Winograd's F(4×4, 3×3) or F(2×2, 3×3) on the native kernels: 4x or 2.25x fewer multiplies
-    than the direct convolution, its weight transformed at each call (`winograd_panels`), on maps of at least
-    `MIN_VALUES` values. The weight gradient stays oneDNN's. Outputs and gradients agree with the convolution's to fp32 rounding of the transforms (relative
+    than the direct convolution, its weight transformed at each call (`winograd_panels`), on maps large enough to
+    pay for the transforms (`MIN_VALUES`). The weight gradient stays oneDNN's. Outputs and gradients agree with the convolution's to fp32 rounding of the transforms (relative
     ~1e-5 with 4×4 tiles). NCHW maps, eval mode, no gradient, tracing and compiling are the convolution itself, bit
     for bit."""
 
@@ -332,16 +334,17 @@ class FastConv3x3(nn.Conv2d):
     # (`onednn.OneDNNConv2d.WINOGRAD_TILE4_MAX_PAIRS`): with 256 channels the 4×4 tiles' weight transform per step
     # costs more than their fewer multiplies save at 14² maps
     TILE4_MAX_PAIRS = 128 * 128
-    # Winograd from this many input values (pixels × channels) on: below, the transforms of the weight (per call,
-    # ∝ channels²) and of the data (∝ pixels × channels) cost more than the fewer multiplies save (∝ pixels ×
-    # channels²). A layer's forward and backward broke even at 200-380 K values for 32-256 channels (AMD Zen 4, 1
-    # and 2 threads; 0.4-0.9x below, up to 1.6x above: benchmarks/RESULTS.md, session 38)
-    MIN_VALUES = 384 * 1024
+    # Winograd from this many input values (pixels × channels) on, twice that for 32 input channels and 4x for 16:
+    # below, the transforms of the weight (per call, ∝ channels²) and of the data (∝ pixels × channels) cost more
+    # than the fewer multiplies save (∝ pixels × channels²). A layer's forward and backward broke even at 100-250 K
+    # values for 64-256 channels, 350-520 K for 32 (AMD Zen 4, 1 and 2 threads; 0.4-0.95x below, up to 1.65x above:
+    # benchmarks/RESULTS.md, session 38)
+    MIN_VALUES = 256 * 1024
     WINOGRAD = True   # False: the convolution (benchmarks/train_levers.py's and winograd_train.py's A/B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.WINOGRAD and self.training and torch.is_grad_enabled() and x.dim() == 4
-                and x.numel() >= self.MIN_VALUES
+                and x.numel() >= self.MIN_VALUES * max(1, 64 // self.in_channels)
                 and use_fused_cpu(x) and type(x) is torch.Tensor and x.is_contiguous(memory_format=torch.channels_last)
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             tile = 4 if self.in_channels * self.out_channels <= self.TILE4_MAX_PAIRS else 2
