@@ -336,9 +336,9 @@ class FastConv3x3(nn.Conv2d):
     TILE4_MAX_PAIRS = 128 * 128
     # Winograd from this many input values (pixels × channels) on, twice that for 32 input channels and 4x for 16:
     # below, the transforms of the weight (per call, ∝ channels²) and of the data (∝ pixels × channels) cost more
-    # than the fewer multiplies save (∝ pixels × channels²). A layer's forward and backward broke even at 100-250 K
-    # values for 64-256 channels, 350-520 K for 32 (AMD Zen 4, 1 and 2 threads; 0.4-0.95x below, up to 1.65x above:
-    # benchmarks/RESULTS.md, session 38)
+    # than the fewer multiplies save (∝ pixels × channels²). A layer's forward and backward broke even at 30-260 K
+    # values for 64-256 channels on one thread, 65-520 K on two, and 200-520 K for 32 (AMD Zen 4; 0.4-0.95x below,
+    # up to 1.65x above: benchmarks/RESULTS.md, session 38)
     MIN_VALUES = 256 * 1024
     WINOGRAD = True   # False: the convolution (benchmarks/train_levers.py's and winograd_train.py's A/B)
 
