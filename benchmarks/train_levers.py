@@ -62,7 +62,8 @@ from hybridzoo.layers.helpers import every_row
 from hybridzoo.layers.train_fast import FastConv3x3
 
 LEVERS = ["plain", "fast-linear", "fused-adamw", "fast", "fast-split", "compile", "fast-compile", "fast-cl",
-          "fast-split-cl", "fast-split-cl-sdpa", "fast-split-cl-autograd-se", "fast-split-cl-direct-conv", "fast-split-every-row", "fast-split-sdpa",
+          "fast-split-cl", "fast-split-cl-sdpa", "fast-split-cl-autograd-se", "fast-split-cl-direct-conv",
+          "fast-split-every-row", "fast-split-sdpa",
           "fast-split-aten-gelu", "fast-split-avx2", "fast-split-onednn", "fast-split-native", "fast-split-mkl",
           "fast-split-dw-mkl", "fast-split-dw-native"]
 ROUTES = {"fast-split-onednn": "onednn", "fast-split-native": "native", "fast-split-mkl": "mkl"}

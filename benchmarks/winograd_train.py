@@ -6,8 +6,9 @@ model toggled round by round in one process, for any task's model (classificatio
     python benchmarks/winograd_train.py --models act_x2 --input 8 3 48 48 --split --channels-last --against nchw
 
 The step is the trainer's fast fp32 CPU path: `optimize_for_cpu_training`, channels-last where the model asks for it
-(`train_channels_last`; `--channels-last` for any), the batch split with `--split` (classification; segmentation trains whole), forward, a
-loss (the mean square of the output: the convolutions' cost does not depend on it), backward and fused AdamW.
+(`train_channels_last`; `--channels-last` for any), the batch split with `--split` (classification; segmentation
+trains whole), forward, a loss (the mean square of the output: the convolutions' cost does not depend on it),
+backward and fused AdamW.
 Each round times one step of each variant (two copies of the same weights), in alternating order: Winograd's tiles
 against the same layout on the convolution (`FastConv3x3.WINOGRAD` off), or with `--against nchw` against a
 channels-first copy; the median of the per-round ratios and their range are printed.

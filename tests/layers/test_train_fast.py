@@ -16,8 +16,8 @@ from torch import nn
 import hybridzoo
 from hybridzoo.layers import native, train_fast
 from hybridzoo.layers.mlp import QuickGELU
-from hybridzoo.layers.train_fast import (FastConv3x3, FastLinear, FastPointwiseConv2d, fast_linear, fast_training_available,
-                                        onednn_linear, optimize_for_cpu_training)
+from hybridzoo.layers.train_fast import (FastConv3x3, FastLinear, FastPointwiseConv2d, fast_linear,
+                                        fast_training_available, onednn_linear, optimize_for_cpu_training)
 from hybridzoo.registry import get_card
 
 from _helpers import OpNames  # tests/conftest.py puts tests/ on sys.path
@@ -320,7 +320,8 @@ def test_only_dense_3x3_stride_1_convolutions_with_channels_in_16s_train_by_wino
     if not (native.load() and native.attention_supported()):
         pytest.skip("no native kernels here")
     keep = [nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1), nn.Conv2d(16, 16, 3, 2, 1),
-            nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Conv2d(16, 16, 3, padding=2, dilation=2),
+            nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3, padding=1, groups=2),
+            nn.Conv2d(16, 16, 3, padding=2, dilation=2),
             nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), nn.Conv2d(16, 16, 5, padding=2)]
     model = optimize_for_cpu_training(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), *keep))
     assert type(model[0]) is FastConv3x3

@@ -325,14 +325,14 @@ class FastConv3x3(nn.Conv2d):
     """A dense 3×3, stride-1, padding-1 `nn.Conv2d` whose training forward and input gradient on a channels-last
     fp32 map run by Winograd's F(4×4, 3×3) or F(2×2, 3×3) on the native kernels: 4x or 2.25x fewer multiplies
     than the direct convolution, its weight transformed at each call (`winograd_panels`), on maps large enough to
-    pay for the transforms (`MIN_VALUES`). The weight gradient stays oneDNN's. Outputs and gradients agree with the convolution's to fp32 rounding of the transforms (relative
-    ~1e-5 with 4×4 tiles). NCHW maps, eval mode, no gradient, tracing and compiling are the convolution itself, bit
-    for bit."""
+    pay for the transforms (`MIN_VALUES`). The weight gradient stays oneDNN's. Outputs and gradients agree with the
+    convolution's to fp32 rounding of the transforms (relative ~1e-5 with 4×4 tiles). NCHW maps, smaller maps, eval
+    mode, no gradient, autocast, tracing and compiling are the convolution itself, bit for bit."""
 
     plain_in_eval = True   # the frozen inference path folds it as it does an nn.Conv2d (`onednn.supports_conv`)
     # 4×4 tiles up to this many channel pairs (Cin·Cout), 2×2 above, as the inference copy chooses
-    # (`onednn.OneDNNConv2d.WINOGRAD_TILE4_MAX_PAIRS`): with 256 channels the 4×4 tiles' weight transform per step
-    # costs more than their fewer multiplies save at 14² maps
+    # (`onednn.OneDNNConv2d.WINOGRAD_TILE4_MAX_PAIRS`): at BoT50's 256 channels and 14² maps the 4×4 tiles' forward
+    # ran 7.2 ms against 8.4 (8 images, one thread), but their weight transform, at each call, 2-3x as long
     TILE4_MAX_PAIRS = 128 * 128
     # Winograd from this many input values (pixels × channels) on, twice that for 32 input channels and 4x for 16:
     # below, the transforms of the weight (per call, ∝ channels²) and of the data (∝ pixels × channels) cost more

@@ -261,8 +261,8 @@ class ACT(nn.Module):
     """
 
     # `hybridzoo train` on the fast CPU path takes channels-last unless told otherwise, where its 3×3 convolutions
-    # train by Winograd's tiles: ACT ×2 1.09x a step at 8 × 48², ACT-tiny ×2 1.10x at 16 × 24² and 1.03x at 8 × 48²
-    # (beside the batch split; benchmarks/RESULTS.md, session 38)
+    # train by Winograd's tiles: ACT ×2 1.10x a step at 8 × 48², ACT-tiny ×2 level at 16 × 24² (beside the batch
+    # split; benchmarks/RESULTS.md, session 38)
     train_channels_last = True
 
     def __init__(self, *, upscale: int = 4, in_chans: int = 3, n_feats: int = 64, num_stages: int = 4,
