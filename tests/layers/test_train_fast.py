@@ -25,6 +25,7 @@ from _helpers import OpNames  # tests/conftest.py puts tests/ on sys.path
 pytestmark = pytest.mark.skipif(not fast_training_available(), reason="no oneDNN in this build")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+WGRAD = "hybridzoo_native.winograd_weight_grad"
 
 
 @pytest.fixture(autouse=True)
@@ -330,10 +331,10 @@ def test_only_dense_3x3_stride_1_convolutions_with_channels_in_16s_train_by_wino
 
 @pytest.mark.parametrize("cin, cout, side, bias", [(32, 16, 9, True), (128, 144, 7, False), (160, 48, 5, True)])
 def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(monkeypatch, cin, cout, side, bias):
-    """`FastConv3x3` on a channels-last map in training: the forward and the input gradient by Winograd's tiles on
-    the native kernels (4×4 tiles up to 128·128 channel pairs, 2×2 above; sides that leave part tiles), the weight
-    and bias gradients by oneDNN's convolution backward alone; output and gradients as float64's convolution to the
-    transforms' fp32 rounding, the output channels-last. A map too small to pay for the transforms (`MIN_VALUES`,
+    """`FastConv3x3` on a channels-last map in training: the forward, the input gradient and the weight gradient by
+    Winograd's tiles on the native kernels (4×4 tiles up to 128·128 channel pairs, 2×2 above; sides that leave part
+    tiles), the bias gradient dy's sum; output and gradients as float64's convolution to the transforms' fp32
+    rounding, the output channels-last. A map too small to pay for the transforms (`MIN_VALUES`,
     doubled for 32 input channels), an NCHW map, eval mode and no gradient are the convolution bit for bit; an input
     without a gradient gets none computed."""
     if not (native.load() and native.attention_supported()):
@@ -359,7 +360,8 @@ def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(monkeyp
         y = fast(xs)
         g = torch.randn_like(y)
         y.backward(g)
-    assert ops.names.count("hybridzoo_native.winograd3x3") == 2 and "aten.convolution" not in ops.names
+    assert ops.names.count("hybridzoo_native.winograd3x3") == 2 and ops.names.count(WGRAD) == 1
+    assert "aten.convolution" not in ops.names and "aten.convolution_backward" not in ops.names
     assert y.is_contiguous(memory_format=torch.channels_last)
     ref = copy.deepcopy(plain).double()
     xd = x.double().requires_grad_()
@@ -379,9 +381,9 @@ def test_dense_3x3_convolutions_train_by_winograd_on_a_channels_last_map(monkeyp
         assert torch.equal(fast(x), plain(x))
     assert torch.equal(fast.eval()(x), plain(x))
     fast.train().weight.grad = None
-    with OpNames() as ops:   # the input without a gradient (an image): the weight's alone, one Winograd call
+    with OpNames() as ops:   # the input without a gradient (an image): the weight's alone
         fast(x).backward(g)
-    assert ops.names.count("hybridzoo_native.winograd3x3") == 1
+    assert ops.names.count("hybridzoo_native.winograd3x3") == 1 and ops.names.count(WGRAD) == 1
     torch.testing.assert_close(fast.weight.grad.double(), ref.weight.grad, rtol=1e-5,
                                atol=1e-5 * ref.weight.grad.abs().max().item())
 
@@ -436,7 +438,7 @@ def test_botnet_trains_its_3x3_convolutions_by_winograd_on_the_fast_channels_las
     with OpNames() as ops:
         out_f = fast(x.contiguous(memory_format=torch.channels_last))
         F.cross_entropy(out_f, target).backward()
-    assert ops.names.count("hybridzoo_native.winograd3x3") == 8
+    assert ops.names.count("hybridzoo_native.winograd3x3") == 8 and ops.names.count(WGRAD) == 4
     torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-4 * float(out_p.detach().abs().max()))
     F.cross_entropy(out_p, target).backward()
     scale = max(float(p.grad.abs().max()) for p in plain.parameters())

@@ -96,6 +96,44 @@ def test_winograd3x3_names_what_is_wrong(kernels, args, words):
         kernels.winograd3x3(*args)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, Cin, Cout, H, W", [
+    (1, 64, 64, 14, 14),     # BoT50's stage-3 shape, reduced
+    (2, 16, 80, 7, 9),       # odd sides: partial tiles, whose cut-off outputs have no gradient
+    (1, 48, 16, 1, 1),       # one pixel
+    (3, 32, 48, 5, 2),       # a thread's tiles run across images
+    (1, 16, 32, 40, 36),     # each thread's share in several passes
+])
+def test_winograd_weight_grad_is_the_convolutions(kernels, tile, threads, B, Cin, Cout, H, W):
+    """The weight gradient by the tiles (Σ over tiles of Ãᵀ_e·V_e per position, then Gᵀ·M·G) against the
+    convolution's in float64; each thread's partial sums added (one, two and three threads)."""
+    torch.manual_seed(B * Cin + H + tile)
+    x = torch.randn(B, Cin, H, W).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(B, Cout, H, W).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(Cout, Cin, 3, 3, dtype=torch.float64)
+    ref = torch.ops.aten.convolution_backward(dy.double(), x.double(), w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                              1, [False, True, False])[1]
+    got = with_threads(threads, lambda: kernels.winograd_weight_grad(x, dy, tile))
+    assert got.shape == (Cout, Cin, 3, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=_ATOL[tile] * (B * H * W) ** 0.5)
+
+
+@pytest.mark.parametrize("args, words", [
+    ((_x(layout=torch.contiguous_format), _x()), "x must be a channels-last"),
+    ((_x(24), _x()), "x must be a channels-last float32 .* multiple of 16"),
+    ((_x(), _x(layout=torch.contiguous_format)), "dy must be a channels-last"),
+    ((_x(), torch.zeros(1, 16, 4, 5).contiguous(memory_format=torch.channels_last)), "of x's batch and size"),
+    ((_x(), _x(24)), "Cout a multiple of 16"),
+    ((_x(), _x().double()), "dy must be a channels-last float32"),
+])
+def test_winograd_weight_grad_names_what_is_wrong(kernels, args, words):
+    with pytest.raises(RuntimeError, match=words):
+        kernels.winograd_weight_grad(*args)
+    with pytest.raises(RuntimeError, match="tile must be 2 or 4, got 3"):
+        kernels.winograd_weight_grad(_x(), _x(), 3)
+
+
 def _spy(monkeypatch) -> list:
     calls = []
     real = native.winograd3x3

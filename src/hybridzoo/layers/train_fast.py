@@ -17,7 +17,7 @@ DeiT-S's shapes; on AVX2-only AMD Zen 3 MKL's products beat oneDNN's at one thre
 (smaller ones run faster on MKL) to `FastLinear` *in place*
 (the class only: the same Parameter objects, state dict, hooks and optimiser references), every 1×1 stride-1
 `nn.Conv2d` to `FastPointwiseConv2d` (the same products over a channels-last map's pixels), and every dense 3×3
-stride-1 one to `FastConv3x3` (Winograd's tiles on a channels-last map), so it can be
+stride-1 one to `FastConv3x3` (Winograd's tiles on a channels-last map, both ways), so it can be
 applied before or after the optimiser is built, and checkpoints are unchanged. `FastLinear` computes the
 same function and gradients as `nn.Linear` (fp32 rounding aside: the two libraries sum in different
 orders). It takes its routes only in training mode, when a gradient is to be taken, from an fp32 CPU
@@ -295,9 +295,9 @@ def winograd_panels(w: torch.Tensor, tile: int, transposed: bool = False) -> tor
 
 
 class _Winograd3x3Fn(torch.autograd.Function):
-    """A 3×3 stride-1 padding-1 convolution of a channels-last map whose forward and input gradient run by
-    Winograd's minimal filtering on the native kernels (`native.winograd3x3`); the weight and bias gradients are
-    oneDNN's (`convolution_backward`, those two alone)."""
+    """A 3×3 stride-1 padding-1 convolution of a channels-last map whose forward, input gradient and weight gradient
+    run by Winograd's minimal filtering on the native kernels (`native.winograd3x3`, `native.winograd_weight_grad`);
+    the bias gradient is dy's sum."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, tile):
@@ -313,20 +313,19 @@ class _Winograd3x3Fn(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = native.winograd3x3(dy, winograd_panels(weight, ctx.tile, transposed=True), None)
-        want_w, want_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        if want_w or want_b:
-            _, dw, db = torch.ops.aten.convolution_backward(
-                dy, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0],
-                1, [False, want_w, want_b])
+        if ctx.needs_input_grad[1]:
+            dw = native.winograd_weight_grad(x, dy, ctx.tile)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
         return dx, dw, db, None
 
 
 class FastConv3x3(nn.Conv2d):
-    """A dense 3×3, stride-1, padding-1 `nn.Conv2d` whose training forward and input gradient on a channels-last
-    fp32 map run by Winograd's F(4×4, 3×3) or F(2×2, 3×3) on the native kernels: 4x or 2.25x fewer multiplies
-    than the direct convolution, its weight transformed at each call (`winograd_panels`), on maps large enough to
-    pay for the transforms (`MIN_VALUES`). The weight gradient stays oneDNN's. Outputs and gradients agree with the
-    convolution's to fp32 rounding of the transforms (relative ~1e-5 with 4×4 tiles). NCHW maps, smaller maps, eval
+    """A dense 3×3, stride-1, padding-1 `nn.Conv2d` whose training forward, input gradient and weight gradient on a
+    channels-last fp32 map run by Winograd's F(4×4, 3×3) or F(2×2, 3×3) on the native kernels: 4x or 2.25x fewer
+    multiplies than the direct convolution, its weight transformed at each call (`winograd_panels`), on maps large
+    enough to pay for the transforms (`MIN_VALUES`). Outputs and gradients agree with the convolution's to fp32
+    rounding of the transforms (relative ~1e-5 with 4×4 tiles). NCHW maps, smaller maps, eval
     mode, no gradient, autocast, tracing and compiling are the convolution itself, bit for bit."""
 
     plain_in_eval = True   # the frozen inference path folds it as it does an nn.Conv2d (`onednn.supports_conv`)
@@ -336,9 +335,9 @@ class FastConv3x3(nn.Conv2d):
     TILE4_MAX_PAIRS = 128 * 128
     # Winograd from this many input values (pixels × channels) on, twice that for 32 input channels and 4x for 16:
     # below, the transforms of the weight (per call, ∝ channels²) and of the data (∝ pixels × channels) cost more
-    # than the fewer multiplies save (∝ pixels × channels²). A layer's forward and backward broke even at 30-260 K
-    # values for 64-256 channels on one thread, 65-520 K on two, and 200-520 K for 32 (AMD Zen 4; 0.4-0.95x below,
-    # up to 1.65x above: benchmarks/RESULTS.md, session 38)
+    # than the fewer multiplies save (∝ pixels × channels²). A layer's forward and backward broke even at 30-130 K
+    # values for 64-256 channels on one thread, 130-260 K on two, and 130-520 K for 32 (AMD Zen 4; 0.4-0.97x
+    # below, up to 2.7x above: benchmarks/RESULTS.md, session 38)
     MIN_VALUES = 256 * 1024
     WINOGRAD = True   # False: the convolution (benchmarks/train_levers.py's and winograd_train.py's A/B)
 
@@ -430,8 +429,8 @@ def optimize_for_cpu_training(model: nn.Module, min_weight_numel: int | None = N
     stays.
 
     Where the native kernels build, every exact 3×3 stride-1 padding-1 dense `nn.Conv2d` with channels in 16s
-    becomes `FastConv3x3`: on a channels-last map in training its forward and input gradient run by Winograd's
-    tiles (BoT50's step 1.06×).
+    becomes `FastConv3x3`: on a channels-last map in training its forward and both gradients run by Winograd's
+    tiles (BoT50's step 1.13×, U-Net's 1.49×).
 
     Modules with a training kernel of their own (a class attribute `native_training`: Mobile-Former's dynamic
     ReLU, the squeeze-excitation's two-pass gradient) are told to use it, where the native kernels build and the
