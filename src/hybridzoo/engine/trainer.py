@@ -338,7 +338,7 @@ def _set_up(args: argparse.Namespace, task, info: distributed.DistInfo) -> _Run:
     if args.channels_last is None:
         # neither --channels-last nor --no-channels-last: the model's own choice on the fast CPU path, where it was
         # measured (SCTNet 1.14x a step at 2 x 512 x 1024, U-Net 1.17-1.27x at 4 x 256², BoT50 1.22x, Mobile-Former
-        # 1.15x, CoAtNet-0 1.08x at 16 x 224²; ACT x2 1.10x at 8 x 48², its 3x3 convolutions then by Winograd; SegNetr
+        # 1.15x, CoAtNet-0 1.08x at 16 x 224²; ACT x2 1.22x at 8 x 48², its 3x3 convolutions then by Winograd; SegNetr
         # ran 0.95x and CeiT 0.94x, so not a default for every model; benchmarks/RESULTS.md, sessions 34, 36 and 38),
         # channels-first elsewhere
         args.channels_last = bool(fast_cpu and getattr(model, "train_channels_last", False))

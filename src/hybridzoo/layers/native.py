@@ -23,7 +23,9 @@ Steps of the oneDNN inference path (`optimize_for_cpu_inference`) and of the fp3
   `winograd_weight`; `gather_conv`: any other dense convolution (image stems, strided ones) as a product of its
   patches gathered a block of output pixels at a time, the weight packed by `gather_weight`;
 - `weight_grad`: a training step's weight gradient dW = dyᵀ·x with both operands read as they lie (no transposed
-  copies; `FastLinear` on AVX-512 CPUs);
+  copies; `FastLinear` on AVX-512 CPUs); `winograd_weight_grad`: a dense 3×3 stride-1 convolution's weight gradient
+  by the same tiles as `winograd3x3`, one product over the tiles per position of the transform
+  (`train_fast.FastConv3x3`);
 - `token_blocks`: one image's pre-norm transformer blocks in one call, the token rows shared by an OpenMP team
   that meets once per block (`layers.onednn_tokens`); `conv_token_blocks`: the same for CvT's blocks, whose
   convolutional projections make the team meet twice per block.

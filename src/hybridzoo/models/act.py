@@ -261,7 +261,7 @@ class ACT(nn.Module):
     """
 
     # `hybridzoo train` on the fast CPU path takes channels-last unless told otherwise, where its 3×3 convolutions
-    # train by Winograd's tiles: ACT ×2 1.10x a step at 8 × 48², ACT-tiny ×2 level at 16 × 24² (beside the batch
+    # train by Winograd's tiles: ACT ×2 1.22x a step at 8 × 48², ACT-tiny ×2 level at 16 × 24² (beside the batch
     # split; benchmarks/RESULTS.md, session 38)
     train_channels_last = True
 
