@@ -52,10 +52,17 @@ class Contestant:
 
 
 def logits_of(out: Any) -> torch.Tensor:
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
+    """A model's main output: HF's `.logits`, the first of a tuple or list, the first value of a dict (a
+    segmentation model's `out`), nested."""
+    while not isinstance(out, torch.Tensor):
+        if hasattr(out, "logits"):
+            out = out.logits
+        elif isinstance(out, dict):
+            out = next(iter(out.values()))
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        else:
+            raise TypeError(f"logits_of: no tensor in a {type(out).__name__}")
     return out
 
 

@@ -24,18 +24,11 @@ import time
 
 import torch
 
-from _common import add_malloc_option, apply_malloc  # noqa: I001  (puts this checkout's src/ on sys.path)
+from _common import add_malloc_option, apply_malloc, logits_of  # noqa: I001  (puts this checkout's src/ on sys.path)
 
 import hybridzoo  # noqa: F401
 from hybridzoo.factory import create_model
 from hybridzoo.layers.train_fast import BatchSplitTraining, FastConv3x3, optimize_for_cpu_training
-
-
-def _first_tensor(out):
-    """The main output: the first of a tuple or list, the first value of a dict (a segmentation model's `out`)."""
-    while isinstance(out, (tuple, list, dict)):
-        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
-    return out
 
 
 def main() -> None:
@@ -92,7 +85,7 @@ def _step(model, args, channels_last: bool, winograd: bool):
         try:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            _first_tensor(call(x)).float().square().mean().backward()
+            logits_of(call(x)).float().square().mean().backward()
             opt.step()
             return time.perf_counter() - t0
         finally:

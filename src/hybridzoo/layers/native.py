@@ -3627,20 +3627,33 @@ _WINOGRAD_G = {
 }
 
 
-def winograd_weight(w: torch.Tensor, tile: int = 2) -> torch.Tensor:
+def _winograd_kron(tile: int, dtype: torch.dtype) -> torch.Tensor:
+    """G⊗G ((tile + 2)², 9): [a·D + b, k·3 + l] = G[a, k]·G[b, l], the 3×3 taps to the transform's positions."""
+    g = torch.tensor(_WINOGRAD_G[tile], dtype=dtype)
+    return torch.kron(g, g)
+
+
+def winograd_weight(w: torch.Tensor, tile: int = 2, transposed: bool = False, exact: bool = True) -> torch.Tensor:
     """A 3×3 convolution's weight (Cout, Cin, 3, 3), Cout a multiple of 16, as `winograd3x3` takes it for output tiles
-    of `tile`×`tile` (2 or 4): the (tile + 2)² matrices (Cout, Cin) of G·g·Gᵀ (computed in float64), each packed by
-    `pack_panels`, stacked ((tile + 2)², Cout, Cin)."""
-    if w.dim() != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[0] % 16 or not w.is_floating_point():
-        raise ValueError(f"winograd_weight: w must be a floating-point (Cout, Cin, 3, 3) weight with Cout a multiple "
-                         f"of 16, got {tuple(w.shape)} {w.dtype}")
+    of `tile`×`tile` (2 or 4): the (tile + 2)² matrices (Cout, Cin) of G·g·Gᵀ, each packed by `pack_panels`, stacked
+    ((tile + 2)², Cout, Cin). `transposed`: the weight of the input gradient's convolution, w with its two channel
+    axes swapped and its taps flipped (a 3×3 stride-1 padding-1 convolution's dx is that convolution of dy; Cin a
+    multiple of 16). `exact`: computed in float64 (the inference copy, once); else in float32 (training, at each
+    call). One product of G⊗G with the taps ordered input channel first, so that each matrix comes out as the rows
+    of Wᵀ that `pack_panels` copies as they lie (1.2-3x packing it by columns)."""
+    out = 1 if transposed else 0
+    if w.dim() != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[out] % 16 or not w.is_floating_point():
+        raise ValueError(f"winograd_weight: w must be a floating-point (Cout, Cin, 3, 3) weight with "
+                         f"{'Cin' if transposed else 'Cout'} a multiple of 16, got {tuple(w.shape)} {w.dtype}")
     if tile not in _WINOGRAD_G:
         raise ValueError(f"winograd_weight: tile must be 2 or 4, got {tile!r}")
-    g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64)
-    u = torch.einsum("ak,oikl,bl->aboi", g, w.detach().double().cpu(), g).float()   # (D, D, Cout, Cin)
-    d = tile + 2
-    return torch.stack([pack_panels(u[i, j].contiguous()) for i in range(d) for j in range(d)]).view(
-        d * d, w.shape[0], w.shape[1])
+    kron = _winograd_kron(tile, torch.float64 if exact else torch.float32)
+    if transposed:
+        w, kron = w.transpose(0, 1), kron.flip(1)   # tap (k, l) of the flipped kernel is (2 − k, 2 − l)
+    cout, cin, d2 = w.shape[0], w.shape[1], kron.shape[0]
+    taps = w.detach().to("cpu", kron.dtype).permute(1, 0, 2, 3).reshape(cin * cout, 9)   # rows (input, output)
+    u = torch.mm(kron, taps.t()).view(d2, cin, cout).float()   # each position's Wᵀ, (Cin, Cout)
+    return torch.stack([pack_panels(u[e].t()) for e in range(d2)]).view(d2, cout, cin)
 
 
 def winograd3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, act: str = "none",
@@ -3658,9 +3671,7 @@ def winograd_weight_grad(x: torch.Tensor, dy: torch.Tensor, tile: int = 2) -> to
     of the transformed dy and x, then Gᵀ·M·G (float32; 2.25x fewer multiplies than the direct gradient for 2×2
     tiles, 4x for 4×4)."""
     m = _STATE["ops"].winograd_weight_grad(x, dy, tile)   # ((T+2)², Cout, Cin)
-    g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float32)
-    kron = torch.kron(g, g)   # [a·D + b, k·3 + l] = G[a, k]·G[b, l]
-    return torch.mm(kron.t(), m.view(m.shape[0], -1)).view(3, 3, m.shape[1], m.shape[2]).permute(2, 3, 0, 1)
+    return torch.mm(_winograd_kron(tile, torch.float32).t(), m.view(m.shape[0], -1)).view(3, 3, m.shape[1], m.shape[2]).permute(2, 3, 0, 1)
 
 
 def patch_embed(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, ph: int, pw: int) -> torch.Tensor:

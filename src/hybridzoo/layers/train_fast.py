@@ -277,23 +277,6 @@ def _pointwise(m: nn.Module) -> bool:
             and m.padding == (0, 0) and m.groups == 1)
 
 
-def winograd_panels(w: torch.Tensor, tile: int, transposed: bool = False) -> torch.Tensor:
-    """`native.winograd3x3`'s weight for the 3×3 weight w (Cout, Cin, 3, 3), in float32 at each training step
-    (`native.winograd_weight` computes the inference copy's once, in float64: 3-7x slower). `transposed`: the
-    weight of the input gradient's convolution, w with its two channel axes swapped and its taps flipped (a 3×3
-    stride-1 padding-1 convolution's dx is that convolution of dy). One product of the (3·3 → (T+2)²) transform
-    G⊗G with the taps, ordered input channel first, so that each of the (T+2)² matrices comes out as the rows of
-    Wᵀ that `pack_panels` copies as they lie (1.2-3x the same product transposed and packed by columns)."""
-    g = torch.tensor(native._WINOGRAD_G[tile], dtype=torch.float32)
-    kron = torch.kron(g, g)   # [a·D + b, k·3 + l] = G[a, k]·G[b, l]
-    if transposed:
-        w, kron = w.transpose(0, 1), kron.flip(1)   # tap (k, l) of the flipped kernel is (2 − k, 2 − l)
-    cout, cin, d2 = w.shape[0], w.shape[1], kron.shape[0]
-    taps = w.detach().permute(1, 0, 2, 3).reshape(cin * cout, 9)   # rows (input channel, output channel)
-    u = torch.mm(kron, taps.t()).view(d2, cin, cout)                 # each position's Wᵀ, (Cin, Cout)
-    return torch.stack([native.pack_panels(u[e].t()) for e in range(d2)]).view(d2, cout, cin)
-
-
 class _Winograd3x3Fn(torch.autograd.Function):
     """A 3×3 stride-1 padding-1 convolution of a channels-last map whose forward, input gradient and weight gradient
     run by Winograd's minimal filtering on the native kernels (`native.winograd3x3`, `native.winograd_weight_grad`);
@@ -303,7 +286,7 @@ class _Winograd3x3Fn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, tile):
         ctx.save_for_backward(x, weight)
         ctx.tile, ctx.has_bias = tile, bias is not None
-        return native.winograd3x3(x, winograd_panels(weight, tile), bias)
+        return native.winograd3x3(x, native.winograd_weight(weight, tile, exact=False), bias)
 
     @staticmethod
     @once_differentiable
@@ -312,7 +295,8 @@ class _Winograd3x3Fn(torch.autograd.Function):
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = native.winograd3x3(dy, winograd_panels(weight, ctx.tile, transposed=True), None)
+            dx = native.winograd3x3(dy, native.winograd_weight(weight, ctx.tile, transposed=True, exact=False),
+                                    None)
         if ctx.needs_input_grad[1]:
             dw = native.winograd_weight_grad(x, dy, ctx.tile)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -323,10 +307,11 @@ class _Winograd3x3Fn(torch.autograd.Function):
 class FastConv3x3(nn.Conv2d):
     """A dense 3×3, stride-1, padding-1 `nn.Conv2d` whose training forward, input gradient and weight gradient on a
     channels-last fp32 map run by Winograd's F(4×4, 3×3) or F(2×2, 3×3) on the native kernels: 4x or 2.25x fewer
-    multiplies than the direct convolution, its weight transformed at each call (`winograd_panels`), on maps large
-    enough to pay for the transforms (`MIN_VALUES`). Outputs and gradients agree with the convolution's to fp32
-    rounding of the transforms (relative ~1e-5 with 4×4 tiles). NCHW maps, smaller maps, eval
-    mode, no gradient, autocast, tracing and compiling are the convolution itself, bit for bit."""
+    multiplies than the direct convolution, its weight transformed at each call in float32
+    (`native.winograd_weight(..., exact=False)`), on maps large enough to pay for the transforms (`MIN_VALUES`).
+    Outputs and gradients agree with the convolution's to fp32 rounding of the transforms (relative ~1e-5 with 4×4
+    tiles). NCHW maps, smaller maps, eval mode, no gradient, autocast, tracing and compiling are the convolution
+    itself, bit for bit."""
 
     plain_in_eval = True   # the frozen inference path folds it as it does an nn.Conv2d (`onednn.supports_conv`)
     # 4×4 tiles up to this many channel pairs (Cin·Cout), 2×2 above, as the inference copy chooses
